@@ -1,0 +1,169 @@
+//! Twin operator tests: idempotent replays, restore equivalence, detection of
+//! deviations and identity drift, bounded memory.
+
+use arrow::array::{Array, BooleanArray, Float64Array, StringArray};
+use arrow::record_batch::RecordBatch;
+use proptest::prelude::*;
+use serde_json::{json, Map, Value};
+use twinguard_schemas::decode::event_object;
+use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
+
+use crate::{Operator, Output, TwinConfig, TwinOperator};
+
+const T0: i64 = 1_750_000_000_000;
+
+fn schema() -> EventSchema {
+    EventSchema::builtin("wustl-flow-vitals/v1").unwrap()
+}
+
+/// A typical patient-monitor event; `k` perturbs the metrics slightly.
+fn event(device: &str, i: i64, k: f64) -> Map<String, Value> {
+    let s = schema();
+    let mut m = Map::new();
+    for (j, f) in s.fields.iter().enumerate().filter(|(_, f)| f.required) {
+        let base = (100.0 + j as f64 * 10.0).min(f.max.unwrap_or(f64::MAX) * 0.3);
+        m.insert(f.name.clone(), json!(base * (1.0 + 0.05 * ((i as f64 * 0.7 + j as f64).sin()) * k)));
+    }
+    for (name, v) in [("spo2", 97.0), ("heart_rate", 72.0), ("pulse_rate", 71.0), ("temp", 36.8), ("sys", 120.0), ("dia", 80.0), ("resp_rate", 14.0)] {
+        m.insert(name.into(), json!(v + (i as f64 * 1.3).sin()));
+    }
+    m.insert("src_mac".into(), json!("aa:bb:cc:00:00:01"));
+    m.insert("src_addr".into(), json!("10.0.0.5"));
+    m.insert("dst_addr".into(), json!("10.0.1.150"));
+    m.insert("dst_port".into(), json!(1111));
+    m.insert("device_type".into(), json!("patient_monitor"));
+    m.insert("firmware_hash".into(), json!("f".repeat(64)));
+    event_object(device, T0 + i * 1000, m)
+}
+
+fn batch(events: &[(i32, i64, Map<String, Value>)]) -> RecordBatch {
+    let dec = Decoder::new(schema(), DecodeLimits::default());
+    let bytes: Vec<(Vec<u8>, String)> =
+        events.iter().map(|(_, _, e)| (serde_json::to_vec(e).unwrap(), e["device_id"].as_str().unwrap().to_string())).collect();
+    let recs: Vec<RawRecord<'_>> = events
+        .iter()
+        .zip(&bytes)
+        .map(|((p, o, _), (b, k))| RawRecord { partition: *p, offset: *o, key: Some(k.as_bytes()), payload: Some(b) })
+        .collect();
+    let out = dec.decode(&recs, T0 + 10_000_000_000).unwrap();
+    assert!(out.rejects.is_empty(), "{:?}", out.rejects);
+    out.batch
+}
+
+fn run(op: &mut TwinOperator, b: RecordBatch) -> Vec<RecordBatch> {
+    let mut out = Output::new();
+    op.process_batch(b, &mut out).unwrap();
+    out.take()
+}
+
+fn col<T: 'static>(b: &RecordBatch, name: &str) -> T
+where
+    T: Clone,
+{
+    b.column_by_name(name).unwrap().as_any().downcast_ref::<T>().unwrap().clone()
+}
+
+#[test]
+fn replayed_records_change_nothing_and_emit_nothing() {
+    let mut op = TwinOperator::new(&schema(), TwinConfig::default());
+    let evs: Vec<_> = (0..50).map(|i| (0, i, event("d1", i, 1.0))).collect();
+    let v = run(&mut op, batch(&evs));
+    assert_eq!(v.iter().map(RecordBatch::num_rows).sum::<usize>(), 50);
+    let before = op.store().get(0, "d1").unwrap().clone();
+    let again = run(&mut op, batch(&evs[10..]));
+    assert!(again.is_empty(), "replayed records must not produce verdicts");
+    assert_eq!(op.store().get(0, "d1").unwrap(), &before);
+    assert_eq!(op.skipped(), 40);
+}
+
+#[test]
+fn deviations_and_identity_drift_are_anomalous_normal_is_not() {
+    let mut op = TwinOperator::new(&schema(), TwinConfig::default());
+    let evs: Vec<_> = (0..200).map(|i| (0, i, event("d1", i, 1.0))).collect();
+    let v = run(&mut op, batch(&evs));
+    let anomalous = col::<BooleanArray>(&v[0], "anomalous");
+    assert_eq!(anomalous.true_count(), 0, "normal behaviour must not be flagged");
+
+    let mut spike = event("d1", 200, 1.0);
+    spike.insert("tot_bytes".into(), json!(5.0e6));
+    spike.insert("src_bytes".into(), json!(4.0e6));
+    spike.insert("load".into(), json!(9.0e9));
+    let mut spoof = event("d1", 201, 1.0);
+    spoof.insert("src_mac".into(), json!("de:ad:be:ef:00:01"));
+    let mut fw = event("d1", 202, 1.0);
+    fw.insert("firmware_hash".into(), json!("0".repeat(64)));
+    let mut vitals = event("d1", 203, 1.0);
+    vitals.insert("spo2".into(), json!(84.0));
+    vitals.insert("heart_rate".into(), json!(130.0));
+    let normal = event("d1", 204, 1.0);
+    let v = run(&mut op, batch(&[(0, 200, spike), (0, 201, spoof), (0, 202, fw), (0, 203, vitals), (0, 204, normal)]));
+    let a = col::<BooleanArray>(&v[0], "anomalous");
+    assert_eq!((0..5).map(|i| a.value(i)).collect::<Vec<_>>(), vec![true, true, true, true, false]);
+    let drift = col::<StringArray>(&v[0], "identity_drift");
+    assert_eq!(drift.value(1), "src_mac");
+    assert_eq!(drift.value(2), "firmware_hash");
+    assert!(drift.is_null(0) && drift.is_null(3));
+    let score = col::<Float64Array>(&v[0], "score");
+    assert!(score.value(0) > 0.5 && score.value(4) < 0.5);
+    // The attacker's MAC did not become part of the device's identity.
+    let twin = op.store().get(0, "d1").unwrap();
+    assert_eq!(twin.bindings.iter().find(|b| b.field == "src_mac").unwrap().values, vec!["aa:bb:cc:00:00:01"]);
+    assert_eq!(twin.anomalies, 4);
+}
+
+#[test]
+fn twin_memory_is_within_two_kib() {
+    let mut op = TwinOperator::new(&schema(), TwinConfig::default());
+    let evs: Vec<_> = (0..100).map(|i| (0, i, event("icu-patient-monitor-001", i, 1.0))).collect();
+    run(&mut op, batch(&evs));
+    let bytes = op.store().get(0, "icu-patient-monitor-001").unwrap().mem_bytes();
+    println!("twin memory for a typical patient monitor (wustl-flow-vitals/v1): {bytes} bytes");
+    assert!(bytes <= 2048, "twin takes {bytes} bytes");
+}
+
+#[test]
+fn idle_twins_expire_and_max_twins_holds() {
+    let cfg = TwinConfig { idle_ttl_secs: 60, max_twins: 3, ..TwinConfig::default() };
+    let mut op = TwinOperator::new(&schema(), cfg);
+    let evs: Vec<_> = (0..5).map(|i| (0, i as i64, event(&format!("d{i}"), i as i64 * 10, 1.0))).collect();
+    run(&mut op, batch(&evs));
+    op.drain_changelog();
+    // Newest event at t=40 s: nothing idle > 60 s; the cap evicts the two oldest.
+    assert_eq!(op.expire(), 2);
+    assert_eq!(op.store().len(), 3);
+    let tomb: Vec<_> = op.drain_changelog().into_iter().filter(|c| c.value.is_none()).map(|c| c.key).collect();
+    assert_eq!(tomb, vec!["d0", "d1"]);
+    run(&mut op, batch(&[(0, 10, event("d4", 200, 1.0))]));
+    assert_eq!(op.expire(), 2, "d2 and d3 idle for more than 60 s of event time");
+    assert!(op.store().get(0, "d4").is_some());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Restoring from the changelog at any batch boundary and continuing gives the same
+    /// twins and verdicts as an uninterrupted run.
+    #[test]
+    fn restore_from_changelog_is_equivalent(split in 1usize..9, k in 0.5f64..2.0, devices in 1usize..4) {
+        let evs: Vec<_> = (0..120i64).map(|i| (0, i, event(&format!("d{}", i as usize % devices), i, k))).collect();
+        let chunks: Vec<_> = evs.chunks(12).map(<[_]>::to_vec).collect();
+        let mut a = TwinOperator::new(&schema(), TwinConfig::default());
+        let mut va = Vec::new();
+        for c in &chunks { va.extend(run(&mut a, batch(c))); }
+
+        let mut b = TwinOperator::new(&schema(), TwinConfig::default());
+        let mut vb = Vec::new();
+        let mut log = Vec::new();
+        for c in &chunks[..split] { vb.extend(run(&mut b, batch(c))); log.extend(b.drain_changelog()); }
+        let mut r = TwinOperator::new(&schema(), TwinConfig::default());
+        for rec in &log { r.restore_record(rec.partition, &rec.key, rec.value.as_deref()).unwrap(); }
+        // Replay from an earlier position (at-least-once): already-applied records are skipped.
+        for c in &chunks[split - 1..] { vb.extend(run(&mut r, batch(c))); }
+        let key = |b: &RecordBatch| twinguard_schemas::verdict::verdicts_from_batch(b, "t");
+        let fa: Vec<_> = va.iter().flat_map(key).collect();
+        let fb: Vec<_> = vb.iter().flat_map(key).collect();
+        prop_assert_eq!(fa, fb);
+        for t in a.store().iter() {
+            prop_assert_eq!(Some(t), r.store().get(0, &t.device_id));
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! Pipeline configuration: one TOML file, layered as defaults → file → environment.
+//!
+//! Environment overrides use `TWINGUARD__SECTION__KEY=value` (double underscores
+//! separate levels; keys are lower-cased), e.g. `TWINGUARD__KAFKA__BROKERS=host:9092`
+//! or `TWINGUARD__BATCH__MAX_RECORDS=500`. librdkafka properties pass through
+//! `[kafka.properties]` (both clients), `[kafka.consumer]` and `[kafka.producer]`, so
+//! TLS and SASL are plain configuration. Every error names the offending key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+use twinguard_operators::TwinConfig;
+use twinguard_schemas::{DecodeLimits, EventSchema};
+
+use crate::PipelineError;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "TWINGUARD__";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub batch: BatchConfig,
+    pub schema: SchemaConfig,
+    pub decode: DecodeConfig,
+    pub state: TwinConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group of the pipeline instances.
+    pub group_id: String,
+    /// librdkafka properties for every client (e.g. `security.protocol`).
+    #[serde(deserialize_with = "scalar_map")]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only.
+    #[serde(deserialize_with = "scalar_map")]
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only.
+    #[serde(deserialize_with = "scalar_map")]
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "twinguard".into(),
+            properties: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Device telemetry (JSON events keyed by device id).
+    pub input: String,
+    /// One verdict per valid event.
+    pub verdicts: String,
+    /// Dead letters: the original bytes with the reason in headers.
+    pub dlq: String,
+    /// Compacted twin changelog, partitioned like `input`.
+    pub changelog: String,
+    /// Create missing topics at start (changelog compacted).
+    pub create: bool,
+    /// Partitions for topics created at start.
+    pub partitions: i32,
+    /// Replication factor for topics created at start.
+    pub replication: i32,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            input: "iomt.telemetry".into(),
+            verdicts: "iomt.verdicts".into(),
+            dlq: "iomt.telemetry.dlq".into(),
+            changelog: "twinguard.twins.changelog".into(),
+            create: true,
+            partitions: 6,
+            replication: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// A partition's micro-batch closes at this many records...
+    pub max_records: usize,
+    /// ...or this long after its first record arrived.
+    pub max_linger_ms: u64,
+    /// Batches whose outputs await acknowledgement (the backpressure bound).
+    pub max_inflight_batches: usize,
+    /// Give up restoring twins from the changelog after this long.
+    pub restore_timeout_secs: u64,
+    /// How often idle twins are expired (processing time).
+    pub expiry_interval_secs: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: 1000,
+            max_linger_ms: 20,
+            max_inflight_batches: 16,
+            restore_timeout_secs: 120,
+            expiry_interval_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaConfig {
+    /// Built-in schema (`wustl-flow-vitals/v1`, `ciciomt-flow-window/v1`).
+    pub name: Option<String>,
+    /// Or a schema definition file (relative to the config file).
+    pub file: Option<PathBuf>,
+}
+
+impl Default for SchemaConfig {
+    fn default() -> Self {
+        SchemaConfig { name: Some("wustl-flow-vitals/v1".into()), file: None }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeConfig {
+    /// Records larger than this go to the DLQ unread.
+    pub max_record_bytes: usize,
+    /// Event times earlier than this (RFC 3339) are rejected.
+    pub min_event_time: String,
+    /// Event times further than this ahead of the clock are rejected.
+    pub max_future_secs: u64,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        DecodeConfig { max_record_bytes: 64 * 1024, min_event_time: "2000-01-01T00:00:00Z".into(), max_future_secs: 86_400 }
+    }
+}
+
+impl Config {
+    /// Defaults, then `path` (if any), then `TWINGUARD__*` variables from `env`.
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, PipelineError> {
+        let origin = path.map_or_else(|| "defaults".to_string(), |p| p.display().to_string());
+        let mut value = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| PipelineError::Config(format!("cannot read config file {}: {e}", p.display())))?;
+                toml::from_str::<toml::Table>(&text)
+                    .map_err(|e| PipelineError::Config(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix(ENV_PREFIX) else { continue };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(String::is_empty) {
+                return Err(PipelineError::Config(format!("environment variable {k}: empty key segment")));
+            }
+            set_path(&mut value, &path, &v).map_err(|e| PipelineError::Config(format!("environment variable {k}: {e}")))?;
+        }
+        let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+            PipelineError::Config(format!("{origin}: key `{}`: {}", e.path(), e.inner()))
+        })?;
+        if let (Some(p), Some(f)) = (path, cfg.schema.file.as_ref()) {
+            if f.is_relative() {
+                cfg.schema.file = Some(p.parent().unwrap_or(Path::new(".")).join(f));
+            }
+        }
+        cfg.validate().map_err(|e| PipelineError::Config(format!("{origin}: {e}")))?;
+        cfg.event_schema()?;
+        Ok(cfg)
+    }
+
+    /// Semantic checks; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonempty = [
+            ("kafka.brokers", &self.kafka.brokers),
+            ("kafka.group_id", &self.kafka.group_id),
+            ("topics.input", &self.topics.input),
+            ("topics.verdicts", &self.topics.verdicts),
+            ("topics.dlq", &self.topics.dlq),
+            ("topics.changelog", &self.topics.changelog),
+        ];
+        for (k, v) in nonempty {
+            if v.trim().is_empty() {
+                return Err(format!("key `{k}` must not be empty"));
+            }
+        }
+        let names = [&self.topics.input, &self.topics.verdicts, &self.topics.dlq, &self.topics.changelog];
+        for (i, a) in names.iter().enumerate() {
+            if names[i + 1..].contains(a) {
+                return Err(format!("topics: `{a}` is used for two roles; every topic must be distinct"));
+            }
+        }
+        if self.batch.max_records == 0 {
+            return Err("key `batch.max_records` must be at least 1".into());
+        }
+        if self.batch.max_inflight_batches == 0 {
+            return Err("key `batch.max_inflight_batches` must be at least 1".into());
+        }
+        if self.topics.partitions < 1 || self.topics.replication < 1 {
+            return Err("keys `topics.partitions` and `topics.replication` must be at least 1".into());
+        }
+        if self.decode.max_record_bytes == 0 {
+            return Err("key `decode.max_record_bytes` must be at least 1".into());
+        }
+        chrono::DateTime::parse_from_rfc3339(&self.decode.min_event_time)
+            .map_err(|e| format!("key `decode.min_event_time`: not RFC 3339: {e}"))?;
+        match (&self.schema.name, &self.schema.file) {
+            (Some(_), Some(_)) => return Err("set only one of `schema.name` and `schema.file`".into()),
+            (None, None) => return Err("set `schema.name` (a built-in schema) or `schema.file`".into()),
+            _ => {}
+        }
+        self.state.validate().map_err(|e| format!("key `{e}"))?;
+        for (section, props) in [("properties", &self.kafka.properties), ("consumer", &self.kafka.consumer), ("producer", &self.kafka.producer)] {
+            for k in props.keys() {
+                if MANAGED.contains(&k.as_str()) {
+                    return Err(format!(
+                        "key `kafka.{section}.\"{k}\"`: twinguard manages this property (it guards the delivery guarantees)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The event schema this pipeline reads.
+    pub fn event_schema(&self) -> Result<EventSchema, PipelineError> {
+        let s = match (&self.schema.name, &self.schema.file) {
+            (_, Some(f)) => EventSchema::from_file(f),
+            (Some(n), None) => EventSchema::builtin(n),
+            (None, None) => return Err(PipelineError::Config("no schema configured".into())),
+        };
+        s.map_err(|e| PipelineError::Config(format!("key `schema`: {e}")))
+    }
+
+    pub fn decode_limits(&self) -> DecodeLimits {
+        let min = chrono::DateTime::parse_from_rfc3339(&self.decode.min_event_time).map_or(0, |d| d.timestamp_millis());
+        DecodeLimits {
+            max_record_bytes: self.decode.max_record_bytes,
+            min_event_time_ms: min,
+            max_future_ms: i64::try_from(self.decode.max_future_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+        }
+    }
+}
+
+/// librdkafka properties twinguard sets itself: overriding them would break
+/// at-least-once delivery.
+pub const MANAGED: &[&str] = &["enable.auto.offset.store", "enable.idempotence", "acks", "group.id", "bootstrap.servers"];
+
+fn set_path(table: &mut toml::Table, path: &[String], raw: &str) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut t = table;
+    for seg in parents {
+        let entry = t.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry.as_table_mut().ok_or_else(|| format!("`{seg}` is not a section"))?;
+    }
+    // A raw value is read as a TOML scalar when it parses as one ("500", "true",
+    // "0.5"), otherwise as a string ("127.0.0.1:9092").
+    let v = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut m| m.remove("v"))
+        .filter(|v| !v.is_table())
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    t.insert(last.clone(), v);
+    Ok(())
+}
+
+/// A map of librdkafka properties: scalars of any TOML type become strings.
+fn scalar_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, toml::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(serde::de::Error::custom(format!("property `{k}` must be a scalar, got {}", other.type_str())))
+                }
+            };
+            Ok((k, s))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::new(text)
+    }
+
+    /// Minimal temp-file helper (no extra dependency).
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn new(text: &str) -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = std::env::temp_dir().join(format!("twinguard-cfg-{}-{n}.toml", std::process::id()));
+                std::fs::write(&p, text).unwrap();
+                TempPath(p)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(c.batch.max_records, 1000);
+        c.event_schema().unwrap();
+    }
+
+    #[test]
+    fn file_then_env_layering() {
+        let f = write("[kafka]\nbrokers = \"a:1\"\n[kafka.properties]\n\"linger.ms\" = 5\n[batch]\nmax_records = 10\n");
+        let env = vec![
+            ("TWINGUARD__BATCH__MAX_RECORDS".to_string(), "20".to_string()),
+            ("TWINGUARD__KAFKA__GROUP_ID".to_string(), "g-1".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = Config::load(Some(&f.0), env).unwrap();
+        assert_eq!(c.kafka.brokers, "a:1");
+        assert_eq!(c.kafka.group_id, "g-1");
+        assert_eq!(c.batch.max_records, 20);
+        assert_eq!(c.kafka.properties["linger.ms"], "5");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[batch]\nmax_records = \"many\"\n", "batch.max_records"),
+            ("[batch]\nmax_recordz = 1\n", "max_recordz"),
+            ("[batch]\nmax_records = 0\n", "batch.max_records"),
+            ("[state]\newma_alpha = 2.0\n", "state.ewma_alpha"),
+            ("[topics]\nverdicts = \"iomt.telemetry\"\n", "iomt.telemetry"),
+            ("[kafka.consumer]\n\"enable.auto.offset.store\" = true\n", "enable.auto.offset.store"),
+            ("[schema]\nname = \"nope/v9\"\n", "schema"),
+        ];
+        for (text, key) in cases {
+            let f = write(text);
+            let e = match Config::load(Some(&f.0), Vec::new()) {
+                Ok(c) => c.event_schema().map(|_| ()).unwrap_err().to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(key), "error for {text:?} should name {key}: {e}");
+        }
+        let e = Config::load(None, vec![("TWINGUARD__BATCH__MAX_LINGER_MS".into(), "soon".into())]).unwrap_err();
+        assert!(e.to_string().contains("batch.max_linger_ms"), "{e}");
+    }
+}

@@ -1,0 +1,253 @@
+//! `twinguard demo`: the whole pipeline in one process on an embedded
+//! Kafka-protocol broker (librdkafka's mock cluster), fed by the device simulator,
+//! with a summary scored against the simulator's ground truth.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::mocking::MockCluster;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use twinguard_schemas::fields;
+use twinguard_schemas::verdict::Verdict;
+
+use crate::config::Config;
+use crate::sim::{AttackKind, SimConfig, Simulator, Truth};
+use crate::telemetry::Metrics;
+use crate::{kafka, produce, PipelineError};
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub devices: usize,
+    pub events: usize,
+    pub seed: u64,
+    pub partitions: i32,
+}
+
+/// What the demo measured.
+#[derive(Debug, Clone, Default)]
+pub struct DemoSummary {
+    pub produced: usize,
+    pub valid: usize,
+    pub malformed: usize,
+    pub verdicts: usize,
+    pub dlq: usize,
+    pub dlq_by_reason: BTreeMap<String, usize>,
+    pub twins: usize,
+    pub twin_mem_bytes: usize,
+    pub seconds: f64,
+    /// Per attack kind: (injected events, flagged anomalous).
+    pub attacks: BTreeMap<&'static str, (usize, usize)>,
+    /// Normal events judged after warm-up: (count, flagged anomalous).
+    pub normal_judged: (usize, usize),
+    pub warming_up: usize,
+}
+
+impl DemoSummary {
+    pub fn detection_rate(&self) -> f64 {
+        let (n, k) = self.attacks.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        if n == 0 { 0.0 } else { k as f64 / n as f64 }
+    }
+    pub fn false_positive_rate(&self) -> f64 {
+        if self.normal_judged.0 == 0 { 0.0 } else { self.normal_judged.1 as f64 / self.normal_judged.0 as f64 }
+    }
+
+    pub fn print(&self, out: &mut impl Write) -> std::io::Result<()> {
+        writeln!(out, "\n== twinguard demo summary ==")?;
+        writeln!(out, "events produced      {:>9}  ({} valid, {} malformed)", self.produced, self.valid, self.malformed)?;
+        writeln!(out, "verdicts             {:>9}  (one per valid event: {})", self.verdicts, yes(self.verdicts == self.valid))?;
+        writeln!(out, "dead letters         {:>9}  (one per malformed record: {})", self.dlq, yes(self.dlq == self.malformed))?;
+        for (reason, n) in &self.dlq_by_reason {
+            writeln!(out, "    {reason:<24}{n:>6}")?;
+        }
+        let per_twin = if self.twins == 0 { 0 } else { self.twin_mem_bytes / self.twins };
+        writeln!(out, "device twins         {:>9}  (~{per_twin} bytes each)", self.twins)?;
+        writeln!(out, "throughput           {:>9.0}  events/s end to end ({:.1} s)", self.produced as f64 / self.seconds.max(1e-9), self.seconds)?;
+        writeln!(out, "injected attacks, flagged anomalous by the twin behaviour score:")?;
+        for (kind, (n, k)) in &self.attacks {
+            writeln!(out, "    {kind:<20}{k:>6} / {n:<6} {:>6.1} %", pct(*k, *n))?;
+        }
+        let (n, k) = self.normal_judged;
+        writeln!(out, "    {:<20}{:>6} / {:<6} {:>6.1} %", "all attacks", (self.detection_rate() * self.attacks.values().map(|a| a.0).sum::<usize>() as f64).round(), self.attacks.values().map(|a| a.0).sum::<usize>(), self.detection_rate() * 100.0)?;
+        writeln!(out, "normal events flagged (false positives): {k} / {n} = {:.2} %  ({} warm-up events not judged)", pct(k, n), self.warming_up)?;
+        writeln!(out, "(simulated devices and attacks; detection quality on real datasets is reported in models/RESULTS.md)")?;
+        Ok(())
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b { "yes" } else { "NO" }
+}
+
+fn pct(k: usize, n: usize) -> f64 {
+    if n == 0 { 0.0 } else { 100.0 * k as f64 / n as f64 }
+}
+
+/// Reads a topic from the beginning on a background thread, feeding every record to `f`.
+fn tail_topic(
+    cfg: &Config,
+    topic: &str,
+    partitions: i32,
+    stop: Arc<AtomicBool>,
+    mut f: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, PipelineError> {
+    let mut c = kafka::base_client(cfg);
+    c.set("group.id", "twinguard-demo-reader").set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = c.create().map_err(|e| PipelineError::kafka("demo reader", e))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| PipelineError::kafka("assign", e))?;
+    }
+    consumer.assign(&tpl).map_err(|e| PipelineError::kafka("assign", e))?;
+    std::thread::Builder::new()
+        .name(format!("demo-{topic}"))
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    f(&m);
+                }
+            }
+        })
+        .map_err(|e| PipelineError::Io(e.to_string()))
+}
+
+/// Run the demo end to end; prints progress to stderr.
+pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
+    let mock = MockCluster::new(1).map_err(|e| PipelineError::kafka("start embedded broker", e))?;
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = mock.bootstrap_servers();
+    cfg.kafka.group_id = "twinguard-demo".into();
+    cfg.topics.create = false;
+    for t in [&cfg.topics.input, &cfg.topics.verdicts, &cfg.topics.dlq, &cfg.topics.changelog] {
+        mock.create_topic(t, opts.partitions, 1).map_err(|e| PipelineError::kafka(&format!("create topic {t}"), e))?;
+    }
+    eprintln!(
+        "twinguard demo: embedded broker at {}, {} devices, {} events, {} partitions",
+        cfg.kafka.brokers, opts.devices, opts.events, opts.partitions
+    );
+    let sim = Simulator::new(SimConfig::new(opts.devices, opts.events, opts.seed));
+    let records: Vec<_> = sim.collect();
+    let malformed = records.iter().filter(|r| matches!(r.truth, Truth::Malformed(_))).count();
+    let valid = records.len() - malformed;
+
+    let stop_readers = Arc::new(AtomicBool::new(false));
+    let verdicts: Arc<Mutex<HashMap<(i32, i64), (bool, bool)>>> = Arc::default();
+    let dlq_reasons: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let dlq_seen = Arc::new(AtomicU64::new(0));
+    let readers = {
+        let v = verdicts.clone();
+        let r1 = tail_topic(&cfg, &cfg.topics.verdicts, opts.partitions, stop_readers.clone(), move |m| {
+            if let Some(Ok(verdict)) = m.payload().map(serde_json::from_slice::<Verdict>) {
+                v.lock().expect("lock").insert((verdict.source.partition, verdict.source.offset), (verdict.anomalous, verdict.warming_up));
+            }
+        })?;
+        let (d, n) = (dlq_reasons.clone(), dlq_seen.clone());
+        let r2 = tail_topic(&cfg, &cfg.topics.dlq, opts.partitions, stop_readers.clone(), move |m| {
+            let code = m
+                .headers()
+                .and_then(|h| h.iter().find(|x| x.key == fields::DLQ_CODE).and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned())))
+                .unwrap_or_else(|| "?".into());
+            *d.lock().expect("lock").entry(code).or_default() += 1;
+            n.fetch_add(1, Ordering::Relaxed);
+        })?;
+        [r1, r2]
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let pipeline = {
+        let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("tg-core".into())
+            .spawn(move || crate::engine::run(&cfg, metrics, stop))
+            .map_err(|e| PipelineError::Io(e.to_string()))?
+    };
+
+    let started = Instant::now();
+    let progress = |produced: usize, m: &Metrics, v: usize| {
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        eprint!(
+            "\r  produced {produced:>8}/{}  verdicts {v:>8}  dlq {:>5}  twins {:>5}  anomalies {:>6}  {:>7.0} events/s   ",
+            records.len(),
+            Metrics::get(&m.dlq_out),
+            m.twins.load(Ordering::Relaxed),
+            Metrics::get(&m.anomalies),
+            Metrics::get(&m.records_in) as f64 / secs
+        );
+    };
+    let mut last = Instant::now();
+    let coords = produce::produce_all(
+        &cfg,
+        &cfg.topics.input,
+        records.iter().map(|r| (r.key.clone(), r.payload.clone())),
+        None,
+        |sent, _| {
+            if last.elapsed() > Duration::from_millis(250) {
+                last = Instant::now();
+                progress(sent, &metrics, verdicts.lock().expect("lock").len());
+            }
+        },
+    )?;
+    // Wait until every valid event has its verdict and every bad record its dead letter.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let v = verdicts.lock().expect("lock").len();
+        let d = dlq_seen.load(Ordering::Relaxed) as usize;
+        progress(records.len(), &metrics, v);
+        if v >= valid && d >= malformed {
+            break;
+        }
+        if pipeline.is_finished() || Instant::now() > deadline {
+            stop.store(true, Ordering::Relaxed);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!();
+    stop.store(true, Ordering::Relaxed);
+    let report = pipeline.join().map_err(|_| PipelineError::Io("pipeline thread panicked".into()))??;
+    stop_readers.store(true, Ordering::Relaxed);
+    for r in readers {
+        let _ = r.join();
+    }
+
+    let verdicts = verdicts.lock().expect("lock").clone();
+    let mut s = DemoSummary {
+        produced: records.len(),
+        valid,
+        malformed,
+        verdicts: verdicts.len(),
+        dlq: dlq_seen.load(Ordering::Relaxed) as usize,
+        dlq_by_reason: dlq_reasons.lock().expect("lock").clone(),
+        twins: report.twins,
+        twin_mem_bytes: report.twin_mem_bytes,
+        seconds,
+        ..Default::default()
+    };
+    for k in AttackKind::ALL {
+        s.attacks.insert(k.as_str(), (0, 0));
+    }
+    for (r, c) in records.iter().zip(&coords) {
+        let Some(&(anomalous, warming)) = verdicts.get(c) else { continue };
+        match r.truth {
+            Truth::Attack(k) => {
+                let e = s.attacks.entry(k.as_str()).or_default();
+                e.0 += 1;
+                e.1 += usize::from(anomalous);
+            }
+            Truth::Normal if warming => s.warming_up += 1,
+            Truth::Normal => {
+                s.normal_judged.0 += 1;
+                s.normal_judged.1 += usize::from(anomalous);
+            }
+            Truth::Malformed(_) => {}
+        }
+    }
+    drop(mock);
+    Ok(s)
+}

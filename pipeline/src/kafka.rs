@@ -1,0 +1,319 @@
+//! Kafka plumbing: client configuration, topic set-up, acknowledgement tracking,
+//! and the changelog reader that restores twins.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::PipelineError;
+
+/// Base client configuration: brokers plus `[kafka.properties]`.
+pub fn base_client(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers);
+    for (k, v) in &cfg.kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Consumer configuration of the pipeline's source. Offsets are stored by the
+/// pipeline only after delivery (`enable.auto.offset.store=false`) and committed in
+/// the background from that store.
+pub fn consumer_config(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("partition.assignment.strategy", "range");
+    for (k, v) in cfg.kafka.properties.iter().chain(&cfg.kafka.consumer) {
+        c.set(k, v);
+    }
+    c.set("group.id", &cfg.kafka.group_id).set("enable.auto.offset.store", "false");
+    c
+}
+
+/// Producer configuration of the pipeline's sink: idempotent, `acks=all`, keys
+/// hashed like the Java client.
+pub fn producer_config(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "120000")
+        .set("partitioner", "murmur2_random")
+        .set("queue.buffering.max.messages", "200000");
+    for (k, v) in cfg.kafka.properties.iter().chain(&cfg.kafka.producer) {
+        c.set(k, v);
+    }
+    c.set("enable.idempotence", "true").set("acks", "all");
+    c
+}
+
+/// Counts outstanding deliveries of a group of records; `wait` returns once all were
+/// acknowledged, or with the first delivery error.
+#[derive(Debug)]
+pub struct AckGroup {
+    state: Mutex<(usize, Option<String>)>,
+    cv: Condvar,
+}
+
+impl AckGroup {
+    pub fn new(pending: usize) -> Arc<Self> {
+        Arc::new(AckGroup { state: Mutex::new((pending, None)), cv: Condvar::new() })
+    }
+    pub fn ack(&self, error: Option<String>) {
+        let mut s = self.state.lock().expect("ack lock");
+        s.0 = s.0.saturating_sub(1);
+        if s.1.is_none() {
+            s.1 = error;
+        }
+        if s.0 == 0 || s.1.is_some() {
+            self.cv.notify_all();
+        }
+    }
+    /// Block until every record is acknowledged (Ok) or one failed (Err). Gives up
+    /// with Err when `abort` is set.
+    pub fn wait(&self, abort: &AtomicBool) -> Result<(), String> {
+        let mut s = self.state.lock().expect("ack lock");
+        loop {
+            if let Some(e) = &s.1 {
+                return Err(e.clone());
+            }
+            if s.0 == 0 {
+                return Ok(());
+            }
+            if abort.load(Ordering::Relaxed) {
+                return Err("aborted before acknowledgement".into());
+            }
+            s = self.cv.wait_timeout(s, Duration::from_millis(100)).expect("ack lock").0;
+        }
+    }
+}
+
+/// Producer context routing delivery reports to their [`AckGroup`].
+pub struct SinkContext;
+
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Arc<AckGroup>;
+    fn delivery(&self, result: &DeliveryResult<'_>, group: Arc<AckGroup>) {
+        group.ack(result.as_ref().err().map(|(e, m)| format!("delivery to {} failed: {e}", m.topic())));
+    }
+}
+
+pub type SinkProducer = ThreadedProducer<SinkContext>;
+
+pub fn create_producer(cfg: &Config) -> Result<SinkProducer, PipelineError> {
+    producer_config(cfg).create_with_context(SinkContext).map_err(|e| PipelineError::kafka("create producer", e))
+}
+
+/// One record to produce.
+#[derive(Debug, Clone)]
+pub struct OutRecord {
+    pub topic: Arc<str>,
+    pub partition: Option<i32>,
+    pub key: Vec<u8>,
+    /// `None` is a tombstone.
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// Hand every record to the producer, each acknowledged through `group` (which MUST
+/// count `records.len()`). Waits while the producer queue is full (backpressure).
+pub fn send_all(producer: &SinkProducer, records: &[OutRecord], group: &Arc<AckGroup>, abort: &AtomicBool) {
+    for r in records {
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header { key: k, value: Some(v.as_slice()) });
+        }
+        loop {
+            let mut rec = BaseRecord::with_opaque_to(&r.topic, group.clone()).key(&r.key).headers(headers.clone());
+            if let Some(p) = &r.payload {
+                rec = rec.payload(p);
+            }
+            if let Some(p) = r.partition {
+                rec = rec.partition(p);
+            }
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) if !abort.load(Ordering::Relaxed) => {
+                    producer.poll(Duration::from_millis(5));
+                }
+                Err((e, _)) => {
+                    group.ack(Some(format!("cannot produce to {}: {e}", r.topic)));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, PipelineError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PipelineError::Io(format!("tokio runtime: {e}")))?;
+    Ok(rt.block_on(f))
+}
+
+/// Partition count of a topic, or None when it does not exist.
+pub fn partition_count(cfg: &Config, topic: &str) -> Result<Option<usize>, PipelineError> {
+    let c: BaseConsumer = base_client(cfg).create().map_err(|e| PipelineError::kafka("metadata client", e))?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(|e| PipelineError::kafka("fetch metadata", e))?;
+    Ok(md.topics().iter().find(|t| t.name() == topic).and_then(|t| {
+        (t.error().is_none() && !t.partitions().is_empty()).then(|| t.partitions().len())
+    }))
+}
+
+/// Create missing topics (`topics.create`) and check the changelog is partitioned
+/// like the input (its partition p holds the twins of input partition p).
+pub fn ensure_topics(cfg: &Config) -> Result<usize, PipelineError> {
+    let t = &cfg.topics;
+    let mut input = partition_count(cfg, &t.input)?;
+    let mut wanted: Vec<NewTopicSpec> = Vec::new();
+    let n = input.unwrap_or(t.partitions as usize);
+    if input.is_none() {
+        if !t.create {
+            return Err(PipelineError::Config(format!("key `topics.input`: topic `{}` does not exist", t.input)));
+        }
+        wanted.push(NewTopicSpec { name: t.input.clone(), partitions: n as i32, compact: false });
+    }
+    for (name, compact) in [(&t.verdicts, false), (&t.dlq, false), (&t.changelog, true)] {
+        match partition_count(cfg, name)? {
+            Some(_) => {}
+            None if t.create => wanted.push(NewTopicSpec { name: name.clone(), partitions: n as i32, compact }),
+            None => return Err(PipelineError::Config(format!("topic `{name}` does not exist and `topics.create` is false"))),
+        }
+    }
+    if !wanted.is_empty() {
+        create_topics(cfg, &wanted)?;
+        input = partition_count(cfg, &t.input)?;
+    }
+    let n = input.ok_or_else(|| PipelineError::Config(format!("topic `{}` has no partitions", t.input)))?;
+    let cl = partition_count(cfg, &t.changelog)?.unwrap_or(0);
+    if cl < n {
+        return Err(PipelineError::Config(format!(
+            "key `topics.changelog`: `{}` has {cl} partitions but `{}` has {n}; the changelog needs at least as many",
+            t.changelog, t.input
+        )));
+    }
+    Ok(n)
+}
+
+pub struct NewTopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub compact: bool,
+}
+
+/// Create topics; ones that already exist are fine.
+pub fn create_topics(cfg: &Config, topics: &[NewTopicSpec]) -> Result<(), PipelineError> {
+    let admin: AdminClient<DefaultClientContext> = base_client(cfg).create().map_err(|e| PipelineError::kafka("admin client", e))?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|s| {
+            let t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(cfg.topics.replication));
+            if s.compact {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
+        })
+        .collect();
+    let results = block_on(admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))))?
+        .map_err(|e| PipelineError::kafka("create topics", e))?;
+    for r in results {
+        match r {
+            Ok(name) => tracing::info!(topic = %name, "topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(PipelineError::Io(format!("cannot create topic `{name}`: {code}"))),
+        }
+    }
+    // Metadata propagates asynchronously; wait until every topic is visible.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for s in topics {
+        while partition_count(cfg, &s.name)?.is_none() {
+            if Instant::now() > deadline {
+                return Err(PipelineError::Io(format!("topic `{}` did not appear after creation", s.name)));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+/// Read changelog partitions from the beginning to their current end, calling `f`
+/// for every record (key, value; `None` = tombstone). Returns records read per
+/// partition. Fails after `timeout` with the partitions still incomplete.
+pub fn read_changelog(
+    cfg: &Config,
+    partitions: &[i32],
+    timeout: Duration,
+    mut f: impl FnMut(i32, &str, Option<&[u8]>) -> Result<(), PipelineError>,
+) -> Result<BTreeMap<i32, u64>, PipelineError> {
+    let topic = &cfg.topics.changelog;
+    let mut read: BTreeMap<i32, u64> = partitions.iter().map(|p| (*p, 0)).collect();
+    if partitions.is_empty() {
+        return Ok(read);
+    }
+    let mut c = base_client(cfg);
+    for (k, v) in &cfg.kafka.consumer {
+        c.set(k, v);
+    }
+    c.set("group.id", format!("{}.restore", cfg.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = c.create().map_err(|e| PipelineError::kafka("changelog reader", e))?;
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in partitions {
+        let (lo, hi) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(|e| PipelineError::kafka(&format!("watermarks of {topic}/{p}"), e))?;
+        if hi > lo {
+            ends.insert(p, hi);
+            tpl.add_partition_offset(topic, p, Offset::Offset(lo)).map_err(|e| PipelineError::kafka("assign", e))?;
+        }
+    }
+    if ends.is_empty() {
+        return Ok(read);
+    }
+    consumer.assign(&tpl).map_err(|e| PipelineError::kafka("assign changelog", e))?;
+    let deadline = Instant::now() + timeout;
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            let left: Vec<_> = ends.keys().collect();
+            return Err(PipelineError::Io(format!("restoring twins from `{topic}` timed out; partitions {left:?} incomplete")));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => return Err(PipelineError::kafka(&format!("reading changelog `{topic}`"), e)),
+            Some(Ok(m)) => {
+                let p = m.partition();
+                let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
+                f(p, &key, m.payload())?;
+                *read.entry(p).or_default() += 1;
+                if ends.get(&p).is_some_and(|&hi| m.offset() + 1 >= hi) {
+                    ends.remove(&p);
+                }
+            }
+        }
+    }
+    Ok(read)
+}

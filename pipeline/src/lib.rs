@@ -1,0 +1,41 @@
+//! twinguard's pipeline: configuration, the Kafka source and sink, the topology
+//! that runs the operators, the device simulator, dataset replay and the CLI.
+//!
+//! Architecture Invariant: this is the only crate that does I/O. It holds no
+//! detection or business rules: those live in `operators` (and later `models`).
+
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod kafka;
+pub mod produce;
+pub mod replay;
+pub mod sim;
+pub mod telemetry;
+
+pub use config::Config;
+pub use engine::{run, RunReport};
+pub use telemetry::Metrics;
+
+/// Errors of the pipeline. Messages name the input, key or topic at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("configuration error: {0}")]
+    Config(String),
+    #[error("kafka: {context}: {source}")]
+    Kafka { context: String, source: rdkafka::error::KafkaError },
+    #[error("{0}")]
+    Io(String),
+    #[error(transparent)]
+    Schema(#[from] twinguard_schemas::SchemaError),
+    #[error(transparent)]
+    Operator(#[from] twinguard_operators::OperatorError),
+    #[error("pipeline stopped on a fatal error (no offsets were stored past it): {0}")]
+    Fatal(String),
+}
+
+impl PipelineError {
+    pub fn kafka(context: &str, source: rdkafka::error::KafkaError) -> Self {
+        PipelineError::Kafka { context: context.to_string(), source }
+    }
+}

@@ -1,0 +1,414 @@
+//! JSON → Arrow decoding with per-record validation.
+//!
+//! [`Decoder::decode`] MUST account for every input record exactly once: either as a
+//! row of the output batch (in input order) or as a [`Reject`] naming the reason. It
+//! never fails as a whole because of one bad record.
+
+use arrow::array::{
+    ArrayRef, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
+    TimestampMillisecondBuilder,
+};
+use arrow::record_batch::RecordBatch;
+use serde_json::{Map, Value};
+
+use crate::event::{EventSchema, FieldKind};
+use crate::{fields, SchemaError};
+
+/// One Kafka record as the decoder sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RawRecord<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+}
+
+/// Validation limits.
+#[derive(Debug, Clone)]
+pub struct DecodeLimits {
+    /// Records larger than this are rejected unread.
+    pub max_record_bytes: usize,
+    /// Earliest accepted event time (ms since the epoch).
+    pub min_event_time_ms: i64,
+    /// How far in the future of the processing clock an event time may be (ms).
+    pub max_future_ms: i64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits {
+            max_record_bytes: 64 * 1024,
+            min_event_time_ms: 946_684_800_000, // 2000-01-01T00:00:00Z
+            max_future_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// Why a record was rejected; stable strings, used as DLQ header and metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectCode {
+    Empty,
+    Oversized,
+    NotJson,
+    NotObject,
+    MissingField,
+    WrongType,
+    NonFinite,
+    OutOfRange,
+    BadTimestamp,
+    TimestampOutOfRange,
+    BadDeviceId,
+    KeyMismatch,
+    SchemaMismatch,
+}
+
+impl RejectCode {
+    pub const ALL: [RejectCode; 13] = [
+        RejectCode::Empty,
+        RejectCode::Oversized,
+        RejectCode::NotJson,
+        RejectCode::NotObject,
+        RejectCode::MissingField,
+        RejectCode::WrongType,
+        RejectCode::NonFinite,
+        RejectCode::OutOfRange,
+        RejectCode::BadTimestamp,
+        RejectCode::TimestampOutOfRange,
+        RejectCode::BadDeviceId,
+        RejectCode::KeyMismatch,
+        RejectCode::SchemaMismatch,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::Empty => "empty",
+            RejectCode::Oversized => "oversized",
+            RejectCode::NotJson => "not_json",
+            RejectCode::NotObject => "not_object",
+            RejectCode::MissingField => "missing_field",
+            RejectCode::WrongType => "wrong_type",
+            RejectCode::NonFinite => "non_finite",
+            RejectCode::OutOfRange => "out_of_range",
+            RejectCode::BadTimestamp => "bad_timestamp",
+            RejectCode::TimestampOutOfRange => "timestamp_out_of_range",
+            RejectCode::BadDeviceId => "bad_device_id",
+            RejectCode::KeyMismatch => "key_mismatch",
+            RejectCode::SchemaMismatch => "schema_mismatch",
+        }
+    }
+}
+
+/// A rejected record: its index in the input slice and a human-readable reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reject {
+    pub index: usize,
+    pub code: RejectCode,
+    pub reason: String,
+}
+
+/// Result of decoding one micro-batch.
+#[derive(Debug)]
+pub struct DecodeOutput {
+    /// Valid records, in input order, with [`EventSchema::arrow_schema`].
+    pub batch: RecordBatch,
+    /// Invalid records, in input order.
+    pub rejects: Vec<Reject>,
+}
+
+enum Cell {
+    Null,
+    F(f64),
+    I(i64),
+    S(String),
+}
+
+/// Decodes JSON events of one schema into Arrow batches.
+pub struct Decoder {
+    schema: EventSchema,
+    arrow: arrow::datatypes::SchemaRef,
+    limits: DecodeLimits,
+    id: String,
+}
+
+impl Decoder {
+    pub fn new(schema: EventSchema, limits: DecodeLimits) -> Self {
+        let arrow = schema.arrow_schema();
+        let id = schema.id();
+        Decoder { schema, arrow, limits, id }
+    }
+
+    pub fn schema(&self) -> &EventSchema {
+        &self.schema
+    }
+
+    pub fn arrow_schema(&self) -> arrow::datatypes::SchemaRef {
+        self.arrow.clone()
+    }
+
+    /// Decode a micro-batch. `now_ms` is the processing clock used for the
+    /// future-skew check.
+    pub fn decode(&self, records: &[RawRecord<'_>], now_ms: i64) -> Result<DecodeOutput, SchemaError> {
+        let n = records.len();
+        let mut dev = StringBuilder::with_capacity(n, n * 16);
+        let mut time = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+        let mut part = Int32Builder::with_capacity(n);
+        let mut off = Int64Builder::with_capacity(n);
+        let mut cols: Vec<ColBuilder> = self
+            .schema
+            .fields
+            .iter()
+            .map(|f| match f.kind {
+                FieldKind::F64 => ColBuilder::F(Float64Builder::with_capacity(n)),
+                FieldKind::I64 => ColBuilder::I(Int64Builder::with_capacity(n)),
+                FieldKind::String => ColBuilder::S(StringBuilder::with_capacity(n, n * 8)),
+            })
+            .collect();
+        let mut rejects = Vec::new();
+        let mut row: Vec<Cell> = Vec::with_capacity(self.schema.fields.len());
+        for (index, rec) in records.iter().enumerate() {
+            row.clear();
+            match self.validate(rec, now_ms, &mut row) {
+                Ok((device, t)) => {
+                    dev.append_value(&device);
+                    time.append_value(t);
+                    part.append_value(rec.partition);
+                    off.append_value(rec.offset);
+                    for (b, cell) in cols.iter_mut().zip(row.drain(..)) {
+                        b.append(cell);
+                    }
+                }
+                Err((code, reason)) => rejects.push(Reject { index, code, reason }),
+            }
+        }
+        let mut arrays: Vec<ArrayRef> = vec![
+            std::sync::Arc::new(dev.finish()),
+            std::sync::Arc::new(time.finish()),
+            std::sync::Arc::new(part.finish()),
+            std::sync::Arc::new(off.finish()),
+        ];
+        arrays.extend(cols.iter_mut().map(ColBuilder::finish));
+        let batch = RecordBatch::try_new(self.arrow.clone(), arrays)?;
+        Ok(DecodeOutput { batch, rejects })
+    }
+
+    fn validate(
+        &self,
+        rec: &RawRecord<'_>,
+        now_ms: i64,
+        row: &mut Vec<Cell>,
+    ) -> Result<(String, i64), (RejectCode, String)> {
+        let bytes = match rec.payload {
+            None | Some([]) => return Err((RejectCode::Empty, "record has no value".into())),
+            Some(b) => b,
+        };
+        if bytes.len() > self.limits.max_record_bytes {
+            return Err((
+                RejectCode::Oversized,
+                format!("record is {} bytes, limit is {}", bytes.len(), self.limits.max_record_bytes),
+            ));
+        }
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| classify_json_error(bytes, &e))?;
+        let Value::Object(mut obj) = value else {
+            return Err((RejectCode::NotObject, format!("expected a JSON object, got {}", kind_of(&value))));
+        };
+        if let Some(claim) = obj.get(fields::SCHEMA) {
+            let ok = matches!(claim, Value::String(s) if *s == self.id || *s == self.schema.name);
+            if !ok {
+                return Err((
+                    RejectCode::SchemaMismatch,
+                    format!("event claims schema {claim}, this pipeline reads `{}`", self.id),
+                ));
+            }
+        }
+        let device = match obj.remove(fields::DEVICE_ID) {
+            None | Some(Value::Null) => {
+                return Err((RejectCode::MissingField, format!("missing required field `{}`", fields::DEVICE_ID)))
+            }
+            Some(Value::String(s)) => s,
+            Some(other) => {
+                return Err((
+                    RejectCode::WrongType,
+                    format!("field `{}` must be a string, got {}", fields::DEVICE_ID, kind_of(&other)),
+                ))
+            }
+        };
+        if device.is_empty() || device.len() > fields::MAX_DEVICE_ID_LEN || device.chars().any(char::is_control) {
+            return Err((
+                RejectCode::BadDeviceId,
+                format!("`device_id` must be 1..={} bytes without control characters", fields::MAX_DEVICE_ID_LEN),
+            ));
+        }
+        match rec.key {
+            Some(k) if k == device.as_bytes() => {}
+            Some(k) => {
+                return Err((
+                    RejectCode::KeyMismatch,
+                    format!(
+                        "record key {:?} differs from device_id {:?}: records MUST be keyed by device id",
+                        String::from_utf8_lossy(k),
+                        device
+                    ),
+                ))
+            }
+            None => {
+                return Err((
+                    RejectCode::KeyMismatch,
+                    format!("record has no key: records MUST be keyed by device id ({device:?})"),
+                ))
+            }
+        }
+        let t = match obj.get(fields::EVENT_TIME) {
+            None | Some(Value::Null) => {
+                return Err((RejectCode::MissingField, format!("missing required field `{}`", fields::EVENT_TIME)))
+            }
+            Some(v) => parse_time(v)?,
+        };
+        if t < self.limits.min_event_time_ms || t > now_ms.saturating_add(self.limits.max_future_ms) {
+            return Err((
+                RejectCode::TimestampOutOfRange,
+                format!(
+                    "event_time {} is outside the accepted range [{}, now + {} s]",
+                    fmt_ms(t),
+                    fmt_ms(self.limits.min_event_time_ms),
+                    self.limits.max_future_ms / 1000
+                ),
+            ));
+        }
+        for f in &self.schema.fields {
+            let cell = match obj.get(&f.name) {
+                None | Some(Value::Null) if f.required => {
+                    return Err((RejectCode::MissingField, format!("missing required field `{}`", f.name)))
+                }
+                None | Some(Value::Null) => Cell::Null,
+                Some(v) => match (f.kind, v) {
+                    (FieldKind::F64, Value::Number(num)) => {
+                        let x = num.as_f64().unwrap_or(f64::NAN);
+                        if !x.is_finite() {
+                            return Err((RejectCode::NonFinite, format!("field `{}` is not finite", f.name)));
+                        }
+                        check_range(&f.name, x, f.min, f.max)?;
+                        Cell::F(x)
+                    }
+                    (FieldKind::I64, Value::Number(num)) => {
+                        let Some(x) = num.as_i64() else {
+                            return Err((
+                                RejectCode::WrongType,
+                                format!("field `{}` must be an integer, got {num}", f.name),
+                            ));
+                        };
+                        check_range(&f.name, x as f64, f.min, f.max)?;
+                        Cell::I(x)
+                    }
+                    (FieldKind::String, Value::String(s)) => Cell::S(s.clone()),
+                    (kind, other) => {
+                        return Err((
+                            RejectCode::WrongType,
+                            format!("field `{}` must be {}, got {}", f.name, kind_name(kind), kind_of(other)),
+                        ))
+                    }
+                },
+            };
+            row.push(cell);
+        }
+        Ok((device, t))
+    }
+}
+
+enum ColBuilder {
+    F(Float64Builder),
+    I(Int64Builder),
+    S(StringBuilder),
+}
+
+impl ColBuilder {
+    fn append(&mut self, cell: Cell) {
+        match (self, cell) {
+            (ColBuilder::F(b), Cell::F(x)) => b.append_value(x),
+            (ColBuilder::I(b), Cell::I(x)) => b.append_value(x),
+            (ColBuilder::S(b), Cell::S(x)) => b.append_value(x),
+            (ColBuilder::F(b), _) => b.append_null(),
+            (ColBuilder::I(b), _) => b.append_null(),
+            (ColBuilder::S(b), _) => b.append_null(),
+        }
+    }
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            ColBuilder::F(b) => std::sync::Arc::new(b.finish()),
+            ColBuilder::I(b) => std::sync::Arc::new(b.finish()),
+            ColBuilder::S(b) => std::sync::Arc::new(b.finish()),
+        }
+    }
+}
+
+fn check_range(name: &str, x: f64, min: Option<f64>, max: Option<f64>) -> Result<(), (RejectCode, String)> {
+    let lo = min.unwrap_or(f64::NEG_INFINITY);
+    let hi = max.unwrap_or(f64::INFINITY);
+    if x < lo || x > hi {
+        return Err((RejectCode::OutOfRange, format!("field `{name}` = {x} is outside [{lo}, {hi}]")));
+    }
+    Ok(())
+}
+
+/// Parse an event time: RFC 3339 string or integer milliseconds since the epoch.
+pub fn parse_time(v: &Value) -> Result<i64, (RejectCode, String)> {
+    match v {
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .map(|d| d.timestamp_millis())
+            .map_err(|e| (RejectCode::BadTimestamp, format!("event_time {s:?} is not RFC 3339: {e}"))),
+        Value::Number(n) => n.as_i64().ok_or_else(|| {
+            (RejectCode::BadTimestamp, format!("event_time {n} is not an integer of milliseconds"))
+        }),
+        other => Err((
+            RejectCode::BadTimestamp,
+            format!("event_time must be an RFC 3339 string or epoch milliseconds, got {}", kind_of(other)),
+        )),
+    }
+}
+
+/// Format epoch milliseconds as RFC 3339 (UTC, millisecond precision).
+pub fn fmt_ms(ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(d) => d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        None => format!("{ms} ms"),
+    }
+}
+
+fn classify_json_error(bytes: &[u8], e: &serde_json::Error) -> (RejectCode, String) {
+    let text = String::from_utf8_lossy(bytes);
+    let msg = e.to_string();
+    if msg.contains("number out of range") {
+        return (RejectCode::NonFinite, format!("a number overflows f64: {msg}"));
+    }
+    if ["NaN", "Infinity"].iter().any(|t| text.contains(t)) {
+        return (RejectCode::NonFinite, format!("NaN/Infinity are not valid JSON numbers: {msg}"));
+    }
+    (RejectCode::NotJson, format!("not valid JSON: {msg}"))
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn kind_name(k: FieldKind) -> &'static str {
+    match k {
+        FieldKind::F64 => "a number",
+        FieldKind::I64 => "an integer",
+        FieldKind::String => "a string",
+    }
+}
+
+/// Convenience for producers and tests: the JSON object of an event.
+pub fn event_object(device_id: &str, event_time_ms: i64, values: Map<String, Value>) -> Map<String, Value> {
+    let mut m = Map::with_capacity(values.len() + 2);
+    m.insert(fields::DEVICE_ID.into(), Value::String(device_id.into()));
+    m.insert(fields::EVENT_TIME.into(), Value::String(fmt_ms(event_time_ms)));
+    m.extend(values);
+    m
+}
