@@ -1,1 +1,172 @@
-fn main(){}
+//! End-to-end bench on the real broker (tansu, memory storage), in one run:
+//!
+//! 1. **passthrough**: a plain consume-and-produce loop (same client settings,
+//!    idempotent producer) copies N events from one topic to another: the ceiling
+//!    for this machine and broker;
+//! 2. **pipeline, backlog**: the full pipeline drains the same N events (decode,
+//!    twins, verdicts, changelog, offsets after acknowledgement): events/s;
+//! 3. **pipeline, latency**: events produced at half the measured pipeline rate
+//!    while it runs; verdict latency = verdict record timestamp − input record
+//!    timestamp (both producer create times on this machine's clock), p50/p99.
+//!
+//! Run (release build, outside CI): `cargo bench -p twinguard --bench e2e`
+//! Events: `TWINGUARD_BENCH_EVENTS` (default 1,000,000).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerContext};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use twinguard::config::Config;
+use twinguard::kafka::{self, NewTopicSpec};
+use twinguard::sim::{SimConfig, Simulator};
+use twinguard::testkit::Broker;
+use twinguard::{produce, Metrics};
+
+const PARTITIONS: i32 = 4;
+
+fn topics(cfg: &Config, extra: &[&str]) {
+    let mut specs: Vec<NewTopicSpec> = [&cfg.topics.input, &cfg.topics.verdicts, &cfg.topics.dlq]
+        .into_iter()
+        .map(|t| NewTopicSpec { name: t.clone(), partitions: PARTITIONS, compact: false })
+        .collect();
+    specs.push(NewTopicSpec { name: cfg.topics.changelog.clone(), partitions: PARTITIONS, compact: true });
+    for t in extra {
+        specs.push(NewTopicSpec { name: (*t).to_string(), partitions: PARTITIONS, compact: false });
+    }
+    kafka::create_topics(cfg, &specs).unwrap();
+}
+
+fn reader(cfg: &Config, topic: &str, group: &str) -> BaseConsumer {
+    let mut c = kafka::base_client(cfg);
+    c.set("group.id", group).set("enable.auto.commit", "false").set("fetch.wait.max.ms", "10");
+    let consumer: BaseConsumer = c.create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    consumer
+}
+
+fn passthrough(cfg: &Config, n: usize, out_topic: &str) -> f64 {
+    let consumer = reader(cfg, &cfg.topics.input, "bench-passthrough");
+    let producer: ThreadedProducer<DefaultProducerContext> = kafka::producer_config(cfg).create().unwrap();
+    let started = Instant::now();
+    let mut seen = 0;
+    while seen < n {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let key = m.key().unwrap_or_default().to_vec();
+            let payload = m.payload().unwrap_or_default().to_vec();
+            loop {
+                match producer.send(BaseRecord::to(out_topic).key(&key).payload(&payload)) {
+                    Ok(()) => break,
+                    Err((_, _)) => producer.poll(Duration::from_millis(1)),
+                }
+            }
+            seen += 1;
+        }
+    }
+    producer.flush(Duration::from_secs(120)).unwrap();
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn pct(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; ignore arguments.
+    let n: usize = std::env::var("TWINGUARD_BENCH_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let dir = std::env::temp_dir().join(format!("twinguard-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let broker = Broker::start(&dir);
+    let mut cfg = broker.config("bench");
+    cfg.batch.max_records = 1000;
+    cfg.batch.max_linger_ms = 20;
+    topics(&cfg, &["bench.passthrough"]);
+
+    let mut sc = SimConfig::new(200, n, 3);
+    sc.malformed_rate = 0.0;
+    let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
+    let bytes: usize = recs.iter().map(|r| r.1.len()).sum();
+    eprintln!("producing {n} events ({} B avg) into tansu at {}", bytes / n, broker.bootstrap);
+    let t = Instant::now();
+    produce::produce_all(&cfg, &cfg.topics.input, recs, None, |_, _| {}).unwrap();
+    let produce_rate = n as f64 / t.elapsed().as_secs_f64();
+
+    eprintln!("passthrough...");
+    let ceiling = passthrough(&cfg, n, "bench.passthrough");
+
+    eprintln!("pipeline (backlog)...");
+    let metrics = Arc::new(Metrics::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let handle = {
+        let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
+        std::thread::spawn(move || twinguard::run(&cfg, metrics, stop))
+    };
+    let verdicts = reader(&cfg, &cfg.topics.verdicts, "bench-verdicts");
+    let mut seen = 0usize;
+    let mut first_verdict: Option<Instant> = None;
+    while seen < n {
+        if let Some(Ok(_)) = verdicts.poll(Duration::from_millis(100)) {
+            first_verdict.get_or_insert_with(Instant::now);
+            seen += 1;
+        }
+        assert!(!handle.is_finished(), "pipeline stopped early");
+    }
+    let total = started.elapsed().as_secs_f64();
+    let steady = first_verdict.map_or(total, |f| f.elapsed().as_secs_f64());
+    let rate = n as f64 / total;
+
+    eprintln!("pipeline (latency at half its rate)...");
+    let lat_n = (rate * 0.5 * 20.0) as usize; // ~20 s of traffic
+    let mut sc = SimConfig::new(200, lat_n, 4);
+    sc.malformed_rate = 0.0;
+    let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
+    let coords = {
+        let cfg = cfg.clone();
+        let target = rate * 0.5;
+        std::thread::spawn(move || produce::produce_all(&cfg, &cfg.topics.input, recs, Some(target), |_, _| {}).unwrap())
+    };
+    let mut lat_verdicts: HashMap<(i32, i64), i64> = HashMap::new();
+    while lat_verdicts.len() < lat_n {
+        if let Some(Ok(m)) = verdicts.poll(Duration::from_millis(100)) {
+            let v: twinguard_schemas::verdict::Verdict = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            lat_verdicts.insert((v.source.partition, v.source.offset), m.timestamp().to_millis().unwrap());
+        }
+    }
+    let coords = coords.join().unwrap();
+    let input = reader(&cfg, &cfg.topics.input, "bench-input");
+    let wanted: std::collections::HashSet<(i32, i64)> = coords.into_iter().collect();
+    let mut lat = Vec::with_capacity(lat_n);
+    let mut scanned = 0;
+    while lat.len() < wanted.len() && scanned < n + lat_n {
+        if let Some(Ok(m)) = input.poll(Duration::from_millis(100)) {
+            scanned += 1;
+            let c = (m.partition(), m.offset());
+            if wanted.contains(&c) {
+                if let Some(vt) = lat_verdicts.get(&c) {
+                    lat.push((vt - m.timestamp().to_millis().unwrap()) as f64);
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let report = handle.join().unwrap().unwrap();
+    let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+
+    println!("\n== twinguard end-to-end bench (tansu 0.6.0 memory engine, {PARTITIONS} partitions) ==");
+    println!("events                     {n}");
+    println!("producer (load)            {produce_rate:>10.0} events/s");
+    println!("passthrough ceiling        {ceiling:>10.0} events/s");
+    println!("pipeline backlog drain     {rate:>10.0} events/s  ({:.0} % of passthrough; {:.1} s, {:.0} events/s after the first verdict)", 100.0 * rate / ceiling, total, n as f64 / steady);
+    println!("verdict latency at {:.0} events/s: p50 {p50:.0} ms, p99 {p99:.0} ms ({} events)", rate * 0.5, lat.len());
+    println!("twins {} (~{} bytes each)", report.twins, report.twin_mem_bytes / report.twins.max(1));
+    println!("dlq {}  changelog records {}", Metrics::get(&metrics.dlq_out), Metrics::get(&metrics.changelog_out));
+}

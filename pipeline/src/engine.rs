@@ -282,7 +282,7 @@ impl ConsumerContext for SourceContext {
             Err(e) => tracing::warn!(error = %e, "commit on revoke failed; the next owner may replay some records"),
         }
         let mut core = s.core.lock().expect("core lock");
-        let cooperative = consumer.rebalance_protocol() == RebalanceProtocol::Cooperative;
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         for p in &parts {
             core.buffers.remove(p);
             core.owned.remove(p);

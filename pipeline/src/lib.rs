@@ -12,6 +12,7 @@ pub mod produce;
 pub mod replay;
 pub mod sim;
 pub mod telemetry;
+pub mod testkit;
 
 pub use config::Config;
 pub use engine::{run, RunReport};

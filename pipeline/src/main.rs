@@ -109,7 +109,8 @@ enum Command {
 
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
@@ -130,7 +131,8 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo { devices, events, seed, partitions } => {
-            init_logs("warn");
+            // Dead letters are counted in the summary; per-record lines would bury the progress.
+            init_logs("warn,twinguard::telemetry=error");
             let summary = demo::run(&DemoOptions { devices, events, seed, partitions })?;
             summary.print(&mut std::io::stdout())?;
             if summary.verdicts != summary.valid || summary.dlq != summary.malformed {

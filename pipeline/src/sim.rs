@@ -148,6 +148,8 @@ struct Device {
     port: i64,
     firmware: String,
     vitals: Vitals,
+    /// The patient's own normal, which the readings drift around.
+    vitals_base: Vitals,
     sent: u64,
     episode: Option<Episode>,
 }
@@ -218,7 +220,10 @@ impl Simulator {
                 },
                 sent: 0,
                 episode,
+                vitals_base: Vitals { temp: 0.0, spo2: 0.0, pulse: 0.0, sys: 0.0, dia: 0.0, resp: 0.0, st: 0.0 },
             };
+            let mut d = d;
+            d.vitals_base = d.vitals.clone();
             let first = cfg.start_ms + rng.random_range(0..d.period as i64);
             queue.push(Reverse((first, i)));
             devices.push(d);
@@ -314,11 +319,12 @@ impl Simulator {
         }
         // Vitals drift slowly (a random walk pulled back to the patient's baseline).
         let v = &mut d.vitals;
-        let walk = |rng: &mut StdRng, x: &mut f64, sd: f64| *x += rng.random_range(-sd..sd);
-        walk(rng, &mut v.pulse, 1.0);
-        walk(rng, &mut v.spo2, 0.3);
-        walk(rng, &mut v.sys, 1.0);
-        walk(rng, &mut v.resp, 0.3);
+        let b = &d.vitals_base;
+        let walk = |rng: &mut StdRng, x: &mut f64, base: f64, sd: f64| *x += 0.05 * (base - *x) + rng.random_range(-sd..sd);
+        walk(rng, &mut v.pulse, b.pulse, 1.0);
+        walk(rng, &mut v.spo2, b.spo2, 0.3);
+        walk(rng, &mut v.sys, b.sys, 1.0);
+        walk(rng, &mut v.resp, b.resp, 0.3);
         let mut shown = v.clone();
         if active == Some(AttackKind::VitalsTampering) {
             // Man-in-the-middle alteration: plausible-looking but false readings.

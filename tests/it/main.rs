@@ -1,1 +1,10 @@
+//! twinguard's integration tests: ONE binary of modules, so the heavy dependencies
+//! link once. Every test here talks to a real Kafka-compatible broker process
+//! (tansu) that the harness starts on a free port and stops afterwards.
 
+mod harness;
+
+mod cli;
+mod crash;
+mod e2e;
+mod rebalance;

@@ -1,0 +1,56 @@
+//! The command line: invalid configuration fails at start naming the key, `--help`
+//! explains, `--check-config` validates without a broker.
+
+use std::process::Command;
+
+use crate::harness::scratch;
+
+fn twinguard(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_twinguard")).args(args).envs(env.iter().copied()).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn invalid_config_fails_at_start_naming_the_key() {
+    let dir = scratch("cli");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[batch]\nmax_records = -3\n").unwrap();
+    let (ok, out) = twinguard(&["run", "--config", bad.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(out.contains("batch.max_records"), "{out}");
+
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[kafka]\nbrokers = \"127.0.0.1:1\"\n[schema]\nname = \"ciciomt-flow-window/v1\"\n").unwrap();
+    let (ok, out) = twinguard(&["run", "--config", good.to_str().unwrap(), "--check-config"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ciciomt-flow-window/v1"), "{out}");
+
+    let (ok, out) = twinguard(&["run", "--config", good.to_str().unwrap(), "--check-config"], &[("TWINGUARD__STATE__WARMUP_EVENTS", "many")]);
+    assert!(!ok);
+    assert!(out.contains("state.warmup_events"), "{out}");
+
+    let (ok, out) = twinguard(&["run", "--config", dir.join("missing.toml").to_str().unwrap()], &[]);
+    assert!(!ok && out.contains("missing.toml"), "{out}");
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let (ok, out) = twinguard(&["--help"], &[]);
+    assert!(ok);
+    for cmd in ["demo", "run", "simulate", "replay", "schemas"] {
+        assert!(out.contains(cmd), "--help lists {cmd}: {out}");
+    }
+    let (ok, out) = twinguard(&["schemas"], &[]);
+    assert!(ok && out.contains("wustl-flow-vitals/v1") && out.contains("ciciomt-flow-window/v1"), "{out}");
+}
+
+/// The README's main job: the demo on the embedded broker accounts for every record
+/// (the mock cluster is allowed here: the demo is what runs on it).
+#[test]
+fn demo_accounts_for_every_record() {
+    let (ok, out) = twinguard(&["demo", "--devices", "12", "--events", "4000", "--partitions", "2"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("one per valid event: yes"), "{out}");
+    assert!(out.contains("one per malformed record: yes"), "{out}");
+    assert!(out.contains("injected attacks"), "{out}");
+}

@@ -1,0 +1,77 @@
+//! End to end on a real broker: N events with malformed ones mixed in → exactly one
+//! verdict per valid event (by source coordinates), one dead letter per bad one,
+//! carrying the reason, the original bytes and the source coordinates.
+
+use std::collections::HashSet;
+
+use rdkafka::message::Headers;
+use rdkafka::Message;
+use twinguard::sim::Truth;
+use twinguard_schemas::fields;
+
+use crate::harness::*;
+
+#[test]
+fn every_valid_event_gets_one_verdict_every_bad_record_one_dead_letter() {
+    let dir = scratch("e2e");
+    let broker = Broker::start(&dir);
+    let cfg = broker.config("e2e");
+    create_topics(&cfg);
+    let recs = sim_records(24, 4000, 11, 0.03);
+    let coords = produce(&cfg, &recs);
+    let valid: HashSet<(i32, i64)> =
+        recs.iter().zip(&coords).filter(|(r, _)| !matches!(r.truth, Truth::Malformed(_))).map(|(_, c)| *c).collect();
+    let bad: Vec<usize> = (0..recs.len()).filter(|&i| matches!(recs[i].truth, Truth::Malformed(_))).collect();
+    assert!(bad.len() > 50, "the fixture must contain malformed records");
+
+    let mut p = PipelineProc::start(&dir, "pipeline", &write_config(&dir, "pipeline", &cfg));
+    let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
+    verdicts.until("a verdict for every valid event", |r| r.len() >= valid.len());
+    let mut dlq = Reader::new(&cfg, &cfg.topics.dlq);
+    dlq.until("a dead letter for every bad record", |r| r.len() >= bad.len());
+    p.stop();
+    verdicts.drain_to_end(&cfg, &cfg.topics.verdicts);
+    dlq.drain_to_end(&cfg, &cfg.topics.dlq);
+
+    // Exactly one verdict per valid event, keyed by its device.
+    let by = verdicts_by_coords(&verdicts.records);
+    assert_eq!(by.len(), valid.len());
+    assert_eq!(verdicts.records.len(), valid.len(), "no duplicates in an uninterrupted run");
+    for (i, c) in coords.iter().enumerate() {
+        if valid.contains(c) {
+            let got = &by[c];
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].0, recs[i].key.as_bytes(), "verdict keyed by device id");
+        }
+    }
+    // Exactly one dead letter per bad record: original bytes, reason, coordinates.
+    assert_eq!(dlq.records.len(), bad.len());
+    let header = |m: &rdkafka::message::OwnedMessage, k: &str| -> String {
+        let h = m.headers().unwrap();
+        let v = h.iter().find(|x| x.key == k).unwrap_or_else(|| panic!("header {k} missing")).value.unwrap();
+        String::from_utf8(v.to_vec()).unwrap()
+    };
+    let mut seen = HashSet::new();
+    for m in &dlq.records {
+        let c: (i32, i64) = (header(m, fields::DLQ_PARTITION).parse().unwrap(), header(m, fields::DLQ_OFFSET).parse().unwrap());
+        let i = coords.iter().position(|x| *x == c).expect("dead letter points at a produced record");
+        assert!(matches!(recs[i].truth, Truth::Malformed(_)), "only bad records are dead-lettered");
+        assert_eq!(m.payload().unwrap(), &recs[i].payload[..], "original bytes preserved");
+        assert_eq!(header(m, fields::DLQ_TOPIC), cfg.topics.input);
+        assert!(!header(m, fields::DLQ_REASON).is_empty());
+        let code = header(m, fields::DLQ_CODE);
+        let Truth::Malformed(kind) = recs[i].truth else { unreachable!() };
+        let expected = match kind {
+            "not_json" => "not_json",
+            "missing_device_id" => "missing_field",
+            "nan" => "non_finite",
+            "wrong_type" => "wrong_type",
+            "absurd_timestamp" => "timestamp_out_of_range",
+            "oversized" => "oversized",
+            "key_mismatch" => "key_mismatch",
+            _ => "out_of_range",
+        };
+        assert_eq!(code, expected, "{kind}");
+        assert!(seen.insert(c));
+    }
+}

@@ -1,0 +1,248 @@
+//! Test harness: a real broker process (tansu), pipeline processes, topic readers,
+//! and the offline reference the pipeline's twins must match.
+//!
+//! Waiting is always for a condition (a port answering, a record count, a log line)
+//! with a deadline; never a bare sleep standing in for synchronisation.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use twinguard::config::Config;
+pub use twinguard::testkit::Broker;
+use twinguard::kafka::{self, NewTopicSpec};
+use twinguard::sim::{SimConfig, SimRecord, Simulator};
+use twinguard_operators::{Operator, Output, TwinConfig, TwinOperator};
+use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
+
+/// How long any single wait may take before the test fails (generous: the machine
+/// is shared and debug builds are slow).
+pub const WAIT: Duration = Duration::from_secs(180);
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A directory for one test's files (configs, logs); kept for post-mortems.
+pub fn scratch(name: &str) -> PathBuf {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("twinguard-it-{}-{name}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Create the pipeline's four topics (changelog partitioned like the input).
+pub fn create_topics(cfg: &Config) {
+    let n = cfg.topics.partitions;
+    let specs: Vec<NewTopicSpec> = [
+        (&cfg.topics.input, false),
+        (&cfg.topics.verdicts, false),
+        (&cfg.topics.dlq, false),
+        (&cfg.topics.changelog, true),
+    ]
+    .into_iter()
+    .map(|(t, compact)| NewTopicSpec { name: t.clone(), partitions: n, compact })
+    .collect();
+    kafka::create_topics(cfg, &specs).unwrap();
+}
+
+/// Write `cfg` as a TOML file the `twinguard` binary can read.
+pub fn write_config(dir: &Path, name: &str, cfg: &Config) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, toml::to_string(cfg).unwrap()).unwrap();
+    p
+}
+
+/// A `twinguard run` process.
+pub struct PipelineProc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    /// Log lines already consumed by [`wait_log`](Self::wait_log).
+    cursor: usize,
+}
+
+impl PipelineProc {
+    pub fn start(dir: &Path, name: &str, config: &Path) -> PipelineProc {
+        let log = dir.join(format!("{name}.log"));
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("start twinguard");
+        PipelineProc { child: Some(child), log, cursor: 0 }
+    }
+
+    /// SIGKILL: no chance to flush or commit.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let ok = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap().success();
+            assert!(ok, "could not signal the pipeline");
+            let deadline = Instant::now() + WAIT;
+            loop {
+                if let Some(status) = c.try_wait().unwrap() {
+                    assert!(status.success(), "pipeline exited with {status}; log: {}", self.log_text());
+                    return;
+                }
+                assert!(Instant::now() < deadline, "pipeline did not stop; log: {}", self.log_text());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait for the next log line (after the ones already returned) containing every
+    /// needle; returns it.
+    pub fn wait_log(&mut self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = self.log_text();
+            let found = text.lines().enumerate().skip(self.cursor).find(|(_, l)| needles.iter().all(|n| l.contains(n)));
+            if let Some((i, line)) = found {
+                self.cursor = i + 1;
+                return line.to_string();
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Some(st) = c.try_wait().unwrap() {
+                    panic!("pipeline exited ({st}) while waiting for {needles:?}; log:\n{}", self.log_text());
+                }
+            }
+            assert!(Instant::now() < deadline, "no log line with {needles:?}; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for PipelineProc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads a topic from the beginning (all partitions).
+pub struct Reader {
+    consumer: BaseConsumer,
+    pub records: Vec<OwnedMessage>,
+}
+
+impl Reader {
+    pub fn new(cfg: &Config, topic: &str) -> Reader {
+        let n = kafka::partition_count(cfg, topic).unwrap().unwrap_or_else(|| panic!("topic {topic} missing"));
+        let mut c = kafka::base_client(cfg);
+        c.set("group.id", "it-reader").set("enable.auto.commit", "false");
+        let consumer: BaseConsumer = c.create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..n as i32 {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        Reader { consumer, records: Vec::new() }
+    }
+
+    /// Poll until `done(records)` holds; panics after [`WAIT`].
+    pub fn until(&mut self, what: &str, mut done: impl FnMut(&[OwnedMessage]) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done(&self.records) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what} ({} records read)", self.records.len());
+            if let Some(r) = self.consumer.poll(Duration::from_millis(100)) {
+                self.records.push(r.unwrap().detach());
+            }
+        }
+    }
+
+    /// Read everything up to the current end of every partition.
+    pub fn drain_to_end(&mut self, cfg: &Config, topic: &str) {
+        let n = kafka::partition_count(cfg, topic).unwrap().unwrap();
+        let mut ends = HashMap::new();
+        for p in 0..n as i32 {
+            ends.insert(p, self.consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1);
+        }
+        self.until("the end of the topic", |recs| {
+            ends.iter().all(|(p, hi)| *hi == 0 || recs.iter().any(|r| r.partition() == *p && r.offset() + 1 >= *hi))
+        });
+    }
+}
+
+/// Simulated records with a fixed start time (same bytes every run).
+pub fn sim_records(devices: usize, events: usize, seed: u64, malformed_rate: f64) -> Vec<SimRecord> {
+    let mut sc = SimConfig::new(devices, events, seed);
+    sc.start_ms = chrono::Utc::now().timestamp_millis() / 3_600_000 * 3_600_000 - 2 * 86_400_000;
+    sc.malformed_rate = malformed_rate;
+    Simulator::new(sc).collect()
+}
+
+pub fn produce(cfg: &Config, recs: &[SimRecord]) -> Vec<(i32, i64)> {
+    twinguard::produce::produce_all(cfg, &cfg.topics.input, recs.iter().map(|r| (r.key.clone(), r.payload.clone())), None, |_, _| {}).unwrap()
+}
+
+/// The twins an uninterrupted, offline run over the same records produces, as
+/// changelog bytes per device.
+pub fn reference_twins(cfg: &Config, recs: &[SimRecord], coords: &[(i32, i64)]) -> BTreeMap<String, Vec<u8>> {
+    let schema: EventSchema = cfg.event_schema().unwrap();
+    let dec = Decoder::new(schema.clone(), DecodeLimits::default());
+    let mut op = TwinOperator::new(&schema, TwinConfig::default());
+    let mut order: Vec<usize> = (0..recs.len()).collect();
+    order.sort_by_key(|&i| coords[i]);
+    let raw: Vec<RawRecord<'_>> = order
+        .iter()
+        .map(|&i| RawRecord { partition: coords[i].0, offset: coords[i].1, key: Some(recs[i].key.as_bytes()), payload: Some(&recs[i].payload) })
+        .collect();
+    let out = dec.decode(&raw, chrono::Utc::now().timestamp_millis()).unwrap();
+    let mut o = Output::new();
+    op.process_batch(out.batch, &mut o).unwrap();
+    op.store().iter().map(|t| (t.device_id.clone(), t.encode())).collect()
+}
+
+/// Latest changelog value per key.
+pub fn changelog_twins(cfg: &Config) -> BTreeMap<String, Vec<u8>> {
+    let mut r = Reader::new(cfg, &cfg.topics.changelog);
+    r.drain_to_end(cfg, &cfg.topics.changelog);
+    let mut m = BTreeMap::new();
+    for rec in &r.records {
+        let k = String::from_utf8(rec.key().unwrap().to_vec()).unwrap();
+        match rec.payload() {
+            Some(v) => m.insert(k, v.to_vec()),
+            None => m.remove(&k),
+        };
+    }
+    m
+}
+
+/// `(partition, offset)` → verdict payloads seen for it.
+pub fn verdicts_by_coords(recs: &[OwnedMessage]) -> HashMap<(i32, i64), Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut m: HashMap<(i32, i64), Vec<(Vec<u8>, Vec<u8>)>> = HashMap::new();
+    for r in recs {
+        let v: twinguard_schemas::verdict::Verdict = serde_json::from_slice(r.payload().unwrap()).unwrap();
+        m.entry((v.source.partition, v.source.offset)).or_default().push((r.key().unwrap().to_vec(), r.payload().unwrap().to_vec()));
+    }
+    m
+}
+
+pub fn append(path: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
