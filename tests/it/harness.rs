@@ -74,7 +74,7 @@ impl PipelineProc {
         let child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
             .args(["run", "--config"])
             .arg(config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("TWINGUARD_IT_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(f)
@@ -153,7 +153,7 @@ impl Reader {
     pub fn new(cfg: &Config, topic: &str) -> Reader {
         let n = kafka::partition_count(cfg, topic).unwrap().unwrap_or_else(|| panic!("topic {topic} missing"));
         let mut c = kafka::base_client(cfg);
-        c.set("group.id", "it-reader").set("enable.auto.commit", "false");
+        c.set("group.id", "it-reader").set("enable.auto.commit", "false").set("auto.offset.reset", "earliest");
         let consumer: BaseConsumer = c.create().unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..n as i32 {
@@ -164,14 +164,29 @@ impl Reader {
     }
 
     /// Poll until `done(records)` holds; panics after [`WAIT`].
-    pub fn until(&mut self, what: &str, mut done: impl FnMut(&[OwnedMessage]) -> bool) {
-        let deadline = Instant::now() + WAIT;
+    pub fn until(&mut self, what: &str, done: impl FnMut(&[OwnedMessage]) -> bool) {
+        assert!(self.try_until(WAIT, done), "timed out waiting for {what} ({} records read)", self.records.len());
+    }
+
+    /// Poll until `done(records)` holds (true) or `wait` passes (false). The condition
+    /// is evaluated once per drained burst of records, not per record.
+    pub fn try_until(&mut self, wait: Duration, mut done: impl FnMut(&[OwnedMessage]) -> bool) -> bool {
+        let deadline = Instant::now() + wait;
         while !done(&self.records) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what} ({} records read)", self.records.len());
-            if let Some(r) = self.consumer.poll(Duration::from_millis(100)) {
-                self.records.push(r.unwrap().detach());
+            if Instant::now() > deadline {
+                return false;
+            }
+            let mut timeout = Duration::from_millis(100);
+            for _ in 0..10_000 {
+                match self.consumer.poll(timeout) {
+                    Some(Ok(r)) => self.records.push(r.detach()),
+                    Some(Err(e)) => eprintln!("reader: {e}"),
+                    None => break,
+                }
+                timeout = Duration::ZERO;
             }
         }
+        true
     }
 
     /// Read everything up to the current end of every partition.
@@ -245,4 +260,31 @@ pub fn verdicts_by_coords(recs: &[OwnedMessage]) -> HashMap<(i32, i64), Vec<(Vec
 pub fn append(path: &Path, text: &str) {
     let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
     f.write_all(text.as_bytes()).unwrap();
+}
+
+/// Commit, for `to`'s group, the input offsets `from`'s group has committed.
+pub fn copy_committed_offsets(from: &Config, to: &Config) -> usize {
+    use rdkafka::consumer::CommitMode;
+    let n = kafka::partition_count(from, &from.topics.input).unwrap().unwrap() as i32;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..n {
+        tpl.add_partition(&from.topics.input, p);
+    }
+    let mut c = kafka::base_client(from);
+    c.set("group.id", &from.kafka.group_id).set("enable.auto.commit", "false");
+    let old: BaseConsumer = c.create().unwrap();
+    let committed = old.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let mut keep = TopicPartitionList::new();
+    for e in committed.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            keep.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o)).unwrap();
+        }
+    }
+    let mut c = kafka::base_client(to);
+    c.set("group.id", &to.kafka.group_id).set("enable.auto.commit", "false");
+    let new: BaseConsumer = c.create().unwrap();
+    if keep.count() > 0 {
+        new.commit(&keep, CommitMode::Sync).unwrap();
+    }
+    keep.count()
 }
