@@ -1,7 +1,7 @@
 //! Kafka plumbing: client configuration, topic set-up, acknowledgement tracking,
 //! and the changelog reader that restores twins.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -278,40 +278,34 @@ pub fn read_changelog(
     c.set("group.id", format!("{}.restore", cfg.kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "50");
     let consumer: BaseConsumer = c.create().map_err(|e| PipelineError::kafka("changelog reader", e))?;
-    let mut ends: HashMap<i32, i64> = HashMap::new();
+    // Every partition is read from the broker's log start until librdkafka reports
+    // its end (partition EOF). Watermarks are not used: tansu 0.6 was seen to report a
+    // high watermark below records it then served, which would end a restore early.
+    let mut pending: std::collections::BTreeSet<i32> = partitions.iter().copied().collect();
     let mut tpl = TopicPartitionList::new();
     for &p in partitions {
-        let (lo, hi) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .map_err(|e| PipelineError::kafka(&format!("watermarks of {topic}/{p}"), e))?;
-        if hi > lo {
-            ends.insert(p, hi);
-            tpl.add_partition_offset(topic, p, Offset::Offset(lo)).map_err(|e| PipelineError::kafka("assign", e))?;
-        }
-    }
-    if ends.is_empty() {
-        return Ok(read);
+        tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| PipelineError::kafka("assign", e))?;
     }
     consumer.assign(&tpl).map_err(|e| PipelineError::kafka("assign changelog", e))?;
     let deadline = Instant::now() + timeout;
-    while !ends.is_empty() {
+    while !pending.is_empty() {
         if Instant::now() > deadline {
-            let left: Vec<_> = ends.keys().collect();
-            return Err(PipelineError::Io(format!("restoring twins from `{topic}` timed out; partitions {left:?} incomplete")));
+            return Err(PipelineError::Io(format!("restoring twins from `{topic}` timed out; partitions {pending:?} incomplete")));
         }
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                pending.remove(&p);
+            }
             Some(Err(e)) => return Err(PipelineError::kafka(&format!("reading changelog `{topic}`"), e)),
             Some(Ok(m)) => {
                 let p = m.partition();
                 let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
                 f(p, &key, m.payload())?;
                 *read.entry(p).or_default() += 1;
-                if ends.get(&p).is_some_and(|&hi| m.offset() + 1 >= hi) {
-                    ends.remove(&p);
-                }
             }
         }
     }

@@ -61,7 +61,5 @@ fn kill_9_mid_stream_then_restart_loses_nothing() {
     let expected = reference_twins(&cfg, &recs, &coords);
     let got = changelog_twins(&cfg);
     assert_eq!(got.len(), expected.len(), "same devices");
-    for (k, v) in &expected {
-        assert_eq!(got.get(k).map(|g| String::from_utf8_lossy(g).into_owned()), Some(String::from_utf8_lossy(v).into_owned()), "twin {k}");
-    }
+    assert_twins_equal(&expected, &got);
 }

@@ -239,6 +239,10 @@ pub fn changelog_twins(cfg: &Config) -> BTreeMap<String, Vec<u8>> {
     let mut m = BTreeMap::new();
     for rec in &r.records {
         let k = String::from_utf8(rec.key().unwrap().to_vec()).unwrap();
+        if let Some(v) = rec.payload() {
+            let twin: serde_json::Value = serde_json::from_slice(v).unwrap();
+            assert_eq!(twin["partition"], rec.partition(), "changelog record of {k} at {}/{} sits in the wrong partition", rec.partition(), rec.offset());
+        }
         match rec.payload() {
             Some(v) => m.insert(k, v.to_vec()),
             None => m.remove(&k),
@@ -287,4 +291,25 @@ pub fn copy_committed_offsets(from: &Config, to: &Config) -> usize {
         new.commit(&keep, CommitMode::Sync).unwrap();
     }
     keep.count()
+}
+
+/// Compare twins (changelog bytes per device); on mismatch, name every differing
+/// device with its partition, event counts and last offsets.
+pub fn assert_twins_equal(expected: &BTreeMap<String, Vec<u8>>, got: &BTreeMap<String, Vec<u8>>) {
+    let summary = |b: &[u8]| {
+        let v: serde_json::Value = serde_json::from_slice(b).unwrap();
+        format!("partition {} events {} last_offset {}", v["partition"], v["events"], v["last_offset"])
+    };
+    let mut diffs = Vec::new();
+    for (k, v) in expected {
+        match got.get(k) {
+            None => diffs.push(format!("{k}: missing (expected {})", summary(v))),
+            Some(g) if g != v => diffs.push(format!("{k}: got {} / expected {}", summary(g), summary(v))),
+            Some(_) => {}
+        }
+    }
+    for k in got.keys().filter(|k| !expected.contains_key(*k)) {
+        diffs.push(format!("{k}: unexpected twin"));
+    }
+    assert!(diffs.is_empty(), "{} of {} twins differ from the uninterrupted reference:\n{}", diffs.len(), expected.len(), diffs.join("\n"));
 }

@@ -53,9 +53,7 @@ fn survivor_takes_over_partitions_with_twins_restored() {
     let expected = reference_twins(&cfg, &recs, &coords);
     let got = changelog_twins(&cfg);
     assert_eq!(got.len(), expected.len());
-    for (k, v) in &expected {
-        assert_eq!(got.get(k).map(|g| String::from_utf8_lossy(g).into_owned()), Some(String::from_utf8_lossy(v).into_owned()), "twin {k}");
-    }
+    assert_twins_equal(&expected, &got);
     // b's devices continued from b's state: their event counts span both halves.
     let by = verdicts_by_coords(&verdicts.records);
     assert!(by.values().all(|c| c.iter().all(|x| x == &c[0])), "duplicates only as exact repeats");
