@@ -10,16 +10,8 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 step() { printf '\n==> %s\n' "$*"; }
 
-missing=()
-for pkg in libssl-dev libsasl2-dev pkg-config; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-  step "installing Debian packages: ${missing[*]}"
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
-fi
+source scripts/deps.sh
+ensure_debian_packages "${BUILD_PACKAGES[@]}"
 
 if tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
   step "tansu 0.6.0 present"

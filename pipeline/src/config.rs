@@ -327,6 +327,16 @@ mod tests {
     }
 
     #[test]
+    fn example_config_loads_and_matches_defaults() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("twinguard.example.toml");
+        let c = Config::load(Some(&p), Vec::new()).unwrap();
+        let d = Config::default();
+        assert_eq!(c.topics.input, d.topics.input);
+        assert_eq!(c.batch.max_records, d.batch.max_records);
+        assert_eq!(c.state.warmup_events, d.state.warmup_events);
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let c = Config::load(None, Vec::new()).unwrap();
         assert_eq!(c.batch.max_records, 1000);
