@@ -40,3 +40,6 @@ impl PipelineError {
         PipelineError::Kafka { context: context.to_string(), source }
     }
 }
+
+#[cfg(test)]
+mod fault_tests;

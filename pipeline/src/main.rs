@@ -31,15 +31,8 @@ enum Command {
     /// Run everything in one process on an embedded broker with simulated devices
     /// and injected attacks; ends with a summary.
     Demo {
-        /// Simulated devices.
-        #[arg(long, default_value_t = 60)]
-        devices: usize,
-        /// Events to send in total.
-        #[arg(long, default_value_t = 60_000)]
-        events: usize,
-        /// Random seed of the simulator.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        sim: SimArgs,
         /// Partitions of the demo topics.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
@@ -55,14 +48,11 @@ enum Command {
     },
     /// Write simulated device telemetry (with attacks) into the input topic.
     Simulate {
+        /// Configuration file (TOML): brokers and the input topic.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        #[arg(long, default_value_t = 60)]
-        devices: usize,
-        #[arg(long, default_value_t = 60_000)]
-        events: usize,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
+        #[command(flatten)]
+        sim: SimArgs,
         /// Records per second (default: as fast as the broker takes them).
         #[arg(long)]
         rate: Option<f64>,
@@ -76,6 +66,7 @@ enum Command {
     /// Stream a dataset CSV (e.g. ../shared/datasets/wustl-ehms-2020/train.csv) into
     /// the input topic as events of the configured schema.
     Replay {
+        /// Configuration file (TOML): brokers, input topic and schema.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// CSV file, plain or .gz.
@@ -107,6 +98,20 @@ enum Command {
     },
 }
 
+/// The simulated hospital.
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Simulated devices (infusion pumps, monitors, oximeters, ventilators, ...).
+    #[arg(long, default_value_t = 60)]
+    devices: usize,
+    /// Events to send in total.
+    #[arg(long, default_value_t = 60_000)]
+    events: usize,
+    /// Random seed of the simulator (same seed, same devices and attacks).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
@@ -130,7 +135,7 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo { devices, events, seed, partitions } => {
+        Command::Demo { sim: SimArgs { devices, events, seed }, partitions } => {
             // Dead letters are counted in the summary; per-record lines would bury the progress.
             init_logs("warn,twinguard::telemetry=error");
             let summary = demo::run(&DemoOptions { devices, events, seed, partitions })?;
@@ -149,7 +154,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             run_until_signal(cfg)
         }
-        Command::Simulate { config, devices, events, seed, rate, topic, malformed_rate } => {
+        Command::Simulate { config, sim: SimArgs { devices, events, seed }, rate, topic, malformed_rate } => {
             init_logs("warn");
             let cfg = load_config(config.as_ref())?;
             let topic = topic.unwrap_or_else(|| cfg.topics.input.clone());

@@ -108,3 +108,81 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
     }
     Ok((out, stats))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twinguard_schemas::{DecodeLimits, Decoder, RawRecord, RejectCode};
+
+    fn dataset(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets").join(rel)
+    }
+
+    fn decode(schema: &EventSchema, recs: &[(String, Vec<u8>)]) -> (usize, Vec<twinguard_schemas::Reject>) {
+        let raw: Vec<RawRecord<'_>> = recs
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v))| RawRecord { partition: 0, offset: i as i64, key: Some(k.as_bytes()), payload: Some(v) })
+            .collect();
+        let out = Decoder::new(schema.clone(), DecodeLimits::default()).decode(&raw, chrono::Utc::now().timestamp_millis()).unwrap();
+        (out.batch.num_rows(), out.rejects)
+    }
+
+    #[test]
+    fn wustl_rows_become_valid_flow_vitals_events() {
+        let schema = EventSchema::builtin("wustl-flow-vitals/v1").unwrap();
+        let opts = ReplayOptions {
+            file: dataset("wustl-ehms-2020/train.csv"),
+            device_column: None,
+            devices: 1,
+            start_ms: 1_750_000_000_000,
+            interval_ms: 100,
+            limit: Some(3000),
+        };
+        let (recs, stats) = load(&schema, &opts).unwrap();
+        assert_eq!(stats.rows, 3000);
+        assert!(stats.values_absent > 0, "WUSTL's 0 = missing vitals are sent absent");
+        let (rows, rejects) = decode(&schema, &recs);
+        assert!(rejects.is_empty(), "{:?}", &rejects[..rejects.len().min(3)]);
+        assert_eq!(rows, 3000);
+        let first: serde_json::Value = serde_json::from_slice(&recs[0].1).unwrap();
+        assert_eq!(first["src_mac"], "84:3a:4b:0f:5b:94");
+        assert_eq!(first["label"], "0");
+        assert!(first.get("spo2").is_none(), "SpO2 0 in the CSV means not measured");
+    }
+
+    #[test]
+    fn ciciomt_rows_decode_and_infinite_rates_are_sent_absent() {
+        let schema = EventSchema::builtin("ciciomt-flow-window/v1").unwrap();
+        let opts = ReplayOptions {
+            file: dataset("ciciomt2024/train_sample.csv.gz"),
+            device_column: None,
+            devices: 16,
+            start_ms: 1_750_000_000_000,
+            interval_ms: 10,
+            limit: Some(5000),
+        };
+        let (recs, stats) = load(&schema, &opts).unwrap();
+        assert_eq!(stats.rows, 5000);
+        let (rows, rejects) = decode(&schema, &recs);
+        // Rows with empty required cells are not silently fixed: they are rejected,
+        // with the field named, when the pipeline decodes them.
+        assert!(rejects.iter().all(|r| r.code == RejectCode::MissingField), "{:?}", &rejects[..rejects.len().min(3)]);
+        assert_eq!(rows + rejects.len(), 5000);
+        assert!(rows > 4500, "{rows} of 5000 decode");
+        let with_inf_rate = recs.iter().filter(|(_, v)| !String::from_utf8_lossy(v).contains("\"rate\"")).count();
+        assert!(with_inf_rate > 0, "the sample's infinite Rate values are sent absent");
+    }
+
+    #[test]
+    fn a_missing_required_column_is_named() {
+        let dir = std::env::temp_dir().join(format!("tg-replay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("bad.csv");
+        std::fs::write(&f, "SrcBytes,DstBytes\n1,2\n").unwrap();
+        let schema = EventSchema::builtin("wustl-flow-vitals/v1").unwrap();
+        let opts = ReplayOptions { file: f, device_column: None, devices: 1, start_ms: 0, interval_ms: 1, limit: None };
+        let e = load(&schema, &opts).unwrap_err().to_string();
+        assert!(e.contains("SrcLoad") && e.contains("src_load"), "{e}");
+    }
+}

@@ -8,3 +8,4 @@ mod cli;
 mod crash;
 mod e2e;
 mod rebalance;
+mod replay;

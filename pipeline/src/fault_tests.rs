@@ -1,0 +1,86 @@
+//! Fault injection on the embedded mock cluster: when the broker refuses the
+//! pipeline's outputs, the pipeline stops without storing offsets past them, and a
+//! restart delivers every verdict.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::sim::{SimConfig, Simulator};
+use crate::{engine, kafka, produce, Metrics, PipelineError};
+
+fn committed(cfg: &Config, partitions: i32) -> Vec<Offset> {
+    let mut c = kafka::base_client(cfg);
+    c.set("group.id", &cfg.kafka.group_id);
+    let consumer: BaseConsumer = c.create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(&cfg.topics.input, p);
+    }
+    consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap().elements().iter().map(|e| e.offset()).collect()
+}
+
+#[test]
+fn refused_outputs_stop_the_pipeline_without_committing_and_a_restart_delivers_all() {
+    let mock = MockCluster::new(1).unwrap();
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = mock.bootstrap_servers();
+    cfg.kafka.group_id = "fault".into();
+    cfg.kafka.producer.insert("message.timeout.ms".into(), "5000".into());
+    cfg.topics.create = false;
+    cfg.batch.max_records = 50;
+    for t in [&cfg.topics.input, &cfg.topics.verdicts, &cfg.topics.dlq, &cfg.topics.changelog] {
+        mock.create_topic(t, 2, 1).unwrap();
+    }
+    let mut sc = SimConfig::new(8, 400, 3);
+    sc.malformed_rate = 0.0;
+    let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
+    let coords: HashSet<(i32, i64)> = produce::produce_all(&cfg, &cfg.topics.input, recs, None, |_, _| {}).unwrap().into_iter().collect();
+
+    // Every produce request from now on is refused (not retriable).
+    mock.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 200]);
+    let r = engine::run(&cfg, Arc::new(Metrics::default()), Arc::new(AtomicBool::new(false)));
+    match r {
+        Err(PipelineError::Fatal(msg)) => assert!(msg.contains("delivery") || msg.contains("produce"), "{msg}"),
+        other => panic!("expected a fatal delivery error, got {other:?}"),
+    }
+    assert!(committed(&cfg, 2).iter().all(|o| !matches!(o, Offset::Offset(_))), "no offset may be committed past a refused output");
+
+    // The broker recovers: a restart delivers a verdict for every event.
+    mock.clear_request_errors(RDKafkaApiKey::Produce);
+    let metrics = Arc::new(Metrics::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
+        std::thread::spawn(move || engine::run(&cfg, metrics, stop))
+    };
+    let mut c = kafka::base_client(&cfg);
+    c.set("group.id", "fault-reader");
+    let reader: BaseConsumer = c.create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition_offset(&cfg.topics.verdicts, p, Offset::Beginning).unwrap();
+    }
+    reader.assign(&tpl).unwrap();
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.len() < coords.len() {
+        assert!(Instant::now() < deadline, "only {} of {} verdicts after the restart", seen.len(), coords.len());
+        assert!(!handle.is_finished(), "pipeline stopped early");
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(100)) {
+            let v: twinguard_schemas::verdict::Verdict = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            seen.insert((v.source.partition, v.source.offset));
+        }
+    }
+    assert_eq!(seen, coords);
+    stop.store(true, Ordering::Relaxed);
+    handle.join().unwrap().unwrap();
+    assert!(committed(&cfg, 2).iter().all(|o| matches!(o, Offset::Offset(_))), "offsets committed after a clean stop");
+}
