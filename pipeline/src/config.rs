@@ -124,7 +124,7 @@ impl Default for BatchConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SchemaConfig {
-    /// Built-in schema (`wustl-flow-vitals/v1`, `ciciomt-flow-window/v1`).
+    /// Built-in schema (`wustl-flow-vitals/v1` when unset, `ciciomt-flow-window/v1`).
     pub name: Option<String>,
     /// Or a schema definition file (relative to the config file).
     pub file: Option<PathBuf>,
@@ -132,9 +132,12 @@ pub struct SchemaConfig {
 
 impl Default for SchemaConfig {
     fn default() -> Self {
-        SchemaConfig { name: Some("wustl-flow-vitals/v1".into()), file: None }
+        SchemaConfig { name: None, file: None }
     }
 }
+
+/// The schema read when neither `schema.name` nor `schema.file` is set.
+pub const DEFAULT_SCHEMA: &str = "wustl-flow-vitals/v1";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -222,10 +225,8 @@ impl Config {
         }
         chrono::DateTime::parse_from_rfc3339(&self.decode.min_event_time)
             .map_err(|e| format!("key `decode.min_event_time`: not RFC 3339: {e}"))?;
-        match (&self.schema.name, &self.schema.file) {
-            (Some(_), Some(_)) => return Err("set only one of `schema.name` and `schema.file`".into()),
-            (None, None) => return Err("set `schema.name` (a built-in schema) or `schema.file`".into()),
-            _ => {}
+        if self.schema.name.is_some() && self.schema.file.is_some() {
+            return Err("set only one of `schema.name` and `schema.file`".into());
         }
         self.state.validate().map_err(|e| format!("key `{e}"))?;
         for (section, props) in [("properties", &self.kafka.properties), ("consumer", &self.kafka.consumer), ("producer", &self.kafka.producer)] {
@@ -243,9 +244,10 @@ impl Config {
     /// The event schema this pipeline reads.
     pub fn event_schema(&self) -> Result<EventSchema, PipelineError> {
         let s = match (&self.schema.name, &self.schema.file) {
-            (_, Some(f)) => EventSchema::from_file(f),
+            (Some(_), Some(_)) => return Err(PipelineError::Config("set only one of `schema.name` and `schema.file`".into())),
+            (None, Some(f)) => EventSchema::from_file(f),
             (Some(n), None) => EventSchema::builtin(n),
-            (None, None) => return Err(PipelineError::Config("no schema configured".into())),
+            (None, None) => EventSchema::builtin(DEFAULT_SCHEMA),
         };
         s.map_err(|e| PipelineError::Config(format!("key `schema`: {e}")))
     }
@@ -336,6 +338,27 @@ mod tests {
         assert_eq!(c.topics.input, d.topics.input);
         assert_eq!(c.batch.max_records, d.batch.max_records);
         assert_eq!(c.state.warmup_events, d.state.warmup_events);
+    }
+
+    #[test]
+    fn a_new_schema_is_a_file_plus_a_config_line() {
+        let dir = std::env::temp_dir().join(format!("twinguard-schema-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("pump.v2.toml"),
+            "name = \"infusion-pump\"\nversion = 2\n[[fields]]\nname = \"flow_rate\"\ntype = \"f64\"\nrole = \"metric\"\nrequired = true\nmin = 0.0\nmax = 1200.0\n",
+        )
+        .unwrap();
+        let cfg_path = dir.join("pipeline.toml");
+        std::fs::write(&cfg_path, "[schema]\nfile = \"pump.v2.toml\"\n").unwrap();
+        let c = Config::load(Some(&cfg_path), Vec::new()).unwrap();
+        assert_eq!(c.event_schema().unwrap().id(), "infusion-pump/v2", "file is relative to the config file");
+        std::fs::write(&cfg_path, "[schema]\nname = \"wustl-flow-vitals/v1\"\nfile = \"pump.v2.toml\"\n").unwrap();
+        let e = Config::load(Some(&cfg_path), Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("only one of"), "{e}");
+        std::fs::write(&cfg_path, "[schema]\nfile = \"missing.toml\"\n").unwrap();
+        let e = Config::load(Some(&cfg_path), Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("missing.toml"), "{e}");
     }
 
     #[test]

@@ -257,6 +257,20 @@ pub fn create_topics(cfg: &Config, topics: &[NewTopicSpec]) -> Result<(), Pipeli
     Ok(())
 }
 
+/// Context of the changelog reader: partition EOF is how a restore knows it is done,
+/// not an error worth logging (librdkafka also reports it on the main queue).
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "changelog reader error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for RestoreContext {}
+
 /// Read changelog partitions from the beginning to their current end, calling `f`
 /// for every record (key, value; `None` = tombstone). Returns records read per
 /// partition. Fails after `timeout` with the partitions still incomplete.
@@ -280,7 +294,8 @@ pub fn read_changelog(
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "50");
-    let consumer: BaseConsumer = c.create().map_err(|e| PipelineError::kafka("changelog reader", e))?;
+    let consumer: BaseConsumer<RestoreContext> =
+        c.create_with_context(RestoreContext).map_err(|e| PipelineError::kafka("changelog reader", e))?;
     // Every partition is read from the broker's log start until librdkafka reports
     // its end (partition EOF). Watermarks are not used: tansu 0.6 was seen to report a
     // high watermark below records it then served, which would end a restore early.

@@ -39,3 +39,29 @@ fn replayed_wustl_rows_each_get_a_labelled_verdict() {
     assert_eq!(labels.len(), 2000);
     assert!(labels.iter().all(|l| l == "0" || l == "1"));
 }
+
+#[test]
+fn simulate_writes_the_requested_events_keyed_by_device() {
+    let dir = scratch("simulate");
+    let broker = Broker::start(&dir);
+    let cfg = broker.config("simulate");
+    create_topics(&cfg);
+    let path = write_config(&dir, "pipeline", &cfg);
+    let out = Command::new(env!("CARGO_BIN_EXE_twinguard"))
+        .args(["simulate", "--config"])
+        .arg(&path)
+        .args(["--devices", "7", "--events", "700", "--malformed-rate", "0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut input = Reader::new(&cfg, &cfg.topics.input);
+    input.until("700 simulated events", |r| r.len() >= 700);
+    input.drain_to_end(&cfg, &cfg.topics.input);
+    assert_eq!(input.records.len(), 700);
+    let devices: std::collections::HashSet<Vec<u8>> = input.records.iter().map(|r| rdkafka::Message::key(r).unwrap().to_vec()).collect();
+    assert_eq!(devices.len(), 7);
+    for r in &input.records {
+        let v: serde_json::Value = serde_json::from_slice(rdkafka::Message::payload(r).unwrap()).unwrap();
+        assert_eq!(v["device_id"].as_str().unwrap().as_bytes(), rdkafka::Message::key(r).unwrap());
+    }
+}
