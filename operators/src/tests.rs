@@ -3,6 +3,8 @@
 
 use arrow::array::{Array, BooleanArray, Float64Array, StringArray};
 use arrow::record_batch::RecordBatch;
+use std::collections::HashMap;
+
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 use twinguard_schemas::decode::event_object;
@@ -122,20 +124,28 @@ fn twin_memory_is_within_two_kib() {
 }
 
 #[test]
-fn idle_twins_expire_and_max_twins_holds() {
+fn idle_twins_expire_and_max_twins_holds_but_only_once_durable() {
     let cfg = TwinConfig { idle_ttl_secs: 60, max_twins: 3, ..TwinConfig::default() };
     let mut op = TwinOperator::new(&schema(), cfg);
     let evs: Vec<_> = (0..5).map(|i| (0, i as i64, event(&format!("d{i}"), i as i64 * 10, 1.0))).collect();
     run(&mut op, batch(&evs));
     op.drain_changelog();
-    // Newest event at t=40 s: nothing idle > 60 s; the cap evicts the two oldest.
-    assert_eq!(op.expire(), 2);
+    // Nothing is committed yet: a replay could re-read every event, so nothing goes.
+    assert_eq!(op.expire(&HashMap::new()), 0);
+    // Only d0 (offset 0) is committed: the cap of 3 wants two evictions, gets one.
+    assert_eq!(op.expire(&HashMap::from([(0, 1)])), 1);
+    assert_eq!(op.store().len(), 4);
+    // Everything committed; newest event at t=40 s, nothing idle > 60 s: the cap
+    // evicts the next oldest.
+    let durable = HashMap::from([(0, i64::MAX)]);
+    assert_eq!(op.expire(&durable), 1);
     assert_eq!(op.store().len(), 3);
     let tomb: Vec<_> = op.drain_changelog().into_iter().filter(|c| c.value.is_none()).map(|c| c.key).collect();
     assert_eq!(tomb, vec!["d0", "d1"]);
     run(&mut op, batch(&[(0, 10, event("d4", 200, 1.0))]));
-    assert_eq!(op.expire(), 2, "d2 and d3 idle for more than 60 s of event time");
+    assert_eq!(op.expire(&durable), 2, "d2 and d3 idle for more than 60 s of event time");
     assert!(op.store().get(0, "d4").is_some());
+    assert_eq!(op.expire(&HashMap::from([(1, i64::MAX)])), 0, "partitions not owned are never touched");
 }
 
 proptest! {

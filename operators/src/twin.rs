@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use twinguard_schemas::verdict::verdict_arrow_schema;
 use twinguard_schemas::{EventSchema, FieldKind, Role, Transform};
 
-use crate::{EventTime, Operator, OperatorError, Output};
+use crate::{Operator, OperatorError, Output};
 
 /// Version of the twin's changelog encoding.
 pub const TWIN_FORMAT_VERSION: u32 = 1;
@@ -117,11 +117,17 @@ impl Baseline {
     /// Update; weight is `1/n` until that falls below `alpha` (exact mean/variance
     /// while warming up, exponential forgetting afterwards).
     fn update(&mut self, x: f64, alpha: f64) {
+        if !x.is_finite() {
+            return;
+        }
         self.n = self.n.saturating_add(1);
         let a = alpha.max(1.0 / f64::from(self.n));
         let d = x - self.mean;
         self.mean += a * d;
-        self.var = ((1.0 - a) * (f64::from(self.var) + a * d * d)) as f32;
+        // Kept finite (f32 range): a non-finite baseline could not round-trip the
+        // changelog and would block every restore.
+        let var = (1.0 - a) * (f64::from(self.var) + a * d * d);
+        self.var = if var.is_finite() { var.min(f64::from(f32::MAX)) as f32 } else { f32::MAX };
     }
 }
 
@@ -386,6 +392,14 @@ impl TwinOperator {
                         reason: format!("written for schema `{}`, this pipeline reads `{}`", t.schema, self.schema_id),
                     });
                 }
+                let m = self.layout.metrics.len();
+                let shape = (t.latest.len(), t.baselines.len(), t.properties.len());
+                if shape != (m, m + DERIVED, self.layout.properties.len()) {
+                    return Err(OperatorError::Restore {
+                        key: key.into(),
+                        reason: format!("its vectors {shape:?} do not fit schema `{}`", self.schema_id),
+                    });
+                }
                 Some(t)
             }
         };
@@ -411,13 +425,22 @@ impl TwinOperator {
     /// Expire twins idle (in event time) for longer than `idle_ttl_secs`, then evict
     /// the least recently seen twins above `max_twins`. Returns how many were removed;
     /// their tombstones come out of the next [`drain_changelog`](Self::drain_changelog).
-    pub fn expire(&mut self) -> usize {
+    ///
+    /// `durable` maps each partition this instance owns to its committed offset (the
+    /// next record a restart would read). Only those partitions are touched, and only
+    /// twins whose last applied event lies below that offset: a replay can never
+    /// re-read an event of a removed twin, so removal cannot change what a replay
+    /// produces. Twins not yet durable stay (the cap may be exceeded until they are).
+    pub fn expire(&mut self, durable: &HashMap<i32, i64>) -> usize {
         let ttl = i64::try_from(self.cfg.idle_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let removable = |p: i32, t: &Twin| durable.get(&p).is_some_and(|&next| t.last_offset < next);
         let mut removed = 0;
         for (p, map) in self.store.partitions.iter_mut() {
             let Some(&w) = self.store.watermarks.get(p) else { continue };
             let cutoff = w.saturating_sub(ttl);
-            let expired: Vec<String> = map.iter().filter(|(_, t)| t.last_seen_ms < cutoff).map(|(k, _)| k.clone()).collect();
+            let mut expired: Vec<String> =
+                map.iter().filter(|(_, t)| t.last_seen_ms < cutoff && removable(*p, t)).map(|(k, _)| k.clone()).collect();
+            expired.sort();
             for k in expired {
                 map.remove(&k);
                 self.dirty.remove(&(*p, k.clone()));
@@ -427,8 +450,12 @@ impl TwinOperator {
         }
         let total = self.store.len();
         if total > self.cfg.max_twins {
-            let mut all: Vec<(i64, i32, String)> =
-                self.store.iter().map(|t| (t.last_seen_ms, t.partition, t.device_id.clone())).collect();
+            let mut all: Vec<(i64, i32, String)> = self
+                .store
+                .iter()
+                .filter(|t| removable(t.partition, t))
+                .map(|t| (t.last_seen_ms, t.partition, t.device_id.clone()))
+                .collect();
             all.sort();
             for (_, p, k) in all.into_iter().take(total - self.cfg.max_twins) {
                 if let Some(m) = self.store.partitions.get_mut(&p) {
@@ -744,8 +771,4 @@ impl Operator for TwinOperator {
         Ok(())
     }
 
-    fn on_tick(&mut self, _now: EventTime, _out: &mut Output) -> Result<(), OperatorError> {
-        self.expire();
-        Ok(())
-    }
 }

@@ -25,7 +25,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, TopicPartitionList};
 use twinguard_operators::{ChangelogRecord, Operator, Output, TwinOperator};
@@ -37,8 +37,11 @@ use crate::kafka::{self, AckGroup, OutRecord, SinkProducer};
 use crate::telemetry::{self as ev, Metrics};
 use crate::PipelineError;
 
-/// Largest dead-letter value written; longer originals are truncated (and marked).
+/// Budget of a dead letter (key + headers + value), below librdkafka's default
+/// `message.max.bytes` (1,000,000); longer originals are truncated (and marked).
 const MAX_DLQ_VALUE: usize = 900 * 1024;
+/// Longest key kept in a dead letter.
+const MAX_DLQ_KEY: usize = 16 * 1024;
 
 /// Owned copy of a consumed record.
 struct Rec {
@@ -66,9 +69,6 @@ struct Core {
     op: TwinOperator,
     decoder: Decoder,
     buffers: BTreeMap<i32, PartBuf>,
-    /// Partitions revoked (eager protocol) whose twins are kept in case the next
-    /// assignment hands them straight back.
-    suspended: BTreeSet<i32>,
     owned: BTreeSet<i32>,
 }
 
@@ -84,6 +84,9 @@ struct Shared {
     fatal: Mutex<Option<String>>,
     inflight: Mutex<HashMap<i32, usize>>,
     inflight_cv: Condvar,
+    /// Committed input offsets (next record to read) per partition, as acknowledged
+    /// by the group coordinator: what a restart would resume from.
+    committed: Mutex<HashMap<i32, i64>>,
     core: Mutex<Core>,
     producer: SinkProducer,
     to_changelog: Mutex<Option<SyncSender<Job>>>,
@@ -140,6 +143,7 @@ impl Shared {
             let r = &recs[rej.index];
             ev::RecordRejected { partition, offset: r.offset, code: rej.code, reason: &rej.reason }.emit(&self.metrics);
             let mut payload = r.payload.clone().unwrap_or_default();
+            let mut key = r.key.clone().unwrap_or_default();
             let mut headers = vec![
                 (fields::DLQ_REASON, rej.reason.clone().into_bytes()),
                 (fields::DLQ_CODE, rej.code.as_str().as_bytes().to_vec()),
@@ -148,14 +152,21 @@ impl Shared {
                 (fields::DLQ_OFFSET, r.offset.to_string().into_bytes()),
                 (fields::DLQ_SCHEMA, self.schema_id.clone().into_bytes()),
             ];
-            if payload.len() > MAX_DLQ_VALUE {
+            // A dead letter must fit the broker's message size, whatever the input's
+            // key and value: an unsendable dead letter would stop the pipeline.
+            if key.len() > MAX_DLQ_KEY {
+                headers.push((fields::DLQ_TRUNCATED_KEY, key.len().to_string().into_bytes()));
+                key.truncate(MAX_DLQ_KEY);
+            }
+            let budget = MAX_DLQ_VALUE - key.len() - headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            if payload.len() > budget {
                 headers.push((fields::DLQ_TRUNCATED, payload.len().to_string().into_bytes()));
-                payload.truncate(MAX_DLQ_VALUE);
+                payload.truncate(budget);
             }
             outputs.push(OutRecord {
                 topic: self.dlq_topic.clone(),
                 partition: None,
-                key: r.key.clone().unwrap_or_default(),
+                key,
                 payload: Some(payload),
                 headers,
             });
@@ -281,19 +292,31 @@ impl ConsumerContext for SourceContext {
             Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => tracing::warn!(error = %e, "commit on revoke failed; the next owner may replay some records"),
         }
+        // The twins go with the partition: whoever owns it next (this instance
+        // included) restores them from the changelog, which now holds all of them.
         let mut core = s.core.lock().expect("core lock");
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         for p in &parts {
             core.buffers.remove(p);
             core.owned.remove(p);
-            if lost || cooperative {
-                core.op.store_mut().drop_partition(*p);
-            } else {
-                core.suspended.insert(*p);
-            }
+            core.op.store_mut().drop_partition(*p);
+            s.committed.lock().expect("committed lock").remove(p);
         }
         s.metrics.partitions_owned.store(core.owned.len() as i64, Ordering::Relaxed);
         s.metrics.ready.store(0, Ordering::Relaxed);
+    }
+
+    /// Remember what the coordinator acknowledged: idle expiry only removes twins
+    /// whose events lie below these offsets.
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        if result.is_err() {
+            return;
+        }
+        let mut c = self.shared.committed.lock().expect("committed lock");
+        for e in offsets.elements_for_topic(&self.shared.cfg.topics.input) {
+            if let rdkafka::Offset::Offset(o) = e.offset() {
+                c.insert(e.partition(), o);
+            }
+        }
     }
 
     /// Assign: restore the twins of newly owned partitions from the changelog before
@@ -309,11 +332,7 @@ impl ConsumerContext for SourceContext {
         let parts = input_partitions(tpl, &s.cfg.topics.input);
         ev::Rebalanced { kind: "assign", partitions: &parts }.emit(&s.metrics);
         let mut core = s.core.lock().expect("core lock");
-        let suspended = std::mem::take(&mut core.suspended);
-        for p in suspended.iter().filter(|p| !parts.contains(p)) {
-            core.op.store_mut().drop_partition(*p);
-        }
-        let fresh: Vec<i32> = parts.iter().copied().filter(|p| !suspended.contains(p)).collect();
+        let fresh: Vec<i32> = parts.iter().copied().filter(|p| !core.owned.contains(p)).collect();
         if let Err(e) = s.restore(&mut core, &fresh) {
             s.fail(format!("restoring twins of partitions {fresh:?}: {e}"));
             return;
@@ -353,11 +372,11 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
         fatal: Mutex::new(None),
         inflight: Mutex::new(HashMap::new()),
         inflight_cv: Condvar::new(),
+        committed: Mutex::new(HashMap::new()),
         core: Mutex::new(Core {
             op: TwinOperator::new(&schema, cfg.state.clone()),
             decoder: Decoder::new(schema.clone(), cfg.decode_limits()),
             buffers: BTreeMap::new(),
-            suspended: BTreeSet::new(),
             owned: BTreeSet::new(),
         }),
         producer,
@@ -430,6 +449,10 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             core.buffers.values().map(|b| linger.saturating_sub(b.opened.elapsed())).min().unwrap_or(Duration::from_millis(100))
         };
         let polled = consumer.poll(timeout.max(Duration::from_millis(1)));
+        if s.failed() {
+            // A callback inside poll failed (e.g. a restore): process nothing more.
+            break;
+        }
         let mut core = s.core.lock().expect("core lock");
         match polled {
             None => {}
@@ -452,14 +475,22 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
         }
         if last_expiry.elapsed() >= expiry_every {
             last_expiry = Instant::now();
-            let mut out = Output::new();
-            let before = core.op.store().len();
-            core.op.on_tick(chrono::Utc::now().timestamp_millis(), &mut out)?;
-            let expired = before - core.op.store().len();
+            let durable: HashMap<i32, i64> = {
+                let c = s.committed.lock().expect("committed lock");
+                core.owned.iter().filter_map(|p| c.get(p).map(|o| (*p, *o))).collect()
+            };
+            let expired = core.op.expire(&durable);
             ev::StateSampled { twins: core.op.store().len(), mem_bytes: core.op.store().mem_bytes(), expired }.emit(&s.metrics);
             if expired > 0 {
-                let changelog = core.op.drain_changelog();
-                s.dispatch(None, None, Vec::new(), changelog)?;
+                // One job per partition, counted in flight like a batch, so a revoke
+                // waits for its tombstones too.
+                let mut by_partition: BTreeMap<i32, Vec<ChangelogRecord>> = BTreeMap::new();
+                for rec in core.op.drain_changelog() {
+                    by_partition.entry(rec.partition).or_default().push(rec);
+                }
+                for (p, recs) in by_partition {
+                    s.dispatch(Some(p), None, Vec::new(), recs)?;
+                }
             }
         }
     }
@@ -506,6 +537,8 @@ fn offsets_stage(s: &Shared, consumer: &BaseConsumer<SourceContext>, rx: Receive
                 Ok(()) => ev::OffsetsStored { partition: p, next_offset: next }.emit(&s.metrics),
                 Err(e) => tracing::warn!(partition = p, error = %e, "cannot store offset (partition revoked?)"),
             }
+        }
+        if let Some(p) = job.partition {
             s.inflight_done(p);
         }
     }

@@ -241,13 +241,10 @@ impl Decoder {
         match rec.key {
             Some(k) if k == device.as_bytes() => {}
             Some(k) => {
+                let shown: String = String::from_utf8_lossy(k).chars().take(fields::MAX_DEVICE_ID_LEN).collect();
                 return Err((
                     RejectCode::KeyMismatch,
-                    format!(
-                        "record key {:?} differs from device_id {:?}: records MUST be keyed by device id",
-                        String::from_utf8_lossy(k),
-                        device
-                    ),
+                    format!("record key {shown:?} differs from device_id {device:?}: records MUST be keyed by device id"),
                 ))
             }
             None => {

@@ -29,6 +29,8 @@ pub const DLQ_PARTITION: &str = "twinguard.dlq.partition";
 pub const DLQ_OFFSET: &str = "twinguard.dlq.offset";
 pub const DLQ_SCHEMA: &str = "twinguard.dlq.schema";
 pub const DLQ_TRUNCATED: &str = "twinguard.dlq.truncated";
+/// Set (to the original key length) when the dead letter's key was truncated.
+pub const DLQ_TRUNCATED_KEY: &str = "twinguard.dlq.truncated_key";
 
 /// Maximum length of a device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 128;
