@@ -201,7 +201,8 @@ impl Shared {
         }
         .emit(&self.metrics);
         let changelog = core.op.drain_changelog();
-        ev::StateSampled { twins: core.op.store().len(), mem_bytes: core.op.store().mem_bytes(), expired: 0 }.emit(&self.metrics);
+        // Twin count per batch (O(partitions)); memory is sampled at expiry ticks (O(twins)).
+        self.metrics.twins.store(core.op.store().len() as i64, Ordering::Relaxed);
         self.dispatch(Some(partition), Some(last + 1), outputs, changelog)
     }
 

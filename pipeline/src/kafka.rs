@@ -137,12 +137,18 @@ pub struct OutRecord {
 /// count `records.len()`). Waits while the producer queue is full (backpressure).
 pub fn send_all(producer: &SinkProducer, records: &[OutRecord], group: &Arc<AckGroup>, abort: &AtomicBool) {
     for r in records {
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-        for (k, v) in &r.headers {
-            headers = headers.insert(Header { key: k, value: Some(v.as_slice()) });
-        }
+        // Headers only where there are some (dead letters): an empty header list still
+        // costs an allocation and a copy per record in librdkafka.
+        let headers = (!r.headers.is_empty()).then(|| {
+            r.headers.iter().fold(OwnedHeaders::new_with_capacity(r.headers.len()), |h, (k, v)| {
+                h.insert(Header { key: k, value: Some(v.as_slice()) })
+            })
+        });
         loop {
-            let mut rec = BaseRecord::with_opaque_to(&r.topic, group.clone()).key(&r.key).headers(headers.clone());
+            let mut rec = BaseRecord::with_opaque_to(&r.topic, group.clone()).key(&r.key);
+            if let Some(h) = &headers {
+                rec = rec.headers(h.clone());
+            }
             if let Some(p) = &r.payload {
                 rec = rec.payload(p);
             }

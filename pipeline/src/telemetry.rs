@@ -144,10 +144,19 @@ pub struct StateSampled {
 }
 
 impl StateSampled {
+    /// Also the pipeline's periodic status line (every `batch.expiry_interval_secs`).
     pub fn emit(&self, m: &Metrics) {
-        if self.expired > 0 {
-            tracing::info!(expired = self.expired, twins = self.twins, "idle twins expired");
-        }
+        tracing::info!(
+            records_in = m.records_in.load(Relaxed),
+            verdicts = m.verdicts_out.load(Relaxed),
+            anomalies = m.anomalies.load(Relaxed),
+            dead_letters = m.dlq_out.load(Relaxed),
+            twins = self.twins,
+            twin_mem_bytes = self.mem_bytes,
+            expired = self.expired,
+            partitions = m.partitions_owned.load(Relaxed),
+            "status"
+        );
         m.twins.store(self.twins as i64, Relaxed);
         m.twin_mem_bytes.store(self.mem_bytes as i64, Relaxed);
         m.twins_expired.fetch_add(self.expired as u64, Relaxed);
