@@ -9,6 +9,11 @@ use arrow::array::{
     TimestampMillisecondBuilder,
 };
 use arrow::record_batch::RecordBatch;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::event::{EventSchema, FieldKind};
@@ -128,13 +133,24 @@ pub struct Decoder {
     arrow: arrow::datatypes::SchemaRef,
     limits: DecodeLimits,
     id: String,
+    /// JSON key → slot (see `SLOT_*`, then `FIRST_FIELD_SLOT + field index`).
+    index: HashMap<String, usize>,
 }
+
+const SLOT_SCHEMA: usize = 0;
+const SLOT_DEVICE: usize = 1;
+const SLOT_TIME: usize = 2;
+const FIRST_FIELD_SLOT: usize = 3;
 
 impl Decoder {
     pub fn new(schema: EventSchema, limits: DecodeLimits) -> Self {
         let arrow = schema.arrow_schema();
         let id = schema.id();
-        Decoder { schema, arrow, limits, id }
+        let mut index: HashMap<String, usize> = schema.fields.iter().enumerate().map(|(i, f)| (f.name.clone(), FIRST_FIELD_SLOT + i)).collect();
+        index.insert(fields::SCHEMA.into(), SLOT_SCHEMA);
+        index.insert(fields::DEVICE_ID.into(), SLOT_DEVICE);
+        index.insert(fields::EVENT_TIME.into(), SLOT_TIME);
+        Decoder { schema, arrow, limits, id, index }
     }
 
     pub fn schema(&self) -> &EventSchema {
@@ -207,11 +223,18 @@ impl Decoder {
                 format!("record is {} bytes, limit is {}", bytes.len(), self.limits.max_record_bytes),
             ));
         }
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| classify_json_error(bytes, &e))?;
-        let Value::Object(mut obj) = value else {
-            return Err((RejectCode::NotObject, format!("expected a JSON object, got {}", kind_of(&value))));
-        };
-        if let Some(claim) = obj.get(fields::SCHEMA) {
+        // One pass over the bytes: the values of known keys land in their slots,
+        // unknown keys are skipped without building anything.
+        let mut slots: Vec<Option<Value>> = vec![None; FIRST_FIELD_SLOT + self.schema.fields.len()];
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let parsed = ObjectSeed { index: &self.index, slots: &mut slots }
+            .deserialize(&mut de)
+            .and_then(|r| de.end().map(|()| r))
+            .map_err(|e| classify_json_error(bytes, &e))?;
+        if let Err(kind) = parsed {
+            return Err((RejectCode::NotObject, format!("expected a JSON object, got {kind}")));
+        }
+        if let Some(claim) = &slots[SLOT_SCHEMA] {
             let ok = matches!(claim, Value::String(s) if *s == self.id || *s == self.schema.name);
             if !ok {
                 return Err((
@@ -220,7 +243,7 @@ impl Decoder {
                 ));
             }
         }
-        let device = match obj.remove(fields::DEVICE_ID) {
+        let device = match slots[SLOT_DEVICE].take() {
             None | Some(Value::Null) => {
                 return Err((RejectCode::MissingField, format!("missing required field `{}`", fields::DEVICE_ID)))
             }
@@ -254,7 +277,7 @@ impl Decoder {
                 ))
             }
         }
-        let t = match obj.get(fields::EVENT_TIME) {
+        let t = match &slots[SLOT_TIME] {
             None | Some(Value::Null) => {
                 return Err((RejectCode::MissingField, format!("missing required field `{}`", fields::EVENT_TIME)))
             }
@@ -271,8 +294,8 @@ impl Decoder {
                 ),
             ));
         }
-        for f in &self.schema.fields {
-            let cell = match obj.get(&f.name) {
+        for (i, f) in self.schema.fields.iter().enumerate() {
+            let cell = match &slots[FIRST_FIELD_SLOT + i] {
                 None | Some(Value::Null) if f.required => {
                     return Err((RejectCode::MissingField, format!("missing required field `{}`", f.name)))
                 }
@@ -296,7 +319,7 @@ impl Decoder {
                         check_range(&f.name, x as f64, f.min, f.max)?;
                         Cell::I(x)
                     }
-                    (FieldKind::String, Value::String(s)) => Cell::S(s.clone()),
+                    (FieldKind::String, Value::String(s)) => Cell::S(s.to_string()),
                     (kind, other) => {
                         return Err((
                             RejectCode::WrongType,
@@ -334,6 +357,83 @@ impl ColBuilder {
             ColBuilder::I(b) => std::sync::Arc::new(b.finish()),
             ColBuilder::S(b) => std::sync::Arc::new(b.finish()),
         }
+    }
+}
+
+/// Parses a JSON object, putting the values of known keys into their slots (last
+/// occurrence wins, as in a JSON map) and skipping unknown ones. A JSON value that is
+/// not an object yields `Ok(Err(kind))`.
+struct ObjectSeed<'a> {
+    index: &'a HashMap<String, usize>,
+    slots: &'a mut Vec<Option<Value>>,
+}
+
+impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {
+    type Value = Result<(), &'static str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ObjectSeed<'_> {
+    type Value = Result<(), &'static str>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+            match self.index.get(k.as_ref()) {
+                Some(&slot) => self.slots[slot] = Some(map.next_value::<Value>()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Err("an array"))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Err("null"))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Err("a boolean"))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Err("a number"))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Err("a number"))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Err("a number"))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Err("a string"))
+    }
+}
+
+/// An object key, borrowed from the input unless it had escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
