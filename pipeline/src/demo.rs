@@ -78,7 +78,7 @@ impl DemoSummary {
         let (n_all, k_all) = self.attacks.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         writeln!(out, "    {:<20}{k_all:>6} / {n_all:<6} {:>6.1} %", "all attacks", pct(k_all, n_all))?;
         writeln!(out, "normal events flagged (false positives): {k} / {n} = {:.2} %  ({} warm-up events not judged)", pct(k, n), self.warming_up)?;
-        writeln!(out, "(simulated devices and attacks; detection quality on real datasets is reported in models/RESULTS.md)")?;
+        writeln!(out, "(simulated devices and attacks: this shows the machinery at work, not detection quality on real traffic)")?;
         Ok(())
     }
 }
