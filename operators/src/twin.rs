@@ -770,5 +770,4 @@ impl Operator for TwinOperator {
         out.push(verdicts);
         Ok(())
     }
-
 }

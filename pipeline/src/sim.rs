@@ -154,7 +154,7 @@ struct Device {
     episode: Option<Episode>,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Vitals {
     temp: f64,
     spo2: f64,
@@ -197,7 +197,7 @@ impl Simulator {
                 let kind = AttackKind::ALL[rng.random_range(0..AttackKind::ALL.len())];
                 Episode { kind, after_events: rng.random_range(80..160), remaining: if kind == AttackKind::Flooding { 40 } else { 15 } }
             });
-            let d = Device {
+            let mut d = Device {
                 id: format!("{}-{}-{:03}", wards[i % wards.len()], kind.as_str().replace('_', "-"), i),
                 kind,
                 period: period * f(&mut rng),
@@ -220,9 +220,8 @@ impl Simulator {
                 },
                 sent: 0,
                 episode,
-                vitals_base: Vitals { temp: 0.0, spo2: 0.0, pulse: 0.0, sys: 0.0, dia: 0.0, resp: 0.0, st: 0.0 },
+                vitals_base: Vitals::default(),
             };
-            let mut d = d;
             d.vitals_base = d.vitals.clone();
             let first = cfg.start_ms + rng.random_range(0..d.period as i64);
             queue.push(Reverse((first, i)));

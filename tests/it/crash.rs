@@ -10,12 +10,9 @@ use crate::harness::*;
 
 #[test]
 fn kill_9_mid_stream_then_restart_loses_nothing() {
-    let dir = scratch("crash");
-    let broker = Broker::start(&dir);
-    let mut cfg = broker.config("crash");
+    let Setup { dir, broker: _broker, mut cfg } = Setup::new("crash");
     // Small batches: many commit points, so the kill lands between and inside them.
     cfg.batch.max_records = 50;
-    create_topics(&cfg);
     let recs = sim_records(30, 20_000, 5, 0.01);
     let coords = produce(&cfg, &recs);
     let valid: HashSet<(i32, i64)> =

@@ -13,10 +13,7 @@ use crate::harness::*;
 
 #[test]
 fn every_valid_event_gets_one_verdict_every_bad_record_one_dead_letter() {
-    let dir = scratch("e2e");
-    let broker = Broker::start(&dir);
-    let cfg = broker.config("e2e");
-    create_topics(&cfg);
+    let Setup { dir, broker: _broker, cfg } = Setup::new("e2e");
     let recs = sim_records(24, 4000, 11, 0.03);
     let coords = produce(&cfg, &recs);
     let valid: HashSet<(i32, i64)> =

@@ -37,6 +37,24 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// One test's world: a scratch directory, its own broker, and a pipeline
+/// configuration (topics prefixed by the test's name) whose topics exist.
+pub struct Setup {
+    pub dir: PathBuf,
+    pub broker: Broker,
+    pub cfg: Config,
+}
+
+impl Setup {
+    pub fn new(name: &str) -> Setup {
+        let dir = scratch(name);
+        let broker = Broker::start(&dir);
+        let cfg = broker.config(name);
+        create_topics(&cfg);
+        Setup { dir, broker, cfg }
+    }
+}
+
 /// Create the pipeline's four topics (changelog partitioned like the input).
 pub fn create_topics(cfg: &Config) {
     let n = cfg.topics.partitions;

@@ -16,10 +16,7 @@ fn assigned(line: &str) -> Vec<i32> {
 
 #[test]
 fn survivor_takes_over_partitions_with_twins_restored() {
-    let dir = scratch("rebalance");
-    let broker = Broker::start(&dir);
-    let cfg = broker.config("rebal");
-    create_topics(&cfg);
+    let Setup { dir, broker: _broker, cfg } = Setup::new("rebalance");
     let recs = sim_records(24, 12_000, 9, 0.0);
     let (first, second) = recs.split_at(6_000);
     let path = write_config(&dir, "pipeline", &cfg);

@@ -7,10 +7,7 @@ use crate::harness::*;
 
 #[test]
 fn replayed_wustl_rows_each_get_a_labelled_verdict() {
-    let dir = scratch("replay");
-    let broker = Broker::start(&dir);
-    let cfg = broker.config("replay");
-    create_topics(&cfg);
+    let Setup { dir, broker: _broker, cfg } = Setup::new("replay");
     let path = write_config(&dir, "pipeline", &cfg);
     let csv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/wustl-ehms-2020/train.csv");
     let out = Command::new(env!("CARGO_BIN_EXE_twinguard"))
@@ -42,10 +39,7 @@ fn replayed_wustl_rows_each_get_a_labelled_verdict() {
 
 #[test]
 fn simulate_writes_the_requested_events_keyed_by_device() {
-    let dir = scratch("simulate");
-    let broker = Broker::start(&dir);
-    let cfg = broker.config("simulate");
-    create_topics(&cfg);
+    let Setup { dir, broker: _broker, cfg } = Setup::new("simulate");
     let path = write_config(&dir, "pipeline", &cfg);
     let out = Command::new(env!("CARGO_BIN_EXE_twinguard"))
         .args(["simulate", "--config"])
