@@ -10,8 +10,11 @@
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
+pub mod detect;
+pub mod features;
 pub mod twin;
 
+pub use detect::Detector;
 pub use twin::{ChangelogRecord, Twin, TwinConfig, TwinOperator, TwinStore};
 
 /// Event time in milliseconds since the Unix epoch.
@@ -24,6 +27,10 @@ pub enum OperatorError {
     Arrow(#[from] arrow::error::ArrowError),
     #[error("input batch does not match the operator's schema: {0}")]
     Schema(String),
+    #[error("feature query: {0}")]
+    Features(String),
+    #[error("model: {0}")]
+    Model(#[from] twinguard_models::ModelError),
     #[error("cannot restore twin `{key}` from the changelog: {reason}")]
     Restore { key: String, reason: String },
 }

@@ -53,6 +53,9 @@ pub struct TwinConfig {
     pub idle_ttl_secs: u64,
     /// Upper bound on twins held by one instance.
     pub max_twins: usize,
+    /// Weight of a new observation in the short window (recent-behaviour) averages
+    /// that feed the feature SQL (`<metric>__win`).
+    pub window_alpha: f64,
 }
 
 impl Default for TwinConfig {
@@ -68,6 +71,7 @@ impl Default for TwinConfig {
             max_peers: 16,
             idle_ttl_secs: 24 * 3600,
             max_twins: 1_000_000,
+            window_alpha: 0.3,
         }
     }
 }
@@ -78,6 +82,9 @@ impl TwinConfig {
         let bad = |k: &str, why: &str| Err(format!("state.{k}: {why}"));
         if !(self.ewma_alpha > 0.0 && self.ewma_alpha < 1.0) {
             return bad("ewma_alpha", "must be in (0, 1)");
+        }
+        if !(self.window_alpha > 0.0 && self.window_alpha <= 1.0) {
+            return bad("window_alpha", "must be in (0, 1]");
         }
         if !(self.anomaly_threshold > 0.0 && self.anomaly_threshold.is_finite()) {
             return bad("anomaly_threshold", "must be a positive number");
@@ -169,6 +176,15 @@ pub struct Twin {
     pub latest: Vec<f64>,
     /// Baselines: one per metric, then inter-arrival time, then peer novelty.
     pub baselines: Vec<Baseline>,
+    /// Short-window average of each (transformed) metric over the device's recent
+    /// events, attacks included; NaN = never reported. Empty in twins written
+    /// before windows existed (filled on their next event).
+    #[serde(with = "nan_as_null_f32", default, skip_serializing_if = "Vec::is_empty")]
+    pub window: Vec<f32>,
+    /// Recurrent state of the LSTM detector (hidden ++ cell), stepped once per
+    /// event; empty until a model with an LSTM scores this device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lstm: Vec<f32>,
 }
 
 /// Twins are equal when their changelog encodings are (NaN-safe).
@@ -197,6 +213,8 @@ impl Twin {
             properties: vec![None; n_props],
             latest: vec![f64::NAN; n_metrics],
             baselines: vec![Baseline::default(); n_metrics + DERIVED],
+            window: vec![f32::NAN; n_metrics],
+            lstm: Vec::new(),
         }
     }
 
@@ -215,6 +233,8 @@ impl Twin {
             + self.properties.iter().flatten().map(s).sum::<usize>()
             + self.latest.capacity() * std::mem::size_of::<f64>()
             + self.baselines.capacity() * std::mem::size_of::<Baseline>()
+            + self.window.capacity() * std::mem::size_of::<f32>()
+            + self.lstm.capacity() * std::mem::size_of::<f32>()
     }
 
     /// Changelog value of this twin.
@@ -241,6 +261,17 @@ mod nan_as_null {
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
         Ok(Vec::<Option<f64>>::deserialize(d)?.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
+    }
+}
+
+/// Serialises NaN as JSON null and back, for f32 vectors.
+mod nan_as_null_f32 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        v.iter().map(|x| (!x.is_nan()).then_some(*x)).collect::<Vec<_>>().serialize(s)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        Ok(Vec::<Option<f32>>::deserialize(d)?.into_iter().map(|x| x.unwrap_or(f32::NAN)).collect())
     }
 }
 
@@ -276,6 +307,12 @@ impl TwinStore {
     }
     pub fn get(&self, partition: i32, device: &str) -> Option<&Twin> {
         self.partitions.get(&partition)?.get(device)
+    }
+    /// Mutable access for the operators that keep per-device state inside the twin
+    /// (the LSTM's recurrent state). The caller MUST only touch a twin whose event
+    /// it is processing in the same batch (it is then already marked for the changelog).
+    pub fn get_mut(&mut self, partition: i32, device: &str) -> Option<&mut Twin> {
+        self.partitions.get_mut(&partition)?.get_mut(device)
     }
     /// Every twin, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &Twin> {
@@ -333,6 +370,7 @@ pub struct TwinOperator {
     schema_id: String,
     in_schema: SchemaRef,
     out_schema: SchemaRef,
+    ctx_schema: SchemaRef,
     layout: Layout,
     store: TwinStore,
     dirty: BTreeSet<(i32, String)>,
@@ -357,6 +395,7 @@ impl TwinOperator {
             schema_id: schema.id(),
             in_schema: schema.arrow_schema(),
             out_schema: verdict_arrow_schema(),
+            ctx_schema: context_arrow_schema(&layout.metrics.iter().map(|m| m.1.clone()).collect::<Vec<_>>()),
             layout,
             store: TwinStore::default(),
             dirty: BTreeSet::new(),
@@ -394,7 +433,7 @@ impl TwinOperator {
                 }
                 let m = self.layout.metrics.len();
                 let shape = (t.latest.len(), t.baselines.len(), t.properties.len());
-                if shape != (m, m + DERIVED, self.layout.properties.len()) {
+                if shape != (m, m + DERIVED, self.layout.properties.len()) || !(t.window.is_empty() || t.window.len() == m) {
                     return Err(OperatorError::Restore {
                         key: key.into(),
                         reason: format!("its vectors {shape:?} do not fit schema `{}`", self.schema_id),
@@ -469,7 +508,7 @@ impl TwinOperator {
         removed
     }
 
-    fn apply_row(&mut self, b: &BatchCols<'_>, row: usize, out: &mut VerdictBuilder) {
+    fn apply_row(&mut self, b: &BatchCols<'_>, row: usize, out: &mut VerdictBuilder, ctx: Option<&mut ContextBuilder>) {
         let device = b.device.value(row);
         let partition = b.partition.value(row);
         let offset = b.offset.value(row);
@@ -560,6 +599,7 @@ impl TwinOperator {
                 Some(_) => {}
             }
         }
+        let behaviour = distance;
         if !drift.is_empty() {
             distance = distance.max(2.0 * cfg.anomaly_threshold);
         }
@@ -576,6 +616,10 @@ impl TwinOperator {
             };
             (name, z)
         });
+
+        if let Some(cb) = ctx {
+            cb.push(device, partition, offset, twin, &layout.metrics, &values, cfg, n_metrics, drift.len(), [behaviour, distance, score], warming);
+        }
 
         // Update the twin. Baselines learn only from events judged normal, winsorised,
         // so an attack cannot drag the device's notion of normal towards itself.
@@ -607,6 +651,14 @@ impl TwinOperator {
             let col = b.f64s[i];
             if !col.is_null(row) {
                 twin.latest[i] = col.value(row);
+            }
+        }
+        if twin.window.len() != n_metrics {
+            twin.window = vec![f32::NAN; n_metrics];
+        }
+        for (w, v) in twin.window.iter_mut().zip(&values) {
+            if let Some(x) = *v {
+                *w = if w.is_nan() { x as f32 } else { (f64::from(*w) + cfg.window_alpha * (x - f64::from(*w))) as f32 };
             }
         }
         for (i, (c, kind)) in layout.properties.iter().enumerate() {
@@ -746,6 +798,34 @@ impl Operator for TwinOperator {
     }
 
     fn process_batch(&mut self, batch: RecordBatch, out: &mut Output) -> Result<(), OperatorError> {
+        let (verdicts, _) = self.run_batch(&batch, false)?;
+        out.push(verdicts);
+        Ok(())
+    }
+}
+
+impl TwinOperator {
+    /// Apply a batch and also return, for every applied event, the snapshot of its
+    /// twin as it was before the event ([`context_schema`](Self::context_schema)):
+    /// the `twin` table of the feature SQL. Rows align with the verdict rows.
+    pub fn process_with_context(&mut self, batch: &RecordBatch) -> Result<(RecordBatch, RecordBatch), OperatorError> {
+        let (v, c) = self.run_batch(batch, true)?;
+        Ok((v, c.expect("context requested")))
+    }
+
+    /// Arrow schema of the per-event twin snapshot: `device_id`, `_partition`,
+    /// `_offset`; per metric `<m>__x` (this event's transformed value), `<m>__mean`,
+    /// `<m>__sd` (the device's baseline, null while it warms up), `<m>__prev` (the
+    /// device's previous value), `<m>__win` (its short-window average); then the
+    /// inter-arrival time `gap__x/__mean/__sd` (log1p ms), `rate_per_s`,
+    /// `events_seen`, `new_peer` (0/1), `drift_count`, `behaviour_distance` (the
+    /// metric-only distance, blind to identity), `twin_distance` (raised by identity
+    /// drift), `twin_score`, `warming_up`.
+    pub fn context_schema(&self) -> SchemaRef {
+        self.ctx_schema.clone()
+    }
+
+    fn run_batch(&mut self, batch: &RecordBatch, with_ctx: bool) -> Result<(RecordBatch, Option<RecordBatch>), OperatorError> {
         if batch.schema().fields() != self.in_schema.fields() {
             return Err(OperatorError::Schema(format!("expected the `{}` event schema", self.schema_id)));
         }
@@ -763,11 +843,135 @@ impl Operator for TwinOperator {
             f64_cols,
         };
         let mut vb = VerdictBuilder::new(batch.num_rows());
+        let mut cb = with_ctx.then(|| ContextBuilder::new(self.layout.metrics.len(), batch.num_rows()));
         for row in 0..batch.num_rows() {
-            self.apply_row(&cols, row, &mut vb);
+            self.apply_row(&cols, row, &mut vb, cb.as_mut());
         }
         let verdicts = vb.finish(self.out_schema.clone())?;
-        out.push(verdicts);
-        Ok(())
+        let ctx = cb.map(|c| c.finish(self.ctx_schema.clone())).transpose()?;
+        Ok((verdicts, ctx))
+    }
+}
+
+/// Column-name suffixes of the per-metric snapshot columns, in order.
+pub const CONTEXT_METRIC_SUFFIXES: [&str; 5] = ["__x", "__mean", "__sd", "__prev", "__win"];
+
+fn context_arrow_schema(metric_names: &[String]) -> SchemaRef {
+    use arrow::datatypes::{DataType, Field, Schema};
+    use twinguard_schemas::fields;
+    let mut f = vec![
+        Field::new(fields::DEVICE_ID, DataType::Utf8, false),
+        Field::new(fields::SRC_PARTITION, DataType::Int32, false),
+        Field::new(fields::SRC_OFFSET, DataType::Int64, false),
+    ];
+    for m in metric_names {
+        for suf in CONTEXT_METRIC_SUFFIXES {
+            f.push(Field::new(format!("{m}{suf}"), DataType::Float64, true));
+        }
+    }
+    for name in ["gap__x", "gap__mean", "gap__sd", "rate_per_s"] {
+        f.push(Field::new(name, DataType::Float64, true));
+    }
+    f.push(Field::new("events_seen", DataType::Int64, false));
+    for name in ["new_peer", "drift_count", "behaviour_distance", "twin_distance", "twin_score"] {
+        f.push(Field::new(name, DataType::Float64, true));
+    }
+    f.push(Field::new(fields::WARMING_UP, DataType::Boolean, false));
+    Arc::new(Schema::new(f))
+}
+
+/// Builds the per-event twin snapshot batch.
+struct ContextBuilder {
+    device: StringBuilder,
+    partition: Int32Builder,
+    offset: Int64Builder,
+    /// Per metric, one builder per [`CONTEXT_METRIC_SUFFIXES`] entry.
+    metrics: Vec<[Float64Builder; 5]>,
+    /// gap x/mean/sd, rate.
+    gap: [Float64Builder; 4],
+    events: Int64Builder,
+    /// new_peer, drift_count, behaviour_distance, twin_distance, twin_score.
+    tail: [Float64Builder; 5],
+    warming: BooleanBuilder,
+}
+
+impl ContextBuilder {
+    fn new(n_metrics: usize, n: usize) -> Self {
+        let fb = || Float64Builder::with_capacity(n);
+        ContextBuilder {
+            device: StringBuilder::with_capacity(n, n * 16),
+            partition: Int32Builder::with_capacity(n),
+            offset: Int64Builder::with_capacity(n),
+            metrics: (0..n_metrics).map(|_| std::array::from_fn(|_| fb())).collect(),
+            gap: std::array::from_fn(|_| fb()),
+            events: Int64Builder::with_capacity(n),
+            tail: std::array::from_fn(|_| fb()),
+            warming: BooleanBuilder::with_capacity(n),
+        }
+    }
+
+    /// Record the twin as it is before the event (`values`: the event's transformed
+    /// metrics, then gap, then peer novelty).
+    #[allow(clippy::too_many_arguments)]
+    fn push(
+        &mut self,
+        device: &str,
+        partition: i32,
+        offset: i64,
+        twin: &Twin,
+        metrics: &[(usize, String, Transform)],
+        values: &[Option<f64>],
+        cfg: &TwinConfig,
+        n_metrics: usize,
+        drift: usize,
+        scores: [f64; 3],
+        warming: bool,
+    ) {
+        let warm = cfg.warmup_events as u32;
+        let fin = |x: f64| x.is_finite().then_some(x);
+        self.device.append_value(device);
+        self.partition.append_value(partition);
+        self.offset.append_value(offset);
+        for (i, b) in self.metrics.iter_mut().enumerate() {
+            let bl = &twin.baselines[i];
+            let ready = bl.n >= warm;
+            b[0].append_option(values[i]);
+            b[1].append_option(ready.then_some(bl.mean));
+            b[2].append_option(ready.then(|| bl.sd(cfg)));
+            b[3].append_option(fin(twin.latest[i]).map(|x| metrics[i].2.apply(x)));
+            b[4].append_option(twin.window.get(i).map(|&w| f64::from(w)).and_then(fin));
+        }
+        let g = &twin.baselines[n_metrics];
+        let ready = g.n >= warm;
+        self.gap[0].append_option(values[n_metrics]);
+        self.gap[1].append_option(ready.then_some(g.mean));
+        self.gap[2].append_option(ready.then(|| g.sd(cfg)));
+        self.gap[3].append_value(twin.rate_per_s);
+        self.events.append_value(i64::try_from(twin.events).unwrap_or(i64::MAX));
+        self.tail[0].append_option(values[n_metrics + 1]);
+        self.tail[1].append_value(drift as f64);
+        for (b, x) in self.tail[2..].iter_mut().zip(scores) {
+            b.append_value(x);
+        }
+        self.warming.append_value(warming);
+    }
+
+    fn finish(mut self, schema: SchemaRef) -> Result<RecordBatch, OperatorError> {
+        let mut cols: Vec<arrow::array::ArrayRef> =
+            vec![Arc::new(self.device.finish()), Arc::new(self.partition.finish()), Arc::new(self.offset.finish())];
+        for b in &mut self.metrics {
+            for x in b.iter_mut() {
+                cols.push(Arc::new(x.finish()));
+            }
+        }
+        for x in &mut self.gap {
+            cols.push(Arc::new(x.finish()));
+        }
+        cols.push(Arc::new(self.events.finish()));
+        for x in &mut self.tail {
+            cols.push(Arc::new(x.finish()));
+        }
+        cols.push(Arc::new(self.warming.finish()));
+        Ok(RecordBatch::try_new(schema, cols)?)
     }
 }

@@ -27,6 +27,16 @@ pub struct Config {
     pub schema: SchemaConfig,
     pub decode: DecodeConfig,
     pub state: TwinConfig,
+    pub model: ModelConfig,
+}
+
+/// The trained detector to score with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Model artifact (a `twinguard train` output directory or its `model.json`),
+    /// relative to the config file. Unset: the twin's behavioural score alone.
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,6 +190,11 @@ impl Config {
         let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
             PipelineError::Config(format!("{origin}: key `{}`: {}", e.path(), e.inner()))
         })?;
+        if let (Some(p), Some(f)) = (path, cfg.model.path.as_ref()) {
+            if f.is_relative() {
+                cfg.model.path = Some(p.parent().unwrap_or(Path::new(".")).join(f));
+            }
+        }
         if let (Some(p), Some(f)) = (path, cfg.schema.file.as_ref()) {
             if f.is_relative() {
                 cfg.schema.file = Some(p.parent().unwrap_or(Path::new(".")).join(f));
@@ -250,6 +265,18 @@ impl Config {
             (None, None) => EventSchema::builtin(DEFAULT_SCHEMA),
         };
         s.map_err(|e| PipelineError::Config(format!("key `schema`: {e}")))
+    }
+
+    /// The detector this configuration asks for: the twin alone, or twin + model.
+    pub fn detector(&self, schema: &twinguard_schemas::EventSchema) -> Result<twinguard_operators::Detector, PipelineError> {
+        match &self.model.path {
+            None => Ok(twinguard_operators::Detector::twin_only(schema, self.state.clone())),
+            Some(p) => {
+                let a = twinguard_models::Artifact::load(p).map_err(|e| PipelineError::Config(format!("key `model.path`: {e}")))?;
+                twinguard_operators::Detector::with_model(schema, self.state.clone(), a)
+                    .map_err(|e| PipelineError::Config(format!("key `model.path`: {e}")))
+            }
+        }
     }
 
     pub fn decode_limits(&self) -> DecodeLimits {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, TopicPartitionList};
-use twinguard_operators::{ChangelogRecord, Operator, Output, TwinOperator};
+use twinguard_operators::{ChangelogRecord, Detector};
 use twinguard_schemas::verdict::verdicts_from_batch;
 use twinguard_schemas::{fields, Decoder, RawRecord};
 
@@ -66,7 +66,7 @@ struct Job {
 /// State touched by the core loop and the rebalance callbacks (same thread; the
 /// mutex is never contended, it only makes the sharing explicit and safe).
 struct Core {
-    op: TwinOperator,
+    op: Detector,
     decoder: Decoder,
     buffers: BTreeMap<i32, PartBuf>,
     owned: BTreeSet<i32>,
@@ -171,11 +171,9 @@ impl Shared {
                 headers,
             });
         }
-        let skipped_before = core.op.skipped();
-        let mut out = Output::new();
-        core.op.process_batch(decoded.batch, &mut out)?;
-        let batches = out.take();
-        twinguard_operators::check_output(&core.op, &batches);
+        let skipped_before = core.op.twin().skipped();
+        let (scored, _) = core.op.detect(&decoded.batch)?;
+        let batches = [scored];
         let mut verdicts = 0;
         let mut anomalies = 0;
         for b in &batches {
@@ -197,12 +195,12 @@ impl Shared {
             valid,
             verdicts,
             anomalies,
-            skipped: core.op.skipped() - skipped_before,
+            skipped: core.op.twin().skipped() - skipped_before,
         }
         .emit(&self.metrics);
-        let changelog = core.op.drain_changelog();
+        let changelog = core.op.twin_mut().drain_changelog();
         // Twin count per batch (O(partitions)); memory is sampled at expiry ticks (O(twins)).
-        self.metrics.twins.store(core.op.store().len() as i64, Ordering::Relaxed);
+        self.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
         self.dispatch(Some(partition), Some(last + 1), outputs, changelog)
     }
 
@@ -246,15 +244,15 @@ impl Shared {
         let started = Instant::now();
         let timeout = Duration::from_secs(self.cfg.batch.restore_timeout_secs);
         for &p in parts {
-            core.op.store_mut().drop_partition(p);
-            core.op.store_mut().ensure_partition(p);
+            core.op.twin_mut().store_mut().drop_partition(p);
+            core.op.twin_mut().store_mut().ensure_partition(p);
         }
         let op = &mut core.op;
         let read = kafka::read_changelog(&self.cfg, parts, timeout, |p, key, value| {
-            op.restore_record(p, key, value).map_err(PipelineError::from)
+            op.twin_mut().restore_record(p, key, value).map_err(PipelineError::from)
         })?;
         for (p, n) in read {
-            let twins = core.op.store().iter().filter(|t| t.partition == p).count();
+            let twins = core.op.twin().store().iter().filter(|t| t.partition == p).count();
             ev::TwinsRestored { partition: p, twins, records_read: n, millis: started.elapsed().as_millis() }.emit(&self.metrics);
         }
         Ok(())
@@ -299,7 +297,7 @@ impl ConsumerContext for SourceContext {
         for p in &parts {
             core.buffers.remove(p);
             core.owned.remove(p);
-            core.op.store_mut().drop_partition(*p);
+            core.op.twin_mut().store_mut().drop_partition(*p);
             s.committed.lock().expect("committed lock").remove(p);
         }
         s.metrics.partitions_owned.store(core.owned.len() as i64, Ordering::Relaxed);
@@ -340,7 +338,7 @@ impl ConsumerContext for SourceContext {
         }
         core.owned.extend(parts.iter().copied());
         s.metrics.partitions_owned.store(core.owned.len() as i64, Ordering::Relaxed);
-        s.metrics.twins.store(core.op.store().len() as i64, Ordering::Relaxed);
+        s.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
         s.metrics.ready.store(1, Ordering::Relaxed);
     }
 }
@@ -357,8 +355,9 @@ pub struct RunReport {
 /// stored past the failure; a restart replays from the last committed position).
 pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result<RunReport, PipelineError> {
     let schema = cfg.event_schema()?;
+    let detector = cfg.detector(&schema)?;
     let partitions = kafka::ensure_topics(cfg)?;
-    tracing::info!(input = %cfg.topics.input, partitions, schema = %schema.id(), "starting pipeline");
+    tracing::info!(input = %cfg.topics.input, partitions, schema = %schema.id(), model = detector.model_version().unwrap_or("none (twin behaviour only)"), "starting pipeline");
     let producer = kafka::create_producer(cfg)?;
     let (tx_cl, rx_cl) = sync_channel::<Job>(cfg.batch.max_inflight_batches);
     let (tx_off, rx_off) = sync_channel::<(Job, Arc<AckGroup>)>(cfg.batch.max_inflight_batches);
@@ -375,7 +374,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
         inflight_cv: Condvar::new(),
         committed: Mutex::new(HashMap::new()),
         core: Mutex::new(Core {
-            op: TwinOperator::new(&schema, cfg.state.clone()),
+            op: detector,
             decoder: Decoder::new(schema.clone(), cfg.decode_limits()),
             buffers: BTreeMap::new(),
             owned: BTreeSet::new(),
@@ -429,7 +428,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
     consumer.unsubscribe();
     let report = {
         let core = shared.core.lock().expect("core lock");
-        RunReport { twins: core.op.store().len(), twin_mem_bytes: core.op.store().mem_bytes() }
+        RunReport { twins: core.op.twin().store().len(), twin_mem_bytes: core.op.twin().store().mem_bytes() }
     };
     drop(consumer);
     if let Some(msg) = shared.fatal.lock().expect("fatal lock").clone() {
@@ -480,13 +479,13 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
                 let c = s.committed.lock().expect("committed lock");
                 core.owned.iter().filter_map(|p| c.get(p).map(|o| (*p, *o))).collect()
             };
-            let expired = core.op.expire(&durable);
-            ev::StateSampled { twins: core.op.store().len(), mem_bytes: core.op.store().mem_bytes(), expired }.emit(&s.metrics);
+            let expired = core.op.twin_mut().expire(&durable);
+            ev::StateSampled { twins: core.op.twin().store().len(), mem_bytes: core.op.twin().store().mem_bytes(), expired }.emit(&s.metrics);
             if expired > 0 {
                 // One job per partition, counted in flight like a batch, so a revoke
                 // waits for its tombstones too.
                 let mut by_partition: BTreeMap<i32, Vec<ChangelogRecord>> = BTreeMap::new();
-                for rec in core.op.drain_changelog() {
+                for rec in core.op.twin_mut().drain_changelog() {
                     by_partition.entry(rec.partition).or_default().push(rec);
                 }
                 for (p, recs) in by_partition {

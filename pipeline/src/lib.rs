@@ -2,17 +2,20 @@
 //! that runs the operators, the device simulator, dataset replay and the CLI.
 //!
 //! Architecture Invariant: this is the only crate that does I/O. It holds no
-//! detection or business rules: those live in `operators` (and later `models`).
+//! detection or business rules: those live in `operators` and `models` (`train`
+//! only orchestrates them over dataset files).
 
 pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod kafka;
+pub mod plots;
 pub mod produce;
 pub mod replay;
 pub mod sim;
 pub mod telemetry;
 pub mod testkit;
+pub mod train;
 
 pub use config::Config;
 pub use engine::{run, RunReport};

@@ -36,6 +36,13 @@ enum Command {
         /// Partitions of the demo topics.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
+        /// Score with this trained model (a `twinguard train` output directory);
+        /// default: train a small one on simulated traffic first.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Simulated events to train the demo model on.
+        #[arg(long, default_value_t = 30_000)]
+        train_events: usize,
     },
     /// Run the pipeline against a Kafka cluster until SIGINT/SIGTERM.
     Run {
@@ -86,16 +93,152 @@ enum Command {
         /// Replay at most this many rows.
         #[arg(long)]
         limit: Option<usize>,
+        /// Replay the rows in a seeded random order (as `train --split stratified` does).
+        #[arg(long)]
+        shuffle_seed: Option<u64>,
         #[arg(long)]
         rate: Option<f64>,
         #[arg(long)]
         topic: Option<String>,
+    },
+    /// Train the detector ensemble (random forest, SVM, LSTM, stacked with the twin's
+    /// behavioural score) on a labelled dataset; writes a versioned model artifact,
+    /// model card, held-out report and plots into --out.
+    ///
+    /// Features come from the schema's feature SQL (schemas/features/<schema>.sql),
+    /// run by DataFusion over each event batch joined with the twin snapshot: the
+    /// same query the stream runs. The held-out figures are computed by scoring the
+    /// test rows with the detector itself.
+    Train(TrainArgs),
+    /// Evaluate a trained model on its dataset's held-out rows (same split as in
+    /// training): per model and for the ensemble, detection rate, FPR, precision, F1,
+    /// ROC-AUC, PR-AUC, confusion matrix, per-class recall; writes report.json and
+    /// ROC / PR / confusion PNGs.
+    Eval {
+        /// Model directory (or its model.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// Dataset file (default: the one the model was trained on).
+        #[arg(long)]
+        dataset: Option<PathBuf>,
+        /// Where to write report.json and the plots (default: the model directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// List the built-in event schemas, or print one's definition.
     Schemas {
         /// Print this schema's fields.
         name: Option<String>,
     },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Labelled dataset CSV (plain or .gz), e.g. ../shared/datasets/wustl-ehms-2020/train.csv.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Event schema of the rows (`twinguard schemas` lists them).
+    #[arg(long, default_value = "wustl-flow-vitals/v1")]
+    schema: String,
+    /// Feature SQL file (default: the schema's shipped query, schemas/features/<name>.v<N>.sql).
+    #[arg(long, conflicts_with = "variant")]
+    features: Option<PathBuf>,
+    /// A shipped feature variant instead of the default, e.g. `identity` (adds the
+    /// twin's identity-drift feature; WUSTL).
+    #[arg(long)]
+    variant: Option<String>,
+    /// Output directory for the model artifact.
+    #[arg(long)]
+    out: PathBuf,
+    /// Split: temporal (stream order; for captures like WUSTL) or stratified
+    /// (per class, seeded; rows are also replayed in a seeded random order).
+    #[arg(long, value_enum, default_value = "temporal")]
+    split: twinguard::train::SplitKind,
+    /// Share of rows for training, then for validation (stacking and threshold); the rest is the test set.
+    #[arg(long, default_value_t = 0.6)]
+    train_frac: f64,
+    #[arg(long, default_value_t = 0.2)]
+    val_frac: f64,
+    /// Target false-positive rate: the decision threshold is set for it on validation normal rows.
+    #[arg(long, default_value_t = 0.01)]
+    target_fpr: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Devices the rows are spread over (round-robin; WUSTL is one monitored patient).
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
+    /// Event-time spacing of consecutive rows, in ms (as `twinguard replay`).
+    #[arg(long, default_value_t = 100)]
+    interval_ms: i64,
+    /// Use at most this many rows.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Random-forest trees.
+    #[arg(long, default_value_t = 100)]
+    trees: usize,
+    /// Largest SVM training sample (stratified subsample).
+    #[arg(long, default_value_t = 3000)]
+    svm_rows: usize,
+    /// LSTM training epochs.
+    #[arg(long, default_value_t = 15)]
+    lstm_epochs: usize,
+    /// LSTM hidden units.
+    #[arg(long, default_value_t = 16)]
+    lstm_hidden: usize,
+    /// Poisoning experiment: flip this fraction of the training labels first.
+    #[arg(long, default_value_t = 0.0)]
+    flip_labels: f64,
+    /// Screen the training labels for poisoning (out-of-fold disagreement) and relabel suspects.
+    #[arg(long)]
+    screen: bool,
+}
+
+impl TrainArgs {
+    fn job(self) -> Result<twinguard::train::TrainJob> {
+        use twinguard::train::{DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
+        let schema = EventSchema::builtin(&self.schema)?;
+        let feature_sql = match (&self.features, &self.variant) {
+            (Some(p), _) => std::fs::read_to_string(p).with_context(|| format!("reading feature SQL {}", p.display()))?,
+            (None, v) => twinguard_schemas::builtin_feature_sql(&schema.id(), v.as_deref())
+                .ok_or_else(|| anyhow::anyhow!("schema `{}` ships no feature SQL{}: pass --features FILE", schema.id(), v.as_ref().map_or(String::new(), |v| format!(" variant `{v}`"))))?
+                .to_string(),
+        };
+        if !(self.train_frac > 0.0 && self.val_frac > 0.0 && self.train_frac + self.val_frac < 1.0) {
+            anyhow::bail!("--train-frac and --val-frac must be positive and leave rows for the test set");
+        }
+        if !(0.0..0.5).contains(&self.flip_labels) {
+            anyhow::bail!("--flip-labels must be in [0, 0.5)");
+        }
+        if !(self.target_fpr > 0.0 && self.target_fpr < 1.0) {
+            anyhow::bail!("--target-fpr must be in (0, 1)");
+        }
+        let stratified = self.split == SplitKind::Stratified;
+        Ok(TrainJob {
+            dataset: DatasetSpec {
+                file: self.dataset,
+                schema: schema.id(),
+                devices: self.devices.max(1),
+                interval_ms: self.interval_ms,
+                limit: self.limit,
+                shuffle_seed: stratified.then_some(self.seed),
+            },
+            schema,
+            feature_sql,
+            twin: twinguard_operators::TwinConfig::default(),
+            split: SplitSpec { kind: self.split, train: self.train_frac, validation: self.val_frac, seed: self.seed },
+            opts: TrainOptions {
+                target_fpr: self.target_fpr,
+                seed: self.seed,
+                forest: twinguard_models::forest::ForestParams { trees: self.trees, seed: self.seed, ..Default::default() },
+                svm: twinguard_models::svm::SvmParams { max_train_rows: self.svm_rows, seed: self.seed, ..Default::default() },
+                lstm: twinguard_models::lstm::LstmParams { epochs: self.lstm_epochs, hidden: self.lstm_hidden, seed: self.seed, ..Default::default() },
+                flip_labels: self.flip_labels,
+                screen: self.screen,
+                screen_threshold: 0.2,
+            },
+            out: self.out,
+        })
+    }
 }
 
 /// The simulated hospital.
@@ -135,10 +278,10 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Demo { sim: SimArgs { devices, events, seed }, partitions } => {
+        Command::Demo { sim: SimArgs { devices, events, seed }, partitions, model, train_events } => {
             // Dead letters are counted in the summary; per-record lines would bury the progress.
             init_logs("warn,twinguard::telemetry=error");
-            let summary = demo::run(&DemoOptions { devices, events, seed, partitions })?;
+            let summary = demo::run(&DemoOptions { devices, events, seed, partitions, model, train_events })?;
             summary.print(&mut std::io::stdout())?;
             if summary.verdicts != summary.valid || summary.dlq != summary.malformed {
                 anyhow::bail!("the demo lost track of records: see the summary above");
@@ -166,7 +309,7 @@ fn real_main(cli: Cli) -> Result<()> {
             eprintln!("\nwrote {total} simulated events to `{topic}`");
             Ok(())
         }
-        Command::Replay { config, file, schema, device_column, devices, interval_ms, limit, rate, topic } => {
+        Command::Replay { config, file, schema, device_column, devices, interval_ms, limit, shuffle_seed, rate, topic } => {
             init_logs("warn");
             let cfg = load_config(config.as_ref())?;
             let schema = match schema {
@@ -175,7 +318,7 @@ fn real_main(cli: Cli) -> Result<()> {
             };
             let topic = topic.unwrap_or_else(|| cfg.topics.input.clone());
             let start_ms = chrono::Utc::now().timestamp_millis() - limit.unwrap_or(200_000) as i64 * interval_ms - 60_000;
-            let opts = ReplayOptions { file: file.clone(), device_column, devices, start_ms, interval_ms, limit };
+            let opts = ReplayOptions { file: file.clone(), device_column, devices, start_ms, interval_ms, limit, shuffle_seed };
             let (recs, stats) = replay::load(&schema, &opts).with_context(|| format!("reading {}", file.display()))?;
             let total = recs.len();
             produce::produce_all(&cfg, &topic, recs, rate, |sent, acked| eprint!("\r  sent {sent}/{total}, acknowledged {acked}   "))?;
@@ -186,6 +329,24 @@ fn real_main(cli: Cli) -> Result<()> {
                 schema.id(),
                 stats.values_absent
             );
+            Ok(())
+        }
+        Command::Train(args) => {
+            init_logs("warn");
+            let job = args.job()?;
+            let (artifact, report) = twinguard::train::run_train(&job, &mut |m| eprintln!("{m}"))?;
+            println!("{}", twinguard::train::render(&report));
+            println!("model {} in {}", artifact.version, job.out.display());
+            Ok(())
+        }
+        Command::Eval { model, dataset, out } => {
+            init_logs("warn");
+            let artifact = twinguard_models::Artifact::load(&model)?;
+            let twin = twinguard::train::twin_config_of(&artifact)?;
+            let out = out.unwrap_or_else(|| if model.is_dir() { model.clone() } else { model.parent().map(PathBuf::from).unwrap_or_default() });
+            let report = twinguard::train::run_eval(artifact, dataset, &twin, &out)?;
+            println!("{}", twinguard::train::render(&report));
+            println!("report.json, roc.png, pr.png, confusion.png written to {}", out.display());
             Ok(())
         }
         Command::Schemas { name } => {

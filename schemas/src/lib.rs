@@ -17,6 +17,19 @@ pub mod verdict;
 pub use decode::{DecodeLimits, DecodeOutput, Decoder, RawRecord, Reject, RejectCode};
 pub use event::{EventSchema, FieldDef, FieldKind, Role, Transform};
 
+/// Feature SQL shipped for the built-in schemas (`schemas/features/`): the default
+/// vector, and named variants (`identity`: adds the twin's identity-drift feature).
+const FEATURE_SQL: &[(&str, Option<&str>, &str)] = &[
+    ("wustl-flow-vitals/v1", None, include_str!("../features/wustl-flow-vitals.v1.sql")),
+    ("wustl-flow-vitals/v1", Some("identity"), include_str!("../features/wustl-flow-vitals.v1.identity.sql")),
+    ("ciciomt-flow-window/v1", None, include_str!("../features/ciciomt-flow-window.v1.sql")),
+];
+
+/// The shipped feature SQL of a built-in schema (`variant` None = the default).
+pub fn builtin_feature_sql(schema_id: &str, variant: Option<&str>) -> Option<&'static str> {
+    FEATURE_SQL.iter().find(|(id, v, _)| *id == schema_id && *v == variant).map(|(_, _, sql)| *sql)
+}
+
 /// Errors of the schema crate. Every message names the offending input.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {

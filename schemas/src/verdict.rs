@@ -22,6 +22,35 @@ use crate::fields;
 pub const VERDICT_VERSION: u32 = 1;
 /// Name of the detector that produced a v1 verdict.
 pub const DETECTOR_TWIN: &str = "twin_behaviour";
+/// Name of the detector when a trained model scores the event.
+pub const DETECTOR_ENSEMBLE: &str = "ensemble";
+
+/// Columns a model adds to the verdict batch, in order (all nullable).
+pub const MODEL_COLUMNS: [&str; 8] =
+    ["model_version", "ensemble_score", "threshold", "rf_score", "svm_score", "lstm_score", "twin_score", "attack_class"];
+
+/// Arrow fields of [`MODEL_COLUMNS`].
+pub fn model_columns() -> Vec<Field> {
+    MODEL_COLUMNS
+        .iter()
+        .map(|&n| Field::new(n, if n == "model_version" || n == "attack_class" { DataType::Utf8 } else { DataType::Float64 }, true))
+        .collect()
+}
+
+/// Per-model scores of a verdict scored by the ensemble.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelScores {
+    /// Stacked ensemble probability of attack.
+    pub ensemble: f64,
+    /// Random forest probability of attack.
+    pub rf: f64,
+    /// SVM decision value (positive = attack side).
+    pub svm: f64,
+    /// LSTM probability of attack (stepped on the device's recurrent state).
+    pub lstm: f64,
+    /// Twin behavioural score.
+    pub twin: f64,
+}
 
 /// Where the event came from: the deduplication key of its outputs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -56,6 +85,17 @@ pub struct Verdict {
     /// Ground truth passed through from replayed datasets, if the event had one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub label: Option<String>,
+    /// Version of the model that scored the event (`detector` = `ensemble`); then
+    /// `score` is the ensemble probability and `anomalous` means `score >= threshold`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub model_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub threshold: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub scores: Option<ModelScores>,
+    /// Most probable attack class, when the verdict is an attack.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub attack_class: Option<String>,
 }
 
 /// Arrow schema of the twin operator's verdict batches.
@@ -93,8 +133,16 @@ pub fn verdicts_from_batch(batch: &RecordBatch, topic: &str) -> Vec<Verdict> {
     let top_z = col::<Float64Array>(batch, 9);
     let drift = col::<StringArray>(batch, 10);
     let label = col::<StringArray>(batch, 11);
+    let model = (batch.num_columns() >= 12 + MODEL_COLUMNS.len()).then(|| {
+        (
+            col::<StringArray>(batch, 12),
+            [13, 14, 15, 16, 17, 18].map(|i| col::<Float64Array>(batch, i)),
+            col::<StringArray>(batch, 19),
+        )
+    });
     (0..batch.num_rows())
-        .map(|r| Verdict {
+        .map(|r| {
+            let mut v = Verdict {
             v: VERDICT_VERSION,
             device_id: dev.value(r).to_string(),
             event_time: fmt_ms(time.value(r)),
@@ -112,6 +160,28 @@ pub fn verdicts_from_batch(batch: &RecordBatch, topic: &str) -> Vec<Verdict> {
                 drift.value(r).split(',').map(str::to_string).collect()
             },
             label: (!label.is_null(r)).then(|| label.value(r).to_string()),
+            model_version: None,
+            threshold: None,
+            scores: None,
+            attack_class: None,
+        };
+            if let Some((ver, f, class)) = &model {
+                if !ver.is_null(r) {
+                    v.detector = DETECTOR_ENSEMBLE.to_string();
+                    v.model_version = Some(ver.value(r).to_string());
+                    v.score = f[0].value(r);
+                    v.threshold = Some(f[1].value(r));
+                    v.scores = Some(ModelScores {
+                        ensemble: f[0].value(r),
+                        rf: f[2].value(r),
+                        svm: f[3].value(r),
+                        lstm: f[4].value(r),
+                        twin: f[5].value(r),
+                    });
+                    v.attack_class = (!class.is_null(r)).then(|| class.value(r).to_string());
+                }
+            }
+            v
         })
         .collect()
 }

@@ -37,7 +37,7 @@ fn invalid_config_fails_at_start_naming_the_key() {
 fn help_explains_the_commands() {
     let (ok, out) = twinguard(&["--help"], &[]);
     assert!(ok);
-    for cmd in ["demo", "run", "simulate", "replay", "schemas"] {
+    for cmd in ["demo", "run", "simulate", "replay", "train", "eval", "schemas"] {
         assert!(out.contains(cmd), "--help lists {cmd}: {out}");
     }
     let (ok, out) = twinguard(&["schemas"], &[]);
@@ -48,7 +48,7 @@ fn help_explains_the_commands() {
 /// (the mock cluster is allowed here: the demo is what runs on it).
 #[test]
 fn demo_accounts_for_every_record() {
-    let (ok, out) = twinguard(&["demo", "--devices", "12", "--events", "4000", "--partitions", "2"], &[]);
+    let (ok, out) = twinguard(&["demo", "--devices", "12", "--events", "4000", "--partitions", "2", "--train-events", "6000"], &[]);
     assert!(ok, "{out}");
     assert!(out.contains("one per valid event: yes"), "{out}");
     assert!(out.contains("one per malformed record: yes"), "{out}");

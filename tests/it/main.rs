@@ -6,6 +6,7 @@ mod harness;
 
 mod cli;
 mod crash;
+mod detect;
 mod e2e;
 mod rebalance;
 mod replay;

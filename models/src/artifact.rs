@@ -1,0 +1,90 @@
+//! The versioned model artifact: the trained ensemble plus everything needed to
+//! reproduce its input (event schema, feature SQL, twin settings) and its model card.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ensemble::Ensemble;
+use crate::ModelError;
+
+/// Artifact format version; loading refuses other versions.
+pub const ARTIFACT_FORMAT: u32 = 1;
+/// File name of the artifact inside its directory.
+pub const ARTIFACT_FILE: &str = "model.json";
+
+/// A trained detector, ready to load into the pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Artifact {
+    pub format: u32,
+    /// Unique model version (`<schema>-<UTC time>-<hash>`), carried by verdicts.
+    pub version: String,
+    /// Event schema (`name/vN`) the features are computed from.
+    pub schema: String,
+    /// The feature query (the SAME text runs in the stream).
+    pub feature_sql: String,
+    pub feature_names: Vec<String>,
+    /// Twin settings the features were computed with (the pipeline must run the same).
+    pub twin_config: serde_json::Value,
+    pub ensemble: Ensemble,
+    pub card: ModelCard,
+}
+
+/// What the model was trained on and how well it did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelCard {
+    pub dataset: String,
+    pub dataset_sha256: String,
+    pub rows: usize,
+    /// How rows were split (e.g. "temporal: train [0, 60 %), validation [60, 80 %), test [80, 100 %)").
+    pub split: String,
+    pub train_rows: usize,
+    pub validation_rows: usize,
+    pub test_rows: usize,
+    pub hyper_parameters: serde_json::Value,
+    pub target_fpr: f64,
+    pub threshold: f64,
+    /// Evaluation on the held-out test rows (see `twinguard eval` for the full report).
+    pub test_metrics: serde_json::Value,
+    /// Label screening applied to the training rows, if any.
+    pub poisoning_screen: Option<serde_json::Value>,
+    pub created_utc: String,
+    pub training_seconds: f64,
+}
+
+impl Artifact {
+    /// Write `model.json` into `dir` (created if missing); returns its path.
+    pub fn save(&self, dir: &Path) -> Result<PathBuf, ModelError> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::Artifact(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join(ARTIFACT_FILE);
+        let tmp = dir.join(format!(".{ARTIFACT_FILE}.tmp"));
+        let bytes = serde_json::to_vec(self).map_err(|e| ModelError::Artifact(e.to_string()))?;
+        std::fs::write(&tmp, bytes).map_err(|e| ModelError::Artifact(format!("cannot write {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(|e| ModelError::Artifact(format!("cannot write {}: {e}", path.display())))?;
+        Ok(path)
+    }
+
+    /// Load an artifact from a `model.json` file or the directory holding one.
+    pub fn load(path: &Path) -> Result<Artifact, ModelError> {
+        let file = if path.is_dir() { path.join(ARTIFACT_FILE) } else { path.to_path_buf() };
+        let bytes = std::fs::read(&file).map_err(|e| ModelError::Artifact(format!("cannot read {}: {e}", file.display())))?;
+        let a: Artifact = serde_json::from_slice(&bytes)
+            .map_err(|e| ModelError::Artifact(format!("{} is not a twinguard model artifact: {e}", file.display())))?;
+        if a.format != ARTIFACT_FORMAT {
+            return Err(ModelError::Artifact(format!(
+                "{} has artifact format {}, this build reads {ARTIFACT_FORMAT}",
+                file.display(),
+                a.format
+            )));
+        }
+        if a.feature_names.len() != a.ensemble.standardizer.cols() {
+            return Err(ModelError::Artifact(format!(
+                "{}: {} feature names but the models take {}",
+                file.display(),
+                a.feature_names.len(),
+                a.ensemble.standardizer.cols()
+            )));
+        }
+        Ok(a)
+    }
+}

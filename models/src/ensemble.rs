@@ -1,0 +1,305 @@
+//! The ensemble: feature standardiser, the member models, and a stacked logistic
+//! regression (learned on validation data) that turns the members' scores into one
+//! calibrated attack probability, with a threshold set for a target FPR.
+
+use serde::{Deserialize, Serialize};
+
+use crate::forest::Forest;
+use crate::lstm::LstmModel;
+use crate::svm::Svm;
+use crate::ModelError;
+
+/// Largest |z| a standardised feature may take (tames heavy tails and keeps every
+/// model's input in a sane range).
+const CLIP: f64 = 8.0;
+
+/// Per-feature centring and scaling fitted on training rows. NaN (missing) maps to 0
+/// (the training mean).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Standardizer {
+    pub mean: Vec<f64>,
+    pub sd: Vec<f64>,
+}
+
+impl Standardizer {
+    /// Fit on `rows` (row-major, `cols` wide), skipping non-finite values.
+    pub fn fit(values: &[f64], cols: usize) -> Standardizer {
+        let mut n = vec![0u64; cols];
+        let mut mean = vec![0.0; cols];
+        let mut m2 = vec![0.0; cols];
+        for row in values.chunks_exact(cols) {
+            for (c, &x) in row.iter().enumerate() {
+                if x.is_finite() {
+                    n[c] += 1;
+                    let d = x - mean[c];
+                    mean[c] += d / n[c] as f64;
+                    m2[c] += d * (x - mean[c]);
+                }
+            }
+        }
+        let sd = (0..cols)
+            .map(|c| if n[c] > 1 { (m2[c] / (n[c] - 1) as f64).sqrt() } else { 0.0 })
+            .map(|s| if s > 1e-9 { s } else { 1.0 })
+            .collect();
+        Standardizer { mean, sd }
+    }
+
+    pub fn cols(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// Standardise one row into `out`.
+    pub fn apply(&self, row: &[f64], out: &mut [f32]) {
+        for (c, (&x, o)) in row.iter().zip(out.iter_mut()).enumerate() {
+            *o = if x.is_finite() { ((x - self.mean[c]) / self.sd[c]).clamp(-CLIP, CLIP) as f32 } else { 0.0 };
+        }
+    }
+
+    /// Standardise many rows.
+    pub fn apply_all(&self, values: &[f64]) -> crate::Matrix {
+        let cols = self.cols();
+        let rows = values.len() / cols;
+        let mut m = crate::Matrix::zeros(rows, cols);
+        for r in 0..rows {
+            self.apply(&values[r * cols..(r + 1) * cols], m.row_mut(r));
+        }
+        m
+    }
+}
+
+/// Names of the ensemble members, in stacking-input order.
+pub const MEMBERS: [&str; 4] = ["rf", "svm", "lstm", "twin"];
+
+/// Logistic regression over the members' (transformed) scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stacker {
+    pub weights: Vec<f64>,
+    pub bias: f64,
+}
+
+fn logit(p: f64) -> f64 {
+    let p = p.clamp(1e-4, 1.0 - 1e-4);
+    (p / (1.0 - p)).ln()
+}
+
+fn sigmoid(z: f64) -> f64 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Member scores of one event.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct MemberScores {
+    /// Random forest P(attack).
+    pub rf: f64,
+    /// SVM decision value (positive = attack side).
+    pub svm: f64,
+    /// LSTM P(attack), stepped on the device's recurrent state.
+    pub lstm: f64,
+    /// Twin behavioural score in [0, 1).
+    pub twin: f64,
+}
+
+impl MemberScores {
+    /// The stacking inputs: log-odds for probabilities, the raw SVM margin.
+    pub fn inputs(&self) -> [f64; 4] {
+        [logit(self.rf), self.svm.clamp(-10.0, 10.0), logit(self.lstm), logit(self.twin)]
+    }
+    pub fn get(&self, member: &str) -> f64 {
+        match member {
+            "rf" => self.rf,
+            "svm" => self.svm,
+            "lstm" => self.lstm,
+            _ => self.twin,
+        }
+    }
+}
+
+impl Stacker {
+    /// Fit by Newton's method with a small L2 penalty, with balanced class weights
+    /// (so a rare attack class still moves the fit).
+    pub fn fit(members: &[MemberScores], y: &[bool], l2: f64) -> Result<Stacker, ModelError> {
+        let pos = y.iter().filter(|&&l| l).count();
+        if pos == 0 || pos == y.len() {
+            return Err(ModelError::Data("the stacking (validation) set needs both normal and attack rows".into()));
+        }
+        let wpos = y.len() as f64 / (2.0 * pos as f64);
+        let wneg = y.len() as f64 / (2.0 * (y.len() - pos) as f64);
+        let xs: Vec<[f64; 4]> = members.iter().map(MemberScores::inputs).collect();
+        const K: usize = 5; // 4 weights + bias
+        let mut w = [0.0f64; K];
+        for _ in 0..50 {
+            let mut g = [0.0f64; K];
+            let mut h = [[0.0f64; K]; K];
+            for (x, &l) in xs.iter().zip(y) {
+                let xb = [x[0], x[1], x[2], x[3], 1.0];
+                let z: f64 = (0..K).map(|i| w[i] * xb[i]).sum();
+                let p = sigmoid(z);
+                let sw = if l { wpos } else { wneg };
+                let r = sw * (p - f64::from(u8::from(l)));
+                let q = sw * p * (1.0 - p);
+                for i in 0..K {
+                    g[i] += r * xb[i];
+                    for j in 0..K {
+                        h[i][j] += q * xb[i] * xb[j];
+                    }
+                }
+            }
+            for i in 0..4 {
+                g[i] += l2 * w[i];
+                h[i][i] += l2;
+            }
+            h[4][4] += 1e-9;
+            let step = solve(h, g).ok_or_else(|| ModelError::Train("stacking regression is singular".into()))?;
+            let mut delta = 0.0f64;
+            for i in 0..K {
+                w[i] -= step[i];
+                delta = delta.max(step[i].abs());
+            }
+            if delta < 1e-8 {
+                break;
+            }
+        }
+        Ok(Stacker { weights: w[..4].to_vec(), bias: w[4] })
+    }
+
+    /// Attack probability from the members' scores.
+    pub fn predict(&self, m: &MemberScores) -> f64 {
+        let x = m.inputs();
+        sigmoid(self.bias + self.weights.iter().zip(x).map(|(w, v)| w * v).sum::<f64>())
+    }
+}
+
+/// Solve `h · x = g` (small dense system) by Gaussian elimination with pivoting.
+fn solve<const K: usize>(mut h: [[f64; K]; K], mut g: [f64; K]) -> Option<[f64; K]> {
+    for c in 0..K {
+        let p = (c..K).max_by(|&a, &b| h[a][c].abs().total_cmp(&h[b][c].abs()))?;
+        if h[p][c].abs() < 1e-12 {
+            return None;
+        }
+        h.swap(c, p);
+        g.swap(c, p);
+        for r in c + 1..K {
+            let f = h[r][c] / h[c][c];
+            for k in c..K {
+                h[r][k] -= f * h[c][k];
+            }
+            g[r] -= f * g[c];
+        }
+    }
+    let mut x = [0.0; K];
+    for c in (0..K).rev() {
+        let s: f64 = (c + 1..K).map(|k| h[c][k] * x[k]).sum();
+        x[c] = (g[c] - s) / h[c][c];
+    }
+    Some(x)
+}
+
+/// Everything needed to score a standardised feature row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ensemble {
+    pub standardizer: Standardizer,
+    pub forest: Forest,
+    pub svm: Svm,
+    pub lstm: LstmModel,
+    pub stacker: Stacker,
+    /// Index of the feature holding the twin's behavioural distance, if any; its
+    /// score `d²/(d²+T²)` is the twin member.
+    pub twin_feature: Option<usize>,
+    /// The twin's anomaly threshold distance T.
+    pub twin_threshold: f64,
+    /// Ensemble probability at or above which an event is an attack.
+    pub threshold: f64,
+    /// Class names of the forest (index 0 = normal).
+    pub classes: Vec<String>,
+}
+
+/// Scores of one event.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Scored {
+    pub members: MemberScores,
+    pub ensemble: f64,
+    pub attack: bool,
+    /// Most probable attack class (never 0 = normal), from the forest.
+    pub class: usize,
+}
+
+/// Reusable buffers for scoring (no allocation per event).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    row: Vec<f32>,
+    proba: Vec<f32>,
+}
+
+impl Ensemble {
+    /// Twin member score from a raw (unstandardised) feature row.
+    pub fn twin_score(&self, raw: &[f64]) -> f64 {
+        match self.twin_feature {
+            Some(i) if raw[i].is_finite() => {
+                let d2 = raw[i] * raw[i];
+                d2 / (d2 + self.twin_threshold * self.twin_threshold)
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Score one raw feature row; steps the device's LSTM `state` (resized and
+    /// zeroed if it does not fit this model).
+    pub fn score(&self, raw: &[f64], state: &mut Vec<f32>, s: &mut Scratch) -> Scored {
+        s.row.resize(self.standardizer.cols(), 0.0);
+        self.standardizer.apply(raw, &mut s.row);
+        s.proba.resize(self.forest.n_classes(), 0.0);
+        self.forest.predict_proba_row(&s.row, &mut s.proba);
+        let rf = f64::from(1.0 - s.proba[0]);
+        let class = (1..s.proba.len()).max_by(|&a, &b| s.proba[a].total_cmp(&s.proba[b])).unwrap_or(0);
+        let svm = f64::from(self.svm.decision_row(&s.row));
+        if state.len() != self.lstm.state_len() {
+            state.clear();
+            state.resize(self.lstm.state_len(), 0.0);
+        }
+        let lstm = f64::from(self.lstm.step(&s.row, state));
+        let members = MemberScores { rf, svm, lstm, twin: self.twin_score(raw) };
+        let ensemble = self.stacker.predict(&members);
+        Scored { members, ensemble, attack: ensemble >= self.threshold, class }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standardizer_centres_scales_and_imputes() {
+        let v = [1.0, f64::NAN, 3.0, 10.0, 5.0, 10.0];
+        let s = Standardizer::fit(&v, 2);
+        assert_eq!(s.mean, vec![3.0, 10.0]);
+        assert_eq!(s.sd[1], 1.0, "constant column keeps unit scale");
+        let mut out = [0.0f32; 2];
+        s.apply(&[f64::NAN, 12.0], &mut out);
+        assert_eq!(out, [0.0, 2.0]);
+    }
+
+    #[test]
+    fn stacker_learns_to_trust_the_informative_member() {
+        // rf separates the classes, svm is noise.
+        let mut m = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..400 {
+            let attack = i % 4 == 0;
+            let noise = f64::from((i * 37 % 100) as u32) / 100.0;
+            m.push(MemberScores { rf: if attack { 0.7 + noise * 0.2 } else { 0.1 + noise * 0.2 }, svm: noise - 0.5, lstm: 0.5, twin: 0.5 });
+            y.push(attack);
+        }
+        let s = Stacker::fit(&m, &y, 1e-3).unwrap();
+        assert!(s.weights[0] > 1.0, "rf weight {:?}", s.weights);
+        assert!(s.weights[1].abs() < s.weights[0] / 4.0, "svm weight {:?}", s.weights);
+        let hi = s.predict(&MemberScores { rf: 0.85, svm: 0.0, lstm: 0.5, twin: 0.5 });
+        let lo = s.predict(&MemberScores { rf: 0.15, svm: 0.0, lstm: 0.5, twin: 0.5 });
+        assert!(hi > 0.9 && lo < 0.1, "{hi} {lo}");
+    }
+
+    #[test]
+    fn stacker_refuses_one_class() {
+        let m = vec![MemberScores::default(); 3];
+        assert!(Stacker::fit(&m, &[false, false, false], 1e-3).is_err());
+    }
+}

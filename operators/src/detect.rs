@@ -1,0 +1,221 @@
+//! The detector: twin update → features (DataFusion SQL) → ensemble score, as one
+//! operator. Without a model it is the twin's behavioural detector alone.
+//!
+//! Contract:
+//! - Scoring an event steps its device's LSTM state (kept in the twin, so it goes to
+//!   the changelog with the rest of the twin and survives restarts). An event the
+//!   twin skips as a replay is not scored, so no state is stepped twice.
+//! - The verdict of an event depends only on the event and the twin state before it:
+//!   the same events in the same order give the same verdicts, whatever the batch
+//!   boundaries (the stream and `twinguard eval` rely on this).
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BooleanArray, BooleanBuilder, Float64Builder, RecordBatch, StringArray, StringBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use twinguard_models::ensemble::Scratch;
+use twinguard_models::Artifact;
+use twinguard_schemas::verdict::{model_columns, verdict_arrow_schema, MODEL_COLUMNS};
+use twinguard_schemas::EventSchema;
+
+use crate::features::{FeatureQuery, FeatureRows};
+use crate::twin::{TwinConfig, TwinOperator};
+use crate::{Operator, OperatorError, Output};
+
+/// A loaded model and the query that feeds it.
+struct Loaded {
+    artifact: Artifact,
+    query: FeatureQuery,
+    scratch: Scratch,
+}
+
+/// Twin, features and ensemble.
+pub struct Detector {
+    twin: TwinOperator,
+    model: Option<Loaded>,
+    out_schema: SchemaRef,
+}
+
+/// The twin settings that shape features; a model trained with other values would
+/// see different vectors in the stream than in training.
+pub fn feature_relevant(cfg: &TwinConfig) -> serde_json::Value {
+    serde_json::json!({
+        "warmup_events": cfg.warmup_events,
+        "ewma_alpha": cfg.ewma_alpha,
+        "anomaly_threshold": cfg.anomaly_threshold,
+        "top_k": cfg.top_k,
+        "min_sd_abs": cfg.min_sd_abs,
+        "min_sd_rel": cfg.min_sd_rel,
+        "max_bindings_per_field": cfg.max_bindings_per_field,
+        "max_peers": cfg.max_peers,
+        "window_alpha": cfg.window_alpha,
+    })
+}
+
+/// Arrow schema of the detector's verdict batches: the twin verdict columns, then
+/// the model columns (null when no model is loaded).
+pub fn detector_verdict_schema() -> SchemaRef {
+    let mut f: Vec<Field> = verdict_arrow_schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    f.extend(model_columns());
+    Arc::new(Schema::new(f))
+}
+
+impl Detector {
+    /// The twin's behavioural detector alone.
+    pub fn twin_only(schema: &EventSchema, cfg: TwinConfig) -> Self {
+        Detector { twin: TwinOperator::new(schema, cfg), model: None, out_schema: detector_verdict_schema() }
+    }
+
+    /// Twin plus a trained model. Refused (with the reason) when the model was
+    /// trained for another event schema or other twin settings, or its feature SQL
+    /// does not plan against this schema.
+    pub fn with_model(schema: &EventSchema, cfg: TwinConfig, artifact: Artifact) -> Result<Self, OperatorError> {
+        if artifact.schema != schema.id() {
+            return Err(OperatorError::Features(format!(
+                "model {} was trained on schema `{}`, the pipeline reads `{}`",
+                artifact.version,
+                artifact.schema,
+                schema.id()
+            )));
+        }
+        let want = feature_relevant(&cfg);
+        if artifact.twin_config != want {
+            return Err(OperatorError::Features(format!(
+                "model {} was trained with twin settings {} but the pipeline's [state] is {}: features would differ; use the model's settings or retrain",
+                artifact.version, artifact.twin_config, want
+            )));
+        }
+        let twin = TwinOperator::new(schema, cfg);
+        let query = FeatureQuery::new(&artifact.feature_sql, schema.arrow_schema(), twin.context_schema())?;
+        if query.names() != artifact.feature_names.as_slice() {
+            return Err(OperatorError::Features(format!(
+                "model {}: its feature query yields {:?}, the model was trained on {:?}",
+                artifact.version,
+                query.names(),
+                artifact.feature_names
+            )));
+        }
+        Ok(Detector { twin, model: Some(Loaded { artifact, query, scratch: Scratch::default() }), out_schema: detector_verdict_schema() })
+    }
+
+    pub fn twin(&self) -> &TwinOperator {
+        &self.twin
+    }
+    pub fn twin_mut(&mut self) -> &mut TwinOperator {
+        &mut self.twin
+    }
+    /// The loaded model's version, if any.
+    pub fn model_version(&self) -> Option<&str> {
+        self.model.as_ref().map(|m| m.artifact.version.as_str())
+    }
+    pub fn artifact(&self) -> Option<&Artifact> {
+        self.model.as_ref().map(|m| &m.artifact)
+    }
+
+    /// Apply and score one event batch; returns the verdict batch
+    /// ([`detector_verdict_schema`]) and, when a model is loaded, the feature rows.
+    pub fn detect(&mut self, batch: &RecordBatch) -> Result<(RecordBatch, Option<FeatureRows>), OperatorError> {
+        let Some(m) = self.model.as_mut() else {
+            let mut out = Output::new();
+            self.twin.process_batch(batch.clone(), &mut out)?;
+            let v = out.take().pop().unwrap_or_else(|| RecordBatch::new_empty(verdict_arrow_schema()));
+            return Ok((with_model_columns(&v, self.out_schema.clone(), None)?, None));
+        };
+        let (verdicts, ctx) = self.twin.process_with_context(batch)?;
+        let feats = m.query.compute(batch, &ctx)?;
+        let n = verdicts.num_rows();
+        let devices = ctx.column(0).as_any().downcast_ref::<StringArray>().expect("context device_id");
+        let ens = &m.artifact.ensemble;
+        let mut cols = ModelCols::new(n);
+        let store = self.twin.store_mut();
+        for i in 0..n {
+            let device = devices.value(i);
+            let twin = store.get_mut(feats.partition[i], device).expect("an applied event's twin exists");
+            let s = ens.score(feats.row(i), &mut twin.lstm, &mut m.scratch);
+            cols.version.append_value(&m.artifact.version);
+            cols.ensemble.append_value(s.ensemble);
+            cols.threshold.append_value(ens.threshold);
+            cols.rf.append_value(s.members.rf);
+            cols.svm.append_value(s.members.svm);
+            cols.lstm.append_value(s.members.lstm);
+            cols.twin.append_value(s.members.twin);
+            cols.attack.append_value(s.attack);
+            if s.attack {
+                cols.class.append_value(&ens.classes[s.class]);
+            } else {
+                cols.class.append_null();
+            }
+        }
+        Ok((with_model_columns(&verdicts, self.out_schema.clone(), Some(cols))?, Some(feats)))
+    }
+
+    /// Feature rows of a batch without scoring (training path; the twin is updated).
+    pub fn features_only(&mut self, query: &mut FeatureQuery, batch: &RecordBatch) -> Result<(RecordBatch, FeatureRows), OperatorError> {
+        let (verdicts, ctx) = self.twin.process_with_context(batch)?;
+        let feats = query.compute(batch, &ctx)?;
+        Ok((verdicts, feats))
+    }
+}
+
+struct ModelCols {
+    version: StringBuilder,
+    ensemble: Float64Builder,
+    threshold: Float64Builder,
+    rf: Float64Builder,
+    svm: Float64Builder,
+    lstm: Float64Builder,
+    twin: Float64Builder,
+    attack: BooleanBuilder,
+    class: StringBuilder,
+}
+
+impl ModelCols {
+    fn new(n: usize) -> Self {
+        let f = || Float64Builder::with_capacity(n);
+        ModelCols {
+            version: StringBuilder::with_capacity(n, n * 32),
+            ensemble: f(),
+            threshold: f(),
+            rf: f(),
+            svm: f(),
+            lstm: f(),
+            twin: f(),
+            attack: BooleanBuilder::with_capacity(n),
+            class: StringBuilder::new(),
+        }
+    }
+}
+
+/// Append the model columns (in [`MODEL_COLUMNS`] order) to a twin verdict batch;
+/// with a model, `anomalous` becomes the ensemble's decision.
+fn with_model_columns(v: &RecordBatch, schema: SchemaRef, cols: Option<ModelCols>) -> Result<RecordBatch, OperatorError> {
+    let n = v.num_rows();
+    let mut out: Vec<ArrayRef> = v.columns().to_vec();
+    match cols {
+        None => {
+            for f in model_columns() {
+                out.push(arrow::array::new_null_array(f.data_type(), n));
+            }
+        }
+        Some(mut c) => {
+            let attack = c.attack.finish();
+            let mut extra: Vec<ArrayRef> = vec![
+                Arc::new(c.version.finish()),
+                Arc::new(c.ensemble.finish()),
+                Arc::new(c.threshold.finish()),
+                Arc::new(c.rf.finish()),
+                Arc::new(c.svm.finish()),
+                Arc::new(c.lstm.finish()),
+                Arc::new(c.twin.finish()),
+                Arc::new(c.class.finish()),
+            ];
+            debug_assert_eq!(extra.len(), MODEL_COLUMNS.len());
+            // The ensemble decides.
+            let anomalous_idx = 6;
+            debug_assert_eq!(v.schema().field(anomalous_idx).data_type(), &DataType::Boolean);
+            out[anomalous_idx] = Arc::new(BooleanArray::from(attack.iter().map(|x| x.unwrap_or(false)).collect::<Vec<_>>()));
+            out.append(&mut extra);
+        }
+    }
+    Ok(RecordBatch::try_new(schema, out)?)
+}
