@@ -286,14 +286,15 @@ mod tests {
         for i in 0..400 {
             let attack = i % 4 == 0;
             let noise = f64::from((i * 37 % 100) as u32) / 100.0;
-            m.push(MemberScores { rf: if attack { 0.7 + noise * 0.2 } else { 0.1 + noise * 0.2 }, svm: noise - 0.5, lstm: 0.5, twin: 0.5 });
+            let other = f64::from(((i * 53 + 17) % 97) as u32) / 97.0;
+            m.push(MemberScores { rf: if attack { 0.45 + noise * 0.5 } else { 0.05 + noise * 0.5 }, svm: other - 0.5, lstm: 0.5, twin: 0.5 });
             y.push(attack);
         }
         let s = Stacker::fit(&m, &y, 1e-3).unwrap();
         assert!(s.weights[0] > 1.0, "rf weight {:?}", s.weights);
         assert!(s.weights[1].abs() < s.weights[0] / 4.0, "svm weight {:?}", s.weights);
-        let hi = s.predict(&MemberScores { rf: 0.85, svm: 0.0, lstm: 0.5, twin: 0.5 });
-        let lo = s.predict(&MemberScores { rf: 0.15, svm: 0.0, lstm: 0.5, twin: 0.5 });
+        let hi = s.predict(&MemberScores { rf: 0.9, svm: 0.0, lstm: 0.5, twin: 0.5 });
+        let lo = s.predict(&MemberScores { rf: 0.1, svm: 0.0, lstm: 0.5, twin: 0.5 });
         assert!(hi > 0.9 && lo < 0.1, "{hi} {lo}");
     }
 

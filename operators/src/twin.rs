@@ -108,7 +108,9 @@ impl TwinConfig {
 /// Exponentially weighted mean and variance of one (transformed) metric.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Baseline {
-    pub mean: f64,
+    /// Mean, stored as f32 (7 significant digits are ample for a baseline; a
+    /// typical twin stays under 2 KiB with its windows and LSTM state).
+    pub mean: f32,
     /// Variance, stored as f32 (precision is ample for a spread; saves memory).
     pub var: f32,
     pub n: u32,
@@ -116,10 +118,13 @@ pub struct Baseline {
 
 impl Baseline {
     fn sd(&self, cfg: &TwinConfig) -> f64 {
-        f64::from(self.var).sqrt().max(cfg.min_sd_abs).max(cfg.min_sd_rel * self.mean.abs())
+        f64::from(self.var).sqrt().max(cfg.min_sd_abs).max(cfg.min_sd_rel * self.mean().abs())
     }
     fn z(&self, x: f64, cfg: &TwinConfig) -> f64 {
-        (x - self.mean) / self.sd(cfg)
+        (x - self.mean()) / self.sd(cfg)
+    }
+    fn mean(&self) -> f64 {
+        f64::from(self.mean)
     }
     /// Update; weight is `1/n` until that falls below `alpha` (exact mean/variance
     /// while warming up, exponential forgetting afterwards).
@@ -129,8 +134,9 @@ impl Baseline {
         }
         self.n = self.n.saturating_add(1);
         let a = alpha.max(1.0 / f64::from(self.n));
-        let d = x - self.mean;
-        self.mean += a * d;
+        let d = x - self.mean();
+        let mean = self.mean() + a * d;
+        self.mean = if mean.is_finite() { mean.clamp(-f64::from(f32::MAX), f64::from(f32::MAX)) as f32 } else { self.mean };
         // Kept finite (f32 range): a non-finite baseline could not round-trip the
         // changelog and would block every restore.
         let var = (1.0 - a) * (f64::from(self.var) + a * d * d);
@@ -550,7 +556,7 @@ impl TwinOperator {
                 continue;
             }
             let z = if i == n_metrics + 1 {
-                (x - bl.mean) / bl.sd(cfg).max(NEW_PEER_MIN_SD)
+                (x - bl.mean()) / bl.sd(cfg).max(NEW_PEER_MIN_SD)
             } else {
                 bl.z(*x, cfg)
             };
@@ -629,7 +635,7 @@ impl TwinOperator {
                 let bl = &mut twin.baselines[i];
                 let x = if bl.n >= cfg.warmup_events as u32 {
                     let sd = bl.sd(cfg);
-                    x.clamp(bl.mean - 4.0 * sd, bl.mean + 4.0 * sd)
+                    x.clamp(bl.mean() - 4.0 * sd, bl.mean() + 4.0 * sd)
                 } else {
                     x
                 };
@@ -936,7 +942,7 @@ impl ContextBuilder {
             let bl = &twin.baselines[i];
             let ready = bl.n >= warm;
             b[0].append_option(values[i]);
-            b[1].append_option(ready.then_some(bl.mean));
+            b[1].append_option(ready.then(|| bl.mean()));
             b[2].append_option(ready.then(|| bl.sd(cfg)));
             b[3].append_option(fin(twin.latest[i]).map(|x| metrics[i].2.apply(x)));
             b[4].append_option(twin.window.get(i).map(|&w| f64::from(w)).and_then(fin));
@@ -944,7 +950,7 @@ impl ContextBuilder {
         let g = &twin.baselines[n_metrics];
         let ready = g.n >= warm;
         self.gap[0].append_option(values[n_metrics]);
-        self.gap[1].append_option(ready.then_some(g.mean));
+        self.gap[1].append_option(ready.then(|| g.mean()));
         self.gap[2].append_option(ready.then(|| g.sd(cfg)));
         self.gap[3].append_value(twin.rate_per_s);
         self.events.append_value(i64::try_from(twin.events).unwrap_or(i64::MAX));

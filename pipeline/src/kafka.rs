@@ -269,7 +269,8 @@ struct RestoreContext;
 
 impl ClientContext for RestoreContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = rdkafka::types::RDKafkaErrorCode::PartitionEOF;
+        if !matches!(error, KafkaError::PartitionEOF(_)) && !matches!(error, KafkaError::Global(c) if c == eof) {
             tracing::error!(error = %error, reason, "changelog reader error");
         }
     }

@@ -85,7 +85,7 @@ fn confusion(path: &Path, mc: &metrics::MultiClass) -> PlotResult {
             .x_labels(k)
             .y_labels(k)
             .x_label_formatter(&move |i| names.get(*i).cloned().unwrap_or_default())
-            .y_label_formatter(&move |i| names2.get(k - 1 - *i).cloned().unwrap_or_default())
+            .y_label_formatter(&move |i| (k - 1).checked_sub(*i).and_then(|j| names2.get(j)).cloned().unwrap_or_default())
             .x_label_style(("sans-serif", 12).into_font().transform(FontTransform::Rotate90))
             .y_label_style(("sans-serif", 12))
             .draw()?;
