@@ -172,6 +172,21 @@ pub fn threshold_for_fpr(normal_scores: &[f64], target_fpr: f64) -> f64 {
     next_up(above)
 }
 
+/// The decision threshold learned from validation scores: among the thresholds
+/// that keep the normal rows' FPR at or below `target_fpr`, those that detect the most
+/// attacks form an interval from [`threshold_for_fpr`] up to the lowest detected
+/// attack score; take its midpoint (the widest margin on both sides, rather than
+/// spending the whole false-positive budget when the scores separate).
+pub fn calibrate_threshold(normal_scores: &[f64], attack_scores: &[f64], target_fpr: f64) -> f64 {
+    let lo = threshold_for_fpr(normal_scores, target_fpr);
+    let hi = attack_scores.iter().copied().filter(|&s| s >= lo).fold(f64::INFINITY, f64::min);
+    if hi.is_finite() {
+        lo + (hi - lo) / 2.0
+    } else {
+        lo
+    }
+}
+
 fn next_up(x: f64) -> f64 {
     if x.is_nan() || x == f64::INFINITY {
         return x;
@@ -264,6 +279,18 @@ mod tests {
             let fp = normal.iter().filter(|&&s| s >= t).count();
             assert!(fp as f64 <= target * 1000.0, "target {target}: {fp} false positives");
         }
+    }
+
+    #[test]
+    fn calibrated_threshold_sits_between_the_fpr_bound_and_the_attacks() {
+        let normal: Vec<f64> = (0..100).map(|i| f64::from(i) / 200.0).collect(); // 0 .. 0.495
+        let attack = [0.9, 0.95, 0.3];
+        let t = calibrate_threshold(&normal, &attack, 0.01);
+        let lo = threshold_for_fpr(&normal, 0.01);
+        assert!(t > lo && t < 0.9, "{lo} < {t} < 0.9");
+        assert!(normal.iter().filter(|&&s| s >= t).count() <= 1);
+        // No attack above the bound: the bound itself.
+        assert_eq!(calibrate_threshold(&normal, &[0.1], 0.01), lo);
     }
 
     #[test]

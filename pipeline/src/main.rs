@@ -176,6 +176,16 @@ struct TrainArgs {
     /// Random-forest trees.
     #[arg(long, default_value_t = 100)]
     trees: usize,
+    /// Weight the forest's classes inversely to their frequency.
+    #[arg(long)]
+    balanced: bool,
+    /// Smallest number of training rows in a forest leaf.
+    #[arg(long, default_value_t = 1)]
+    min_samples_leaf: usize,
+    /// SVM kernel: linear (default; cheap to score) or rbf (γ = 1/features; costs
+    /// support vectors × features per event).
+    #[arg(long, value_parser = ["linear", "rbf"], default_value = "linear")]
+    svm_kernel: String,
     /// Largest SVM training sample (stratified subsample).
     #[arg(long, default_value_t = 3000)]
     svm_rows: usize,
@@ -229,8 +239,23 @@ impl TrainArgs {
             opts: TrainOptions {
                 target_fpr: self.target_fpr,
                 seed: self.seed,
-                forest: twinguard_models::forest::ForestParams { trees: self.trees, seed: self.seed, ..Default::default() },
-                svm: twinguard_models::svm::SvmParams { max_train_rows: self.svm_rows, seed: self.seed, ..Default::default() },
+                forest: twinguard_models::forest::ForestParams {
+                    trees: self.trees,
+                    seed: self.seed,
+                    balanced: self.balanced,
+                    min_samples_leaf: self.min_samples_leaf.max(1),
+                    ..Default::default()
+                },
+                svm: twinguard_models::svm::SvmParams {
+                    max_train_rows: self.svm_rows,
+                    seed: self.seed,
+                    kernel: if self.svm_kernel == "rbf" {
+                        twinguard_models::svm::Kernel::Rbf { gamma: 0.0 }
+                    } else {
+                        twinguard_models::svm::Kernel::Linear
+                    },
+                    ..Default::default()
+                },
                 lstm: twinguard_models::lstm::LstmParams { epochs: self.lstm_epochs, hidden: self.lstm_hidden, seed: self.seed, ..Default::default() },
                 flip_labels: self.flip_labels,
                 screen: self.screen,

@@ -408,7 +408,8 @@ pub fn fit(
     let vy: Vec<bool> = split.validation.iter().map(|&i| prep.classes[i] != labels::NORMAL).collect();
     ens.stacker = Stacker::fit(&vm, &vy, 1e-2).map_err(merr)?;
     let normal_val: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| !y).map(|(m, _)| ens.stacker.predict(m)).collect();
-    ens.threshold = metrics::threshold_for_fpr(&normal_val, opts.target_fpr);
+    let attack_val: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| y).map(|(m, _)| ens.stacker.predict(m)).collect();
+    ens.threshold = metrics::calibrate_threshold(&normal_val, &attack_val, opts.target_fpr);
     log(&format!(
         "ensemble: stacking weights rf {:.2}, svm {:.2}, lstm {:.2}, twin {:.2}; threshold {:.4} for FPR <= {} on validation",
         ens.stacker.weights[0], ens.stacker.weights[1], ens.stacker.weights[2], ens.stacker.weights[3], ens.threshold, opts.target_fpr
@@ -419,7 +420,8 @@ pub fn fit(
 /// One model's figures on the test rows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelReport {
-    /// Threshold chosen on validation normal rows for the target FPR.
+    /// Threshold chosen on the validation rows for the target FPR
+    /// ([`metrics::calibrate_threshold`]).
     pub at_threshold: Binary,
     /// Detection rate per attack class.
     pub recall_by_class: BTreeMap<String, f64>,
@@ -506,7 +508,8 @@ pub fn evaluate(artifact: &Artifact, scores: &Scores, split: &Split, dataset: &s
             artifact.ensemble.threshold
         } else {
             let normal: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| !y).map(|(&i, _)| get(i)).collect();
-            metrics::threshold_for_fpr(&normal, target)
+            let attack: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| y).map(|(&i, _)| get(i)).collect();
+            metrics::calibrate_threshold(&normal, &attack, target)
         };
         let ts: Vec<f64> = split.test.iter().map(|&i| get(i)).collect();
         let b = metrics::binary(&ts, &ty, thr);
