@@ -2,6 +2,9 @@
 # Runs every test of twinguard, installing what is missing first:
 #   - Debian packages librdkafka's ssl/sasl build needs (libssl-dev, libsasl2-dev, pkg-config)
 #   - the tansu 0.6.0 broker the integration tests start (about 18 min to compile once)
+# then type-checks the models' `cuda` feature (burn-cuda; DOCS_RS=1 makes its build
+# script skip the LLVM download this offline machine cannot do). Set
+# TWINGUARD_SKIP_CUDA_CHECK=1 to skip that step (~7 min the first time) locally.
 # The cargo target directory lives outside the clone and is reused between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,3 +25,10 @@ fi
 
 step "building and running every test (target: $CARGO_TARGET_DIR)"
 cargo test --workspace --locked "$@"
+
+if [ "${TWINGUARD_SKIP_CUDA_CHECK:-0}" = 1 ]; then
+  step "skipping the cuda feature type-check (TWINGUARD_SKIP_CUDA_CHECK=1)"
+else
+  step "type-checking the GPU build: DOCS_RS=1 cargo check -p twinguard-models --features cuda"
+  DOCS_RS=1 cargo check -p twinguard-models --features cuda --locked
+fi

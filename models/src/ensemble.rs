@@ -211,6 +211,12 @@ pub struct Ensemble {
     pub threshold: f64,
     /// Class names of the forest (index 0 = normal).
     pub classes: Vec<String>,
+    /// Ensemble scores of the validation rows (normal, attack), sorted: lets a
+    /// deployment re-derive the threshold for another target FPR without retraining.
+    #[serde(default)]
+    pub validation_normal: Vec<f32>,
+    #[serde(default)]
+    pub validation_attack: Vec<f32>,
 }
 
 /// Scores of one event.
@@ -231,6 +237,21 @@ pub struct Scratch {
 }
 
 impl Ensemble {
+    /// Re-derive the decision threshold for `target_fpr` from the stored validation
+    /// scores (as training did for its own target). Fails when the model carries none.
+    pub fn recalibrate(&mut self, target_fpr: f64) -> Result<(), ModelError> {
+        if !(target_fpr > 0.0 && target_fpr < 1.0) {
+            return Err(ModelError::Param { name: "target_fpr", why: format!("{target_fpr} is not in (0, 1)") });
+        }
+        if self.validation_normal.is_empty() {
+            return Err(ModelError::Artifact("the model stores no validation scores to recalibrate from; retrain it".into()));
+        }
+        let n: Vec<f64> = self.validation_normal.iter().map(|&x| f64::from(x)).collect();
+        let a: Vec<f64> = self.validation_attack.iter().map(|&x| f64::from(x)).collect();
+        self.threshold = crate::metrics::calibrate_threshold(&n, &a, target_fpr);
+        Ok(())
+    }
+
     /// Twin member score from a raw (unstandardised) feature row.
     pub fn twin_score(&self, raw: &[f64]) -> f64 {
         match self.twin_feature {

@@ -119,10 +119,10 @@ fn seeded_net(d_in: usize, hidden: usize, seed: u64, device: &Device) -> Net {
 }
 
 fn to_vec(t: Tensor<2>) -> Vec<f32> {
-    t.into_data().to_vec::<f32>().expect("f32 weights")
+    t.into_data().try_to_vec::<f32>().expect("f32 weights")
 }
 fn to_vec1(t: Tensor<1>) -> Vec<f32> {
-    t.into_data().to_vec::<f32>().expect("f32 weights")
+    t.into_data().try_to_vec::<f32>().expect("f32 weights")
 }
 
 fn sigmoid(v: f32) -> f32 {
@@ -415,7 +415,7 @@ mod tests {
         let xs = Tensor::<3>::from_data(TensorData::new(x.data.clone(), [1, t, d]), &device);
         let (out, _) = net.lstm.forward(xs, None);
         let probs = burn::tensor::activation::sigmoid(net.head.forward(out).reshape([t]));
-        let burn_p = probs.into_data().to_vec::<f32>().unwrap();
+        let burn_p = probs.into_data().try_to_vec::<f32>().unwrap();
 
         let model = LstmModel::export(&net, d, h);
         let mut state = vec![0f32; model.state_len()];
@@ -429,8 +429,8 @@ mod tests {
             None,
         );
         drop(out);
-        let hid = st.hidden.into_data().to_vec::<f32>().unwrap();
-        let cell = st.cell.into_data().to_vec::<f32>().unwrap();
+        let hid = st.hidden.into_data().try_to_vec::<f32>().unwrap();
+        let cell = st.cell.into_data().try_to_vec::<f32>().unwrap();
         for j in 0..h {
             assert!((hid[j] - state[j]).abs() < 1e-4 && (cell[j] - state[h + j]).abs() < 1e-4);
         }

@@ -37,6 +37,9 @@ pub struct ModelConfig {
     /// Model artifact (a `twinguard train` output directory or its `model.json`),
     /// relative to the config file. Unset: the twin's behavioural score alone.
     pub path: Option<PathBuf>,
+    /// Re-derive the model's decision threshold for this false-positive rate (from
+    /// the validation scores it stores); unset: the threshold it was trained with.
+    pub target_fpr: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -272,7 +275,11 @@ impl Config {
         match &self.model.path {
             None => Ok(twinguard_operators::Detector::twin_only(schema, self.state.clone())),
             Some(p) => {
-                let a = twinguard_models::Artifact::load(p).map_err(|e| PipelineError::Config(format!("key `model.path`: {e}")))?;
+                let mut a = twinguard_models::Artifact::load(p).map_err(|e| PipelineError::Config(format!("key `model.path`: {e}")))?;
+                if let Some(t) = self.model.target_fpr {
+                    a.ensemble.recalibrate(t).map_err(|e| PipelineError::Config(format!("key `model.target_fpr`: {e}")))?;
+                    tracing::info!(model = %a.version, target_fpr = t, threshold = a.ensemble.threshold, "decision threshold recalibrated");
+                }
                 twinguard_operators::Detector::with_model(schema, self.state.clone(), a)
                     .map_err(|e| PipelineError::Config(format!("key `model.path`: {e}")))
             }

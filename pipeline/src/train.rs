@@ -400,6 +400,8 @@ pub fn fit(
         twin_threshold,
         threshold: 0.5,
         classes,
+        validation_normal: Vec::new(),
+        validation_attack: Vec::new(),
     };
     // Stack on validation rows (true labels: the validation set is curated), with
     // every member scored in stream order exactly as the pipeline will.
@@ -410,6 +412,13 @@ pub fn fit(
     let normal_val: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| !y).map(|(m, _)| ens.stacker.predict(m)).collect();
     let attack_val: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| y).map(|(m, _)| ens.stacker.predict(m)).collect();
     ens.threshold = metrics::calibrate_threshold(&normal_val, &attack_val, opts.target_fpr);
+    let sorted = |v: &[f64]| {
+        let mut s: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        s.sort_by(f32::total_cmp);
+        s
+    };
+    ens.validation_normal = sorted(&normal_val);
+    ens.validation_attack = sorted(&attack_val);
     log(&format!(
         "ensemble: stacking weights rf {:.2}, svm {:.2}, lstm {:.2}, twin {:.2}; threshold {:.4} for FPR <= {} on validation",
         ens.stacker.weights[0], ens.stacker.weights[1], ens.stacker.weights[2], ens.stacker.weights[3], ens.threshold, opts.target_fpr
@@ -827,6 +836,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("twinguard-parity-{}", std::process::id()));
         let j = job(dir.clone(), 1500);
         let (artifact, _) = run_train(&j, &mut |_| {}).unwrap();
+        // A deployment can ask for another FPR: the stored validation scores give a
+        // threshold that admits at most that share of validation normals.
+        let mut strict = artifact.ensemble.clone();
+        strict.recalibrate(0.002).unwrap();
+        let fp = strict.validation_normal.iter().filter(|&&x| f64::from(x) >= strict.threshold).count();
+        assert!(fp as f64 <= 0.002 * strict.validation_normal.len() as f64 + 1.0, "{fp} validation false positives");
+        assert!(strict.threshold >= artifact.ensemble.threshold - 1e-6 || fp == 0);
+        assert!(strict.recalibrate(1.5).is_err());
         let records = j.dataset.load(&j.schema).unwrap();
         let offline = prepare(&j.schema, &j.twin, &j.feature_sql, &records, &mut |_, _| {}).unwrap();
 
