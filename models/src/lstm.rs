@@ -514,19 +514,4 @@ mod tests {
         assert!(e(LstmModel::fit(&x, &y, &seqs, &LstmParams { hidden: 0, ..p.clone() }, &mut |_, _, _| {})).contains("hidden"));
     }
 
-    /// Realistic-size timing; run with `-- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn timing_realistic() {
-        let x = random_matrix(7000, 140, 9);
-        let y: Vec<bool> = (0..7000).map(|i| (i / 50) % 5 == 0).collect();
-        let seqs = vec![(0..7000).collect::<Vec<_>>()];
-        let t0 = std::time::Instant::now();
-        let p = LstmParams { epochs: 2, ..LstmParams::default() };
-        let m = LstmModel::fit(&x, &y, &seqs, &p, &mut |e, _, l| eprintln!("epoch {e} loss {l}")).unwrap();
-        eprintln!("lstm 7000x140, 2 epochs: {:?}", t0.elapsed());
-        let t1 = std::time::Instant::now();
-        let s = m.score_sequences(&x, &seqs);
-        eprintln!("lstm step: {:.2} µs/row ({})", t1.elapsed().as_secs_f64() * 1e6 / 7000.0, s.len());
-    }
 }

@@ -282,19 +282,4 @@ mod tests {
         assert!(e(Svm::fit(&x, &y, &SvmParams { c: 0.0, ..SvmParams::default() })).contains("c"));
     }
 
-    /// Realistic-size timing; run with `-- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn timing_realistic() {
-        let (x, y) = synthetic(7000, 140, false, 8);
-        for kernel in [Kernel::Linear, Kernel::Rbf { gamma: 0.0 }] {
-            let t0 = std::time::Instant::now();
-            let s = Svm::fit(&x, &y, &SvmParams { kernel, ..SvmParams::default() }).unwrap();
-            let fit = t0.elapsed();
-            let t1 = std::time::Instant::now();
-            let d = s.decisions(&x);
-            let per_row = t1.elapsed().as_secs_f64() * 1e6 / x.rows as f64;
-            eprintln!("svm {kernel:?} 7000x140: fit {fit:?}, {} SVs, {per_row:.2} µs/row ({})", s.support_vectors(), d.len());
-        }
-    }
 }

@@ -15,6 +15,9 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, Int32Array, Int64Array, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, SchemaRef};
+use datafusion::datasource::MemTable;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::collect;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use twinguard_schemas::fields;
 
@@ -47,6 +50,10 @@ impl FeatureRows {
 }
 
 /// Runs one feature query with DataFusion, batch after batch.
+///
+/// The query is parsed, analysed and optimised once, against two in-memory tables
+/// whose contents are swapped for every batch; each batch then costs only physical
+/// planning and execution.
 pub struct FeatureQuery {
     rt: tokio::runtime::Runtime,
     ctx: SessionContext,
@@ -54,6 +61,10 @@ pub struct FeatureQuery {
     names: Vec<String>,
     events_schema: SchemaRef,
     twin_schema: SchemaRef,
+    events_table: Arc<MemTable>,
+    twin_table: Arc<MemTable>,
+    plan: LogicalPlan,
+    out_schema: SchemaRef,
 }
 
 impl FeatureQuery {
@@ -65,6 +76,16 @@ impl FeatureQuery {
             .map_err(|e| OperatorError::Features(format!("cannot start the query runtime: {e}")))?;
         // One partition: a batch is small, and the work stays on the caller's thread.
         let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+        let df_err = |e: datafusion::error::DataFusionError| OperatorError::Features(e.to_string());
+        let events_table = Arc::new(MemTable::try_new(events_schema.clone(), vec![Vec::new()]).map_err(df_err)?);
+        let twin_table = Arc::new(MemTable::try_new(twin_schema.clone(), vec![Vec::new()]).map_err(df_err)?);
+        ctx.register_table(EVENTS_TABLE, events_table.clone()).map_err(df_err)?;
+        ctx.register_table(TWIN_TABLE, twin_table.clone()).map_err(df_err)?;
+        let (plan, out_schema) = rt.block_on(async {
+            let df = ctx.sql(sql).await.map_err(df_err)?;
+            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            Ok::<_, OperatorError>((df.into_optimized_plan().map_err(df_err)?, schema))
+        })?;
         let mut q = FeatureQuery {
             rt,
             ctx,
@@ -72,9 +93,14 @@ impl FeatureQuery {
             names: Vec::new(),
             events_schema: events_schema.clone(),
             twin_schema: twin_schema.clone(),
+            events_table,
+            twin_table,
+            plan,
+            out_schema,
         };
-        let out = q.run(RecordBatch::new_empty(events_schema), RecordBatch::new_empty(twin_schema))?;
-        let schema = out.0;
+        // Execute once on empty inputs: a query that plans but cannot run fails here.
+        q.run(RecordBatch::new_empty(events_schema), RecordBatch::new_empty(twin_schema))?;
+        let schema = q.out_schema.clone();
         let cols: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         if cols.len() < 3 || cols[0] != fields::SRC_PARTITION || cols[1] != fields::SRC_OFFSET {
             return Err(OperatorError::Features(format!(
@@ -108,18 +134,20 @@ impl FeatureQuery {
 
     fn run(&mut self, events: RecordBatch, twin: RecordBatch) -> Result<(SchemaRef, Vec<RecordBatch>), OperatorError> {
         let df_err = |e: datafusion::error::DataFusionError| OperatorError::Features(e.to_string());
-        self.ctx.deregister_table(EVENTS_TABLE).map_err(df_err)?;
-        self.ctx.deregister_table(TWIN_TABLE).map_err(df_err)?;
-        self.ctx.register_batch(EVENTS_TABLE, events).map_err(df_err)?;
-        self.ctx.register_batch(TWIN_TABLE, twin).map_err(df_err)?;
-        let ctx = &self.ctx;
-        let sql = &self.sql;
-        self.rt.block_on(async move {
-            let df = ctx.sql(sql).await.map_err(df_err)?;
-            let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-            let batches = df.collect().await.map_err(df_err)?;
-            Ok((schema, batches))
-        })
+        let (ctx, plan) = (&self.ctx, &self.plan);
+        let (ev, tw) = (&self.events_table, &self.twin_table);
+        let batches = self.rt.block_on(async move {
+            *ev.batches[0].write().await = vec![events];
+            *tw.batches[0].write().await = vec![twin];
+            let state = ctx.state();
+            let physical = state.query_planner().create_physical_plan(plan, &state).await.map_err(df_err)?;
+            let out = collect(physical, ctx.task_ctx()).await.map_err(df_err);
+            // Do not keep the batch alive until the next call.
+            ev.batches[0].write().await.clear();
+            tw.batches[0].write().await.clear();
+            out
+        })?;
+        Ok((self.out_schema.clone(), batches))
     }
 
     /// Compute the feature vectors of `events` (an event batch) given `twin` (its
