@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the main job: `twinguard demo` on the embedded broker. Installs the build's
-# Debian packages if missing; the first build takes about 6 minutes on 2 cores,
+# Debian packages if missing; the first build takes 15-20 minutes on 2 cores (DataFusion, burn, linfa),
 # later runs start in seconds. Extra arguments go to `twinguard demo` (see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
