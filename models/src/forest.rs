@@ -162,10 +162,13 @@ impl Forest {
         }
 
         let class_w: Vec<f32> = if params.balanced {
-            counts
-                .iter()
-                .map(|&n| if n == 0 { 0.0 } else { x.rows as f32 / (present as f32 * n as f32) })
-                .collect()
+            let w: Vec<f32> =
+                counts.iter().map(|&n| if n == 0 { 0.0 } else { x.rows as f32 / (present as f32 * n as f32) }).collect();
+            // Scaled so the lightest present class weighs 1: linfa-trees' minimum
+            // leaf/split weights then keep their "rows" meaning (weights below 1 let
+            // it create empty-weight nodes, on which it panics).
+            let min = w.iter().copied().filter(|&v| v > 0.0).fold(f32::INFINITY, f32::min);
+            w.iter().map(|&v| v / min).collect()
         } else {
             vec![1.0; n_classes]
         };
@@ -204,9 +207,14 @@ impl Forest {
             if params.balanced {
                 dataset = dataset.with_weights(ndarray::Array1::from_iter(rows.iter().map(|&r| class_w[y[r]])));
             }
-            let tree = tree_params
-                .fit(&dataset)
-                .map_err(|e| ModelError::Train(format!("decision tree {t}: {e}")))?;
+            // linfa-trees asserts on some degenerate inputs; a panic there becomes an
+            // error naming the tree instead of taking the process down.
+            let fitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tree_params.fit(&dataset)))
+                .map_err(|p| {
+                    let why = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+                    ModelError::Train(format!("decision tree {t}: linfa-trees panicked: {}", why.unwrap_or_default()))
+                })?;
+            let tree = fitted.map_err(|e| ModelError::Train(format!("decision tree {t}: {e}")))?;
 
             // Flatten (pre-order), mapping column indices back to x's columns.
             let root = forest.feat.len();

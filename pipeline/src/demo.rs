@@ -70,7 +70,9 @@ pub fn train_demo_model(opts: &DemoOptions, seed: u64) -> Result<std::path::Path
             target_fpr: 0.01,
             seed,
             forest: ForestParams { trees: 30, seed, ..Default::default() },
-            svm: SvmParams { max_train_rows: 1000, seed, ..Default::default() },
+            // RBF: the demo's vitals tampering is a non-linear pattern a linear
+            // machine misses; at demo scale its per-event cost does not matter.
+            svm: SvmParams { max_train_rows: 1000, seed, kernel: twinguard_models::svm::Kernel::Rbf { gamma: 0.0 }, ..Default::default() },
             lstm: LstmParams { epochs: 3, seed, ..Default::default() },
             flip_labels: 0.0,
             screen: false,
