@@ -317,7 +317,14 @@ fn real_main(cli: Cli) -> Result<()> {
             init_logs("info");
             let cfg = load_config(config.as_ref())?;
             if check_config {
-                println!("configuration OK (schema {})", cfg.event_schema()?.id());
+                let schema = cfg.event_schema()?;
+                // Loads the model too: a missing or incompatible artifact fails here.
+                let detector = cfg.detector(&schema)?;
+                println!(
+                    "configuration OK (schema {}, model {})",
+                    schema.id(),
+                    detector.model_version().unwrap_or("none: twin behaviour score only")
+                );
                 return Ok(());
             }
             run_until_signal(cfg)

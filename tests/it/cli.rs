@@ -31,6 +31,14 @@ fn invalid_config_fails_at_start_naming_the_key() {
 
     let (ok, out) = twinguard(&["run", "--config", dir.join("missing.toml").to_str().unwrap()], &[]);
     assert!(!ok && out.contains("missing.toml"), "{out}");
+
+    // The model is loaded by --check-config: a missing artifact is named.
+    let (ok, out) = twinguard(
+        &["run", "--config", good.to_str().unwrap(), "--check-config"],
+        &[("TWINGUARD__MODEL__PATH", "/nonexistent/model")],
+    );
+    assert!(!ok);
+    assert!(out.contains("model.path") && out.contains("/nonexistent/model"), "{out}");
 }
 
 #[test]
