@@ -10,11 +10,16 @@
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
+pub mod audit;
 pub mod detect;
 pub mod features;
+pub mod gate;
+pub mod respond;
 pub mod twin;
 
 pub use detect::Detector;
+pub use gate::{Gate, GateStatus, GatingConfig, Transition};
+pub use respond::{PolicyConfig, Registry, Responder, Responses};
 pub use twin::{ChangelogRecord, Twin, TwinConfig, TwinOperator, TwinStore};
 
 /// Event time in milliseconds since the Unix epoch.

@@ -12,14 +12,14 @@ use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
 
 use crate::{Operator, Output, TwinConfig, TwinOperator};
 
-const T0: i64 = 1_750_000_000_000;
+pub(crate) const T0: i64 = 1_750_000_000_000;
 
-fn schema() -> EventSchema {
+pub(crate) fn schema() -> EventSchema {
     EventSchema::builtin("wustl-flow-vitals/v1").unwrap()
 }
 
 /// A typical patient-monitor event; `k` perturbs the metrics slightly.
-fn event(device: &str, i: i64, k: f64) -> Map<String, Value> {
+pub(crate) fn event(device: &str, i: i64, k: f64) -> Map<String, Value> {
     let s = schema();
     let mut m = Map::new();
     for (j, f) in s.fields.iter().enumerate().filter(|(_, f)| f.required) {
@@ -38,7 +38,7 @@ fn event(device: &str, i: i64, k: f64) -> Map<String, Value> {
     event_object(device, T0 + i * 1000, m)
 }
 
-fn batch(events: &[(i32, i64, Map<String, Value>)]) -> RecordBatch {
+pub(crate) fn batch(events: &[(i32, i64, Map<String, Value>)]) -> RecordBatch {
     let dec = Decoder::new(schema(), DecodeLimits::default());
     let bytes: Vec<(Vec<u8>, String)> =
         events.iter().map(|(_, _, e)| (serde_json::to_vec(e).unwrap(), e["device_id"].as_str().unwrap().to_string())).collect();

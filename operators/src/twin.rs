@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use twinguard_schemas::verdict::verdict_arrow_schema;
 use twinguard_schemas::{EventSchema, FieldKind, Role, Transform};
 
+use crate::respond::ResponseState;
 use crate::{Operator, OperatorError, Output};
 
 /// Version of the twin's changelog encoding.
@@ -191,7 +192,18 @@ pub struct Twin {
     /// event; empty until a model with an LSTM scores this device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lstm: Vec<f32>,
+    /// Response state: open incident, desired and reported state, commands awaiting
+    /// acknowledgement (absent until the device was first responded to).
+    /// Boxed: most twins never need one, and an absent state costs 8 bytes.
+    #[serde(default, skip_serializing_if = "no_response")]
+    pub response: Option<Box<ResponseState>>,
 }
+
+fn no_response(r: &Option<Box<ResponseState>>) -> bool {
+    r.as_ref().is_none_or(|r| r.is_empty())
+}
+
+static NO_RESPONSE: ResponseState = ResponseState::EMPTY;
 
 /// Twins are equal when their changelog encodings are (NaN-safe).
 impl PartialEq for Twin {
@@ -221,6 +233,7 @@ impl Twin {
             baselines: vec![Baseline::default(); n_metrics + DERIVED],
             window: vec![f32::NAN; n_metrics],
             lstm: Vec::new(),
+            response: None,
         }
     }
 
@@ -241,6 +254,17 @@ impl Twin {
             + self.baselines.capacity() * std::mem::size_of::<Baseline>()
             + self.window.capacity() * std::mem::size_of::<f32>()
             + self.lstm.capacity() * std::mem::size_of::<f32>()
+            + self.response.as_ref().map_or(0, |r| std::mem::size_of::<ResponseState>() + r.mem_bytes())
+    }
+
+    /// The response state (empty until the device was first responded to).
+    pub fn response(&self) -> &ResponseState {
+        self.response.as_deref().unwrap_or(&NO_RESPONSE)
+    }
+
+    /// The response state, created on first use.
+    pub fn response_mut(&mut self) -> &mut ResponseState {
+        self.response.get_or_insert_with(Default::default)
     }
 
     /// Changelog value of this twin.
@@ -419,6 +443,33 @@ impl TwinOperator {
     pub fn store_mut(&mut self) -> &mut TwinStore {
         &mut self.store
     }
+    /// Mark a twin changed outside event processing (responses, acks): its new state
+    /// goes out with the next [`drain_changelog`](Self::drain_changelog).
+    pub fn touch(&mut self, partition: i32, device: &str) {
+        if self.store.get(partition, device).is_some() {
+            self.dirty.insert((partition, device.to_string()));
+        }
+    }
+
+    /// The `k` metrics of a twin furthest from its baselines (latest reported value,
+    /// after the metric's transform), largest |z| first: `(name, z, value, mean, sd)`.
+    /// Metrics still warming up or never reported are left out.
+    pub fn explain(&self, twin: &Twin, k: usize) -> Vec<(String, f64, f64, f64, f64)> {
+        let mut out: Vec<(String, f64, f64, f64, f64)> = Vec::new();
+        for (i, (_, name, tr)) in self.layout.metrics.iter().enumerate() {
+            let (Some(x), Some(bl)) = (twin.latest.get(i).copied(), twin.baselines.get(i)) else { continue };
+            if x.is_nan() || bl.n < self.cfg.warmup_events as u32 {
+                continue;
+            }
+            let v = tr.apply(x);
+            let sd = bl.sd(&self.cfg);
+            out.push((name.clone(), (v - bl.mean()) / sd, v, bl.mean(), sd));
+        }
+        out.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()).then_with(|| a.0.cmp(&b.0)));
+        out.truncate(k);
+        out
+    }
+
     /// Events skipped because their twin had already applied them (replays).
     pub fn skipped(&self) -> u64 {
         self.skipped

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
-use twinguard_operators::TwinConfig;
+use twinguard_operators::audit::{parse_key_hex, AuditLog};
+use twinguard_operators::{GatingConfig, PolicyConfig, Registry, Responder, TwinConfig};
+use twinguard_schemas::respond::RegistryEntry;
 use twinguard_schemas::{DecodeLimits, EventSchema};
 
 use crate::PipelineError;
@@ -28,6 +30,40 @@ pub struct Config {
     pub decode: DecodeConfig,
     pub state: TwinConfig,
     pub model: ModelConfig,
+    /// Response policy: rules, life-critical handling, command expiry.
+    pub response: PolicyConfig,
+    /// Confidence gating of automated actions by analyst feedback.
+    pub gating: GatingConfig,
+    pub registry: RegistryConfig,
+    pub audit: AuditConfig,
+}
+
+/// The device registry file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// TOML file of `[[device]]` entries (device_id, device_type, criticality,
+    /// approved_firmware), relative to the config file. Unset: no registry (types
+    /// come from telemetry, no firmware check).
+    pub file: Option<PathBuf>,
+}
+
+/// The signed audit trail.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// File holding the ed25519 signing key's 32-byte seed as 64 hex characters
+    /// (`twinguard audit keygen` writes one), relative to the config file. Unset:
+    /// no audit trail is written (a warning says so at start).
+    pub signing_key_file: Option<PathBuf>,
+}
+
+/// The registry file's shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryFile {
+    #[serde(default)]
+    device: Vec<RegistryEntry>,
 }
 
 /// The trained detector to score with.
@@ -83,12 +119,42 @@ pub struct TopicsConfig {
     pub dlq: String,
     /// Compacted twin changelog, partitioned like `input`.
     pub changelog: String,
+    /// Alerts (keyed by device id).
+    pub alerts: String,
+    /// Response commands (keyed by device id).
+    pub commands: String,
+    /// Device acknowledgements of commands, keyed by device id and partitioned like
+    /// `input` (read by the instance owning the device).
+    pub acks: String,
+    /// Analyst feedback on alerts and verdicts (read by every instance).
+    pub feedback: String,
+    /// Signed, hash-chained audit records, partitioned like `input` (one chain per
+    /// partition).
+    pub audit: String,
     /// Create missing topics at start (changelog compacted).
     pub create: bool,
     /// Partitions for topics created at start.
     pub partitions: i32,
     /// Replication factor for topics created at start.
     pub replication: i32,
+}
+
+impl TopicsConfig {
+    /// Every topic the pipeline reads or writes, with whether it is compacted. All
+    /// are partitioned like `input` when twinguard creates them.
+    pub fn all(&self) -> [(&String, bool); 9] {
+        [
+            (&self.input, false),
+            (&self.verdicts, false),
+            (&self.dlq, false),
+            (&self.changelog, true),
+            (&self.alerts, false),
+            (&self.commands, false),
+            (&self.acks, false),
+            (&self.feedback, false),
+            (&self.audit, false),
+        ]
+    }
 }
 
 impl Default for TopicsConfig {
@@ -98,6 +164,11 @@ impl Default for TopicsConfig {
             verdicts: "iomt.verdicts".into(),
             dlq: "iomt.telemetry.dlq".into(),
             changelog: "twinguard.twins.changelog".into(),
+            alerts: "iomt.alerts".into(),
+            commands: "iomt.commands".into(),
+            acks: "iomt.commands.acks".into(),
+            feedback: "iomt.alerts.feedback".into(),
+            audit: "twinguard.audit".into(),
             create: true,
             partitions: 6,
             replication: 1,
@@ -198,9 +269,12 @@ impl Config {
                 cfg.model.path = Some(p.parent().unwrap_or(Path::new(".")).join(f));
             }
         }
-        if let (Some(p), Some(f)) = (path, cfg.schema.file.as_ref()) {
-            if f.is_relative() {
-                cfg.schema.file = Some(p.parent().unwrap_or(Path::new(".")).join(f));
+        if let Some(p) = path {
+            let base = p.parent().unwrap_or(Path::new("."));
+            for f in [&mut cfg.schema.file, &mut cfg.registry.file, &mut cfg.audit.signing_key_file] {
+                if let Some(rel) = f.as_ref().filter(|f| f.is_relative()) {
+                    *f = Some(base.join(rel));
+                }
             }
         }
         cfg.validate().map_err(|e| PipelineError::Config(format!("{origin}: {e}")))?;
@@ -217,13 +291,19 @@ impl Config {
             ("topics.verdicts", &self.topics.verdicts),
             ("topics.dlq", &self.topics.dlq),
             ("topics.changelog", &self.topics.changelog),
+            ("topics.alerts", &self.topics.alerts),
+            ("topics.commands", &self.topics.commands),
+            ("topics.acks", &self.topics.acks),
+            ("topics.feedback", &self.topics.feedback),
+            ("topics.audit", &self.topics.audit),
         ];
         for (k, v) in nonempty {
             if v.trim().is_empty() {
                 return Err(format!("key `{k}` must not be empty"));
             }
         }
-        let names = [&self.topics.input, &self.topics.verdicts, &self.topics.dlq, &self.topics.changelog];
+        let t = &self.topics;
+        let names = [&t.input, &t.verdicts, &t.dlq, &t.changelog, &t.alerts, &t.commands, &t.acks, &t.feedback, &t.audit];
         for (i, a) in names.iter().enumerate() {
             if names[i + 1..].contains(a) {
                 return Err(format!("topics: `{a}` is used for two roles; every topic must be distinct"));
@@ -247,6 +327,8 @@ impl Config {
             return Err("set only one of `schema.name` and `schema.file`".into());
         }
         self.state.validate().map_err(|e| format!("key `{e}"))?;
+        self.response.validate().map_err(|e| format!("section `response`: {e}"))?;
+        self.gating.validate().map_err(|e| format!("section `gating`: {e}"))?;
         for (section, props) in [("properties", &self.kafka.properties), ("consumer", &self.kafka.consumer), ("producer", &self.kafka.producer)] {
             for k in props.keys() {
                 if MANAGED.contains(&k.as_str()) {
@@ -284,6 +366,30 @@ impl Config {
                     .map_err(|e| PipelineError::Config(format!("key `model.path`: {e}")))
             }
         }
+    }
+
+    /// The device registry (empty without `registry.file`).
+    pub fn registry(&self) -> Result<Registry, PipelineError> {
+        let Some(f) = &self.registry.file else { return Ok(Registry::default()) };
+        let err = |m: String| PipelineError::Config(format!("key `registry.file` ({}): {m}", f.display()));
+        let text = std::fs::read_to_string(f).map_err(|e| err(e.to_string()))?;
+        let file: RegistryFile = serde_path_to_error::deserialize(toml::Deserializer::parse(&text).map_err(|e| err(e.to_string()))?)
+            .map_err(|e| err(format!("`{}`: {}", e.path(), e.inner())))?;
+        Registry::new(file.device).map_err(err)
+    }
+
+    /// The audit log, when a signing key is configured.
+    pub fn audit_log(&self) -> Result<Option<AuditLog>, PipelineError> {
+        let Some(f) = &self.audit.signing_key_file else { return Ok(None) };
+        let err = |m: String| PipelineError::Config(format!("key `audit.signing_key_file` ({}): {m}", f.display()));
+        let text = std::fs::read_to_string(f).map_err(|e| err(e.to_string()))?;
+        let seed = parse_key_hex(&text).map_err(err)?;
+        Ok(Some(AuditLog::new(seed)))
+    }
+
+    /// The respond operator this configuration asks for.
+    pub fn responder(&self, schema: &EventSchema) -> Result<Responder, PipelineError> {
+        Ok(Responder::new(schema, self.response.clone(), self.registry()?, self.audit_log()?))
     }
 
     pub fn decode_limits(&self) -> DecodeLimits {

@@ -13,6 +13,7 @@ use rdkafka::message::Headers;
 use rdkafka::mocking::MockCluster;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use twinguard_schemas::fields;
+use twinguard_schemas::respond::{Ack, AckStatus, Alert, Command, RESPONSE_VERSION};
 use twinguard_schemas::verdict::Verdict;
 
 use crate::config::Config;
@@ -110,6 +111,15 @@ pub struct DemoSummary {
     /// Normal events judged after warm-up: (count, flagged anomalous).
     pub normal_judged: (usize, usize),
     pub warming_up: usize,
+    /// Alerts by the action taken.
+    pub alerts_by_action: BTreeMap<String, usize>,
+    pub alerts_for_humans: usize,
+    pub commands: usize,
+    pub acks: usize,
+    /// Twins whose desired state equals what the device reports, of those commanded.
+    pub reconciled: (usize, usize),
+    /// Audit records verified (signature, hash chain), or why verification failed.
+    pub audit: Option<Result<u64, String>>,
 }
 
 impl DemoSummary {
@@ -140,6 +150,17 @@ impl DemoSummary {
         let (n_all, k_all) = self.attacks.values().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         writeln!(out, "    {:<20}{k_all:>6} / {n_all:<6} {:>6.1} %", "all attacks", pct(k_all, n_all))?;
         writeln!(out, "normal events flagged (false positives): {k} / {n} = {:.2} %  ({} warm-up events not judged)", pct(k, n), self.warming_up)?;
+        writeln!(out, "alerts               {:>9}  ({} for a human to decide)", self.alerts_by_action.values().sum::<usize>(), self.alerts_for_humans)?;
+        for (action, n) in &self.alerts_by_action {
+            writeln!(out, "    {action:<24}{n:>6}")?;
+        }
+        writeln!(out, "commands issued      {:>9}  ({} acknowledged by the simulated devices)", self.commands, self.acks)?;
+        writeln!(out, "desired == reported  {:>9}  of {} commanded twins", self.reconciled.0, self.reconciled.1)?;
+        match &self.audit {
+            Some(Ok(n)) => writeln!(out, "audit trail          {n:>9}  records, signatures and hash chains verified")?,
+            Some(Err(e)) => writeln!(out, "audit trail          FAILED: {e}")?,
+            None => {}
+        }
         writeln!(out, "(simulated devices and attacks: this shows the machinery at work, not detection quality on real traffic)")?;
         Ok(())
     }
@@ -198,7 +219,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     cfg.kafka.brokers = mock.bootstrap_servers();
     cfg.kafka.group_id = "twinguard-demo".into();
     cfg.topics.create = false;
-    for t in [&cfg.topics.input, &cfg.topics.verdicts, &cfg.topics.dlq, &cfg.topics.changelog] {
+    for (t, _) in cfg.topics.all() {
         mock.create_topic(t, opts.partitions, 1).map_err(|e| PipelineError::kafka(&format!("create topic {t}"), e))?;
     }
     eprintln!(
@@ -206,6 +227,20 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
         cfg.kafka.brokers, opts.devices, opts.events, opts.partitions
     );
     let sim = Simulator::new(SimConfig::new(opts.devices, opts.events, opts.seed));
+    // The hospital's registry and an audit signing key, in a scratch directory.
+    let work = std::env::temp_dir().join(format!("twinguard-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| PipelineError::Io(format!("{}: {e}", work.display())))?;
+    let registry: Vec<String> = sim
+        .registry()
+        .iter()
+        .map(|e| toml::to_string(&std::collections::BTreeMap::from([("device", vec![e])])).expect("registry entry serialises"))
+        .collect();
+    std::fs::write(work.join("registry.toml"), registry.concat()).map_err(|e| PipelineError::Io(e.to_string()))?;
+    let seed: [u8; 32] = rand::random();
+    std::fs::write(work.join("audit.key"), seed.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        .map_err(|e| PipelineError::Io(e.to_string()))?;
+    cfg.registry.file = Some(work.join("registry.toml"));
+    cfg.audit.signing_key_file = Some(work.join("audit.key"));
     let records: Vec<_> = sim.collect();
     let malformed = records.iter().filter(|r| matches!(r.truth, Truth::Malformed(_))).count();
     let valid = records.len() - malformed;
@@ -214,6 +249,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     let verdicts: Arc<Mutex<HashMap<(i32, i64), (bool, bool)>>> = Arc::default();
     let dlq_reasons: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let dlq_seen = Arc::new(AtomicU64::new(0));
+    let alerts: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+    let (commands_seen, acks_sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let readers = {
         let v = verdicts.clone();
         let r1 = tail_topic(&cfg, &cfg.topics.verdicts, opts.partitions, stop_readers.clone(), move |m| {
@@ -230,7 +267,30 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
             *d.lock().expect("lock").entry(code).or_default() += 1;
             n.fetch_add(1, Ordering::Relaxed);
         })?;
-        [r1, r2]
+        // The devices' management agents: carry out every command and acknowledge it.
+        let acker = {
+            let producer: rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+                kafka::producer_config(&cfg).create().map_err(|e| PipelineError::kafka("device agent", e))?;
+            let (acks_topic, n) = (cfg.topics.acks.clone(), acks_sent.clone());
+            let c = commands_seen.clone();
+            tail_topic(&cfg, &cfg.topics.commands, opts.partitions, stop_readers.clone(), move |m| {
+                let Some(Ok(cmd)) = m.payload().map(serde_json::from_slice::<Command>) else { return };
+                c.fetch_add(1, Ordering::Relaxed);
+                let ack = Ack { v: RESPONSE_VERSION, command_id: cmd.command_id, device_id: cmd.device_id.clone(), status: AckStatus::Applied, reported: cmd.desired };
+                let body = serde_json::to_vec(&ack).expect("ack serialises");
+                let rec = rdkafka::producer::BaseRecord::to(&acks_topic).key(cmd.device_id.as_bytes()).payload(&body);
+                if producer.send(rec).is_ok() {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            })?
+        };
+        let a = alerts.clone();
+        let r3 = tail_topic(&cfg, &cfg.topics.alerts, opts.partitions, stop_readers.clone(), move |m| {
+            if let Some(Ok(alert)) = m.payload().map(serde_json::from_slice::<Alert>) {
+                a.lock().expect("lock").push((alert.response.action.as_str().to_string(), alert.response.needs_human));
+            }
+        })?;
+        [r1, r2, r3, acker]
     };
 
     let metrics = Arc::new(Metrics::default());
@@ -290,6 +350,11 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let seconds = started.elapsed().as_secs_f64();
+    // Give the devices' acknowledgements a moment to come back and reconcile.
+    let settle = Instant::now() + Duration::from_secs(5);
+    while Metrics::get(&metrics.acks_applied) < acks_sent.load(Ordering::Relaxed) && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     eprintln!();
     stop.store(true, Ordering::Relaxed);
     let report = pipeline.join().map_err(|_| PipelineError::Io("pipeline thread panicked".into()))??;
@@ -310,8 +375,17 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
         twins: report.twins,
         twin_mem_bytes: report.twin_mem_bytes,
         seconds,
+        commands: commands_seen.load(Ordering::Relaxed) as usize,
+        acks: Metrics::get(&metrics.acks_applied) as usize,
+        reconciled: report.reconciled,
         ..Default::default()
     };
+    for (action, human) in alerts.lock().expect("lock").iter() {
+        *s.alerts_by_action.entry(action.clone()).or_default() += 1;
+        s.alerts_for_humans += usize::from(*human);
+    }
+    s.audit = Some(verify_audit(&cfg));
+    let _ = std::fs::remove_dir_all(&work);
     for k in AttackKind::ALL {
         s.attacks.insert(k.as_str(), (0, 0));
     }
@@ -333,4 +407,16 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     }
     drop(mock);
     Ok(s)
+}
+
+/// Verify the demo's audit trail the way `twinguard audit verify` does.
+fn verify_audit(cfg: &Config) -> Result<u64, String> {
+    let log = cfg.audit_log().map_err(|e| e.to_string())?.ok_or("no audit key")?;
+    let key = twinguard_operators::audit::parse_key_hex(&log.public_key_hex()).and_then(twinguard_operators::audit::verifying_key)?;
+    let chains = kafka::read_all(cfg, &cfg.topics.audit, Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    let mut n = 0;
+    for (p, recs) in &chains {
+        n += twinguard_operators::audit::verify_chain(*p, recs, &key, false).map_err(|f| f.to_string())?.records;
+    }
+    Ok(n)
 }

@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, TopicPartitionList};
-use twinguard_operators::{ChangelogRecord, Detector};
-use twinguard_schemas::verdict::verdicts_from_batch;
+use twinguard_operators::respond::AckOutcome;
+use twinguard_operators::{ChangelogRecord, Detector, Gate, Responder, Responses};
+use twinguard_schemas::respond::{Ack, Alert, Feedback, RESPONSE_VERSION};
+use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
 use twinguard_schemas::{fields, Decoder, RawRecord};
 
 use crate::config::Config;
@@ -46,6 +48,8 @@ const MAX_DLQ_KEY: usize = 16 * 1024;
 /// Owned copy of a consumed record.
 struct Rec {
     offset: i64,
+    /// The record's timestamp (producer create time or broker append time).
+    ts: Option<i64>,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
 }
@@ -57,16 +61,22 @@ struct PartBuf {
 
 /// A processed batch on its way through the commit stages.
 struct Job {
+    /// The topic whose offset the job stores (input or acks).
+    topic: Arc<str>,
     partition: Option<i32>,
     next_offset: Option<i64>,
     phase1: Arc<AckGroup>,
     changelog: Vec<ChangelogRecord>,
+    /// Input timestamps of the events whose commands are in `phase1`: response
+    /// time is measured when they are acknowledged.
+    command_ts: Vec<i64>,
 }
 
 /// State touched by the core loop and the rebalance callbacks (same thread; the
 /// mutex is never contended, it only makes the sharing explicit and safe).
 struct Core {
     op: Detector,
+    resp: Responder,
     decoder: Decoder,
     buffers: BTreeMap<i32, PartBuf>,
     owned: BTreeSet<i32>,
@@ -76,6 +86,14 @@ struct Shared {
     cfg: Config,
     verdicts_topic: Arc<str>,
     dlq_topic: Arc<str>,
+    input_topic: Arc<str>,
+    acks_topic: Arc<str>,
+    alerts_topic: Arc<str>,
+    commands_topic: Arc<str>,
+    audit_topic: Arc<str>,
+    /// Confidence gating, fed by the control thread (feedback, alerts) and the
+    /// changelog stage (response times); read by the core per batch.
+    gate: Arc<Mutex<Gate>>,
     schema_id: String,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
@@ -173,27 +191,42 @@ impl Shared {
         }
         let skipped_before = core.op.twin().skipped();
         let (scored, _) = core.op.detect(&decoded.batch)?;
-        let batches = [scored];
-        let mut verdicts = 0;
+        let mut verdicts: Vec<Verdict> = verdicts_from_batch(&scored, &self.cfg.topics.input);
+        let now = chrono::Utc::now().timestamp_millis();
+        let (automation, gate_status) = {
+            let g = self.gate.lock().expect("gate lock");
+            (!g.suspended(), serde_json::to_value(g.status()).expect("gate status serialises"))
+        };
+        let mut resp = Responses::default();
+        core.resp.note_gate(partition, !automation, &gate_status, now, &mut resp);
+        let r = core.resp.respond(core.op.twin_mut(), &decoded.batch, &mut verdicts, automation, now);
+        resp.alerts.extend(r.alerts);
+        resp.commands.extend(r.commands);
+        resp.audit.extend(r.audit);
         let mut anomalies = 0;
-        for b in &batches {
-            for v in verdicts_from_batch(b, &self.cfg.topics.input) {
-                verdicts += 1;
-                anomalies += usize::from(v.anomalous);
-                outputs.push(OutRecord {
-                    topic: self.verdicts_topic.clone(),
-                    partition: None,
-                    key: v.device_id.clone().into_bytes(),
-                    payload: Some(serde_json::to_vec(&v).expect("verdict serialises")),
-                    headers: Vec::new(),
-                });
-            }
+        let verdict_count = verdicts.len();
+        for v in &verdicts {
+            anomalies += usize::from(v.anomalous);
+            outputs.push(OutRecord {
+                topic: self.verdicts_topic.clone(),
+                partition: None,
+                key: v.device_id.clone().into_bytes(),
+                payload: Some(serde_json::to_vec(v).expect("verdict serialises")),
+                headers: Vec::new(),
+            });
         }
+        let command_ts = if resp.commands.is_empty() {
+            Vec::new()
+        } else {
+            let ts: HashMap<i64, i64> = recs.iter().filter_map(|r| r.ts.map(|t| (r.offset, t))).collect();
+            resp.commands.iter().filter_map(|(_, off)| off.and_then(|o| ts.get(&o).copied())).collect()
+        };
+        self.emit_responses(resp, &mut outputs);
         ev::BatchProcessed {
             partition,
             records: recs.len(),
             valid,
-            verdicts,
+            verdicts: verdict_count,
             anomalies,
             skipped: core.op.twin().skipped() - skipped_before,
         }
@@ -201,15 +234,86 @@ impl Shared {
         let changelog = core.op.twin_mut().drain_changelog();
         // Twin count per batch (O(partitions)); memory is sampled at expiry ticks (O(twins)).
         self.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
-        self.dispatch(Some(partition), Some(last + 1), outputs, changelog)
+        self.dispatch(self.input_topic.clone(), Some(partition), Some(last + 1), outputs, changelog, command_ts)
+    }
+
+    /// Turn responses into records: alerts and commands keyed by device id, audit
+    /// records pinned to their chain's partition.
+    fn emit_responses(&self, resp: Responses, outputs: &mut Vec<OutRecord>) {
+        let rec = |topic: &Arc<str>, partition, key: &str, payload: Vec<u8>| OutRecord {
+            topic: topic.clone(),
+            partition,
+            key: key.as_bytes().to_vec(),
+            payload: Some(payload),
+            headers: Vec::new(),
+        };
+        for a in &resp.alerts {
+            ev::AlertRaised { alert: a }.emit(&self.metrics);
+            outputs.push(rec(&self.alerts_topic, None, &a.device_id, serde_json::to_vec(a).expect("alert serialises")));
+        }
+        for (c, _) in &resp.commands {
+            ev::CommandIssued { command: c }.emit(&self.metrics);
+            outputs.push(rec(&self.commands_topic, None, &c.device_id, serde_json::to_vec(c).expect("command serialises")));
+        }
+        for (chain, bytes) in resp.audit {
+            self.metrics.audit_out.fetch_add(1, Ordering::Relaxed);
+            outputs.push(rec(&self.audit_topic, Some(chain), "", bytes));
+        }
+    }
+
+    /// Apply one device acknowledgement (a record of the acks topic, partition
+    /// `partition`): reconcile the twin's desired and reported state. A malformed
+    /// ack, or one for a device this instance does not hold, goes to the DLQ.
+    fn process_ack(&self, core: &mut Core, partition: i32, rec: Rec) -> Result<(), PipelineError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut resp = Responses::default();
+        let mut outputs = Vec::new();
+        let parsed: Result<Ack, String> = rec
+            .payload
+            .as_deref()
+            .ok_or_else(|| "empty record".to_string())
+            .and_then(|b| serde_json::from_slice::<Ack>(b).map_err(|e| format!("not an ack: {e}")))
+            .and_then(|a| if a.v == RESPONSE_VERSION { Ok(a) } else { Err(format!("ack version {} unsupported (expected {RESPONSE_VERSION})", a.v)) });
+        let outcome = parsed.and_then(|ack| core.resp.apply_ack(core.op.twin_mut(), partition, &ack, now, &mut resp).map(|o| (ack, o)));
+        match outcome {
+            Ok((ack, o)) => ev::AckApplied { device: &ack.device_id, command: &ack.command_id, reconciled: o == AckOutcome::Reconciled }.emit(&self.metrics),
+            Err(reason) => outputs.push(self.control_dead_letter(&self.acks_topic, partition, rec.offset, rec.key.clone(), rec.payload.clone(), &reason)),
+        }
+        self.emit_responses(resp, &mut outputs);
+        let changelog = core.op.twin_mut().drain_changelog();
+        self.dispatch(self.acks_topic.clone(), Some(partition), Some(rec.offset + 1), outputs, changelog, Vec::new())
+    }
+
+    /// A dead letter for a record of a control topic (acks, feedback).
+    fn control_dead_letter(&self, topic: &Arc<str>, partition: i32, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, reason: &str) -> OutRecord {
+        ev::ControlRejected { topic, partition, offset, reason }.emit(&self.metrics);
+        let mut payload = payload.unwrap_or_default();
+        payload.truncate(MAX_DLQ_VALUE / 2);
+        let mut key = key.unwrap_or_default();
+        key.truncate(MAX_DLQ_KEY);
+        OutRecord {
+            topic: self.dlq_topic.clone(),
+            partition: None,
+            key,
+            payload: Some(payload),
+            headers: vec![
+                (fields::DLQ_REASON, reason.as_bytes().to_vec()),
+                (fields::DLQ_CODE, b"invalid_control_record".to_vec()),
+                (fields::DLQ_TOPIC, topic.as_bytes().to_vec()),
+                (fields::DLQ_PARTITION, partition.to_string().into_bytes()),
+                (fields::DLQ_OFFSET, offset.to_string().into_bytes()),
+            ],
+        }
     }
 
     fn dispatch(
         &self,
+        topic: Arc<str>,
         partition: Option<i32>,
         next_offset: Option<i64>,
         outputs: Vec<OutRecord>,
         changelog: Vec<ChangelogRecord>,
+        command_ts: Vec<i64>,
     ) -> Result<(), PipelineError> {
         let phase1 = AckGroup::new(outputs.len());
         if let Some(p) = partition {
@@ -217,7 +321,7 @@ impl Shared {
         }
         kafka::send_all(&self.producer, &outputs, &phase1, &self.abort);
         let tx = self.to_changelog.lock().expect("sender lock").clone();
-        let job = Job { partition, next_offset, phase1, changelog };
+        let job = Job { topic, partition, next_offset, phase1, changelog, command_ts };
         match tx.map(|tx| tx.send(job)) {
             Some(Ok(())) => Ok(()),
             _ => {
@@ -254,6 +358,19 @@ impl Shared {
         for (p, n) in read {
             let twins = core.op.twin().store().iter().filter(|t| t.partition == p).count();
             ev::TwinsRestored { partition: p, twins, records_read: n, millis: started.elapsed().as_millis() }.emit(&self.metrics);
+        }
+        // The audit topic is its own durable head: continue each chain from the last
+        // record acknowledged on its partition.
+        if let Some(log) = core.resp.audit_mut() {
+            for &p in parts {
+                let tail = kafka::read_tail(&self.cfg, &self.cfg.topics.audit, p, timeout)?;
+                log.continue_from(p, tail.as_deref()).map_err(|e| {
+                    PipelineError::Fatal(format!(
+                        "audit chain of partition {p} of `{}` cannot be continued: its last record is {e}; run `twinguard audit verify`",
+                        self.cfg.topics.audit
+                    ))
+                })?;
+            }
         }
         Ok(())
     }
@@ -298,6 +415,7 @@ impl ConsumerContext for SourceContext {
             core.buffers.remove(p);
             core.owned.remove(p);
             core.op.twin_mut().store_mut().drop_partition(*p);
+            core.resp.drop_partition(*p);
             s.committed.lock().expect("committed lock").remove(p);
         }
         s.metrics.partitions_owned.store(core.owned.len() as i64, Ordering::Relaxed);
@@ -348,6 +466,8 @@ impl ConsumerContext for SourceContext {
 pub struct RunReport {
     pub twins: usize,
     pub twin_mem_bytes: usize,
+    /// (twins whose desired state equals their reported state, twins with a desired state).
+    pub reconciled: (usize, usize),
 }
 
 /// Run the pipeline until `stop` is set (graceful: buffered records are processed,
@@ -356,6 +476,13 @@ pub struct RunReport {
 pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result<RunReport, PipelineError> {
     let schema = cfg.event_schema()?;
     let detector = cfg.detector(&schema)?;
+    let responder = cfg.responder(&schema)?;
+    if responder.config().rules.is_empty() {
+        tracing::warn!("no response rules: every alert is `notify`");
+    }
+    if cfg.audit.signing_key_file.is_none() {
+        tracing::warn!("audit trail disabled: set `audit.signing_key_file` (twinguard audit keygen) to sign and chain every decision");
+    }
     let partitions = kafka::ensure_topics(cfg)?;
     tracing::info!(input = %cfg.topics.input, partitions, schema = %schema.id(), model = detector.model_version().unwrap_or("none (twin behaviour only)"), "starting pipeline");
     let producer = kafka::create_producer(cfg)?;
@@ -365,6 +492,12 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
         cfg: cfg.clone(),
         verdicts_topic: cfg.topics.verdicts.as_str().into(),
         dlq_topic: cfg.topics.dlq.as_str().into(),
+        input_topic: cfg.topics.input.as_str().into(),
+        acks_topic: cfg.topics.acks.as_str().into(),
+        alerts_topic: cfg.topics.alerts.as_str().into(),
+        commands_topic: cfg.topics.commands.as_str().into(),
+        audit_topic: cfg.topics.audit.as_str().into(),
+        gate: Arc::new(Mutex::new(Gate::new(cfg.gating.clone()))),
         schema_id: schema.id(),
         metrics: metrics.clone(),
         stop: stop.clone(),
@@ -375,6 +508,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
         committed: Mutex::new(HashMap::new()),
         core: Mutex::new(Core {
             op: detector,
+            resp: responder,
             decoder: Decoder::new(schema.clone(), cfg.decode_limits()),
             buffers: BTreeMap::new(),
             owned: BTreeSet::new(),
@@ -387,7 +521,16 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
             .create_with_context(SourceContext { shared: shared.clone() })
             .map_err(|e| PipelineError::kafka("create consumer", e))?,
     );
-    consumer.subscribe(&[&cfg.topics.input]).map_err(|e| PipelineError::kafka("subscribe", e))?;
+    // Acks are co-partitioned with the input: the range assignor gives partition p of
+    // both to the same instance, the one holding the twins of partition p.
+    consumer.subscribe(&[&cfg.topics.input, &cfg.topics.acks]).map_err(|e| PipelineError::kafka("subscribe", e))?;
+    let control = {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("tg-control".into())
+            .spawn(move || control_loop(&s))
+            .map_err(|e| PipelineError::Io(e.to_string()))?
+    };
 
     let changelog_stage = {
         let s = shared.clone();
@@ -419,6 +562,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
     shared.to_changelog.lock().expect("sender lock").take();
     let _ = changelog_stage.join();
     let _ = offsets_stage.join();
+    let _ = control.join();
     if !shared.failed() {
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
@@ -428,7 +572,12 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
     consumer.unsubscribe();
     let report = {
         let core = shared.core.lock().expect("core lock");
-        RunReport { twins: core.op.twin().store().len(), twin_mem_bytes: core.op.twin().store().mem_bytes() }
+        let commanded: Vec<_> = core.op.twin().store().iter().filter(|t| !t.response().desired.is_empty()).collect();
+        RunReport {
+            twins: core.op.twin().store().len(),
+            twin_mem_bytes: core.op.twin().store().mem_bytes(),
+            reconciled: (commanded.iter().filter(|t| t.response().delta().is_empty()).count(), commanded.len()),
+        }
     };
     drop(consumer);
     if let Some(msg) = shared.fatal.lock().expect("fatal lock").clone() {
@@ -460,11 +609,26 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             Some(Ok(m)) if m.topic() == input => {
                 let p = m.partition();
                 let buf = core.buffers.entry(p).or_insert_with(|| PartBuf { records: Vec::with_capacity(max), opened: Instant::now() });
-                buf.records.push(Rec { offset: m.offset(), key: m.key().map(<[u8]>::to_vec), payload: m.payload().map(<[u8]>::to_vec) });
+                buf.records.push(Rec {
+                    offset: m.offset(),
+                    ts: m.timestamp().to_millis(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                });
                 if buf.records.len() >= max {
                     let recs = core.buffers.remove(&p).map(|b| b.records).unwrap_or_default();
                     s.process(&mut core, p, recs)?;
                 }
+            }
+            Some(Ok(m)) if m.topic() == &*s.acks_topic => {
+                let rec = Rec {
+                    offset: m.offset(),
+                    ts: None,
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                };
+                let p = m.partition();
+                s.process_ack(&mut core, p, rec)?;
             }
             Some(Ok(m)) => tracing::warn!(topic = m.topic(), "record from an unexpected topic ignored"),
         }
@@ -481,16 +645,27 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             };
             let expired = core.op.twin_mut().expire(&durable);
             ev::StateSampled { twins: core.op.twin().store().len(), mem_bytes: core.op.twin().store().mem_bytes(), expired }.emit(&s.metrics);
-            if expired > 0 {
-                // One job per partition, counted in flight like a batch, so a revoke
-                // waits for its tombstones too.
-                let mut by_partition: BTreeMap<i32, Vec<ChangelogRecord>> = BTreeMap::new();
-                for rec in core.op.twin_mut().drain_changelog() {
-                    by_partition.entry(rec.partition).or_default().push(rec);
-                }
-                for (p, recs) in by_partition {
-                    s.dispatch(Some(p), None, Vec::new(), recs)?;
-                }
+            // Commands whose device never acknowledged them.
+            let now = chrono::Utc::now().timestamp_millis();
+            let Core { op, resp, .. } = &mut *core;
+            let unacked = resp.expire_commands(op.twin_mut(), now);
+            // One job per partition, counted in flight like a batch, so a revoke waits
+            // for its tombstones and expiry alerts too.
+            let mut by_partition: BTreeMap<i32, (Responses, Vec<ChangelogRecord>)> = BTreeMap::new();
+            for a in unacked.alerts {
+                let p = core.op.twin().store().iter().find(|t| t.device_id == a.device_id).map_or(0, |t| t.partition);
+                by_partition.entry(p).or_default().0.alerts.push(a);
+            }
+            for (chain, bytes) in unacked.audit {
+                by_partition.entry(chain).or_default().0.audit.push((chain, bytes));
+            }
+            for rec in core.op.twin_mut().drain_changelog() {
+                by_partition.entry(rec.partition).or_default().1.push(rec);
+            }
+            for (p, (resp, recs)) in by_partition {
+                let mut outputs = Vec::new();
+                s.emit_responses(resp, &mut outputs);
+                s.dispatch(s.input_topic.clone(), Some(p), None, outputs, recs, Vec::new())?;
             }
         }
     }
@@ -503,6 +678,19 @@ fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job, Arc<AckGr
         if let Err(e) = job.phase1.wait(&s.abort) {
             s.fail(e);
             break;
+        }
+        if !job.command_ts.is_empty() {
+            // Response time: the event entered the input topic → its command was
+            // acknowledged by the broker (with the rest of the batch's outputs).
+            let now = chrono::Utc::now().timestamp_millis();
+            let mut gate = s.gate.lock().expect("gate lock");
+            for ts in &job.command_ts {
+                let ms = (now - ts).max(0) as f64;
+                s.metrics.record_response_ms(ms);
+                if let Some(t) = gate.observe_response_ms(ms) {
+                    ev::GateChanged { transition: &t }.emit(&s.metrics);
+                }
+            }
         }
         let records: Vec<OutRecord> = job
             .changelog
@@ -533,13 +721,66 @@ fn offsets_stage(s: &Shared, consumer: &BaseConsumer<SourceContext>, rx: Receive
         if let (Some(p), Some(next)) = (job.partition, job.next_offset) {
             // rd_kafka_offset_store takes the last processed offset and stores
             // `offset + 1`, the next record to read.
-            match consumer.store_offset(&s.cfg.topics.input, p, next - 1) {
+            match consumer.store_offset(&job.topic, p, next - 1) {
                 Ok(()) => ev::OffsetsStored { partition: p, next_offset: next }.emit(&s.metrics),
                 Err(e) => tracing::warn!(partition = p, error = %e, "cannot store offset (partition revoked?)"),
             }
         }
         if let Some(p) = job.partition {
             s.inflight_done(p);
+        }
+    }
+}
+
+/// The control thread: reads the alerts and feedback topics (every partition, from
+/// the beginning) into the confidence gate, so every instance computes the same
+/// figures and a restart rebuilds them. Malformed feedback goes to the DLQ.
+fn control_loop(s: &Shared) {
+    let consumer = match kafka::assign_all(&s.cfg, &[&s.cfg.topics.alerts, &s.cfg.topics.feedback], "control") {
+        Ok(c) => c,
+        Err(e) => {
+            s.fail(format!("control consumer (alerts, feedback): {e}"));
+            return;
+        }
+    };
+    let feedback_topic: Arc<str> = s.cfg.topics.feedback.as_str().into();
+    while !s.stop.load(Ordering::Relaxed) && !s.failed() {
+        let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let m = match polled {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "control consumer error (librdkafka retries)");
+                continue;
+            }
+        };
+        let payload = m.payload().unwrap_or_default();
+        if m.topic() == s.cfg.topics.alerts {
+            // Alerts are written by the pipeline itself; one that does not parse is
+            // not ours to judge (a newer version): skip it.
+            if let Ok(a) = serde_json::from_slice::<Alert>(payload) {
+                s.gate.lock().expect("gate lock").observe_alert(&a);
+            }
+            continue;
+        }
+        let parsed = serde_json::from_slice::<Feedback>(payload)
+            .map_err(|e| format!("not a feedback record: {e}"))
+            .and_then(|f| if f.v == RESPONSE_VERSION { Ok(f) } else { Err(format!("feedback version {} unsupported", f.v)) });
+        match parsed {
+            Ok(fb) => {
+                s.metrics.feedback_in.fetch_add(1, Ordering::Relaxed);
+                let t = s.gate.lock().expect("gate lock").observe_feedback(&fb);
+                if let Some(t) = t {
+                    ev::GateChanged { transition: &t }.emit(&s.metrics);
+                }
+            }
+            Err(reason) => {
+                let dl = s.control_dead_letter(&feedback_topic, m.partition(), m.offset(), m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec), &reason);
+                let group = AckGroup::new(1);
+                kafka::send_all(&s.producer, &[dl], &group, &s.abort);
+                if let Err(e) = group.wait(&s.abort) {
+                    s.fail(format!("dead letter for feedback: {e}"));
+                }
+            }
         }
     }
 }

@@ -36,7 +36,7 @@ fn refused_outputs_stop_the_pipeline_without_committing_and_a_restart_delivers_a
     cfg.kafka.producer.insert("message.timeout.ms".into(), "5000".into());
     cfg.topics.create = false;
     cfg.batch.max_records = 50;
-    for t in [&cfg.topics.input, &cfg.topics.verdicts, &cfg.topics.dlq, &cfg.topics.changelog] {
+    for (t, _) in cfg.topics.all() {
         mock.create_topic(t, 2, 1).unwrap();
     }
     let mut sc = SimConfig::new(8, 400, 3);

@@ -199,7 +199,7 @@ pub fn ensure_topics(cfg: &Config) -> Result<usize, PipelineError> {
         }
         wanted.push(NewTopicSpec { name: t.input.clone(), partitions: n as i32, compact: false });
     }
-    for (name, compact) in [(&t.verdicts, false), (&t.dlq, false), (&t.changelog, true)] {
+    for (name, compact) in t.all().into_iter().skip(1) {
         match partition_count(cfg, name)? {
             Some(_) => {}
             None if t.create => wanted.push(NewTopicSpec { name: name.clone(), partitions: n as i32, compact }),
@@ -217,6 +217,17 @@ pub fn ensure_topics(cfg: &Config) -> Result<usize, PipelineError> {
             "key `topics.changelog`: `{}` has {cl} partitions but `{}` has {n}; the changelog needs at least as many",
             t.changelog, t.input
         )));
+    }
+    // Co-partitioned topics: partition p of each belongs with input partition p.
+    for (key, name, exact) in [("topics.acks", &t.acks, true), ("topics.audit", &t.audit, false)] {
+        let m = partition_count(cfg, name)?.unwrap_or(0);
+        if m < n || (exact && m != n) {
+            return Err(PipelineError::Config(format!(
+                "key `{key}`: `{name}` has {m} partitions but `{}` has {n}; it must have {} as many",
+                t.input,
+                if exact { "exactly" } else { "at least" }
+            )));
+        }
     }
     Ok(n)
 }
@@ -265,7 +276,7 @@ pub fn create_topics(cfg: &Config, topics: &[NewTopicSpec]) -> Result<(), Pipeli
 
 /// Context of the changelog reader: partition EOF is how a restore knows it is done,
 /// not an error worth logging (librdkafka also reports it on the main queue).
-struct RestoreContext;
+pub struct RestoreContext;
 
 impl ClientContext for RestoreContext {
     fn error(&self, error: KafkaError, reason: &str) {
@@ -287,7 +298,22 @@ pub fn read_changelog(
     timeout: Duration,
     mut f: impl FnMut(i32, &str, Option<&[u8]>) -> Result<(), PipelineError>,
 ) -> Result<BTreeMap<i32, u64>, PipelineError> {
-    let topic = &cfg.topics.changelog;
+    read_partitions(cfg, &cfg.topics.changelog, partitions, |_| Offset::Beginning, timeout, |p, _, key, value| {
+        let key = key.map(String::from_utf8_lossy).unwrap_or_default();
+        f(p, &key, value)
+    })
+}
+
+/// Read `partitions` of `topic` from `start(p)` to their end (partition EOF), calling
+/// `f(partition, offset, key, value)` per record; returns records read per partition.
+pub fn read_partitions(
+    cfg: &Config,
+    topic: &str,
+    partitions: &[i32],
+    start: impl Fn(i32) -> Offset,
+    timeout: Duration,
+    mut f: impl FnMut(i32, i64, Option<&[u8]>, Option<&[u8]>) -> Result<(), PipelineError>,
+) -> Result<BTreeMap<i32, u64>, PipelineError> {
     let mut read: BTreeMap<i32, u64> = partitions.iter().map(|p| (*p, 0)).collect();
     if partitions.is_empty() {
         return Ok(read);
@@ -302,34 +328,85 @@ pub fn read_changelog(
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "50");
     let consumer: BaseConsumer<RestoreContext> =
-        c.create_with_context(RestoreContext).map_err(|e| PipelineError::kafka("changelog reader", e))?;
-    // Every partition is read from the broker's log start until librdkafka reports
-    // its end (partition EOF). Watermarks are not used: tansu 0.6 was seen to report a
-    // high watermark below records it then served, which would end a restore early.
+        c.create_with_context(RestoreContext).map_err(|e| PipelineError::kafka("reader", e))?;
+    // Every partition is read until librdkafka reports its end (partition EOF).
+    // Watermarks are not trusted for the end: tansu 0.6 was seen to report a high
+    // watermark below records it then served, which would end a restore early.
     let mut pending: std::collections::BTreeSet<i32> = partitions.iter().copied().collect();
     let mut tpl = TopicPartitionList::new();
     for &p in partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| PipelineError::kafka("assign", e))?;
+        tpl.add_partition_offset(topic, p, start(p)).map_err(|e| PipelineError::kafka("assign", e))?;
     }
-    consumer.assign(&tpl).map_err(|e| PipelineError::kafka("assign changelog", e))?;
+    consumer.assign(&tpl).map_err(|e| PipelineError::kafka(&format!("assign `{topic}`"), e))?;
     let deadline = Instant::now() + timeout;
     while !pending.is_empty() {
         if Instant::now() > deadline {
-            return Err(PipelineError::Io(format!("restoring twins from `{topic}` timed out; partitions {pending:?} incomplete")));
+            return Err(PipelineError::Io(format!("reading `{topic}` timed out; partitions {pending:?} incomplete")));
         }
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 pending.remove(&p);
             }
-            Some(Err(e)) => return Err(PipelineError::kafka(&format!("reading changelog `{topic}`"), e)),
+            Some(Err(e)) => return Err(PipelineError::kafka(&format!("reading `{topic}`"), e)),
             Some(Ok(m)) => {
                 let p = m.partition();
-                let key = m.key().map(String::from_utf8_lossy).unwrap_or_default();
-                f(p, &key, m.payload())?;
+                f(p, m.offset(), m.key(), m.payload())?;
                 *read.entry(p).or_default() += 1;
             }
         }
     }
     Ok(read)
+}
+
+/// The last record of one partition (None when it is empty).
+pub fn read_tail(cfg: &Config, topic: &str, partition: i32, timeout: Duration) -> Result<Option<Vec<u8>>, PipelineError> {
+    let c: BaseConsumer = base_client(cfg).create().map_err(|e| PipelineError::kafka("watermark client", e))?;
+    let (low, high) = c
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(|e| PipelineError::kafka(&format!("watermarks of `{topic}` [{partition}]"), e))?;
+    // Start one before the high watermark, and read to the end anyway (see above).
+    let start = if high > low && high > 0 { Offset::Offset(high - 1) } else { Offset::Beginning };
+    let mut last = None;
+    read_partitions(cfg, topic, &[partition], |_| start, timeout, |_, _, _, v| {
+        last = v.map(<[u8]>::to_vec);
+        Ok(())
+    })?;
+    Ok(last)
+}
+
+/// Every record of every partition of `topic`, by partition, in offset order.
+pub fn read_all(cfg: &Config, topic: &str, timeout: Duration) -> Result<BTreeMap<i32, Vec<(i64, Vec<u8>)>>, PipelineError> {
+    let n = partition_count(cfg, topic)?.ok_or_else(|| PipelineError::Config(format!("topic `{topic}` does not exist")))?;
+    let parts: Vec<i32> = (0..n as i32).collect();
+    let mut out: BTreeMap<i32, Vec<(i64, Vec<u8>)>> = parts.iter().map(|p| (*p, Vec::new())).collect();
+    read_partitions(cfg, topic, &parts, |_| Offset::Beginning, timeout, |p, o, _, v| {
+        out.entry(p).or_default().push((o, v.map(<[u8]>::to_vec).unwrap_or_default()));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// A consumer assigned every partition of `topics` from the beginning (no group
+/// membership, no commits): every instance reads all of them.
+pub fn assign_all(cfg: &Config, topics: &[&str], purpose: &str) -> Result<BaseConsumer<RestoreContext>, PipelineError> {
+    let mut c = base_client(cfg);
+    for (k, v) in &cfg.kafka.consumer {
+        c.set(k, v);
+    }
+    c.set("group.id", format!("{}.{purpose}", cfg.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "50");
+    let consumer: BaseConsumer<RestoreContext> =
+        c.create_with_context(RestoreContext).map_err(|e| PipelineError::kafka(&format!("{purpose} consumer"), e))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let n = partition_count(cfg, t)?.ok_or_else(|| PipelineError::Config(format!("topic `{t}` does not exist")))?;
+        for p in 0..n as i32 {
+            tpl.add_partition_offset(t, p, Offset::Beginning).map_err(|e| PipelineError::kafka("assign", e))?;
+        }
+    }
+    consumer.assign(&tpl).map_err(|e| PipelineError::kafka(&format!("assign {purpose}"), e))?;
+    Ok(consumer)
 }

@@ -125,10 +125,49 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The signed audit trail: create a signing key, or verify the audit topic.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// List the built-in event schemas, or print one's definition.
     Schemas {
         /// Print this schema's fields.
         name: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Write a new ed25519 signing key (its 32-byte seed as hex, file mode 0600) for
+    /// `[audit] signing_key_file`, and print the public key that verifies it.
+    Keygen {
+        /// File to create (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Read the audit topic and prove every partition's hash chain intact: hashes,
+    /// signatures, sequence and links. On failure, names the first record that was
+    /// altered, removed, reordered or forged, and exits with status 1.
+    Verify {
+        /// Configuration file (brokers, `topics.audit`, `audit.signing_key_file`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Audit topic to read (default: `topics.audit`).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Public key (64 hex characters); default: derived from the configured signing key.
+        #[arg(long, conflicts_with = "public_key_file")]
+        public_key: Option<String>,
+        /// File holding the public key as hex.
+        #[arg(long)]
+        public_key_file: Option<PathBuf>,
+        /// Accept chains whose oldest records were deleted by topic retention.
+        #[arg(long)]
+        allow_truncated_start: bool,
+        /// Give up reading the topic after this long.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
     },
 }
 
@@ -320,10 +359,16 @@ fn real_main(cli: Cli) -> Result<()> {
                 let schema = cfg.event_schema()?;
                 // Loads the model too: a missing or incompatible artifact fails here.
                 let detector = cfg.detector(&schema)?;
+                // ...and the registry and the audit key.
+                let registry = cfg.registry()?;
+                let audit = cfg.audit_log()?;
                 println!(
-                    "configuration OK (schema {}, model {})",
+                    "configuration OK (schema {}, model {}, {} registered devices, {} response rules, audit {})",
                     schema.id(),
-                    detector.model_version().unwrap_or("none: twin behaviour score only")
+                    detector.model_version().unwrap_or("none: twin behaviour score only"),
+                    registry.len(),
+                    cfg.response.rules.len(),
+                    audit.map_or("off (no signing key)".to_string(), |a| format!("signed, public key {}", a.public_key_hex()))
                 );
                 return Ok(());
             }
@@ -381,6 +426,7 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("report.json, roc.png, pr.png, confusion.png written to {}", out.display());
             Ok(())
         }
+        Command::Audit { command } => audit(command),
         Command::Schemas { name } => {
             match name {
                 None => {
@@ -399,6 +445,59 @@ fn real_main(cli: Cli) -> Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+    }
+}
+
+fn audit(command: AuditCommand) -> Result<()> {
+    use twinguard_operators::audit::{parse_key_hex, verify_chain, verifying_key, AuditLog};
+    match command {
+        AuditCommand::Keygen { out } => {
+            use rand::Rng;
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let seed: [u8; 32] = rand::rng().random();
+            let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("creating {} (an existing key is never overwritten)", out.display()))?;
+            writeln!(f, "{hex}")?;
+            println!("signing key written to {} (keep it secret)", out.display());
+            println!("public key: {}", AuditLog::new(seed).public_key_hex());
+            Ok(())
+        }
+        AuditCommand::Verify { config, topic, public_key, public_key_file, allow_truncated_start, timeout_secs } => {
+            init_logs("warn");
+            let cfg = load_config(config.as_ref())?;
+            let topic = topic.unwrap_or_else(|| cfg.topics.audit.clone());
+            let key_hex = match (public_key, public_key_file) {
+                (Some(k), _) => k,
+                (None, Some(f)) => std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
+                (None, None) => cfg
+                    .audit_log()?
+                    .ok_or_else(|| anyhow::anyhow!("no key to verify with: pass --public-key, or configure `audit.signing_key_file`"))?
+                    .public_key_hex(),
+            };
+            let key = parse_key_hex(&key_hex).and_then(verifying_key).map_err(|e| anyhow::anyhow!("public key: {e}"))?;
+            let chains = twinguard::kafka::read_all(&cfg, &topic, std::time::Duration::from_secs(timeout_secs))?;
+            let mut total = 0;
+            for (p, records) in &chains {
+                match verify_chain(*p, records, &key, allow_truncated_start) {
+                    Ok(s) => {
+                        total += s.records;
+                        println!("partition {p}: {} records, chain intact{}", s.records, s.head.map_or(String::new(), |h| format!(", head {}", &h[..16])));
+                    }
+                    Err(fault) => {
+                        println!("partition {p}: FAILED");
+                        anyhow::bail!("audit trail of `{topic}` does not verify: {fault}");
+                    }
+                }
+            }
+            println!("audit trail of `{topic}` verified: {total} records in {} chains", chains.len());
             Ok(())
         }
     }

@@ -235,6 +235,25 @@ impl Simulator {
         self.devices.iter().map(|d| (d.id.clone(), d.kind.as_str())).collect()
     }
 
+    /// The hospital's device registry: each device's type, criticality and the
+    /// firmware it shipped with (the only approved image).
+    pub fn registry(&self) -> Vec<twinguard_schemas::respond::RegistryEntry> {
+        use twinguard_schemas::respond::{Criticality, RegistryEntry};
+        self.devices
+            .iter()
+            .map(|d| RegistryEntry {
+                device_id: d.id.clone(),
+                device_type: d.kind.as_str().to_string(),
+                criticality: match d.kind {
+                    DeviceType::InfusionPump | DeviceType::Ventilator | DeviceType::InsulinPump => Criticality::LifeCritical,
+                    DeviceType::PatientMonitor | DeviceType::EcgMonitor => Criticality::High,
+                    DeviceType::PulseOximeter => Criticality::Medium,
+                },
+                approved_firmware: vec![d.firmware.clone()],
+            })
+            .collect()
+    }
+
     fn event(&mut self, i: usize, t: i64) -> (Map<String, Value>, Truth) {
         let rng = &mut self.rng;
         let d = &mut self.devices[i];

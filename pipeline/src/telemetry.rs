@@ -1,9 +1,16 @@
 //! Internal telemetry through typed events: each event struct both logs (tracing)
 //! and counts ([`Metrics`]); no metric names are scattered through the code.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 
+use twinguard_operators::Transition;
+use twinguard_schemas::respond::{Alert, Command};
 use twinguard_schemas::RejectCode;
+
+/// Response times kept for the quantiles the metrics report.
+const RESPONSE_SAMPLES: usize = 100_000;
 
 /// Counters and gauges of one pipeline instance. Cheap to read at any time.
 #[derive(Debug, Default)]
@@ -26,6 +33,17 @@ pub struct Metrics {
     pub partitions_owned: AtomicI64,
     /// 1 once partitions are assigned and their twins restored.
     pub ready: AtomicI64,
+    pub alerts_out: AtomicU64,
+    pub commands_out: AtomicU64,
+    pub audit_out: AtomicU64,
+    pub acks_applied: AtomicU64,
+    /// Acks or feedback records sent to the DLQ.
+    pub control_rejected: AtomicU64,
+    pub feedback_in: AtomicU64,
+    /// 1 while confidence gating suspends automated actions.
+    pub gate_suspended: AtomicI64,
+    /// Most recent command response times (ms): input → command acknowledged.
+    response_ms: Mutex<VecDeque<f64>>,
 }
 
 impl Metrics {
@@ -34,6 +52,104 @@ impl Metrics {
     }
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Relaxed)
+    }
+    pub fn record_response_ms(&self, ms: f64) {
+        let mut v = self.response_ms.lock().expect("response lock");
+        if v.len() == RESPONSE_SAMPLES {
+            v.pop_front();
+        }
+        v.push_back(ms);
+    }
+    /// The recorded command response times (ms), oldest first.
+    pub fn response_times(&self) -> Vec<f64> {
+        self.response_ms.lock().expect("response lock").iter().copied().collect()
+    }
+}
+
+/// An alert was raised.
+pub struct AlertRaised<'a> {
+    pub alert: &'a Alert,
+}
+
+impl AlertRaised<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        let a = self.alert;
+        tracing::info!(
+            device_id = %a.device_id,
+            alert_id = %a.alert_id,
+            kind = ?a.kind,
+            class = a.attack_class.as_deref().unwrap_or("-"),
+            score = a.score,
+            action = a.response.action.as_str(),
+            automated = a.response.automated,
+            needs_human = a.response.needs_human,
+            "alert"
+        );
+        m.alerts_out.fetch_add(1, Relaxed);
+    }
+}
+
+/// A response command was issued.
+pub struct CommandIssued<'a> {
+    pub command: &'a Command,
+}
+
+impl CommandIssued<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        let c = self.command;
+        tracing::info!(device_id = %c.device_id, command_id = %c.command_id, action = c.action.as_str(), rule = %c.reason.rule, "command issued");
+        m.commands_out.fetch_add(1, Relaxed);
+    }
+}
+
+/// A device acknowledged a command.
+pub struct AckApplied<'a> {
+    pub device: &'a str,
+    pub command: &'a str,
+    /// False when the command was no longer pending (a duplicate or late ack).
+    pub reconciled: bool,
+}
+
+impl AckApplied<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        tracing::info!(device_id = self.device, command_id = self.command, reconciled = self.reconciled, "command acknowledged");
+        m.acks_applied.fetch_add(1, Relaxed);
+    }
+}
+
+/// A record of a control topic (acks, feedback) was rejected to the DLQ.
+pub struct ControlRejected<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: &'a str,
+}
+
+impl ControlRejected<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        tracing::warn!(topic = self.topic, partition = self.partition, offset = self.offset, reason = self.reason, "control record rejected to the dead-letter topic");
+        m.control_rejected.fetch_add(1, Relaxed);
+        m.dlq_out.fetch_add(1, Relaxed);
+    }
+}
+
+/// Confidence gating suspended or resumed automated actions.
+pub struct GateChanged<'a> {
+    pub transition: &'a Transition,
+}
+
+impl GateChanged<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        match self.transition {
+            Transition::Suspended(s) => {
+                tracing::warn!(reasons = ?s.reasons, labels = s.labels, "automated responses SUSPENDED by confidence gating");
+                m.gate_suspended.store(1, Relaxed);
+            }
+            Transition::Resumed(s) => {
+                tracing::info!(labels = s.labels, precision = ?s.acting.precision, fpr = ?s.acting.fpr, "automated responses resumed");
+                m.gate_suspended.store(0, Relaxed);
+            }
+        }
     }
 }
 

@@ -77,6 +77,11 @@ impl Broker {
         c.topics.verdicts = format!("{name}.verdicts");
         c.topics.dlq = format!("{name}.dlq");
         c.topics.changelog = format!("{name}.changelog");
+        c.topics.alerts = format!("{name}.alerts");
+        c.topics.commands = format!("{name}.commands");
+        c.topics.acks = format!("{name}.acks");
+        c.topics.feedback = format!("{name}.feedback");
+        c.topics.audit = format!("{name}.audit");
         c.topics.partitions = 4;
         c.batch.max_records = 200;
         c.batch.max_linger_ms = 10;

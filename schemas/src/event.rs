@@ -84,6 +84,10 @@ pub struct FieldDef {
     /// In the dataset, 0 means "not measured" (replay sends the field absent).
     #[serde(default)]
     pub zero_is_missing: bool,
+    /// Protected health information (a patient vital sign): alerts carry its
+    /// deviation only, never its value or the patient's baseline.
+    #[serde(default)]
+    pub phi: bool,
     #[serde(default)]
     pub description: String,
 }

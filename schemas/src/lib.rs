@@ -12,6 +12,7 @@ pub mod decode;
 pub mod encode;
 pub mod event;
 pub mod fields;
+pub mod respond;
 pub mod verdict;
 
 pub use decode::{DecodeLimits, DecodeOutput, Decoder, RawRecord, Reject, RejectCode};
@@ -43,5 +44,7 @@ pub enum SchemaError {
     Arrow(#[from] arrow::error::ArrowError),
 }
 
+#[cfg(test)]
+mod contract_tests;
 #[cfg(test)]
 mod tests;

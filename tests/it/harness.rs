@@ -55,15 +55,12 @@ impl Setup {
     }
 }
 
-/// Create the pipeline's four topics (changelog partitioned like the input).
+/// Create the pipeline's topics (all partitioned like the input; changelog compacted).
 pub fn create_topics(cfg: &Config) {
     let n = cfg.topics.partitions;
-    let specs: Vec<NewTopicSpec> = [
-        (&cfg.topics.input, false),
-        (&cfg.topics.verdicts, false),
-        (&cfg.topics.dlq, false),
-        (&cfg.topics.changelog, true),
-    ]
+    let specs: Vec<NewTopicSpec> = cfg
+        .topics
+        .all()
     .into_iter()
     .map(|(t, compact)| NewTopicSpec { name: t.clone(), partitions: n, compact })
     .collect();

@@ -10,3 +10,4 @@ mod detect;
 mod e2e;
 mod rebalance;
 mod replay;
+mod respond;

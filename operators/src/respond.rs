@@ -1,0 +1,639 @@
+//! The respond operator: verdicts → firmware integrity check → alerts → policy →
+//! commands, with incidents, desired/reported state and the audit trail kept per
+//! device twin.
+//!
+//! Contract:
+//! - The policy is data ([`PolicyConfig`]): the first rule matching a verdict's score,
+//!   attack class, device type and criticality picks the action.
+//! - A life-critical device is never isolated (or given any action listed in
+//!   `human_only`) by the machine: the action becomes `escalate`, a human decides.
+//! - Repeated alerts of one incident (the same device, alerts less than
+//!   `incident_quiet_secs` apart in event time) never repeat a command: a command's
+//!   id is a hash of device, incident and action, so even a replay re-issues the same id.
+//! - While confidence gating suspends automation, alerts still flow, marked
+//!   `suspended` and `needs_human`, and no command is issued.
+//! - Every verdict above threshold, every command, acknowledgement and expiry is
+//!   appended to the audit log (when one is configured).
+//!
+//! Architecture Invariant: no I/O and no clock reads; processing time comes in as
+//! `now_ms` (command issue and expiry times are processing time, as the devices
+//! and network controllers that carry them out live in it).
+
+use std::collections::{BTreeMap, HashMap};
+
+use arrow::array::{Array, Int64Array, StringArray, TimestampMillisecondArray};
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use twinguard_schemas::decode::fmt_ms;
+use twinguard_schemas::respond::{
+    event_ref, Ack, AckStatus, Action, Alert, AlertKind, AlertResponse, AuditKind, Command, CommandReason, Criticality,
+    FeatureWeight, RegistryEntry, CLASS_FIRMWARE_TAMPER, DETECTOR_FIRMWARE, RESPONSE_VERSION,
+};
+use twinguard_schemas::verdict::Verdict;
+use twinguard_schemas::{EventSchema, Role};
+
+use crate::audit::AuditLog;
+use crate::twin::{Twin, TwinOperator};
+
+/// One policy rule. Empty lists match anything; all given conditions must hold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    /// Attack classes (case-insensitive) the rule applies to.
+    #[serde(default)]
+    pub classes: Vec<String>,
+    /// Device types the rule applies to.
+    #[serde(default)]
+    pub device_types: Vec<String>,
+    /// Criticalities the rule applies to.
+    #[serde(default)]
+    pub criticality: Vec<Criticality>,
+    /// Lowest verdict score the rule applies to.
+    #[serde(default)]
+    pub min_score: Option<f64>,
+    pub action: Action,
+}
+
+impl Rule {
+    fn matches(&self, score: f64, class: Option<&str>, device_type: Option<&str>, crit: Criticality) -> bool {
+        (self.classes.is_empty() || class.is_some_and(|c| self.classes.iter().any(|x| x.eq_ignore_ascii_case(c))))
+            && (self.device_types.is_empty() || device_type.is_some_and(|t| self.device_types.iter().any(|x| x == t)))
+            && (self.criticality.is_empty() || self.criticality.contains(&crit))
+            && self.min_score.is_none_or(|m| score >= m)
+    }
+}
+
+/// The response policy (`[response]` in the pipeline config).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Rules in order; the first match wins. No match: `notify`.
+    pub rules: Vec<Rule>,
+    /// Device types treated as life-critical when the registry does not say.
+    pub life_critical_types: Vec<String>,
+    /// Actions never taken automatically on a life-critical device (escalated).
+    pub human_only: Vec<Action>,
+    /// Criticality of devices neither the registry nor `life_critical_types` covers.
+    pub default_criticality: Criticality,
+    /// A command not acknowledged within this long (processing time) raises an alert.
+    pub command_ttl_secs: u64,
+    /// Alerts of a device closer than this in event time belong to one incident.
+    pub incident_quiet_secs: u64,
+    /// Metrics named in an alert (largest deviation first).
+    pub top_features: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        let rule = |name: &str, classes: &[&str], min_score: Option<f64>, action| Rule {
+            name: name.into(),
+            classes: classes.iter().map(|c| (*c).to_string()).collect(),
+            device_types: vec![],
+            criticality: vec![],
+            min_score,
+            action,
+        };
+        PolicyConfig {
+            rules: vec![
+                rule("firmware-tamper", &[CLASS_FIRMWARE_TAMPER], None, Action::SafeMode),
+                rule("identity-spoofing", &["spoofing", "arp_spoofing"], None, Action::Reauthenticate),
+                rule("near-certain", &[], Some(0.98), Action::Isolate),
+                rule("likely", &[], Some(0.9), Action::RateLimit),
+                rule("default", &[], None, Action::Notify),
+            ],
+            life_critical_types: vec!["infusion_pump".into(), "ventilator".into(), "insulin_pump".into()],
+            human_only: vec![Action::Isolate],
+            default_criticality: Criticality::Medium,
+            command_ttl_secs: 60,
+            incident_quiet_secs: 600,
+            top_features: 3,
+        }
+    }
+}
+
+/// What the policy decided for one verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub rule: String,
+    pub action: Action,
+    /// Why the rule's action was overridden, if it was.
+    pub note: Option<String>,
+}
+
+impl PolicyConfig {
+    /// The first matching rule's action, with the life-critical override applied.
+    pub fn decide(&self, score: f64, class: Option<&str>, device_type: Option<&str>, crit: Criticality) -> Decision {
+        let rule = self.rules.iter().find(|r| r.matches(score, class, device_type, crit));
+        let (rule, action) = rule.map_or(("(no rule)".to_string(), Action::Notify), |r| (r.name.clone(), r.action));
+        if crit == Criticality::LifeCritical && self.human_only.contains(&action) {
+            let note = Some(format!("life-critical device: `{}` escalated to a human", action.as_str()));
+            return Decision { rule, action: Action::Escalate, note };
+        }
+        Decision { rule, action, note: None }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.command_ttl_secs == 0 {
+            return Err("`command_ttl_secs` must be at least 1".into());
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.name.trim().is_empty() {
+                return Err(format!("`rules[{i}].name` is empty"));
+            }
+            if let Some(m) = r.min_score.filter(|m| !m.is_finite()) {
+                return Err(format!("`rules[{i}].min_score` ({}) must be a finite number: {m}", r.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The device registry: type, criticality and approved firmware per device.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    devices: HashMap<String, RegistryEntry>,
+}
+
+impl Registry {
+    /// Build from entries; a device listed twice is an error naming it.
+    pub fn new(entries: Vec<RegistryEntry>) -> Result<Self, String> {
+        let mut devices = HashMap::with_capacity(entries.len());
+        for mut e in entries {
+            for h in &mut e.approved_firmware {
+                *h = h.trim().to_ascii_lowercase();
+            }
+            let id = e.device_id.clone();
+            if devices.insert(id.clone(), e).is_some() {
+                return Err(format!("device `{id}` is listed twice"));
+            }
+        }
+        Ok(Registry { devices })
+    }
+    pub fn get(&self, device: &str) -> Option<&RegistryEntry> {
+        self.devices.get(device)
+    }
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+}
+
+/// An open incident of a device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    pub id: String,
+    pub opened_ms: i64,
+    pub last_ms: i64,
+    pub alerts: u32,
+    /// Commands already issued in this incident (never repeated).
+    pub actions: Vec<Action>,
+}
+
+/// A command awaiting the device's acknowledgement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingCommand {
+    pub command_id: String,
+    pub action: Action,
+    pub issued_ms: i64,
+    pub expires_ms: i64,
+    pub desired: BTreeMap<String, String>,
+}
+
+/// The response side of a twin.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResponseState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub criticality: Option<Criticality>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<Incident>,
+    /// What commands asked the device to be.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub desired: BTreeMap<String, String>,
+    /// What the device says it is (acks; `firmware_hash` from telemetry).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reported: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PendingCommand>,
+}
+
+impl ResponseState {
+    /// No state at all.
+    pub const EMPTY: ResponseState = ResponseState {
+        device_type: None,
+        criticality: None,
+        incident: None,
+        desired: BTreeMap::new(),
+        reported: BTreeMap::new(),
+        pending: Vec::new(),
+    };
+
+    pub fn is_empty(&self) -> bool {
+        *self == ResponseState::default()
+    }
+
+    /// Desired entries the device does not (yet) report.
+    pub fn delta(&self) -> BTreeMap<String, String> {
+        self.desired.iter().filter(|(k, v)| self.reported.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    pub fn mem_bytes(&self) -> usize {
+        if self.is_empty() {
+            return 0;
+        }
+        let map = |m: &BTreeMap<String, String>| m.iter().map(|(k, v)| 48 + k.capacity() + v.capacity()).sum::<usize>();
+        self.device_type.as_ref().map_or(0, String::capacity)
+            + self.incident.as_ref().map_or(0, |i| std::mem::size_of::<Incident>() + i.id.capacity() + i.actions.capacity())
+            + map(&self.desired)
+            + map(&self.reported)
+            + self.pending.iter().map(|p| std::mem::size_of::<PendingCommand>() + p.command_id.capacity() + map(&p.desired)).sum::<usize>()
+    }
+}
+
+/// What one call produced, in the order it happened.
+#[derive(Debug, Default)]
+pub struct Responses {
+    pub alerts: Vec<Alert>,
+    /// Commands, with the source offset of the event that caused each (the response
+    /// time is measured from that event).
+    pub commands: Vec<(Command, Option<i64>)>,
+    /// Signed audit records (partition, wire bytes).
+    pub audit: Vec<(i32, Vec<u8>)>,
+}
+
+impl Responses {
+    pub fn is_empty(&self) -> bool {
+        self.alerts.is_empty() && self.commands.is_empty() && self.audit.is_empty()
+    }
+}
+
+/// Why an acknowledgement could not be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// Applied to the twin.
+    Reconciled,
+    /// The command is not pending (already acknowledged or expired): nothing changed.
+    NotPending,
+}
+
+/// The respond operator.
+pub struct Responder {
+    cfg: PolicyConfig,
+    registry: Registry,
+    audit: Option<AuditLog>,
+    /// Metric name → patient vital sign.
+    phi: HashMap<String, bool>,
+    firmware_col: Option<usize>,
+    device_type_col: Option<usize>,
+    /// Gate state last written to each partition's audit chain.
+    audited_gate: HashMap<i32, bool>,
+}
+
+fn hash_id(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Responder {
+    pub fn new(schema: &EventSchema, cfg: PolicyConfig, registry: Registry, audit: Option<AuditLog>) -> Self {
+        let col = |role: Role, name: Option<&str>| {
+            schema.indices_of(role).into_iter().find(|&i| name.is_none_or(|n| schema.fields[i].name == n)).map(|i| 4 + i)
+        };
+        Responder {
+            phi: schema.fields.iter().filter(|f| f.role == Role::Metric).map(|f| (f.name.clone(), f.phi)).collect(),
+            firmware_col: col(Role::Firmware, None),
+            device_type_col: col(Role::Property, Some("device_type")),
+            cfg,
+            registry,
+            audit,
+            audited_gate: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.cfg
+    }
+    pub fn audit_mut(&mut self) -> Option<&mut AuditLog> {
+        self.audit.as_mut()
+    }
+    /// Forget what was written to a revoked partition's chain.
+    pub fn drop_partition(&mut self, p: i32) {
+        self.audited_gate.remove(&p);
+        if let Some(a) = &mut self.audit {
+            a.drop_chain(p);
+        }
+    }
+
+    fn audit(&mut self, out: &mut Responses, chain: i32, kind: AuditKind, at: String, device: Option<&str>, body: serde_json::Value) {
+        if let Some(log) = &mut self.audit {
+            if log.has_chain(chain) {
+                let (_, bytes) = log.append(chain, kind, at, device.map(str::to_string), body);
+                out.audit.push((chain, bytes));
+            }
+        }
+    }
+
+    /// Record a change of the confidence gate in `partition`'s chain (once per change).
+    pub fn note_gate(&mut self, partition: i32, suspended: bool, status: &serde_json::Value, now_ms: i64, out: &mut Responses) {
+        let was = self.audited_gate.get(&partition).copied().unwrap_or(false);
+        if was != suspended {
+            self.audited_gate.insert(partition, suspended);
+            let kind = if suspended { AuditKind::PolicySuspended } else { AuditKind::PolicyResumed };
+            self.audit(out, partition, kind, fmt_ms(now_ms), None, status.clone());
+        }
+    }
+
+    /// Type and criticality of a device: registry first, then what the device reports.
+    fn classify(&self, device: &str, reported_type: Option<&str>) -> (Option<String>, Criticality) {
+        if let Some(e) = self.registry.get(device) {
+            return (Some(e.device_type.clone()), e.criticality);
+        }
+        let t = reported_type.map(str::to_string);
+        let crit = if t.as_ref().is_some_and(|t| self.cfg.life_critical_types.contains(t)) {
+            Criticality::LifeCritical
+        } else {
+            self.cfg.default_criticality
+        };
+        (t, crit)
+    }
+
+    /// Respond to one partition's verdicts (in place: a firmware mismatch turns the
+    /// verdict into a `firmware_tamper` verdict). `events` is the decoded batch the
+    /// verdicts came from; `automation` is false while confidence gating suspends it.
+    pub fn respond(
+        &mut self,
+        twins: &mut TwinOperator,
+        events: &RecordBatch,
+        verdicts: &mut [Verdict],
+        automation: bool,
+        now_ms: i64,
+    ) -> Responses {
+        let mut out = Responses::default();
+        // Per-event firmware and type, by source offset.
+        let offsets = events.column(3).as_any().downcast_ref::<Int64Array>().expect("source offset column");
+        let times = events.column(1).as_any().downcast_ref::<TimestampMillisecondArray>().expect("event time column");
+        let str_col = |c: Option<usize>| c.and_then(|c| events.column(c).as_any().downcast_ref::<StringArray>());
+        let (fw, ty) = (str_col(self.firmware_col), str_col(self.device_type_col));
+        let mut rows: HashMap<i64, usize> = HashMap::with_capacity(events.num_rows());
+        for i in 0..events.num_rows() {
+            rows.insert(offsets.value(i), i);
+        }
+        let get = |a: Option<&StringArray>, row: usize| a.filter(|a| !a.is_null(row)).map(|a| a.value(row).to_string());
+        for v in verdicts.iter_mut() {
+            let p = v.source.partition;
+            let Some(&row) = rows.get(&v.source.offset) else { continue };
+            let t = times.value(row);
+            let firmware = get(fw, row);
+            let reported_type = get(ty, row);
+            let (device_type, crit) = self.classify(&v.device_id, reported_type.as_deref());
+            // Firmware integrity: a hash the registry does not approve is a verdict of its own.
+            let tampered = match (self.registry.get(&v.device_id), &firmware) {
+                (Some(e), Some(h)) if !e.approved_firmware.is_empty() => !e.approved_firmware.iter().any(|a| a.eq_ignore_ascii_case(h)),
+                _ => false,
+            };
+            {
+                let Some(twin) = twins.store_mut().get_mut(p, &v.device_id) else { continue };
+                let cur = twin.response();
+                let new_fw = firmware.as_ref().filter(|h| cur.reported.get("firmware_hash") != Some(*h));
+                if new_fw.is_some() || cur.device_type != device_type || cur.criticality != Some(crit) {
+                    let r = twin.response_mut();
+                    if let Some(h) = new_fw {
+                        r.reported.insert("firmware_hash".into(), h.clone());
+                    }
+                    r.device_type = device_type.clone();
+                    r.criticality = Some(crit);
+                    twins.touch(p, &v.device_id);
+                }
+            }
+            if tampered {
+                v.anomalous = true;
+                v.detector = DETECTOR_FIRMWARE.into();
+                v.attack_class = Some(CLASS_FIRMWARE_TAMPER.into());
+            }
+            if !v.anomalous {
+                continue;
+            }
+            let at = v.event_time.clone();
+            self.audit(&mut out, p, AuditKind::Verdict, at.clone(), Some(&v.device_id), serde_json::to_value(&*v).expect("verdict serialises"));
+            let alert_id = event_ref(&v.source);
+            let class = v.attack_class.clone();
+            let Decision { rule: rule_name, action, note } = self.cfg.decide(v.score, class.as_deref(), device_type.as_deref(), crit);
+            let quiet = i64::try_from(self.cfg.incident_quiet_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+            let features = {
+                let twin = twins.store().get(p, &v.device_id).expect("twin exists");
+                self.features(twins, twin)
+            };
+            let twin = twins.store_mut().get_mut(p, &v.device_id).expect("twin exists");
+            let r = twin.response_mut();
+            let incident = match &mut r.incident {
+                Some(inc) if t - inc.last_ms <= quiet && t >= inc.opened_ms - quiet => {
+                    inc.alerts += 1;
+                    inc.last_ms = inc.last_ms.max(t);
+                    inc
+                }
+                slot => slot.insert(Incident { id: format!("{}@{}", v.device_id, alert_id), opened_ms: t, last_ms: t, alerts: 1, actions: vec![] }),
+            };
+            let incident_id = incident.id.clone();
+            let incident_alerts = incident.alerts;
+            let mut response =
+                AlertResponse { rule: rule_name.clone(), action, command_id: None, automated: false, suspended: false, needs_human: action == Action::Escalate, note };
+            let mut command = None;
+            if action.is_command() {
+                let command_id = hash_id(&[&v.device_id, &incident_id, action.as_str()]);
+                if incident.actions.contains(&action) {
+                    response.command_id = Some(command_id);
+                    response.note = Some("already commanded in this incident".into());
+                } else if !automation {
+                    response.suspended = true;
+                    response.needs_human = true;
+                    response.note = Some("automated actions suspended by confidence gating".into());
+                } else {
+                    incident.actions.push(action);
+                    let ttl = i64::try_from(self.cfg.command_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+                    let desired: BTreeMap<String, String> = action.desired().map(|(k, x)| (k.to_string(), x.to_string())).into_iter().collect();
+                    r.desired.extend(desired.clone());
+                    r.pending.push(PendingCommand {
+                        command_id: command_id.clone(),
+                        action,
+                        issued_ms: now_ms,
+                        expires_ms: now_ms.saturating_add(ttl),
+                        desired: desired.clone(),
+                    });
+                    response.command_id = Some(command_id.clone());
+                    response.automated = true;
+                    command = Some(Command {
+                        v: RESPONSE_VERSION,
+                        command_id,
+                        device_id: v.device_id.clone(),
+                        action,
+                        desired,
+                        issued_at: fmt_ms(now_ms),
+                        expires_at: fmt_ms(now_ms.saturating_add(ttl)),
+                        reason: CommandReason {
+                            rule: rule_name,
+                            alert_id: alert_id.clone(),
+                            incident_id: incident_id.clone(),
+                            attack_class: class.clone(),
+                            score: v.score,
+                        },
+                    });
+                }
+            }
+            twins.touch(p, &v.device_id);
+            out.alerts.push(Alert {
+                v: RESPONSE_VERSION,
+                alert_id,
+                kind: AlertKind::Detection,
+                device_id: v.device_id.clone(),
+                device_type: device_type.clone(),
+                criticality: Some(crit),
+                event_time: at.clone(),
+                source: Some(v.source.clone()),
+                detector: v.detector.clone(),
+                score: v.score,
+                threshold: v.threshold,
+                scores: v.scores.clone(),
+                attack_class: class,
+                model_version: v.model_version.clone(),
+                incident_id,
+                incident_alerts,
+                features,
+                identity_drift: v.identity_drift.clone(),
+                response,
+                command_id: None,
+            });
+            if let Some(c) = command {
+                self.audit(&mut out, p, AuditKind::Command, at, Some(&v.device_id), serde_json::to_value(&c).expect("command serialises"));
+                out.commands.push((c, Some(v.source.offset)));
+            }
+        }
+        out
+    }
+
+    fn features(&self, twins: &TwinOperator, twin: &Twin) -> Vec<FeatureWeight> {
+        twins
+            .explain(twin, self.cfg.top_features)
+            .into_iter()
+            .map(|(name, z, value, mean, sd)| {
+                let phi = self.phi.get(&name).copied().unwrap_or(false);
+                let r = |x: f64| (x * 1e4).round() / 1e4;
+                FeatureWeight {
+                    z: r(z),
+                    value: (!phi).then_some(r(value)),
+                    baseline_mean: (!phi).then_some(r(mean)),
+                    baseline_sd: (!phi).then_some(r(sd)),
+                    phi,
+                    name,
+                }
+            })
+            .collect()
+    }
+
+    /// Apply a device's acknowledgement to its twin in `partition` (or any owned
+    /// partition). `Err` names why it cannot be applied here.
+    pub fn apply_ack(&mut self, twins: &mut TwinOperator, partition: i32, ack: &Ack, now_ms: i64, out: &mut Responses) -> Result<AckOutcome, String> {
+        let p = if twins.store().get(partition, &ack.device_id).is_some() {
+            partition
+        } else {
+            twins
+                .store()
+                .partitions()
+                .into_iter()
+                .find(|q| twins.store().get(*q, &ack.device_id).is_some())
+                .ok_or_else(|| format!("device `{}` has no twin on this instance: acks must be keyed by device id and partitioned like the telemetry", ack.device_id))?
+        };
+        let twin = twins.store_mut().get_mut(p, &ack.device_id).expect("found above");
+        let r = twin.response_mut();
+        let Some(i) = r.pending.iter().position(|c| c.command_id == ack.command_id) else {
+            return Ok(AckOutcome::NotPending);
+        };
+        let cmd = r.pending.remove(i);
+        let reported = if ack.reported.is_empty() && ack.status == AckStatus::Applied { cmd.desired.clone() } else { ack.reported.clone() };
+        r.reported.extend(reported);
+        twins.touch(p, &ack.device_id);
+        let body = json!({"command_id": ack.command_id, "action": cmd.action, "status": ack.status, "reported": ack.reported});
+        if ack.status == AckStatus::Applied {
+            self.audit(out, p, AuditKind::CommandAcknowledged, fmt_ms(now_ms), Some(&ack.device_id), body);
+        } else {
+            self.audit(out, p, AuditKind::CommandExpired, fmt_ms(now_ms), Some(&ack.device_id), body);
+            let twin = twins.store().get(p, &ack.device_id).expect("found above");
+            let status = serde_json::to_value(ack.status).ok().and_then(|s| s.as_str().map(str::to_string)).unwrap_or_default();
+            out.alerts.push(self.command_alert(twin, &cmd, now_ms, format!("the device answered `{status}`")));
+        }
+        Ok(AckOutcome::Reconciled)
+    }
+
+    /// Raise an alert (and an audit record) for every pending command past its
+    /// expiry; the desired state stays, so the delta shows what was never reached.
+    pub fn expire_commands(&mut self, twins: &mut TwinOperator, now_ms: i64) -> Responses {
+        let mut out = Responses::default();
+        let mut due: Vec<(i32, String)> = Vec::new();
+        for t in twins.store().iter() {
+            if t.response().pending.iter().any(|c| c.expires_ms <= now_ms) {
+                due.push((t.partition, t.device_id.clone()));
+            }
+        }
+        due.sort();
+        for (p, device) in due {
+            let twin = twins.store_mut().get_mut(p, &device).expect("listed above");
+            let (expired, keep): (Vec<PendingCommand>, Vec<PendingCommand>) =
+                std::mem::take(&mut twin.response_mut().pending).into_iter().partition(|c| c.expires_ms <= now_ms);
+            twin.response_mut().pending = keep;
+            twins.touch(p, &device);
+            for cmd in expired {
+                let body = json!({"command_id": cmd.command_id, "action": cmd.action, "expired_at": fmt_ms(cmd.expires_ms)});
+                self.audit(&mut out, p, AuditKind::CommandExpired, fmt_ms(now_ms), Some(&device), body);
+                let twin = twins.store().get(p, &device).expect("listed above");
+                out.alerts.push(self.command_alert(twin, &cmd, now_ms, "not acknowledged before its expiry".into()));
+            }
+        }
+        out
+    }
+
+    fn command_alert(&self, twin: &Twin, cmd: &PendingCommand, now_ms: i64, why: String) -> Alert {
+        let r = twin.response();
+        Alert {
+            v: RESPONSE_VERSION,
+            alert_id: format!("command:{}", cmd.command_id),
+            kind: AlertKind::CommandUnacknowledged,
+            device_id: twin.device_id.clone(),
+            device_type: r.device_type.clone(),
+            criticality: r.criticality,
+            event_time: fmt_ms(now_ms),
+            source: None,
+            detector: "response".into(),
+            score: 1.0,
+            threshold: None,
+            scores: None,
+            attack_class: None,
+            model_version: None,
+            incident_id: r.incident.as_ref().map(|i| i.id.clone()).unwrap_or_default(),
+            incident_alerts: r.incident.as_ref().map_or(0, |i| i.alerts),
+            features: vec![],
+            identity_drift: vec![],
+            response: AlertResponse {
+                rule: "command-expiry".into(),
+                action: Action::Escalate,
+                command_id: Some(cmd.command_id.clone()),
+                automated: false,
+                suspended: false,
+                needs_human: true,
+                note: Some(format!("`{}` {why}; desired state not reached: {:?}", cmd.action.as_str(), r.delta())),
+            },
+            command_id: Some(cmd.command_id.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
