@@ -7,7 +7,10 @@
 //!    twins, verdicts, changelog, offsets after acknowledgement): events/s;
 //! 3. **pipeline, latency**: events produced at half the measured pipeline rate
 //!    while it runs; verdict latency = verdict record timestamp − input record
-//!    timestamp (both producer create times on this machine's clock), p50/p99.
+//!    timestamp (both producer create times on this machine's clock), p50/p99;
+//!    response time = input record timestamp → the command it caused acknowledged
+//!    by the broker (measured by the pipeline when the batch's outputs are
+//!    acknowledged), p50/p99. The audit trail is on (signed) throughout.
 //!
 //! Run (release build, outside CI): `cargo bench -p twinguard --bench e2e`
 //! Events: `TWINGUARD_BENCH_EVENTS` (default 1,000,000).
@@ -29,11 +32,12 @@ use twinguard::{produce, Metrics};
 const PARTITIONS: i32 = 4;
 
 fn topics(cfg: &Config, extra: &[&str]) {
-    let mut specs: Vec<NewTopicSpec> = [&cfg.topics.input, &cfg.topics.verdicts, &cfg.topics.dlq]
+    let mut specs: Vec<NewTopicSpec> = cfg
+        .topics
+        .all()
         .into_iter()
-        .map(|t| NewTopicSpec { name: t.clone(), partitions: PARTITIONS, compact: false })
+        .map(|(t, compact)| NewTopicSpec { name: t.clone(), partitions: PARTITIONS, compact })
         .collect();
-    specs.push(NewTopicSpec { name: cfg.topics.changelog.clone(), partitions: PARTITIONS, compact: true });
     for t in extra {
         specs.push(NewTopicSpec { name: (*t).to_string(), partitions: PARTITIONS, compact: false });
     }
@@ -91,6 +95,9 @@ fn main() {
     // tansu answers an empty fetch only when fetch.wait.max.ms expires (no wake-up
     // on new data), so the pipeline's consumer polls it briskly here.
     cfg.kafka.consumer.insert("fetch.wait.max.ms".into(), "10".into());
+    let key = dir.join("audit.key");
+    std::fs::write(&key, "11".repeat(32)).unwrap();
+    cfg.audit.signing_key_file = Some(key);
     // TWINGUARD__* variables override any key, as for `twinguard run`.
     let layered = dir.join("bench.toml");
     std::fs::write(&layered, toml::to_string(&cfg).unwrap()).unwrap();
@@ -135,6 +142,11 @@ fn main() {
     let lat_n = (rate * 0.5 * 20.0) as usize; // ~20 s of traffic
     let mut sc = SimConfig::new(200, lat_n, 4);
     sc.malformed_rate = 0.0;
+    // An hour later in event time: new incidents, so attacks cause new commands.
+    sc.start_ms += 3_600_000;
+    sc.attacked_fraction = 1.0;
+    let responses_before = metrics.response_times().len();
+    let commands_before = Metrics::get(&metrics.commands_out);
     let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
     let coords = {
         let cfg = cfg.clone();
@@ -167,6 +179,8 @@ fn main() {
     stop.store(true, Ordering::Relaxed);
     let report = handle.join().unwrap().unwrap();
     let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    let mut resp: Vec<f64> = metrics.response_times()[responses_before..].to_vec();
+    let commands = Metrics::get(&metrics.commands_out) - commands_before;
 
     println!("\n== twinguard end-to-end bench (tansu 0.6.0 memory engine, {PARTITIONS} partitions) ==");
     println!("events                     {n}");
@@ -177,6 +191,17 @@ fn main() {
     println!("pipeline after 1st verdict {steady_rate:>10.0} events/s  ({:.0} % of passthrough)", 100.0 * steady_rate / ceiling);
     println!("config: max_records {}, max_linger_ms {}, max_inflight_batches {}", cfg.batch.max_records, cfg.batch.max_linger_ms, cfg.batch.max_inflight_batches);
     println!("verdict latency at {:.0} events/s: p50 {p50:.0} ms, p99 {p99:.0} ms ({} events)", rate * 0.5, lat.len());
+    if resp.is_empty() {
+        println!("response time: no commands issued during the latency phase");
+    } else {
+        let (r50, r99, rmax) = (pct(&mut resp, 0.5), pct(&mut resp, 0.99), pct(&mut resp, 1.0));
+        println!(
+            "response time (input → command acked) at {:.0} events/s: p50 {r50:.0} ms, p99 {r99:.0} ms, max {rmax:.0} ms ({} commands, {commands} issued)",
+            rate * 0.5,
+            resp.len()
+        );
+    }
+    println!("alerts {}  commands {}  audit records {}", Metrics::get(&metrics.alerts_out), Metrics::get(&metrics.commands_out), Metrics::get(&metrics.audit_out));
     println!("twins {} (~{} bytes each)", report.twins, report.twin_mem_bytes / report.twins.max(1));
     println!("dlq {}  changelog records {}", Metrics::get(&metrics.dlq_out), Metrics::get(&metrics.changelog_out));
 }

@@ -234,6 +234,7 @@ pub fn verify_chain(
         .map(|(_, b)| serde_json::from_slice::<AuditRecord>(b).ok())
         .collect();
     let mut expect: Option<(u64, String)> = None;
+    let mut seen: std::collections::HashSet<u64> = std::collections::HashSet::new();
     for (i, (offset, bytes)) in records.iter().enumerate() {
         let rec = check_record(bytes, key).map_err(|r| fault(*offset, parsed[i].as_ref().map(|r| r.seq), r))?;
         if rec.chain != chain {
@@ -247,7 +248,9 @@ pub fn verify_chain(
         if rec.seq != want_seq {
             let later = parsed[i + 1..].iter().flatten().any(|r| r.seq == want_seq);
             let earlier = rec.seq < want_seq;
-            let reason = if earlier || later {
+            let reason = if seen.contains(&rec.seq) {
+                format!("duplicate: a second record with seq {} (a forked or replayed chain)", rec.seq)
+            } else if earlier || later {
                 format!("reordered: seq {} where seq {want_seq} was due", rec.seq)
             } else {
                 format!("removed: seq {want_seq}..{} missing before it", rec.seq.saturating_sub(1))
@@ -257,6 +260,7 @@ pub fn verify_chain(
         if rec.prev != want_prev {
             return Err(fault(*offset, Some(rec.seq), "chain broken: `prev` is not the hash of the record before it".into()));
         }
+        seen.insert(rec.seq);
         expect = Some((rec.seq + 1, rec.hash.clone()));
     }
     Ok(ChainSummary { records: records.len() as u64, head: expect.map(|e| e.1) })
@@ -337,6 +341,11 @@ mod tests {
         let t = recs[1..].to_vec();
         assert!(verify_chain(3, &t, &k, false).unwrap_err().reason.starts_with("removed"));
         assert_eq!(verify_chain(3, &t, &k, true).unwrap().records, 5);
+        // A record copied in again (a forked chain).
+        let mut t = recs.clone();
+        t.insert(3, recs[1].clone());
+        let f = verify_chain(3, &t, &k, false).unwrap_err();
+        assert!(f.reason.starts_with("duplicate"), "{f}");
         // A record moved to another partition.
         assert!(verify_chain(4, &recs, &k, false).unwrap_err().reason.starts_with("moved"));
         // A tampered tail is not continued.

@@ -1,10 +1,11 @@
 //! Confidence gating: live detection figures from analyst feedback, and the switch
 //! that suspends automated responses while they are outside their thresholds.
 //!
-//! The gate is a pure function of the alerts and feedback it is shown (and of the
-//! response times it is told), in the order shown: every instance that reads the
-//! alerts and feedback topics from the start computes the same figures, and a
-//! restart rebuilds them.
+//! The gate is a pure function of the alerts, feedback and response times it is
+//! shown, in the order shown. Every instance reads the alerts and feedback topics
+//! from the start, so a restart rebuilds the label figures (the interleaving of
+//! partitions, and so the exact window, may differ between instances); response
+//! times are this instance's own and start empty.
 //!
 //! Figures over the last `window` labels:
 //! - precision = TP / (TP + FP), from feedback on alerts;
@@ -37,9 +38,13 @@ pub struct GatingConfig {
     /// Response time bound (milliseconds) at `response_quantile`.
     pub max_response_ms: f64,
     pub response_quantile: f64,
-    /// Response times the quantile is computed over; judged once full to
-    /// `min_labels`.
+    /// Response times the quantile is computed over; judged once there are
+    /// `min_labels` of them.
     pub response_window: usize,
+    /// Response times older than this no longer count: while automation is
+    /// suspended no command is issued and no new time is measured, so a
+    /// suspension for slowness lifts once its evidence has aged out.
+    pub response_max_age_secs: u64,
     /// Alerts remembered for joining feedback with per-member scores.
     pub remember_alerts: usize,
 }
@@ -55,6 +60,7 @@ impl Default for GatingConfig {
             max_response_ms: 1000.0,
             response_quantile: 0.99,
             response_window: 500,
+            response_max_age_secs: 300,
             remember_alerts: 100_000,
         }
     }
@@ -147,7 +153,8 @@ type Decisions = [Option<bool>; 4];
 pub struct Gate {
     cfg: GatingConfig,
     labels: VecDeque<(FeedbackLabel, Option<Decisions>)>,
-    response: VecDeque<f64>,
+    /// (when measured, ms)
+    response: VecDeque<(i64, f64)>,
     alerts: HashMap<String, Decisions>,
     alert_order: VecDeque<String>,
     status: GateStatus,
@@ -207,10 +214,20 @@ impl Gate {
         self.evaluate()
     }
 
-    /// Count one command response time (ms); returns a transition if the gate changed.
-    pub fn observe_response_ms(&mut self, ms: f64) -> Option<Transition> {
-        self.response.push_back(ms);
+    /// Count one command response time (`ms`, measured at `now_ms`); returns a
+    /// transition if the gate changed.
+    pub fn observe_response_ms(&mut self, ms: f64, now_ms: i64) -> Option<Transition> {
+        self.response.push_back((now_ms, ms));
         while self.response.len() > self.cfg.response_window {
+            self.response.pop_front();
+        }
+        self.tick(now_ms)
+    }
+
+    /// Age out old response times (processing time `now_ms`) and re-evaluate.
+    pub fn tick(&mut self, now_ms: i64) -> Option<Transition> {
+        let max_age = i64::try_from(self.cfg.response_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        while self.response.front().is_some_and(|(t, _)| now_ms.saturating_sub(*t) > max_age) {
             self.response.pop_front();
         }
         self.evaluate()
@@ -245,7 +262,7 @@ impl Gate {
         }
         let acting = acting.finish(min);
         let response_ms = (self.response.len() >= min).then(|| {
-            let mut v: Vec<f64> = self.response.iter().copied().collect();
+            let mut v: Vec<f64> = self.response.iter().map(|(_, ms)| *ms).collect();
             v.sort_by(f64::total_cmp);
             let i = ((v.len() as f64 - 1.0) * self.cfg.response_quantile).round() as usize;
             v[i.min(v.len() - 1)]
@@ -364,15 +381,19 @@ mod tests {
     #[test]
     fn slow_responses_suspend() {
         let mut g = Gate::new(GatingConfig { min_labels: 5, max_response_ms: 100.0, response_window: 10, ..Default::default() });
-        for _ in 0..10 {
-            assert!(g.observe_response_ms(20.0).is_none());
+        for i in 0..10 {
+            assert!(g.observe_response_ms(20.0, i).is_none());
         }
-        assert!(matches!(g.observe_response_ms(500.0), Some(Transition::Suspended(_))));
+        assert!(matches!(g.observe_response_ms(500.0, 10), Some(Transition::Suspended(_))));
         let mut resumed = false;
-        for _ in 0..10 {
-            resumed |= matches!(g.observe_response_ms(20.0), Some(Transition::Resumed(_)));
+        for i in 0..10 {
+            resumed |= matches!(g.observe_response_ms(20.0, 11 + i), Some(Transition::Resumed(_)));
         }
         assert!(resumed);
+        // Suspended for slowness with no new commands: the evidence ages out.
+        assert!(matches!(g.observe_response_ms(900.0, 100), Some(Transition::Suspended(_))));
+        assert_eq!(g.tick(100 + 299_000), None, "still within response_max_age_secs");
+        assert!(matches!(g.tick(100 + 301_000), Some(Transition::Resumed(_))));
     }
 
     #[test]

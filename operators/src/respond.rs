@@ -221,7 +221,14 @@ pub struct ResponseState {
     pub reported: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<PendingCommand>,
+    /// The last few commands that expired unacknowledged (a late ack still
+    /// reconciles them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expired: Vec<PendingCommand>,
 }
+
+/// Expired commands remembered per twin for late acknowledgements.
+const REMEMBER_EXPIRED: usize = 8;
 
 impl ResponseState {
     /// No state at all.
@@ -232,6 +239,7 @@ impl ResponseState {
         desired: BTreeMap::new(),
         reported: BTreeMap::new(),
         pending: Vec::new(),
+        expired: Vec::new(),
     };
 
     pub fn is_empty(&self) -> bool {
@@ -252,7 +260,7 @@ impl ResponseState {
             + self.incident.as_ref().map_or(0, |i| std::mem::size_of::<Incident>() + i.id.capacity() + i.actions.capacity())
             + map(&self.desired)
             + map(&self.reported)
-            + self.pending.iter().map(|p| std::mem::size_of::<PendingCommand>() + p.command_id.capacity() + map(&p.desired)).sum::<usize>()
+            + self.pending.iter().chain(&self.expired).map(|p| std::mem::size_of::<PendingCommand>() + p.command_id.capacity() + map(&p.desired)).sum::<usize>()
     }
 }
 
@@ -278,7 +286,9 @@ impl Responses {
 pub enum AckOutcome {
     /// Applied to the twin.
     Reconciled,
-    /// The command is not pending (already acknowledged or expired): nothing changed.
+    /// Acknowledged after its expiry: reported state updated, the expiry alert stands.
+    Late,
+    /// Not pending (already acknowledged, or unknown): nothing changed.
     NotPending,
 }
 
@@ -343,6 +353,11 @@ impl Responder {
         }
     }
 
+    /// Whether `partition`'s chain has yet to record the gate being `suspended`.
+    pub fn gate_change_pending(&self, partition: i32, suspended: bool) -> bool {
+        self.audited_gate.get(&partition).copied().unwrap_or(false) != suspended
+    }
+
     /// Record a change of the confidence gate in `partition`'s chain (once per change).
     pub fn note_gate(&mut self, partition: i32, suspended: bool, status: &serde_json::Value, now_ms: i64, out: &mut Responses) {
         let was = self.audited_gate.get(&partition).copied().unwrap_or(false);
@@ -353,18 +368,32 @@ impl Responder {
         }
     }
 
-    /// Type and criticality of a device: registry first, then what the device reports.
-    fn classify(&self, device: &str, reported_type: Option<&str>) -> (Option<String>, Criticality) {
+    /// Type and criticality of a device: the registry first; otherwise what the
+    /// device reports, where a missing type keeps the one seen before and the
+    /// criticality never goes down (an event cannot talk a ventilator out of being
+    /// life-critical).
+    fn classify(&self, device: &str, reported_type: Option<&str>, known: &ResponseState) -> (Option<String>, Criticality) {
         if let Some(e) = self.registry.get(device) {
             return (Some(e.device_type.clone()), e.criticality);
         }
-        let t = reported_type.map(str::to_string);
+        let t = reported_type.map(str::to_string).or_else(|| known.device_type.clone());
         let crit = if t.as_ref().is_some_and(|t| self.cfg.life_critical_types.contains(t)) {
             Criticality::LifeCritical
         } else {
             self.cfg.default_criticality
         };
-        (t, crit)
+        (t, known.criticality.map_or(crit, |k| k.max(crit)))
+    }
+
+    /// Continue `partition`'s audit chain after `tail`, its last record on the topic;
+    /// the gate state the chain last recorded is taken from it when it is a policy
+    /// record (otherwise the chain is taken to have automation active).
+    pub fn continue_chain(&mut self, partition: i32, tail: Option<&[u8]>) -> Result<(), String> {
+        let Some(log) = &mut self.audit else { return Ok(()) };
+        log.continue_from(partition, tail)?;
+        let kind = tail.and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok()).and_then(|v| v["kind"].as_str().map(str::to_string));
+        self.audited_gate.insert(partition, kind.as_deref() == Some("policy_suspended"));
+        Ok(())
     }
 
     /// Respond to one partition's verdicts (in place: a firmware mismatch turns the
@@ -395,7 +424,8 @@ impl Responder {
             let t = times.value(row);
             let firmware = get(fw, row);
             let reported_type = get(ty, row);
-            let (device_type, crit) = self.classify(&v.device_id, reported_type.as_deref());
+            let Some(known) = twins.store().get(p, &v.device_id) else { continue };
+            let (device_type, crit) = self.classify(&v.device_id, reported_type.as_deref(), known.response());
             // Firmware integrity: a hash the registry does not approve is a verdict of its own.
             let tampered = match (self.registry.get(&v.device_id), &firmware) {
                 (Some(e), Some(h)) if !e.approved_firmware.is_empty() => !e.approved_firmware.iter().any(|a| a.eq_ignore_ascii_case(h)),
@@ -436,7 +466,7 @@ impl Responder {
             let twin = twins.store_mut().get_mut(p, &v.device_id).expect("twin exists");
             let r = twin.response_mut();
             let incident = match &mut r.incident {
-                Some(inc) if t - inc.last_ms <= quiet && t >= inc.opened_ms - quiet => {
+                Some(inc) if t.saturating_sub(inc.last_ms) <= quiet && t >= inc.opened_ms.saturating_sub(quiet) => {
                     inc.alerts += 1;
                     inc.last_ms = inc.last_ms.max(t);
                     inc
@@ -554,18 +584,24 @@ impl Responder {
         };
         let twin = twins.store_mut().get_mut(p, &ack.device_id).expect("found above");
         let r = twin.response_mut();
-        let Some(i) = r.pending.iter().position(|c| c.command_id == ack.command_id) else {
+        let (cmd, late) = if let Some(i) = r.pending.iter().position(|c| c.command_id == ack.command_id) {
+            (r.pending.remove(i), false)
+        } else if let Some(i) = r.expired.iter().position(|c| c.command_id == ack.command_id) {
+            (r.expired.remove(i), true)
+        } else {
             return Ok(AckOutcome::NotPending);
         };
-        let cmd = r.pending.remove(i);
         let reported = if ack.reported.is_empty() && ack.status == AckStatus::Applied { cmd.desired.clone() } else { ack.reported.clone() };
         r.reported.extend(reported);
         twins.touch(p, &ack.device_id);
-        let body = json!({"command_id": ack.command_id, "action": cmd.action, "status": ack.status, "reported": ack.reported});
+        let body = json!({"command_id": ack.command_id, "action": cmd.action, "status": ack.status, "reported": ack.reported, "late": late});
         if ack.status == AckStatus::Applied {
             self.audit(out, p, AuditKind::CommandAcknowledged, fmt_ms(now_ms), Some(&ack.device_id), body);
+            if late {
+                return Ok(AckOutcome::Late);
+            }
         } else {
-            self.audit(out, p, AuditKind::CommandExpired, fmt_ms(now_ms), Some(&ack.device_id), body);
+            self.audit(out, p, AuditKind::CommandRejected, fmt_ms(now_ms), Some(&ack.device_id), body);
             let twin = twins.store().get(p, &ack.device_id).expect("found above");
             let status = serde_json::to_value(ack.status).ok().and_then(|s| s.as_str().map(str::to_string)).unwrap_or_default();
             out.alerts.push(self.command_alert(twin, &cmd, now_ms, format!("the device answered `{status}`")));
@@ -575,8 +611,9 @@ impl Responder {
 
     /// Raise an alert (and an audit record) for every pending command past its
     /// expiry; the desired state stays, so the delta shows what was never reached.
-    pub fn expire_commands(&mut self, twins: &mut TwinOperator, now_ms: i64) -> Responses {
-        let mut out = Responses::default();
+    /// Returns the responses per partition.
+    pub fn expire_commands(&mut self, twins: &mut TwinOperator, now_ms: i64) -> BTreeMap<i32, Responses> {
+        let mut by_partition: BTreeMap<i32, Responses> = BTreeMap::new();
         let mut due: Vec<(i32, String)> = Vec::new();
         for t in twins.store().iter() {
             if t.response().pending.iter().any(|c| c.expires_ms <= now_ms) {
@@ -588,16 +625,23 @@ impl Responder {
             let twin = twins.store_mut().get_mut(p, &device).expect("listed above");
             let (expired, keep): (Vec<PendingCommand>, Vec<PendingCommand>) =
                 std::mem::take(&mut twin.response_mut().pending).into_iter().partition(|c| c.expires_ms <= now_ms);
-            twin.response_mut().pending = keep;
+            let r = twin.response_mut();
+            r.pending = keep;
+            r.expired.extend(expired.iter().cloned());
+            let over = r.expired.len().saturating_sub(REMEMBER_EXPIRED);
+            r.expired.drain(..over);
             twins.touch(p, &device);
+            let out = by_partition.entry(p).or_default();
             for cmd in expired {
                 let body = json!({"command_id": cmd.command_id, "action": cmd.action, "expired_at": fmt_ms(cmd.expires_ms)});
-                self.audit(&mut out, p, AuditKind::CommandExpired, fmt_ms(now_ms), Some(&device), body);
+                if let Some(log) = self.audit.as_mut().filter(|l| l.has_chain(p)) {
+                    out.audit.push((p, log.append(p, AuditKind::CommandExpired, fmt_ms(now_ms), Some(device.clone()), body).1));
+                }
                 let twin = twins.store().get(p, &device).expect("listed above");
                 out.alerts.push(self.command_alert(twin, &cmd, now_ms, "not acknowledged before its expiry".into()));
             }
         }
-        out
+        by_partition
     }
 
     fn command_alert(&self, twin: &Twin, cmd: &PendingCommand, now_ms: i64, why: String) -> Alert {

@@ -529,7 +529,10 @@ impl TwinOperator {
     /// produces. Twins not yet durable stay (the cap may be exceeded until they are).
     pub fn expire(&mut self, durable: &HashMap<i32, i64>) -> usize {
         let ttl = i64::try_from(self.cfg.idle_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-        let removable = |p: i32, t: &Twin| durable.get(&p).is_some_and(|&next| t.last_offset < next);
+        // A twin awaiting a command's acknowledgement stays: its expiry alert and the
+        // reconciliation need it (an isolated device goes quiet by design).
+        let removable =
+            |p: i32, t: &Twin| durable.get(&p).is_some_and(|&next| t.last_offset < next) && t.response().pending.is_empty();
         let mut removed = 0;
         for (p, map) in self.store.partitions.iter_mut() {
             let Some(&w) = self.store.watermarks.get(p) else { continue };

@@ -404,7 +404,8 @@ impl Config {
 
 /// librdkafka properties twinguard sets itself: overriding them would break
 /// at-least-once delivery.
-pub const MANAGED: &[&str] = &["enable.auto.offset.store", "enable.idempotence", "acks", "group.id", "bootstrap.servers"];
+pub const MANAGED: &[&str] =
+    &["enable.auto.offset.store", "enable.idempotence", "acks", "group.id", "bootstrap.servers", "partition.assignment.strategy"];
 
 fn set_path(table: &mut toml::Table, path: &[String], raw: &str) -> Result<(), String> {
     let (last, parents) = path.split_last().ok_or("empty key")?;

@@ -94,6 +94,9 @@ struct Shared {
     /// Confidence gating, fed by the control thread (feedback, alerts) and the
     /// changelog stage (response times); read by the core per batch.
     gate: Arc<Mutex<Gate>>,
+    /// The control thread has read the alerts and feedback topics to their end once:
+    /// the gate reflects what analysts said before this start.
+    gate_caught_up: AtomicBool,
     schema_id: String,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
@@ -193,12 +196,15 @@ impl Shared {
         let (scored, _) = core.op.detect(&decoded.batch)?;
         let mut verdicts: Vec<Verdict> = verdicts_from_batch(&scored, &self.cfg.topics.input);
         let now = chrono::Utc::now().timestamp_millis();
-        let (automation, gate_status) = {
-            let g = self.gate.lock().expect("gate lock");
-            (!g.suspended(), serde_json::to_value(g.status()).expect("gate status serialises"))
-        };
         let mut resp = Responses::default();
-        core.resp.note_gate(partition, !automation, &gate_status, now, &mut resp);
+        let automation = {
+            let g = self.gate.lock().expect("gate lock");
+            if core.resp.gate_change_pending(partition, g.suspended()) {
+                let status = serde_json::to_value(g.status()).expect("gate status serialises");
+                core.resp.note_gate(partition, g.suspended(), &status, now, &mut resp);
+            }
+            !g.suspended()
+        };
         let r = core.resp.respond(core.op.twin_mut(), &decoded.batch, &mut verdicts, automation, now);
         resp.alerts.extend(r.alerts);
         resp.commands.extend(r.commands);
@@ -361,10 +367,10 @@ impl Shared {
         }
         // The audit topic is its own durable head: continue each chain from the last
         // record acknowledged on its partition.
-        if let Some(log) = core.resp.audit_mut() {
+        if core.resp.audit_mut().is_some() {
             for &p in parts {
                 let tail = kafka::read_tail(&self.cfg, &self.cfg.topics.audit, p, timeout)?;
-                log.continue_from(p, tail.as_deref()).map_err(|e| {
+                core.resp.continue_chain(p, tail.as_deref()).map_err(|e| {
                     PipelineError::Fatal(format!(
                         "audit chain of partition {p} of `{}` cannot be continued: its last record is {e}; run `twinguard audit verify`",
                         self.cfg.topics.audit
@@ -498,6 +504,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
         commands_topic: cfg.topics.commands.as_str().into(),
         audit_topic: cfg.topics.audit.as_str().into(),
         gate: Arc::new(Mutex::new(Gate::new(cfg.gating.clone()))),
+        gate_caught_up: AtomicBool::new(false),
         schema_id: schema.id(),
         metrics: metrics.clone(),
         stop: stop.clone(),
@@ -531,6 +538,19 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
             .spawn(move || control_loop(&s))
             .map_err(|e| PipelineError::Io(e.to_string()))?
     };
+    // No event is processed before the gate has caught up with the feedback given
+    // before this start: a restart must not act while automation was suspended.
+    let deadline = Instant::now() + Duration::from_secs(cfg.batch.restore_timeout_secs);
+    while !shared.gate_caught_up.load(Ordering::SeqCst) && !shared.failed() && !stop.load(Ordering::Relaxed) {
+        if Instant::now() > deadline {
+            shared.fail(format!("reading `{}` and `{}` to their end timed out", cfg.topics.alerts, cfg.topics.feedback));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if shared.gate.lock().expect("gate lock").suspended() {
+        tracing::warn!("starting with automated responses SUSPENDED (analyst feedback before this start)");
+    }
 
     let changelog_stage = {
         let s = shared.clone();
@@ -647,18 +667,15 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             ev::StateSampled { twins: core.op.twin().store().len(), mem_bytes: core.op.twin().store().mem_bytes(), expired }.emit(&s.metrics);
             // Commands whose device never acknowledged them.
             let now = chrono::Utc::now().timestamp_millis();
+            if let Some(t) = s.gate.lock().expect("gate lock").tick(now) {
+                ev::GateChanged { transition: &t }.emit(&s.metrics);
+            }
             let Core { op, resp, .. } = &mut *core;
             let unacked = resp.expire_commands(op.twin_mut(), now);
             // One job per partition, counted in flight like a batch, so a revoke waits
             // for its tombstones and expiry alerts too.
-            let mut by_partition: BTreeMap<i32, (Responses, Vec<ChangelogRecord>)> = BTreeMap::new();
-            for a in unacked.alerts {
-                let p = core.op.twin().store().iter().find(|t| t.device_id == a.device_id).map_or(0, |t| t.partition);
-                by_partition.entry(p).or_default().0.alerts.push(a);
-            }
-            for (chain, bytes) in unacked.audit {
-                by_partition.entry(chain).or_default().0.audit.push((chain, bytes));
-            }
+            let mut by_partition: BTreeMap<i32, (Responses, Vec<ChangelogRecord>)> =
+                unacked.into_iter().map(|(p, r)| (p, (r, Vec::new()))).collect();
             for rec in core.op.twin_mut().drain_changelog() {
                 by_partition.entry(rec.partition).or_default().1.push(rec);
             }
@@ -687,7 +704,7 @@ fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job, Arc<AckGr
             for ts in &job.command_ts {
                 let ms = (now - ts).max(0) as f64;
                 s.metrics.record_response_ms(ms);
-                if let Some(t) = gate.observe_response_ms(ms) {
+                if let Some(t) = gate.observe_response_ms(ms, now) {
                     ev::GateChanged { transition: &t }.emit(&s.metrics);
                 }
             }
@@ -744,6 +761,27 @@ fn control_loop(s: &Shared) {
         }
     };
     let feedback_topic: Arc<str> = s.cfg.topics.feedback.as_str().into();
+    // Caught up once every partition was read up to the end it had at start.
+    let mut pending: HashMap<(String, i32), i64> = HashMap::new();
+    let assigned: Vec<(String, i32)> = consumer
+        .assignment()
+        .map(|a| a.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect())
+        .unwrap_or_default();
+    for (topic, p) in assigned {
+        match consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)) {
+            Ok((low, high)) if high > low => {
+                pending.insert((topic, p), high);
+            }
+            Ok(_) => {}
+            Err(err) => {
+                s.fail(format!("watermarks of `{topic}` [{p}]: {err}"));
+                return;
+            }
+        }
+    }
+    if pending.is_empty() {
+        s.gate_caught_up.store(true, Ordering::SeqCst);
+    }
     while !s.stop.load(Ordering::Relaxed) && !s.failed() {
         let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
         let m = match polled {
@@ -753,6 +791,15 @@ fn control_loop(s: &Shared) {
                 continue;
             }
         };
+        if !pending.is_empty() {
+            let k = (m.topic().to_string(), m.partition());
+            if pending.get(&k).is_some_and(|end| m.offset() + 1 >= *end) {
+                pending.remove(&k);
+                if pending.is_empty() {
+                    s.gate_caught_up.store(true, Ordering::SeqCst);
+                }
+            }
+        }
         let payload = m.payload().unwrap_or_default();
         if m.topic() == s.cfg.topics.alerts {
             // Alerts are written by the pipeline itself; one that does not parse is

@@ -372,6 +372,11 @@ pub fn read_tail(cfg: &Config, topic: &str, partition: i32, timeout: Duration) -
         last = v.map(<[u8]>::to_vec);
         Ok(())
     })?;
+    if last.is_none() && high > low {
+        // Records exist but none was read (retention raced the read, or an empty
+        // value): continuing from nothing would fork the chain at seq 0.
+        return Err(PipelineError::Io(format!("`{topic}` [{partition}] holds records {low}..{high} but its last one could not be read")));
+    }
     Ok(last)
 }
 

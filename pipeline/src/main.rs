@@ -489,7 +489,7 @@ fn audit(command: AuditCommand) -> Result<()> {
                 match verify_chain(*p, records, &key, allow_truncated_start) {
                     Ok(s) => {
                         total += s.records;
-                        println!("partition {p}: {} records, chain intact{}", s.records, s.head.map_or(String::new(), |h| format!(", head {}", &h[..16])));
+                        println!("partition {p}: {} records, chain intact{}", s.records, s.head.map_or(String::new(), |h| format!(", head {h}")));
                     }
                     Err(fault) => {
                         println!("partition {p}: FAILED");

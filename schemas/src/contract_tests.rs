@@ -819,6 +819,7 @@ fn enums_match_rust() {
             AuditKind::Verdict,
             AuditKind::Command,
             AuditKind::CommandAcknowledged,
+            AuditKind::CommandRejected,
             AuditKind::CommandExpired,
             AuditKind::PolicySuspended,
             AuditKind::PolicyResumed,

@@ -149,7 +149,8 @@ pub struct AlertResponse {
 pub enum AlertKind {
     /// A verdict above threshold (models, twin or firmware check).
     Detection,
-    /// A command was not acknowledged by the device before its expiry.
+    /// A command was not acknowledged by the device before its expiry, or the
+    /// device rejected it.
     CommandUnacknowledged,
 }
 
@@ -218,7 +219,7 @@ pub struct Command {
     pub action: Action,
     /// Desired-state entries the device should reach (e.g. `network = isolated`).
     pub desired: BTreeMap<String, String>,
-    /// Event time of the triggering event (RFC 3339, UTC).
+    /// When the command was issued (processing time, RFC 3339, UTC).
     pub issued_at: String,
     pub expires_at: String,
     pub reason: CommandReason,
@@ -302,6 +303,8 @@ pub enum AuditKind {
     Command,
     /// A command acknowledged by its device.
     CommandAcknowledged,
+    /// A command the device answered `rejected` or `failed`.
+    CommandRejected,
     /// A command that expired unacknowledged.
     CommandExpired,
     /// Confidence gating suspended automated actions.

@@ -70,8 +70,10 @@ fn attacks_alert_and_command_acks_reconcile_silence_expires_firmware_is_checked(
     let firmware_attacks: BTreeSet<String> =
         recs.iter().filter(|r| matches!(r.truth, Truth::Attack(k) if k.as_str() == "firmware_change")).map(|r| r.key.clone()).collect();
     assert!(!firmware_attacks.is_empty(), "the fixture must tamper with some firmware");
-    cfg.response.command_ttl_secs = 10;
+    cfg.response.command_ttl_secs = 20;
     cfg.batch.expiry_interval_secs = 1;
+    // The test's backlog counts as response time; keep slowness from gating here.
+    cfg.gating.max_response_ms = 1e9;
     let config = write_config(&dir, "pipeline", &cfg);
     let mut p = PipelineProc::start(&dir, "pipeline", &config);
 
@@ -251,13 +253,21 @@ fn feedback_gates_automation_and_the_audit_trail_proves_itself() {
     cfg.gating.min_labels = 5;
     cfg.gating.window = 50;
     cfg.gating.max_fpr = 0.3;
+    cfg.gating.min_precision = 0.0;
+    cfg.gating.max_response_ms = 1e9;
+    // Each phase's attack is an incident of its own.
+    cfg.response.incident_quiet_secs = 1;
     let config = write_config(&dir, "pipeline", &cfg);
     let prod = producer(&cfg);
     let mut p = PipelineProc::start(&dir, "pipeline", &config);
     let mut alerts = Reader::new(&cfg, &cfg.topics.alerts);
+    let coords: Arc<Mutex<Vec<Vec<(i32, i64)>>>> = Arc::default();
     let detection = |m: &OwnedMessage, i: usize| {
         let a: Alert = parse(m);
-        (a.kind == AlertKind::Detection && a.source.as_ref().map(|s| s.offset) .is_some() && a.device_id == recs[attacked[i]].key).then_some(a)
+        let (a_from, _) = phases[i];
+        let want = coords.lock().unwrap().get(i).map(|c| c[attacked[i] - a_from]);
+        let at = a.source.as_ref().map(|s| (s.partition, s.offset));
+        (a.kind == AlertKind::Detection && want.is_some() && at == want).then_some(a)
     };
     let wait_alert = |alerts: &mut Reader, i: usize| -> Alert {
         alerts.until("the phase's attack alert", |r| r.iter().any(|m| detection(m, i).is_some()));
@@ -265,14 +275,14 @@ fn feedback_gates_automation_and_the_audit_trail_proves_itself() {
     };
 
     // Phase 1: automation on: the attack is answered by a command.
-    produce(&cfg, &phase(0));
+    coords.lock().unwrap().push(produce(&cfg, &phase(0)));
     let a1 = wait_alert(&mut alerts, 0);
     assert!(a1.response.automated && a1.response.command_id.is_some(), "{a1:?}");
     // Analysts mark five alerts as false positives: FPR 1.0 > 0.3 → suspended.
     feedback(&prod, &cfg, 5, FeedbackLabel::FalsePositive, "fp");
     p.wait_log(&["SUSPENDED"]);
     // Phase 2: the alert still flows, marked for a human; no command.
-    produce(&cfg, &phase(1));
+    coords.lock().unwrap().push(produce(&cfg, &phase(1)));
     let a2 = wait_alert(&mut alerts, 1);
     assert!(a2.response.suspended && a2.response.needs_human && !a2.response.automated && a2.response.command_id.is_none(), "{a2:?}");
     // Benign confirmations bring FPR to 5/25 = 0.2 ≤ 0.3: resumed.
@@ -287,7 +297,7 @@ fn feedback_gates_automation_and_the_audit_trail_proves_itself() {
     p.stop();
     let mut p = PipelineProc::start(&dir, "pipeline2", &config);
     // Phase 3: automation is back (the gate is rebuilt from the feedback topic).
-    produce(&cfg, &phase(2));
+    coords.lock().unwrap().push(produce(&cfg, &phase(2)));
     let a3 = wait_alert(&mut alerts, 2);
     assert!(a3.response.automated && a3.response.command_id.is_some(), "{a3:?}");
     p.stop();
@@ -333,7 +343,7 @@ fn feedback_gates_automation_and_the_audit_trail_proves_itself() {
     reordered.swap(1, 2);
     // A forger re-hashes the edited record and signs it with a key of their own.
     let forged_key = dir.join("forger.key");
-    assert!(Proc::new(env!("CARGO_BIN_EXE_twinguard")).args(["audit", "keygen", "--out"]).arg(&forged_key).status().unwrap().success());
+    assert!(Proc::new(env!("CARGO_BIN_EXE_twinguard")).args(["audit", "keygen", "--out"]).arg(&forged_key).output().unwrap().status.success());
     let mut forged = original.clone();
     forged[1] = {
         let mut v: Value = serde_json::from_slice(&original[1]).unwrap();

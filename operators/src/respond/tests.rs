@@ -228,12 +228,17 @@ fn acks_reconcile_and_silence_expires() {
     let (_, r) = f.feed(vec![event("mon-2", 41, 1.0)], true, attack(0.99));
     let ttl = PolicyConfig::default().command_ttl_secs as i64 * 1000;
     assert!(f.resp.expire_commands(&mut f.twin, NOW + ttl - 1).is_empty());
-    let ex = f.resp.expire_commands(&mut f.twin, NOW + ttl);
+    let ex = f.resp.expire_commands(&mut f.twin, NOW + ttl).remove(&0).unwrap();
     assert_eq!(ex.alerts.len(), 1);
     assert_eq!(ex.alerts[0].kind, AlertKind::CommandUnacknowledged);
     assert_eq!(ex.alerts[0].command_id.as_deref(), Some(r.commands[0].0.command_id.as_str()));
     assert_eq!(f.twin.store().get(0, "mon-2").unwrap().response().delta().len(), 1, "desired state not reached stays visible");
     assert!(f.resp.expire_commands(&mut f.twin, NOW + 2 * ttl).is_empty(), "an expiry alerts once");
+    // A late ack still reconciles the reported state (the expiry alert stands).
+    let late = Ack { v: 1, command_id: r.commands[0].0.command_id.clone(), device_id: "mon-2".into(), status: AckStatus::Applied, reported: Default::default() };
+    let mut late_out = Responses::default();
+    assert_eq!(f.resp.apply_ack(&mut f.twin, 0, &late, NOW + 3 * ttl, &mut late_out), Ok(AckOutcome::Late));
+    assert!(f.twin.store().get(0, "mon-2").unwrap().response().delta().is_empty());
     // The twin's response state goes to the changelog and comes back.
     let cl = f.twin.drain_changelog();
     let rec = cl.iter().find(|c| c.key == "mon-2").unwrap();
@@ -242,12 +247,12 @@ fn acks_reconcile_and_silence_expires() {
     // Every verdict above threshold, command, ack and expiry is in the chain, in
     // order, and the chain verifies.
     let all: Vec<(i64, Vec<u8>)> =
-        first.audit.iter().chain(&out.audit).chain(&r.audit).chain(&ex.audit).enumerate().map(|(i, (_, b))| (i as i64, b.clone())).collect();
+        first.audit.iter().chain(&out.audit).chain(&r.audit).chain(&ex.audit).chain(&late_out.audit).enumerate().map(|(i, (_, b))| (i as i64, b.clone())).collect();
     let kinds: Vec<String> =
         all.iter().map(|(_, b)| serde_json::from_slice::<Value>(b).unwrap()["kind"].as_str().unwrap().to_string()).collect();
-    assert_eq!(kinds, ["verdict", "command", "command_acknowledged", "verdict", "command", "command_expired"]);
+    assert_eq!(kinds, ["verdict", "command", "command_acknowledged", "verdict", "command", "command_expired", "command_acknowledged"]);
     let key = verifying_key(parse_key_hex(&AuditLog::new([3; 32]).public_key_hex()).unwrap()).unwrap();
-    assert_eq!(verify_chain(0, &all, &key, false).unwrap().records, 6);
+    assert_eq!(verify_chain(0, &all, &key, false).unwrap().records, 7);
 }
 
 #[test]
