@@ -67,9 +67,9 @@ struct Job {
     next_offset: Option<i64>,
     phase1: Arc<AckGroup>,
     changelog: Vec<ChangelogRecord>,
-    /// Input timestamps of the events whose commands are in `phase1`: response
-    /// time is measured when they are acknowledged.
-    command_ts: Vec<i64>,
+    /// Per command in `phase1`: the input timestamp of the event that caused it and
+    /// the probe that learns when the broker acknowledged it (response time).
+    commands: Vec<(Option<i64>, Arc<AckGroup>)>,
 }
 
 /// State touched by the core loop and the rebalance callbacks (same thread; the
@@ -190,6 +190,7 @@ impl Shared {
                 key,
                 payload: Some(payload),
                 headers,
+                probe: None,
             });
         }
         let skipped_before = core.op.twin().skipped();
@@ -219,13 +220,14 @@ impl Shared {
                 key: v.device_id.clone().into_bytes(),
                 payload: Some(serde_json::to_vec(v).expect("verdict serialises")),
                 headers: Vec::new(),
+                probe: None,
             });
         }
-        let command_ts = if resp.commands.is_empty() {
+        let command_ts: Vec<Option<i64>> = if resp.commands.is_empty() {
             Vec::new()
         } else {
             let ts: HashMap<i64, i64> = recs.iter().filter_map(|r| r.ts.map(|t| (r.offset, t))).collect();
-            resp.commands.iter().filter_map(|(_, off)| off.and_then(|o| ts.get(&o).copied())).collect()
+            resp.commands.iter().map(|(_, off)| off.and_then(|o| ts.get(&o).copied())).collect()
         };
         self.emit_responses(resp, &mut outputs);
         ev::BatchProcessed {
@@ -252,6 +254,7 @@ impl Shared {
             key: key.as_bytes().to_vec(),
             payload: Some(payload),
             headers: Vec::new(),
+            probe: None,
         };
         for a in &resp.alerts {
             ev::AlertRaised { alert: a }.emit(&self.metrics);
@@ -309,6 +312,7 @@ impl Shared {
                 (fields::DLQ_PARTITION, partition.to_string().into_bytes()),
                 (fields::DLQ_OFFSET, offset.to_string().into_bytes()),
             ],
+            probe: None,
         }
     }
 
@@ -319,15 +323,24 @@ impl Shared {
         next_offset: Option<i64>,
         outputs: Vec<OutRecord>,
         changelog: Vec<ChangelogRecord>,
-        command_ts: Vec<i64>,
+        command_ts: Vec<Option<i64>>,
     ) -> Result<(), PipelineError> {
         let phase1 = AckGroup::new(outputs.len());
+        // Commands are acknowledged through probes, in the order they were emitted.
+        let mut outputs = outputs;
+        let mut commands = Vec::with_capacity(command_ts.len());
+        let mut ts = command_ts.into_iter();
+        for r in outputs.iter_mut().filter(|r| r.topic == self.commands_topic) {
+            let probe = AckGroup::probe(&phase1);
+            r.probe = Some(probe.clone());
+            commands.push((ts.next().flatten(), probe));
+        }
         if let Some(p) = partition {
             self.inflight_add(p);
         }
         kafka::send_all(&self.producer, &outputs, &phase1, &self.abort);
         let tx = self.to_changelog.lock().expect("sender lock").clone();
-        let job = Job { topic, partition, next_offset, phase1, changelog, command_ts };
+        let job = Job { topic, partition, next_offset, phase1, changelog, commands };
         match tx.map(|tx| tx.send(job)) {
             Some(Ok(())) => Ok(()),
             _ => {
@@ -696,13 +709,14 @@ fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job, Arc<AckGr
             s.fail(e);
             break;
         }
-        if !job.command_ts.is_empty() {
+        if !job.commands.is_empty() {
             // Response time: the event entered the input topic → its command was
-            // acknowledged by the broker (with the rest of the batch's outputs).
+            // acknowledged by the broker (the probe's delivery report).
             let now = chrono::Utc::now().timestamp_millis();
             let mut gate = s.gate.lock().expect("gate lock");
-            for ts in &job.command_ts {
-                let ms = (now - ts).max(0) as f64;
+            for (ts, probe) in &job.commands {
+                let (Some(ts), Some(acked)) = (ts, probe.acked_at_ms()) else { continue };
+                let ms = (acked - ts).max(0) as f64;
                 s.metrics.record_response_ms(ms);
                 if let Some(t) = gate.observe_response_ms(ms, now) {
                     ev::GateChanged { transition: &t }.emit(&s.metrics);
@@ -718,6 +732,7 @@ fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job, Arc<AckGr
                 key: c.key.clone().into_bytes(),
                 payload: c.value.clone(),
                 headers: Vec::new(),
+                probe: None,
             })
             .collect();
         let group = AckGroup::new(records.len());

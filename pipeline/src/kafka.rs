@@ -69,13 +69,32 @@ pub fn producer_config(cfg: &Config) -> ClientConfig {
 pub struct AckGroup {
     state: Mutex<(usize, Option<String>)>,
     cv: Condvar,
+    /// A probe (one record) forwards its acknowledgement to the group it belongs to
+    /// and remembers when it came (ms since the epoch; 0 = not yet).
+    parent: Option<Arc<AckGroup>>,
+    acked_at_ms: std::sync::atomic::AtomicI64,
 }
 
 impl AckGroup {
     pub fn new(pending: usize) -> Arc<Self> {
-        Arc::new(AckGroup { state: Mutex::new((pending, None)), cv: Condvar::new() })
+        Arc::new(AckGroup { state: Mutex::new((pending, None)), cv: Condvar::new(), parent: None, acked_at_ms: 0.into() })
+    }
+    /// A probe for one record of `parent`: pass it as the record's `probe`; the
+    /// parent still counts the record.
+    pub fn probe(parent: &Arc<AckGroup>) -> Arc<Self> {
+        Arc::new(AckGroup { state: Mutex::new((1, None)), cv: Condvar::new(), parent: Some(parent.clone()), acked_at_ms: 0.into() })
+    }
+    /// When the probed record was acknowledged (ms since the epoch), if it was.
+    pub fn acked_at_ms(&self) -> Option<i64> {
+        Some(self.acked_at_ms.load(Ordering::SeqCst)).filter(|t| *t > 0)
     }
     pub fn ack(&self, error: Option<String>) {
+        if let Some(p) = &self.parent {
+            if error.is_none() {
+                self.acked_at_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::SeqCst);
+            }
+            p.ack(error.clone());
+        }
         let mut s = self.state.lock().expect("ack lock");
         s.0 = s.0.saturating_sub(1);
         if s.1.is_none() {
@@ -131,6 +150,9 @@ pub struct OutRecord {
     /// `None` is a tombstone.
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// Acknowledge through this probe (which forwards to the group) to learn when
+    /// this record was acknowledged.
+    pub probe: Option<Arc<AckGroup>>,
 }
 
 /// Hand every record to the producer, each acknowledged through `group` (which MUST
@@ -145,7 +167,7 @@ pub fn send_all(producer: &SinkProducer, records: &[OutRecord], group: &Arc<AckG
             })
         });
         loop {
-            let mut rec = BaseRecord::with_opaque_to(&r.topic, group.clone()).key(&r.key);
+            let mut rec = BaseRecord::with_opaque_to(&r.topic, r.probe.clone().unwrap_or_else(|| group.clone())).key(&r.key);
             if let Some(h) = &headers {
                 rec = rec.headers(h.clone());
             }
