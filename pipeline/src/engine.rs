@@ -677,12 +677,16 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
                 core.owned.iter().filter_map(|p| c.get(p).map(|o| (*p, *o))).collect()
             };
             let expired = core.op.twin_mut().expire(&durable);
-            ev::StateSampled { twins: core.op.twin().store().len(), mem_bytes: core.op.twin().store().mem_bytes(), expired }.emit(&s.metrics);
             // Commands whose device never acknowledged them.
             let now = chrono::Utc::now().timestamp_millis();
-            if let Some(t) = s.gate.lock().expect("gate lock").tick(now) {
-                ev::GateChanged { transition: &t }.emit(&s.metrics);
+            {
+                let mut g = s.gate.lock().expect("gate lock");
+                if let Some(t) = g.tick(now) {
+                    ev::GateChanged { transition: &t }.emit(&s.metrics);
+                }
+                *s.metrics.gate.lock().expect("gate status lock") = g.status().clone();
             }
+            ev::StateSampled { twins: core.op.twin().store().len(), mem_bytes: core.op.twin().store().mem_bytes(), expired }.emit(&s.metrics);
             let Core { op, resp, .. } = &mut *core;
             let unacked = resp.expire_commands(op.twin_mut(), now);
             // One job per partition, counted in flight like a batch, so a revoke waits

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub gate_suspended: AtomicI64,
     /// Most recent command response times (ms): input → command acknowledged.
     response_ms: Mutex<VecDeque<f64>>,
+    /// The confidence gate's latest figures (refreshed at every status tick).
+    pub gate: Mutex<twinguard_operators::GateStatus>,
 }
 
 impl Metrics {
@@ -262,7 +264,16 @@ pub struct StateSampled {
 impl StateSampled {
     /// Also the pipeline's periodic status line (every `batch.expiry_interval_secs`).
     pub fn emit(&self, m: &Metrics) {
+        let g = m.gate.lock().expect("gate status lock").clone();
         tracing::info!(
+            gate_suspended = g.suspended,
+            live_precision = ?g.acting.precision,
+            live_detection_rate = ?g.acting.detection_rate,
+            live_fpr = ?g.acting.fpr,
+            response_ms_quantile = ?g.response_ms,
+            feedback_labels = g.labels,
+            alerts = m.alerts_out.load(Relaxed),
+            commands = m.commands_out.load(Relaxed),
             records_in = m.records_in.load(Relaxed),
             verdicts = m.verdicts_out.load(Relaxed),
             anomalies = m.anomalies.load(Relaxed),
