@@ -3,6 +3,7 @@
 //! repeats (same key, same bytes) of the same source coordinates.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use twinguard::sim::Truth;
 
@@ -41,7 +42,15 @@ fn kill_9_mid_stream_then_restart_loses_nothing() {
         let by = verdicts_by_coords(&verdicts.records);
         let mut missing: Vec<_> = valid.iter().filter(|c| !by.contains_key(c)).copied().collect();
         missing.sort();
-        panic!("{} valid events lack a verdict after the restart; first: {:?}", missing.len(), &missing[..missing.len().min(20)]);
+        let c: rdkafka::consumer::BaseConsumer = twinguard::kafka::base_client(&cfg).create().unwrap();
+        let parts: Vec<String> = (0..cfg.topics.partitions)
+            .map(|p| {
+                let read = verdicts.records.iter().filter(|m| rdkafka::Message::partition(*m) == p).map(rdkafka::Message::offset).max();
+                let wm = rdkafka::consumer::Consumer::fetch_watermarks(&c, &cfg.topics.verdicts, p, Duration::from_secs(10));
+                format!("verdicts[{p}]: read up to {read:?}, watermarks {wm:?}")
+            })
+            .collect();
+        panic!("{} valid events lack a verdict after the restart; first: {:?}; {}", missing.len(), &missing[..missing.len().min(20)], parts.join("; "));
     }
     p.stop();
     verdicts.drain_to_end(&cfg, &cfg.topics.verdicts);
