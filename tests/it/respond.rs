@@ -104,7 +104,7 @@ fn attacks_alert_and_command_acks_reconcile_silence_expires_firmware_is_checked(
             prod.flush(Duration::from_secs(10)).unwrap();
         })
     };
-    let coords = produce(&cfg, &recs);
+    produce(&cfg, &recs);
     let valid = recs.iter().filter(|r| !matches!(r.truth, Truth::Malformed(_))).count();
     let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
     verdicts.until("a verdict for every event", |r| r.len() >= valid);
@@ -200,7 +200,6 @@ fn attacks_alert_and_command_acks_reconcile_silence_expires_firmware_is_checked(
         assert!(r.pending.is_empty(), "{device}: every command was acknowledged or expired");
     }
     assert!(open > 0, "an unreached desired state stays visible as a delta");
-    let _ = coords;
 }
 
 /// A normal record turned into a flood from the same device (metrics ×200).
