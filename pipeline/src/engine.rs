@@ -110,6 +110,9 @@ struct Shared {
     committed: Mutex<HashMap<i32, i64>>,
     core: Mutex<Core>,
     producer: SinkProducer,
+    /// Commands go out on a producer of their own, so they do not queue behind the
+    /// bulk of verdicts, audit and changelog records (response time).
+    command_producer: SinkProducer,
     to_changelog: Mutex<Option<SyncSender<Job>>>,
 }
 
@@ -338,7 +341,13 @@ impl Shared {
         if let Some(p) = partition {
             self.inflight_add(p);
         }
-        kafka::send_all(&self.producer, &outputs, &phase1, &self.abort);
+        if commands.is_empty() {
+            kafka::send_all(&self.producer, &outputs, &phase1, &self.abort);
+        } else {
+            let (cmds, rest): (Vec<OutRecord>, Vec<OutRecord>) = outputs.into_iter().partition(|r| r.topic == self.commands_topic);
+            kafka::send_all(&self.command_producer, &cmds, &phase1, &self.abort);
+            kafka::send_all(&self.producer, &rest, &phase1, &self.abort);
+        }
         let tx = self.to_changelog.lock().expect("sender lock").clone();
         let job = Job { topic, partition, next_offset, phase1, changelog, commands };
         match tx.map(|tx| tx.send(job)) {
@@ -505,6 +514,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
     let partitions = kafka::ensure_topics(cfg)?;
     tracing::info!(input = %cfg.topics.input, partitions, schema = %schema.id(), model = detector.model_version().unwrap_or("none (twin behaviour only)"), "starting pipeline");
     let producer = kafka::create_producer(cfg)?;
+    let command_producer = kafka::create_producer(cfg)?;
     let (tx_cl, rx_cl) = sync_channel::<Job>(cfg.batch.max_inflight_batches);
     let (tx_off, rx_off) = sync_channel::<(Job, Arc<AckGroup>)>(cfg.batch.max_inflight_batches);
     let shared = Arc::new(Shared {
@@ -534,6 +544,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
             owned: BTreeSet::new(),
         }),
         producer,
+        command_producer,
         to_changelog: Mutex::new(Some(tx_cl)),
     });
     let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(
