@@ -34,7 +34,7 @@ use twinguard_schemas::respond::{
 use twinguard_schemas::verdict::Verdict;
 use twinguard_schemas::{EventSchema, Role};
 
-use crate::audit::AuditLog;
+use crate::audit::{hex, AuditLog};
 use crate::twin::{Twin, TwinOperator};
 
 /// One policy rule. Empty lists match anything; all given conditions must hold.
@@ -311,7 +311,7 @@ fn hash_id(parts: &[&str]) -> String {
         h.update(p.as_bytes());
         h.update([0]);
     }
-    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    hex(&h.finalize()[..16])
 }
 
 impl Responder {
@@ -634,9 +634,7 @@ impl Responder {
             let out = by_partition.entry(p).or_default();
             for cmd in expired {
                 let body = json!({"command_id": cmd.command_id, "action": cmd.action, "expired_at": fmt_ms(cmd.expires_ms)});
-                if let Some(log) = self.audit.as_mut().filter(|l| l.has_chain(p)) {
-                    out.audit.push((p, log.append(p, AuditKind::CommandExpired, fmt_ms(now_ms), Some(device.clone()), body).1));
-                }
+                self.audit(out, p, AuditKind::CommandExpired, fmt_ms(now_ms), Some(&device), body);
                 let twin = twins.store().get(p, &device).expect("listed above");
                 out.alerts.push(self.command_alert(twin, &cmd, now_ms, "not acknowledged before its expiry".into()));
             }

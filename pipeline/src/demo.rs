@@ -237,7 +237,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
         .collect();
     std::fs::write(work.join("registry.toml"), registry.concat()).map_err(|e| PipelineError::Io(e.to_string()))?;
     let seed: [u8; 32] = rand::random();
-    std::fs::write(work.join("audit.key"), seed.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    std::fs::write(work.join("audit.key"), twinguard_operators::audit::hex(&seed))
         .map_err(|e| PipelineError::Io(e.to_string()))?;
     cfg.registry.file = Some(work.join("registry.toml"));
     // The demo pushes events as fast as the pipeline takes them, so input → command

@@ -166,40 +166,19 @@ impl Shared {
         for rej in &decoded.rejects {
             let r = &recs[rej.index];
             ev::RecordRejected { partition, offset: r.offset, code: rej.code, reason: &rej.reason }.emit(&self.metrics);
-            let mut payload = r.payload.clone().unwrap_or_default();
-            let mut key = r.key.clone().unwrap_or_default();
-            let mut headers = vec![
-                (fields::DLQ_REASON, rej.reason.clone().into_bytes()),
-                (fields::DLQ_CODE, rej.code.as_str().as_bytes().to_vec()),
-                (fields::DLQ_TOPIC, self.cfg.topics.input.clone().into_bytes()),
-                (fields::DLQ_PARTITION, partition.to_string().into_bytes()),
-                (fields::DLQ_OFFSET, r.offset.to_string().into_bytes()),
-                (fields::DLQ_SCHEMA, self.schema_id.clone().into_bytes()),
-            ];
-            // A dead letter must fit the broker's message size, whatever the input's
-            // key and value: an unsendable dead letter would stop the pipeline.
-            if key.len() > MAX_DLQ_KEY {
-                headers.push((fields::DLQ_TRUNCATED_KEY, key.len().to_string().into_bytes()));
-                key.truncate(MAX_DLQ_KEY);
-            }
-            let budget = MAX_DLQ_VALUE - key.len() - headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-            if payload.len() > budget {
-                headers.push((fields::DLQ_TRUNCATED, payload.len().to_string().into_bytes()));
-                payload.truncate(budget);
-            }
-            outputs.push(OutRecord {
-                topic: self.dlq_topic.clone(),
-                partition: None,
-                key,
-                payload: Some(payload),
-                headers,
-                probe: None,
-            });
+            outputs.push(dead_letter(
+                &self.dlq_topic,
+                (self.cfg.topics.input.as_str(), partition, r.offset),
+                r.key.clone(),
+                r.payload.clone(),
+                rej.code.as_str(),
+                &rej.reason,
+                Some(self.schema_id.as_str()),
+            ));
         }
         let skipped_before = core.op.twin().skipped();
         let (scored, _) = core.op.detect(&decoded.batch)?;
         let mut verdicts: Vec<Verdict> = verdicts_from_batch(&scored, &self.cfg.topics.input);
-        let now = chrono::Utc::now().timestamp_millis();
         let mut resp = Responses::default();
         let automation = {
             let g = self.gate.lock().expect("gate lock");
@@ -299,24 +278,7 @@ impl Shared {
     /// A dead letter for a record of a control topic (acks, feedback).
     fn control_dead_letter(&self, topic: &Arc<str>, partition: i32, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, reason: &str) -> OutRecord {
         ev::ControlRejected { topic, partition, offset, reason }.emit(&self.metrics);
-        let mut payload = payload.unwrap_or_default();
-        payload.truncate(MAX_DLQ_VALUE / 2);
-        let mut key = key.unwrap_or_default();
-        key.truncate(MAX_DLQ_KEY);
-        OutRecord {
-            topic: self.dlq_topic.clone(),
-            partition: None,
-            key,
-            payload: Some(payload),
-            headers: vec![
-                (fields::DLQ_REASON, reason.as_bytes().to_vec()),
-                (fields::DLQ_CODE, b"invalid_control_record".to_vec()),
-                (fields::DLQ_TOPIC, topic.as_bytes().to_vec()),
-                (fields::DLQ_PARTITION, partition.to_string().into_bytes()),
-                (fields::DLQ_OFFSET, offset.to_string().into_bytes()),
-            ],
-            probe: None,
-        }
+        dead_letter(&self.dlq_topic, (&**topic, partition, offset), key, payload, "invalid_control_record", reason, None)
     }
 
     fn dispatch(
@@ -402,6 +364,43 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// A dead letter: the original key and bytes with the reason, a stable code and the
+/// source coordinates in headers. It MUST fit the broker's message size whatever the
+/// input's key and value (an unsendable dead letter would stop the pipeline), so an
+/// oversized key or value is truncated and its original length recorded.
+fn dead_letter(
+    dlq_topic: &Arc<str>,
+    (topic, partition, offset): (&str, i32, i64),
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    code: &str,
+    reason: &str,
+    schema: Option<&str>,
+) -> OutRecord {
+    let mut payload = payload.unwrap_or_default();
+    let mut key = key.unwrap_or_default();
+    let mut headers = vec![
+        (fields::DLQ_REASON, reason.as_bytes().to_vec()),
+        (fields::DLQ_CODE, code.as_bytes().to_vec()),
+        (fields::DLQ_TOPIC, topic.as_bytes().to_vec()),
+        (fields::DLQ_PARTITION, partition.to_string().into_bytes()),
+        (fields::DLQ_OFFSET, offset.to_string().into_bytes()),
+    ];
+    if let Some(s) = schema {
+        headers.push((fields::DLQ_SCHEMA, s.as_bytes().to_vec()));
+    }
+    if key.len() > MAX_DLQ_KEY {
+        headers.push((fields::DLQ_TRUNCATED_KEY, key.len().to_string().into_bytes()));
+        key.truncate(MAX_DLQ_KEY);
+    }
+    let budget = MAX_DLQ_VALUE - key.len() - headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    if payload.len() > budget {
+        headers.push((fields::DLQ_TRUNCATED, payload.len().to_string().into_bytes()));
+        payload.truncate(budget);
+    }
+    OutRecord { topic: dlq_topic.clone(), partition: None, key, payload: Some(payload), headers, probe: None }
 }
 
 /// Consumer context: runs the rebalance protocol of the spine.

@@ -326,6 +326,20 @@ pub fn read_changelog(
     })
 }
 
+/// A consumer that reads by assignment, outside the pipeline's group: no commits,
+/// no stored offsets; `purpose` names its group id.
+fn reader_config(cfg: &Config, purpose: &str) -> ClientConfig {
+    let mut c = base_client(cfg);
+    for (k, v) in &cfg.kafka.consumer {
+        c.set(k, v);
+    }
+    c.set("group.id", format!("{}.{purpose}", cfg.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "50");
+    c
+}
+
 /// Read `partitions` of `topic` from `start(p)` to their end (partition EOF), calling
 /// `f(partition, offset, key, value)` per record; returns records read per partition.
 pub fn read_partitions(
@@ -340,15 +354,8 @@ pub fn read_partitions(
     if partitions.is_empty() {
         return Ok(read);
     }
-    let mut c = base_client(cfg);
-    for (k, v) in &cfg.kafka.consumer {
-        c.set(k, v);
-    }
-    c.set("group.id", format!("{}.restore", cfg.kafka.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "50");
+    let mut c = reader_config(cfg, "restore");
+    c.set("enable.partition.eof", "true");
     let consumer: BaseConsumer<RestoreContext> =
         c.create_with_context(RestoreContext).map_err(|e| PipelineError::kafka("reader", e))?;
     // Every partition is read until librdkafka reports its end (partition EOF).
@@ -417,16 +424,9 @@ pub fn read_all(cfg: &Config, topic: &str, timeout: Duration) -> Result<BTreeMap
 /// A consumer assigned every partition of `topics` from the beginning (no group
 /// membership, no commits): every instance reads all of them.
 pub fn assign_all(cfg: &Config, topics: &[&str], purpose: &str) -> Result<BaseConsumer<RestoreContext>, PipelineError> {
-    let mut c = base_client(cfg);
-    for (k, v) in &cfg.kafka.consumer {
-        c.set(k, v);
-    }
-    c.set("group.id", format!("{}.{purpose}", cfg.kafka.group_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("fetch.wait.max.ms", "50");
-    let consumer: BaseConsumer<RestoreContext> =
-        c.create_with_context(RestoreContext).map_err(|e| PipelineError::kafka(&format!("{purpose} consumer"), e))?;
+    let consumer: BaseConsumer<RestoreContext> = reader_config(cfg, purpose)
+        .create_with_context(RestoreContext)
+        .map_err(|e| PipelineError::kafka(&format!("{purpose} consumer"), e))?;
     let mut tpl = TopicPartitionList::new();
     for t in topics {
         let n = partition_count(cfg, t)?.ok_or_else(|| PipelineError::Config(format!("topic `{t}` does not exist")))?;

@@ -458,7 +458,7 @@ fn audit(command: AuditCommand) -> Result<()> {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
             let seed: [u8; 32] = rand::rng().random();
-            let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+            let hex = twinguard_operators::audit::hex(&seed);
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)

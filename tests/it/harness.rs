@@ -265,10 +265,17 @@ impl Reader {
     }
 }
 
-/// Simulated records with a fixed start time (same bytes every run).
-pub fn sim_records(devices: usize, events: usize, seed: u64, malformed_rate: f64) -> Vec<SimRecord> {
+/// A simulator configuration whose events start two days ago on a whole hour (the
+/// same bytes for the whole of a test run, and inside the decoder's time bounds).
+pub fn sim_config(devices: usize, events: usize, seed: u64) -> SimConfig {
     let mut sc = SimConfig::new(devices, events, seed);
     sc.start_ms = chrono::Utc::now().timestamp_millis() / 3_600_000 * 3_600_000 - 2 * 86_400_000;
+    sc
+}
+
+/// Simulated records with a fixed start time (same bytes every run).
+pub fn sim_records(devices: usize, events: usize, seed: u64, malformed_rate: f64) -> Vec<SimRecord> {
+    let mut sc = sim_config(devices, events, seed);
     sc.malformed_rate = malformed_rate;
     Simulator::new(sc).collect()
 }

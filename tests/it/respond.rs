@@ -16,7 +16,7 @@ use rdkafka::Message;
 use serde_json::{json, Value};
 use twinguard::config::Config;
 use twinguard::kafka::{self, NewTopicSpec};
-use twinguard::sim::{SimConfig, SimRecord, Simulator, Truth};
+use twinguard::sim::{SimRecord, Simulator, Truth};
 use twinguard_operators::Twin;
 use twinguard_schemas::respond::{Ack, AckStatus, Action, Alert, AlertKind, Command, FeedbackLabel, CLASS_FIRMWARE_TAMPER};
 use twinguard_schemas::verdict::Verdict;
@@ -61,8 +61,7 @@ fn audit_verify(config: &Path, extra: &[&str]) -> (bool, String) {
 #[test]
 fn attacks_alert_and_command_acks_reconcile_silence_expires_firmware_is_checked() {
     let Setup { dir, broker: _broker, mut cfg } = Setup::new("respond");
-    let mut sc = SimConfig::new(24, 6000, 5);
-    sc.start_ms = chrono::Utc::now().timestamp_millis() / 3_600_000 * 3_600_000 - 2 * 86_400_000;
+    let mut sc = sim_config(24, 6000, 5);
     sc.attacked_fraction = 0.9;
     let sim = Simulator::new(sc);
     respond_files(&dir, &mut cfg, &sim.registry());
@@ -224,8 +223,7 @@ fn feedback(p: &ThreadedProducer<DefaultProducerContext>, cfg: &Config, n: usize
 #[test]
 fn feedback_gates_automation_and_the_audit_trail_proves_itself() {
     let Setup { dir, broker: _broker, mut cfg } = Setup::new("gating");
-    let mut sc = SimConfig::new(8, 2400, 9);
-    sc.start_ms = chrono::Utc::now().timestamp_millis() / 3_600_000 * 3_600_000 - 2 * 86_400_000;
+    let mut sc = sim_config(8, 2400, 9);
     sc.attacked_fraction = 0.0;
     let sim = Simulator::new(sc);
     let public_key = respond_files(&dir, &mut cfg, &sim.registry());
@@ -348,11 +346,11 @@ fn feedback_gates_automation_and_the_audit_trail_proves_itself() {
         let mut v: Value = serde_json::from_slice(&original[1]).unwrap();
         v["device_id"] = json!("someone-else");
         let h = twinguard_operators::audit::record_hash(&v);
-        v["hash"] = json!(h.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        v["hash"] = json!(twinguard_operators::audit::hex(&h));
         let seed = twinguard_operators::audit::parse_key_hex(&std::fs::read_to_string(&forged_key).unwrap()).unwrap();
         use ed25519_dalek::Signer;
         let sig = ed25519_dalek::SigningKey::from_bytes(&seed).sign(&h);
-        v["sig"] = json!(sig.to_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>());
+        v["sig"] = json!(twinguard_operators::audit::hex(&sig.to_bytes()));
         serde_json::to_vec(&v).unwrap()
     };
     for (name, recs, why, seq) in [
