@@ -11,6 +11,11 @@
 //!    response time = input record timestamp → the command it caused acknowledged
 //!    by the broker (measured by the pipeline when the batch's outputs are
 //!    acknowledged), p50/p99. The audit trail is on (signed) throughout.
+//!    The SQL view is on throughout, as in `twinguard run` with `[sql] listen`:
+//!    during this phase a probe writes one event of a new device every 250 ms and
+//!    measures **SQL freshness** = its produce acknowledged → its row visible in
+//!    the published `twins` snapshot; and a query loop runs `select count(*), max(risk)
+//!    from twins` through DataFusion throughout, measuring query latency under load.
 //!
 //! Run (release build, outside CI): `cargo bench -p twinguard --bench e2e`
 //! Events: `TWINGUARD_BENCH_EVENTS` (default 1,000,000).
@@ -121,10 +126,18 @@ fn main() {
     eprintln!("pipeline (backlog)...");
     let metrics = Arc::new(Metrics::default());
     let stop = Arc::new(AtomicBool::new(false));
+    let view = twinguard::sqlview::SqlView::new(cfg.sql.recent_rows);
+    view.spawn_refresher(
+        Duration::from_millis(cfg.sql.refresh_ms),
+        twinguard::serve::status_fn(twinguard::serve::Mode::Pipeline, metrics.clone()),
+        stop.clone(),
+    )
+    .unwrap();
+    let probe_view = view.clone();
     let started = Instant::now();
     let handle = {
         let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
-        std::thread::spawn(move || twinguard::run(&cfg, metrics, stop))
+        std::thread::spawn(move || twinguard::engine::run_with(&cfg, metrics, stop, Some(view)))
     };
     let verdicts = reader(&cfg, &cfg.topics.verdicts, "bench-verdicts");
     let mut seen = 0usize;
@@ -155,6 +168,15 @@ fn main() {
         let target = rate * 0.5;
         std::thread::spawn(move || produce::produce_all(&cfg, &cfg.topics.input, recs, Some(target), |_, _| {}).unwrap())
     };
+    let probes = {
+        let (cfg, view, stop) = (cfg.clone(), probe_view.clone(), stop.clone());
+        let template = Simulator::new(SimConfig::new(1, 1, 77)).next().unwrap();
+        std::thread::spawn(move || sql_probes(&cfg, &view, &template, Duration::from_secs(18), &stop))
+    };
+    let queries = {
+        let (view, stop) = (probe_view.clone(), stop.clone());
+        std::thread::spawn(move || query_loop(&view, Duration::from_secs(18), &stop))
+    };
     let mut lat_verdicts: HashMap<(i32, i64), i64> = HashMap::new();
     while lat_verdicts.len() < lat_n {
         if let Some(Ok(m)) = verdicts.poll(Duration::from_millis(100)) {
@@ -178,6 +200,8 @@ fn main() {
             }
         }
     }
+    let mut fresh = probes.join().unwrap();
+    let mut qlat = queries.join().unwrap();
     stop.store(true, Ordering::Relaxed);
     let report = handle.join().unwrap().unwrap();
     let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
@@ -203,7 +227,58 @@ fn main() {
             resp.len()
         );
     }
+    if !fresh.is_empty() {
+        let (f50, f99, fmax) = (pct(&mut fresh, 0.5), pct(&mut fresh, 0.99), pct(&mut fresh, 1.0));
+        println!("SQL freshness (probe event acked → row in `twins` snapshot): p50 {f50:.0} ms, p99 {f99:.0} ms, max {fmax:.0} ms ({} probes)", fresh.len());
+    }
+    if !qlat.is_empty() {
+        let (q50, q99) = (pct(&mut qlat, 0.5), pct(&mut qlat, 0.99));
+        println!("SQL query under load (count, max over twins, DataFusion): p50 {q50:.1} ms, p99 {q99:.1} ms ({} queries)", qlat.len());
+    }
     println!("alerts {}  commands {}  audit records {}", Metrics::get(&metrics.alerts_out), Metrics::get(&metrics.commands_out), Metrics::get(&metrics.audit_out));
     println!("twins {} (~{} bytes each)", report.twins, report.twin_mem_bytes / report.twins.max(1));
     println!("dlq {}  changelog records {}", Metrics::get(&metrics.dlq_out), Metrics::get(&metrics.changelog_out));
+}
+
+/// Every 250 ms for `dur`: one event of a new device; the time from its produce
+/// acknowledgement until the device's row is in the published `twins` snapshot (ms).
+fn sql_probes(cfg: &Config, view: &twinguard::sqlview::SqlView, template: &twinguard::sim::SimRecord, dur: Duration, stop: &AtomicBool) -> Vec<f64> {
+    let mut out = Vec::new();
+    let end = Instant::now() + dur;
+    let mut i = 0;
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        let id = format!("probe-{i:04}");
+        i += 1;
+        let payload = String::from_utf8(template.payload.clone()).unwrap().replace(&template.key, &id).into_bytes();
+        produce::produce_all(cfg, &cfg.topics.input, vec![(id.clone(), payload)], None, |_, _| {}).unwrap();
+        let acked = Instant::now();
+        let deadline = acked + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let snap = view.snapshot();
+            let ids = snap.twins[0].column(0).as_any().downcast_ref::<arrow::array::StringArray>().unwrap();
+            if ids.iter().any(|d| d == Some(id.as_str())) {
+                out.push(acked.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    out
+}
+
+/// Queries through DataFusion over the live view for `dur`: latency per query (ms).
+fn query_loop(view: &Arc<twinguard::sqlview::SqlView>, dur: Duration, stop: &AtomicBool) -> Vec<f64> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ctx = twinguard::sqlserver::session_context(view).unwrap();
+    let mut out = Vec::new();
+    let end = Instant::now() + dur;
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        let batches = rt.block_on(async { ctx.sql("select count(*), max(risk) from twins").await.unwrap().collect().await.unwrap() });
+        assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    out
 }

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of twinguard, installing what is missing first:
 #   - Debian packages librdkafka's ssl/sasl build needs (libssl-dev, libsasl2-dev, pkg-config)
+#   - psql (Debian's postgresql-client), the client the SQL tests drive
 #   - the tansu 0.6.0 broker the integration tests start (about 18 min to compile once)
+#   - the compose stack's static validators (check-jsonschema, hadolint, promtool;
+#     ~20 s, outside the clone: see scripts/check-compose.sh)
 # then type-checks the models' `cuda` feature (burn-cuda; DOCS_RS=1 makes its build
 # script skip the LLVM download this offline machine cannot do). Set
 # TWINGUARD_SKIP_CUDA_CHECK=1 to skip that step (~7 min the first time) locally.
@@ -15,6 +18,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 source scripts/deps.sh
 ensure_debian_packages "${BUILD_PACKAGES[@]}"
+command -v psql >/dev/null || ensure_debian_packages postgresql-client
 
 if tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
   step "tansu 0.6.0 present"
@@ -25,6 +29,9 @@ fi
 
 step "building and running every test (target: $CARGO_TARGET_DIR)"
 cargo test --workspace --locked "$@"
+
+step "validating the compose stack statically (no Docker engine here)"
+TWINGUARD_BIN="$CARGO_TARGET_DIR/debug/twinguard" scripts/check-compose.sh
 
 if [ "${TWINGUARD_SKIP_CUDA_CHECK:-0}" = 1 ]; then
   step "skipping the cuda feature type-check (TWINGUARD_SKIP_CUDA_CHECK=1)"

@@ -152,6 +152,9 @@ pub struct Binding {
     pub values: Vec<String>,
 }
 
+/// Weight of the newest verdict in a twin's [`Twin::risk`].
+pub const RISK_ALPHA: f32 = 0.2;
+
 /// The digital twin of one device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Twin {
@@ -192,6 +195,17 @@ pub struct Twin {
     /// event; empty until a model with an LSTM scores this device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lstm: Vec<f32>,
+    /// Decision score of the device's latest verdict (the ensemble probability with a
+    /// model, the behavioural score without); absent before the first verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+    /// Risk: exponentially weighted mean of the decision scores (weight
+    /// [`RISK_ALPHA`] on the newest), so one odd event moves it less than a run.
+    #[serde(default)]
+    pub risk: f32,
+    /// Attack class of the latest verdict, when it was judged an attack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
     /// Response state: open incident, desired and reported state, commands awaiting
     /// acknowledgement (absent until the device was first responded to).
     /// Boxed: most twins never need one, and an absent state costs 8 bytes.
@@ -233,6 +247,9 @@ impl Twin {
             baselines: vec![Baseline::default(); n_metrics + DERIVED],
             window: vec![f32::NAN; n_metrics],
             lstm: Vec::new(),
+            score: None,
+            risk: 0.0,
+            class: None,
             response: None,
         }
     }
@@ -254,6 +271,7 @@ impl Twin {
             + self.baselines.capacity() * std::mem::size_of::<Baseline>()
             + self.window.capacity() * std::mem::size_of::<f32>()
             + self.lstm.capacity() * std::mem::size_of::<f32>()
+            + self.class.as_ref().map_or(0, s)
             + self.response.as_ref().map_or(0, |r| std::mem::size_of::<ResponseState>() + r.mem_bytes())
     }
 
@@ -447,6 +465,20 @@ impl TwinOperator {
     /// goes out with the next [`drain_changelog`](Self::drain_changelog).
     pub fn touch(&mut self, partition: i32, device: &str) {
         if self.store.get(partition, device).is_some() {
+            self.dirty.insert((partition, device.to_string()));
+        }
+    }
+
+    /// Record a verdict's decision score (and attack class) on the device's twin:
+    /// the latest score and the smoothed risk the SQL `twins` table shows.
+    pub fn note_verdict(&mut self, partition: i32, device: &str, score: f64, class: Option<&str>) {
+        if let Some(t) = self.store.get_mut(partition, device) {
+            let x = if score.is_finite() { score as f32 } else { return };
+            t.risk = if t.score.is_none() { x } else { t.risk + RISK_ALPHA * (x - t.risk) };
+            t.score = Some(x);
+            if t.class.as_deref() != class {
+                t.class = class.map(str::to_string);
+            }
             self.dirty.insert((partition, device.to_string()));
         }
     }

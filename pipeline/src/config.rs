@@ -36,6 +36,123 @@ pub struct Config {
     pub gating: GatingConfig,
     pub registry: RegistryConfig,
     pub audit: AuditConfig,
+    /// The Postgres-wire SQL endpoint over the twins.
+    pub sql: SqlConfig,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub http: HttpConfig,
+    /// OpenTelemetry export (OTLP).
+    pub otel: OtelConfig,
+}
+
+/// The SQL endpoint (Postgres wire protocol). Served when `listen` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqlConfig {
+    /// Address to serve on, e.g. `127.0.0.1:5433`; unset: no SQL endpoint (`twinguard
+    /// sql` defaults to 127.0.0.1:5433).
+    pub listen: Option<String>,
+    /// Users allowed in (SCRAM-SHA-256 password authentication). Required when
+    /// `listen` is set.
+    pub users: Vec<SqlUser>,
+    /// TLS for the endpoint (optional; clients then may use `sslmode=require`).
+    pub tls: Option<TlsConfig>,
+    /// Rows kept in each of `verdicts`, `alerts` and `commands` (newest).
+    pub recent_rows: usize,
+    /// A query returning more rows than this is cancelled with an error.
+    pub max_rows: usize,
+    /// A query running longer than this is cancelled with an error.
+    pub query_timeout_ms: u64,
+    /// How often the tables' snapshot is republished.
+    pub refresh_ms: u64,
+    /// Show patient vital signs (schema fields marked `phi`) in `twins.latest` and
+    /// `twins.baselines`; off by default (data minimisation).
+    pub expose_phi: bool,
+    /// Most concurrent client connections.
+    pub max_connections: usize,
+}
+
+impl Default for SqlConfig {
+    fn default() -> Self {
+        SqlConfig {
+            listen: None,
+            users: Vec::new(),
+            tls: None,
+            recent_rows: 10_000,
+            max_rows: 100_000,
+            query_timeout_ms: 30_000,
+            refresh_ms: 250,
+            expose_phi: false,
+            max_connections: 64,
+        }
+    }
+}
+
+/// A SQL user. The password comes from the file, or (better) from an environment
+/// variable named by `password_env`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlUser {
+    pub name: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+impl SqlUser {
+    /// The user's password, read from its environment variable when so configured.
+    pub fn secret(&self) -> Result<String, String> {
+        match (&self.password, &self.password_env) {
+            (Some(_), Some(_)) => Err(format!("sql user `{}`: set only one of `password` and `password_env`", self.name)),
+            (Some(p), None) => Ok(p.clone()),
+            (None, Some(var)) => std::env::var(var).map_err(|_| format!("sql user `{}`: environment variable `{var}` (password_env) is not set", self.name)),
+            (None, None) => Err(format!("sql user `{}`: set `password_env` (or `password`)", self.name)),
+        }
+        .and_then(|p| if p.is_empty() { Err(format!("sql user `{}`: empty password", self.name)) } else { Ok(p) })
+    }
+}
+
+/// TLS certificate chain and private key (PEM files, relative to the config file).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// The HTTP endpoint for Prometheus and health probes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; empty string: off.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: "127.0.0.1:9464".into() }
+    }
+}
+
+/// OpenTelemetry export.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelConfig {
+    /// OTLP gRPC endpoint (e.g. `http://otel-collector:4317`) for metrics and traces;
+    /// unset: nothing is pushed (metrics stay scrapeable on `/metrics`).
+    pub endpoint: Option<String>,
+    /// `service.name` of the exported telemetry.
+    pub service_name: String,
+    /// Metrics push interval.
+    pub export_interval_ms: u64,
+    /// Export traces (spans of batches and their operators) too.
+    pub traces: bool,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        OtelConfig { endpoint: None, service_name: "twinguard".into(), export_interval_ms: 5_000, traces: true }
+    }
 }
 
 /// The device registry file.
@@ -276,6 +393,13 @@ impl Config {
                     *f = Some(base.join(rel));
                 }
             }
+            if let Some(tls) = cfg.sql.tls.as_mut() {
+                for f in [&mut tls.cert_file, &mut tls.key_file] {
+                    if f.is_relative() {
+                        *f = base.join(&*f);
+                    }
+                }
+            }
         }
         cfg.validate().map_err(|e| PipelineError::Config(format!("{origin}: {e}")))?;
         cfg.event_schema()?;
@@ -327,6 +451,7 @@ impl Config {
             return Err("set only one of `schema.name` and `schema.file`".into());
         }
         self.state.validate().map_err(|e| format!("key `{e}"))?;
+        self.validate_sql()?;
         self.response.validate().map_err(|e| format!("section `response`: {e}"))?;
         self.gating.validate().map_err(|e| format!("section `gating`: {e}"))?;
         for (section, props) in [("properties", &self.kafka.properties), ("consumer", &self.kafka.consumer), ("producer", &self.kafka.producer)] {
@@ -339,6 +464,52 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The SQL, HTTP and OpenTelemetry sections.
+    fn validate_sql(&self) -> Result<(), String> {
+        let q = &self.sql;
+        if q.listen.is_some() && q.users.is_empty() {
+            return Err("key `sql.users`: the SQL endpoint needs at least one user (`[[sql.users]] name = ..., password_env = ...`)".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for u in &q.users {
+            if u.name.trim().is_empty() {
+                return Err("key `sql.users`: a user has an empty `name`".into());
+            }
+            if !seen.insert(&u.name) {
+                return Err(format!("key `sql.users`: user `{}` is listed twice", u.name));
+            }
+        }
+        for (k, v) in [("sql.recent_rows", q.recent_rows), ("sql.max_rows", q.max_rows), ("sql.max_connections", q.max_connections)] {
+            if v == 0 {
+                return Err(format!("key `{k}` must be at least 1"));
+            }
+        }
+        if q.query_timeout_ms == 0 || q.refresh_ms == 0 {
+            return Err("keys `sql.query_timeout_ms` and `sql.refresh_ms` must be at least 1".into());
+        }
+        if let Some(l) = &q.listen {
+            l.parse::<std::net::SocketAddr>().map_err(|e| format!("key `sql.listen`: `{l}` is not host:port ({e})"))?;
+        }
+        if !self.http.listen.is_empty() {
+            self.http.listen.parse::<std::net::SocketAddr>().map_err(|e| format!("key `http.listen`: `{}` is not host:port ({e})", self.http.listen))?;
+        }
+        if let Some(e) = &self.otel.endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(format!("key `otel.endpoint`: `{e}` must start with http:// or https://"));
+            }
+        }
+        if self.otel.export_interval_ms == 0 {
+            return Err("key `otel.export_interval_ms` must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The SQL users with their passwords (read from the environment where so
+    /// configured); an error names the user whose password is missing.
+    pub fn sql_users(&self) -> Result<Vec<(String, String)>, PipelineError> {
+        self.sql.users.iter().map(|u| u.secret().map(|p| (u.name.clone(), p))).collect::<Result<_, _>>().map_err(PipelineError::Config)
     }
 
     /// The event schema this pipeline reads.
@@ -479,6 +650,30 @@ mod tests {
         assert_eq!(c.topics.input, d.topics.input);
         assert_eq!(c.batch.max_records, d.batch.max_records);
         assert_eq!(c.state.warmup_events, d.state.warmup_events);
+    }
+
+    #[test]
+    fn sql_section_errors_name_the_key() {
+        let load = |text: &str| {
+            let dir = std::env::temp_dir().join(format!("twinguard-sqlcfg-{}-{}", std::process::id(), text.len()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let p = dir.join("c.toml");
+            std::fs::write(&p, text).unwrap();
+            Config::load(Some(&p), Vec::new())
+        };
+        let e = load("[sql]\nlisten = \"127.0.0.1:5433\"\n").unwrap_err().to_string();
+        assert!(e.contains("sql.users") && e.contains("at least one user"), "{e}");
+        let e = load("[sql]\nlisten = \"localhost\"\n[[sql.users]]\nname = \"a\"\npassword = \"p\"\n").unwrap_err().to_string();
+        assert!(e.contains("sql.listen"), "{e}");
+        let e = load("[http]\nlisten = \"nope\"\n").unwrap_err().to_string();
+        assert!(e.contains("http.listen"), "{e}");
+        let e = load("[otel]\nendpoint = \"collector:4317\"\n").unwrap_err().to_string();
+        assert!(e.contains("otel.endpoint"), "{e}");
+        let c = load("[sql]\nlisten = \"127.0.0.1:5433\"\n[[sql.users]]\nname = \"a\"\npassword_env = \"TWINGUARD_TEST_UNSET_PASSWORD_VAR\"\n").unwrap();
+        let e = c.sql_users().unwrap_err().to_string();
+        assert!(e.contains("sql user `a`") && e.contains("TWINGUARD_TEST_UNSET_PASSWORD_VAR"), "{e}");
+        let e = load("[sql]\nlisten = \"127.0.0.1:5433\"\n[[sql.users]]\nname = \"a\"\npassword = \"p\"\n[[sql.users]]\nname = \"a\"\npassword = \"q\"\n").unwrap_err().to_string();
+        assert!(e.contains("listed twice"), "{e}");
     }
 
     #[test]

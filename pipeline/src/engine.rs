@@ -34,8 +34,12 @@ use twinguard_schemas::respond::{Ack, Alert, Feedback, RESPONSE_VERSION};
 use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
 use twinguard_schemas::{fields, Decoder, RawRecord};
 
+use opentelemetry::KeyValue;
+
 use crate::config::Config;
 use crate::kafka::{self, AckGroup, OutRecord, SinkProducer};
+use crate::observe::Instruments;
+use crate::sqlview::{RowMaker, SqlView};
 use crate::telemetry::{self as ev, Metrics};
 use crate::PipelineError;
 
@@ -52,6 +56,8 @@ struct Rec {
     ts: Option<i64>,
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
+    /// When this process consumed it (SQL freshness).
+    consumed: Instant,
 }
 
 struct PartBuf {
@@ -67,6 +73,8 @@ struct Job {
     next_offset: Option<i64>,
     phase1: Arc<AckGroup>,
     changelog: Vec<ChangelogRecord>,
+    /// Append time of the batch's oldest event (end-to-end latency).
+    oldest_ts: Option<i64>,
     /// Per command in `phase1`: the input timestamp of the event that caused it and
     /// the probe that learns when the broker acknowledged it (response time).
     commands: Vec<(Option<i64>, Arc<AckGroup>)>,
@@ -114,11 +122,14 @@ struct Shared {
     /// bulk of verdicts, audit and changelog records (response time).
     command_producer: SinkProducer,
     to_changelog: Mutex<Option<SyncSender<Job>>>,
+    /// The SQL tables, when served: fed with twin rows and outputs.
+    view: Option<(Arc<SqlView>, RowMaker)>,
 }
 
 impl Shared {
     fn fail(&self, msg: String) {
         tracing::error!(error = %msg, "pipeline failing");
+        self.metrics.failed.lock().expect("failed lock").get_or_insert_with(|| msg.clone());
         let mut f = self.fatal.lock().expect("fatal lock");
         if f.is_none() {
             *f = Some(msg);
@@ -155,12 +166,19 @@ impl Shared {
     /// the sink. MUST be called with the core lock held.
     fn process(&self, core: &mut Core, partition: i32, recs: Vec<Rec>) -> Result<(), PipelineError> {
         let Some(last) = recs.last().map(|r| r.offset) else { return Ok(()) };
+        let span = tracing::info_span!("batch", partition, records = recs.len(), first_offset = recs[0].offset, last_offset = last);
+        let _entered = span.enter();
+        let consumed = recs.iter().map(|r| r.consumed).min();
+        let ins = Instruments::get();
+        let timer = Instant::now();
         let raw: Vec<RawRecord<'_>> = recs
             .iter()
             .map(|r| RawRecord { partition, offset: r.offset, key: r.key.as_deref(), payload: r.payload.as_deref() })
             .collect();
         let now = chrono::Utc::now().timestamp_millis();
-        let decoded = core.decoder.decode(&raw, now)?;
+        let decoded = tracing::info_span!("decode").in_scope(|| core.decoder.decode(&raw, now))?;
+        ins.operator_latency.record(timer.elapsed().as_secs_f64(), &[KeyValue::new("operator", "decode")]);
+        let timer = Instant::now();
         let valid = decoded.batch.num_rows();
         let mut outputs: Vec<OutRecord> = Vec::with_capacity(valid + decoded.rejects.len());
         for rej in &decoded.rejects {
@@ -177,8 +195,11 @@ impl Shared {
             ));
         }
         let skipped_before = core.op.twin().skipped();
-        let (scored, _) = core.op.detect(&decoded.batch)?;
+        let (scored, _) = tracing::info_span!("detect", events = valid).in_scope(|| core.op.detect(&decoded.batch))?;
         let mut verdicts: Vec<Verdict> = verdicts_from_batch(&scored, &self.cfg.topics.input);
+        ins.operator_latency.record(timer.elapsed().as_secs_f64(), &[KeyValue::new("operator", "detect")]);
+        let timer = Instant::now();
+        let respond_span = tracing::info_span!("respond").entered();
         let mut resp = Responses::default();
         let automation = {
             let g = self.gate.lock().expect("gate lock");
@@ -192,6 +213,9 @@ impl Shared {
         resp.alerts.extend(r.alerts);
         resp.commands.extend(r.commands);
         resp.audit.extend(r.audit);
+        drop(respond_span);
+        ins.operator_latency.record(timer.elapsed().as_secs_f64(), &[KeyValue::new("operator", "respond")]);
+        record_verdicts(core, &verdicts);
         let mut anomalies = 0;
         let verdict_count = verdicts.len();
         for v in &verdicts {
@@ -211,6 +235,9 @@ impl Shared {
             let ts: HashMap<i64, i64> = recs.iter().filter_map(|r| r.ts.map(|t| (r.offset, t))).collect();
             resp.commands.iter().map(|(_, off)| off.and_then(|o| ts.get(&o).copied())).collect()
         };
+        if let Some((view, _)) = &self.view {
+            view.push_outputs(consumed, &verdicts, &[], &[]);
+        }
         self.emit_responses(resp, &mut outputs);
         ev::BatchProcessed {
             partition,
@@ -222,9 +249,22 @@ impl Shared {
         }
         .emit(&self.metrics);
         let changelog = core.op.twin_mut().drain_changelog();
+        self.publish_twins(core, &changelog, consumed);
         // Twin count per batch (O(partitions)); memory is sampled at expiry ticks (O(twins)).
         self.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
-        self.dispatch(self.input_topic.clone(), Some(partition), Some(last + 1), outputs, changelog, command_ts)
+        let oldest_ts = recs.iter().filter_map(|r| r.ts).min();
+        self.dispatch(self.input_topic.clone(), Some(partition), Some(last + 1), outputs, changelog, command_ts, oldest_ts)
+    }
+
+    /// Hand the changed twins (or their removal) to the SQL view.
+    fn publish_twins(&self, core: &Core, changelog: &[ChangelogRecord], consumed: Option<Instant>) {
+        let Some((view, rows)) = &self.view else { return };
+        let store = core.op.twin().store();
+        let changes = changelog
+            .iter()
+            .map(|c| (c.key.clone(), c.value.as_ref().and_then(|_| store.get(c.partition, &c.key)).map(|t| rows.row(t))))
+            .collect();
+        view.push_twins(consumed, changes);
     }
 
     /// Turn responses into records: alerts and commands keyed by device id, audit
@@ -245,6 +285,10 @@ impl Shared {
         for (c, _) in &resp.commands {
             ev::CommandIssued { command: c }.emit(&self.metrics);
             outputs.push(rec(&self.commands_topic, None, &c.device_id, serde_json::to_vec(c).expect("command serialises")));
+        }
+        if let Some((view, _)) = &self.view {
+            let commands: Vec<_> = resp.commands.iter().map(|(c, _)| c.clone()).collect();
+            view.push_outputs(None, &[], &resp.alerts, &commands);
         }
         for (chain, bytes) in resp.audit {
             self.metrics.audit_out.fetch_add(1, Ordering::Relaxed);
@@ -272,7 +316,8 @@ impl Shared {
         }
         self.emit_responses(resp, &mut outputs);
         let changelog = core.op.twin_mut().drain_changelog();
-        self.dispatch(self.acks_topic.clone(), Some(partition), Some(rec.offset + 1), outputs, changelog, Vec::new())
+        self.publish_twins(core, &changelog, Some(rec.consumed));
+        self.dispatch(self.acks_topic.clone(), Some(partition), Some(rec.offset + 1), outputs, changelog, Vec::new(), None)
     }
 
     /// A dead letter for a record of a control topic (acks, feedback).
@@ -289,6 +334,7 @@ impl Shared {
         outputs: Vec<OutRecord>,
         changelog: Vec<ChangelogRecord>,
         command_ts: Vec<Option<i64>>,
+        oldest_ts: Option<i64>,
     ) -> Result<(), PipelineError> {
         let phase1 = AckGroup::new(outputs.len());
         // Commands are acknowledged through probes, in the order they were emitted.
@@ -311,7 +357,7 @@ impl Shared {
             kafka::send_all(&self.producer, &rest, &phase1, &self.abort);
         }
         let tx = self.to_changelog.lock().expect("sender lock").clone();
-        let job = Job { topic, partition, next_offset, phase1, changelog, commands };
+        let job = Job { topic, partition, next_offset, phase1, changelog, oldest_ts, commands };
         match tx.map(|tx| tx.send(job)) {
             Some(Ok(())) => Ok(()),
             _ => {
@@ -345,7 +391,12 @@ impl Shared {
         let read = kafka::read_changelog(&self.cfg, parts, timeout, |p, key, value| {
             op.twin_mut().restore_record(p, key, value).map_err(PipelineError::from)
         })?;
+        if let Some((view, rows)) = &self.view {
+            let restored = core.op.twin().store().iter().filter(|t| parts.contains(&t.partition)).map(|t| (t.device_id.clone(), Some(rows.row(t)))).collect();
+            view.push_twins(None, restored);
+        }
         for (p, n) in read {
+            self.metrics.changelog_in.fetch_add(n, Ordering::Relaxed);
             let twins = core.op.twin().store().iter().filter(|t| t.partition == p).count();
             ev::TwinsRestored { partition: p, twins, records_read: n, millis: started.elapsed().as_millis() }.emit(&self.metrics);
         }
@@ -363,6 +414,33 @@ impl Shared {
             }
         }
         Ok(())
+    }
+}
+
+/// Note each verdict's score on its twin (latest score, risk) and count verdicts by
+/// class and scores per model.
+fn record_verdicts(core: &mut Core, verdicts: &[Verdict]) {
+    let ins = Instruments::get();
+    let mut by_class: HashMap<&str, u64> = HashMap::new();
+    for v in verdicts {
+        core.op.twin_mut().note_verdict(v.source.partition, &v.device_id, v.score, v.attack_class.as_deref());
+        let class = match (&v.attack_class, v.anomalous) {
+            (Some(c), _) => c.as_str(),
+            (None, true) => "anomaly",
+            (None, false) => "benign",
+        };
+        *by_class.entry(class).or_default() += 1;
+        match &v.scores {
+            Some(sc) => {
+                for (model, x) in [("ensemble", sc.ensemble), ("rf", sc.rf), ("svm", sc.svm), ("lstm", sc.lstm), ("twin", sc.twin)] {
+                    ins.score.record(x, &[KeyValue::new("model", model)]);
+                }
+            }
+            None => ins.score.record(v.score, &[KeyValue::new("model", "twin")]),
+        }
+    }
+    for (class, n) in by_class {
+        ins.verdicts.add(n, &[KeyValue::new("class", class.to_string())]);
     }
 }
 
@@ -408,7 +486,17 @@ pub struct SourceContext {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag of the
+    /// owned input partitions, as librdkafka computes it from its fetch state.
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let s = &self.shared;
+        let Some(topic) = stats.topics.get(&s.cfg.topics.input) else { return };
+        let owned: Vec<i32> = s.metrics.owned.lock().expect("owned lock").clone();
+        let lag = topic.partitions.iter().filter(|(p, part)| owned.contains(p) && part.consumer_lag >= 0).map(|(p, part)| (*p, part.consumer_lag)).collect();
+        s.metrics.set_lag(lag);
+    }
+}
 
 fn input_partitions(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
     tpl.elements_for_topic(topic).iter().map(|e| e.partition()).collect()
@@ -444,8 +532,12 @@ impl ConsumerContext for SourceContext {
             core.op.twin_mut().store_mut().drop_partition(*p);
             core.resp.drop_partition(*p);
             s.committed.lock().expect("committed lock").remove(p);
+            if let Some((view, _)) = &s.view {
+                view.drop_partition(*p);
+            }
         }
         s.metrics.partitions_owned.store(core.owned.len() as i64, Ordering::Relaxed);
+        *s.metrics.owned.lock().expect("owned lock") = core.owned.iter().copied().collect();
         s.metrics.ready.store(0, Ordering::Relaxed);
     }
 
@@ -483,6 +575,7 @@ impl ConsumerContext for SourceContext {
         }
         core.owned.extend(parts.iter().copied());
         s.metrics.partitions_owned.store(core.owned.len() as i64, Ordering::Relaxed);
+        *s.metrics.owned.lock().expect("owned lock") = core.owned.iter().copied().collect();
         s.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
         s.metrics.ready.store(1, Ordering::Relaxed);
     }
@@ -501,6 +594,11 @@ pub struct RunReport {
 /// outputs acknowledged, offsets committed) or a fatal error occurs (no offsets are
 /// stored past the failure; a restart replays from the last committed position).
 pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result<RunReport, PipelineError> {
+    run_with(cfg, metrics, stop, None)
+}
+
+/// [`run`], also feeding `view` (the SQL tables) with this instance's twins and outputs.
+pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view: Option<Arc<SqlView>>) -> Result<RunReport, PipelineError> {
     let schema = cfg.event_schema()?;
     let detector = cfg.detector(&schema)?;
     let responder = cfg.responder(&schema)?;
@@ -510,6 +608,8 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
     if cfg.audit.signing_key_file.is_none() {
         tracing::warn!("audit trail disabled: set `audit.signing_key_file` (twinguard audit keygen) to sign and chain every decision");
     }
+    *metrics.model_version.lock().expect("info lock") = detector.model_version().map(str::to_string);
+    *metrics.schema_id.lock().expect("info lock") = schema.id();
     let partitions = kafka::ensure_topics(cfg)?;
     tracing::info!(input = %cfg.topics.input, partitions, schema = %schema.id(), model = detector.model_version().unwrap_or("none (twin behaviour only)"), "starting pipeline");
     let producer = kafka::create_producer(cfg)?;
@@ -545,6 +645,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
         producer,
         command_producer,
         to_changelog: Mutex::new(Some(tx_cl)),
+        view: view.map(|v| (v, RowMaker::new(&schema, cfg.sql.expose_phi))),
     });
     let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(
         kafka::consumer_config(cfg)
@@ -635,7 +736,9 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
     let expiry_every = Duration::from_secs(s.cfg.batch.expiry_interval_secs.max(1));
     let mut last_expiry = Instant::now();
     let input = s.cfg.topics.input.clone();
+    s.metrics.stall_limit_ms.store(((s.cfg.batch.restore_timeout_secs + 60) * 1000) as i64, Ordering::Relaxed);
     while !s.stop.load(Ordering::Relaxed) && !s.failed() {
+        s.metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         let timeout = {
             let core = s.core.lock().expect("core lock");
             core.buffers.values().map(|b| linger.saturating_sub(b.opened.elapsed())).min().unwrap_or(Duration::from_millis(100))
@@ -657,6 +760,7 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
                     ts: m.timestamp().to_millis(),
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec),
+                    consumed: Instant::now(),
                 });
                 if buf.records.len() >= max {
                     let recs = core.buffers.remove(&p).map(|b| b.records).unwrap_or_default();
@@ -669,7 +773,9 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
                     ts: None,
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec),
+                    consumed: Instant::now(),
                 };
+                s.metrics.acks_in.fetch_add(1, Ordering::Relaxed);
                 let p = m.partition();
                 s.process_ack(&mut core, p, rec)?;
             }
@@ -709,7 +815,8 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             for (p, (resp, recs)) in by_partition {
                 let mut outputs = Vec::new();
                 s.emit_responses(resp, &mut outputs);
-                s.dispatch(s.input_topic.clone(), Some(p), None, outputs, recs, Vec::new())?;
+                s.publish_twins(&core, &recs, None);
+                s.dispatch(s.input_topic.clone(), Some(p), None, outputs, recs, Vec::new(), None)?;
             }
         }
     }
@@ -722,6 +829,10 @@ fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job, Arc<AckGr
         if let Err(e) = job.phase1.wait(&s.abort) {
             s.fail(e);
             break;
+        }
+        if let Some(ts) = job.oldest_ts {
+            let ms = (chrono::Utc::now().timestamp_millis() - ts).max(0) as f64;
+            Instruments::get().e2e_latency.record(ms / 1000.0, &[]);
         }
         if !job.commands.is_empty() {
             // Response time: the event entered the input topic → its command was

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
@@ -39,7 +39,9 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "1000")
-        .set("partition.assignment.strategy", "range");
+        .set("partition.assignment.strategy", "range")
+        // Consumer lag per partition for the metrics (librdkafka's statistics).
+        .set("statistics.interval.ms", "1000");
     for (k, v) in cfg.kafka.properties.iter().chain(&cfg.kafka.consumer) {
         c.set(k, v);
     }
@@ -328,7 +330,7 @@ pub fn read_changelog(
 
 /// A consumer that reads by assignment, outside the pipeline's group: no commits,
 /// no stored offsets; `purpose` names its group id.
-fn reader_config(cfg: &Config, purpose: &str) -> ClientConfig {
+pub fn reader_config(cfg: &Config, purpose: &str) -> ClientConfig {
     let mut c = base_client(cfg);
     for (k, v) in &cfg.kafka.consumer {
         c.set(k, v);
@@ -436,4 +438,19 @@ pub fn assign_all(cfg: &Config, topics: &[&str], purpose: &str) -> Result<BaseCo
     }
     consumer.assign(&tpl).map_err(|e| PipelineError::kafka(&format!("assign {purpose}"), e))?;
     Ok(consumer)
+}
+
+/// Records between this consumer's position and the end of each of `parts` of
+/// `topic` (asks the broker for the ends: a round trip per partition). Partitions
+/// without a known position or end are left out.
+pub fn lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, parts: &[i32]) -> BTreeMap<i32, i64> {
+    let Ok(pos) = consumer.position() else { return BTreeMap::new() };
+    parts
+        .iter()
+        .filter_map(|&p| {
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(2)).ok()?;
+            let Offset::Offset(at) = pos.find_partition(topic, p)?.offset() else { return None };
+            (high >= 0).then_some((p, (high - at).max(0)))
+        })
+        .collect()
 }

@@ -8,11 +8,16 @@
 pub mod config;
 pub mod demo;
 pub mod engine;
+pub mod global;
 pub mod kafka;
+pub mod observe;
 pub mod plots;
 pub mod produce;
 pub mod replay;
+pub mod serve;
 pub mod sim;
+pub mod sqlserver;
+pub mod sqlview;
 pub mod telemetry;
 pub mod testkit;
 pub mod train;

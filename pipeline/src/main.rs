@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use twinguard::serve::Mode;
 use twinguard::config::Config;
 use twinguard::demo::{self, DemoOptions};
 use twinguard::replay::{self, ReplayOptions};
@@ -50,6 +51,28 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Only load and validate the configuration, then exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Serve SQL (Postgres wire protocol) over EVERY twin of a deployment: a
+    /// query-only process that reads the compacted changelog topic (and the newest
+    /// verdicts, alerts and commands), owns no partition and writes nothing. Tables:
+    /// twins, verdicts, alerts, commands, status. Also serves /metrics, /healthz
+    /// and /readyz (ready once the changelog was read to its end).
+    ///
+    ///   twinguard sql --config twinguard.toml --brokers kafka-1:9092
+    ///   PGPASSWORD=... psql -h 127.0.0.1 -p 5433 -U analyst -c 'select count(*) from twins'
+    Sql {
+        /// Configuration file (TOML): topics, schema, `[sql]` users, TLS and limits.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Kafka bootstrap servers (overrides `kafka.brokers`).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Address to serve SQL on (default: `sql.listen`, else 127.0.0.1:5433).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Only load and validate the configuration (users' passwords included), then exit.
         #[arg(long)]
         check_config: bool,
     },
@@ -353,26 +376,55 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Run { config, check_config } => {
-            init_logs("info");
             let cfg = load_config(config.as_ref())?;
             if check_config {
+                init_logs("info");
                 let schema = cfg.event_schema()?;
                 // Loads the model too: a missing or incompatible artifact fails here.
                 let detector = cfg.detector(&schema)?;
                 // ...and the registry and the audit key.
                 let registry = cfg.registry()?;
                 let audit = cfg.audit_log()?;
+                // ...and the SQL users' passwords.
+                let users = cfg.sql_users()?;
                 println!(
-                    "configuration OK (schema {}, model {}, {} registered devices, {} response rules, audit {})",
+                    "configuration OK (schema {}, model {}, {} registered devices, {} response rules, audit {}, sql {}, metrics {})",
                     schema.id(),
                     detector.model_version().unwrap_or("none: twin behaviour score only"),
                     registry.len(),
                     cfg.response.rules.len(),
-                    audit.map_or("off (no signing key)".to_string(), |a| format!("signed, public key {}", a.public_key_hex()))
+                    audit.map_or("off (no signing key)".to_string(), |a| format!("signed, public key {}", a.public_key_hex())),
+                    cfg.sql.listen.as_ref().map_or("off".to_string(), |l| format!("on {l} for {} users", users.len())),
+                    if cfg.http.listen.is_empty() { "off".to_string() } else { format!("on http://{}/metrics", cfg.http.listen) }
                 );
                 return Ok(());
             }
-            run_until_signal(cfg)
+            run_until_signal(cfg, Mode::Pipeline, None)
+        }
+        Command::Sql { config, brokers, listen, check_config } => {
+            let mut cfg = load_config(config.as_ref())?;
+            if let Some(b) = brokers {
+                cfg.kafka.brokers = b;
+            }
+            let listen = listen.or_else(|| cfg.sql.listen.clone()).unwrap_or_else(|| "127.0.0.1:5433".to_string());
+            listen.parse::<std::net::SocketAddr>().map_err(|e| anyhow::anyhow!("--listen `{listen}` is not host:port: {e}"))?;
+            if cfg.sql.users.is_empty() {
+                anyhow::bail!("no SQL users configured: add `[[sql.users]] name = \"analyst\"  password_env = \"TWINGUARD_SQL_PASSWORD\"` to the config");
+            }
+            let users = cfg.sql_users()?;
+            let schema = cfg.event_schema()?;
+            if check_config {
+                println!(
+                    "configuration OK (query-only SQL on {listen}, schema {}, {} users, tls {}, changelog `{}` on {})",
+                    schema.id(),
+                    users.len(),
+                    if cfg.sql.tls.is_some() { "on" } else { "off" },
+                    cfg.topics.changelog,
+                    cfg.kafka.brokers
+                );
+                return Ok(());
+            }
+            run_until_signal(cfg, Mode::Global, Some(listen))
         }
         Command::Simulate { config, sim: SimArgs { devices, events, seed }, rate, topic, malformed_rate } => {
             init_logs("warn");
@@ -503,24 +555,50 @@ fn audit(command: AuditCommand) -> Result<()> {
     }
 }
 
-fn run_until_signal(cfg: Config) -> Result<()> {
+/// Run a long-lived process (a pipeline instance, or the query-only SQL process)
+/// until SIGINT/SIGTERM, with its telemetry, `/metrics` and SQL endpoint.
+fn run_until_signal(mut cfg: Config, mode: Mode, sql_listen: Option<String>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async move {
+    // The OTLP exporters live on this runtime: set up inside it, shut down before it.
+    let telemetry = {
+        let _guard = rt.enter();
+        twinguard::observe::init(&cfg.otel, "info")?
+    };
+    let result = rt.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(Metrics::default());
-        let mut pipeline = {
-            let (stop, metrics) = (stop.clone(), metrics.clone());
-            tokio::task::spawn_blocking(move || twinguard::run(&cfg, metrics, stop))
+        let sql_listen = sql_listen.or_else(|| if mode == Mode::Pipeline { cfg.sql.listen.clone() } else { None });
+        let services = twinguard::serve::start(&cfg, &telemetry, &metrics, mode, sql_listen.as_deref(), &stop).await?;
+        if let Some(a) = services.sql {
+            cfg.sql.listen = Some(a.to_string());
+        }
+        let mut work = {
+            let (stop, metrics, cfg, view) = (stop.clone(), metrics.clone(), cfg.clone(), services.view.clone());
+            tokio::task::spawn_blocking(move || -> Result<Option<twinguard::RunReport>, twinguard::PipelineError> {
+                match mode {
+                    Mode::Pipeline => twinguard::engine::run_with(&cfg, metrics, stop, view).map(Some),
+                    Mode::Global => {
+                        let view = view.expect("the query-only process serves SQL");
+                        twinguard::global::run(&cfg, metrics, view, stop).map(|()| None)
+                    }
+                }
+            })
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            r = &mut pipeline => return Ok(r??).map(|_| ()),
+            r = &mut work => {
+                r??;
+                return Ok::<(), anyhow::Error>(());
+            }
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping after in-flight batches"),
             _ = term.recv() => tracing::info!("SIGTERM: stopping after in-flight batches"),
         }
         stop.store(true, Ordering::Relaxed);
-        let report = pipeline.await??;
-        tracing::info!(twins = report.twins, twin_mem_bytes = report.twin_mem_bytes, "stopped cleanly");
+        if let Some(report) = work.await?? {
+            tracing::info!(twins = report.twins, twin_mem_bytes = report.twin_mem_bytes, "stopped cleanly");
+        }
         Ok(())
-    })
+    });
+    telemetry.shutdown();
+    result
 }

@@ -1,9 +1,13 @@
 //! Internal telemetry through typed events: each event struct both logs (tracing)
 //! and counts ([`Metrics`]); no metric names are scattered through the code.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
+
+use opentelemetry::KeyValue;
+
+use crate::observe::Instruments;
 
 use twinguard_operators::Transition;
 use twinguard_schemas::respond::{Alert, Command};
@@ -46,6 +50,24 @@ pub struct Metrics {
     response_ms: Mutex<VecDeque<f64>>,
     /// The confidence gate's latest figures (refreshed at every status tick).
     pub gate: Mutex<twinguard_operators::GateStatus>,
+    /// Acknowledgement records consumed.
+    pub acks_in: AtomicU64,
+    /// Changelog records read (restores; all of them in `twinguard sql`).
+    pub changelog_in: AtomicU64,
+    /// Input records behind the end of each owned partition (refreshed about every second).
+    lag: Mutex<BTreeMap<i32, i64>>,
+    /// Partitions owned (input) or read (changelog, `twinguard sql`).
+    pub owned: Mutex<Vec<i32>>,
+    /// Version of the model scoring the events (none: twin behaviour only).
+    pub model_version: Mutex<Option<String>>,
+    /// The event schema read (`name/vN`).
+    pub schema_id: Mutex<String>,
+    /// Last turn of the core loop (ms since the epoch; 0 = not started).
+    pub heartbeat_ms: AtomicI64,
+    /// How long the core loop may go without a turn before `/healthz` fails (ms).
+    pub stall_limit_ms: AtomicI64,
+    /// Set when the pipeline stops on a fatal error.
+    pub failed: Mutex<Option<String>>,
 }
 
 impl Metrics {
@@ -55,7 +77,28 @@ impl Metrics {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Relaxed)
     }
+    /// Replace the per-partition lag figures.
+    pub fn set_lag(&self, lag: BTreeMap<i32, i64>) {
+        *self.lag.lock().expect("lag lock") = lag;
+    }
+    pub fn lag(&self) -> BTreeMap<i32, i64> {
+        self.lag.lock().expect("lag lock").clone()
+    }
+    /// Healthy unless the pipeline failed or its core loop stalled.
+    pub fn health(&self) -> Result<(), String> {
+        if let Some(why) = self.failed.lock().expect("failed lock").clone() {
+            return Err(why);
+        }
+        let beat = self.heartbeat_ms.load(Relaxed);
+        let limit = self.stall_limit_ms.load(Relaxed);
+        let idle = chrono::Utc::now().timestamp_millis() - beat;
+        if beat > 0 && limit > 0 && idle > limit {
+            return Err(format!("the core loop has not turned for {} s", idle / 1000));
+        }
+        Ok(())
+    }
     pub fn record_response_ms(&self, ms: f64) {
+        Instruments::get().response_time.record(ms / 1000.0, &[]);
         let mut v = self.response_ms.lock().expect("response lock");
         if v.len() == RESPONSE_SAMPLES {
             v.pop_front();
@@ -88,6 +131,11 @@ impl AlertRaised<'_> {
             "alert"
         );
         m.alerts_out.fetch_add(1, Relaxed);
+        Instruments::get().alerts.add(1, &[KeyValue::new("class", match (&a.attack_class, a.kind) {
+            (_, twinguard_schemas::respond::AlertKind::CommandUnacknowledged) => "command_unacknowledged".to_string(),
+            (Some(c), _) => c.clone(),
+            (None, _) => "anomaly".to_string(),
+        })]);
     }
 }
 
@@ -101,6 +149,7 @@ impl CommandIssued<'_> {
         let c = self.command;
         tracing::info!(device_id = %c.device_id, command_id = %c.command_id, action = c.action.as_str(), rule = %c.reason.rule, "command issued");
         m.commands_out.fetch_add(1, Relaxed);
+        Instruments::get().commands.add(1, &[KeyValue::new("action", c.action.as_str())]);
     }
 }
 
@@ -176,6 +225,7 @@ impl BatchProcessed {
             "batch processed"
         );
         m.batches.fetch_add(1, Relaxed);
+        Instruments::get().batch_records.record(self.records as u64, &[]);
         m.records_in.fetch_add(self.records as u64, Relaxed);
         m.events_valid.fetch_add(self.valid as u64, Relaxed);
         m.verdicts_out.fetch_add(self.verdicts as u64, Relaxed);

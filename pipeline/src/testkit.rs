@@ -85,6 +85,8 @@ impl Broker {
         c.topics.partitions = 4;
         c.batch.max_records = 200;
         c.batch.max_linger_ms = 10;
+        // Tests run side by side: any free port (the log line names it).
+        c.http.listen = "127.0.0.1:0".into();
         c
     }
 }

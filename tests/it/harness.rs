@@ -84,18 +84,31 @@ pub struct PipelineProc {
 
 impl PipelineProc {
     pub fn start(dir: &Path, name: &str, config: &Path) -> PipelineProc {
+        Self::spawn(dir, name, &["run", "--config", config.to_str().unwrap()], &[])
+    }
+
+    /// Any long-running `twinguard` command (e.g. `sql`), logging to `<name>.log`.
+    pub fn spawn(dir: &Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> PipelineProc {
         let log = dir.join(format!("{name}.log"));
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
-            .args(["run", "--config"])
-            .arg(config)
+            .args(args)
             .env("RUST_LOG", std::env::var("TWINGUARD_IT_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()
             .expect("start twinguard");
         PipelineProc { child: Some(child), log, cursor: 0 }
+    }
+
+    /// The address a listener logged (`<needle> ... addr=host:port`), e.g. the
+    /// `/metrics` or SQL endpoint bound to port 0.
+    pub fn wait_addr(&mut self, needle: &str) -> String {
+        let line = self.wait_log(&[needle, "addr="]);
+        let rest = &line[line.find("addr=").unwrap() + 5..];
+        rest.split_whitespace().next().unwrap().to_string()
     }
 
     /// SIGKILL: no chance to flush or commit.

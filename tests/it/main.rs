@@ -11,3 +11,4 @@ mod e2e;
 mod rebalance;
 mod replay;
 mod respond;
+mod sql;

@@ -1,0 +1,144 @@
+//! `twinguard sql`: a query-only process for the whole fleet. It owns no partition
+//! and writes nothing: it reads EVERY partition of the compacted changelog topic
+//! (the twins of all instances), and the newest records of the verdicts, alerts and
+//! commands topics, into the same [`SqlView`] an instance serves for its own twins.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use twinguard_operators::Twin;
+use twinguard_schemas::respond::{Alert, Command};
+use twinguard_schemas::verdict::Verdict;
+
+use crate::config::Config;
+use crate::kafka::{self, RestoreContext};
+use crate::sqlview::{RowMaker, SqlView, TwinRow};
+use crate::telemetry::Metrics;
+use crate::PipelineError;
+
+/// Staged changes are handed to the view at least this often.
+const HAND_OVER: Duration = Duration::from_millis(50);
+
+/// Read until `stop`: the changelog from the beginning, the output topics from their
+/// newest `sql.recent_rows` records per partition. `metrics.ready` turns 1 once every
+/// changelog partition was read up to the end it had at start.
+pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<AtomicBool>) -> Result<(), PipelineError> {
+    let schema = cfg.event_schema()?;
+    *metrics.schema_id.lock().expect("info lock") = schema.id();
+    let rows = RowMaker::new(&schema, cfg.sql.expose_phi);
+    let t = &cfg.topics;
+    let consumer: BaseConsumer<RestoreContext> = kafka::reader_config(cfg, "sql")
+        .create_with_context(RestoreContext)
+        .map_err(|e| PipelineError::kafka("sql reader", e))?;
+    let tail = i64::try_from(cfg.sql.recent_rows).unwrap_or(i64::MAX);
+    let mut tpl = TopicPartitionList::new();
+    let mut changelog_parts = Vec::new();
+    for (topic, start) in [(&t.changelog, Offset::Beginning), (&t.verdicts, Offset::OffsetTail(tail)), (&t.alerts, Offset::OffsetTail(tail)), (&t.commands, Offset::OffsetTail(tail))] {
+        let n = kafka::partition_count(cfg, topic)?
+            .ok_or_else(|| PipelineError::Config(format!("topic `{topic}` does not exist: start the pipeline (or create the topics) first")))?;
+        for p in 0..n as i32 {
+            tpl.add_partition_offset(topic, p, start).map_err(|e| PipelineError::kafka("assign", e))?;
+            if topic == &t.changelog {
+                changelog_parts.push(p);
+            }
+        }
+    }
+    consumer.assign(&tpl).map_err(|e| PipelineError::kafka("assign the sql reader", e))?;
+    metrics.partitions_owned.store(changelog_parts.len() as i64, Relaxed);
+    *metrics.owned.lock().expect("owned lock") = changelog_parts.clone();
+    // Caught up once every changelog partition was read to the end it had at start.
+    let mut behind: BTreeMap<i32, i64> = BTreeMap::new();
+    for &p in &changelog_parts {
+        let (low, high) = consumer
+            .fetch_watermarks(&t.changelog, p, Duration::from_secs(10))
+            .map_err(|e| PipelineError::kafka(&format!("watermarks of `{}` [{p}]", t.changelog), e))?;
+        if high > low {
+            behind.insert(p, high);
+        }
+    }
+    if behind.is_empty() {
+        metrics.ready.store(1, Relaxed);
+    }
+    tracing::info!(changelog = %t.changelog, partitions = changelog_parts.len(), "materialising every twin from the changelog");
+    let started = Instant::now();
+    let mut live: HashSet<String> = HashSet::new();
+    let mut twins: Vec<(String, Option<TwinRow>)> = Vec::new();
+    let (mut verdicts, mut alerts, mut commands) = (Vec::<Verdict>::new(), Vec::<Alert>::new(), Vec::<Command>::new());
+    let mut oldest: Option<Instant> = None;
+    let mut last_handover = Instant::now();
+    let mut last_lag = Instant::now();
+    while !stop.load(Relaxed) {
+        metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Relaxed);
+        match consumer.poll(Duration::from_millis(20)) {
+            None => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "sql reader error (librdkafka retries)"),
+            Some(Ok(m)) => {
+                oldest.get_or_insert_with(Instant::now);
+                let (topic, p, offset) = (m.topic(), m.partition(), m.offset());
+                let bad = |what: &str, e: &dyn std::fmt::Display| {
+                    tracing::warn!(topic, partition = p, offset, error = %e, "skipping a record that is not a {what}");
+                    metrics.control_rejected.fetch_add(1, Relaxed);
+                };
+                if topic == t.changelog {
+                    metrics.changelog_in.fetch_add(1, Relaxed);
+                    let key = m.key().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
+                    match m.payload() {
+                        None => {
+                            live.remove(&key);
+                            twins.push((key, None));
+                        }
+                        Some(v) => match Twin::decode(&key, v) {
+                            Ok(twin) => {
+                                live.insert(key.clone());
+                                twins.push((key, Some(rows.row(&twin))));
+                            }
+                            Err(e) => bad("twin", &e),
+                        },
+                    }
+                    if behind.get(&p).is_some_and(|end| offset + 1 >= *end) {
+                        behind.remove(&p);
+                        if behind.is_empty() {
+                            tracing::info!(twins = live.len(), millis = started.elapsed().as_millis() as u64, "every twin materialised; ready");
+                            metrics.ready.store(1, Relaxed);
+                        }
+                    }
+                } else if topic == t.verdicts {
+                    metrics.records_in.fetch_add(1, Relaxed);
+                    match serde_json::from_slice::<Verdict>(m.payload().unwrap_or_default()) {
+                        Ok(v) => verdicts.push(v),
+                        Err(e) => bad("verdict", &e),
+                    }
+                } else if topic == t.alerts {
+                    match serde_json::from_slice::<Alert>(m.payload().unwrap_or_default()) {
+                        Ok(a) => alerts.push(a),
+                        Err(e) => bad("alert", &e),
+                    }
+                } else if topic == t.commands {
+                    match serde_json::from_slice::<Command>(m.payload().unwrap_or_default()) {
+                        Ok(c) => commands.push(c),
+                        Err(e) => bad("command", &e),
+                    }
+                }
+            }
+        }
+        if last_handover.elapsed() >= HAND_OVER {
+            last_handover = Instant::now();
+            view.push_twins(oldest, std::mem::take(&mut twins));
+            view.push_outputs(oldest, &verdicts, &alerts, &commands);
+            verdicts.clear();
+            alerts.clear();
+            commands.clear();
+            oldest = None;
+            metrics.twins.store(live.len() as i64, Relaxed);
+        }
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            last_lag = Instant::now();
+            metrics.set_lag(kafka::lag(&consumer, &t.changelog, &changelog_parts));
+        }
+    }
+    Ok(())
+}

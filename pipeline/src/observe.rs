@@ -1,0 +1,304 @@
+//! Observability: OpenTelemetry metrics and traces, the Prometheus `/metrics`
+//! endpoint, `/healthz` and `/readyz`.
+//!
+//! One set of instruments: the SDK meter provider has a Prometheus reader (scraped
+//! over HTTP, always on) and, when `otel.endpoint` is set, an OTLP reader pushing the
+//! same figures. Counters and gauges observe [`Metrics`] (the pipeline's own atomic
+//! counters, also used by its status line and the SQL `status` table); histograms
+//! and labelled counters are recorded where the work happens ([`Instruments`]).
+//! Spans (`batch`, `decode`, `detect`, `respond`) reach the OTLP endpoint through
+//! tracing-opentelemetry.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
+
+use crate::config::{Config, OtelConfig};
+use crate::telemetry::Metrics;
+use crate::PipelineError;
+
+/// Instruments recorded on the hot path. Until [`init`] installs a provider they are
+/// no-ops (unit tests, the demo), so recording is always safe and cheap.
+#[derive(Debug, Clone)]
+pub struct Instruments {
+    pub batch_records: Histogram<u64>,
+    pub operator_latency: Histogram<f64>,
+    pub e2e_latency: Histogram<f64>,
+    pub response_time: Histogram<f64>,
+    pub score: Histogram<f64>,
+    pub sql_freshness: Histogram<f64>,
+    pub verdicts: Counter<u64>,
+    pub alerts: Counter<u64>,
+    pub commands: Counter<u64>,
+}
+
+impl Instruments {
+    fn new(m: &Meter) -> Self {
+        let secs = vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        Instruments {
+            batch_records: m
+                .u64_histogram("twinguard.batch.records")
+                .with_description("Records per micro-batch")
+                .with_boundaries(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0])
+                .build(),
+            operator_latency: m
+                .f64_histogram("twinguard.operator.latency")
+                .with_unit("s")
+                .with_description("Time an operator spent on one micro-batch (decode, detect, respond)")
+                .with_boundaries(secs.clone())
+                .build(),
+            e2e_latency: m
+                .f64_histogram("twinguard.e2e.latency")
+                .with_unit("s")
+                .with_description("Event appended to the input topic -> its verdict acknowledged by the broker (oldest event of each batch)")
+                .with_boundaries(secs.clone())
+                .build(),
+            response_time: m
+                .f64_histogram("twinguard.response.time")
+                .with_unit("s")
+                .with_description("Event appended to the input topic -> its command acknowledged by the broker")
+                .with_boundaries(secs.clone())
+                .build(),
+            sql_freshness: m
+                .f64_histogram("twinguard.sql.freshness")
+                .with_unit("s")
+                .with_description("A change consumed from Kafka -> visible to SQL queries (oldest change of each published snapshot)")
+                .with_boundaries(secs)
+                .build(),
+            score: m
+                .f64_histogram("twinguard.score")
+                .with_description("Distribution of scores per model (ensemble, rf, svm, lstm, twin)")
+                .with_boundaries(vec![-1.0, 0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
+                .build(),
+            verdicts: m.u64_counter("twinguard.verdicts").with_description("Verdicts by class (benign, anomaly, or the attack class)").build(),
+            alerts: m.u64_counter("twinguard.alerts").with_description("Alerts by attack class").build(),
+            commands: m.u64_counter("twinguard.commands").with_description("Response commands by action").build(),
+        }
+    }
+
+    /// The process-wide instruments (from the global meter provider, no-ops until
+    /// [`init`] ran).
+    pub fn get() -> &'static Instruments {
+        static I: OnceLock<Instruments> = OnceLock::new();
+        I.get_or_init(|| Instruments::new(&opentelemetry::global::meter("twinguard")))
+    }
+}
+
+/// What [`init`] set up; shut it down before the runtime goes.
+pub struct Telemetry {
+    pub registry: prometheus::Registry,
+    meters: SdkMeterProvider,
+    tracer: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flush and stop the exporters.
+    pub fn shutdown(&self) {
+        if let Some(tp) = &self.tracer {
+            if let Err(e) = tp.shutdown_with_timeout(Duration::from_secs(5)) {
+                tracing::warn!(error = %e, "trace export shutdown");
+            }
+        }
+        if let Err(e) = self.meters.shutdown_with_timeout(Duration::from_secs(5)) {
+            tracing::warn!(error = %e, "metrics export shutdown");
+        }
+    }
+}
+
+/// Logs (and, with an OTLP endpoint, traces) for `default_filter` unless RUST_LOG
+/// says otherwise. `TWINGUARD_LOG_FORMAT=json` writes one JSON object per line.
+fn init_logs(default_filter: &str, tracer: Option<&SdkTracerProvider>) -> Result<(), PipelineError> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let json = std::env::var("TWINGUARD_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let fmt = if json {
+        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
+    } else {
+        tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr).boxed()
+    };
+    // The exporter's own gRPC stack must not feed spans back into itself.
+    let otel = tracer.map(|tp| {
+        tracing_opentelemetry::layer().with_tracer(tp.tracer("twinguard")).with_filter(tracing_subscriber::filter::filter_fn(|m| {
+            !["h2", "tonic", "hyper", "tower", "opentelemetry"].iter().any(|p| m.target().starts_with(p))
+        }))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|e| PipelineError::Io(format!("installing the log subscriber: {e}")))
+}
+
+/// Install the meter (and tracer) providers and the log subscriber. Must run inside
+/// the Tokio runtime that outlives the returned [`Telemetry`] (the OTLP exporters'
+/// channels live on it).
+pub fn init(cfg: &OtelConfig, default_filter: &str) -> Result<Telemetry, PipelineError> {
+    let resource = Resource::builder().with_service_name(cfg.service_name.clone()).build();
+    let registry = prometheus::Registry::new();
+    let prom = opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .build()
+        .map_err(|e| PipelineError::Io(format!("prometheus exporter: {e}")))?;
+    let mut builder = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(prom);
+    let mut tracer = None;
+    if let Some(endpoint) = &cfg.endpoint {
+        let err = |what: &str, e: &dyn std::fmt::Display| PipelineError::Config(format!("key `otel.endpoint` ({endpoint}): {what}: {e}"));
+        let exporter = opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .with_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| err("metrics exporter", &e))?;
+        builder = builder.with_reader(PeriodicReader::builder(exporter).with_interval(Duration::from_millis(cfg.export_interval_ms)).build());
+        if cfg.traces {
+            let spans = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint.clone()).build().map_err(|e| err("span exporter", &e))?;
+            tracer = Some(SdkTracerProvider::builder().with_resource(resource).with_batch_exporter(spans).build());
+        }
+    }
+    let meters = builder.build();
+    opentelemetry::global::set_meter_provider(meters.clone());
+    init_logs(default_filter, tracer.as_ref())?;
+    if let Some(e) = &cfg.endpoint {
+        tracing::info!(endpoint = %e, traces = cfg.traces, "exporting OpenTelemetry over OTLP");
+    }
+    Ok(Telemetry { registry, meters, tracer })
+}
+
+/// Register the gauges and counters that observe `metrics` (topic names from `cfg`).
+/// Call once per process, after [`init`].
+pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
+    let m = opentelemetry::global::meter("twinguard");
+    let t = &cfg.topics;
+    let inputs: Vec<(String, fn(&Metrics) -> u64)> = vec![
+        (t.input.clone(), |m| m.records_in.load(Relaxed)),
+        (t.acks.clone(), |m| m.acks_in.load(Relaxed)),
+        (t.feedback.clone(), |m| m.feedback_in.load(Relaxed)),
+        (t.changelog.clone(), |m| m.changelog_in.load(Relaxed)),
+    ];
+    let outputs: Vec<(String, fn(&Metrics) -> u64)> = vec![
+        (t.verdicts.clone(), |m| m.verdicts_out.load(Relaxed)),
+        (t.alerts.clone(), |m| m.alerts_out.load(Relaxed)),
+        (t.commands.clone(), |m| m.commands_out.load(Relaxed)),
+        (t.audit.clone(), |m| m.audit_out.load(Relaxed)),
+        (t.changelog.clone(), |m| m.changelog_out.load(Relaxed)),
+        (t.dlq.clone(), |m| m.dlq_out.load(Relaxed)),
+    ];
+    let per_topic = |name: &'static str, desc: &'static str, list: Vec<(String, fn(&Metrics) -> u64)>| {
+        let mx = metrics.clone();
+        m.u64_observable_counter(name)
+            .with_description(desc)
+            .with_callback(move |o| {
+                for (topic, f) in &list {
+                    o.observe(f(&mx), &[KeyValue::new("topic", topic.clone())]);
+                }
+            })
+            .build();
+    };
+    per_topic("twinguard.records.in", "Records consumed, per topic", inputs);
+    per_topic("twinguard.records.out", "Records produced, per topic", outputs);
+    let mx = metrics.clone();
+    m.u64_observable_counter("twinguard.dlq")
+        .with_description("Records sent to the dead-letter topic, per reason")
+        .with_callback(move |o| {
+            for (code, n) in mx.dlq_by_reason() {
+                o.observe(n, &[KeyValue::new("reason", code.as_str())]);
+            }
+            o.observe(mx.control_rejected.load(Relaxed), &[KeyValue::new("reason", "invalid_control_record")]);
+        })
+        .build();
+    let mx = metrics.clone();
+    m.i64_observable_gauge("twinguard.consumer.lag")
+        .with_description("Records between the committed position and the end of each owned input partition")
+        .with_callback(move |o| {
+            for (p, lag) in mx.lag() {
+                o.observe(lag, &[KeyValue::new("partition", i64::from(p))]);
+            }
+        })
+        .build();
+    let gauge = |name: &'static str, unit: &'static str, desc: &'static str, f: fn(&Metrics) -> i64| {
+        let mx = metrics.clone();
+        let b = m.i64_observable_gauge(name).with_description(desc).with_callback(move |o| o.observe(f(&mx), &[]));
+        if unit.is_empty() { b.build() } else { b.with_unit(unit).build() };
+    };
+    gauge("twinguard.twins", "", "Digital twins held", |m| m.twins.load(Relaxed));
+    gauge("twinguard.twin.memory", "By", "Approximate memory held by the twins", |m| m.twin_mem_bytes.load(Relaxed));
+    gauge("twinguard.ready", "", "1 once partitions are assigned and their state restored", |m| m.ready.load(Relaxed));
+    gauge("twinguard.gate.suspended", "", "1 while confidence gating suspends automated responses", |m| m.gate_suspended.load(Relaxed));
+    gauge("twinguard.partitions", "", "Input partitions owned", |m| m.partitions_owned.load(Relaxed));
+    let mx = metrics.clone();
+    m.f64_observable_gauge("twinguard.gate.figures")
+        .with_description("Live detection figures from analyst feedback (precision, detection_rate, fpr)")
+        .with_callback(move |o| {
+            let g = mx.gate.lock().expect("gate status lock").clone();
+            for (k, v) in [("precision", g.acting.precision), ("detection_rate", g.acting.detection_rate), ("fpr", g.acting.fpr)] {
+                if let Some(v) = v {
+                    o.observe(v, &[KeyValue::new("figure", k)]);
+                }
+            }
+        })
+        .build();
+}
+
+/// Serve `/metrics`, `/healthz` and `/readyz` on `listen` until the runtime stops.
+/// Returns the bound address (port 0 picks a free one).
+pub async fn serve_http(listen: &str, registry: prometheus::Registry, metrics: Arc<Metrics>) -> Result<std::net::SocketAddr, PipelineError> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| PipelineError::Config(format!("key `http.listen` ({listen}): {e}")))?;
+    let addr = listener.local_addr().map_err(|e| PipelineError::Io(e.to_string()))?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (registry, metrics) = (registry.clone(), metrics.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (code, ctype, body) = respond_http(req.method(), req.uri().path(), &registry, &metrics);
+                    async move {
+                        hyper::Response::builder()
+                            .status(code)
+                            .header(hyper::header::CONTENT_TYPE, ctype)
+                            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+fn respond_http(method: &hyper::Method, path: &str, registry: &prometheus::Registry, m: &Metrics) -> (u16, &'static str, String) {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if method != hyper::Method::GET && method != hyper::Method::HEAD {
+        return (405, TEXT, "only GET\n".into());
+    }
+    match path {
+        "/metrics" => match prometheus::TextEncoder::new().encode_to_string(&registry.gather()) {
+            Ok(text) => (200, prometheus::TEXT_FORMAT, text),
+            Err(e) => (500, TEXT, format!("encoding metrics: {e}\n")),
+        },
+        "/healthz" => match m.health() {
+            Ok(()) => (200, TEXT, "ok\n".into()),
+            Err(why) => (503, TEXT, format!("unhealthy: {why}\n")),
+        },
+        "/readyz" => {
+            if m.ready.load(Relaxed) == 1 {
+                (200, TEXT, "ready\n".into())
+            } else {
+                (503, TEXT, "not ready: partitions not assigned or state not restored yet\n".into())
+            }
+        }
+        _ => (404, TEXT, "not found: try /metrics, /healthz or /readyz\n".into()),
+    }
+}

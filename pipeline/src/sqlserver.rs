@@ -1,0 +1,324 @@
+//! The SQL endpoint: the Postgres wire protocol (pgwire, with datafusion-postgres's
+//! query handling and `pg_catalog` so psql and BI tools work) over the tables of a
+//! [`SqlView`].
+//!
+//! Safety, on top of datafusion-postgres:
+//! - SCRAM-SHA-256 password authentication against the configured users (a wrong
+//!   password is refused with SQLSTATE 28P01); TLS when configured (a TLS set-up
+//!   error stops the start, never falls back to plaintext);
+//! - read-only: only queries, EXPLAIN, SHOW and a few session settings pass; DDL,
+//!   DML, COPY, cursors and other statements get SQLSTATE 25006 with the reason;
+//!   every plan is also checked by DataFusion's `SQLOptions` (no DDL, DML or
+//!   statements anywhere, subqueries included);
+//! - limits: a query that runs past `sql.query_timeout_ms` is cancelled (57014), one
+//!   returning more than `sql.max_rows` rows is cut off with an error (54000);
+//! - a malformed client message closes that client's connection only (pgwire ends
+//!   that socket's task); at most `sql.max_connections` connections at once.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::{Set, Statement};
+use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog;
+use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use datafusion_postgres::pgwire::api::auth::sasl::scram::{gen_salted_password, ScramAuth, SCRAM_ITERATIONS};
+use datafusion_postgres::pgwire::api::auth::sasl::SASLAuthStartupHandler;
+use datafusion_postgres::pgwire::api::auth::{AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler};
+use datafusion_postgres::pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
+use datafusion_postgres::pgwire::api::portal::Portal;
+use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use datafusion_postgres::pgwire::api::results::Response;
+use datafusion_postgres::pgwire::api::store::PortalStore;
+use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers};
+use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::pgwire::messages::PgWireBackendMessage;
+use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::pki_types::pem::PemObject;
+use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::{self, ServerConfig};
+use datafusion_postgres::pgwire::tokio::{process_socket, TlsAcceptor};
+use datafusion_postgres::{DfSessionService, Parser};
+use futures::{stream, Sink, StreamExt};
+use tokio::net::TcpListener;
+use tokio::time::{timeout_at, Instant};
+
+use crate::config::SqlConfig;
+use crate::sqlview::{SqlView, Table, ViewTable};
+use crate::PipelineError;
+
+type DfStmt = (String, Option<(Statement, LogicalPlan)>);
+
+fn user_error(code: &str, msg: impl Into<String>) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), code.into(), msg.into())))
+}
+
+fn timeout_error(limit: Duration) -> PgWireError {
+    user_error("57014", format!("canceling statement: it ran longer than the endpoint's limit of {} ms (sql.query_timeout_ms)", limit.as_millis()))
+}
+
+/// The configured users as SCRAM verifiers (salted once at start; the passwords
+/// themselves are not kept).
+#[derive(Debug)]
+struct Users(HashMap<String, (Vec<u8>, Vec<u8>)>);
+
+impl Users {
+    fn new(users: &[(String, String)]) -> Self {
+        Users(
+            users
+                .iter()
+                .map(|(u, p)| {
+                    let salt: [u8; 16] = rand::random();
+                    (u.clone(), (salt.to_vec(), gen_salted_password(p, &salt, SCRAM_ITERATIONS)))
+                })
+                .collect(),
+        )
+    }
+}
+
+#[async_trait]
+impl AuthSource for Users {
+    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
+        let user = login.user().unwrap_or_default();
+        match self.0.get(user) {
+            Some((salt, salted)) => Ok(Password::new(Some(salt.clone()), salted.clone())),
+            // An unknown user is refused exactly like a wrong password.
+            None => Err(PgWireError::InvalidPassword(user.to_owned())),
+        }
+    }
+}
+
+/// Session settings a client may change (per connection; psql and drivers send some).
+const SAFE_SET: &[&str] = &["statement_timeout", "datestyle", "bytea_output", "intervalstyle", "application_name", "extra_float_digits", "search_path", "client_encoding", "client_min_messages"];
+
+/// Is the statement allowed? `Ok(true)`: allowed, and its plan must pass the
+/// read-only plan check too.
+fn check_statement(s: &Statement) -> PgWireResult<bool> {
+    match s {
+        Statement::Query(_) | Statement::Explain { .. } => Ok(true),
+        Statement::ExplainTable { .. }
+        | Statement::ShowVariable { .. }
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowSchemas { .. }
+        | Statement::ShowCatalogs { .. }
+        | Statement::ShowStatus { .. }
+        | Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. } => Ok(false),
+        Statement::Set(Set::SingleAssignment { scope: None, hivevar: false, variable, .. })
+            if SAFE_SET.contains(&variable.to_string().to_lowercase().as_str()) =>
+        {
+            Ok(false)
+        }
+        other => {
+            let text = other.to_string();
+            let verb: String = text.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+            Err(user_error("25006", format!("read-only endpoint: `{verb} ...` is not allowed; only SELECT, EXPLAIN and SHOW are")))
+        }
+    }
+}
+
+fn check_plan(plan: &LogicalPlan) -> PgWireResult<()> {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(plan)
+        .map_err(|e| user_error("25006", format!("read-only endpoint: {e}")))
+}
+
+/// datafusion-postgres's handler behind the read-only check and the limits.
+struct Guarded {
+    inner: DfSessionService,
+    ctx: Arc<SessionContext>,
+    parser: PostgresCompatibilityParser,
+    timeout: Duration,
+    max_rows: usize,
+}
+
+impl Guarded {
+    /// Wrap a result's row stream: stop it at the deadline or past the row limit
+    /// (dropping the stream cancels DataFusion's execution).
+    fn limit(&self, r: Response, deadline: Instant) -> Response {
+        let Response::Query(mut q) = r else { return r };
+        let rows = std::mem::replace(&mut q.data_rows, Box::pin(stream::empty()));
+        let (max, limit) = (self.max_rows, self.timeout);
+        q.data_rows = Box::pin(stream::unfold(Some((rows, 0usize)), move |state| async move {
+            let (mut rows, n) = state?;
+            match timeout_at(deadline, rows.next()).await {
+                Err(_) => Some((Err(timeout_error(limit)), None)),
+                Ok(None) => None,
+                Ok(Some(Err(e))) => Some((Err(e), None)),
+                Ok(Some(Ok(_))) if n >= max => Some((
+                    Err(user_error("54000", format!("query cancelled: it would return more than {max} rows (sql.max_rows); add a LIMIT or a filter"))),
+                    None,
+                )),
+                Ok(Some(row)) => Some((row, Some((rows, n + 1)))),
+            }
+        }));
+        Response::Query(q)
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Guarded {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let work = async {
+            for s in self.parser.parse(query).map_err(|e| user_error("42601", e.to_string()))? {
+                if check_statement(&s)? {
+                    let plan = self.ctx.state().statement_to_plan(DfStatement::Statement(Box::new(s))).await.map_err(|e| user_error("42000", e.to_string()))?;
+                    check_plan(&plan)?;
+                }
+            }
+            SimpleQueryHandler::do_query(&self.inner, client, query).await
+        };
+        let responses = timeout_at(deadline, work).await.map_err(|_| timeout_error(self.timeout))??;
+        Ok(responses.into_iter().map(|r| self.limit(r, deadline)).collect())
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Guarded {
+    type Statement = DfStmt;
+    type QueryParser = Parser;
+
+    fn query_parser(&self) -> Arc<Parser> {
+        ExtendedQueryHandler::query_parser(&self.inner)
+    }
+
+    async fn do_query<C>(&self, client: &mut C, portal: &Portal<DfStmt>, max_rows: usize) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = DfStmt>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match &portal.statement.statement {
+            (_, Some((s, plan))) => {
+                if check_statement(s)? {
+                    check_plan(plan)?;
+                }
+            }
+            // An empty or unparsed statement: let the inner handler answer it.
+            (_, None) => {}
+        }
+        let deadline = Instant::now() + self.timeout;
+        let r = timeout_at(deadline, ExtendedQueryHandler::do_query(&self.inner, client, portal, max_rows))
+            .await
+            .map_err(|_| timeout_error(self.timeout))??;
+        Ok(self.limit(r, deadline))
+    }
+}
+
+struct Handlers {
+    query: Arc<Guarded>,
+    users: Arc<Users>,
+    params: Arc<DefaultServerParameterProvider>,
+    connections: Arc<ConnectionManager>,
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.query.clone()
+    }
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.query.clone()
+    }
+    /// A fresh handler per connection: it holds that connection's SASL state.
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        Arc::new(
+            SASLAuthStartupHandler::new(self.params.clone())
+                .with_scram(ScramAuth::new(self.users.clone()))
+                .with_connection_manager(self.connections.clone()),
+        )
+    }
+    fn cancel_handler(&self) -> Arc<impl CancelHandler> {
+        Arc::new(DefaultCancelHandler::new(self.connections.clone()))
+    }
+}
+
+fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("key `sql.tls.cert_file` ({}): {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("key `sql.tls.cert_file` ({}): no certificate in the file", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("key `sql.tls.key_file` ({}): {e}", key.display()))?;
+    let cfg = ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).map_err(|e| format!("section `sql.tls`: {e}"))?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// A DataFusion context serving the view's tables, with `pg_catalog` and
+/// `information_schema` for clients' catalog queries.
+pub fn session_context(view: &Arc<SqlView>) -> Result<Arc<SessionContext>, PipelineError> {
+    let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+    for t in Table::ALL {
+        ctx.register_table(t.name(), Arc::new(ViewTable::new(view.clone(), t))).map_err(|e| PipelineError::Io(format!("registering table {}: {e}", t.name())))?;
+    }
+    setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider).map_err(|e| PipelineError::Io(format!("pg_catalog: {e}")))?;
+    Ok(Arc::new(ctx))
+}
+
+/// Bind the endpoint and serve it on the current Tokio runtime until it stops.
+/// Returns the bound address (port 0 picks a free one).
+pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], view: Arc<SqlView>) -> Result<std::net::SocketAddr, PipelineError> {
+    let tls = match &cfg.tls {
+        Some(t) => Some(load_tls(&t.cert_file, &t.key_file).map_err(PipelineError::Config)?),
+        None => None,
+    };
+    let ctx = session_context(&view)?;
+    let mut params = DefaultServerParameterProvider::default();
+    params.default_transaction_read_only = true;
+    params.is_superuser = false;
+    let timeout = Duration::from_millis(cfg.query_timeout_ms);
+    let handlers = Arc::new(Handlers {
+        query: Arc::new(Guarded { inner: DfSessionService::new(ctx.clone()), ctx, parser: PostgresCompatibilityParser::new(), timeout, max_rows: cfg.max_rows }),
+        users: Arc::new(Users::new(users)),
+        params: Arc::new(params),
+        connections: Arc::new(ConnectionManager::new()),
+    });
+    let listener = TcpListener::bind(listen).await.map_err(|e| PipelineError::Config(format!("key `sql.listen` ({listen}): {e}")))?;
+    let addr = listener.local_addr().map_err(|e| PipelineError::Io(e.to_string()))?;
+    tracing::info!(%addr, tls = tls.is_some(), users = users.len(), "serving SQL (Postgres wire protocol, read-only)");
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    tokio::spawn(async move {
+        loop {
+            let (socket, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SQL endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "SQL endpoint: too many connections (sql.max_connections); refused");
+                drop(socket);
+                continue;
+            };
+            let (h, tls) = (handlers.clone(), tls.clone());
+            tokio::spawn(async move {
+                if let Err(e) = process_socket(socket, tls, h).await {
+                    tracing::info!(%peer, error = %e, "SQL connection closed on an error");
+                }
+                drop(permit);
+            });
+        }
+    });
+    Ok(addr)
+}

@@ -1,0 +1,878 @@
+//! The tables SQL clients query: immutable Arrow snapshots of the twins, the recent
+//! verdicts, alerts and commands, and the pipeline's status.
+//!
+//! The stream never waits for a query and a query never waits for the stream: the
+//! core loop hands its changes over ([`SqlView::push_twins`] and friends, a short
+//! lock on a staging area), a refresher thread folds them into its own copy every
+//! `sql.refresh_ms` and publishes a new [`Tables`] behind an `Arc`; a query takes
+//! that `Arc` and reads it for as long as it likes. The same view serves a running
+//! instance (its own partitions) and `twinguard sql` (every twin, rebuilt from the
+//! changelog topic): both feed it the same typed records.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use twinguard_operators::Twin;
+use twinguard_schemas::respond::{Alert, Command};
+use twinguard_schemas::verdict::Verdict;
+use twinguard_schemas::{EventSchema, Role};
+
+/// One device's row of the `twins` table, built from its twin (on the stream's
+/// thread for its own twins, from the changelog in `twinguard sql`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwinRow {
+    pub device_id: String,
+    pub partition: i32,
+    pub schema: String,
+    pub device_type: Option<String>,
+    pub criticality: Option<String>,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub events: i64,
+    pub anomalies: i64,
+    pub rate_per_s: f64,
+    pub score: Option<f64>,
+    pub risk: f64,
+    pub class: Option<String>,
+    pub firmware: Option<String>,
+    pub reported: String,
+    pub desired: String,
+    pub delta: String,
+    pub in_sync: bool,
+    pub pending_commands: i32,
+    pub incident_id: Option<String>,
+    pub latest: String,
+    pub baselines: String,
+    pub identity: String,
+    pub peers: i32,
+    pub last_offset: i64,
+}
+
+/// Turns twins into rows for one event schema: metric names for the JSON columns,
+/// and which metrics are patient vital signs (left out unless configured).
+#[derive(Debug, Clone)]
+pub struct RowMaker {
+    metrics: Vec<(String, bool)>,
+    expose_phi: bool,
+}
+
+impl RowMaker {
+    pub fn new(schema: &EventSchema, expose_phi: bool) -> Self {
+        let metrics = schema.indices_of(Role::Metric).into_iter().map(|i| (schema.fields[i].name.clone(), schema.fields[i].phi)).collect();
+        RowMaker { metrics, expose_phi }
+    }
+
+    pub fn row(&self, t: &Twin) -> TwinRow {
+        let r = t.response();
+        let json = |m: &BTreeMap<String, String>| serde_json::to_string(m).expect("map serialises");
+        let delta = r.delta();
+        let mut latest = serde_json::Map::new();
+        let mut baselines = serde_json::Map::new();
+        for (i, (name, phi)) in self.metrics.iter().enumerate() {
+            if *phi && !self.expose_phi {
+                continue;
+            }
+            if let Some(x) = t.latest.get(i).copied().filter(|x| x.is_finite()) {
+                latest.insert(name.clone(), serde_json::json!(x));
+            }
+            if let Some(b) = t.baselines.get(i).filter(|b| b.n > 0) {
+                baselines.insert(name.clone(), serde_json::json!({"mean": b.mean, "sd": f64::from(b.var).sqrt(), "n": b.n}));
+            }
+        }
+        let identity: serde_json::Map<String, serde_json::Value> =
+            t.bindings.iter().map(|b| (b.field.clone(), serde_json::json!(b.values))).collect();
+        TwinRow {
+            device_id: t.device_id.clone(),
+            partition: t.partition,
+            schema: t.schema.clone(),
+            device_type: r.device_type.clone(),
+            criticality: r.criticality.map(|c| c.as_str().to_string()),
+            first_seen_ms: t.first_seen_ms,
+            last_seen_ms: t.last_seen_ms,
+            events: i64::try_from(t.events).unwrap_or(i64::MAX),
+            anomalies: i64::try_from(t.anomalies).unwrap_or(i64::MAX),
+            rate_per_s: t.rate_per_s,
+            score: t.score.map(f64::from),
+            risk: f64::from(t.risk),
+            class: t.class.clone(),
+            firmware: r.reported.get("firmware_hash").cloned().or_else(|| t.firmware.clone()),
+            reported: json(&r.reported),
+            desired: json(&r.desired),
+            in_sync: delta.is_empty(),
+            delta: json(&delta),
+            pending_commands: i32::try_from(r.pending.len()).unwrap_or(i32::MAX),
+            incident_id: r.incident.as_ref().map(|i| i.id.clone()),
+            latest: serde_json::Value::Object(latest).to_string(),
+            baselines: serde_json::Value::Object(baselines).to_string(),
+            identity: serde_json::Value::Object(identity).to_string(),
+            peers: i32::try_from(t.peers.len()).unwrap_or(i32::MAX),
+            last_offset: t.last_offset,
+        }
+    }
+}
+
+/// The pipeline's own state, one row of the `status` table.
+#[derive(Debug, Clone, Default)]
+pub struct StatusRow {
+    pub instance: String,
+    /// `pipeline` (an instance serving its own partitions) or `global` (`twinguard sql`).
+    pub mode: String,
+    pub started_ms: i64,
+    pub ready: bool,
+    /// Partitions this process owns (pipeline) or reads (global), e.g. `0,2,4`.
+    pub partitions: String,
+    /// Records behind the end of the owned partitions (input topic, or changelog for global).
+    pub lag: Option<i64>,
+    /// Lag per partition as JSON (`{"0": 12, ...}`).
+    pub lag_by_partition: String,
+    pub records_in: i64,
+    pub records_per_s: f64,
+    pub verdicts_out: i64,
+    pub anomalies: i64,
+    pub alerts_out: i64,
+    pub commands_out: i64,
+    pub dead_letters: i64,
+    pub twins: i64,
+    pub twin_mem_bytes: i64,
+    pub schema: String,
+    pub model_version: Option<String>,
+    pub gate_suspended: bool,
+    pub live_precision: Option<f64>,
+    pub live_detection_rate: Option<f64>,
+    pub live_fpr: Option<f64>,
+    pub feedback_labels: i64,
+    pub response_ms_p99: Option<f64>,
+}
+
+/// One published snapshot: every table as Arrow batches.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub twins: Vec<RecordBatch>,
+    pub verdicts: Vec<RecordBatch>,
+    pub alerts: Vec<RecordBatch>,
+    pub commands: Vec<RecordBatch>,
+    pub status: Vec<RecordBatch>,
+    /// When this snapshot was published (ms since the epoch).
+    pub published_ms: i64,
+}
+
+/// The tables served, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Twins,
+    Verdicts,
+    Alerts,
+    Commands,
+    Status,
+}
+
+impl Table {
+    pub const ALL: [Table; 5] = [Table::Twins, Table::Verdicts, Table::Alerts, Table::Commands, Table::Status];
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Twins => "twins",
+            Table::Verdicts => "verdicts",
+            Table::Alerts => "alerts",
+            Table::Commands => "commands",
+            Table::Status => "status",
+        }
+    }
+    pub fn schema(self) -> SchemaRef {
+        let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+        let f = |n: &str, t: DataType, null: bool| Field::new(n, t, null);
+        use DataType::{Boolean as B, Float64 as F, Int32 as I32, Int64 as I64, Utf8 as S};
+        let fields = match self {
+            Table::Twins => vec![
+                f("device_id", S, false),
+                f("partition", I32, false),
+                f("schema", S, false),
+                f("device_type", S, true),
+                f("criticality", S, true),
+                f("first_seen", ts(), false),
+                f("last_seen", ts(), false),
+                f("events", I64, false),
+                f("anomalies", I64, false),
+                f("rate_per_s", F, false),
+                f("score", F, true),
+                f("risk", F, false),
+                f("class", S, true),
+                f("firmware", S, true),
+                f("reported", S, false),
+                f("desired", S, false),
+                f("delta", S, false),
+                f("in_sync", B, false),
+                f("pending_commands", I32, false),
+                f("incident_id", S, true),
+                f("latest", S, false),
+                f("baselines", S, false),
+                f("identity", S, false),
+                f("peers", I32, false),
+                f("last_offset", I64, false),
+            ],
+            Table::Verdicts => vec![
+                f("device_id", S, false),
+                f("event_time", ts(), true),
+                f("topic", S, false),
+                f("partition", I32, false),
+                f("offset", I64, false),
+                f("detector", S, false),
+                f("score", F, false),
+                f("threshold", F, true),
+                f("anomalous", B, false),
+                f("warming_up", B, false),
+                f("attack_class", S, true),
+                f("top_metric", S, true),
+                f("top_z", F, true),
+                f("identity_drift", S, true),
+                f("model_version", S, true),
+                f("score_rf", F, true),
+                f("score_svm", F, true),
+                f("score_lstm", F, true),
+                f("score_twin", F, true),
+                f("label", S, true),
+            ],
+            Table::Alerts => vec![
+                f("alert_id", S, false),
+                f("kind", S, false),
+                f("device_id", S, false),
+                f("device_type", S, true),
+                f("criticality", S, true),
+                f("event_time", ts(), true),
+                f("detector", S, false),
+                f("score", F, false),
+                f("attack_class", S, true),
+                f("model_version", S, true),
+                f("incident_id", S, false),
+                f("incident_alerts", I32, false),
+                f("rule", S, false),
+                f("action", S, false),
+                f("automated", B, false),
+                f("suspended", B, false),
+                f("needs_human", B, false),
+                f("command_id", S, true),
+                f("note", S, true),
+                f("features", S, false),
+                f("identity_drift", S, true),
+            ],
+            Table::Commands => vec![
+                f("command_id", S, false),
+                f("device_id", S, false),
+                f("action", S, false),
+                f("desired", S, false),
+                f("issued_at", ts(), true),
+                f("expires_at", ts(), true),
+                f("rule", S, false),
+                f("alert_id", S, false),
+                f("incident_id", S, false),
+                f("attack_class", S, true),
+                f("score", F, false),
+            ],
+            Table::Status => vec![
+                f("instance", S, false),
+                f("mode", S, false),
+                f("started_at", ts(), false),
+                f("ready", B, false),
+                f("partitions", S, false),
+                f("lag", I64, true),
+                f("lag_by_partition", S, false),
+                f("records_in", I64, false),
+                f("records_per_s", F, false),
+                f("verdicts_out", I64, false),
+                f("anomalies", I64, false),
+                f("alerts_out", I64, false),
+                f("commands_out", I64, false),
+                f("dead_letters", I64, false),
+                f("twins", I64, false),
+                f("twin_mem_bytes", I64, false),
+                f("schema", S, false),
+                f("model_version", S, true),
+                f("gate_suspended", B, false),
+                f("live_precision", F, true),
+                f("live_detection_rate", F, true),
+                f("live_fpr", F, true),
+                f("feedback_labels", I64, false),
+                f("response_ms_p99", F, true),
+                f("snapshot_at", ts(), false),
+            ],
+        };
+        Arc::new(Schema::new(fields))
+    }
+}
+
+/// RFC 3339 → ms since the epoch (None when absent or unparsable).
+fn rfc3339_ms(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
+}
+
+fn batch(table: Table, cols: Vec<ArrayRef>) -> RecordBatch {
+    RecordBatch::try_new(table.schema(), cols).expect("columns match the table schema")
+}
+
+fn twins_batch(rows: &mut dyn Iterator<Item = &TwinRow>) -> RecordBatch {
+    let (mut dev, mut part, mut schema, mut dtype, mut crit) =
+        (StringBuilder::new(), Int32Builder::new(), StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
+    let (mut first, mut last) = (TimestampMillisecondBuilder::new().with_timezone("UTC"), TimestampMillisecondBuilder::new().with_timezone("UTC"));
+    let (mut events, mut anomalies, mut rate, mut score, mut risk, mut class, mut fw) =
+        (Int64Builder::new(), Int64Builder::new(), Float64Builder::new(), Float64Builder::new(), Float64Builder::new(), StringBuilder::new(), StringBuilder::new());
+    let (mut reported, mut desired, mut delta, mut in_sync, mut pending, mut incident) =
+        (StringBuilder::new(), StringBuilder::new(), StringBuilder::new(), BooleanBuilder::new(), Int32Builder::new(), StringBuilder::new());
+    let (mut latest, mut baselines, mut identity, mut peers, mut offset) =
+        (StringBuilder::new(), StringBuilder::new(), StringBuilder::new(), Int32Builder::new(), Int64Builder::new());
+    for r in rows {
+        dev.append_value(&r.device_id);
+        part.append_value(r.partition);
+        schema.append_value(&r.schema);
+        dtype.append_option(r.device_type.as_deref());
+        crit.append_option(r.criticality.as_deref());
+        first.append_value(r.first_seen_ms);
+        last.append_value(r.last_seen_ms);
+        events.append_value(r.events);
+        anomalies.append_value(r.anomalies);
+        rate.append_value(r.rate_per_s);
+        score.append_option(r.score);
+        risk.append_value(r.risk);
+        class.append_option(r.class.as_deref());
+        fw.append_option(r.firmware.as_deref());
+        reported.append_value(&r.reported);
+        desired.append_value(&r.desired);
+        delta.append_value(&r.delta);
+        in_sync.append_value(r.in_sync);
+        pending.append_value(r.pending_commands);
+        incident.append_option(r.incident_id.as_deref());
+        latest.append_value(&r.latest);
+        baselines.append_value(&r.baselines);
+        identity.append_value(&r.identity);
+        peers.append_value(r.peers);
+        offset.append_value(r.last_offset);
+    }
+    batch(
+        Table::Twins,
+        vec![
+            Arc::new(dev.finish()),
+            Arc::new(part.finish()),
+            Arc::new(schema.finish()),
+            Arc::new(dtype.finish()),
+            Arc::new(crit.finish()),
+            Arc::new(first.finish()),
+            Arc::new(last.finish()),
+            Arc::new(events.finish()),
+            Arc::new(anomalies.finish()),
+            Arc::new(rate.finish()),
+            Arc::new(score.finish()),
+            Arc::new(risk.finish()),
+            Arc::new(class.finish()),
+            Arc::new(fw.finish()),
+            Arc::new(reported.finish()),
+            Arc::new(desired.finish()),
+            Arc::new(delta.finish()),
+            Arc::new(in_sync.finish()),
+            Arc::new(pending.finish()),
+            Arc::new(incident.finish()),
+            Arc::new(latest.finish()),
+            Arc::new(baselines.finish()),
+            Arc::new(identity.finish()),
+            Arc::new(peers.finish()),
+            Arc::new(offset.finish()),
+        ],
+    )
+}
+
+fn verdicts_batch(rows: &VecDeque<Verdict>) -> RecordBatch {
+    let ts = || TimestampMillisecondBuilder::new().with_timezone("UTC");
+    let (mut dev, mut time, mut topic, mut part, mut off, mut det) =
+        (StringBuilder::new(), ts(), StringBuilder::new(), Int32Builder::new(), Int64Builder::new(), StringBuilder::new());
+    let (mut score, mut thr, mut anom, mut warm, mut class, mut top, mut topz, mut drift, mut ver) = (
+        Float64Builder::new(),
+        Float64Builder::new(),
+        BooleanBuilder::new(),
+        BooleanBuilder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+        Float64Builder::new(),
+        StringBuilder::new(),
+        StringBuilder::new(),
+    );
+    let (mut rf, mut svm, mut lstm, mut twin, mut label) =
+        (Float64Builder::new(), Float64Builder::new(), Float64Builder::new(), Float64Builder::new(), StringBuilder::new());
+    for v in rows {
+        dev.append_value(&v.device_id);
+        time.append_option(rfc3339_ms(&v.event_time));
+        topic.append_value(&v.source.topic);
+        part.append_value(v.source.partition);
+        off.append_value(v.source.offset);
+        det.append_value(&v.detector);
+        score.append_value(v.score);
+        thr.append_option(v.threshold);
+        anom.append_value(v.anomalous);
+        warm.append_value(v.warming_up);
+        class.append_option(v.attack_class.as_deref());
+        top.append_option(v.top_metric.as_deref());
+        topz.append_option(v.top_z);
+        drift.append_option((!v.identity_drift.is_empty()).then(|| v.identity_drift.join(",")));
+        ver.append_option(v.model_version.as_deref());
+        rf.append_option(v.scores.as_ref().map(|s| s.rf));
+        svm.append_option(v.scores.as_ref().map(|s| s.svm));
+        lstm.append_option(v.scores.as_ref().map(|s| s.lstm));
+        twin.append_option(v.scores.as_ref().map(|s| s.twin));
+        label.append_option(v.label.as_deref());
+    }
+    batch(
+        Table::Verdicts,
+        vec![
+            Arc::new(dev.finish()),
+            Arc::new(time.finish()),
+            Arc::new(topic.finish()),
+            Arc::new(part.finish()),
+            Arc::new(off.finish()),
+            Arc::new(det.finish()),
+            Arc::new(score.finish()),
+            Arc::new(thr.finish()),
+            Arc::new(anom.finish()),
+            Arc::new(warm.finish()),
+            Arc::new(class.finish()),
+            Arc::new(top.finish()),
+            Arc::new(topz.finish()),
+            Arc::new(drift.finish()),
+            Arc::new(ver.finish()),
+            Arc::new(rf.finish()),
+            Arc::new(svm.finish()),
+            Arc::new(lstm.finish()),
+            Arc::new(twin.finish()),
+            Arc::new(label.finish()),
+        ],
+    )
+}
+
+fn enum_str<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+fn alerts_batch(rows: &VecDeque<Alert>) -> RecordBatch {
+    let mut s: Vec<StringBuilder> = (0..21).map(|_| StringBuilder::new()).collect();
+    let mut time = TimestampMillisecondBuilder::new().with_timezone("UTC");
+    let (mut score, mut n) = (Float64Builder::new(), Int32Builder::new());
+    let (mut automated, mut suspended, mut human) = (BooleanBuilder::new(), BooleanBuilder::new(), BooleanBuilder::new());
+    for a in rows {
+        s[0].append_value(&a.alert_id);
+        s[1].append_value(enum_str(&a.kind));
+        s[2].append_value(&a.device_id);
+        s[3].append_option(a.device_type.as_deref());
+        s[4].append_option(a.criticality.map(|c| c.as_str()));
+        time.append_option(rfc3339_ms(&a.event_time));
+        s[6].append_value(&a.detector);
+        score.append_value(a.score);
+        s[8].append_option(a.attack_class.as_deref());
+        s[9].append_option(a.model_version.as_deref());
+        s[10].append_value(&a.incident_id);
+        n.append_value(i32::try_from(a.incident_alerts).unwrap_or(i32::MAX));
+        s[12].append_value(&a.response.rule);
+        s[13].append_value(a.response.action.as_str());
+        automated.append_value(a.response.automated);
+        suspended.append_value(a.response.suspended);
+        human.append_value(a.response.needs_human);
+        s[17].append_option(a.response.command_id.as_deref().or(a.command_id.as_deref()));
+        s[18].append_option(a.response.note.as_deref());
+        s[19].append_value(serde_json::to_string(&a.features).expect("features serialise"));
+        s[20].append_option((!a.identity_drift.is_empty()).then(|| a.identity_drift.join(",")));
+    }
+    let mut col = |i: usize| -> ArrayRef { Arc::new(s[i].finish()) };
+    let cols: Vec<ArrayRef> = vec![
+        col(0),
+        col(1),
+        col(2),
+        col(3),
+        col(4),
+        Arc::new(time.finish()),
+        col(6),
+        Arc::new(score.finish()),
+        col(8),
+        col(9),
+        col(10),
+        Arc::new(n.finish()),
+        col(12),
+        col(13),
+        Arc::new(automated.finish()),
+        Arc::new(suspended.finish()),
+        Arc::new(human.finish()),
+        col(17),
+        col(18),
+        col(19),
+        col(20),
+    ];
+    batch(Table::Alerts, cols)
+}
+
+fn commands_batch(rows: &VecDeque<Command>) -> RecordBatch {
+    let mut s: Vec<StringBuilder> = (0..11).map(|_| StringBuilder::new()).collect();
+    let (mut issued, mut expires) = (TimestampMillisecondBuilder::new().with_timezone("UTC"), TimestampMillisecondBuilder::new().with_timezone("UTC"));
+    let mut score = Float64Builder::new();
+    for c in rows {
+        s[0].append_value(&c.command_id);
+        s[1].append_value(&c.device_id);
+        s[2].append_value(c.action.as_str());
+        s[3].append_value(serde_json::to_string(&c.desired).expect("map serialises"));
+        issued.append_option(rfc3339_ms(&c.issued_at));
+        expires.append_option(rfc3339_ms(&c.expires_at));
+        s[6].append_value(&c.reason.rule);
+        s[7].append_value(&c.reason.alert_id);
+        s[8].append_value(&c.reason.incident_id);
+        s[9].append_option(c.reason.attack_class.as_deref());
+        score.append_value(c.reason.score);
+    }
+    let mut col = |i: usize| -> ArrayRef { Arc::new(s[i].finish()) };
+    let cols: Vec<ArrayRef> =
+        vec![col(0), col(1), col(2), col(3), Arc::new(issued.finish()), Arc::new(expires.finish()), col(6), col(7), col(8), col(9), Arc::new(score.finish())];
+    batch(Table::Commands, cols)
+}
+
+fn status_batch(r: &StatusRow, now_ms: i64) -> RecordBatch {
+    let one_s = |v: &str| -> ArrayRef { Arc::new(arrow::array::StringArray::from(vec![v.to_string()])) };
+    let opt_s = |v: Option<&str>| -> ArrayRef { Arc::new(arrow::array::StringArray::from(vec![v.map(str::to_string)])) };
+    let i = |v: i64| -> ArrayRef { Arc::new(arrow::array::Int64Array::from(vec![v])) };
+    let oi = |v: Option<i64>| -> ArrayRef { Arc::new(arrow::array::Int64Array::from(vec![v])) };
+    let f = |v: Option<f64>| -> ArrayRef { Arc::new(arrow::array::Float64Array::from(vec![v])) };
+    let b = |v: bool| -> ArrayRef { Arc::new(arrow::array::BooleanArray::from(vec![v])) };
+    let t = |v: i64| -> ArrayRef { Arc::new(arrow::array::TimestampMillisecondArray::from(vec![v]).with_timezone("UTC")) };
+    batch(
+        Table::Status,
+        vec![
+            one_s(&r.instance),
+            one_s(&r.mode),
+            t(r.started_ms),
+            b(r.ready),
+            one_s(&r.partitions),
+            oi(r.lag),
+            one_s(&r.lag_by_partition),
+            i(r.records_in),
+            f(Some(r.records_per_s)),
+            i(r.verdicts_out),
+            i(r.anomalies),
+            i(r.alerts_out),
+            i(r.commands_out),
+            i(r.dead_letters),
+            i(r.twins),
+            i(r.twin_mem_bytes),
+            one_s(&r.schema),
+            opt_s(r.model_version.as_deref()),
+            b(r.gate_suspended),
+            f(r.live_precision),
+            f(r.live_detection_rate),
+            f(r.live_fpr),
+            i(r.feedback_labels),
+            f(r.response_ms_p99),
+            t(now_ms),
+        ],
+    )
+}
+
+/// Changes handed over by the stream since the last refresh.
+#[derive(Default)]
+struct Staged {
+    twins: HashMap<String, Option<TwinRow>>,
+    dropped_partitions: Vec<i32>,
+    verdicts: Vec<Verdict>,
+    alerts: Vec<Alert>,
+    commands: Vec<Command>,
+    /// When the oldest staged change was consumed from Kafka.
+    oldest: Option<Instant>,
+}
+
+/// Supplies the `status` row at every refresh.
+pub type StatusFn = Box<dyn Fn() -> StatusRow + Send + Sync>;
+
+/// The shared view: staging area (written by the stream) and the published snapshot
+/// (read by queries).
+pub struct SqlView {
+    staged: Mutex<Staged>,
+    published: RwLock<Arc<Tables>>,
+    recent_rows: usize,
+    /// Publications so far (tests wait on it).
+    generation: std::sync::atomic::AtomicU64,
+    /// Freshness of the latest publication: its oldest change's consumption to
+    /// publication, in ms.
+    pub last_freshness_ms: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for SqlView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlView").field("recent_rows", &self.recent_rows).finish_non_exhaustive()
+    }
+}
+
+impl SqlView {
+    pub fn new(recent_rows: usize) -> Arc<SqlView> {
+        let empty = |t: Table| vec![RecordBatch::new_empty(t.schema())];
+        Arc::new(SqlView {
+            staged: Mutex::new(Staged::default()),
+            published: RwLock::new(Arc::new(Tables {
+                twins: empty(Table::Twins),
+                verdicts: empty(Table::Verdicts),
+                alerts: empty(Table::Alerts),
+                commands: empty(Table::Commands),
+                status: empty(Table::Status),
+                published_ms: 0,
+            })),
+            recent_rows: recent_rows.max(1),
+            generation: Default::default(),
+            last_freshness_ms: Default::default(),
+        })
+    }
+
+    /// The current snapshot (a pointer copy; never waits for the stream).
+    pub fn snapshot(&self) -> Arc<Tables> {
+        self.published.read().expect("snapshot lock").clone()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn stage(&self, consumed: Option<Instant>, f: impl FnOnce(&mut Staged)) {
+        let mut s = self.staged.lock().expect("staging lock");
+        f(&mut s);
+        if let Some(c) = consumed {
+            s.oldest = Some(s.oldest.map_or(c, |o| o.min(c)));
+        }
+    }
+
+    /// New or changed twins (`None` = the twin is gone).
+    pub fn push_twins(&self, consumed: Option<Instant>, rows: Vec<(String, Option<TwinRow>)>) {
+        if rows.is_empty() {
+            return;
+        }
+        self.stage(consumed, |s| s.twins.extend(rows));
+    }
+
+    /// This instance no longer owns `partition`: its twins leave the view.
+    pub fn drop_partition(&self, partition: i32) {
+        self.stage(None, |s| {
+            s.twins.retain(|_, r| r.as_ref().is_none_or(|r| r.partition != partition));
+            s.dropped_partitions.push(partition);
+        });
+    }
+
+    pub fn push_outputs(&self, consumed: Option<Instant>, verdicts: &[Verdict], alerts: &[Alert], commands: &[Command]) {
+        if verdicts.is_empty() && alerts.is_empty() && commands.is_empty() {
+            return;
+        }
+        let cap = self.recent_rows;
+        self.stage(consumed, |s| {
+            // Only the newest `cap` of each can survive the next refresh anyway.
+            fn keep<T>(v: &mut Vec<T>, cap: usize) {
+                if v.len() > cap {
+                    v.drain(..v.len() - cap);
+                }
+            }
+            s.verdicts.extend(verdicts.iter().rev().take(cap).rev().cloned());
+            keep(&mut s.verdicts, cap);
+            s.alerts.extend_from_slice(alerts);
+            keep(&mut s.alerts, cap);
+            s.commands.extend_from_slice(commands);
+            keep(&mut s.commands, cap);
+        });
+    }
+
+    /// Run the refresher on a thread of its own until `stop`: every `every`, fold the
+    /// staged changes in and publish a new snapshot.
+    pub fn spawn_refresher(self: &Arc<Self>, every: Duration, status: StatusFn, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let view = self.clone();
+        std::thread::Builder::new().name("tg-sql-view".into()).spawn(move || {
+            let mut r = Refresher::new(view.recent_rows);
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                view.refresh(&mut r, &status);
+                std::thread::sleep(every.saturating_sub(started.elapsed()));
+            }
+        })
+    }
+
+    fn refresh(&self, r: &mut Refresher, status: &StatusFn) {
+        let staged = std::mem::take(&mut *self.staged.lock().expect("staging lock"));
+        let prev = self.snapshot();
+        let mut next = (*prev).clone();
+        let now = chrono::Utc::now().timestamp_millis();
+        if !staged.dropped_partitions.is_empty() || !staged.twins.is_empty() {
+            for p in &staged.dropped_partitions {
+                r.twins.retain(|_, t| t.partition != *p);
+            }
+            for (k, row) in staged.twins {
+                match row {
+                    Some(row) => r.twins.insert(k, row),
+                    None => r.twins.remove(&k),
+                };
+            }
+            next.twins = vec![twins_batch(&mut r.twins.values())];
+        }
+        let cap = self.recent_rows;
+        fn trim<T>(q: &mut VecDeque<T>, cap: usize) {
+            while q.len() > cap {
+                q.pop_front();
+            }
+        }
+        if !staged.verdicts.is_empty() {
+            r.verdicts.extend(staged.verdicts);
+            trim(&mut r.verdicts, cap);
+            next.verdicts = vec![verdicts_batch(&r.verdicts)];
+        }
+        if !staged.alerts.is_empty() {
+            r.alerts.extend(staged.alerts);
+            trim(&mut r.alerts, cap);
+            next.alerts = vec![alerts_batch(&r.alerts)];
+        }
+        if !staged.commands.is_empty() {
+            r.commands.extend(staged.commands);
+            trim(&mut r.commands, cap);
+            next.commands = vec![commands_batch(&r.commands)];
+        }
+        next.status = vec![status_batch(&status(), now)];
+        next.published_ms = now;
+        *self.published.write().expect("snapshot lock") = Arc::new(next);
+        if let Some(o) = staged.oldest {
+            let age = o.elapsed();
+            crate::observe::Instruments::get().sql_freshness.record(age.as_secs_f64(), &[]);
+            self.last_freshness_ms.store(age.as_millis() as u64, Ordering::Relaxed);
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// The refresher's own copy of the rows (only its thread touches it).
+struct Refresher {
+    twins: BTreeMap<String, TwinRow>,
+    verdicts: VecDeque<Verdict>,
+    alerts: VecDeque<Alert>,
+    commands: VecDeque<Command>,
+}
+
+impl Refresher {
+    fn new(cap: usize) -> Self {
+        let c = cap.min(1 << 16);
+        Refresher { twins: BTreeMap::new(), verdicts: VecDeque::with_capacity(c), alerts: VecDeque::new(), commands: VecDeque::new() }
+    }
+}
+
+/// A table of the view for DataFusion: every scan reads the snapshot current at
+/// planning time.
+#[derive(Debug)]
+pub struct ViewTable {
+    pub view: Arc<SqlView>,
+    pub table: Table,
+    schema: SchemaRef,
+}
+
+impl ViewTable {
+    pub fn new(view: Arc<SqlView>, table: Table) -> Self {
+        ViewTable { view, table, schema: table.schema() }
+    }
+}
+
+#[async_trait::async_trait]
+impl datafusion::catalog::TableProvider for ViewTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+    fn table_type(&self) -> datafusion::logical_expr::TableType {
+        datafusion::logical_expr::TableType::Base
+    }
+    async fn scan(
+        &self,
+        _state: &dyn datafusion::catalog::Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[datafusion::logical_expr::Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+        let snap = self.view.snapshot();
+        let batches = match self.table {
+            Table::Twins => &snap.twins,
+            Table::Verdicts => &snap.verdicts,
+            Table::Alerts => &snap.alerts,
+            Table::Commands => &snap.commands,
+            Table::Status => &snap.status,
+        };
+        Ok(datafusion::catalog::memory::MemorySourceConfig::try_new_exec(&[batches.clone()], self.schema.clone(), projection.cloned())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_publishes_staged_rows_and_trims_the_recent_window() {
+        let view = SqlView::new(3);
+        let mut r = Refresher::new(3);
+        let status: StatusFn = Box::new(|| StatusRow { instance: "t".into(), mode: "pipeline".into(), ..Default::default() });
+        let v = |i: i64| Verdict {
+            v: 1,
+            device_id: format!("d{i}"),
+            event_time: "2026-01-01T00:00:00Z".into(),
+            source: twinguard_schemas::verdict::SourceCoords { topic: "in".into(), partition: 0, offset: i },
+            detector: "twin".into(),
+            score: 0.1,
+            distance: 0.0,
+            anomalous: false,
+            warming_up: false,
+            top_metric: None,
+            top_z: None,
+            identity_drift: vec![],
+            label: None,
+            model_version: None,
+            threshold: None,
+            scores: None,
+            attack_class: None,
+        };
+        view.push_outputs(Some(Instant::now()), &(0..5).map(v).collect::<Vec<_>>(), &[], &[]);
+        let row = |d: &str, p: i32| TwinRow {
+            device_id: d.into(),
+            partition: p,
+            schema: "s/v1".into(),
+            device_type: None,
+            criticality: None,
+            first_seen_ms: 0,
+            last_seen_ms: 1,
+            events: 1,
+            anomalies: 0,
+            rate_per_s: 0.0,
+            score: Some(0.2),
+            risk: 0.2,
+            class: None,
+            firmware: None,
+            reported: "{}".into(),
+            desired: "{}".into(),
+            delta: "{}".into(),
+            in_sync: true,
+            pending_commands: 0,
+            incident_id: None,
+            latest: "{}".into(),
+            baselines: "{}".into(),
+            identity: "{}".into(),
+            peers: 0,
+            last_offset: 0,
+        };
+        view.push_twins(None, vec![("a".into(), Some(row("a", 0))), ("b".into(), Some(row("b", 1)))]);
+        let before = view.snapshot();
+        view.refresh(&mut r, &status);
+        let snap = view.snapshot();
+        // The old snapshot a query may still hold is untouched.
+        assert_eq!(before.verdicts[0].num_rows(), 0);
+        assert_eq!(snap.verdicts[0].num_rows(), 3, "window of 3 keeps the newest");
+        let offsets = snap.verdicts[0].column(4).as_any().downcast_ref::<arrow::array::Int64Array>().unwrap();
+        assert_eq!(offsets.values(), &[2, 3, 4]);
+        assert_eq!(snap.twins[0].num_rows(), 2);
+        assert_eq!(snap.status[0].num_rows(), 1);
+        view.drop_partition(1);
+        view.push_twins(None, vec![("a".into(), None)]);
+        view.refresh(&mut r, &status);
+        assert_eq!(view.snapshot().twins[0].num_rows(), 0, "revoked partition and tombstone both leave");
+        assert_eq!(view.generation(), 2);
+    }
+}
