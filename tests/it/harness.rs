@@ -312,6 +312,12 @@ pub fn reference_twins(cfg: &Config, recs: &[SimRecord], coords: &[(i32, i64)]) 
     let out = dec.decode(&raw, chrono::Utc::now().timestamp_millis()).unwrap();
     let mut o = Output::new();
     op.process_batch(out.batch, &mut o).unwrap();
+    // The pipeline notes each verdict's score on its twin (latest score, risk).
+    for b in o.take() {
+        for v in twinguard_schemas::verdict::verdicts_from_batch(&b, &cfg.topics.input) {
+            op.note_verdict(v.source.partition, &v.device_id, v.score, v.attack_class.as_deref());
+        }
+    }
     op.store().iter().map(|t| (t.device_id.clone(), t.encode())).collect()
 }
 
