@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of twinguard, installing what is missing first:
 #   - Debian packages librdkafka's ssl/sasl build needs (libssl-dev, libsasl2-dev, pkg-config)
-#   - psql (Debian's postgresql-client), the client the SQL tests drive
+#   - psql (Debian's postgresql-client), the client the SQL tests drive, and openssl
+#     (their TLS certificate)
 #   - the tansu 0.6.0 broker the integration tests start (about 18 min to compile once)
 #   - the compose stack's static validators (check-jsonschema, hadolint, promtool;
 #     ~20 s, outside the clone: see scripts/check-compose.sh)
@@ -19,6 +20,7 @@ step() { printf '\n==> %s\n' "$*"; }
 source scripts/deps.sh
 ensure_debian_packages "${BUILD_PACKAGES[@]}"
 command -v psql >/dev/null || ensure_debian_packages postgresql-client
+command -v openssl >/dev/null || ensure_debian_packages openssl
 
 if tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
   step "tansu 0.6.0 present"

@@ -69,6 +69,9 @@ pub struct SqlConfig {
     pub expose_phi: bool,
     /// Most concurrent client connections.
     pub max_connections: usize,
+    /// Memory all running queries together may use for sorts, joins and
+    /// aggregations; a query needing more fails with an error.
+    pub max_memory_mb: usize,
 }
 
 impl Default for SqlConfig {
@@ -83,6 +86,7 @@ impl Default for SqlConfig {
             refresh_ms: 250,
             expose_phi: false,
             max_connections: 64,
+            max_memory_mb: 512,
         }
     }
 }
@@ -481,7 +485,7 @@ impl Config {
                 return Err(format!("key `sql.users`: user `{}` is listed twice", u.name));
             }
         }
-        for (k, v) in [("sql.recent_rows", q.recent_rows), ("sql.max_rows", q.max_rows), ("sql.max_connections", q.max_connections)] {
+        for (k, v) in [("sql.recent_rows", q.recent_rows), ("sql.max_rows", q.max_rows), ("sql.max_connections", q.max_connections), ("sql.max_memory_mb", q.max_memory_mb)] {
             if v == 0 {
                 return Err(format!("key `{k}` must be at least 1"));
             }

@@ -16,6 +16,7 @@ use twinguard_schemas::fields;
 use twinguard_schemas::respond::{Ack, AckStatus, Alert, Command, RESPONSE_VERSION};
 use twinguard_schemas::verdict::Verdict;
 
+use crate::sqlview::SqlView;
 use crate::config::Config;
 use crate::sim::{AttackKind, SimConfig, Simulator, Truth};
 use crate::telemetry::Metrics;
@@ -120,6 +121,8 @@ pub struct DemoSummary {
     pub reconciled: (usize, usize),
     /// Audit records verified (signature, hash chain), or why verification failed.
     pub audit: Option<Result<u64, String>>,
+    /// The riskiest twins, queried with SQL over the live view before the stop.
+    pub sql: Option<Result<String, String>>,
 }
 
 impl DemoSummary {
@@ -159,6 +162,11 @@ impl DemoSummary {
         match &self.audit {
             Some(Ok(n)) => writeln!(out, "audit trail          {n:>9}  records, signatures and hash chains verified")?,
             Some(Err(e)) => writeln!(out, "audit trail          FAILED: {e}")?,
+            None => {}
+        }
+        match &self.sql {
+            Some(Ok(table)) => writeln!(out, "\nSQL over the live twins ({DEMO_QUERY}):\n{table}")?,
+            Some(Err(e)) => writeln!(out, "SQL over the twins   FAILED: {e}")?,
             None => {}
         }
         writeln!(out, "(simulated devices and attacks: this shows the machinery at work, not detection quality on real traffic)")?;
@@ -299,11 +307,15 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
 
     let metrics = Arc::new(Metrics::default());
     let stop = Arc::new(AtomicBool::new(false));
+    // The SQL tables `twinguard run` serves with `[sql] listen`, queried in-process here.
+    let view = SqlView::new(cfg.sql.recent_rows);
+    view.spawn_refresher(Duration::from_millis(cfg.sql.refresh_ms), crate::serve::status_fn(crate::serve::Mode::Pipeline, metrics.clone()), stop.clone())
+        .map_err(|e| PipelineError::Io(e.to_string()))?;
     let pipeline = {
-        let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
+        let (cfg, metrics, stop, view) = (cfg.clone(), metrics.clone(), stop.clone(), view.clone());
         std::thread::Builder::new()
             .name("tg-core".into())
-            .spawn(move || crate::engine::run(&cfg, metrics, stop))
+            .spawn(move || crate::engine::run_with(&cfg, metrics, stop, Some(view)))
             .map_err(|e| PipelineError::Io(e.to_string()))?
     };
 
@@ -360,6 +372,13 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!();
+    // Let the view publish the last changes, then ask it what psql would.
+    let generation = view.generation();
+    let settle = Instant::now() + Duration::from_secs(5);
+    while view.generation() < generation + 2 && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sql = Some(query_view(&view, DEMO_QUERY));
     stop.store(true, Ordering::Relaxed);
     let report = pipeline.join().map_err(|_| PipelineError::Io("pipeline thread panicked".into()))??;
     stop_readers.store(true, Ordering::Relaxed);
@@ -382,6 +401,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
         commands: commands_seen.load(Ordering::Relaxed) as usize,
         acks: Metrics::get(&metrics.acks_applied) as usize,
         reconciled: report.reconciled,
+        sql,
         ..Default::default()
     };
     for (action, human) in alerts.lock().expect("lock").iter() {
@@ -411,6 +431,18 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     }
     drop(mock);
     Ok(s)
+}
+
+/// What the demo asks the SQL view at the end.
+const DEMO_QUERY: &str = "select device_id, device_type, criticality, events, anomalies, round(risk, 3) as risk, class, in_sync from twins order by risk desc, device_id limit 5";
+
+/// Run one query over the view through DataFusion (as the SQL endpoint does) and
+/// format the result as a table.
+fn query_view(view: &Arc<SqlView>, sql: &str) -> Result<String, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let ctx = crate::sqlserver::session_context(view, 256 << 20).map_err(|e| e.to_string())?;
+    let batches = rt.block_on(async { ctx.sql(sql).await?.collect().await }).map_err(|e| e.to_string())?;
+    datafusion::arrow::util::pretty::pretty_format_batches(&batches).map(|t| t.to_string()).map_err(|e| e.to_string())
 }
 
 /// Verify the demo's audit trail the way `twinguard audit verify` does.

@@ -5,13 +5,15 @@
 //! Safety, on top of datafusion-postgres:
 //! - SCRAM-SHA-256 password authentication against the configured users (a wrong
 //!   password is refused with SQLSTATE 28P01); TLS when configured (a TLS set-up
-//!   error stops the start, never falls back to plaintext);
+//!   error stops the start, never falls back to plaintext; with TLS configured a
+//!   client that does not negotiate it is refused);
 //! - read-only: only queries, EXPLAIN, SHOW and a few session settings pass; DDL,
 //!   DML, COPY, cursors and other statements get SQLSTATE 25006 with the reason;
 //!   every plan is also checked by DataFusion's `SQLOptions` (no DDL, DML or
 //!   statements anywhere, subqueries included);
 //! - limits: a query that runs past `sql.query_timeout_ms` is cancelled (57014), one
-//!   returning more than `sql.max_rows` rows is cut off with an error (54000);
+//!   returning more than `sql.max_rows` rows is cut off with an error (54000); all
+//!   queries together hold at most `sql.max_memory_mb` (then they fail, not the process);
 //! - a malformed client message closes that client's connection only (pgwire ends
 //!   that socket's task); at most `sql.max_connections` connections at once.
 
@@ -38,7 +40,7 @@ use datafusion_postgres::pgwire::api::results::Response;
 use datafusion_postgres::pgwire::api::store::PortalStore;
 use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
-use datafusion_postgres::pgwire::messages::PgWireBackendMessage;
+use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::pki_types::pem::PemObject;
 use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::{self, ServerConfig};
@@ -223,8 +225,35 @@ impl ExtendedQueryHandler for Guarded {
     }
 }
 
+/// SCRAM authentication, refusing clients that did not negotiate TLS when the
+/// endpoint has it (otherwise a client could just skip it).
+struct Startup {
+    inner: SASLAuthStartupHandler<DefaultServerParameterProvider>,
+    require_tls: bool,
+}
+
+#[async_trait]
+impl StartupHandler for Startup {
+    async fn on_startup<C>(&self, client: &mut C, message: PgWireFrontendMessage) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        if self.require_tls && !client.is_secure() {
+            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                "FATAL".into(),
+                "28000".into(),
+                "this endpoint requires TLS: connect with sslmode=require (or verify-full)".into(),
+            ))));
+        }
+        self.inner.on_startup(client, message).await
+    }
+}
+
 struct Handlers {
     query: Arc<Guarded>,
+    require_tls: bool,
     users: Arc<Users>,
     params: Arc<DefaultServerParameterProvider>,
     connections: Arc<ConnectionManager>,
@@ -239,11 +268,12 @@ impl PgWireServerHandlers for Handlers {
     }
     /// A fresh handler per connection: it holds that connection's SASL state.
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
-        Arc::new(
-            SASLAuthStartupHandler::new(self.params.clone())
+        Arc::new(Startup {
+            inner: SASLAuthStartupHandler::new(self.params.clone())
                 .with_scram(ScramAuth::new(self.users.clone()))
                 .with_connection_manager(self.connections.clone()),
-        )
+            require_tls: self.require_tls,
+        })
     }
     fn cancel_handler(&self) -> Arc<impl CancelHandler> {
         Arc::new(DefaultCancelHandler::new(self.connections.clone()))
@@ -264,9 +294,15 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor
 }
 
 /// A DataFusion context serving the view's tables, with `pg_catalog` and
-/// `information_schema` for clients' catalog queries.
-pub fn session_context(view: &Arc<SqlView>) -> Result<Arc<SessionContext>, PipelineError> {
-    let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(true));
+/// `information_schema` for clients' catalog queries. Queries together may hold at
+/// most `max_memory_bytes` for sorts, joins and aggregations; past it they fail
+/// with a resources-exhausted error instead of growing the process.
+pub fn session_context(view: &Arc<SqlView>, max_memory_bytes: usize) -> Result<Arc<SessionContext>, PipelineError> {
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(max_memory_bytes, 1.0)
+        .build_arc()
+        .map_err(|e| PipelineError::Io(format!("SQL runtime: {e}")))?;
+    let ctx = SessionContext::new_with_config_rt(SessionConfig::new().with_information_schema(true), runtime);
     for t in Table::ALL {
         ctx.register_table(t.name(), Arc::new(ViewTable::new(view.clone(), t))).map_err(|e| PipelineError::Io(format!("registering table {}: {e}", t.name())))?;
     }
@@ -281,13 +317,14 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
         Some(t) => Some(load_tls(&t.cert_file, &t.key_file).map_err(PipelineError::Config)?),
         None => None,
     };
-    let ctx = session_context(&view)?;
+    let ctx = session_context(&view, cfg.max_memory_mb.saturating_mul(1 << 20))?;
     let mut params = DefaultServerParameterProvider::default();
     params.default_transaction_read_only = true;
     params.is_superuser = false;
     let timeout = Duration::from_millis(cfg.query_timeout_ms);
     let handlers = Arc::new(Handlers {
         query: Arc::new(Guarded { inner: DfSessionService::new(ctx.clone()), ctx, parser: PostgresCompatibilityParser::new(), timeout, max_rows: cfg.max_rows }),
+        require_tls: tls.is_some(),
         users: Arc::new(Users::new(users)),
         params: Arc::new(params),
         connections: Arc::new(ConnectionManager::new()),

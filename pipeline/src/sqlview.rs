@@ -600,7 +600,12 @@ pub struct SqlView {
     /// Freshness of the latest publication: its oldest change's consumption to
     /// publication, in ms.
     pub last_freshness_ms: std::sync::atomic::AtomicU64,
+    /// The same for the last [`FRESHNESS_SAMPLES`] publications that carried changes.
+    freshness: Mutex<VecDeque<f64>>,
 }
+
+/// Freshness figures kept for [`SqlView::freshness_ms`].
+const FRESHNESS_SAMPLES: usize = 10_000;
 
 impl std::fmt::Debug for SqlView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -624,12 +629,19 @@ impl SqlView {
             recent_rows: recent_rows.max(1),
             generation: Default::default(),
             last_freshness_ms: Default::default(),
+            freshness: Mutex::new(VecDeque::new()),
         })
     }
 
     /// The current snapshot (a pointer copy; never waits for the stream).
     pub fn snapshot(&self) -> Arc<Tables> {
         self.published.read().expect("snapshot lock").clone()
+    }
+
+    /// Recent freshness figures (ms, oldest first): for each publication that carried
+    /// changes, its oldest change's consumption from Kafka until it was visible.
+    pub fn freshness_ms(&self) -> Vec<f64> {
+        self.freshness.lock().expect("freshness lock").iter().copied().collect()
     }
 
     pub fn generation(&self) -> u64 {
@@ -740,6 +752,11 @@ impl SqlView {
             let age = o.elapsed();
             crate::observe::Instruments::get().sql_freshness.record(age.as_secs_f64(), &[]);
             self.last_freshness_ms.store(age.as_millis() as u64, Ordering::Relaxed);
+            let mut f = self.freshness.lock().expect("freshness lock");
+            if f.len() == FRESHNESS_SAMPLES {
+                f.pop_front();
+            }
+            f.push_back(age.as_secs_f64() * 1000.0);
         }
         self.generation.fetch_add(1, Ordering::Release);
     }

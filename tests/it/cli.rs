@@ -45,7 +45,7 @@ fn invalid_config_fails_at_start_naming_the_key() {
 fn help_explains_the_commands() {
     let (ok, out) = twinguard(&["--help"], &[]);
     assert!(ok);
-    for cmd in ["demo", "run", "simulate", "replay", "train", "eval", "schemas"] {
+    for cmd in ["demo", "run", "sql", "simulate", "replay", "train", "eval", "audit", "schemas"] {
         assert!(out.contains(cmd), "--help lists {cmd}: {out}");
     }
     let (ok, out) = twinguard(&["schemas"], &[]);
@@ -61,4 +61,29 @@ fn demo_accounts_for_every_record() {
     assert!(out.contains("one per valid event: yes"), "{out}");
     assert!(out.contains("one per malformed record: yes"), "{out}");
     assert!(out.contains("injected attacks"), "{out}");
+    // The SQL view answered the demo's query: a table with the riskiest twins.
+    let table = &out[out.find("SQL over the live twins").unwrap_or_else(|| panic!("{out}"))..];
+    assert!(table.contains("| device_id") && table.contains("| risk"), "{out}");
+    assert_eq!(table.lines().filter(|l| l.starts_with("| ") && !l.contains("device_id")).count(), 5, "5 rows: {out}");
+}
+
+/// `twinguard sql` refuses to start without users, names a missing password variable,
+/// and `run --check-config` checks the SQL users too.
+#[test]
+fn sql_endpoint_config_errors_name_the_problem() {
+    let dir = scratch("cli-sql");
+    let p = dir.join("sql.toml");
+    let path = p.to_str().unwrap();
+    std::fs::write(&p, "[kafka]\nbrokers = \"127.0.0.1:1\"\n").unwrap();
+    let (ok, out) = twinguard(&["sql", "--config", path, "--check-config"], &[]);
+    assert!(!ok && out.contains("no SQL users configured"), "{out}");
+    std::fs::write(&p, "[kafka]\nbrokers = \"127.0.0.1:1\"\n[sql]\nlisten = \"127.0.0.1:5999\"\n[[sql.users]]\nname = \"analyst\"\npassword_env = \"TG_CLI_SQL_PW\"\n").unwrap();
+    let (ok, out) = twinguard(&["sql", "--config", path, "--check-config"], &[]);
+    assert!(!ok && out.contains("TG_CLI_SQL_PW") && out.contains("analyst"), "{out}");
+    let (ok, out) = twinguard(&["run", "--config", path, "--check-config"], &[]);
+    assert!(!ok && out.contains("TG_CLI_SQL_PW"), "{out}");
+    let (ok, out) = twinguard(&["sql", "--config", path, "--check-config", "--listen", "nowhere"], &[("TG_CLI_SQL_PW", "pw")]);
+    assert!(!ok && out.contains("--listen") && out.contains("nowhere"), "{out}");
+    let (ok, out) = twinguard(&["sql", "--config", path, "--check-config"], &[("TG_CLI_SQL_PW", "pw")]);
+    assert!(ok && out.contains("query-only SQL on 127.0.0.1:5999"), "{out}");
 }

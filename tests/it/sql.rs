@@ -19,12 +19,17 @@ const PASSWORD: &str = "s3cret-for-tests";
 
 /// Run one statement with psql; Ok(rows as `a|b|c` lines) or Err(stderr).
 fn psql(addr: &str, user: &str, password: &str, sql: &str) -> Result<Vec<String>, String> {
+    // `prefer`: TLS when the endpoint offers it, plaintext otherwise.
+    psql_ssl(addr, user, password, sql, "prefer")
+}
+
+fn psql_ssl(addr: &str, user: &str, password: &str, sql: &str, sslmode: &str) -> Result<Vec<String>, String> {
     let (host, port) = addr.rsplit_once(':').unwrap();
     let out = Command::new("psql")
         .args(["-X", "-q", "-A", "-t", "-F", "|", "-v", "ON_ERROR_STOP=1", "-h", host, "-p", port, "-U", user, "-d", "twinguard", "-c", sql])
         .env("PGPASSWORD", password)
         .env("PGCONNECT_TIMEOUT", "20")
-        .env("PGSSLMODE", "disable")
+        .env("PGSSLMODE", sslmode)
         .output()
         .expect("psql must be installed (scripts/test.sh installs postgresql-client)");
     if out.status.success() {
@@ -261,7 +266,12 @@ fn psql_queries_metrics_and_probes_on_a_running_pipeline() {
     // /readyz after a restart: not ready until the partitions are assigned and their
     // twins restored; when it first answers ready, every twin is back.
     p.stop();
-    let mut p = PipelineProc::spawn(&dir, "pipeline-2", &["run", "--config", path.to_str().unwrap()], &envs);
+    // This time also push OpenTelemetry over OTLP (gRPC) to a listener of ours: the
+    // exporter connects and speaks HTTP/2 to it.
+    let otlp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", otlp.local_addr().unwrap());
+    let envs2 = [("TG_IT_SQL_PASSWORD", PASSWORD), ("TWINGUARD__OTEL__ENDPOINT", endpoint.as_str()), ("TWINGUARD__OTEL__EXPORT_INTERVAL_MS", "500")];
+    let mut p = PipelineProc::spawn(&dir, "pipeline-2", &["run", "--config", path.to_str().unwrap()], &envs2);
     let http = p.wait_addr("serving /metrics");
     let (mut saw_unready, deadline) = (false, Instant::now() + WAIT);
     loop {
@@ -279,6 +289,13 @@ fn psql_queries_metrics_and_probes_on_a_running_pipeline() {
     let (_, samples) = parse_prometheus(&body);
     assert_eq!(sum(&samples, "twinguard_twins", &[]), (expected.len() + 1) as f64, "every twin restored when ready");
     p.log_text().lines().filter(|l| l.contains("twins restored from changelog")).count().eq(&4).then_some(()).expect("4 partitions restored");
+    otlp.set_nonblocking(false).unwrap();
+    let (mut conn, _) = otlp.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut preface = [0u8; 24];
+    conn.read_exact(&mut preface).unwrap();
+    assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "the OTLP exporter speaks gRPC (HTTP/2) to the endpoint");
+    drop(conn);
     p.stop();
 }
 
@@ -324,10 +341,25 @@ fn query_only_process_serves_every_twin_of_two_instances() {
     assert!(!la.is_empty() && !lb.is_empty() && la.is_disjoint(&lb), "each instance holds part of the fleet");
 
     // ...and the query-only process, reading the changelog, serves every device.
-    let g_args = ["sql", "--config", cfg_arg, "--brokers", &cfg.kafka.brokers, "--listen", "127.0.0.1:0"];
+    // The query-only process serves over TLS (a self-signed certificate made here).
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost", "-keyout"])
+        .arg(dir.join("sql.key"))
+        .arg("-out")
+        .arg(dir.join("sql.crt"))
+        .output()
+        .expect("openssl must be installed (scripts/test.sh installs it)");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let mut gcfg = cfg.clone();
+    gcfg.sql.tls = Some(twinguard::config::TlsConfig { cert_file: "sql.crt".into(), key_file: "sql.key".into() });
+    let gpath = write_config(&dir, "global", &gcfg);
+    let g_args = ["sql", "--config", gpath.to_str().unwrap(), "--brokers", &cfg.kafka.brokers, "--listen", "127.0.0.1:0"];
     let mut g = PipelineProc::spawn(&dir, "global", &g_args, &envs);
     let sql_g = g.wait_addr("serving SQL");
     g.wait_log(&["every twin materialised"]);
+    assert_eq!(psql_ssl(&sql_g, "analyst", PASSWORD, "select 1", "require"), Ok(vec!["1".to_string()]), "psql with sslmode=require connects over TLS");
+    let e = psql_ssl(&sql_g, "analyst", PASSWORD, "select 1", "disable").unwrap_err();
+    assert!(e.contains("requires TLS"), "a client skipping TLS is refused: {e}");
     wait_scalar(&sql_g, "select count(*) from twins", expected.len() as i64);
     let all: BTreeSet<String> = query(&sql_g, "select device_id from twins").into_iter().collect();
     assert_eq!(all, expected);
