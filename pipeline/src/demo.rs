@@ -434,7 +434,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
 }
 
 /// What the demo asks the SQL view at the end.
-const DEMO_QUERY: &str = "select device_id, device_type, criticality, events, anomalies, round(risk, 3) as risk, class, in_sync from twins order by risk desc, device_id limit 5";
+const DEMO_QUERY: &str = "select device_id, device_type, criticality, events, anomalies, round(risk, 3) as risk, class, in_sync from twins order by anomalies desc, device_id limit 5";
 
 /// Run one query over the view through DataFusion (as the SQL endpoint does) and
 /// format the result as a table.

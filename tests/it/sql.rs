@@ -198,6 +198,14 @@ fn psql_queries_metrics_and_probes_on_a_running_pipeline() {
     for t in ["twins", "verdicts", "alerts", "commands", "status"] {
         assert!(listing.contains(t), "\\dt lists {t}: {listing} {}", String::from_utf8_lossy(&out.stderr));
     }
+    let out = Command::new("psql")
+        .args(["-X", "-h", "127.0.0.1", "-p", sql.rsplit_once(':').unwrap().1, "-U", "analyst", "-d", "twinguard", "-c", "\\d twins"])
+        .env("PGPASSWORD", PASSWORD)
+        .env("PGSSLMODE", "disable")
+        .output()
+        .unwrap();
+    let described = String::from_utf8_lossy(&out.stdout);
+    assert!(described.contains("device_id") && described.contains("risk"), "\\d twins describes the columns: {described} {}", String::from_utf8_lossy(&out.stderr));
 
     // Freshness: one event of a new device, visible in `twins` (measured, not asserted
     // against a wall-clock bound: the benchmark reports the figure).
