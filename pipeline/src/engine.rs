@@ -235,10 +235,7 @@ impl Shared {
             let ts: HashMap<i64, i64> = recs.iter().filter_map(|r| r.ts.map(|t| (r.offset, t))).collect();
             resp.commands.iter().map(|(_, off)| off.and_then(|o| ts.get(&o).copied())).collect()
         };
-        if let Some((view, _)) = &self.view {
-            view.push_outputs(consumed, &verdicts, &[], &[]);
-        }
-        self.emit_responses(resp, &mut outputs);
+        let shown = self.emit_responses(resp, &mut outputs);
         ev::BatchProcessed {
             partition,
             records: recs.len(),
@@ -249,27 +246,29 @@ impl Shared {
         }
         .emit(&self.metrics);
         let changelog = core.op.twin_mut().drain_changelog();
-        self.publish_twins(core, &changelog, consumed);
+        self.publish(core, consumed, &verdicts, shown, &changelog);
         // Twin count per batch (O(partitions)); memory is sampled at expiry ticks (O(twins)).
         self.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
         let oldest_ts = recs.iter().filter_map(|r| r.ts).min();
         self.dispatch(self.input_topic.clone(), Some(partition), Some(last + 1), outputs, changelog, command_ts, oldest_ts)
     }
 
-    /// Hand the changed twins (or their removal) to the SQL view.
-    fn publish_twins(&self, core: &Core, changelog: &[ChangelogRecord], consumed: Option<Instant>) {
+    /// Hand one batch's changes to the SQL view at once (its verdicts, alerts,
+    /// commands and changed or removed twins), so a snapshot never shows half of it.
+    fn publish(&self, core: &Core, consumed: Option<Instant>, verdicts: &[Verdict], shown: Shown, changelog: &[ChangelogRecord]) {
         let Some((view, rows)) = &self.view else { return };
         let store = core.op.twin().store();
-        let changes = changelog
+        let twins = changelog
             .iter()
             .map(|c| (c.key.clone(), c.value.as_ref().and_then(|_| store.get(c.partition, &c.key)).map(|t| rows.row(t))))
             .collect();
-        view.push_twins(consumed, changes);
+        view.push_batch(consumed, verdicts, &shown.alerts, &shown.commands, twins);
     }
 
     /// Turn responses into records: alerts and commands keyed by device id, audit
     /// records pinned to their chain's partition.
-    fn emit_responses(&self, resp: Responses, outputs: &mut Vec<OutRecord>) {
+    /// Returns copies of the alerts and commands for the SQL view (when it is on).
+    fn emit_responses(&self, resp: Responses, outputs: &mut Vec<OutRecord>) -> Shown {
         let rec = |topic: &Arc<str>, partition, key: &str, payload: Vec<u8>| OutRecord {
             topic: topic.clone(),
             partition,
@@ -286,14 +285,15 @@ impl Shared {
             ev::CommandIssued { command: c }.emit(&self.metrics);
             outputs.push(rec(&self.commands_topic, None, &c.device_id, serde_json::to_vec(c).expect("command serialises")));
         }
-        if let Some((view, _)) = &self.view {
-            let commands: Vec<_> = resp.commands.iter().map(|(c, _)| c.clone()).collect();
-            view.push_outputs(None, &[], &resp.alerts, &commands);
-        }
+        let shown = match &self.view {
+            Some(_) => Shown { alerts: resp.alerts.clone(), commands: resp.commands.iter().map(|(c, _)| c.clone()).collect() },
+            None => Shown::default(),
+        };
         for (chain, bytes) in resp.audit {
             self.metrics.audit_out.fetch_add(1, Ordering::Relaxed);
             outputs.push(rec(&self.audit_topic, Some(chain), "", bytes));
         }
+        shown
     }
 
     /// Apply one device acknowledgement (a record of the acks topic, partition
@@ -314,9 +314,9 @@ impl Shared {
             Ok((ack, o)) => ev::AckApplied { device: &ack.device_id, command: &ack.command_id, reconciled: o == AckOutcome::Reconciled }.emit(&self.metrics),
             Err(reason) => outputs.push(self.control_dead_letter(&self.acks_topic, partition, rec.offset, rec.key.clone(), rec.payload.clone(), &reason)),
         }
-        self.emit_responses(resp, &mut outputs);
+        let shown = self.emit_responses(resp, &mut outputs);
         let changelog = core.op.twin_mut().drain_changelog();
-        self.publish_twins(core, &changelog, Some(rec.consumed));
+        self.publish(core, Some(rec.consumed), &[], shown, &changelog);
         self.dispatch(self.acks_topic.clone(), Some(partition), Some(rec.offset + 1), outputs, changelog, Vec::new(), None)
     }
 
@@ -383,6 +383,8 @@ impl Shared {
     fn restore(&self, core: &mut Core, parts: &[i32]) -> Result<(), PipelineError> {
         let started = Instant::now();
         let timeout = Duration::from_secs(self.cfg.batch.restore_timeout_secs);
+        // A long restore is progress, not a stall (/healthz).
+        self.metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         for &p in parts {
             core.op.twin_mut().store_mut().drop_partition(p);
             core.op.twin_mut().store_mut().ensure_partition(p);
@@ -404,6 +406,7 @@ impl Shared {
         // record acknowledged on its partition.
         if core.resp.audit_mut().is_some() {
             for &p in parts {
+                self.metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
                 let tail = kafka::read_tail(&self.cfg, &self.cfg.topics.audit, p, timeout)?;
                 core.resp.continue_chain(p, tail.as_deref()).map_err(|e| {
                     PipelineError::Fatal(format!(
@@ -415,6 +418,13 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// Alerts and commands of one batch, copied for the SQL view.
+#[derive(Default)]
+struct Shown {
+    alerts: Vec<Alert>,
+    commands: Vec<twinguard_schemas::respond::Command>,
 }
 
 /// Note each verdict's score on its twin (latest score, risk) and count verdicts by
@@ -814,8 +824,8 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             }
             for (p, (resp, recs)) in by_partition {
                 let mut outputs = Vec::new();
-                s.emit_responses(resp, &mut outputs);
-                s.publish_twins(&core, &recs, None);
+                let shown = s.emit_responses(resp, &mut outputs);
+                s.publish(&core, None, &[], shown, &recs);
                 s.dispatch(s.input_topic.clone(), Some(p), None, outputs, recs, Vec::new(), None)?;
             }
         }

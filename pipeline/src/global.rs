@@ -24,7 +24,7 @@ use crate::PipelineError;
 const HAND_OVER: Duration = Duration::from_millis(50);
 
 /// Read until `stop`: the changelog from the beginning, the output topics from their
-/// newest `sql.recent_rows` records per partition. `metrics.ready` turns 1 once every
+/// newest records (`sql.recent_rows` spread over the partitions). `metrics.ready` turns 1 once every
 /// changelog partition was read up to the end it had at start.
 pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<AtomicBool>) -> Result<(), PipelineError> {
     let schema = cfg.event_schema()?;
@@ -34,12 +34,15 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
     let consumer: BaseConsumer<RestoreContext> = kafka::reader_config(cfg, "sql")
         .create_with_context(RestoreContext)
         .map_err(|e| PipelineError::kafka("sql reader", e))?;
-    let tail = i64::try_from(cfg.sql.recent_rows).unwrap_or(i64::MAX);
     let mut tpl = TopicPartitionList::new();
     let mut changelog_parts = Vec::new();
-    for (topic, start) in [(&t.changelog, Offset::Beginning), (&t.verdicts, Offset::OffsetTail(tail)), (&t.alerts, Offset::OffsetTail(tail)), (&t.commands, Offset::OffsetTail(tail))] {
+    for topic in [&t.changelog, &t.verdicts, &t.alerts, &t.commands] {
         let n = kafka::partition_count(cfg, topic)?
             .ok_or_else(|| PipelineError::Config(format!("topic `{topic}` does not exist: start the pipeline (or create the topics) first")))?;
+        // The output windows start at each partition's newest records, their share of
+        // `recent_rows`; the changelog from its beginning.
+        let tail = i64::try_from(cfg.sql.recent_rows.div_ceil(n.max(1))).unwrap_or(i64::MAX);
+        let start = if topic == &t.changelog { Offset::Beginning } else { Offset::OffsetTail(tail) };
         for p in 0..n as i32 {
             tpl.add_partition_offset(topic, p, start).map_err(|e| PipelineError::kafka("assign", e))?;
             if topic == &t.changelog {
@@ -49,6 +52,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
     }
     consumer.assign(&tpl).map_err(|e| PipelineError::kafka("assign the sql reader", e))?;
     metrics.partitions_owned.store(changelog_parts.len() as i64, Relaxed);
+    metrics.stall_limit_ms.store(60_000, Relaxed);
     *metrics.owned.lock().expect("owned lock") = changelog_parts.clone();
     // Caught up once every changelog partition was read to the end it had at start.
     let mut behind: BTreeMap<i32, i64> = BTreeMap::new();
@@ -107,7 +111,6 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
                         }
                     }
                 } else if topic == t.verdicts {
-                    metrics.records_in.fetch_add(1, Relaxed);
                     match serde_json::from_slice::<Verdict>(m.payload().unwrap_or_default()) {
                         Ok(v) => verdicts.push(v),
                         Err(e) => bad("verdict", &e),
@@ -127,8 +130,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
         }
         if last_handover.elapsed() >= HAND_OVER {
             last_handover = Instant::now();
-            view.push_twins(oldest, std::mem::take(&mut twins));
-            view.push_outputs(oldest, &verdicts, &alerts, &commands);
+            view.push_batch(oldest, &verdicts, &alerts, &commands, std::mem::take(&mut twins));
             verdicts.clear();
             alerts.clear();
             commands.clear();

@@ -72,6 +72,10 @@ enum Command {
         /// Address to serve SQL on (default: `sql.listen`, else 127.0.0.1:5433).
         #[arg(long)]
         listen: Option<String>,
+        /// Address of /metrics, /healthz and /readyz (default: `http.listen`); set it
+        /// when a pipeline instance on the same host already uses that port.
+        #[arg(long)]
+        http_listen: Option<String>,
         /// Only load and validate the configuration (users' passwords included), then exit.
         #[arg(long)]
         check_config: bool,
@@ -385,8 +389,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 // ...and the registry and the audit key.
                 let registry = cfg.registry()?;
                 let audit = cfg.audit_log()?;
-                // ...and the SQL users' passwords.
-                let users = cfg.sql_users()?;
+                // ...and the SQL users' passwords, when the endpoint is on.
+                let users = if cfg.sql.listen.is_some() { cfg.sql_users()? } else { Vec::new() };
                 println!(
                     "configuration OK (schema {}, model {}, {} registered devices, {} response rules, audit {}, sql {}, metrics {})",
                     schema.id(),
@@ -401,10 +405,14 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             run_until_signal(cfg, Mode::Pipeline, None)
         }
-        Command::Sql { config, brokers, listen, check_config } => {
+        Command::Sql { config, brokers, listen, http_listen, check_config } => {
             let mut cfg = load_config(config.as_ref())?;
             if let Some(b) = brokers {
                 cfg.kafka.brokers = b;
+            }
+            if let Some(h) = http_listen {
+                h.parse::<std::net::SocketAddr>().map_err(|e| anyhow::anyhow!("--http-listen `{h}` is not host:port: {e}"))?;
+                cfg.http.listen = h;
             }
             let listen = listen.or_else(|| cfg.sql.listen.clone()).unwrap_or_else(|| "127.0.0.1:5433".to_string());
             listen.parse::<std::net::SocketAddr>().map_err(|e| anyhow::anyhow!("--listen `{listen}` is not host:port: {e}"))?;

@@ -122,19 +122,22 @@ fn init_logs(default_filter: &str, tracer: Option<&SdkTracerProvider>) -> Result
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let json = std::env::var("TWINGUARD_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    // RUST_LOG filters the log lines only; spans go to OTLP at info level whatever it says.
     let fmt = if json {
-        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_filter(filter).boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr).with_filter(filter).boxed()
     };
     // The exporter's own gRPC stack must not feed spans back into itself.
     let otel = tracer.map(|tp| {
-        tracing_opentelemetry::layer().with_tracer(tp.tracer("twinguard")).with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            !["h2", "tonic", "hyper", "tower", "opentelemetry"].iter().any(|p| m.target().starts_with(p))
-        }))
+        tracing_opentelemetry::layer()
+            .with_tracer(tp.tracer("twinguard"))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+            .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                !["h2", "tonic", "hyper", "tower", "opentelemetry"].iter().any(|p| m.target().starts_with(p))
+            }))
     });
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel)
         .try_init()
@@ -259,7 +262,15 @@ pub async fn serve_http(listen: &str, registry: prometheus::Registry, metrics: A
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // e.g. out of file descriptors: back off rather than spin.
+                    tracing::warn!(error = %e, "HTTP endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let (registry, metrics) = (registry.clone(), metrics.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {

@@ -42,13 +42,40 @@ pub async fn start(cfg: &Config, telemetry: &Telemetry, metrics: &Arc<Metrics>, 
         Some(listen) => {
             let users = cfg.sql_users()?;
             let view = SqlView::new(cfg.sql.recent_rows);
-            let addr = crate::sqlserver::serve(&cfg.sql, listen, &users, view.clone()).await?;
+            let addr = spawn_sql(cfg.sql.clone(), listen.to_string(), users, view.clone())?;
             view.spawn_refresher(Duration::from_millis(cfg.sql.refresh_ms), status_fn(mode, metrics.clone()), stop.clone())
                 .map_err(|e| PipelineError::Io(format!("starting the SQL view refresher: {e}")))?;
             (Some(view), Some(addr))
         }
     };
     Ok(Services { view, http, sql })
+}
+
+/// Serve SQL on a Tokio runtime of its own: queries, however heavy, never starve
+/// the probes, metrics and OTLP export on the process's main runtime.
+fn spawn_sql(cfg: crate::config::SqlConfig, listen: String, users: Vec<(String, String)>, view: Arc<SqlView>) -> Result<std::net::SocketAddr, PipelineError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("tg-sql".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tg-sql-worker").enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(PipelineError::Io(format!("SQL runtime: {e}"))));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let bound = crate::sqlserver::serve(&cfg, &listen, &users, view).await;
+                let serving = bound.is_ok();
+                let _ = tx.send(bound);
+                if serving {
+                    std::future::pending::<()>().await;
+                }
+            });
+        })
+        .map_err(|e| PipelineError::Io(format!("starting the SQL thread: {e}")))?;
+    rx.recv().map_err(|_| PipelineError::Io("the SQL endpoint did not start".into()))?
 }
 
 /// Records per second over the last ~10 s of status samples.
@@ -76,7 +103,8 @@ pub fn status_fn(mode: Mode, m: Arc<Metrics>) -> StatusFn {
     Box::new(move || {
         let lag = m.lag();
         let gate = m.gate.lock().expect("gate status lock").clone();
-        let records_in = m.records_in.load(Relaxed) + if mode == Mode::Global { m.changelog_in.load(Relaxed) } else { 0 };
+        // What this process consumes: input events, or (global) changelog records.
+        let records_in = if mode == Mode::Global { m.changelog_in.load(Relaxed) } else { m.records_in.load(Relaxed) };
         let mut response = m.response_times();
         let p99 = (!response.is_empty()).then(|| {
             response.sort_by(f64::total_cmp);

@@ -67,31 +67,34 @@ fn timeout_error(limit: Duration) -> PgWireError {
 /// The configured users as SCRAM verifiers (salted once at start; the passwords
 /// themselves are not kept).
 #[derive(Debug)]
-struct Users(HashMap<String, (Vec<u8>, Vec<u8>)>);
+struct Users {
+    known: HashMap<String, (Vec<u8>, Vec<u8>)>,
+    /// A verifier no password matches, for unknown users: they fail at the same step
+    /// as a wrong password, so a client cannot tell which user names exist.
+    decoy: (Vec<u8>, Vec<u8>),
+}
 
 impl Users {
     fn new(users: &[(String, String)]) -> Self {
-        Users(
-            users
-                .iter()
-                .map(|(u, p)| {
-                    let salt: [u8; 16] = rand::random();
-                    (u.clone(), (salt.to_vec(), gen_salted_password(p, &salt, SCRAM_ITERATIONS)))
-                })
-                .collect(),
-        )
+        let verifier = |p: &str| {
+            let salt: [u8; 16] = rand::random();
+            (salt.to_vec(), gen_salted_password(p, &salt, SCRAM_ITERATIONS))
+        };
+        let secret: [u8; 32] = rand::random();
+        Users { known: users.iter().map(|(u, p)| (u.clone(), verifier(p))).collect(), decoy: verifier(&hex(&secret)) }
     }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[async_trait]
 impl AuthSource for Users {
     async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
         let user = login.user().unwrap_or_default();
-        match self.0.get(user) {
-            Some((salt, salted)) => Ok(Password::new(Some(salt.clone()), salted.clone())),
-            // An unknown user is refused exactly like a wrong password.
-            None => Err(PgWireError::InvalidPassword(user.to_owned())),
-        }
+        let (salt, salted) = self.known.get(user).unwrap_or(&self.decoy);
+        Ok(Password::new(Some(salt.clone()), salted.clone()))
     }
 }
 
@@ -307,6 +310,14 @@ pub fn session_context(view: &Arc<SqlView>, max_memory_bytes: usize) -> Result<A
         ctx.register_table(t.name(), Arc::new(ViewTable::new(view.clone(), t))).map_err(|e| PipelineError::Io(format!("registering table {}: {e}", t.name())))?;
     }
     setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider).map_err(|e| PipelineError::Io(format!("pg_catalog: {e}")))?;
+    // Functions that build huge values from tiny inputs allocate outside the memory
+    // pool (e.g. `repeat('x', 2000000000)`): not served.
+    for f in ["repeat", "lpad", "rpad", "array_repeat", "range", "generate_series"] {
+        ctx.deregister_udf(f);
+    }
+    for f in ["range", "generate_series"] {
+        ctx.deregister_udtf(f);
+    }
     Ok(Arc::new(ctx))
 }
 

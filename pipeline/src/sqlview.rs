@@ -658,10 +658,7 @@ impl SqlView {
 
     /// New or changed twins (`None` = the twin is gone).
     pub fn push_twins(&self, consumed: Option<Instant>, rows: Vec<(String, Option<TwinRow>)>) {
-        if rows.is_empty() {
-            return;
-        }
-        self.stage(consumed, |s| s.twins.extend(rows));
+        self.push_batch(consumed, &[], &[], &[], rows);
     }
 
     /// This instance no longer owns `partition`: its twins leave the view.
@@ -673,11 +670,18 @@ impl SqlView {
     }
 
     pub fn push_outputs(&self, consumed: Option<Instant>, verdicts: &[Verdict], alerts: &[Alert], commands: &[Command]) {
-        if verdicts.is_empty() && alerts.is_empty() && commands.is_empty() {
+        self.push_batch(consumed, verdicts, alerts, commands, Vec::new());
+    }
+
+    /// One batch's outputs and twin changes, staged together: no snapshot shows
+    /// part of a batch.
+    pub fn push_batch(&self, consumed: Option<Instant>, verdicts: &[Verdict], alerts: &[Alert], commands: &[Command], twins: Vec<(String, Option<TwinRow>)>) {
+        if verdicts.is_empty() && alerts.is_empty() && commands.is_empty() && twins.is_empty() {
             return;
         }
         let cap = self.recent_rows;
         self.stage(consumed, |s| {
+            s.twins.extend(twins);
             // Only the newest `cap` of each can survive the next refresh anyway.
             fn keep<T>(v: &mut Vec<T>, cap: usize) {
                 if v.len() > cap {
