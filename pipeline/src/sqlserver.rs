@@ -296,6 +296,21 @@ fn load_tls(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
+/// A FATAL ErrorResponse: too many connections (SQLSTATE 53300).
+fn too_many_connections() -> Vec<u8> {
+    let mut fields = Vec::new();
+    for (code, text) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', "53300"), (b'M', "too many connections to the twinguard SQL endpoint (sql.max_connections); try again later")] {
+        fields.push(code);
+        fields.extend_from_slice(text.as_bytes());
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut msg = vec![b'E'];
+    msg.extend_from_slice(&u32::try_from(fields.len() + 4).unwrap_or(u32::MAX).to_be_bytes());
+    msg.extend_from_slice(&fields);
+    msg
+}
+
 /// A DataFusion context serving the view's tables, with `pg_catalog` and
 /// `information_schema` for clients' catalog queries. Queries together may hold at
 /// most `max_memory_bytes` for sorts, joins and aggregations; past it they fail
@@ -356,7 +371,11 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, "SQL endpoint: too many connections (sql.max_connections); refused");
-                drop(socket);
+                // Tell the client why (a protocol ErrorResponse, SQLSTATE 53300), then close.
+                tokio::spawn(async move {
+                    let mut socket = socket;
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut socket, &too_many_connections()).await;
+                });
                 continue;
             };
             let (h, tls) = (handlers.clone(), tls.clone());
