@@ -130,6 +130,28 @@ fn sum(samples: &Samples, name: &str, with: &[(&str, &str)]) -> f64 {
     samples.iter().filter(|((n, l), _)| n == name && with.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))).map(|(_, v)| v).sum()
 }
 
+/// The extended query protocol (Parse/Bind/Execute, as drivers use it): a
+/// parameterised query works; DDL, DML, settings and cursors are refused there too.
+fn extended_protocol(addr: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let params = format!("host={host} port={port} user=analyst password={PASSWORD} dbname=twinguard connect_timeout=20");
+        let (client, conn) = tokio_postgres::connect(&params, tokio_postgres::NoTls).await.expect("driver connects with SCRAM");
+        tokio::spawn(conn);
+        let rows = client.query("select count(*) from twins where device_id = $1", &[&"fresh-device-1"]).await.expect("parameterised query");
+        let n: i64 = rows[0].get(0);
+        assert_eq!(n, 1);
+        for stmt in ["create table x (a int)", "insert into twins (device_id) values ('y')", "set datafusion.execution.batch_size = 1", "declare c cursor for select * from twins"] {
+            let e = client.query(stmt, &[]).await.expect_err(stmt);
+            let msg = e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string());
+            assert!(msg.contains("read-only endpoint"), "`{stmt}` refused over the extended protocol: {msg}");
+        }
+        let wrong = format!("host={host} port={port} user=analyst password=nope dbname=twinguard connect_timeout=20");
+        assert!(tokio_postgres::connect(&wrong, tokio_postgres::NoTls).await.is_err(), "wrong password refused");
+    });
+}
+
 fn sql_user() -> Vec<SqlUser> {
     vec![SqlUser { name: "analyst".into(), password: None, password_env: Some("TG_IT_SQL_PASSWORD".into()) }]
 }
@@ -239,6 +261,7 @@ fn psql_queries_metrics_and_probes_on_a_running_pipeline() {
     let slow = "with recursive t(n) as (select 1 union all select n + 1 from t where n < 1000000000) select count(*) from t";
     let e = psql(&sql, "analyst", PASSWORD, slow).unwrap_err();
     assert!(e.contains("ran longer than"), "long query cancelled: {e}");
+    extended_protocol(&sql);
     // A malformed client message closes that connection only.
     let mut s = TcpStream::connect(&sql).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
