@@ -373,8 +373,27 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
                 tracing::warn!(%peer, "SQL endpoint: too many connections (sql.max_connections); refused");
                 // Tell the client why (a protocol ErrorResponse, SQLSTATE 53300), then close.
                 tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let mut socket = socket;
-                    let _ = tokio::io::AsyncWriteExt::write_all(&mut socket, &too_many_connections()).await;
+                    let mut buf = [0u8; 1024];
+                    // Answer its first message (SSL or startup request), and read what it
+                    // sends until it closes: closing with unread data would reset the
+                    // connection and lose the message.
+                    let first = tokio::time::timeout(Duration::from_secs(2), socket.read(&mut buf)).await;
+                    // An SSL or GSS encryption request is declined first ('N'): clients do
+                    // not show errors sent during that exchange.
+                    if let Ok(Ok(8)) = first {
+                        if buf[..6] == [0, 0, 0, 8, 0x04, 0xd2] && matches!(buf[6..8], [0x16, 0x2f] | [0x16, 0x30]) {
+                            let _ = socket.write_all(b"N").await;
+                            let _ = tokio::time::timeout(Duration::from_secs(2), socket.read(&mut buf)).await;
+                        }
+                    }
+                    let _ = socket.write_all(&too_many_connections()).await;
+                    let _ = socket.shutdown().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+                    })
+                    .await;
                 });
                 continue;
             };

@@ -209,25 +209,13 @@ fn psql_queries_metrics_and_probes_on_a_running_pipeline() {
     }
     let status = query(&sql, "select mode, ready, partitions, records_in from status");
     assert_eq!(status, vec![format!("pipeline|t|0,1,2,3|{}", recs.len())]);
-    // psql's own catalog queries work (\dt lists the tables).
-    let out = Command::new("psql")
-        .args(["-X", "-h", "127.0.0.1", "-p", sql.rsplit_once(':').unwrap().1, "-U", "analyst", "-d", "twinguard", "-c", "\\dt"])
-        .env("PGPASSWORD", PASSWORD)
-        .env("PGSSLMODE", "disable")
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&out.stdout);
+    // psql's own catalog queries work: \dt lists the tables, \d describes one.
+    let listing = query(&sql, "\\dt").join("\n");
     for t in ["twins", "verdicts", "alerts", "commands", "status"] {
-        assert!(listing.contains(t), "\\dt lists {t}: {listing} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(listing.contains(t), "\\dt lists {t}: {listing}");
     }
-    let out = Command::new("psql")
-        .args(["-X", "-h", "127.0.0.1", "-p", sql.rsplit_once(':').unwrap().1, "-U", "analyst", "-d", "twinguard", "-c", "\\d twins"])
-        .env("PGPASSWORD", PASSWORD)
-        .env("PGSSLMODE", "disable")
-        .output()
-        .unwrap();
-    let described = String::from_utf8_lossy(&out.stdout);
-    assert!(described.contains("device_id") && described.contains("risk"), "\\d twins describes the columns: {described} {}", String::from_utf8_lossy(&out.stderr));
+    let described = query(&sql, "\\d twins").join("\n");
+    assert!(described.contains("device_id") && described.contains("risk"), "\\d twins describes the columns: {described}");
 
     // Freshness: one event of a new device, visible in `twins` (measured, not asserted
     // against a wall-clock bound: the benchmark reports the figure).
