@@ -69,6 +69,9 @@ pub struct SqlConfig {
     pub expose_phi: bool,
     /// Most concurrent client connections.
     pub max_connections: usize,
+    /// A connection that has not logged in after this long is closed (its slot
+    /// freed).
+    pub login_timeout_ms: u64,
     /// Memory all running queries together may use for sorts, joins and
     /// aggregations; a query needing more fails with an error.
     pub max_memory_mb: usize,
@@ -86,6 +89,7 @@ impl Default for SqlConfig {
             refresh_ms: 250,
             expose_phi: false,
             max_connections: 64,
+            login_timeout_ms: 10_000,
             max_memory_mb: 512,
         }
     }
@@ -490,8 +494,8 @@ impl Config {
                 return Err(format!("key `{k}` must be at least 1"));
             }
         }
-        if q.query_timeout_ms == 0 || q.refresh_ms == 0 {
-            return Err("keys `sql.query_timeout_ms` and `sql.refresh_ms` must be at least 1".into());
+        if q.query_timeout_ms == 0 || q.refresh_ms == 0 || q.login_timeout_ms == 0 {
+            return Err("keys `sql.query_timeout_ms`, `sql.refresh_ms` and `sql.login_timeout_ms` must be at least 1".into());
         }
         if let Some(l) = &q.listen {
             l.parse::<std::net::SocketAddr>().map_err(|e| format!("key `sql.listen`: `{l}` is not host:port ({e})"))?;

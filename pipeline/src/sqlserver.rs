@@ -38,7 +38,7 @@ use datafusion_postgres::pgwire::api::portal::Portal;
 use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use datafusion_postgres::pgwire::api::results::Response;
 use datafusion_postgres::pgwire::api::store::PortalStore;
-use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireServerHandlers};
+use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireConnectionState, PgWireServerHandlers};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -233,6 +233,8 @@ impl ExtendedQueryHandler for Guarded {
 struct Startup {
     inner: SASLAuthStartupHandler<DefaultServerParameterProvider>,
     require_tls: bool,
+    /// Set once this connection has logged in (the login timeout stops then).
+    logged_in: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait]
@@ -250,13 +252,18 @@ impl StartupHandler for Startup {
                 "this endpoint requires TLS: connect with sslmode=require (or verify-full)".into(),
             ))));
         }
-        self.inner.on_startup(client, message).await
+        self.inner.on_startup(client, message).await?;
+        if matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+            self.logged_in.store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
     }
 }
 
 struct Handlers {
     query: Arc<Guarded>,
     require_tls: bool,
+    logged_in: Arc<std::sync::atomic::AtomicBool>,
     users: Arc<Users>,
     params: Arc<DefaultServerParameterProvider>,
     connections: Arc<ConnectionManager>,
@@ -276,6 +283,7 @@ impl PgWireServerHandlers for Handlers {
                 .with_scram(ScramAuth::new(self.users.clone()))
                 .with_connection_manager(self.connections.clone()),
             require_tls: self.require_tls,
+            logged_in: self.logged_in.clone(),
         })
     }
     fn cancel_handler(&self) -> Arc<impl CancelHandler> {
@@ -348,16 +356,13 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
     params.default_transaction_read_only = true;
     params.is_superuser = false;
     let timeout = Duration::from_millis(cfg.query_timeout_ms);
-    let handlers = Arc::new(Handlers {
-        query: Arc::new(Guarded { inner: DfSessionService::new(ctx.clone()), ctx, parser: PostgresCompatibilityParser::new(), timeout, max_rows: cfg.max_rows }),
-        require_tls: tls.is_some(),
-        users: Arc::new(Users::new(users)),
-        params: Arc::new(params),
-        connections: Arc::new(ConnectionManager::new()),
-    });
+    let query = Arc::new(Guarded { inner: DfSessionService::new(ctx.clone()), ctx, parser: PostgresCompatibilityParser::new(), timeout, max_rows: cfg.max_rows });
+    let (users, params, connections) = (Arc::new(Users::new(users)), Arc::new(params), Arc::new(ConnectionManager::new()));
+    let require_tls = tls.is_some();
+    let login_timeout = Duration::from_millis(cfg.login_timeout_ms);
     let listener = TcpListener::bind(listen).await.map_err(|e| PipelineError::Config(format!("key `sql.listen` ({listen}): {e}")))?;
     let addr = listener.local_addr().map_err(|e| PipelineError::Io(e.to_string()))?;
-    tracing::info!(%addr, tls = tls.is_some(), users = users.len(), "serving SQL (Postgres wire protocol, read-only)");
+    tracing::info!(%addr, tls = tls.is_some(), users = users.known.len(), "serving SQL (Postgres wire protocol, read-only)");
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     tokio::spawn(async move {
         loop {
@@ -397,10 +402,31 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
                 });
                 continue;
             };
-            let (h, tls) = (handlers.clone(), tls.clone());
+            let logged_in = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let h = Arc::new(Handlers {
+                query: query.clone(),
+                require_tls,
+                logged_in: logged_in.clone(),
+                users: users.clone(),
+                params: params.clone(),
+                connections: connections.clone(),
+            });
+            let tls = tls.clone();
             tokio::spawn(async move {
-                if let Err(e) = process_socket(socket, tls, h).await {
-                    tracing::info!(%peer, error = %e, "SQL connection closed on an error");
+                // A client gets `login_timeout` to log in; then the slot is freed.
+                let deadline = async {
+                    tokio::time::sleep(login_timeout).await;
+                    if logged_in.load(std::sync::atomic::Ordering::Acquire) {
+                        std::future::pending::<()>().await;
+                    }
+                };
+                tokio::select! {
+                    r = process_socket(socket, tls, h) => {
+                        if let Err(e) = r {
+                            tracing::info!(%peer, error = %e, "SQL connection closed on an error");
+                        }
+                    }
+                    () = deadline => tracing::warn!(%peer, timeout_ms = login_timeout.as_millis() as u64, "SQL connection closed: no login in time (sql.login_timeout_ms)"),
                 }
                 drop(permit);
             });

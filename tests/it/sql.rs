@@ -393,6 +393,7 @@ fn query_only_process_serves_every_twin_of_two_instances() {
     let mut gcfg = cfg.clone();
     gcfg.sql.tls = Some(twinguard::config::TlsConfig { cert_file: "sql.crt".into(), key_file: "sql.key".into() });
     gcfg.sql.max_connections = 2;
+    gcfg.sql.login_timeout_ms = 2_000;
     let gpath = write_config(&dir, "global", &gcfg);
     let g_args = ["sql", "--config", gpath.to_str().unwrap(), "--brokers", &cfg.kafka.brokers, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"];
     let mut g = PipelineProc::spawn(&dir, "global", &g_args, &envs);
@@ -401,20 +402,26 @@ fn query_only_process_serves_every_twin_of_two_instances() {
     assert_eq!(psql_ssl(&sql_g, "analyst", PASSWORD, "select 1", "require"), Ok(vec!["1".to_string()]), "psql with sslmode=require connects over TLS");
     let e = psql_ssl(&sql_g, "analyst", PASSWORD, "select 1", "disable").unwrap_err();
     assert!(e.contains("requires TLS"), "a client skipping TLS is refused: {e}");
-    // Connection slots: with both taken, a client is told why it is refused.
-    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&sql_g).unwrap()).collect();
+    // A connection that never logs in is closed after the login timeout.
+    let mut silent = TcpStream::connect(&sql_g).unwrap();
+    silent.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(silent.read(&mut buf).unwrap_or(0), 0, "the server closed the silent connection");
+    // Connection slots: with both taken, a client is told why it is refused (the held
+    // connections are renewed should the login timeout free them first).
     let deadline = Instant::now() + WAIT;
     let e = loop {
+        let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&sql_g).unwrap()).collect();
         match psql(&sql_g, "analyst", PASSWORD, "select 1") {
             Err(e) => break e,
             Ok(_) => {
+                drop(held);
                 assert!(Instant::now() < deadline, "the third connection was never refused");
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
     };
     assert!(e.contains("too many connections"), "refused with the reason: {e}");
-    drop(held);
     let deadline = Instant::now() + WAIT;
     while psql(&sql_g, "analyst", PASSWORD, "select 1").is_err() {
         assert!(Instant::now() < deadline, "slots are given back when clients leave");
