@@ -502,7 +502,7 @@ impl ClientContext for SourceContext {
     fn stats(&self, stats: rdkafka::Statistics) {
         let s = &self.shared;
         let Some(topic) = stats.topics.get(&s.cfg.topics.input) else { return };
-        let owned: Vec<i32> = s.metrics.owned.lock().expect("owned lock").clone();
+        let owned = s.metrics.owned();
         let lag = topic.partitions.iter().filter(|(p, part)| owned.contains(p) && part.consumer_lag >= 0).map(|(p, part)| (*p, part.consumer_lag)).collect();
         s.metrics.set_lag(lag);
     }
@@ -546,8 +546,7 @@ impl ConsumerContext for SourceContext {
                 view.drop_partition(*p);
             }
         }
-        s.metrics.partitions_owned.store(core.owned.len() as i64, Ordering::Relaxed);
-        *s.metrics.owned.lock().expect("owned lock") = core.owned.iter().copied().collect();
+        s.metrics.set_owned(core.owned.iter().copied().collect());
         s.metrics.ready.store(0, Ordering::Relaxed);
     }
 
@@ -584,8 +583,7 @@ impl ConsumerContext for SourceContext {
             return;
         }
         core.owned.extend(parts.iter().copied());
-        s.metrics.partitions_owned.store(core.owned.len() as i64, Ordering::Relaxed);
-        *s.metrics.owned.lock().expect("owned lock") = core.owned.iter().copied().collect();
+        s.metrics.set_owned(core.owned.iter().copied().collect());
         s.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
         s.metrics.ready.store(1, Ordering::Relaxed);
     }

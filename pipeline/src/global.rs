@@ -51,9 +51,8 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
         }
     }
     consumer.assign(&tpl).map_err(|e| PipelineError::kafka("assign the sql reader", e))?;
-    metrics.partitions_owned.store(changelog_parts.len() as i64, Relaxed);
+    metrics.set_owned(changelog_parts.clone());
     metrics.stall_limit_ms.store(60_000, Relaxed);
-    *metrics.owned.lock().expect("owned lock") = changelog_parts.clone();
     // Caught up once every changelog partition was read to the end it had at start.
     let mut behind: BTreeMap<i32, i64> = BTreeMap::new();
     for &p in &changelog_parts {

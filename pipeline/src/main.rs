@@ -347,9 +347,8 @@ struct SimArgs {
 }
 
 fn init_logs(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    // A second subscriber cannot be installed; the first one stays (never fatal).
+    let _ = twinguard::observe::init_logs(default, None);
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
@@ -565,7 +564,7 @@ fn audit(command: AuditCommand) -> Result<()> {
 
 /// Run a long-lived process (a pipeline instance, or the query-only SQL process)
 /// until SIGINT/SIGTERM, with its telemetry, `/metrics` and SQL endpoint.
-fn run_until_signal(mut cfg: Config, mode: Mode, sql_listen: Option<String>) -> Result<()> {
+fn run_until_signal(cfg: Config, mode: Mode, sql_listen: Option<String>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     // The OTLP exporters live on this runtime: set up inside it, shut down before it.
     let telemetry = {
@@ -576,12 +575,9 @@ fn run_until_signal(mut cfg: Config, mode: Mode, sql_listen: Option<String>) -> 
         let stop = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(Metrics::default());
         let sql_listen = sql_listen.or_else(|| if mode == Mode::Pipeline { cfg.sql.listen.clone() } else { None });
-        let services = twinguard::serve::start(&cfg, &telemetry, &metrics, mode, sql_listen.as_deref(), &stop).await?;
-        if let Some(a) = services.sql {
-            cfg.sql.listen = Some(a.to_string());
-        }
+        let view = twinguard::serve::start(&cfg, &telemetry, &metrics, mode, sql_listen.as_deref(), &stop).await?;
         let mut work = {
-            let (stop, metrics, cfg, view) = (stop.clone(), metrics.clone(), cfg.clone(), services.view.clone());
+            let (stop, metrics, cfg) = (stop.clone(), metrics.clone(), cfg.clone());
             tokio::task::spawn_blocking(move || -> Result<Option<twinguard::RunReport>, twinguard::PipelineError> {
                 match mode {
                     Mode::Pipeline => twinguard::engine::run_with(&cfg, metrics, stop, view).map(Some),

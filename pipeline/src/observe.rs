@@ -118,7 +118,8 @@ impl Telemetry {
 
 /// Logs (and, with an OTLP endpoint, traces) for `default_filter` unless RUST_LOG
 /// says otherwise. `TWINGUARD_LOG_FORMAT=json` writes one JSON object per line.
-fn init_logs(default_filter: &str, tracer: Option<&SdkTracerProvider>) -> Result<(), PipelineError> {
+/// Every command logs through here; the long-running ones through [`init`].
+pub fn init_logs(default_filter: &str, tracer: Option<&SdkTracerProvider>) -> Result<(), PipelineError> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let json = std::env::var("TWINGUARD_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
@@ -179,18 +180,21 @@ pub fn init(cfg: &OtelConfig, default_filter: &str) -> Result<Telemetry, Pipelin
     Ok(Telemetry { registry, meters, tracer })
 }
 
+/// A topic and the counter of records read from or written to it.
+type TopicCount = (String, fn(&Metrics) -> u64);
+
 /// Register the gauges and counters that observe `metrics` (topic names from `cfg`).
 /// Call once per process, after [`init`].
 pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
     let m = opentelemetry::global::meter("twinguard");
     let t = &cfg.topics;
-    let inputs: Vec<(String, fn(&Metrics) -> u64)> = vec![
+    let inputs: Vec<TopicCount> = vec![
         (t.input.clone(), |m| m.records_in.load(Relaxed)),
         (t.acks.clone(), |m| m.acks_in.load(Relaxed)),
         (t.feedback.clone(), |m| m.feedback_in.load(Relaxed)),
         (t.changelog.clone(), |m| m.changelog_in.load(Relaxed)),
     ];
-    let outputs: Vec<(String, fn(&Metrics) -> u64)> = vec![
+    let outputs: Vec<TopicCount> = vec![
         (t.verdicts.clone(), |m| m.verdicts_out.load(Relaxed)),
         (t.alerts.clone(), |m| m.alerts_out.load(Relaxed)),
         (t.commands.clone(), |m| m.commands_out.load(Relaxed)),
@@ -198,7 +202,7 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         (t.changelog.clone(), |m| m.changelog_out.load(Relaxed)),
         (t.dlq.clone(), |m| m.dlq_out.load(Relaxed)),
     ];
-    let per_topic = |name: &'static str, desc: &'static str, list: Vec<(String, fn(&Metrics) -> u64)>| {
+    let per_topic = |name: &'static str, desc: &'static str, list: Vec<TopicCount>| {
         let mx = metrics.clone();
         m.u64_observable_counter(name)
             .with_description(desc)
@@ -239,7 +243,7 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
     gauge("twinguard.twin.memory", "By", "Approximate memory held by the twins", |m| m.twin_mem_bytes.load(Relaxed));
     gauge("twinguard.ready", "", "1 once partitions are assigned and their state restored", |m| m.ready.load(Relaxed));
     gauge("twinguard.gate.suspended", "", "1 while confidence gating suspends automated responses", |m| m.gate_suspended.load(Relaxed));
-    gauge("twinguard.partitions", "", "Input partitions owned", |m| m.partitions_owned.load(Relaxed));
+    gauge("twinguard.partitions", "", "Input partitions owned", |m| m.partitions_owned());
     let mx = metrics.clone();
     m.f64_observable_gauge("twinguard.gate.figures")
         .with_description("Live detection figures from analyst feedback (precision, detection_rate, fpr)")

@@ -2,7 +2,7 @@
 //! verdicts, alerts and commands, and the pipeline's status.
 //!
 //! The stream never waits for a query and a query never waits for the stream: the
-//! core loop hands its changes over ([`SqlView::push_twins`] and friends, a short
+//! core loop hands its changes over ([`SqlView::push_batch`], a short
 //! lock on a staging area), a refresher thread folds them into its own copy every
 //! `sql.refresh_ms` and publishes a new [`Tables`] behind an `Arc`; a query takes
 //! that `Arc` and reads it for as long as it likes. The same view serves a running
@@ -597,10 +597,8 @@ pub struct SqlView {
     recent_rows: usize,
     /// Publications so far (tests wait on it).
     generation: std::sync::atomic::AtomicU64,
-    /// Freshness of the latest publication: its oldest change's consumption to
-    /// publication, in ms.
-    pub last_freshness_ms: std::sync::atomic::AtomicU64,
-    /// The same for the last [`FRESHNESS_SAMPLES`] publications that carried changes.
+    /// For the last [`FRESHNESS_SAMPLES`] publications that carried changes: their
+    /// oldest change's consumption to publication, in ms.
     freshness: Mutex<VecDeque<f64>>,
 }
 
@@ -628,7 +626,6 @@ impl SqlView {
             })),
             recent_rows: recent_rows.max(1),
             generation: Default::default(),
-            last_freshness_ms: Default::default(),
             freshness: Mutex::new(VecDeque::new()),
         })
     }
@@ -667,10 +664,6 @@ impl SqlView {
             s.twins.retain(|_, r| r.as_ref().is_none_or(|r| r.partition != partition));
             s.dropped_partitions.push(partition);
         });
-    }
-
-    pub fn push_outputs(&self, consumed: Option<Instant>, verdicts: &[Verdict], alerts: &[Alert], commands: &[Command]) {
-        self.push_batch(consumed, verdicts, alerts, commands, Vec::new());
     }
 
     /// One batch's outputs and twin changes, staged together: no snapshot shows
@@ -755,7 +748,6 @@ impl SqlView {
         if let Some(o) = staged.oldest {
             let age = o.elapsed();
             crate::observe::Instruments::get().sql_freshness.record(age.as_secs_f64(), &[]);
-            self.last_freshness_ms.store(age.as_millis() as u64, Ordering::Relaxed);
             let mut f = self.freshness.lock().expect("freshness lock");
             if f.len() == FRESHNESS_SAMPLES {
                 f.pop_front();
@@ -851,7 +843,7 @@ mod tests {
             scores: None,
             attack_class: None,
         };
-        view.push_outputs(Some(Instant::now()), &(0..5).map(v).collect::<Vec<_>>(), &[], &[]);
+        view.push_batch(Some(Instant::now()), &(0..5).map(v).collect::<Vec<_>>(), &[], &[], Vec::new());
         let row = |d: &str, p: i32| TwinRow {
             device_id: d.into(),
             partition: p,

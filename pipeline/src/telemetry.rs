@@ -34,7 +34,6 @@ pub struct Metrics {
     pub twins_restored: AtomicU64,
     pub twins_expired: AtomicU64,
     pub rebalances: AtomicU64,
-    pub partitions_owned: AtomicI64,
     /// 1 once partitions are assigned and their twins restored.
     pub ready: AtomicI64,
     pub alerts_out: AtomicU64,
@@ -57,7 +56,7 @@ pub struct Metrics {
     /// Input records behind the end of each owned partition (refreshed about every second).
     lag: Mutex<BTreeMap<i32, i64>>,
     /// Partitions owned (input) or read (changelog, `twinguard sql`).
-    pub owned: Mutex<Vec<i32>>,
+    owned: Mutex<Vec<i32>>,
     /// Version of the model scoring the events (none: twin behaviour only).
     pub model_version: Mutex<Option<String>>,
     /// The event schema read (`name/vN`).
@@ -76,6 +75,16 @@ impl Metrics {
     }
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Relaxed)
+    }
+    /// The partitions this process owns (input) or reads (changelog, `twinguard sql`).
+    pub fn set_owned(&self, parts: Vec<i32>) {
+        *self.owned.lock().expect("owned lock") = parts;
+    }
+    pub fn owned(&self) -> Vec<i32> {
+        self.owned.lock().expect("owned lock").clone()
+    }
+    pub fn partitions_owned(&self) -> i64 {
+        self.owned.lock().expect("owned lock").len() as i64
     }
     /// Replace the per-partition lag figures.
     pub fn set_lag(&self, lag: BTreeMap<i32, i64>) {
@@ -331,7 +340,7 @@ impl StateSampled {
             twins = self.twins,
             twin_mem_bytes = self.mem_bytes,
             expired = self.expired,
-            partitions = m.partitions_owned.load(Relaxed),
+            partitions = m.partitions_owned(),
             "status"
         );
         m.twins.store(self.twins as i64, Relaxed);
