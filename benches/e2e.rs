@@ -5,12 +5,16 @@
 //!    for this machine and broker;
 //! 2. **pipeline, backlog**: the full pipeline drains the same N events (decode,
 //!    twins, verdicts, changelog, offsets after acknowledgement): events/s;
-//! 3. **pipeline, latency**: events produced at half the measured pipeline rate
-//!    while it runs; verdict latency = verdict record timestamp − input record
+//! 3. **pipeline, latency**: events produced live at half the pipeline's maximum
+//!    throughput (its backlog drain rate from the first verdict on; the group join
+//!    before it is start-up, not throughput; `TWINGUARD_BENCH_LOAD` sets another
+//!    fraction) by a producer that is connected and has its idempotent producer id
+//!    before the clock starts; verdict latency = verdict record timestamp − input record
 //!    timestamp (both producer create times on this machine's clock), p50/p99;
 //!    response time = input record timestamp → the command it caused acknowledged
-//!    by the broker (measured by the pipeline when the batch's outputs are
-//!    acknowledged), p50/p99. The audit trail is on (signed) throughout.
+//!    by the broker (the pipeline's own measurement: a probe on the command's
+//!    delivery report), p50/p99. The phase's devices resume an hour after their
+//!    last backlog event (new incidents, so new commands). The audit trail is on (signed) throughout.
 //!    The SQL view is on throughout, as in `twinguard run` with `[sql] listen`:
 //!    during this phase a probe writes one event of a new device (50 ms after the previous one was seen) and
 //!    measures **SQL freshness** = its produce acknowledged → its row visible in
@@ -18,7 +22,8 @@
 //!    from twins` through DataFusion throughout, measuring query latency under load.
 //!
 //! Run (release build, outside CI): `cargo bench -p twinguard --bench e2e`
-//! Events: `TWINGUARD_BENCH_EVENTS` (default 1,000,000).
+//! Events: `TWINGUARD_BENCH_EVENTS` (default 1,000,000). The pipeline consumer's
+//! `fetch.wait.max.ms`: `TWINGUARD_BENCH_FETCH_WAIT_MS` (default 2).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,8 +103,10 @@ fn main() {
     cfg.batch.max_records = 1000;
     cfg.batch.max_linger_ms = 20;
     // tansu answers an empty fetch only when fetch.wait.max.ms expires (no wake-up
-    // on new data), so the pipeline's consumer polls it briskly here.
-    cfg.kafka.consumer.insert("fetch.wait.max.ms".into(), "10".into());
+    // on new data), so the pipeline's consumer polls it briskly here: an event that
+    // arrives during an empty fetch waits out the rest of it (a Kafka broker answers
+    // as data arrives, and the default 500 ms is right there).
+    cfg.kafka.consumer.insert("fetch.wait.max.ms".into(), std::env::var("TWINGUARD_BENCH_FETCH_WAIT_MS").unwrap_or_else(|_| "2".into()));
     let key = dir.join("audit.key");
     std::fs::write(&key, "11".repeat(32)).unwrap();
     cfg.audit.signing_key_file = Some(key);
@@ -109,11 +116,17 @@ fn main() {
     let layered = dir.join("bench.toml");
     std::fs::write(&layered, toml::to_string(&cfg).unwrap()).unwrap();
     let cfg = Config::load(Some(&layered), std::env::vars()).unwrap();
-    topics(&cfg, &["bench.passthrough"]);
+    topics(&cfg, &["bench.passthrough", "bench.warmup"]);
 
     let mut sc = SimConfig::new(200, n, 3);
     sc.malformed_rate = 0.0;
-    let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
+    let mut backlog_end_ms = i64::MIN;
+    let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc)
+        .map(|r| {
+            backlog_end_ms = backlog_end_ms.max(r.event_time_ms);
+            (r.key, r.payload)
+        })
+        .collect();
     let bytes: usize = recs.iter().map(|r| r.1.len()).sum();
     eprintln!("producing {n} events ({} B avg) into tansu at {}", bytes / n, broker.bootstrap);
     let t = Instant::now();
@@ -153,21 +166,28 @@ fn main() {
     let total = started.elapsed().as_secs_f64();
     let steady = first_verdict.map_or(total, |f| f.elapsed().as_secs_f64());
     let rate = n as f64 / total;
+    // The pipeline's maximum throughput: its drain rate once it runs (the group join
+    // before the first verdict is start-up, not throughput). Latency is measured at
+    // half of it.
+    let steady_rate = n as f64 / steady;
+    let fraction: f64 = std::env::var("TWINGUARD_BENCH_LOAD").ok().and_then(|s| s.parse().ok()).unwrap_or(0.5);
+    let load = steady_rate * fraction;
 
-    eprintln!("pipeline (latency at half its rate)...");
-    let lat_n = (rate * 0.5 * 20.0) as usize; // ~20 s of traffic
-    // The same devices (same seed: same identities and firmware) an hour later in
-    // event time: their attacks are new incidents, so they cause new commands.
+    eprintln!("pipeline (latency at {:.0} % of its rate: {load:.0} events/s)...", fraction * 100.0);
+    let lat_n = (load * 20.0) as usize; // ~20 s of traffic
+    // The same devices (same seed: same identities and firmware) an hour after their
+    // last backlog event in event time: their attacks are new incidents, so they
+    // cause new commands, and no device's clock runs backwards.
     let mut sc = SimConfig::new(200, lat_n, 3);
     sc.malformed_rate = 0.0;
-    sc.start_ms += 3_600_000;
+    sc.start_ms = backlog_end_ms + 3_600_000;
     let responses_before = metrics.response_times().len();
     let freshness_before = freshness_view.freshness_ms().len();
     let commands_before = Metrics::get(&metrics.commands_out);
     let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
     let coords = {
         let cfg = cfg.clone();
-        let target = rate * 0.5;
+        let target = load;
         std::thread::spawn(move || produce::produce_all(&cfg, &cfg.topics.input, recs, Some(target), |_, _| {}).unwrap())
     };
     let probes = {
@@ -179,13 +199,21 @@ fn main() {
         let (view, stop) = (probe_view.clone(), stop.clone());
         std::thread::spawn(move || query_loop(&view, Duration::from_secs(18), &stop))
     };
-    let mut lat_verdicts: HashMap<(i32, i64), i64> = HashMap::new();
-    while lat_verdicts.len() < lat_n {
+    // Verdicts are kept raw and decoded after the phase, so the bench's own JSON
+    // parsing does not compete with the pipeline for the two cores.
+    let mut raw_verdicts: Vec<(Vec<u8>, i64)> = Vec::with_capacity(lat_n);
+    while raw_verdicts.len() < lat_n {
         if let Some(Ok(m)) = verdicts.poll(Duration::from_millis(100)) {
-            let v: twinguard_schemas::verdict::Verdict = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            lat_verdicts.insert((v.source.partition, v.source.offset), m.timestamp().to_millis().unwrap());
+            raw_verdicts.push((m.payload().unwrap().to_vec(), m.timestamp().to_millis().unwrap()));
         }
     }
+    let lat_verdicts: HashMap<(i32, i64), i64> = raw_verdicts
+        .into_iter()
+        .map(|(p, ts)| {
+            let v: twinguard_schemas::verdict::Verdict = serde_json::from_slice(&p).unwrap();
+            ((v.source.partition, v.source.offset), ts)
+        })
+        .collect();
     let coords = coords.join().unwrap();
     let input = reader(&cfg, &cfg.topics.input, "bench-input");
     let wanted: std::collections::HashSet<(i32, i64)> = coords.into_iter().collect();
@@ -215,18 +243,17 @@ fn main() {
     println!("events                     {n}");
     println!("producer (load)            {produce_rate:>10.0} events/s");
     println!("passthrough ceiling        {ceiling:>10.0} events/s");
-    let steady_rate = n as f64 / steady;
     println!("pipeline backlog drain     {rate:>10.0} events/s  ({:.0} % of passthrough) over {total:.1} s including the group join", 100.0 * rate / ceiling);
     println!("pipeline after 1st verdict {steady_rate:>10.0} events/s  ({:.0} % of passthrough)", 100.0 * steady_rate / ceiling);
     println!("config: max_records {}, max_linger_ms {}, max_inflight_batches {}", cfg.batch.max_records, cfg.batch.max_linger_ms, cfg.batch.max_inflight_batches);
-    println!("verdict latency at {:.0} events/s: p50 {p50:.0} ms, p99 {p99:.0} ms ({} events)", rate * 0.5, lat.len());
+    println!("verdict latency at {:.0} events/s: p50 {p50:.0} ms, p99 {p99:.0} ms ({} events)", load, lat.len());
     if resp.is_empty() {
         println!("response time: no commands issued during the latency phase");
     } else {
         let (r50, r99, rmax) = (pct(&mut resp, 0.5), pct(&mut resp, 0.99), pct(&mut resp, 1.0));
         println!(
             "response time (input → command acked) at {:.0} events/s: p50 {r50:.0} ms, p99 {r99:.0} ms, max {rmax:.0} ms ({} commands, {commands} issued)",
-            rate * 0.5,
+            load,
             resp.len()
         );
     }
@@ -251,13 +278,21 @@ fn main() {
 /// acknowledgement until the device's row is in the published `twins` snapshot (ms).
 fn sql_probes(cfg: &Config, view: &twinguard::sqlview::SqlView, template: &twinguard::sim::SimRecord, dur: Duration, stop: &AtomicBool) -> Vec<f64> {
     let mut out = Vec::new();
+    // One producer for every probe, warmed up on a topic the pipeline does not read:
+    // a new idempotent producer holds its first record ~0.5 s for its producer id,
+    // which would put that wait into the probe event's timestamp (and into the
+    // response time of any command the probe device causes).
+    let producer: ThreadedProducer<DefaultProducerContext> = kafka::producer_config(cfg).create().unwrap();
+    producer.send(BaseRecord::<str, str>::to("bench.warmup").key("warmup").payload("")).map_err(|(e, _)| e).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
     let end = Instant::now() + dur;
     let mut i = 0;
     while Instant::now() < end && !stop.load(Ordering::Relaxed) {
         let id = format!("probe-{i:04}");
         i += 1;
         let payload = String::from_utf8(template.payload.clone()).unwrap().replace(&template.key, &id).into_bytes();
-        produce::produce_all(cfg, &cfg.topics.input, vec![(id.clone(), payload)], None, |_, _| {}).unwrap();
+        producer.send(BaseRecord::to(&cfg.topics.input).key(&id).payload(&payload)).map_err(|(e, _)| e).unwrap();
+        producer.flush(Duration::from_secs(30)).unwrap();
         let acked = Instant::now();
         let deadline = acked + Duration::from_secs(30);
         while Instant::now() < deadline {

@@ -306,8 +306,13 @@ impl Default for TopicsConfig {
 pub struct BatchConfig {
     /// A partition's micro-batch closes at this many records...
     pub max_records: usize,
-    /// ...or this long after its first record arrived.
+    /// ...or this long after its first record arrived...
     pub max_linger_ms: u64,
+    /// ...or, when true, as soon as the consumer has no further record ready: a
+    /// batch then holds what one fetch brought, so latency stays low at moderate
+    /// load while batches still fill up to `max_records` under backlog. False waits
+    /// out `max_linger_ms` (larger batches at low load, higher latency).
+    pub flush_when_idle: bool,
     /// Batches whose outputs await acknowledgement (the backpressure bound). Memory
     /// in flight is at most about `max_inflight_batches × max_records` records and
     /// their verdicts (~130 MB at the defaults with ~1 KB events).
@@ -323,6 +328,7 @@ impl Default for BatchConfig {
         BatchConfig {
             max_records: 1000,
             max_linger_ms: 20,
+            flush_when_idle: true,
             max_inflight_batches: 64,
             restore_timeout_secs: 120,
             expiry_interval_secs: 10,
@@ -652,7 +658,7 @@ mod tests {
 
     #[test]
     fn example_config_loads_and_matches_defaults() {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("twinguard.example.toml");
+        let p = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("twinguard.example.toml");
         let c = Config::load(Some(&p), Vec::new()).unwrap();
         let d = Config::default();
         assert_eq!(c.topics.input, d.topics.input);
@@ -748,5 +754,14 @@ mod tests {
         }
         let e = Config::load(None, vec![("TWINGUARD__BATCH__MAX_LINGER_MS".into(), "soon".into())]).unwrap_err();
         assert!(e.to_string().contains("batch.max_linger_ms"), "{e}");
+    }
+
+    #[test]
+    fn batches_close_when_idle_unless_configured_otherwise() {
+        assert!(Config::default().batch.flush_when_idle);
+        let c = Config::load(None, vec![("TWINGUARD__BATCH__FLUSH_WHEN_IDLE".into(), "false".into())]).unwrap();
+        assert!(!c.batch.flush_when_idle);
+        let e = Config::load(None, vec![("TWINGUARD__BATCH__FLUSH_WHEN_IDLE".into(), "sometimes".into())]).unwrap_err();
+        assert!(e.to_string().contains("batch.flush_when_idle"), "{e}");
     }
 }

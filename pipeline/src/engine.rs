@@ -39,7 +39,7 @@ use opentelemetry::KeyValue;
 use crate::config::Config;
 use crate::kafka::{self, AckGroup, OutRecord, SinkProducer};
 use crate::observe::Instruments;
-use crate::sqlview::{RowMaker, SqlView};
+use crate::sqlview::{RowMaker, SqlView, StagedTwin};
 use crate::telemetry::{self as ev, Metrics};
 use crate::PipelineError;
 
@@ -123,7 +123,7 @@ struct Shared {
     command_producer: SinkProducer,
     to_changelog: Mutex<Option<SyncSender<Job>>>,
     /// The SQL tables, when served: fed with twin rows and outputs.
-    view: Option<(Arc<SqlView>, RowMaker)>,
+    view: Option<(Arc<SqlView>, Arc<RowMaker>)>,
 }
 
 impl Shared {
@@ -246,7 +246,7 @@ impl Shared {
         }
         .emit(&self.metrics);
         let changelog = core.op.twin_mut().drain_changelog();
-        self.publish(core, consumed, &verdicts, shown, &changelog);
+        self.publish(consumed, &verdicts, shown, &changelog);
         // Twin count per batch (O(partitions)); memory is sampled at expiry ticks (O(twins)).
         self.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
         let oldest_ts = recs.iter().filter_map(|r| r.ts).min();
@@ -255,12 +255,16 @@ impl Shared {
 
     /// Hand one batch's changes to the SQL view at once (its verdicts, alerts,
     /// commands and changed or removed twins), so a snapshot never shows half of it.
-    fn publish(&self, core: &Core, consumed: Option<Instant>, verdicts: &[Verdict], shown: Shown, changelog: &[ChangelogRecord]) {
+    fn publish(&self, consumed: Option<Instant>, verdicts: &[Verdict], shown: Shown, changelog: &[ChangelogRecord]) {
         let Some((view, rows)) = &self.view else { return };
-        let store = core.op.twin().store();
+        // The changelog bytes are the twins' whole state: the refresher turns them
+        // into rows on its own thread.
         let twins = changelog
             .iter()
-            .map(|c| (c.key.clone(), c.value.as_ref().and_then(|_| store.get(c.partition, &c.key)).map(|t| rows.row(t))))
+            .map(|c| {
+                let staged = c.value.as_ref().map(|bytes| StagedTwin::Encoded { partition: c.partition, bytes: bytes.clone(), rows: rows.clone() });
+                (c.key.clone(), staged)
+            })
             .collect();
         view.push_batch(consumed, verdicts, &shown.alerts, &shown.commands, twins);
     }
@@ -316,7 +320,7 @@ impl Shared {
         }
         let shown = self.emit_responses(resp, &mut outputs);
         let changelog = core.op.twin_mut().drain_changelog();
-        self.publish(core, Some(rec.consumed), &[], shown, &changelog);
+        self.publish(Some(rec.consumed), &[], shown, &changelog);
         self.dispatch(self.acks_topic.clone(), Some(partition), Some(rec.offset + 1), outputs, changelog, Vec::new(), None)
     }
 
@@ -394,7 +398,7 @@ impl Shared {
             op.twin_mut().restore_record(p, key, value).map_err(PipelineError::from)
         })?;
         if let Some((view, rows)) = &self.view {
-            let restored = core.op.twin().store().iter().filter(|t| parts.contains(&t.partition)).map(|t| (t.device_id.clone(), Some(rows.row(t)))).collect();
+            let restored = core.op.twin().store().iter().filter(|t| parts.contains(&t.partition)).map(|t| (t.device_id.clone(), Some(rows.row(t).into()))).collect();
             view.push_twins(None, restored);
         }
         for (p, n) in read {
@@ -621,7 +625,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
     let partitions = kafka::ensure_topics(cfg)?;
     tracing::info!(input = %cfg.topics.input, partitions, schema = %schema.id(), model = detector.model_version().unwrap_or("none (twin behaviour only)"), "starting pipeline");
     let producer = kafka::create_producer(cfg)?;
-    let command_producer = kafka::create_producer(cfg)?;
+    let command_producer = kafka::create_command_producer(cfg)?;
     let (tx_cl, rx_cl) = sync_channel::<Job>(cfg.batch.max_inflight_batches);
     let (tx_off, rx_off) = sync_channel::<(Job, Arc<AckGroup>)>(cfg.batch.max_inflight_batches);
     let shared = Arc::new(Shared {
@@ -653,7 +657,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
         producer,
         command_producer,
         to_changelog: Mutex::new(Some(tx_cl)),
-        view: view.map(|v| (v, RowMaker::new(&schema, cfg.sql.expose_phi))),
+        view: view.map(|v| (v, Arc::new(RowMaker::new(&schema, cfg.sql.expose_phi)))),
     });
     let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(
         kafka::consumer_config(cfg)
@@ -740,6 +744,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
 
 fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<(), PipelineError> {
     let linger = Duration::from_millis(s.cfg.batch.max_linger_ms);
+    let flush_when_idle = s.cfg.batch.flush_when_idle;
     let max = s.cfg.batch.max_records;
     let expiry_every = Duration::from_secs(s.cfg.batch.expiry_interval_secs.max(1));
     let mut last_expiry = Instant::now();
@@ -749,9 +754,16 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
         s.metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         let timeout = {
             let core = s.core.lock().expect("core lock");
-            core.buffers.values().map(|b| linger.saturating_sub(b.opened.elapsed())).min().unwrap_or(Duration::from_millis(100))
+            match core.buffers.values().map(|b| linger.saturating_sub(b.opened.elapsed())).min() {
+                // Something is buffered: with `flush_when_idle`, only take what is
+                // ready now (an empty poll closes the open batches below).
+                Some(_) if flush_when_idle => Duration::ZERO,
+                Some(left) => left.max(Duration::from_millis(1)),
+                None => Duration::from_millis(100),
+            }
         };
-        let polled = consumer.poll(timeout.max(Duration::from_millis(1)));
+        let polled = consumer.poll(timeout);
+        let drained = polled.is_none();
         if s.failed() {
             // A callback inside poll failed (e.g. a restore): process nothing more.
             break;
@@ -789,7 +801,12 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             }
             Some(Ok(m)) => tracing::warn!(topic = m.topic(), "record from an unexpected topic ignored"),
         }
-        let due: Vec<i32> = core.buffers.iter().filter(|(_, b)| b.opened.elapsed() >= linger).map(|(p, _)| *p).collect();
+        let due: Vec<i32> = core
+            .buffers
+            .iter()
+            .filter(|(_, b)| (drained && flush_when_idle) || b.opened.elapsed() >= linger)
+            .map(|(p, _)| *p)
+            .collect();
         for p in due {
             let recs = core.buffers.remove(&p).map(|b| b.records).unwrap_or_default();
             s.process(&mut core, p, recs)?;
@@ -823,7 +840,7 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             for (p, (resp, recs)) in by_partition {
                 let mut outputs = Vec::new();
                 let shown = s.emit_responses(resp, &mut outputs);
-                s.publish(&core, None, &[], shown, &recs);
+                s.publish(None, &[], shown, &recs);
                 s.dispatch(s.input_topic.clone(), Some(p), None, outputs, recs, Vec::new(), None)?;
             }
         }

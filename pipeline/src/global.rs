@@ -16,7 +16,7 @@ use twinguard_schemas::verdict::Verdict;
 
 use crate::config::Config;
 use crate::kafka::{self, RestoreContext};
-use crate::sqlview::{RowMaker, SqlView, TwinRow};
+use crate::sqlview::{RowMaker, SqlView, StagedTwin};
 use crate::telemetry::Metrics;
 use crate::PipelineError;
 
@@ -69,7 +69,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
     tracing::info!(changelog = %t.changelog, partitions = changelog_parts.len(), "materialising every twin from the changelog");
     let started = Instant::now();
     let mut live: HashSet<String> = HashSet::new();
-    let mut twins: Vec<(String, Option<TwinRow>)> = Vec::new();
+    let mut twins: Vec<(String, Option<StagedTwin>)> = Vec::new();
     let (mut verdicts, mut alerts, mut commands) = (Vec::<Verdict>::new(), Vec::<Alert>::new(), Vec::<Command>::new());
     let mut oldest: Option<Instant> = None;
     let mut last_handover = Instant::now();
@@ -97,7 +97,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
                         Some(v) => match Twin::decode(&key, v) {
                             Ok(twin) => {
                                 live.insert(key.clone());
-                                twins.push((key, Some(rows.row(&twin))));
+                                twins.push((key, Some(rows.row(&twin).into())));
                             }
                             Err(e) => bad("twin", &e),
                         },

@@ -143,6 +143,16 @@ pub fn create_producer(cfg: &Config) -> Result<SinkProducer, PipelineError> {
     producer_config(cfg).create_with_context(SinkContext).map_err(|e| PipelineError::kafka("create producer", e))
 }
 
+/// The producer for response commands: the sink's configuration, but it sends at
+/// once (`linger.ms=0`). Commands are few and each one is on the response-time
+/// path (event in → command acknowledged), so they are never held back to batch.
+pub fn create_command_producer(cfg: &Config) -> Result<SinkProducer, PipelineError> {
+    producer_config(cfg)
+        .set("linger.ms", "0")
+        .create_with_context(SinkContext)
+        .map_err(|e| PipelineError::kafka("create command producer", e))
+}
+
 /// One record to produce.
 #[derive(Debug, Clone)]
 pub struct OutRecord {

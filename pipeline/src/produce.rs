@@ -56,7 +56,8 @@ pub fn produce_all(
     let producer: ThreadedProducer<CoordContext> = kafka::producer_config(cfg)
         .create_with_context(CoordContext(coords.clone()))
         .map_err(|e| PipelineError::kafka("create producer", e))?;
-    let started = Instant::now();
+    let paced = rate.is_some_and(|r| r > 0.0);
+    let mut started = Instant::now();
     let mut n = 0usize;
     for (key, value) in records {
         loop {
@@ -70,12 +71,23 @@ pub fn produce_all(
             }
         }
         n += 1;
+        if paced && n == 1 {
+            // Paced sends stand for live traffic, whose create time should be when
+            // a record can enter the topic. A new idempotent producer holds its
+            // first records until it has a producer id (~0.5 s in librdkafka): wait
+            // for the first record's acknowledgement, then start the clock, so the
+            // records after it do not carry the producer's start-up.
+            producer.flush(Duration::from_secs(30)).map_err(|e| PipelineError::kafka(&format!("first record to `{topic}`"), e))?;
+            started = Instant::now();
+        }
         if n % 1000 == 0 {
             progress(n, coords.acked.load(Ordering::Relaxed));
         }
         if let Some(r) = rate.filter(|r| *r > 0.0) {
-            let due = Duration::from_secs_f64(n as f64 / r);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
+            let due = Duration::from_secs_f64((n - 1) as f64 / r);
+            // Sleep only once a millisecond ahead: per-record sleeps at tens of
+            // thousands of records/s cost more CPU than the sending itself.
+            if let Some(wait) = due.checked_sub(started.elapsed()).filter(|w| *w >= Duration::from_millis(1)) {
                 std::thread::sleep(wait);
             }
         }

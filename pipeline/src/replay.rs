@@ -128,7 +128,7 @@ mod tests {
     use twinguard_schemas::{DecodeLimits, Decoder, RawRecord, RejectCode};
 
     fn dataset(rel: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets").join(rel)
+        Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../shared/datasets").join(rel)
     }
 
     fn decode(schema: &EventSchema, recs: &[(String, Vec<u8>)]) -> (usize, Vec<twinguard_schemas::Reject>) {

@@ -116,6 +116,45 @@ impl RowMaker {
     }
 }
 
+/// A twin change waiting for the next refresh: a ready row, or the twin as encoded
+/// for the changelog. The stream's core thread stages the encoded bytes (a copy);
+/// the refresher decodes them and builds the row on its own thread, so the JSON
+/// columns never cost the stream time.
+#[derive(Debug, Clone)]
+pub enum StagedTwin {
+    Row(TwinRow),
+    Encoded { partition: i32, bytes: Vec<u8>, rows: Arc<RowMaker> },
+}
+
+impl StagedTwin {
+    fn partition(&self) -> i32 {
+        match self {
+            StagedTwin::Row(r) => r.partition,
+            StagedTwin::Encoded { partition, .. } => *partition,
+        }
+    }
+
+    fn into_row(self, key: &str) -> Option<TwinRow> {
+        match self {
+            StagedTwin::Row(r) => Some(r),
+            StagedTwin::Encoded { bytes, rows, .. } => match Twin::decode(key, &bytes) {
+                Ok(t) => Some(rows.row(&t)),
+                Err(e) => {
+                    // The stream encoded these bytes itself: this would be a bug.
+                    tracing::error!(device = key, error = %e, "twin change not shown in SQL: it does not decode");
+                    None
+                }
+            },
+        }
+    }
+}
+
+impl From<TwinRow> for StagedTwin {
+    fn from(r: TwinRow) -> Self {
+        StagedTwin::Row(r)
+    }
+}
+
 /// The pipeline's own state, one row of the `status` table.
 #[derive(Debug, Clone, Default)]
 pub struct StatusRow {
@@ -577,7 +616,7 @@ fn status_batch(r: &StatusRow, now_ms: i64) -> RecordBatch {
 /// Changes handed over by the stream since the last refresh.
 #[derive(Default)]
 struct Staged {
-    twins: HashMap<String, Option<TwinRow>>,
+    twins: HashMap<String, Option<StagedTwin>>,
     dropped_partitions: Vec<i32>,
     verdicts: Vec<Verdict>,
     alerts: Vec<Alert>,
@@ -654,21 +693,21 @@ impl SqlView {
     }
 
     /// New or changed twins (`None` = the twin is gone).
-    pub fn push_twins(&self, consumed: Option<Instant>, rows: Vec<(String, Option<TwinRow>)>) {
+    pub fn push_twins(&self, consumed: Option<Instant>, rows: Vec<(String, Option<StagedTwin>)>) {
         self.push_batch(consumed, &[], &[], &[], rows);
     }
 
     /// This instance no longer owns `partition`: its twins leave the view.
     pub fn drop_partition(&self, partition: i32) {
         self.stage(None, |s| {
-            s.twins.retain(|_, r| r.as_ref().is_none_or(|r| r.partition != partition));
+            s.twins.retain(|_, r| r.as_ref().is_none_or(|r| r.partition() != partition));
             s.dropped_partitions.push(partition);
         });
     }
 
     /// One batch's outputs and twin changes, staged together: no snapshot shows
     /// part of a batch.
-    pub fn push_batch(&self, consumed: Option<Instant>, verdicts: &[Verdict], alerts: &[Alert], commands: &[Command], twins: Vec<(String, Option<TwinRow>)>) {
+    pub fn push_batch(&self, consumed: Option<Instant>, verdicts: &[Verdict], alerts: &[Alert], commands: &[Command], twins: Vec<(String, Option<StagedTwin>)>) {
         if verdicts.is_empty() && alerts.is_empty() && commands.is_empty() && twins.is_empty() {
             return;
         }
@@ -713,11 +752,17 @@ impl SqlView {
             for p in &staged.dropped_partitions {
                 r.twins.retain(|_, t| t.partition != *p);
             }
-            for (k, row) in staged.twins {
-                match row {
-                    Some(row) => r.twins.insert(k, row),
-                    None => r.twins.remove(&k),
-                };
+            for (k, change) in staged.twins {
+                match change {
+                    Some(t) => {
+                        if let Some(row) = t.into_row(&k) {
+                            r.twins.insert(k, row);
+                        }
+                    }
+                    None => {
+                        r.twins.remove(&k);
+                    }
+                }
             }
             next.twins = vec![twins_batch(&mut r.twins.values())];
         }
@@ -871,7 +916,7 @@ mod tests {
             peers: 0,
             last_offset: 0,
         };
-        view.push_twins(None, vec![("a".into(), Some(row("a", 0))), ("b".into(), Some(row("b", 1)))]);
+        view.push_twins(None, vec![("a".into(), Some(row("a", 0).into())), ("b".into(), Some(row("b", 1).into()))]);
         let before = view.snapshot();
         view.refresh(&mut r, &status);
         let snap = view.snapshot();

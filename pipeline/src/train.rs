@@ -803,7 +803,7 @@ mod tests {
     use twinguard_models::svm::SvmParams;
 
     fn wustl() -> PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/wustl-ehms-2020/train.csv")
+        std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../shared/datasets/wustl-ehms-2020/train.csv")
     }
 
     fn job(out: PathBuf, rows: usize) -> TrainJob {

@@ -72,3 +72,23 @@ fn every_valid_event_gets_one_verdict_every_bad_record_one_dead_letter() {
         assert!(seen.insert(c));
     }
 }
+
+/// A micro-batch closes as soon as the consumer has nothing more ready
+/// (`batch.flush_when_idle`, the default), not when `max_linger_ms` runs out: with a
+/// ten-minute linger, every verdict still arrives (a fixed linger would hold the
+/// events past the reader's deadline).
+#[test]
+fn a_batch_closes_when_the_consumer_is_idle_not_at_the_linger() {
+    let Setup { dir, broker: _broker, mut cfg } = Setup::new("idle-flush");
+    cfg.batch.max_linger_ms = 600_000;
+    assert!(cfg.batch.flush_when_idle, "closing batches when idle is the default");
+    assert!(WAIT < std::time::Duration::from_millis(cfg.batch.max_linger_ms), "the wait must end before the linger would");
+    let mut p = PipelineProc::start(&dir, "pipeline", &write_config(&dir, "pipeline", &cfg));
+    let recs = sim_records(3, 30, 5, 0.0);
+    let coords = produce(&cfg, &recs);
+    let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
+    verdicts.until("a verdict for every event, long before the linger", |r| r.len() >= coords.len());
+    p.stop();
+    let by = verdicts_by_coords(&verdicts.records);
+    assert!(coords.iter().all(|c| by.contains_key(c)), "every event has its verdict");
+}
