@@ -1,7 +1,7 @@
 //! Writing records into a topic (simulator, replay, demo, benches), with their
 //! acknowledged coordinates returned so results can be matched to ground truth.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,11 +18,19 @@ struct Coords {
     slots: Mutex<Vec<Option<(i32, i64)>>>,
     errors: Mutex<Vec<String>>,
     acked: AtomicUsize,
+    /// The idempotent producer has its producer id (from librdkafka's statistics).
+    has_pid: AtomicBool,
 }
 
 struct CoordContext(Arc<Coords>);
 
-impl ClientContext for CoordContext {}
+impl ClientContext for CoordContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        if stats.eos.is_some_and(|e| e.idemp_state == "Assigned") {
+            self.0.has_pid.store(true, Ordering::Relaxed);
+        }
+    }
+}
 
 impl ProducerContext for CoordContext {
     type DeliveryOpaque = usize;
@@ -53,11 +61,26 @@ pub fn produce_all(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Vec<(i32, i64)>, PipelineError> {
     let coords = Arc::new(Coords::default());
-    let producer: ThreadedProducer<CoordContext> = kafka::producer_config(cfg)
-        .create_with_context(CoordContext(coords.clone()))
-        .map_err(|e| PipelineError::kafka("create producer", e))?;
     let paced = rate.is_some_and(|r| r > 0.0);
-    let mut started = Instant::now();
+    let mut config = kafka::producer_config(cfg);
+    if paced {
+        config.set("statistics.interval.ms", "50");
+    }
+    let producer: ThreadedProducer<CoordContext> =
+        config.create_with_context(CoordContext(coords.clone())).map_err(|e| PipelineError::kafka("create producer", e))?;
+    if paced {
+        // Paced sends stand for live traffic, whose create time should be when a
+        // record can enter the topic. A new idempotent producer holds records until
+        // it has its producer id (~0.5 s in librdkafka): start sending once it has.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !coords.has_pid.load(Ordering::Relaxed) {
+            if Instant::now() > deadline {
+                return Err(PipelineError::Io(format!("producing to `{topic}`: no producer id from the brokers after 30 s")));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let started = Instant::now();
     let mut n = 0usize;
     for (key, value) in records {
         loop {
@@ -71,20 +94,11 @@ pub fn produce_all(
             }
         }
         n += 1;
-        if paced && n == 1 {
-            // Paced sends stand for live traffic, whose create time should be when
-            // a record can enter the topic. A new idempotent producer holds its
-            // first records until it has a producer id (~0.5 s in librdkafka): wait
-            // for the first record's acknowledgement, then start the clock, so the
-            // records after it do not carry the producer's start-up.
-            producer.flush(Duration::from_secs(30)).map_err(|e| PipelineError::kafka(&format!("first record to `{topic}`"), e))?;
-            started = Instant::now();
-        }
         if n % 1000 == 0 {
             progress(n, coords.acked.load(Ordering::Relaxed));
         }
         if let Some(r) = rate.filter(|r| *r > 0.0) {
-            let due = Duration::from_secs_f64((n - 1) as f64 / r);
+            let due = Duration::from_secs_f64(n as f64 / r);
             // Sleep only once a millisecond ahead: per-record sleeps at tens of
             // thousands of records/s cost more CPU than the sending itself.
             if let Some(wait) = due.checked_sub(started.elapsed()).filter(|w| *w >= Duration::from_millis(1)) {
