@@ -168,9 +168,12 @@ fn main() {
     let rate = n as f64 / total;
     // The pipeline's maximum throughput: its drain rate once it runs (the group join
     // before the first verdict is start-up, not throughput). Latency is measured at
-    // half of it.
+    // a fraction of it: half unless TWINGUARD_BENCH_LOAD says otherwise.
     let steady_rate = n as f64 / steady;
-    let fraction: f64 = std::env::var("TWINGUARD_BENCH_LOAD").ok().and_then(|s| s.parse().ok()).unwrap_or(0.5);
+    let fraction: f64 = match std::env::var("TWINGUARD_BENCH_LOAD") {
+        Err(_) => 0.5,
+        Ok(s) => s.parse().ok().filter(|f| *f > 0.0 && *f <= 1.0).unwrap_or_else(|| panic!("TWINGUARD_BENCH_LOAD={s}: want a fraction in (0, 1]")),
+    };
     let load = steady_rate * fraction;
 
     eprintln!("pipeline (latency at {:.0} % of its rate: {load:.0} events/s)...", fraction * 100.0);

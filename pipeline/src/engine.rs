@@ -745,6 +745,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
 fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<(), PipelineError> {
     let linger = Duration::from_millis(s.cfg.batch.max_linger_ms);
     let flush_when_idle = s.cfg.batch.flush_when_idle;
+    let mut empty_polls = 0u32;
     let max = s.cfg.batch.max_records;
     let expiry_every = Duration::from_secs(s.cfg.batch.expiry_interval_secs.max(1));
     let mut last_expiry = Instant::now();
@@ -763,7 +764,10 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             }
         };
         let polled = consumer.poll(timeout);
-        let drained = polled.is_none();
+        // A zero-timeout poll also comes back empty after serving a statistics or
+        // commit event: only two empty polls in a row mean nothing is ready.
+        empty_polls = if polled.is_none() { empty_polls + 1 } else { 0 };
+        let drained = empty_polls >= 2;
         if s.failed() {
             // A callback inside poll failed (e.g. a restore): process nothing more.
             break;
@@ -774,7 +778,7 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
             Some(Ok(m)) if m.topic() == input => {
                 let p = m.partition();
-                let buf = core.buffers.entry(p).or_insert_with(|| PartBuf { records: Vec::with_capacity(max), opened: Instant::now() });
+                let buf = core.buffers.entry(p).or_insert_with(|| PartBuf { records: Vec::with_capacity(max.min(64)), opened: Instant::now() });
                 buf.records.push(Rec {
                     offset: m.offset(),
                     ts: m.timestamp().to_millis(),

@@ -25,8 +25,12 @@ struct Coords {
 struct CoordContext(Arc<Coords>);
 
 impl ClientContext for CoordContext {
-    fn stats(&self, stats: rdkafka::Statistics) {
-        if stats.eos.is_some_and(|e| e.idemp_state == "Assigned") {
+    /// Statistics are on only while a paced producer waits for its producer id:
+    /// a byte search, not a parse, and nothing once the id is there.
+    fn stats_raw(&self, statistics: &[u8]) {
+        // librdkafka writes it exactly so (rdkafka.c, `rd_kafka_stats_emit_all`).
+        const ASSIGNED: &[u8] = b"\"idemp_state\": \"Assigned\"";
+        if !self.0.has_pid.load(Ordering::Relaxed) && statistics.windows(ASSIGNED.len()).any(|w| w == ASSIGNED) {
             self.0.has_pid.store(true, Ordering::Relaxed);
         }
     }

@@ -754,11 +754,15 @@ impl SqlView {
             }
             for (k, change) in staged.twins {
                 match change {
-                    Some(t) => {
-                        if let Some(row) = t.into_row(&k) {
+                    Some(t) => match t.into_row(&k) {
+                        Some(row) => {
                             r.twins.insert(k, row);
                         }
-                    }
+                        // Better no row than a stale one (logged in `into_row`).
+                        None => {
+                            r.twins.remove(&k);
+                        }
+                    },
                     None => {
                         r.twins.remove(&k);
                     }

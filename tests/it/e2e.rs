@@ -92,3 +92,17 @@ fn a_batch_closes_when_the_consumer_is_idle_not_at_the_linger() {
     let by = verdicts_by_coords(&verdicts.records);
     assert!(coords.iter().all(|c| by.contains_key(c)), "every event has its verdict");
 }
+
+/// Paced sends (`simulate --rate`, `replay --rate`) start once the idempotent
+/// producer has its producer id, read from librdkafka's statistics (a wait that never
+/// ended would fail here after 30 s), and every record is acknowledged.
+#[test]
+fn paced_produce_waits_for_its_producer_id_and_delivers_everything() {
+    let Setup { dir: _dir, broker: _broker, cfg } = Setup::new("paced");
+    let recs = sim_records(2, 40, 9, 0.0);
+    let records = recs.iter().map(|r| (r.key.clone(), r.payload.clone()));
+    let coords = twinguard::produce::produce_all(&cfg, &cfg.topics.input, records, Some(400.0), |_, _| {}).unwrap();
+    assert_eq!(coords.len(), recs.len());
+    let distinct: HashSet<(i32, i64)> = coords.iter().copied().collect();
+    assert_eq!(distinct.len(), recs.len(), "one acknowledged coordinate per record");
+}
