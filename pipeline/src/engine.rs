@@ -757,7 +757,7 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             let core = s.core.lock().expect("core lock");
             match core.buffers.values().map(|b| linger.saturating_sub(b.opened.elapsed())).min() {
                 // Something is buffered: with `flush_when_idle`, only take what is
-                // ready now (an empty poll closes the open batches below).
+                // ready now (empty polls close the open batches below).
                 Some(_) if flush_when_idle => Duration::ZERO,
                 Some(left) => left.max(Duration::from_millis(1)),
                 None => Duration::from_millis(100),
