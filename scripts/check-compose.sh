@@ -181,6 +181,20 @@ def command_list(svc, key):
     return shlex.split(v) if isinstance(v, str) else [str(x) for x in v]
 
 
+def flag_value(svc, flag, default):
+    """The value of `flag=value` in the service's command, or `default`."""
+    return next((a.split("=", 1)[1] for a in command_list(svc, "command") if a.startswith(flag + "=")), default)
+
+
+def bind_source(svc, cpath, what):
+    """The host path bind-mounted at container path `cpath` of `svc`; None (reported) if none is."""
+    kind, src = resolve(svc, cpath)
+    if kind != "bind":
+        err(f"{COMPOSE} (service {svc})", f"{what} is not bind-mounted")
+        return None
+    return src
+
+
 # Images, builds, bind sources, named volumes, env_file, dependencies, ports.
 for svc, s in services.items():
     where = f"{COMPOSE} (service {svc})"
@@ -399,12 +413,9 @@ ok(f"brokers {sorted(advertised)} and OTLP endpoints name compose services")
 
 # ------------------------------------------------------------ OTel collector
 otel_port = None
-coll_args = command_list("otel-collector", "command")
-coll_cfg = next((a.split("=", 1)[1] for a in coll_args if a.startswith("--config=")), "/etc/otelcol-contrib/config.yaml")
-kind, coll_host = resolve("otel-collector", coll_cfg)
-if kind != "bind":
-    err(f"{COMPOSE} (service otel-collector)", f"config {coll_cfg} is not bind-mounted")
-else:
+coll_cfg = flag_value("otel-collector", "--config", "/etc/otelcol-contrib/config.yaml")
+coll_host = bind_source("otel-collector", coll_cfg, f"config {coll_cfg}")
+if coll_host is not None:
     c = load_yaml(coll_host)
     if c is not None:
         svc_pipes = dig(c, ["service", "pipelines"]) or {}
@@ -431,12 +442,9 @@ else:
         ok(f"{coll_host}: pipelines {sorted(svc_pipes)} use defined components; OTLP gRPC {grpc}; prometheus exporter :{otel_port}")
 
 # ---------------------------------------------------------------- Prometheus
-prom_args = command_list("prometheus", "command")
-prom_cfg = next((a.split("=", 1)[1] for a in prom_args if a.startswith("--config.file=")), "/etc/prometheus/prometheus.yml")
-kind, prom_host = resolve("prometheus", prom_cfg)
-if kind != "bind":
-    err(f"{COMPOSE} (service prometheus)", f"config {prom_cfg} is not bind-mounted")
-else:
+prom_cfg = flag_value("prometheus", "--config.file", "/etc/prometheus/prometheus.yml")
+prom_host = bind_source("prometheus", prom_cfg, f"config {prom_cfg}")
+if prom_host is not None:
     p = load_yaml(prom_host) or {}
     targets = set()
     for sc in p.get("scrape_configs", []):
@@ -460,10 +468,8 @@ else:
 # ------------------------------------------------------------------- Grafana
 ds_uids = set()
 dash_files = []
-kind, prov = resolve("grafana", "/etc/grafana/provisioning")
-if kind != "bind":
-    err(f"{COMPOSE} (service grafana)", "/etc/grafana/provisioning is not bind-mounted")
-else:
+prov = bind_source("grafana", "/etc/grafana/provisioning", "/etc/grafana/provisioning")
+if prov is not None:
     for f in sorted(os.listdir(os.path.join(prov, "datasources"))):
         d = load_yaml(os.path.join(prov, "datasources", f)) or {}
         for ds in d.get("datasources", []):
