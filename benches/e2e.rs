@@ -202,8 +202,19 @@ fn main() {
         let (view, stop) = (probe_view.clone(), stop.clone());
         std::thread::spawn(move || query_loop(&view, Duration::from_secs(18), &stop))
     };
-    // Verdicts are kept raw and decoded after the phase, so the bench's own JSON
-    // parsing does not compete with the pipeline for the two cores.
+    // The verdicts are read after the phase, not during it: their timestamps are the
+    // pipeline's create times, so reading later measures the same latency, and a
+    // reader fetching alongside would compete with the pipeline for the two cores and
+    // for tansu (whose fetch lists every batch stored in the partition, so its cost
+    // grows with the topic). The reader is paused so it does not prefetch meanwhile.
+    let assigned = verdicts.assignment().unwrap();
+    verdicts.pause(&assigned).unwrap();
+    let expected = (n + lat_n) as u64;
+    while Metrics::get(&metrics.verdicts_out) < expected {
+        assert!(!handle.is_finished(), "pipeline stopped early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    verdicts.resume(&assigned).unwrap();
     let mut raw_verdicts: Vec<(Vec<u8>, i64)> = Vec::with_capacity(lat_n);
     while raw_verdicts.len() < lat_n {
         if let Some(Ok(m)) = verdicts.poll(Duration::from_millis(100)) {
