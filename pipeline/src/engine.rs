@@ -742,6 +742,9 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
     Ok(report)
 }
 
+/// The core loop's longest consumer poll: how soon it notices `stop`.
+const POLL_MAX: Duration = Duration::from_millis(100);
+
 fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<(), PipelineError> {
     let linger = Duration::from_millis(s.cfg.batch.max_linger_ms);
     let flush_when_idle = s.cfg.batch.flush_when_idle;
@@ -759,8 +762,10 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
                 // Something is buffered: with `flush_when_idle`, only take what is
                 // ready now (empty polls close the open batches below).
                 Some(_) if flush_when_idle => Duration::ZERO,
-                Some(left) => left.max(Duration::from_millis(1)),
-                None => Duration::from_millis(100),
+                // Capped like the idle wait: the loop must see `stop` (SIGTERM)
+                // within 100 ms, whatever the linger.
+                Some(left) => left.clamp(Duration::from_millis(1), POLL_MAX),
+                None => POLL_MAX,
             }
         };
         let polled = consumer.poll(timeout);

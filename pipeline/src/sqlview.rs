@@ -937,4 +937,48 @@ mod tests {
         assert_eq!(view.snapshot().twins[0].num_rows(), 0, "revoked partition and tombstone both leave");
         assert_eq!(view.generation(), 2);
     }
+
+    /// The stream stages twins as their changelog bytes; the refresher decodes them
+    /// into rows equal to those built from the live twin. Bytes that do not decode
+    /// remove the device's row rather than leave a stale one.
+    #[test]
+    fn encoded_twins_become_the_same_rows_and_undecodable_ones_leave() {
+        use twinguard_operators::{Operator, Output, TwinConfig, TwinOperator};
+        use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
+        let schema = EventSchema::builtin(crate::config::DEFAULT_SCHEMA).unwrap();
+        let mut sc = crate::sim::SimConfig::new(3, 30, 11);
+        sc.malformed_rate = 0.0;
+        let sim: Vec<_> = crate::sim::Simulator::new(sc).collect();
+        let raw: Vec<RawRecord<'_>> = sim
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RawRecord { partition: 0, offset: i as i64, key: Some(r.key.as_bytes()), payload: Some(&r.payload) })
+            .collect();
+        let decoded = Decoder::new(schema.clone(), DecodeLimits::default()).decode(&raw, chrono::Utc::now().timestamp_millis()).unwrap();
+        assert!(decoded.rejects.is_empty(), "{:?}", decoded.rejects);
+        let mut op = TwinOperator::new(&schema, TwinConfig::default());
+        op.process_batch(decoded.batch, &mut Output::new()).unwrap();
+        let changelog = op.drain_changelog();
+        assert_eq!(changelog.len(), 3, "one changelog record per device");
+        let maker = Arc::new(RowMaker::new(&schema, false));
+        let staged = changelog
+            .iter()
+            .map(|c| (c.key.clone(), c.value.as_ref().map(|b| StagedTwin::Encoded { partition: c.partition, bytes: b.clone(), rows: maker.clone() })))
+            .collect();
+        let view = SqlView::new(10);
+        let mut r = Refresher::new(10);
+        let status: StatusFn = Box::new(StatusRow::default);
+        view.push_twins(Some(Instant::now()), staged);
+        view.refresh(&mut r, &status);
+        assert_eq!(view.snapshot().twins[0].num_rows(), 3);
+        for t in op.store().iter() {
+            let from_bytes = r.twins.get(&t.device_id).expect("a row per staged twin");
+            assert_eq!(format!("{from_bytes:?}"), format!("{:?}", maker.row(t)), "{}: row from bytes = row from the twin", t.device_id);
+        }
+        let gone = changelog[0].key.clone();
+        view.push_twins(None, vec![(gone.clone(), Some(StagedTwin::Encoded { partition: 0, bytes: b"{not a twin".to_vec(), rows: maker }))]);
+        view.refresh(&mut r, &status);
+        assert_eq!(view.snapshot().twins[0].num_rows(), 2, "the undecodable change removed its row");
+        assert!(!r.twins.contains_key(&gone));
+    }
 }

@@ -93,6 +93,33 @@ fn a_batch_closes_when_the_consumer_is_idle_not_at_the_linger() {
     assert!(coords.iter().all(|c| by.contains_key(c)), "every event has its verdict");
 }
 
+/// With `batch.flush_when_idle = false` a batch closes only when it is full or its
+/// linger runs out. One device (so one partition), batches of 10, a ten-minute
+/// linger: 35 events give three full batches at once while the last five stay
+/// buffered, and a clean stop processes those five (nothing buffered is lost).
+#[test]
+fn without_idle_flushing_a_batch_waits_for_its_size_or_its_linger() {
+    let Setup { dir, broker: _broker, mut cfg } = Setup::new("no-idle-flush");
+    cfg.batch.max_linger_ms = 600_000;
+    cfg.batch.max_records = 10;
+    cfg.batch.flush_when_idle = false;
+    let mut p = PipelineProc::start(&dir, "pipeline", &write_config(&dir, "pipeline", &cfg));
+    let recs = sim_records(1, 35, 8, 0.0);
+    let coords = produce(&cfg, &recs);
+    assert_eq!(coords.len(), 35);
+    let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
+    verdicts.until("the three full batches' verdicts", |r| r.len() >= 30);
+    assert!(
+        !verdicts.try_until(std::time::Duration::from_secs(5), |r| r.len() > 30),
+        "the partial batch of five must wait for its linger, not close when the consumer is idle"
+    );
+    p.stop();
+    verdicts.until("the buffered five, processed on the clean stop", |r| r.len() >= 35);
+    let by = verdicts_by_coords(&verdicts.records);
+    assert!(coords.iter().all(|c| by.contains_key(c)), "every event has its verdict");
+    assert_eq!(verdicts.records.len(), 35, "no event was processed twice");
+}
+
 /// Paced sends (`simulate --rate`, `replay --rate`) start once the idempotent
 /// producer has its producer id, read from librdkafka's statistics (a wait that never
 /// ended would fail here after 30 s), and every record is acknowledged.
