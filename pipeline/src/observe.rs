@@ -226,6 +226,11 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         })
         .build();
     let mx = metrics.clone();
+    m.u64_observable_counter("twinguard.input.gap.records")
+        .with_description("Input records never delivered: between a resumed partition's committed offset and the first record fetched there")
+        .with_callback(move |o| o.observe(mx.input_gap_records.load(Relaxed), &[]))
+        .build();
+    let mx = metrics.clone();
     m.i64_observable_gauge("twinguard.consumer.lag")
         .with_description("Records between the committed position and the end of each owned input partition")
         .with_callback(move |o| {

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub twins_restored: AtomicU64,
     pub twins_expired: AtomicU64,
     pub rebalances: AtomicU64,
+    /// Input records never delivered between a resumed partition's committed offset
+    /// and the first record fetched there (see [`InputGap`]).
+    pub input_gap_records: AtomicU64,
     /// 1 once partitions are assigned and their twins restored.
     pub ready: AtomicI64,
     pub alerts_out: AtomicU64,
@@ -310,6 +313,31 @@ impl Rebalanced<'_> {
     pub fn emit(&self, m: &Metrics) {
         tracing::info!(kind = self.kind, partitions = ?self.partitions, "rebalance");
         m.rebalances.fetch_add(1, Relaxed);
+    }
+}
+
+/// A newly assigned input partition's first record lies past the committed offset
+/// it resumed at: the records between were never delivered to this pipeline. Kafka
+/// does that when retention deleted them (the consumer fell behind) or compaction
+/// removed them; tansu 0.6 does it when the committed offset is inside a stored
+/// batch (it serves such a fetch from the next batch).
+pub struct InputGap {
+    pub partition: i32,
+    pub resumed_at: i64,
+    pub first_offset: i64,
+}
+
+impl InputGap {
+    pub fn emit(&self, m: &Metrics) {
+        let skipped = (self.first_offset - self.resumed_at).max(0) as u64;
+        tracing::warn!(
+            partition = self.partition,
+            resumed_at = self.resumed_at,
+            first_offset = self.first_offset,
+            skipped,
+            "input records skipped: the partition resumed at its committed offset, but the broker's first record lies past it (retention, compaction or a broker fault); those events get no verdict"
+        );
+        m.input_gap_records.fetch_add(skipped, Relaxed);
     }
 }
 

@@ -120,6 +120,44 @@ fn without_idle_flushing_a_batch_waits_for_its_size_or_its_linger() {
     assert_eq!(verdicts.records.len(), 35, "no event was processed twice");
 }
 
+/// A partition whose first fetched record lies past the committed offset it resumed
+/// at reports the records skipped (a warning naming the partition and both offsets,
+/// and the `twinguard_input_gap_records` counter). On Kafka that is retention or
+/// compaction outrunning the consumer; here it is made with tansu 0.6, which serves
+/// a fetch that starts inside a stored batch from the next batch: ten events go in
+/// as one batch, five more as batches after it, and the group's committed offset is
+/// put inside the first batch.
+#[test]
+fn a_resume_gap_at_the_broker_is_reported_with_the_records_skipped() {
+    let Setup { dir, broker: _broker, cfg } = Setup::new("resume-gap");
+    // One device: every event in one partition.
+    let recs = sim_records(1, 15, 4, 0.0);
+    let first = produce_batched(&cfg, &recs[..10]);
+    let rest = produce(&cfg, &recs[10..]);
+    let p = first[0].0;
+    assert!(first.iter().chain(&rest).all(|c| c.0 == p), "one device, one partition");
+    let resumed_at = first[4].1;
+    commit_input_offset(&cfg, p, resumed_at);
+    let mut proc = PipelineProc::start(&dir, "pipeline", &write_config(&dir, "pipeline", &cfg));
+    let http = proc.wait_addr("serving /metrics");
+    let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
+    verdicts.until("verdicts for the events after the first batch", |r| verdicts_by_coords(r).len() >= rest.len());
+    let line = proc.wait_log(&["input records skipped"]);
+    let (_, body) = crate::sql::http_get(&http, "/metrics");
+    let (_, samples) = crate::sql::parse_prometheus(&body);
+    let counted = crate::sql::sum(&samples, "twinguard_input_gap_records_total", &[]);
+    proc.stop();
+    let by = verdicts_by_coords(&verdicts.records);
+    let first_seen = by.keys().map(|c| c.1).min().unwrap();
+    assert!(first_seen > resumed_at, "the broker skipped the rest of the first batch (first verdict at offset {first_seen})");
+    for (k, v) in [("partition", p as i64), ("resumed_at", resumed_at), ("first_offset", first_seen), ("skipped", first_seen - resumed_at)] {
+        assert!(line.contains(&format!("\"{k}\":{v}")) || line.contains(&format!("{k}={v}")), "the warning names {k}={v}: {line}");
+    }
+    assert_eq!(counted, (first_seen - resumed_at) as f64, "/metrics counts the records skipped");
+    let last = rest.last().unwrap().1;
+    assert_eq!(by.len() as i64, last - first_seen + 1, "every event from the first one delivered on has its verdict");
+}
+
 /// Paced sends (`simulate --rate`, `replay --rate`) start once the idempotent
 /// producer has its producer id, read from librdkafka's statistics (a wait that never
 /// ended would fail here after 30 s), and every record is acknowledged.

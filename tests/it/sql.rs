@@ -63,7 +63,7 @@ fn wait_scalar(addr: &str, sql: &str, want: i64) {
 }
 
 /// GET over plain HTTP/1.1: (status, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
+pub(crate) fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
@@ -80,7 +80,7 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 /// where a sample is keyed by name and its sorted labels.
 type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
 
-fn parse_prometheus(text: &str) -> (BTreeMap<String, String>, Samples) {
+pub(crate) fn parse_prometheus(text: &str) -> (BTreeMap<String, String>, Samples) {
     let mut types = BTreeMap::new();
     let mut samples = Samples::new();
     for (n, line) in text.lines().enumerate() {
@@ -126,7 +126,7 @@ fn parse_prometheus(text: &str) -> (BTreeMap<String, String>, Samples) {
 }
 
 /// Sum of a metric's samples whose labels include `with`.
-fn sum(samples: &Samples, name: &str, with: &[(&str, &str)]) -> f64 {
+pub(crate) fn sum(samples: &Samples, name: &str, with: &[(&str, &str)]) -> f64 {
     samples.iter().filter(|((n, l), _)| n == name && with.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))).map(|(_, v)| v).sum()
 }
 
@@ -270,6 +270,7 @@ fn psql_queries_metrics_and_probes_on_a_running_pipeline() {
     assert_eq!(sum(&samples, "twinguard_verdicts_total", &[]), (valid + 1) as f64);
     assert_eq!(sum(&samples, "twinguard_twins", &[]), (expected.len() + 1) as f64);
     assert_eq!(sum(&samples, "twinguard_ready", &[]), 1.0);
+    assert_eq!(sum(&samples, "twinguard_input_gap_records_total", &[]), 0.0, "no input gap in a clean run");
     assert!(sum(&samples, "twinguard_operator_latency_seconds_count", &[("operator", "detect")]) > 0.0);
     assert_eq!(types.get("twinguard_e2e_latency_seconds").map(String::as_str), Some("histogram"));
     // Every metric the Grafana dashboard charts is exposed.
