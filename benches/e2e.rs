@@ -226,7 +226,12 @@ fn main() {
         if out != last {
             (last, moved) = (out, Instant::now());
         }
-        assert!(moved.elapsed() < Duration::from_secs(60), "verdicts stalled at {out} of {expected} for 60 s");
+        assert!(
+            moved.elapsed() < Duration::from_secs(60),
+            "verdicts stalled at {out} of {expected} for 60 s ({} input records skipped at a resume gap, {} rebalances)",
+            Metrics::get(&metrics.input_gap_records),
+            Metrics::get(&metrics.rebalances)
+        );
         assert!(!handle.is_finished(), "pipeline stopped early");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -301,6 +306,7 @@ fn main() {
     // Two acknowledgements with one coordinate would mean the broker stored one
     // record over another.
     println!("latency-phase input: {acked} records acknowledged at {} distinct coordinates, {} with a verdict", wanted.len(), lat.len());
+    println!("rebalances {}  input records skipped at a resume gap {}", Metrics::get(&metrics.rebalances), Metrics::get(&metrics.input_gap_records));
     println!("alerts {}  commands {}  audit records {}", Metrics::get(&metrics.alerts_out), Metrics::get(&metrics.commands_out), Metrics::get(&metrics.audit_out));
     println!("twins {} (~{} bytes each)", report.twins, report.twin_mem_bytes / report.twins.max(1));
     println!("dlq {}  changelog records {}", Metrics::get(&metrics.dlq_out), Metrics::get(&metrics.changelog_out));
