@@ -191,6 +191,15 @@ fn main() {
     let freshness_before = freshness_view.freshness_ms().len();
     let commands_before = Metrics::get(&metrics.commands_out);
     let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
+    // The verdicts are read after the phase, not during it: their timestamps are the
+    // pipeline's create times, so reading later measures the same latency, and a
+    // reader fetching alongside would compete with the pipeline for the two cores and
+    // for tansu (whose fetch lists every batch stored in the partition, so its cost
+    // grows with the topic). The reader is paused before the phase's first event,
+    // while its position is the end of the backlog's verdicts: a batch boundary, which
+    // tansu can serve from on resume (it cannot from inside a stored batch).
+    let assigned = verdicts.assignment().unwrap();
+    verdicts.pause(&assigned).unwrap();
     let coords = {
         let cfg = cfg.clone();
         let target = load;
@@ -205,13 +214,6 @@ fn main() {
         let (view, stop) = (probe_view.clone(), stop.clone());
         std::thread::spawn(move || query_loop(&view, Duration::from_secs(18), &stop))
     };
-    // The verdicts are read after the phase, not during it: their timestamps are the
-    // pipeline's create times, so reading later measures the same latency, and a
-    // reader fetching alongside would compete with the pipeline for the two cores and
-    // for tansu (whose fetch lists every batch stored in the partition, so its cost
-    // grows with the topic). The reader is paused so it does not prefetch meanwhile.
-    let assigned = verdicts.assignment().unwrap();
-    verdicts.pause(&assigned).unwrap();
     let coords = coords.join().unwrap();
     // The probes' events are input too: each has a verdict among the phase's.
     let (mut fresh, probe_events) = probes.join().unwrap();
@@ -237,10 +239,13 @@ fn main() {
     }
     verdicts.resume(&assigned).unwrap();
     let mut raw_verdicts: Vec<(Vec<u8>, i64)> = Vec::with_capacity(phase_events);
+    let mut moved = Instant::now();
     while raw_verdicts.len() < phase_events {
         if let Some(Ok(m)) = verdicts.poll(Duration::from_millis(100)) {
             raw_verdicts.push((m.payload().unwrap().to_vec(), m.timestamp().to_millis().unwrap()));
+            moved = Instant::now();
         }
+        assert!(moved.elapsed() < Duration::from_secs(60), "verdict reader stalled at {} of {phase_events} for 60 s", raw_verdicts.len());
     }
     let lat_verdicts: HashMap<(i32, i64), i64> = raw_verdicts
         .into_iter()

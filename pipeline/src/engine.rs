@@ -610,7 +610,8 @@ fn resume_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, p
     for p in parts {
         tpl.add_partition(topic, *p);
     }
-    match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+    // Runs inside the assign callback with the core lock held: keep the wait short.
+    match consumer.committed_offsets(tpl, Duration::from_secs(3)) {
         Ok(c) => c
             .elements_for_topic(topic)
             .iter()

@@ -227,7 +227,7 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         .build();
     let mx = metrics.clone();
     m.u64_observable_counter("twinguard.input.gap.records")
-        .with_description("Input records never delivered: between a resumed partition's committed offset and the first record fetched there")
+        .with_description("Input offsets never delivered: between a resumed partition's committed offset and the first record fetched there (retention, compaction, a broker fault; transaction markers and aborted records with transactional producers)")
         .with_callback(move |o| o.observe(mx.input_gap_records.load(Relaxed), &[]))
         .build();
     let mx = metrics.clone();

@@ -317,10 +317,12 @@ impl Rebalanced<'_> {
 }
 
 /// A newly assigned input partition's first record lies past the committed offset
-/// it resumed at: the records between were never delivered to this pipeline. Kafka
-/// does that when retention deleted them (the consumer fell behind) or compaction
-/// removed them; tansu 0.6 does it when the committed offset is inside a stored
-/// batch (it serves such a fetch from the next batch).
+/// it resumed at: the offsets between were never delivered to this pipeline. Kafka
+/// does that when retention deleted records (the consumer fell behind) or compaction
+/// removed them, and, harmlessly, for transactional producers: a commit marker or an
+/// aborted transaction's records occupy offsets a `read_committed` consumer never
+/// sees. tansu 0.6 does it when the committed offset is inside a stored batch (it
+/// serves such a fetch from the next batch).
 pub struct InputGap {
     pub partition: i32,
     pub resumed_at: i64,
@@ -335,7 +337,7 @@ impl InputGap {
             resumed_at = self.resumed_at,
             first_offset = self.first_offset,
             skipped,
-            "input records skipped: the partition resumed at its committed offset, but the broker's first record lies past it (retention, compaction or a broker fault); those events get no verdict"
+            "input records skipped: the partition resumed at its committed offset, but the broker's first record lies past it (retention, compaction or a broker fault: those events get no verdict; or, with transactional producers, commit markers and aborted records, which are not events)"
         );
         m.input_gap_records.fetch_add(skipped, Relaxed);
     }
