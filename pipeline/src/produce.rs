@@ -25,8 +25,9 @@ struct Coords {
 struct CoordContext(Arc<Coords>);
 
 impl ClientContext for CoordContext {
-    /// Statistics are on only while a paced producer waits for its producer id:
-    /// a byte search, not a parse, and nothing once the id is there.
+    /// Statistics are on for paced producers only (every 50 ms, for the producer's
+    /// life); they are read only until the producer id is there: a byte search,
+    /// not a parse, and nothing after.
     fn stats_raw(&self, statistics: &[u8]) {
         // librdkafka writes it exactly so (rdkafka.c, `rd_kafka_stats_emit_all`).
         const ASSIGNED: &[u8] = b"\"idemp_state\": \"Assigned\"";

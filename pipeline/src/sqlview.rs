@@ -753,20 +753,12 @@ impl SqlView {
                 r.twins.retain(|_, t| t.partition != *p);
             }
             for (k, change) in staged.twins {
-                match change {
-                    Some(t) => match t.into_row(&k) {
-                        Some(row) => {
-                            r.twins.insert(k, row);
-                        }
-                        // Better no row than a stale one (logged in `into_row`).
-                        None => {
-                            r.twins.remove(&k);
-                        }
-                    },
-                    None => {
-                        r.twins.remove(&k);
-                    }
-                }
+                // A tombstone, or a change that does not decode (logged in
+                // `into_row`: better no row than a stale one), removes the row.
+                match change.and_then(|t| t.into_row(&k)) {
+                    Some(row) => r.twins.insert(k, row),
+                    None => r.twins.remove(&k),
+                };
             }
             next.twins = vec![twins_batch(&mut r.twins.values())];
         }
