@@ -19,6 +19,20 @@ from common import OPT, RESULTS, row  # noqa: E402
 SCENARIOS = {}
 
 
+class Tee:
+    def __init__(self, *fs):
+        self.fs = fs
+
+    def write(self, s):
+        for f in self.fs:
+            f.write(s)
+            f.flush()
+
+    def flush(self):
+        for f in self.fs:
+            f.flush()
+
+
 def load():
     from scen_c1c2 import c1, c2, c2a, c2b, c2c
     from scen_c3 import c3
@@ -50,6 +64,7 @@ def main():
     OPT["seed"] = a.seed
     OPT["out"] = a.out or f"/tmp/twinguard-campaign-{time.strftime('%Y%m%d-%H%M%S')}"
     os.makedirs(OPT["out"], exist_ok=True)
+    sys.stdout = Tee(sys.stdout, open(os.path.join(OPT["out"], "campaign.log"), "a"))
     todo = a.scenarios or ["C1", "C2", "C3", "C5", "C6", "C7"]
     for s in todo:
         if s not in SCENARIOS:

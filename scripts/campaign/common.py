@@ -365,8 +365,9 @@ def nothing_lost(sc, ref, fault, label=""):
     row(sc, pre + "twinguard_input_gap_records_total is 0 in every scrape (before each kill/stop)", "0",
         f"{len(fault.gaps)} scrapes, max {max([g or 0 for _, g in fault.gaps] or [0]):.0f}", not gaps,
         f"nonzero in {[(n, g) for n, g in fault.gaps if g][:3]}" if gaps else "")
-    odd = [(n, how, rc) for n, how, rc in fault.exits if not (rc == 0 or (how == "SIGKILL" and rc in (-9, 137)))]
-    row(sc, pre + "processes exit only by SIGKILL or with 0", "0 other exits", f"{len(fault.exits)} exits, {len(odd)} other",
+    odd = [(n, how, rc) for n, how, rc in fault.exits
+           if not (rc == 0 or (how == "SIGKILL" and rc in (-9, 137)) or (how.startswith("fail-stop") and rc == 1))]
+    row(sc, pre + "processes exit only by SIGKILL or with 0 (or 1 for an expected fail-stop)", "0 other exits", f"{len(fault.exits)} exits, {len(odd)} other",
         not odd, "; ".join(f"{n} {how} rc={rc}" for n, how, rc in odd[:3]))
     return {"valid": len(valid), "invalid": len(invalid), "dups": dups}
 

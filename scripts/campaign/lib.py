@@ -33,12 +33,29 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+_ports_given = set()
+
+
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    """A free port below the kernel's ephemeral range (so an outgoing connection cannot
+    take it between this check and the listener's bind), not handed out before."""
+    try:
+        lo = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except OSError:
+        lo = 32768
+    while True:
+        p = random.randrange(20000, max(20001, lo - 1))
+        if p in _ports_given:
+            continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        _ports_given.add(p)
+        return p
 
 
 def wait_for(what, cond, timeout, every=0.2):

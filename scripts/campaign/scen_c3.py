@@ -113,56 +113,57 @@ class BadGen:
 
 
 def control_bombs(r, ids, n):
-    """Bad ack and feedback records (n of each), a few with ~950 KB strings."""
+    """Bad ack and feedback records (n of each; a few with ~950 KB strings), as
+    (key, value, kind)."""
     big = "x" * (950 * 1000)
     acks, fb = [], []
     for j in range(n):
         dev = r.choice(ids)
         k = j % 10
         if k == 0 and j < 300:
-            a = {"v": 1, "command_id": "c-1", "device_id": dev, "status": big}
+            a, kind = {"v": 1, "command_id": f"c-{j}", "device_id": dev, "status": big}, "950KB status (unknown variant)"
         elif k == 1 and j < 300:
-            a = {"v": 1, "command_id": big, "device_id": dev, "status": "applied"}
+            a, kind = {"v": 1, "command_id": big + str(j), "device_id": dev, "status": "applied"}, "950KB command_id"
         elif k == 2 and j < 300:
-            a = {"v": 1, "command_id": "c-2", "device_id": big, "status": "applied"}
+            a, kind = {"v": 1, "command_id": f"c-{j}", "device_id": big + str(j), "status": "applied"}, "950KB device_id"
         elif k == 3:
-            a = {"v": 1, "command_id": "c-3", "device_id": dev, "status": "exploded"}
+            a, kind = {"v": 1, "command_id": f"c-{j}", "device_id": dev, "status": "exploded"}, "unknown status"
         elif k == 4:
-            a = {"v": 2, "command_id": 5, "device_id": [dev], "status": None}
+            a, kind = {"v": 2, "command_id": j, "device_id": [dev], "status": None}, "wrong types"
         elif k == 5:
-            acks.append((dev.encode(), b'{"v":1,"command_id":"c-5","device_id":"' + dev.encode() + b'","status":"app'))
+            acks.append((dev.encode(), b'{"v":1,"command_id":"c-%d","device_id":"' % j + dev.encode() + b'","status":"app', "truncated"))
             continue
         elif k == 6:
-            acks.append((dev.encode(), b"\xff\xfe not json \xc0"))
+            acks.append((dev.encode(), b"\xff\xfe not json \xc0 %d" % j, "invalid UTF-8"))
             continue
         elif k == 7:
-            a = {"v": 1, "command_id": "c-7", "device_id": dev, "status": "applied", "reported": json.loads(nested(100))}
+            a, kind = {"v": 1, "command_id": f"c-{j}", "device_id": dev, "status": "applied", "reported": json.loads(nested(100))}, "deeply nested reported"
         elif k == 8:
-            a = {"v": 1, "command_id": "c-8", "device_id": dev + "-other", "status": "applied"}
+            a, kind = {"v": 1, "command_id": f"c-{j}", "device_id": dev + "-other", "status": "applied"}, "device_id != key"
         else:
-            a = {"v": 1, "command_id": f"unknown-{j}", "device_id": dev, "status": "rejected", "reported": {"rate_limit": "x" * 2000}}
-        acks.append((dev.encode(), json.dumps(a).encode()))
+            a, kind = {"v": 1, "command_id": f"unknown-{j}", "device_id": dev, "status": "rejected", "reported": {"rate_limit": "x" * 2000}}, "unknown command id (well-formed)"
+        acks.append((dev.encode(), json.dumps(a).encode(), kind))
     for j in range(n):
         k = j % 8
         if k == 0 and j < 240:
-            f = {"v": 1, "ref": "alert-1", "label": big}
+            f, kind = {"v": 1, "ref": f"alert-{j}", "label": big}, "950KB label"
         elif k == 1 and j < 240:
-            f = {"v": 1, "ref": big, "label": "false_positive"}
+            f, kind = {"v": 1, "ref": big + str(j), "label": "false_positive"}, "950KB ref"
         elif k == 2:
-            f = {"v": 1, "ref": "x:1:2", "label": "maybe"}
+            f, kind = {"v": 1, "ref": f"x:1:{j}", "label": "maybe"}, "unknown label"
         elif k == 3:
-            fb.append((None, b'{"v":1,"ref":"a'))
+            fb.append((None, b'{"v":1,"ref":"a%d' % j, "truncated"))
             continue
         elif k == 4:
-            fb.append((b"\xff", b"\xff\xfe\xfd"))
+            fb.append((b"\xff", b"\xff\xfe\xfd %d" % j, "invalid UTF-8"))
             continue
         elif k == 5:
-            f = {"v": 1, "ref": 12, "label": ["true_positive"]}
+            f, kind = {"v": 1, "ref": j, "label": ["true_positive"]}, "wrong types"
         elif k == 6:
-            f = {"v": 3}
+            f, kind = {"v": 3, "n": j}, "unknown version, fields missing"
         else:
-            f = {"v": 1, "ref": "topic:notanumber:x", "label": "true_positive", "extra": "y" * 5000}
-        fb.append((b"analyst", json.dumps(f).encode()))
+            f, kind = {"v": 1, "ref": f"topic:notanumber:{j}", "label": "true_positive", "extra": "y" * 5000}, "malformed ref + unknown field"
+        fb.append((b"analyst", json.dumps(f).encode(), kind))
     return acks, fb
 
 
@@ -191,11 +192,21 @@ def c3():
         marks = {}
         prod = w.tansu.producer(**{"linger.ms": 50, "batch.size": 1000000})
         errs = []
+        acked = set()
+        ctrl_sent = {}   # (topic, partition, offset) -> kind
+        pending_kind = {}
+
+        def kind_of(msg):
+            return pending_kind.get((msg.topic(), msg.key(), len(msg.value() or b""), (msg.value() or b"")[:64], (msg.value() or b"")[-64:]), "?")
 
         def cb(err, msg):
             if err is not None:
                 errs.append(str(err))
-        hog_at = set(int(total * (0.2 + 0.2 * j / 800)) for j in range(800))
+            elif msg.topic() == w.input:
+                acked.add(msg.partition() << 40 | msg.offset())
+            else:
+                ctrl_sent[(msg.topic(), msg.partition(), msg.offset())] = kind_of(msg)
+        hog_at = set(int(total * (0.2 + 0.2 * j / 1200)) for j in range(1200))
         fut_at = set(range(total // 2, total // 2 + 10))
         ctrl_at = int(total * 0.7)
         t0 = time.time()
@@ -227,10 +238,10 @@ def c3():
                 prod.poll(0)
             if i == ctrl_at:
                 acks, fb = control_bombs(r, g.ids, n_control)
-                for kk, vv in acks:
-                    prod.produce(f.topics["acks"], key=kk, value=vv, on_delivery=cb)
-                for kk, vv in fb:
-                    prod.produce(f.topics["feedback"], key=kk, value=vv, on_delivery=cb)
+                for t, recs in ((f.topics["acks"], acks), (f.topics["feedback"], fb)):
+                    for kk, vv, kind in recs:
+                        pending_kind[(t, kk, len(vv), vv[:64], vv[-64:])] = t.rsplit(".", 1)[1] + ": " + kind
+                        prod.produce(t, key=kk, value=vv, on_delivery=cb)
                 marks["control_sent"] = time.time()
         prod.flush(600)
         t_prod = time.time() - t0
@@ -240,6 +251,7 @@ def c3():
         cov, dup = set(), [0]
         big = {}
         ctrl_dl = [0]
+        ctrl_seen = set()
 
         def note_size(t, m):
             s = len(m.value() or b"") + len(m.key() or b"")
@@ -266,16 +278,23 @@ def c3():
                 cov.add(c)
             else:
                 ctrl_dl[0] += 1
+                try:
+                    ctrl_seen.add((h.get("twinguard.dlq.topic"), int(h["twinguard.dlq.partition"]), int(h["twinguard.dlq.offset"])))
+                except Exception:
+                    pass
 
         tails = [Tail(w.tansu.bootstrap, f.topics["verdicts"], n_parts, on_v), Tail(w.tansu.bootstrap, f.topics["dlq"], n_parts, on_d)]
-        in_total = sum(hi for lo, hi in w.tansu.watermarks(w.input, w.n).values())
+        in_total = len(acked)
         exits = []
+        last_ctrl = (0, time.time())
         deadline = time.time() + size(300, 1200)
         restarts = 0
         while time.time() < deadline:
             for t in tails:
                 t.poll(2.0)
-            if len(cov) >= in_total and ctrl_dl[0] >= 2 * n_control:
+            if ctrl_dl[0] != last_ctrl[0]:
+                last_ctrl = (ctrl_dl[0], time.time())
+            if acked <= cov and (len(ctrl_seen) >= len(ctrl_sent) or time.time() - last_ctrl[1] > 30):
                 break
             if not p.alive():
                 exits.append((p.name, p.rc, p.last_error()))
@@ -296,9 +315,20 @@ def c3():
         row(sc, f"{total} records ({kinds.get('valid', 0)} valid, rest malformed in {len(kinds) - 1} ways) + {2 * n_control} bad control records",
             "no exit", "no exit" if not exits else f"{len(exits)} exits ({restarts} restarts)", not exits,
             "; ".join(f"{n} rc={rc}: {e}" for n, rc, e in exits[:2]))
-        row(sc, "verdicts + dead letters = distinct input coordinates", in_total, f"{len(cov)} distinct ({dup[0]} duplicates)",
-            len(cov) == in_total, "" if len(cov) == in_total else f"{in_total - len(cov)} input records without output")
-        row(sc, "every bad control record has a dead letter", 2 * n_control, ctrl_dl[0], ctrl_dl[0] >= 2 * n_control)
+        missing, outside = len(acked - cov), len(cov - acked)
+        row(sc, "verdicts + dead letters = distinct input coordinates", f"{in_total} acknowledged coordinates", f"{len(cov)} distinct ({dup[0]} duplicates), {missing} without output, {outside} outside",
+            not missing and not outside, f"{missing} input records without output" if missing else "")
+        unanswered, wellformed = {}, [0, 0]
+        for c, kind in ctrl_sent.items():
+            if "(well-formed)" in kind:
+                wellformed[0] += 1
+                wellformed[1] += c in ctrl_seen
+            elif c not in ctrl_seen:
+                unanswered[kind] = unanswered.get(kind, 0) + 1
+        bad = sum(1 for k in ctrl_sent.values() if "(well-formed)" not in k)
+        row(sc, "every malformed control record (acks, feedback) has a dead letter at its coordinates", bad,
+            f"{bad - sum(unanswered.values())}; without one: {unanswered or 'none'} (well-formed acks of unknown commands: {wellformed[1]} of {wellformed[0]} dead-lettered, not required)",
+            not unanswered, "")
         from lib import read_twins
         twins, cl_big = read_twins(w.tansu.bootstrap, f.topics["changelog"], w.n)
         big["changelog"] = cl_big

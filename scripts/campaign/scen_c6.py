@@ -185,7 +185,8 @@ def c6c(tmpl):
                "http": {"listen": f"127.0.0.1:{http_port}"}}
         path = os.path.join(w.dir, "sql.toml")
         open(path, "w").write(to_toml(cfg))
-        p = Proc(w.dir, "sql", ["sql", "--config", path], http_port=http_port)
+        cg = memory_cap("c6c", 8192)  # protects the shared machine; recorded if it triggers
+        p = Proc(w.dir, "sql", ["sql", "--config", path], http_port=http_port, cgroup=cg)
         smp = Sampler(lambda: p, every=2, metrics=False)
         smp.start()
         t0 = time.time()
@@ -205,7 +206,8 @@ def c6c(tmpl):
         rss = max((s.get("rss_kb") or 0 for s in smp.samples), default=0)
         row(sc, f"twinguard sql over {n} twins (changelog records of {len(base)} B)", f"/readyz 200, count(*) = {n}, /healthz 200",
             f"ready={ready} after {t_ready:.0f}s, count={count}, /healthz {hz}, peak RSS {rss // 1024} MB", ready and count == n and hz == 200,
-            err or ("" if p.alive() else p.last_error()) or ("" if ready else "not ready: " + p.last_error()))
+            err or ("" if p.alive() else f"exited rc={p.rc} (OOM kills in its 8 GB cgroup: {oom_kills(cg) if cg else '?'}): {p.last_error()}") or ("" if ready else "not ready: " + p.last_error()))
         p.term()
+        remove_cap(cg)
     finally:
         w.close()

@@ -112,9 +112,14 @@ def c7b():
         time.sleep(10)
         after = z.log_text().splitlines()[n_lines:]
         z_lost = any("revoke" in l or "lost" in l for l in after)
+        alive = z.alive()
+        if not alive:
+            f.exits.append((z.name, "fail-stop after losing its assignment (expected)", z.rc))
+        stopped = not alive and z.rc == 1 and any("lost" in l for l in after)
         row(sc, "zombie: SIGSTOP one instance 15 s (> session.timeout.ms 6000), then SIGCONT",
-            "the others take over; the zombie is fenced or fail-stops",
-            f"others reassigned: {others_assigned}; zombie alive={z.alive()}, saw revoke/lost: {z_lost}", "INFO")
+            "the others take over; the zombie fail-stops (exit 1 naming the lost assignment) or is fenced (the checks below catch a write after the loss)",
+            f"others reassigned: {others_assigned}; zombie {'exited rc=%s' % z.rc if not alive else 'still running'}, saw revoke/lost: {z_lost}",
+            stopped or (alive and z_lost), "" if stopped or (alive and z_lost) else "the zombie kept running without noticing the lost assignment")
         sim.wait(900)
         done, fallback = settle(sc, f, w, procs, size(120, 180))
         row(sc, "after the zombie: every input coordinate answered", "complete", f"{'complete' if done else 'INCOMPLETE'}{' (fresh group fallback)' if fallback else ''}", done)
