@@ -211,6 +211,7 @@ class Sampler(threading.Thread):
             p = self.get_proc()
             s = {"t": time.time(), "phase": self.phase}
             if p is not None:
+                s["pid"] = p.pid
                 s["alive"] = p.alive()
                 s["rss_kb"] = p.rss_kb()
                 s["fds"] = p.fds()
