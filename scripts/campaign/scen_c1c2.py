@@ -208,13 +208,20 @@ def c2a():
             rss = [s["rss_kb"] for s in paused if s.get("rss_kb")]
             hz = sorted(set(str(s.get("healthz")) for s in paused))
             if not long:
-                alive = p.alive()
+                alive = p.alive() and wait_for("exit after the pause", lambda: not p.alive(), 5) is None
+                cause = ""
+                if not alive:
+                    cause = f"exited rc={p.rc}: {p.last_error()}"
+                    f.note_exit(p)
+                    p = f.start()
+                    cur[0] = p
+                    f.wait_ready(p, 120)
                 target = input_total(w)
                 caught = f.wait_complete(target, 120, [p])
-                row(sc, f"broker SIGSTOPped {d} s (< message.timeout.ms {C2_TIMEOUT_MS} ms)",
+                row(sc, f"broker SIGSTOPped {d} s (< message.timeout.ms {C2_TIMEOUT_MS} ms; session.timeout.ms 6000)",
                     "no exit; outputs catch up with the input within 120 s",
-                    f"alive={alive}; caught up {'in %.0fs' % (time.time() - t0 - d) if caught else 'NO'}; RSS {min(rss or [0]) // 1024}-{max(rss or [0]) // 1024} MB; /healthz {hz}",
-                    alive and caught, "" if alive and caught else p.last_error())
+                    f"{'alive' if alive else 'EXITED (restarted in a fresh group)'}; caught up {'in %.0fs' % (time.time() - t0 - d) if caught else 'NO'}; RSS {min(rss or [0]) // 1024}-{max(rss or [0]) // 1024} MB; /healthz {hz}",
+                    alive and caught, cause)
             else:
                 exited = wait_for("exit after the long pause", lambda: not p.alive(), 60) is True
                 rc = p.rc
