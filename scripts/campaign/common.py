@@ -166,6 +166,17 @@ class Run:
             time.sleep(every)
         return False
 
+    def quiesce(self, p, ticks=3, timeout=60):
+        """After the input is answered: let `ticks` expiry ticks pass (their status lines),
+        so idle-twin expiry has settled before the final state is compared."""
+        after = len(p.log_text().splitlines())
+        for _ in range(ticks):
+            i = p.wait_log(["status", "twins="], timeout, after=after, every=0.1)
+            if i is None:
+                return False
+            after = i + 1
+        return True
+
     def close(self):
         for p in self.procs:
             if p.alive():
@@ -380,5 +391,6 @@ def finish_reference(sc, w, extra, total, timeout, audit=True, label="ref"):
     ok = ref.wait_complete(total, timeout, [p])
     if not ok:
         log(f"{sc}: reference run incomplete: {len(ref.follow().covered())} of {total if isinstance(total, int) else len(total)}; {p.last_error()}")
+    ref.quiesce(p)
     ref.term(p)
     return ref

@@ -152,6 +152,7 @@ def c1():
         done = f.wait_complete(total, size(240, 600), [g])
         row(sc, "after the kills: every input coordinate answered", total, len(f.follow().covered()), done,
             "" if done else g.last_error())
+        f.quiesce(g)
         f.term(g)
         restore_ms = []
         for p in f.procs:
@@ -182,7 +183,7 @@ def c2():
 def c2a():
     sc = "C2a"
     pauses = [2, size(5, 15), C2_TIMEOUT_MS // 1000 + 15]
-    extra = {"kafka": {"producer": {"message.timeout.ms": str(C2_TIMEOUT_MS)}}, "batch": {"max_records": 200}}
+    extra = {"kafka": {"producer": {"message.timeout.ms": str(C2_TIMEOUT_MS)}}, "batch": {"max_records": 200, "expiry_interval_secs": 2}}
     w = World("c2a")
     try:
         rate = size(150, 400)
@@ -252,6 +253,7 @@ def c2a():
         rss = [s["rss_kb"] for s in smp.samples if s.get("rss_kb")]
         row(sc, "after the pauses: every input coordinate answered", total, len(f.follow().covered()), done, "" if done else p.last_error())
         row(sc, "measured: RSS over the run (sampled 1/s)", "plateau", f"{min(rss or [0]) // 1024}-{max(rss or [0]) // 1024} MB", "INFO")
+        f.quiesce(p)
         f.term(p)
         ref = finish_reference(sc, w, extra, total, 600)
         nothing_lost(sc, ref, f)

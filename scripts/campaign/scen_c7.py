@@ -20,6 +20,8 @@ def settle(sc, f, w, procs, timeout):
     live = [p for p in procs if p.alive()]
     if live and f.wait_complete(total, timeout, live):
         for p in live:
+            f.quiesce(p)
+        for p in live:
             f.term(p)
         return True, False
     for p in live:
@@ -27,6 +29,7 @@ def settle(sc, f, w, procs, timeout):
     g = f.start()
     f.wait_ready(g, 120)
     done = f.wait_complete(total, 300, [g])
+    f.quiesce(g)
     f.term(g)
     return done, True
 
