@@ -104,8 +104,9 @@ class Run:
         if extra:
             cfg = deep_merge(cfg, extra)
         path = os.path.join(self.w.dir, f"{name or self.prefix + '-' + group}.toml")
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:
             f.write(to_toml(cfg))
+        os.replace(path + ".tmp", path)
         self.cfg_path = path
         return path
 
@@ -117,8 +118,8 @@ class Run:
                 self.w.tansu.copy_offsets(self.group, new, [(self.w.input, self.w.n), (self.topics["acks"], self.w.n)])
             self.group = new
         port = free_port()
-        path = self.config(self.group, port, extra)
         name = f"{self.prefix}-{len(self.procs) + 1}"
+        path = self.config(self.group, port, extra, name=name)
         p = Proc(self.w.dir, name, ["run", "--config", path], http_port=port, cgroup=cgroup, log_level=log_level, env=env)
         self.procs.append(p)
         return p

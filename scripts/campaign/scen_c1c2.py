@@ -204,6 +204,7 @@ def c2a():
             w.tansu.pause()
             time.sleep(d)
             w.tansu.resume()
+            t_resume = time.time()
             smp.phase = f"after {d}s"
             paused = [s for s in smp.samples if s["phase"] == f"pause {d}s"]
             rss = [s["rss_kb"] for s in paused if s.get("rss_kb")]
@@ -221,7 +222,7 @@ def c2a():
                 caught = f.wait_complete(target, 120, [p])
                 row(sc, f"broker SIGSTOPped {d} s (< message.timeout.ms {C2_TIMEOUT_MS} ms; session.timeout.ms 6000)",
                     "no exit; outputs catch up with the input within 120 s",
-                    f"{'alive' if alive else 'EXITED (restarted in a fresh group)'}; caught up {'in %.0fs' % (time.time() - t0 - d) if caught else 'NO'}; RSS {min(rss or [0]) // 1024}-{max(rss or [0]) // 1024} MB; /healthz {hz}",
+                    f"{'alive' if alive else 'EXITED (restarted in a fresh group)'}; caught up {'%.0fs after the resume' % (time.time() - t_resume) if caught else 'NO'}; RSS {min(rss or [0]) // 1024}-{max(rss or [0]) // 1024} MB; /healthz {hz}",
                     alive and caught, cause)
             else:
                 exited = wait_for("exit after the long pause", lambda: not p.alive(), 60) is True
