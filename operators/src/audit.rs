@@ -14,6 +14,15 @@
 //!   the partition) appends where the last acknowledged record left off.
 //! - [`verify_chain`] names the FIRST record that fails and why; it never stops at
 //!   "something is wrong".
+//! - Verification starts from a PINNED public key, the key of the chain's first
+//!   record, given by whoever verifies; it is never derived from a signing key (every
+//!   pipeline host holds that). The key changes only through a `key_rotation` record
+//!   signed by the key it replaces and naming the new public key.
+//!
+//! Architecture Invariant: a chain's signing key changes only through a signed
+//! hand-over. A log whose chain tail was signed by its previous key (configured as
+//! such) first appends a `key_rotation` record signed by that previous key; it never
+//! continues a chain whose tail no configured key signed.
 
 use std::collections::HashMap;
 
@@ -91,20 +100,47 @@ pub fn record_hash(v: &Value) -> [u8; 32] {
     Sha256::digest(canonical_json(&v).as_bytes()).into()
 }
 
+/// Where a chain continues.
+#[derive(Debug, Clone)]
+struct Head {
+    seq: u64,
+    prev: String,
+    /// The tail was signed by the previous key: the next append first writes a
+    /// `key_rotation` record signed by it.
+    rotate: bool,
+}
+
+/// The first 8 bytes (hex) of a public key: a record's `key_id`.
+fn key_id(key: &VerifyingKey) -> String {
+    hex(&key.as_bytes()[..8])
+}
+
 /// The signing side: one chain head per partition this instance appends to.
 pub struct AuditLog {
     key: SigningKey,
     key_id: String,
-    /// chain → (next seq, hash of the last record).
-    heads: HashMap<i32, (u64, String)>,
+    /// The key this one replaced, while chains it signed may still need a hand-over.
+    previous: Option<SigningKey>,
+    heads: HashMap<i32, Head>,
 }
 
 impl AuditLog {
     /// A log signing with the ed25519 key whose 32-byte seed is `seed`.
     pub fn new(seed: [u8; 32]) -> Self {
         let key = SigningKey::from_bytes(&seed);
-        let key_id = hex(&key.verifying_key().as_bytes()[..8]);
-        AuditLog { key, key_id, heads: HashMap::new() }
+        let key_id = key_id(&key.verifying_key());
+        AuditLog { key, key_id, previous: None, heads: HashMap::new() }
+    }
+
+    /// The key this log's key replaces (seed of the previous signing key): a chain
+    /// whose tail it signed is continued after a `key_rotation` record it signs.
+    pub fn with_previous(mut self, seed: [u8; 32]) -> Result<Self, String> {
+        let previous = SigningKey::from_bytes(&seed);
+        if previous.verifying_key() == self.key.verifying_key() {
+            return Err("the previous signing key is the signing key itself".into());
+        }
+        self.previous = Some(previous);
+        Ok(self)
     }
 
     /// The public key (hex) that verifies this log's records.
@@ -113,21 +149,45 @@ impl AuditLog {
     }
 
     /// Continue `chain` after `tail`, its last record on the topic (None: the chain is
-    /// empty). The tail must verify with this log's key: a chain whose end was
-    /// tampered with is not silently continued.
+    /// empty). The tail must verify with this log's key, or with its previous key
+    /// (then the chain is handed over to this key by a `key_rotation` record at the
+    /// next append): a chain whose end was tampered with is not silently continued.
     pub fn continue_from(&mut self, chain: i32, tail: Option<&[u8]>) -> Result<(), String> {
         let head = match tail {
-            None => (0, GENESIS.to_string()),
+            None => Head { seq: 0, prev: GENESIS.to_string(), rotate: false },
             Some(bytes) => {
-                let rec = check_record(bytes, &self.key.verifying_key())?;
+                let (rec, rotate) = match check_record(bytes, &self.key.verifying_key()) {
+                    Ok(rec) => (rec, false),
+                    Err(e) if e.starts_with("forged") => {
+                        let signer = serde_json::from_slice::<AuditRecord>(bytes).map(|r| r.key_id).unwrap_or_default();
+                        let Some(previous) = &self.previous else {
+                            return Err(format!(
+                                "{e} (it was signed by key id {signer}, this instance signs with {}; after rotating the signing key, set `audit.previous_signing_key_file` to the old key)",
+                                self.key_id
+                            ));
+                        };
+                        let rec = check_record(bytes, &previous.verifying_key()).map_err(|e| {
+                            format!("{e}; it does not verify with the previous key either (it was signed by key id {signer})")
+                        })?;
+                        // A tail that already hands the chain over to this key.
+                        let handed_over = rec.kind == AuditKind::KeyRotation && rec.body["public_key"].as_str() == Some(self.public_key_hex().as_str());
+                        (rec, !handed_over)
+                    }
+                    Err(e) => return Err(e),
+                };
                 if rec.chain != chain {
                     return Err(format!("the last record belongs to chain {}, not {chain}", rec.chain));
                 }
-                (rec.seq + 1, rec.hash)
+                Head { seq: rec.seq + 1, prev: rec.hash, rotate }
             }
         };
         self.heads.insert(chain, head);
         Ok(())
+    }
+
+    /// Whether the next append to `chain` first hands it over to this log's key.
+    pub fn rotation_due(&self, chain: i32) -> bool {
+        self.heads.get(&chain).is_some_and(|h| h.rotate)
     }
 
     /// Forget a chain (its partition was revoked).
@@ -140,33 +200,98 @@ impl AuditLog {
         self.heads.contains_key(&chain)
     }
 
-    /// Append a record to `chain`; returns the record and its wire bytes.
+    /// Append a record to `chain`; returns what must be written, in order: a
+    /// `key_rotation` record first when the chain is handed over to this log's key
+    /// ([`rotation_due`](Self::rotation_due)), then the record.
     ///
     /// # Panics
     /// When the chain was never continued ([`continue_from`](Self::continue_from)):
     /// appending to an unknown head would fork the chain.
+    pub fn append_all(&mut self, chain: i32, kind: AuditKind, at: String, device_id: Option<String>, body: Value) -> Vec<(AuditRecord, Vec<u8>)> {
+        let mut out = Vec::with_capacity(1);
+        if self.rotation_due(chain) {
+            let previous = self.previous.clone().expect("a rotation is due only with a previous key");
+            let body = serde_json::json!({"public_key": self.public_key_hex(), "key_id": self.key_id});
+            out.push(self.sign_next(chain, AuditKind::KeyRotation, at.clone(), None, body, &previous));
+            if let Some(h) = self.heads.get_mut(&chain) {
+                h.rotate = false;
+            }
+        }
+        let key = self.key.clone();
+        out.push(self.sign_next(chain, kind, at, device_id, body, &key));
+        out
+    }
+
+    /// Append one record to `chain`; returns the record and its wire bytes.
+    ///
+    /// # Panics
+    /// When the chain was never continued, or when a key rotation is due (use
+    /// [`append_all`](Self::append_all), which writes it).
     pub fn append(&mut self, chain: i32, kind: AuditKind, at: String, device_id: Option<String>, body: Value) -> (AuditRecord, Vec<u8>) {
-        let (seq, prev) = self.heads.get(&chain).cloned().expect("audit chain continued before appending");
+        assert!(!self.rotation_due(chain), "a key rotation is due on chain {chain}: append with append_all");
+        self.append_all(chain, kind, at, device_id, body).pop().expect("one record")
+    }
+
+    fn sign_next(&mut self, chain: i32, kind: AuditKind, at: String, device_id: Option<String>, body: Value, key: &SigningKey) -> (AuditRecord, Vec<u8>) {
+        let head = self.heads.get_mut(&chain).expect("audit chain continued before appending");
         let mut rec = AuditRecord {
             v: RESPONSE_VERSION,
             chain,
-            seq,
-            prev,
+            seq: head.seq,
+            prev: head.prev.clone(),
             kind,
             at,
             device_id,
             body,
-            key_id: self.key_id.clone(),
+            key_id: key_id(&key.verifying_key()),
             hash: String::new(),
             sig: String::new(),
         };
         let h = record_hash(&serde_json::to_value(&rec).expect("audit record serialises"));
         rec.hash = hex(&h);
-        rec.sig = hex(&self.key.sign(&h).to_bytes());
-        self.heads.insert(chain, (seq + 1, rec.hash.clone()));
+        rec.sig = hex(&key.sign(&h).to_bytes());
+        head.seq += 1;
+        head.prev = rec.hash.clone();
         let bytes = serde_json::to_vec(&rec).expect("audit record serialises");
         (rec, bytes)
     }
+}
+
+/// HMAC-SHA256 (RFC 2104) of `msg` keyed by `key`.
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    if key.len() > block.len() {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |b: u8| block.iter().map(|k| k ^ b).collect::<Vec<u8>>();
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(msg).finalize();
+    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
+}
+
+/// The `mac` an ack carries: HMAC-SHA256 (hex) over
+/// `twinguard-ack-v1\n<command_id>\n<status>\n<device_id>`.
+pub fn ack_mac(secret: &[u8], command_id: &str, status: &str, device_id: &str) -> String {
+    hex(&hmac_sha256(secret, format!("twinguard-ack-v1\n{command_id}\n{status}\n{device_id}").as_bytes()))
+}
+
+/// The `mac` a feedback record carries: HMAC-SHA256 (hex) over
+/// `twinguard-feedback-v1\n<label>\n<analyst or empty>\n<ref>`.
+pub fn feedback_mac(secret: &[u8], label: &str, analyst: &str, reference: &str) -> String {
+    hex(&hmac_sha256(secret, format!("twinguard-feedback-v1\n{label}\n{analyst}\n{reference}").as_bytes()))
+}
+
+/// Whether `given` is the MAC `expected` (hex), compared in constant time. Fields
+/// before the last one of a MAC'd message must not hold a line break (the message
+/// would be ambiguous): `unambiguous` says whether they do not.
+pub fn mac_matches(expected: &str, given: &str, unambiguous: bool) -> bool {
+    let (a, b) = (expected.as_bytes(), given.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y.to_ascii_lowercase()));
+    diff == 0 && unambiguous
 }
 
 /// Check one record on its own: it parses, its hash matches its content, and its
@@ -182,7 +307,8 @@ pub fn check_record(bytes: &[u8], key: &VerifyingKey) -> Result<AuditRecord, Str
         .and_then(|b| <[u8; 64]>::try_from(b).ok())
         .map(|b| Signature::from_bytes(&b))
         .ok_or_else(|| "forged: its signature is not 64 hex bytes".to_string())?;
-    key.verify(&h, &sig).map_err(|_| "forged: its signature does not verify with the audit public key".to_string())?;
+    key.verify(&h, &sig)
+        .map_err(|_| format!("forged: its signature does not verify with the audit public key (key id {})", key_id(key)))?;
     Ok(rec)
 }
 
@@ -217,9 +343,15 @@ pub struct ChainSummary {
     pub records: u64,
     /// Hash of the last record (the head), if any.
     pub head: Option<String>,
+    /// `key_rotation` records followed.
+    pub rotations: u64,
+    /// The public key (hex) that signs the chain's newest records.
+    pub key: String,
 }
 
-/// Verify one partition's chain, records in offset order. `allow_truncated_start`
+/// Verify one partition's chain, records in offset order, starting from `key`, the
+/// pinned public key of the chain's first record; a `key_rotation` record signed by
+/// the current key hands verification over to the key it names. `allow_truncated_start`
 /// accepts a chain whose first surviving record is not seq 0 (older records deleted
 /// by topic retention); otherwise that is reported as removal.
 pub fn verify_chain(
@@ -236,8 +368,10 @@ pub fn verify_chain(
         .collect();
     let mut expect: Option<(u64, String)> = None;
     let mut seen: std::collections::HashSet<u64> = std::collections::HashSet::new();
+    let mut key = *key;
+    let mut rotations = 0;
     for (i, (offset, bytes)) in records.iter().enumerate() {
-        let rec = check_record(bytes, key).map_err(|r| fault(*offset, parsed[i].as_ref().map(|r| r.seq), r))?;
+        let rec = check_record(bytes, &key).map_err(|r| fault(*offset, parsed[i].as_ref().map(|r| r.seq), r))?;
         if rec.chain != chain {
             return Err(fault(*offset, Some(rec.seq), format!("moved: it belongs to chain {}, found in partition {chain}", rec.chain)));
         }
@@ -261,10 +395,19 @@ pub fn verify_chain(
         if rec.prev != want_prev {
             return Err(fault(*offset, Some(rec.seq), "chain broken: `prev` is not the hash of the record before it".into()));
         }
+        if rec.kind == AuditKind::KeyRotation {
+            key = rec.body["public_key"]
+                .as_str()
+                .ok_or_else(|| "no `body.public_key`".to_string())
+                .and_then(parse_key_hex)
+                .and_then(verifying_key)
+                .map_err(|e| fault(*offset, Some(rec.seq), format!("malformed key rotation: {e}")))?;
+            rotations += 1;
+        }
         seen.insert(rec.seq);
         expect = Some((rec.seq + 1, rec.hash.clone()));
     }
-    Ok(ChainSummary { records: records.len() as u64, head: expect.map(|e| e.1) })
+    Ok(ChainSummary { records: records.len() as u64, head: expect.map(|e| e.1), rotations, key: hex(key.as_bytes()) })
 }
 
 #[cfg(test)]
@@ -354,6 +497,77 @@ mod tests {
         v["kind"] = json!("command");
         let mut again = AuditLog::new([7; 32]);
         assert!(again.continue_from(3, Some(&serde_json::to_vec(&v).unwrap())).unwrap_err().starts_with("altered"));
+    }
+
+    #[test]
+    fn a_rotated_key_takes_over_the_chain_through_a_record_the_old_key_signs() {
+        let (old, mut recs) = chain(3);
+        let pinned = key(&old);
+        // The new key alone cannot continue a chain the old key signed (it says how).
+        let mut new = AuditLog::new([8; 32]);
+        let e = new.continue_from(3, Some(&recs[2].1)).unwrap_err();
+        assert!(e.starts_with("forged") && e.contains("previous_signing_key_file"), "{e}");
+        // With the old key as its previous key it hands the chain over.
+        let mut new = AuditLog::new([8; 32]).with_previous([7; 32]).unwrap();
+        new.continue_from(3, Some(&recs[2].1)).unwrap();
+        assert!(new.rotation_due(3));
+        let out = new.append_all(3, AuditKind::Verdict, "2026-01-01T00:00:10Z".into(), Some("dev-9".into()), json!({}));
+        assert_eq!(out.len(), 2);
+        let (rot, rec) = (&out[0].0, &out[1].0);
+        assert_eq!((rot.kind, rot.seq, rot.key_id.as_str()), (AuditKind::KeyRotation, 3, old.key_id.as_str()));
+        assert_eq!(rot.body["public_key"].as_str(), Some(new.public_key_hex().as_str()));
+        assert_eq!((rec.seq, rec.prev.as_str(), rec.key_id.as_str()), (4, rot.hash.as_str(), new.key_id.as_str()));
+        recs.extend(out.into_iter().enumerate().map(|(i, (_, b))| (10 + i as i64, b)));
+        // Verified from the pinned first key, across the hand-over.
+        let s = verify_chain(3, &recs, &pinned, false).unwrap();
+        assert_eq!((s.records, s.rotations, s.key.as_str()), (5, 1, new.public_key_hex().as_str()));
+        // The new key is not the chain's key: pinning it fails at the first record.
+        assert!(verify_chain(3, &recs, &key(&new), false).unwrap_err().reason.starts_with("forged"));
+        // A restart continues after the hand-over without a second rotation, from
+        // either tail: the new key's record, or the rotation record itself.
+        for tail in [&recs[4].1, &recs[3].1] {
+            let mut again = AuditLog::new([8; 32]).with_previous([7; 32]).unwrap();
+            again.continue_from(3, Some(tail)).unwrap();
+            assert!(!again.rotation_due(3));
+        }
+        // After the hand-over the old key cannot sign on: a record it signs is forged.
+        let mut stale = AuditLog::new([7; 32]);
+        stale.continue_from(3, Some(&recs[3].1)).unwrap();
+        let (_, b) = stale.append(3, AuditKind::Verdict, "2026-01-01T00:00:11Z".into(), None, json!({}));
+        let mut forked = recs[..4].to_vec();
+        forked.push((12, b));
+        let f = verify_chain(3, &forked, &pinned, false).unwrap_err();
+        assert_eq!(f.seq, Some(4));
+        assert!(f.reason.starts_with("forged"), "{f}");
+        // A rotation naming no usable key is reported as such.
+        let mut bad = AuditLog::new([7; 32]);
+        bad.continue_from(3, Some(&recs[2].1)).unwrap();
+        let (_, b) = bad.append(3, AuditKind::KeyRotation, "2026-01-01T00:00:12Z".into(), None, json!({"public_key": "zz"}));
+        let mut t = recs[..3].to_vec();
+        t.push((13, b));
+        assert!(verify_chain(3, &t, &pinned, false).unwrap_err().reason.starts_with("malformed key rotation"));
+        assert!(AuditLog::new([7; 32]).with_previous([7; 32]).is_err());
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231_and_macs_bind_every_field() {
+        // RFC 4231, test case 2.
+        assert_eq!(hex(&hmac_sha256(b"Jefe", b"what do ya want for nothing?")), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        // Test case 6: a key longer than the block is hashed first.
+        assert_eq!(
+            hex(&hmac_sha256(&[0xaa; 131], b"Test Using Larger Than Block-Size Key - Hash Key First")),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        let m = ack_mac(b"secret", "c1", "applied", "dev-1");
+        assert!(mac_matches(&m, &m, true) && mac_matches(&m, &m.to_uppercase(), true));
+        assert!(!mac_matches(&m, &m, false), "an ambiguous message never verifies");
+        for other in [ack_mac(b"secret2", "c1", "applied", "dev-1"), ack_mac(b"secret", "c2", "applied", "dev-1"), ack_mac(b"secret", "c1", "failed", "dev-1"), ack_mac(b"secret", "c1", "applied", "dev-2")] {
+            assert!(!mac_matches(&other, &m, true));
+        }
+        assert!(!mac_matches(&m, &m[..63], true));
+        let f = feedback_mac(b"s", "false_positive", "alice", "t:0:1");
+        assert_ne!(f, feedback_mac(b"s", "false_positive", "bob", "t:0:1"));
+        assert_ne!(f, feedback_mac(b"s", "true_positive", "alice", "t:0:1"));
     }
 
     #[test]

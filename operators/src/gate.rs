@@ -15,14 +15,23 @@
 //!   response times (event entered the input topic → command acknowledged by the broker).
 //!
 //! A figure is judged only once its denominator holds `min_labels` labels (an
-//! estimate from three labels would flap). The acting detector (the one whose
+//! estimate from three labels would flap).
+//!
+//! Labels count once per `ref`: a later label of the same alert or verdict replaces
+//! the earlier one (a correction), so repeating a label cannot outvote the others.
+//! Every label is attributed: the gate counts the labels in its window per
+//! `analyst` (unattributed ones under `(unattributed)`), and with a feedback secret
+//! only feedback with a valid `mac` (HMAC-SHA256, [`crate::audit::feedback_mac`])
+//! counts; the rest is refused for the caller to dead-letter. The acting detector (the one whose
 //! decision raises alerts) drives the gate; per-member figures (RF, SVM, LSTM, twin)
 //! are reported for alerts whose scores the gate has seen, for the analysts.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use twinguard_schemas::respond::{Alert, AlertKind, Feedback, FeedbackLabel};
+
+use crate::audit::{feedback_mac, mac_matches};
 
 /// Thresholds and windows of the gate (`[gating]` in the pipeline config).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,6 +56,11 @@ pub struct GatingConfig {
     pub response_max_age_secs: u64,
     /// Alerts remembered for joining feedback with per-member scores.
     pub remember_alerts: usize,
+    /// Environment variable holding the per-deployment feedback secret (read by the
+    /// pipeline). Set: only feedback with a valid `mac` counts; the rest is
+    /// dead-lettered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feedback_secret_env: Option<String>,
 }
 
 impl Default for GatingConfig {
@@ -62,6 +76,7 @@ impl Default for GatingConfig {
             response_window: 500,
             response_max_age_secs: 300,
             remember_alerts: 100_000,
+            feedback_secret_env: None,
         }
     }
 }
@@ -138,6 +153,21 @@ pub struct GateStatus {
     /// Feedback whose alert the gate never saw (members unknown; counted for the
     /// acting detector only).
     pub unmatched_feedback: u64,
+    /// Labels in the window per analyst (who suspended automation, when it is).
+    #[serde(default)]
+    pub analysts: BTreeMap<String, usize>,
+}
+
+/// Analyst name counted for feedback without one.
+pub const UNATTRIBUTED: &str = "(unattributed)";
+
+/// One counted label.
+#[derive(Debug, Clone)]
+struct Label {
+    reference: String,
+    label: FeedbackLabel,
+    decisions: Option<Decisions>,
+    analyst: String,
 }
 
 /// A change of the gate.
@@ -152,7 +182,11 @@ type Decisions = [Option<bool>; 4];
 
 pub struct Gate {
     cfg: GatingConfig,
-    labels: VecDeque<(FeedbackLabel, Option<Decisions>)>,
+    labels: VecDeque<Label>,
+    /// The refs in `labels` (each at most once).
+    refs: HashSet<String>,
+    /// The per-deployment secret feedback is authenticated with.
+    secret: Option<Vec<u8>>,
     /// (when measured, ms)
     response: VecDeque<(i64, f64)>,
     alerts: HashMap<String, Decisions>,
@@ -165,6 +199,8 @@ impl Gate {
         Gate {
             cfg,
             labels: VecDeque::new(),
+            refs: HashSet::new(),
+            secret: None,
             response: VecDeque::new(),
             alerts: HashMap::new(),
             alert_order: VecDeque::new(),
@@ -174,6 +210,12 @@ impl Gate {
 
     pub fn config(&self) -> &GatingConfig {
         &self.cfg
+    }
+
+    /// Count only feedback carrying a valid `mac` keyed by `secret`.
+    pub fn with_feedback_secret(mut self, secret: Vec<u8>) -> Self {
+        self.secret = Some(secret);
+        self
     }
 
     /// Remember an alert's member decisions, for feedback that refers to it.
@@ -195,8 +237,20 @@ impl Gate {
         }
     }
 
-    /// Count one analyst label; returns a transition if the gate changed.
-    pub fn observe_feedback(&mut self, fb: &Feedback) -> Option<Transition> {
+    /// Count one analyst label (replacing an earlier label of the same `ref`);
+    /// returns a transition if the gate changed. `Err` names why the record does not
+    /// count (with a feedback secret: no `mac`, or one that does not verify).
+    pub fn observe_feedback(&mut self, fb: &Feedback) -> Result<Option<Transition>, String> {
+        if let Some(secret) = &self.secret {
+            let analyst = fb.analyst.as_deref().unwrap_or("");
+            let Some(mac) = &fb.mac else {
+                return Err("unsigned feedback: feedback must carry `mac` (a feedback secret is configured, `gating.feedback_secret_env`)".into());
+            };
+            let expected = feedback_mac(secret, fb.label.as_str(), analyst, &fb.reference);
+            if !mac_matches(&expected, mac, !analyst.contains('\n')) {
+                return Err(format!("feedback `mac` does not verify for ref `{}` (HMAC-SHA256 with the deployment's feedback secret)", fb.reference));
+            }
+        }
         let decisions = match fb.label {
             FeedbackLabel::TruePositive | FeedbackLabel::FalsePositive => {
                 let d = self.alerts.get(&fb.reference).copied();
@@ -207,11 +261,17 @@ impl Gate {
             }
             _ => None,
         };
-        self.labels.push_back((fb.label, decisions));
-        while self.labels.len() > self.cfg.window {
-            self.labels.pop_front();
+        if !self.refs.insert(fb.reference.clone()) {
+            self.labels.retain(|l| l.reference != fb.reference);
         }
-        self.evaluate()
+        let analyst = fb.analyst.clone().filter(|a| !a.is_empty()).unwrap_or_else(|| UNATTRIBUTED.to_string());
+        self.labels.push_back(Label { reference: fb.reference.clone(), label: fb.label, decisions, analyst });
+        while self.labels.len() > self.cfg.window {
+            if let Some(old) = self.labels.pop_front() {
+                self.refs.remove(&old.reference);
+            }
+        }
+        Ok(self.evaluate())
     }
 
     /// Count one command response time (`ms`, measured at `now_ms`); returns a
@@ -245,8 +305,10 @@ impl Gate {
         let min = self.cfg.min_labels;
         let mut acting = Figures::default();
         let mut members: Vec<Figures> = vec![Figures::default(); MEMBERS.len()];
-        for (label, d) in &self.labels {
+        let mut analysts: BTreeMap<String, usize> = BTreeMap::new();
+        for Label { label, decisions: d, analyst, .. } in &self.labels {
             acting.add(*label);
+            *analysts.entry(analyst.clone()).or_default() += 1;
             let Some(d) = d else { continue };
             for (m, fired) in members.iter_mut().zip(d) {
                 let Some(fired) = *fired else { continue };
@@ -292,6 +354,7 @@ impl Gate {
             response_ms,
             labels: self.labels.len(),
             unmatched_feedback: self.status.unmatched_feedback,
+            analysts,
         };
         match (was, now) {
             (false, true) => Some(Transition::Suspended(self.status.clone())),
@@ -308,7 +371,7 @@ mod tests {
     use twinguard_schemas::verdict::ModelScores;
 
     fn fb(r: &str, label: FeedbackLabel) -> Feedback {
-        Feedback { v: RESPONSE_VERSION, reference: r.into(), label, analyst: None, note: None }
+        Feedback { v: RESPONSE_VERSION, reference: r.into(), label, analyst: None, note: None, mac: None }
     }
 
     fn alert(id: &str, rf: f64) -> Alert {
@@ -341,15 +404,15 @@ mod tests {
         let mut g = Gate::new(GatingConfig { window: 100, min_labels: 10, max_fpr: 0.2, min_precision: 0.0, ..Default::default() });
         // Fewer labels than min_labels: not judged, whatever they say.
         for i in 0..9 {
-            assert_eq!(g.observe_feedback(&fb(&format!("a{i}"), FeedbackLabel::FalsePositive)), None);
+            assert_eq!(g.observe_feedback(&fb(&format!("a{i}"), FeedbackLabel::FalsePositive)), Ok(None));
         }
         assert!(!g.suspended());
-        assert!(matches!(g.observe_feedback(&fb("a9", FeedbackLabel::FalsePositive)), Some(Transition::Suspended(_))));
+        assert!(matches!(g.observe_feedback(&fb("a9", FeedbackLabel::FalsePositive)), Ok(Some(Transition::Suspended(_)))));
         assert!(g.status().reasons[0].starts_with("false-positive rate"), "{:?}", g.status().reasons);
         // FPR = 10 / (10 + TN): back under 0.2 at TN = 41.
         let mut resumed_at = None;
         for i in 0..60 {
-            if let Some(Transition::Resumed(s)) = g.observe_feedback(&fb(&format!("v{i}"), FeedbackLabel::TrueNegative)) {
+            if let Ok(Some(Transition::Resumed(s))) = g.observe_feedback(&fb(&format!("v{i}"), FeedbackLabel::TrueNegative)) {
                 resumed_at = Some((i, s));
                 break;
             }
@@ -365,9 +428,9 @@ mod tests {
         let mut g = Gate::new(GatingConfig { min_labels: 2, ..Default::default() });
         g.observe_alert(&alert("x", 0.9));
         g.observe_alert(&alert("y", 0.2));
-        g.observe_feedback(&fb("x", FeedbackLabel::TruePositive));
-        g.observe_feedback(&fb("y", FeedbackLabel::FalsePositive));
-        g.observe_feedback(&fb("unknown", FeedbackLabel::TruePositive));
+        g.observe_feedback(&fb("x", FeedbackLabel::TruePositive)).unwrap();
+        g.observe_feedback(&fb("y", FeedbackLabel::FalsePositive)).unwrap();
+        g.observe_feedback(&fb("unknown", FeedbackLabel::TruePositive)).unwrap();
         let s = g.status();
         assert_eq!((s.acting.tp, s.acting.fp), (2, 1));
         let rf = &s.members[0].1;
@@ -394,6 +457,51 @@ mod tests {
         assert!(matches!(g.observe_response_ms(900.0, 100), Some(Transition::Suspended(_))));
         assert_eq!(g.tick(100 + 299_000), None, "still within response_max_age_secs");
         assert!(matches!(g.tick(100 + 301_000), Some(Transition::Resumed(_))));
+    }
+
+    #[test]
+    fn feedback_on_one_ref_counts_once() {
+        let mut g = Gate::new(GatingConfig { window: 100, min_labels: 5, max_fpr: 0.2, min_precision: 0.0, ..Default::default() });
+        // One writer repeating a label on one alert is one label: never enough to judge.
+        for _ in 0..50 {
+            let _ = g.observe_feedback(&fb("a0", FeedbackLabel::FalsePositive));
+        }
+        assert!(!g.suspended(), "{:?}", g.status());
+        assert_eq!((g.status().labels, g.status().acting.fp), (1, 1));
+        // Distinct alerts count one each; the latest label of a ref replaces the earlier one.
+        for i in 1..5 {
+            let _ = g.observe_feedback(&fb(&format!("a{i}"), FeedbackLabel::FalsePositive));
+        }
+        assert!(g.suspended());
+        let _ = g.observe_feedback(&fb("a0", FeedbackLabel::TruePositive));
+        assert_eq!((g.status().labels, g.status().acting.fp, g.status().acting.tp), (5, 4, 1));
+    }
+
+    #[test]
+    fn feedback_is_attributed_and_with_a_secret_must_be_signed() {
+        let cfg = GatingConfig { window: 100, min_labels: 3, max_fpr: 0.2, min_precision: 0.0, ..Default::default() };
+        let mut g = Gate::new(cfg.clone()).with_feedback_secret(b"soc-secret".to_vec());
+        let signed = |r: &str, analyst: &str, key: &[u8]| Feedback {
+            analyst: Some(analyst.into()),
+            mac: Some(feedback_mac(key, "false_positive", analyst, r)),
+            ..fb(r, FeedbackLabel::FalsePositive)
+        };
+        // Unsigned, wrongly signed, or signed for another analyst: refused, not counted.
+        assert!(g.observe_feedback(&fb("a0", FeedbackLabel::FalsePositive)).unwrap_err().contains("unsigned feedback"));
+        assert!(g.observe_feedback(&signed("a0", "mallory", b"guess")).unwrap_err().contains("does not verify"));
+        let stolen = Feedback { analyst: Some("bob".into()), ..signed("a0", "alice", b"soc-secret") };
+        assert!(g.observe_feedback(&stolen).unwrap_err().contains("does not verify"));
+        assert_eq!(g.status().labels, 0);
+        // Signed feedback counts, attributed to its analyst.
+        for (i, who) in ["alice", "alice", "bob"].iter().enumerate() {
+            g.observe_feedback(&signed(&format!("a{i}"), who, b"soc-secret")).unwrap();
+        }
+        assert!(g.suspended());
+        assert_eq!(g.status().analysts, BTreeMap::from([("alice".to_string(), 2), ("bob".to_string(), 1)]));
+        // Without a secret, unsigned feedback counts, unattributed if nobody is named.
+        let mut open = Gate::new(cfg);
+        open.observe_feedback(&fb("a0", FeedbackLabel::FalsePositive)).unwrap();
+        assert_eq!(open.status().analysts, BTreeMap::from([(UNATTRIBUTED.to_string(), 1)]));
     }
 
     #[test]

@@ -7,13 +7,19 @@
 //!   attack class, device type and criticality picks the action.
 //! - A life-critical device is never isolated (or given any action listed in
 //!   `human_only`) by the machine: the action becomes `escalate`, a human decides.
+//!   With a registry configured, a device it does not list is treated the same way
+//!   for `human_only` actions (its telemetry could claim any type).
 //! - Repeated alerts of one incident (the same device, alerts less than
 //!   `incident_quiet_secs` apart in event time) never repeat a command: a command's
 //!   id is a hash of device, incident and action, so even a replay re-issues the same id.
 //! - While confidence gating suspends automation, alerts still flow, marked
 //!   `suspended` and `needs_human`, and no command is issued.
 //! - Every verdict above threshold, every command, acknowledgement and expiry is
-//!   appended to the audit log (when one is configured).
+//!   appended to the audit log (when one is configured). A record for a chain that
+//!   was never continued is not written (that would fork the chain): it is counted
+//!   in [`Responses::audit_unchained`] for the pipeline to report loudly.
+//! - An ack applies only to a command of the device it names, and, with an ack
+//!   secret, only with a valid `mac` ([`crate::audit::ack_mac`]).
 //!
 //! Architecture Invariant: no I/O and no clock reads; processing time comes in as
 //! `now_ms` (command issue and expiry times are processing time, as the devices
@@ -34,7 +40,7 @@ use twinguard_schemas::respond::{
 use twinguard_schemas::verdict::Verdict;
 use twinguard_schemas::{EventSchema, Role};
 
-use crate::audit::{hex, AuditLog};
+use crate::audit::{ack_mac, hex, mac_matches, AuditLog};
 use crate::twin::{Twin, TwinOperator};
 
 /// One policy rule. Empty lists match anything; all given conditions must hold.
@@ -84,6 +90,11 @@ pub struct PolicyConfig {
     pub incident_quiet_secs: u64,
     /// Metrics named in an alert (largest deviation first).
     pub top_features: usize,
+    /// Environment variable holding the per-deployment ack secret (read by the
+    /// pipeline). Set: every ack must carry a valid `mac` (HMAC-SHA256, see
+    /// [`crate::audit::ack_mac`]); others are dead-lettered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ack_secret_env: Option<String>,
 }
 
 impl Default for PolicyConfig {
@@ -110,6 +121,7 @@ impl Default for PolicyConfig {
             command_ttl_secs: 60,
             incident_quiet_secs: 600,
             top_features: 3,
+            ack_secret_env: None,
         }
     }
 }
@@ -126,11 +138,27 @@ pub struct Decision {
 impl PolicyConfig {
     /// The first matching rule's action, with the life-critical override applied.
     pub fn decide(&self, score: f64, class: Option<&str>, device_type: Option<&str>, crit: Criticality) -> Decision {
+        self.decide_as(score, class, device_type, crit, true)
+    }
+
+    /// [`decide`](Self::decide) for a device that is (`registered`) or is not listed
+    /// in a configured registry: an unlisted device's `human_only` actions are
+    /// escalated like a life-critical device's, whatever type it reports.
+    pub fn decide_as(&self, score: f64, class: Option<&str>, device_type: Option<&str>, crit: Criticality, registered: bool) -> Decision {
         let rule = self.rules.iter().find(|r| r.matches(score, class, device_type, crit));
         let (rule, action) = rule.map_or(("(no rule)".to_string(), Action::Notify), |r| (r.name.clone(), r.action));
-        if crit == Criticality::LifeCritical && self.human_only.contains(&action) {
-            let note = Some(format!("life-critical device: `{}` escalated to a human", action.as_str()));
-            return Decision { rule, action: Action::Escalate, note };
+        if self.human_only.contains(&action) {
+            let why = if crit == Criticality::LifeCritical {
+                Some("life-critical device")
+            } else if !registered {
+                Some("device not in the registry (counted as life-critical)")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                let note = Some(format!("{why}: `{}` escalated to a human", action.as_str()));
+                return Decision { rule, action: Action::Escalate, note };
+            }
         }
         Decision { rule, action, note: None }
     }
@@ -152,13 +180,16 @@ impl PolicyConfig {
 }
 
 /// The device registry: type, criticality and approved firmware per device.
+/// [`Registry::default`] is no registry at all; [`Registry::new`] is a configured
+/// one (possibly empty), whose unlisted devices never get `human_only` actions.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     devices: HashMap<String, RegistryEntry>,
+    configured: bool,
 }
 
 impl Registry {
-    /// Build from entries; a device listed twice is an error naming it.
+    /// A configured registry of `entries`; a device listed twice is an error naming it.
     pub fn new(entries: Vec<RegistryEntry>) -> Result<Self, String> {
         let mut devices = HashMap::with_capacity(entries.len());
         for mut e in entries {
@@ -170,7 +201,11 @@ impl Registry {
                 return Err(format!("device `{id}` is listed twice"));
             }
         }
-        Ok(Registry { devices })
+        Ok(Registry { devices, configured: true })
+    }
+    /// Whether a registry was configured (devices it does not list are suspect).
+    pub fn is_configured(&self) -> bool {
+        self.configured
     }
     pub fn get(&self, device: &str) -> Option<&RegistryEntry> {
         self.devices.get(device)
@@ -273,11 +308,14 @@ pub struct Responses {
     pub commands: Vec<(Command, Option<i64>)>,
     /// Signed audit records (partition, wire bytes).
     pub audit: Vec<(i32, Vec<u8>)>,
+    /// Audit records NOT written because their chain was never continued (its
+    /// partition's tail not read): the caller must report them loudly.
+    pub audit_unchained: Vec<(i32, AuditKind)>,
 }
 
 impl Responses {
     pub fn is_empty(&self) -> bool {
-        self.alerts.is_empty() && self.commands.is_empty() && self.audit.is_empty()
+        self.alerts.is_empty() && self.commands.is_empty() && self.audit.is_empty() && self.audit_unchained.is_empty()
     }
 }
 
@@ -303,6 +341,8 @@ pub struct Responder {
     device_type_col: Option<usize>,
     /// Gate state last written to each partition's audit chain.
     audited_gate: HashMap<i32, bool>,
+    /// The per-deployment secret acks are authenticated with.
+    ack_secret: Option<Vec<u8>>,
 }
 
 fn hash_id(parts: &[&str]) -> String {
@@ -327,7 +367,14 @@ impl Responder {
             registry,
             audit,
             audited_gate: HashMap::new(),
+            ack_secret: None,
         }
+    }
+
+    /// Require every ack to carry a valid `mac` keyed by `secret`.
+    pub fn with_ack_secret(mut self, secret: Vec<u8>) -> Self {
+        self.ack_secret = Some(secret);
+        self
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -347,8 +394,11 @@ impl Responder {
     fn audit(&mut self, out: &mut Responses, chain: i32, kind: AuditKind, at: String, device: Option<&str>, body: serde_json::Value) {
         if let Some(log) = &mut self.audit {
             if log.has_chain(chain) {
-                let (_, bytes) = log.append(chain, kind, at, device.map(str::to_string), body);
-                out.audit.push((chain, bytes));
+                for (_, bytes) in log.append_all(chain, kind, at, device.map(str::to_string), body) {
+                    out.audit.push((chain, bytes));
+                }
+            } else {
+                out.audit_unchained.push((chain, kind));
             }
         }
     }
@@ -373,6 +423,8 @@ impl Responder {
     /// criticality never goes down (an event cannot talk a ventilator out of being
     /// life-critical).
     fn classify(&self, device: &str, reported_type: Option<&str>, known: &ResponseState) -> (Option<String>, Criticality) {
+        // (A device missing from a configured registry is handled by the policy:
+        // `decide_as(.., registered = false)`.)
         if let Some(e) = self.registry.get(device) {
             return (Some(e.device_type.clone()), e.criticality);
         }
@@ -457,7 +509,8 @@ impl Responder {
             self.audit(&mut out, p, AuditKind::Verdict, at.clone(), Some(&v.device_id), serde_json::to_value(&*v).expect("verdict serialises"));
             let alert_id = event_ref(&v.source);
             let class = v.attack_class.clone();
-            let Decision { rule: rule_name, action, note } = self.cfg.decide(v.score, class.as_deref(), device_type.as_deref(), crit);
+            let registered = !self.registry.is_configured() || self.registry.get(&v.device_id).is_some();
+            let Decision { rule: rule_name, action, note } = self.cfg.decide_as(v.score, class.as_deref(), device_type.as_deref(), crit, registered);
             let quiet = i64::try_from(self.cfg.incident_quiet_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
             let features = {
                 let twin = twins.store().get(p, &v.device_id).expect("twin exists");
@@ -570,8 +623,19 @@ impl Responder {
     }
 
     /// Apply a device's acknowledgement to its twin in `partition` (or any owned
-    /// partition). `Err` names why it cannot be applied here.
+    /// partition). `Err` names why it cannot be applied: a missing or wrong `mac`
+    /// (with an ack secret), a device this instance does not hold, or a command
+    /// issued to another device.
     pub fn apply_ack(&mut self, twins: &mut TwinOperator, partition: i32, ack: &Ack, now_ms: i64, out: &mut Responses) -> Result<AckOutcome, String> {
+        if let Some(secret) = &self.ack_secret {
+            let Some(mac) = &ack.mac else {
+                return Err("unsigned ack: acks must carry `mac` (an ack secret is configured, `response.ack_secret_env`)".into());
+            };
+            let expected = ack_mac(secret, &ack.command_id, ack.status.as_str(), &ack.device_id);
+            if !mac_matches(&expected, mac, !ack.command_id.contains('\n')) {
+                return Err(format!("ack `mac` does not verify for command `{}` of device `{}` (HMAC-SHA256 with the deployment's ack secret)", ack.command_id, ack.device_id));
+            }
+        }
         let p = if twins.store().get(partition, &ack.device_id).is_some() {
             partition
         } else {
@@ -589,6 +653,13 @@ impl Responder {
         } else if let Some(i) = r.expired.iter().position(|c| c.command_id == ack.command_id) {
             (r.expired.remove(i), true)
         } else {
+            // The command may be another device's: an ack in the wrong name is refused.
+            let owner = twins.store().iter().find(|t| {
+                t.device_id != ack.device_id && t.response().pending.iter().chain(&t.response().expired).any(|c| c.command_id == ack.command_id)
+            });
+            if let Some(t) = owner {
+                return Err(format!("ack names device `{}` but command `{}` was issued to device `{}`", ack.device_id, ack.command_id, t.device_id));
+            }
             return Ok(AckOutcome::NotPending);
         };
         let reported = if ack.reported.is_empty() && ack.status == AckStatus::Applied { cmd.desired.clone() } else { ack.reported.clone() };

@@ -491,6 +491,7 @@ fn feedback_full() -> Feedback {
         label: FeedbackLabel::FalsePositive,
         analyst: Some("alice".into()),
         note: Some("scheduled maintenance".into()),
+        mac: Some("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843".into()),
     }
 }
 
@@ -501,6 +502,7 @@ fn feedback_minimal() -> Feedback {
         label: FeedbackLabel::TruePositive,
         analyst: None,
         note: None,
+        mac: None,
     }
 }
 
@@ -511,6 +513,7 @@ fn ack_full() -> Ack {
         device_id: "pump-0001".into(),
         status: AckStatus::Applied,
         reported: BTreeMap::from([("network".to_string(), "isolated".to_string())]),
+        mac: Some("5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843".into()),
     }
 }
 
@@ -521,6 +524,7 @@ fn ack_minimal() -> Ack {
         device_id: "pump-0001".into(),
         status: AckStatus::Failed,
         reported: BTreeMap::new(),
+        mac: None,
     }
 }
 
@@ -646,6 +650,24 @@ fn contract_values_round_trip_through_the_rust_types() {
     assert_eq!(reg, registry_minimal());
     let audit: AuditRecord = serde_json::from_value(to_json(&audit_full())).unwrap();
     assert_eq!(audit, audit_full());
+}
+
+#[test]
+fn records_written_before_the_mac_fields_still_parse_and_validate() {
+    // v1 acks and feedback from before `mac` existed: still valid, still read.
+    let old_ack = json!({"v": 1, "command_id": "cmd-1", "device_id": "pump-0001", "status": "applied"});
+    assert!(check_value(ACK, &old_ack).is_empty());
+    assert_eq!(serde_json::from_value::<Ack>(old_ack).unwrap().mac, None);
+    let old_fb = json!({"v": 1, "ref": "telemetry:3:42", "label": "false_positive", "analyst": "alice"});
+    assert!(check_value(FEEDBACK, &old_fb).is_empty());
+    assert_eq!(serde_json::from_value::<Feedback>(old_fb).unwrap().mac, None);
+    // The wire names the MACs are computed over are the serde names.
+    for s in [AckStatus::Applied, AckStatus::Rejected, AckStatus::Failed] {
+        assert_eq!(to_json(&s), json!(s.as_str()));
+    }
+    for l in [FeedbackLabel::TruePositive, FeedbackLabel::FalsePositive, FeedbackLabel::FalseNegative, FeedbackLabel::TrueNegative] {
+        assert_eq!(to_json(&l), json!(l.as_str()));
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -823,6 +845,7 @@ fn enums_match_rust() {
             AuditKind::CommandExpired,
             AuditKind::PolicySuspended,
             AuditKind::PolicyResumed,
+            AuditKind::KeyRotation,
         ])
     );
     assert_eq!(

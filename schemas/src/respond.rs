@@ -239,6 +239,18 @@ pub enum FeedbackLabel {
     TrueNegative,
 }
 
+impl FeedbackLabel {
+    /// The wire name (`true_positive`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedbackLabel::TruePositive => "true_positive",
+            FeedbackLabel::FalsePositive => "false_positive",
+            FeedbackLabel::FalseNegative => "false_negative",
+            FeedbackLabel::TrueNegative => "true_negative",
+        }
+    }
+}
+
 /// A record on the analyst feedback topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,10 +261,17 @@ pub struct Feedback {
     #[serde(rename = "ref")]
     pub reference: String,
     pub label: FeedbackLabel,
+    /// Who labelled it. Recorded with the label (the gate counts labels per analyst).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub analyst: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub note: Option<String>,
+    /// HMAC-SHA256 (lower-case hex) keyed by the deployment's feedback secret over
+    /// `twinguard-feedback-v1\n<label>\n<analyst or empty>\n<ref>`. Required when the
+    /// pipeline has a feedback secret (`[gating] feedback_secret_env`); an analyst
+    /// name holding a line break never verifies.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mac: Option<String>,
 }
 
 /// Outcome a device reports for a command.
@@ -264,9 +283,21 @@ pub enum AckStatus {
     Failed,
 }
 
+impl AckStatus {
+    /// The wire name (`applied`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckStatus::Applied => "applied",
+            AckStatus::Rejected => "rejected",
+            AckStatus::Failed => "failed",
+        }
+    }
+}
+
 /// A device's acknowledgement of a command, on the acks topic. MUST be keyed by
 /// device id and partitioned like the telemetry topic (same key, same partitioner),
-/// so the instance that owns the device's twin reads it.
+/// so the instance that owns the device's twin reads it. `device_id` MUST be the
+/// device the command was issued to (otherwise the ack is dead-lettered).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ack {
@@ -278,6 +309,11 @@ pub struct Ack {
     /// `status = applied`, the command's desired entries are taken as reported.
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub reported: BTreeMap<String, String>,
+    /// HMAC-SHA256 (lower-case hex) keyed by the deployment's ack secret over
+    /// `twinguard-ack-v1\n<command_id>\n<status>\n<device_id>`. Required when the
+    /// pipeline has an ack secret (`[response] ack_secret_env`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mac: Option<String>,
 }
 
 /// One device of the registry file: type, criticality, approved firmware.
@@ -311,6 +347,9 @@ pub enum AuditKind {
     PolicySuspended,
     /// Confidence gating resumed automated actions.
     PolicyResumed,
+    /// The signing key changed: signed by the OLD key, `body.public_key` names the
+    /// new one (hex), which signs every later record of the chain.
+    KeyRotation,
 }
 
 /// A record of the audit topic. `hash` is the SHA-256 (hex) of the record's

@@ -6,7 +6,7 @@ use twinguard_schemas::respond::{Ack, AckStatus, Action, AlertKind, Criticality,
 use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
 
 use super::*;
-use crate::audit::{parse_key_hex, verify_chain, verifying_key, AuditLog};
+use crate::audit::{ack_mac, parse_key_hex, verify_chain, verifying_key, AuditLog};
 use crate::tests::{batch, event, schema, T0};
 use crate::{Operator, Output, TwinConfig, TwinOperator};
 
@@ -76,7 +76,14 @@ impl Fixture {
         }
         Fixture {
             twin: TwinOperator::new(&schema(), TwinConfig::default()),
-            resp: Responder::new(&schema(), PolicyConfig::default(), Registry::new(registry).unwrap(), audit_log),
+            // No entries: no registry at all (a configured one, even empty, makes
+            // every unlisted device human-only).
+            resp: Responder::new(
+                &schema(),
+                PolicyConfig::default(),
+                if registry.is_empty() { Registry::default() } else { Registry::new(registry).unwrap() },
+                audit_log,
+            ),
             next: 0,
         }
     }
@@ -213,7 +220,7 @@ fn acks_reconcile_and_silence_expires() {
     let cmd = first.commands[0].0.clone();
     assert_eq!(f.twin.store().get(0, "mon-1").unwrap().response().delta().len(), 1);
     let mut out = Responses::default();
-    let ack = Ack { v: 1, command_id: cmd.command_id.clone(), device_id: "mon-1".into(), status: AckStatus::Applied, reported: Default::default() };
+    let ack = Ack { v: 1, command_id: cmd.command_id.clone(), device_id: "mon-1".into(), status: AckStatus::Applied, reported: Default::default(), mac: None };
     assert_eq!(f.resp.apply_ack(&mut f.twin, 0, &ack, NOW + 100, &mut out), Ok(AckOutcome::Reconciled));
     let st = &f.twin.store().get(0, "mon-1").unwrap().response();
     assert!(st.pending.is_empty());
@@ -235,7 +242,7 @@ fn acks_reconcile_and_silence_expires() {
     assert_eq!(f.twin.store().get(0, "mon-2").unwrap().response().delta().len(), 1, "desired state not reached stays visible");
     assert!(f.resp.expire_commands(&mut f.twin, NOW + 2 * ttl).is_empty(), "an expiry alerts once");
     // A late ack still reconciles the reported state (the expiry alert stands).
-    let late = Ack { v: 1, command_id: r.commands[0].0.command_id.clone(), device_id: "mon-2".into(), status: AckStatus::Applied, reported: Default::default() };
+    let late = Ack { v: 1, command_id: r.commands[0].0.command_id.clone(), device_id: "mon-2".into(), status: AckStatus::Applied, reported: Default::default(), mac: None };
     let mut late_out = Responses::default();
     assert_eq!(f.resp.apply_ack(&mut f.twin, 0, &late, NOW + 3 * ttl, &mut late_out), Ok(AckOutcome::Late));
     assert!(f.twin.store().get(0, "mon-2").unwrap().response().delta().is_empty());
@@ -267,4 +274,135 @@ fn alerts_withhold_vital_signs() {
     assert!(spo2.z < -5.0);
     let text = serde_json::to_string(a).unwrap();
     assert!(!text.contains("61"), "the reading leaked into the alert: {text}");
+}
+
+/// An ack from JSON (the wire form), so the test reads like what a device sends.
+fn ack(v: Value) -> Ack {
+    serde_json::from_value(v).expect("an ack")
+}
+
+#[test]
+fn a_device_missing_from_a_configured_registry_is_never_isolated_automatically() {
+    let registered = RegistryEntry { device_id: "mon-1".into(), device_type: "patient_monitor".into(), criticality: Criticality::Medium, approved_firmware: vec![] };
+    let mut f = Fixture::new(vec![registered], false);
+    let thermometer = |d: &str, i: i64| with(|m| { m.insert("device_type".into(), json!("thermometer")); }, d, i);
+    f.warm("mon-1", "patient_monitor");
+    // A device the registry does not list claims a harmless type (a pump after its
+    // twin was wiped, say): its human-only actions go to a human.
+    f.warm("pump-x", "thermometer");
+    let (_, r) = f.feed(vec![thermometer("pump-x", 41)], true, attack(0.99));
+    assert!(r.commands.is_empty(), "an unregistered device was commanded: {:?}", r.commands);
+    let a = &r.alerts[0];
+    assert_eq!((a.response.rule.as_str(), a.response.action), ("near-certain", Action::Escalate));
+    assert!(a.response.needs_human && !a.response.automated);
+    assert!(a.response.note.as_deref().unwrap().contains("registry"), "{:?}", a.response.note);
+    // Actions that are not human-only still run on it.
+    let mut f2 = Fixture::new(vec![RegistryEntry { device_id: "mon-1".into(), device_type: "patient_monitor".into(), criticality: Criticality::Medium, approved_firmware: vec![] }], false);
+    f2.warm("pump-x", "thermometer");
+    let (_, r) = f2.feed(vec![thermometer("pump-x", 41)], true, attack(0.93));
+    assert_eq!(r.commands.len(), 1);
+    assert_eq!(r.commands[0].0.action, Action::RateLimit);
+    // A registered device gets the rule's action.
+    let (_, r) = f.feed(vec![event("mon-1", 41, 1.0)], true, attack(0.99));
+    assert_eq!(r.commands.len(), 1);
+    assert_eq!(r.commands[0].0.action, Action::Isolate);
+    // Without a registry the reported type decides, as before.
+    let mut g = Fixture::new(vec![], false);
+    g.warm("pump-x", "thermometer");
+    let (_, r) = g.feed(vec![thermometer("pump-x", 41)], true, attack(0.99));
+    assert_eq!(r.commands.len(), 1);
+    assert_eq!(r.commands[0].0.action, Action::Isolate);
+}
+
+#[test]
+fn an_ack_naming_another_device_is_refused() {
+    let mut f = Fixture::new(vec![], false);
+    f.warm("mon-1", "patient_monitor");
+    f.warm("mon-2", "patient_monitor");
+    let (_, r) = f.feed(vec![event("mon-1", 41, 1.0)], true, attack(0.99));
+    let cmd = r.commands[0].0.clone();
+    let mut out = Responses::default();
+    // mon-2 (or whoever writes the acks topic in its name) claims mon-1's command.
+    let forged = ack(json!({"v": 1, "command_id": cmd.command_id, "device_id": "mon-2", "status": "applied"}));
+    let err = f.resp.apply_ack(&mut f.twin, 0, &forged, NOW + 1, &mut out).unwrap_err();
+    assert!(err.contains("`mon-1`") && err.contains("`mon-2`"), "{err}");
+    assert_eq!(f.twin.store().get(0, "mon-1").unwrap().response().pending.len(), 1, "the command still awaits its device");
+    assert!(out.is_empty());
+    // Its own device's ack still reconciles it.
+    let own = ack(json!({"v": 1, "command_id": cmd.command_id, "device_id": "mon-1", "status": "applied"}));
+    assert_eq!(f.resp.apply_ack(&mut f.twin, 0, &own, NOW + 2, &mut out), Ok(AckOutcome::Reconciled));
+}
+
+#[test]
+fn with_an_ack_secret_only_acks_with_a_valid_mac_apply() {
+    let mut f = Fixture::new(vec![], true);
+    f.resp = Responder::new(&schema(), PolicyConfig::default(), Registry::default(), {
+        let mut a = AuditLog::new([3; 32]);
+        a.continue_from(0, None).unwrap();
+        Some(a)
+    })
+    .with_ack_secret(b"deployment-secret".to_vec());
+    f.warm("mon-1", "patient_monitor");
+    let (_, r) = f.feed(vec![event("mon-1", 41, 1.0)], true, attack(0.99));
+    let cmd = r.commands[0].0.clone();
+    let id = cmd.command_id.as_str();
+    let mut out = Responses::default();
+    let good = ack_mac(b"deployment-secret", id, "applied", "mon-1");
+    for (bad, why) in [
+        (json!({"v": 1, "command_id": id, "device_id": "mon-1", "status": "applied"}), "unsigned ack"),
+        (json!({"v": 1, "command_id": id, "device_id": "mon-1", "status": "applied", "mac": ack_mac(b"guessed", id, "applied", "mon-1")}), "does not verify"),
+        // A valid mac for another status does not carry over.
+        (json!({"v": 1, "command_id": id, "device_id": "mon-1", "status": "applied", "mac": ack_mac(b"deployment-secret", id, "failed", "mon-1")}), "does not verify"),
+        (json!({"v": 1, "command_id": id, "device_id": "mon-1", "status": "applied", "mac": "zz"}), "does not verify"),
+    ] {
+        let err = f.resp.apply_ack(&mut f.twin, 0, &ack(bad), NOW + 1, &mut out).unwrap_err();
+        assert!(err.contains(why), "{err}");
+    }
+    assert_eq!(f.twin.store().get(0, "mon-1").unwrap().response().pending.len(), 1, "a forged ack cleared the command");
+    assert!(out.is_empty(), "nothing audited for refused acks");
+    let signed = ack(json!({"v": 1, "command_id": id, "device_id": "mon-1", "status": "applied", "mac": good}));
+    assert_eq!(f.resp.apply_ack(&mut f.twin, 0, &signed, NOW + 2, &mut out), Ok(AckOutcome::Reconciled));
+    assert!(f.twin.store().get(0, "mon-1").unwrap().response().pending.is_empty());
+}
+
+#[test]
+fn a_record_for_a_chain_without_a_head_is_counted_not_dropped_silently() {
+    // Audit on, but partition 0's chain was never continued (its tail not read).
+    let mut f = Fixture::new(vec![], false);
+    f.resp = Responder::new(&schema(), PolicyConfig::default(), Registry::default(), Some(AuditLog::new([3; 32])));
+    f.warm("mon-1", "patient_monitor");
+    let (_, r) = f.feed(vec![event("mon-1", 41, 1.0)], true, attack(0.99));
+    assert_eq!(r.alerts.len(), 1);
+    assert!(r.audit.is_empty(), "no record may be appended to an unknown head (it would fork the chain)");
+    assert_eq!(r.audit_unchained, vec![(0, AuditKind::Verdict), (0, AuditKind::Command)]);
+    assert!(!r.is_empty());
+    // Once continued, records are written again.
+    f.resp.continue_chain(0, None).unwrap();
+    let (_, r) = f.feed(vec![event("mon-1", 42, 1.0)], true, attack(0.99));
+    assert!(r.audit_unchained.is_empty());
+    assert_eq!(r.audit.len(), 1, "the incident's second alert: a verdict record, no second command");
+}
+
+#[test]
+fn a_responder_hands_a_chain_over_to_a_rotated_key() {
+    // The first key writes part of the chain.
+    let mut f = Fixture::new(vec![], true);
+    f.warm("mon-1", "patient_monitor");
+    let (_, first) = f.feed(vec![event("mon-1", 41, 1.0)], true, attack(0.99));
+    let tail = first.audit.last().unwrap().1.clone();
+    // A restart with a new key fails without the previous one, and hands over with it.
+    let mut rotated = Responder::new(&schema(), PolicyConfig::default(), Registry::default(), Some(AuditLog::new([4; 32])));
+    assert!(rotated.continue_chain(0, Some(&tail)).unwrap_err().contains("previous_signing_key_file"));
+    let mut rotated =
+        Responder::new(&schema(), PolicyConfig::default(), Registry::default(), Some(AuditLog::new([4; 32]).with_previous([3; 32]).unwrap()));
+    rotated.continue_chain(0, Some(&tail)).unwrap();
+    f.resp = rotated;
+    let (_, second) = f.feed(vec![event("mon-1", 45, 1.0)], true, attack(0.99));
+    let kinds: Vec<String> =
+        second.audit.iter().map(|(_, b)| serde_json::from_slice::<Value>(b).unwrap()["kind"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kinds, ["key_rotation", "verdict"]);
+    let all: Vec<(i64, Vec<u8>)> = first.audit.iter().chain(&second.audit).enumerate().map(|(i, (_, b))| (i as i64, b.clone())).collect();
+    let pinned = verifying_key(parse_key_hex(&AuditLog::new([3; 32]).public_key_hex()).unwrap()).unwrap();
+    let s = verify_chain(0, &all, &pinned, false).unwrap();
+    assert_eq!((s.records, s.rotations), (4, 1));
 }
