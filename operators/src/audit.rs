@@ -152,9 +152,11 @@ impl AuditLog {
     /// empty). The tail must verify with this log's key, or with its previous key
     /// (then the chain is handed over to this key by a `key_rotation` record at the
     /// next append): a chain whose end was tampered with is not silently continued.
+    /// An empty chain begun while a previous key is configured opens with that
+    /// hand-over too, so the key pinned before the rotation verifies every chain.
     pub fn continue_from(&mut self, chain: i32, tail: Option<&[u8]>) -> Result<(), String> {
         let head = match tail {
-            None => Head { seq: 0, prev: GENESIS.to_string(), rotate: false },
+            None => Head { seq: 0, prev: GENESIS.to_string(), rotate: self.previous.is_some() },
             Some(bytes) => {
                 let (rec, rotate) = match check_record(bytes, &self.key.verifying_key()) {
                     Ok(rec) => (rec, false),
@@ -547,6 +549,18 @@ mod tests {
         t.push((13, b));
         assert!(verify_chain(3, &t, &pinned, false).unwrap_err().reason.starts_with("malformed key rotation"));
         assert!(AuditLog::new([7; 32]).with_previous([7; 32]).is_err());
+        // A chain begun after the rotation opens with the hand-over, so the key pinned
+        // before it verifies every chain.
+        let mut fresh = AuditLog::new([8; 32]).with_previous([7; 32]).unwrap();
+        fresh.continue_from(5, None).unwrap();
+        let recs: Vec<(i64, Vec<u8>)> = fresh
+            .append_all(5, AuditKind::Verdict, "2026-01-01T00:00:13Z".into(), None, json!({}))
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, b))| (i as i64, b))
+            .collect();
+        let s = verify_chain(5, &recs, &pinned, false).unwrap();
+        assert_eq!((s.records, s.rotations), (2, 1));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 use twinguard_operators::audit::{parse_key_hex, AuditLog};
-use twinguard_operators::{GatingConfig, PolicyConfig, Registry, Responder, TwinConfig};
+use twinguard_operators::{Gate, GatingConfig, PolicyConfig, Registry, Responder, TwinConfig};
 use twinguard_schemas::respond::RegistryEntry;
 use twinguard_schemas::{DecodeLimits, EventSchema};
 
@@ -181,6 +181,44 @@ pub struct AuditConfig {
     /// (`twinguard audit keygen` writes one), relative to the config file. Unset:
     /// no audit trail is written (a warning says so at start).
     pub signing_key_file: Option<PathBuf>,
+    /// After rotating the signing key: the file of the key it replaced. A chain
+    /// whose last record that key signed is handed over to the new key by a
+    /// `key_rotation` record signed by the old one; an empty chain begun while it is
+    /// set opens with that hand-over too (keep it while verifiers pin the old key).
+    pub previous_signing_key_file: Option<PathBuf>,
+    /// The pinned public key (64 hex characters) `twinguard audit verify` checks
+    /// chains against: the key of each chain's FIRST record (later keys follow from
+    /// `key_rotation` records). Never derived from a signing key.
+    pub public_key: Option<String>,
+    /// A file holding the pinned public key as hex (instead of `public_key`).
+    pub public_key_file: Option<PathBuf>,
+}
+
+/// Shortest per-deployment secret accepted for acks and feedback (bytes).
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// A per-deployment secret from the environment variable `var`, named by `key`.
+fn secret_from_env(key: &str, var: &str) -> Result<Vec<u8>, PipelineError> {
+    let v = std::env::var(var).map_err(|_| PipelineError::Config(format!("key `{key}`: environment variable `{var}` is not set")))?;
+    if v.len() < MIN_SECRET_BYTES {
+        return Err(PipelineError::Config(format!("key `{key}`: the secret in `{var}` is {} bytes; at least {MIN_SECRET_BYTES} are required", v.len())));
+    }
+    Ok(v.into_bytes())
+}
+
+impl AuditConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.public_key.is_some() && self.public_key_file.is_some() {
+            return Err("set only one of `audit.public_key` and `audit.public_key_file`".into());
+        }
+        if let Some(k) = &self.public_key {
+            parse_key_hex(k).map_err(|e| format!("key `audit.public_key`: {e}"))?;
+        }
+        if self.previous_signing_key_file.is_some() && self.signing_key_file.is_none() {
+            return Err("key `audit.previous_signing_key_file` is set without `audit.signing_key_file`".into());
+        }
+        Ok(())
+    }
 }
 
 /// The registry file's shape.
@@ -402,7 +440,8 @@ impl Config {
         }
         if let Some(p) = path {
             let base = p.parent().unwrap_or(Path::new("."));
-            for f in [&mut cfg.schema.file, &mut cfg.registry.file, &mut cfg.audit.signing_key_file] {
+            let a = &mut cfg.audit;
+            for f in [&mut cfg.schema.file, &mut cfg.registry.file, &mut a.signing_key_file, &mut a.previous_signing_key_file, &mut a.public_key_file] {
                 if let Some(rel) = f.as_ref().filter(|f| f.is_relative()) {
                     *f = Some(base.join(rel));
                 }
@@ -468,6 +507,7 @@ impl Config {
         self.validate_sql()?;
         self.response.validate().map_err(|e| format!("section `response`: {e}"))?;
         self.gating.validate().map_err(|e| format!("section `gating`: {e}"))?;
+        self.audit.validate()?;
         for (section, props) in [("properties", &self.kafka.properties), ("consumer", &self.kafka.consumer), ("producer", &self.kafka.producer)] {
             for k in props.keys() {
                 if MANAGED.contains(&k.as_str()) {
@@ -563,18 +603,54 @@ impl Config {
         Registry::new(file.device).map_err(err)
     }
 
-    /// The audit log, when a signing key is configured.
+    /// The audit log, when a signing key is configured (with the key it replaced,
+    /// when `audit.previous_signing_key_file` is set).
     pub fn audit_log(&self) -> Result<Option<AuditLog>, PipelineError> {
+        let seed = |key: &str, f: &Path| -> Result<[u8; 32], PipelineError> {
+            let err = |m: String| PipelineError::Config(format!("key `{key}` ({}): {m}", f.display()));
+            let text = std::fs::read_to_string(f).map_err(|e| err(e.to_string()))?;
+            parse_key_hex(&text).map_err(err)
+        };
         let Some(f) = &self.audit.signing_key_file else { return Ok(None) };
-        let err = |m: String| PipelineError::Config(format!("key `audit.signing_key_file` ({}): {m}", f.display()));
-        let text = std::fs::read_to_string(f).map_err(|e| err(e.to_string()))?;
-        let seed = parse_key_hex(&text).map_err(err)?;
-        Ok(Some(AuditLog::new(seed)))
+        let log = AuditLog::new(seed("audit.signing_key_file", f)?);
+        Ok(Some(match &self.audit.previous_signing_key_file {
+            None => log,
+            Some(p) => log
+                .with_previous(seed("audit.previous_signing_key_file", p)?)
+                .map_err(|e| PipelineError::Config(format!("key `audit.previous_signing_key_file` ({}): {e}", p.display())))?,
+        }))
     }
 
-    /// The respond operator this configuration asks for.
+    /// The pinned public key (hex) chains are verified against: `audit.public_key`
+    /// or the content of `audit.public_key_file`; None when neither is set.
+    pub fn audit_public_key(&self) -> Result<Option<String>, PipelineError> {
+        match (&self.audit.public_key, &self.audit.public_key_file) {
+            (Some(k), _) => Ok(Some(k.trim().to_string())),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|e| PipelineError::Config(format!("key `audit.public_key_file` ({}): {e}", f.display()))),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The respond operator this configuration asks for (with the ack secret read
+    /// from `response.ack_secret_env`, when set).
     pub fn responder(&self, schema: &EventSchema) -> Result<Responder, PipelineError> {
-        Ok(Responder::new(schema, self.response.clone(), self.registry()?, self.audit_log()?))
+        let r = Responder::new(schema, self.response.clone(), self.registry()?, self.audit_log()?);
+        Ok(match &self.response.ack_secret_env {
+            Some(var) => r.with_ack_secret(secret_from_env("response.ack_secret_env", var)?),
+            None => r,
+        })
+    }
+
+    /// The confidence gate this configuration asks for (with the feedback secret
+    /// read from `gating.feedback_secret_env`, when set).
+    pub fn gate(&self) -> Result<Gate, PipelineError> {
+        let g = Gate::new(self.gating.clone());
+        Ok(match &self.gating.feedback_secret_env {
+            Some(var) => g.with_feedback_secret(secret_from_env("gating.feedback_secret_env", var)?),
+            None => g,
+        })
     }
 
     pub fn decode_limits(&self) -> DecodeLimits {
@@ -709,6 +785,25 @@ mod tests {
         std::fs::write(&cfg_path, "[schema]\nfile = \"missing.toml\"\n").unwrap();
         let e = Config::load(Some(&cfg_path), Vec::new()).unwrap_err().to_string();
         assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn audit_keys_and_control_secrets_are_checked() {
+        let err = |text: &str| Config::load(Some(&write(text).0), Vec::new()).unwrap_err().to_string();
+        let k = "ab".repeat(32);
+        assert!(err(&format!("[audit]\npublic_key = \"{k}\"\npublic_key_file = \"pk\"\n")).contains("only one of `audit.public_key`"));
+        assert!(err("[audit]\npublic_key = \"abc\"\n").contains("audit.public_key"));
+        assert!(err("[audit]\nprevious_signing_key_file = \"old.key\"\n").contains("audit.previous_signing_key_file"));
+        let c = Config::load(Some(&write(&format!("[audit]\npublic_key = \" {k}\\n\"\n")).0), Vec::new()).unwrap();
+        assert_eq!(c.audit_public_key().unwrap(), Some(k));
+        // A configured secret must be set, and long enough.
+        let mut c = Config::default();
+        c.response.ack_secret_env = Some("TWINGUARD_TEST_UNSET_ACK_SECRET".into());
+        let schema = c.event_schema().unwrap();
+        let e = c.responder(&schema).err().unwrap().to_string();
+        assert!(e.contains("response.ack_secret_env") && e.contains("TWINGUARD_TEST_UNSET_ACK_SECRET"), "{e}");
+        c.gating.feedback_secret_env = Some("TWINGUARD_TEST_UNSET_FEEDBACK_SECRET".into());
+        assert!(c.gate().err().unwrap().to_string().contains("gating.feedback_secret_env"));
     }
 
     #[test]

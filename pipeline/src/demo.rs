@@ -288,7 +288,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
             tail_topic(&cfg, &cfg.topics.commands, opts.partitions, stop_readers.clone(), move |m| {
                 let Some(Ok(cmd)) = m.payload().map(serde_json::from_slice::<Command>) else { return };
                 c.fetch_add(1, Ordering::Relaxed);
-                let ack = Ack { v: RESPONSE_VERSION, command_id: cmd.command_id, device_id: cmd.device_id.clone(), status: AckStatus::Applied, reported: cmd.desired };
+                let ack = Ack { v: RESPONSE_VERSION, command_id: cmd.command_id, device_id: cmd.device_id.clone(), status: AckStatus::Applied, reported: cmd.desired, mac: None };
                 let body = serde_json::to_vec(&ack).expect("ack serialises");
                 let rec = rdkafka::producer::BaseRecord::to(&acks_topic).key(cmd.device_id.as_bytes()).payload(&body);
                 if producer.send(rec).is_ok() {

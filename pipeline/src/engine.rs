@@ -311,6 +311,9 @@ impl Shared {
         let mut resp = Responses::default();
         let mut outputs = Vec::new();
         let parsed: Result<Ack, String> = rec
+        for (chain, kind) in resp.audit_unchained {
+            ev::AuditUnchained { partition: chain, kind }.emit(&self.metrics);
+        }
             .payload
             .as_deref()
             .ok_or_else(|| "empty record".to_string())
@@ -668,7 +671,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
         alerts_topic: cfg.topics.alerts.as_str().into(),
         commands_topic: cfg.topics.commands.as_str().into(),
         audit_topic: cfg.topics.audit.as_str().into(),
-        gate: Arc::new(Mutex::new(Gate::new(cfg.gating.clone()))),
+        gate: Arc::new(Mutex::new(cfg.gate()?)),
         gate_caught_up: AtomicBool::new(false),
         schema_id: schema.id(),
         metrics: metrics.clone(),
@@ -1022,11 +1025,12 @@ fn control_loop(s: &Shared) {
         }
         let parsed = serde_json::from_slice::<Feedback>(payload)
             .map_err(|e| format!("not a feedback record: {e}"))
-            .and_then(|f| if f.v == RESPONSE_VERSION { Ok(f) } else { Err(format!("feedback version {} unsupported", f.v)) });
+            .and_then(|f| if f.v == RESPONSE_VERSION { Ok(f) } else { Err(format!("feedback version {} unsupported", f.v)) })
+            // Unsigned or wrongly signed feedback (with a feedback secret) is refused.
+            .and_then(|f| s.gate.lock().expect("gate lock").observe_feedback(&f));
         match parsed {
-            Ok(fb) => {
+            Ok(t) => {
                 s.metrics.feedback_in.fetch_add(1, Ordering::Relaxed);
-                let t = s.gate.lock().expect("gate lock").observe_feedback(&fb);
                 if let Some(t) = t {
                     ev::GateChanged { transition: &t }.emit(&s.metrics);
                 }

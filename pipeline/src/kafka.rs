@@ -50,7 +50,12 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
 }
 
 /// Producer configuration of the pipeline's sink: idempotent, `acks=all`, keys
-/// hashed like the Java client.
+/// hashed like the Java client, and gapless (`enable.gapless.guarantee`): a record
+/// that fails for good makes the producer fail (a fatal error) before any later
+/// record of the same partition can succeed, so an audit chain never gets a hole
+/// after which it goes on. The same producer writes verdicts, alerts, changelog and
+/// dead letters, whose delivery failures were already fatal to the pipeline (the
+/// batch fails), so gapless changes nothing there but what gets written after.
 pub fn producer_config(cfg: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers)
@@ -61,7 +66,7 @@ pub fn producer_config(cfg: &Config) -> ClientConfig {
     for (k, v) in cfg.kafka.properties.iter().chain(&cfg.kafka.producer) {
         c.set(k, v);
     }
-    c.set("enable.idempotence", "true").set("acks", "all");
+    c.set("enable.idempotence", "true").set("acks", "all").set("enable.gapless.guarantee", "true");
     c
 }
 
@@ -404,22 +409,73 @@ pub fn read_partitions(
 pub fn read_tail(cfg: &Config, topic: &str, partition: i32, timeout: Duration) -> Result<Option<Vec<u8>>, PipelineError> {
     let c: BaseConsumer = base_client(cfg).create().map_err(|e| PipelineError::kafka("watermark client", e))?;
     let (low, high) = c
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .fetch_watermarks(topic, partition, Duration::from_secs(10).min(timeout))
         .map_err(|e| PipelineError::kafka(&format!("watermarks of `{topic}` [{partition}]"), e))?;
-    // Start one before the high watermark, and read to the end anyway (see above).
-    let start = if high > low && high > 0 { Offset::Offset(high - 1) } else { Offset::Beginning };
-    let mut last = None;
-    read_partitions(cfg, topic, &[partition], |_| start, timeout, |_, _, _, v| {
-        last = v.map(<[u8]>::to_vec);
-        Ok(())
-    })?;
-    if last.is_none() && high > low {
-        // Records exist but none was read (retention raced the read, or an empty
-        // value): continuing from nothing would fork the chain at seq 0.
-        return Err(PipelineError::Io(format!("`{topic}` [{partition}] holds records {low}..{high} but its last one could not be read")));
+    if high <= low {
+        return Ok(None);
     }
-    Ok(last)
+    let mut rc = reader_config(cfg, "restore");
+    rc.set("enable.partition.eof", "true");
+    let consumer: BaseConsumer<RestoreContext> = rc.create_with_context(RestoreContext).map_err(|e| PipelineError::kafka("reader", e))?;
+    let mut window = TAIL_WINDOW;
+    loop {
+        let start = (high - window).max(low);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(start)).map_err(|e| PipelineError::kafka("assign", e))?;
+        consumer.assign(&tpl).map_err(|e| PipelineError::kafka(&format!("assign `{topic}`"), e))?;
+        // The widest window waits until the deadline; a narrower one for a step.
+        let quiet_limit = if start == low { Duration::MAX } else { TAIL_STEP };
+        let mut last: Option<(i64, Option<Vec<u8>>)> = None;
+        let mut quiet_since = Instant::now();
+        let done = loop {
+            if Instant::now() > deadline {
+                return Err(PipelineError::Io(format!(
+                    "reading the last record of `{topic}` [{partition}] (records {low}..{high}) timed out after {timeout:?}"
+                )));
+            }
+            if last.is_none() && quiet_since.elapsed() > quiet_limit {
+                break false;
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(_))) => break true,
+                Some(Err(e)) => return Err(PipelineError::kafka(&format!("reading `{topic}`"), e)),
+                Some(Ok(m)) => {
+                    last = Some((m.offset(), m.payload().map(<[u8]>::to_vec)));
+                    quiet_since = Instant::now();
+                }
+            }
+        };
+        match last {
+            Some((offset, Some(value))) if done && offset >= high - 1 => return Ok(Some(value)),
+            Some((offset, _)) if done => {
+                // Records exist but the last one was not read (or has no value):
+                // continuing from it would fork the chain.
+                return Err(PipelineError::Io(format!(
+                    "`{topic}` [{partition}] holds records {low}..{high} but its last one could not be read (the read ended at offset {offset})"
+                )));
+            }
+            // Nothing delivered from the widest window: retention raced the read.
+            _ if start == low => {
+                return Err(PipelineError::Io(format!("`{topic}` [{partition}] holds records {low}..{high} but none could be read")));
+            }
+            _ => window = window.saturating_mul(16),
+        }
+    }
+/// Records before the high watermark [`read_tail`] starts reading at first.
+const TAIL_WINDOW: i64 = 256;
+/// How long [`read_tail`] waits for a window to deliver anything before widening it.
+const TAIL_STEP: Duration = Duration::from_secs(2);
+
+///
+/// Reads a window before the high watermark to the partition's end (EOF) and keeps
+/// the last record seen. A fetch that starts inside a stored batch is served from
+/// the NEXT batch by tansu 0.6 (a Kafka broker returns the whole batch), so a window
+/// starting inside the last batch delivers nothing and never reaches EOF: when a
+/// window delivers nothing for a while, it is widened (×16) down to the low
+/// watermark, which starts a batch. The whole read is bounded by `timeout`.
 }
+    let deadline = Instant::now() + timeout;
 
 /// Every record of every partition of `topic`, by partition, in offset order.
 pub fn read_all(cfg: &Config, topic: &str, timeout: Duration) -> Result<BTreeMap<i32, Vec<(i64, Vec<u8>)>>, PipelineError> {
@@ -463,4 +519,19 @@ pub fn lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, parts: &
             (high >= 0).then_some((p, (high - at).max(0)))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sink_producer_is_gapless_whatever_the_config_says() {
+        let mut cfg = Config::default();
+        cfg.kafka.producer.insert("enable.gapless.guarantee".into(), "false".into());
+        cfg.kafka.properties.insert("enable.gapless.guarantee".into(), "false".into());
+        let c = producer_config(&cfg);
+        assert_eq!(c.get("enable.gapless.guarantee"), Some("true"));
+        assert_eq!((c.get("enable.idempotence"), c.get("acks")), (Some("true"), Some("all")));
+    }
 }

@@ -174,19 +174,23 @@ enum AuditCommand {
         out: PathBuf,
     },
     /// Read the audit topic and prove every partition's hash chain intact: hashes,
-    /// signatures, sequence and links. On failure, names the first record that was
-    /// altered, removed, reordered or forged, and exits with status 1.
+    /// signatures, sequence and links, from a PINNED public key (the key of each
+    /// chain's first record; `key_rotation` records hand over to later keys). On
+    /// failure, names the first record that was altered, removed, reordered or
+    /// forged, and exits with status 1. Refuses to run without a pinned key: one
+    /// derived from the signing key would prove nothing (every host holds it).
     Verify {
-        /// Configuration file (brokers, `topics.audit`, `audit.signing_key_file`).
+        /// Configuration file (brokers, `topics.audit`, `audit.public_key`).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Audit topic to read (default: `topics.audit`).
         #[arg(long)]
         topic: Option<String>,
-        /// Public key (64 hex characters); default: derived from the configured signing key.
+        /// Pinned public key (64 hex characters); default: `audit.public_key` or
+        /// `audit.public_key_file` from the configuration.
         #[arg(long, conflicts_with = "public_key_file")]
         public_key: Option<String>,
-        /// File holding the public key as hex.
+        /// File holding the pinned public key as hex.
         #[arg(long)]
         public_key_file: Option<PathBuf>,
         /// Accept chains whose oldest records were deleted by topic retention.
@@ -511,6 +515,8 @@ fn real_main(cli: Cli) -> Result<()> {
 
 fn audit(command: AuditCommand) -> Result<()> {
     use twinguard_operators::audit::{parse_key_hex, verify_chain, verifying_key, AuditLog};
+    /// Why `audit verify` never falls back to the signing key.
+    const NO_PINNED_KEY: &str = "no pinned public key to verify the audit trail with: pass `--public-key HEX` (or `--public-key-file FILE`), or configure `audit.public_key` (or `audit.public_key_file`) with the public key `twinguard audit keygen` printed for the chain's first signing key; it is never derived from the signing key, which every pipeline host holds";
     match command {
         AuditCommand::Keygen { out } => {
             use rand::Rng;
@@ -536,10 +542,7 @@ fn audit(command: AuditCommand) -> Result<()> {
             let key_hex = match (public_key, public_key_file) {
                 (Some(k), _) => k,
                 (None, Some(f)) => std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
-                (None, None) => cfg
-                    .audit_log()?
-                    .ok_or_else(|| anyhow::anyhow!("no key to verify with: pass --public-key, or configure `audit.signing_key_file`"))?
-                    .public_key_hex(),
+                (None, None) => cfg.audit_public_key()?.ok_or_else(|| anyhow::anyhow!(NO_PINNED_KEY))?,
             };
             let key = parse_key_hex(&key_hex).and_then(verifying_key).map_err(|e| anyhow::anyhow!("public key: {e}"))?;
             let chains = twinguard::kafka::read_all(&cfg, &topic, std::time::Duration::from_secs(timeout_secs))?;
@@ -548,7 +551,8 @@ fn audit(command: AuditCommand) -> Result<()> {
                 match verify_chain(*p, records, &key, allow_truncated_start) {
                     Ok(s) => {
                         total += s.records;
-                        println!("partition {p}: {} records, chain intact{}", s.records, s.head.map_or(String::new(), |h| format!(", head {h}")));
+                        let rotated = if s.rotations > 0 { format!(", {} key rotation(s), now signed by {}", s.rotations, s.key) } else { String::new() };
+                        println!("partition {p}: {} records, chain intact{rotated}{}", s.records, s.head.map_or(String::new(), |h| format!(", head {h}")));
                     }
                     Err(fault) => {
                         println!("partition {p}: FAILED");

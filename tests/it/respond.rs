@@ -91,7 +91,7 @@ fn attacks_alert_and_command_acks_reconcile_silence_expires_firmware_is_checked(
                         let c: Command = parse(m);
                         let ack = seen.lock().unwrap().len() % 2 == 0;
                         if ack {
-                            let a = Ack { v: 1, command_id: c.command_id.clone(), device_id: c.device_id.clone(), status: AckStatus::Applied, reported: Default::default() };
+                            let a = Ack { v: 1, command_id: c.command_id.clone(), device_id: c.device_id.clone(), status: AckStatus::Applied, reported: Default::default(), mac: None };
                             send(&prod, &cfg.topics.acks, None, &c.device_id, &serde_json::to_vec(&a).unwrap());
                         }
                         seen.lock().unwrap().push((c, ack));
@@ -366,4 +366,184 @@ fn feedback_gates_automation_and_the_audit_trail_proves_itself() {
         let want = format!("partition {part}), record at offset 1 (seq {seq}): {why}");
         assert!(out.contains(&want), "{name}: expected `{want}` in: {out}");
     }
+}
+
+/// Produce `values` to one partition in as few broker batches as the producer makes
+/// (it lingers 500 ms), unlike the harness's one record per batch.
+fn produce_in_one_batch(cfg: &Config, topic: &str, partition: i32, values: &[Vec<u8>]) {
+    let mut c = cfg.clone();
+    c.kafka.producer.insert("linger.ms".into(), "500".into());
+    c.kafka.producer.insert("batch.num.messages".into(), "100000".into());
+    let p = producer(&c);
+    for v in values {
+        send(&p, topic, Some(partition), "", v);
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Audit-shaped records (the tail read does not verify them).
+fn audit_like(from: u64, n: u64) -> Vec<Vec<u8>> {
+    (from..from + n).map(|seq| serde_json::to_vec(&json!({"v": 1, "chain": 0, "seq": seq, "kind": "verdict", "body": {"pad": "x".repeat(200)}})).unwrap()).collect()
+}
+
+#[test]
+fn the_audit_tail_is_read_when_the_last_batch_holds_many_records() {
+    let Setup { dir: _dir, broker: _broker, cfg } = Setup::new("audittail");
+    let topic = cfg.topics.audit.clone();
+    // A few records one per batch, then batches of several: tansu 0.6 serves a fetch
+    // that starts inside a stored batch from the next batch, so reading from the
+    // last offset alone finds nothing there.
+    let seq_of = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap()["seq"].as_u64().unwrap();
+    let mut next = 0;
+    for _ in 0..3 {
+        produce_in_one_batch(&cfg, &topic, 0, &audit_like(next, 1));
+        next += 1;
+    }
+    for n in [5, 400] {
+        produce_in_one_batch(&cfg, &topic, 0, &audit_like(next, n));
+        next += n;
+        let tail = kafka::read_tail(&cfg, &topic, 0, Duration::from_secs(60)).unwrap().expect("the partition holds records");
+        assert_eq!(seq_of(&tail), next - 1, "the tail is the last record written");
+    }
+    // An empty partition has no tail.
+    assert_eq!(kafka::read_tail(&cfg, &topic, 1, Duration::from_secs(60)).unwrap(), None);
+}
+
+#[test]
+fn audit_verify_needs_a_pinned_public_key() {
+    let Setup { dir, broker: _broker, mut cfg } = Setup::new("auditpin");
+    respond_files(&dir, &mut cfg, &[]);
+    let config = write_config(&dir, "pipeline", &cfg);
+    // The signing key is on every host: a key derived from it proves nothing.
+    let (ok, out) = audit_verify(&config, &[]);
+    assert!(!ok, "verified without a pinned public key: {out}");
+    assert!(out.contains("--public-key") && out.contains("audit.public_key"), "{out}");
+}
+
+/// `twinguard audit keygen --out path`; returns the public key it prints.
+fn keygen(path: &Path) -> String {
+    let out = Proc::new(env!("CARGO_BIN_EXE_twinguard")).args(["audit", "keygen", "--out"]).arg(path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().find_map(|l| l.strip_prefix("public key: ")).expect("keygen prints the public key").to_string()
+}
+
+fn kinds(recs: &[(i64, Vec<u8>)]) -> Vec<String> {
+    recs.iter().map(|(_, b)| serde_json::from_slice::<Value>(b).unwrap()["kind"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn a_rotated_signing_key_takes_over_and_the_trail_verifies_from_the_pinned_first_key() {
+    let Setup { dir, broker: _broker, mut cfg } = Setup::new("rotation");
+    let mut sc = sim_config(8, 1600, 13);
+    sc.attacked_fraction = 0.9;
+    let sim = Simulator::new(sc);
+    let first_public = respond_files(&dir, &mut cfg, &sim.registry());
+    let recs: Vec<SimRecord> = sim.collect();
+    cfg.gating.max_response_ms = 1e9;
+    let (a, b) = recs.split_at(recs.len() / 2);
+    let valid = |r: &[SimRecord]| r.iter().filter(|r| !matches!(r.truth, Truth::Malformed(_))).count();
+    let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
+    let mut p = PipelineProc::start(&dir, "first", &write_config(&dir, "first", &cfg));
+    produce(&cfg, a);
+    verdicts.until("verdicts of the first half", |r| r.len() >= valid(a));
+    p.stop();
+    let before = kafka::read_all(&cfg, &cfg.topics.audit, Duration::from_secs(60)).unwrap();
+    assert!(before.values().any(|c| !c.is_empty()), "the first key wrote no audit record");
+
+    // Rotate the key: the new one alone cannot continue the chains (the start fails
+    // and says how), with the old one as previous key it takes them over.
+    let old_key = cfg.audit.signing_key_file.clone().unwrap();
+    let new_key = dir.join("audit-2.key");
+    let new_public = keygen(&new_key);
+    cfg.audit.signing_key_file = Some(new_key);
+    let mut p = PipelineProc::start(&dir, "no-previous", &write_config(&dir, "no-previous", &cfg));
+    assert!(!p.wait_exit(WAIT).success(), "started with a key that signed none of the chains");
+    assert!(p.log_text().contains("previous_signing_key_file"), "{}", p.log_text());
+    cfg.audit.previous_signing_key_file = Some(old_key);
+    cfg.audit.public_key = Some(first_public.clone());
+    let config = write_config(&dir, "second", &cfg);
+    let mut p = PipelineProc::start(&dir, "second", &config);
+    produce(&cfg, b);
+    verdicts.until("verdicts of the second half", |r| r.len() >= valid(a) + valid(b));
+    p.stop();
+
+    let after = kafka::read_all(&cfg, &cfg.topics.audit, Duration::from_secs(60)).unwrap();
+    let mut handed_over = 0;
+    for (part, old) in &before {
+        let now = &after[part];
+        if old.is_empty() || now.len() == old.len() {
+            continue;
+        }
+        // The first record after the restart hands the chain over, signed by the old key.
+        let k = kinds(&now[old.len()..]);
+        assert_eq!(k[0], "key_rotation", "partition {part}: {k:?}");
+        assert_eq!(k.iter().filter(|x| *x == "key_rotation").count(), 1, "partition {part}: {k:?}");
+        handed_over += 1;
+    }
+    assert!(handed_over > 0, "no chain went on after the rotation");
+    // The configured pinned key (the first one) verifies every chain across the hand-over.
+    let (ok, out) = audit_verify(&config, &[]);
+    assert!(ok && out.contains("key rotation"), "{out}");
+    // The new key is not the chains' first key.
+    let (ok, out) = audit_verify(&config, &["--public-key", &new_public]);
+    assert!(!ok && out.contains("forged"), "{out}");
+}
+
+fn dlq_reason(m: &OwnedMessage) -> String {
+    use rdkafka::message::Headers;
+    let h = m.headers().expect("dead letters carry headers");
+    let v = h.iter().find(|x| x.key == twinguard_schemas::fields::DLQ_REASON).expect("a reason").value.unwrap();
+    String::from_utf8(v.to_vec()).unwrap()
+}
+
+#[test]
+fn with_secrets_unsigned_acks_and_feedback_are_dead_lettered() {
+    let Setup { dir, broker: _broker, mut cfg } = Setup::new("secrets");
+    cfg.response.ack_secret_env = Some("TWINGUARD_IT_ACK_SECRET".into());
+    cfg.gating.feedback_secret_env = Some("TWINGUARD_IT_FEEDBACK_SECRET".into());
+    cfg.gating.min_labels = 3;
+    cfg.gating.window = 20;
+    cfg.gating.max_fpr = 0.3;
+    cfg.gating.min_precision = 0.0;
+    let (ack_secret, fb_secret) = ("ack-secret-of-this-deployment", "feedback-secret-of-this-deployment");
+    let config = write_config(&dir, "pipeline", &cfg);
+    let mut p = PipelineProc::spawn(
+        &dir,
+        "pipeline",
+        &["run", "--config", config.to_str().unwrap()],
+        &[("TWINGUARD_IT_ACK_SECRET", ack_secret), ("TWINGUARD_IT_FEEDBACK_SECRET", fb_secret)],
+    );
+    p.wait_log(&["starting pipeline"]);
+    let prod = producer(&cfg);
+    let mac = |key: &str, status: &str| twinguard_operators::audit::ack_mac(key.as_bytes(), "cmd-1", status, "mon-1");
+    let acks = [
+        json!({"v": 1, "command_id": "cmd-1", "device_id": "mon-1", "status": "applied"}),
+        json!({"v": 1, "command_id": "cmd-1", "device_id": "mon-1", "status": "applied", "mac": mac("guessed-secret", "applied")}),
+    ];
+    for a in &acks {
+        send(&prod, &cfg.topics.acks, None, "mon-1", &serde_json::to_vec(a).unwrap());
+    }
+    // Unsigned labels from anyone: enough to suspend automation if they counted.
+    for i in 0..5 {
+        let fb = json!({"v": 1, "ref": format!("u-{i}"), "label": "false_positive", "analyst": "mallory"});
+        send(&prod, &cfg.topics.feedback, None, "x", &serde_json::to_vec(&fb).unwrap());
+    }
+    prod.flush(Duration::from_secs(10)).unwrap();
+    let mut dlq = Reader::new(&cfg, &cfg.topics.dlq);
+    dlq.until("every unsigned control record dead-lettered", |r| r.len() >= acks.len() + 5);
+    let reasons: Vec<String> = dlq.records.iter().map(dlq_reason).collect();
+    assert_eq!(reasons.iter().filter(|r| r.contains("unsigned ack")).count(), 1, "{reasons:?}");
+    assert_eq!(reasons.iter().filter(|r| r.contains("ack `mac` does not verify")).count(), 1, "{reasons:?}");
+    assert_eq!(reasons.iter().filter(|r| r.contains("unsigned feedback")).count(), 5, "{reasons:?}");
+    assert!(!p.log_text().contains("SUSPENDED"), "unsigned feedback counted");
+    // Signed feedback counts.
+    for (i, who) in ["alice", "bob", "alice"].iter().enumerate() {
+        let (r, label) = (format!("s-{i}"), "false_positive");
+        let m = twinguard_operators::audit::feedback_mac(fb_secret.as_bytes(), label, who, &r);
+        let fb = json!({"v": 1, "ref": r, "label": label, "analyst": who, "mac": m});
+        send(&prod, &cfg.topics.feedback, None, "x", &serde_json::to_vec(&fb).unwrap());
+    }
+    prod.flush(Duration::from_secs(10)).unwrap();
+    p.wait_log(&["SUSPENDED"]);
+    p.stop();
 }
