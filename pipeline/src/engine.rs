@@ -300,6 +300,9 @@ impl Shared {
             self.metrics.audit_out.fetch_add(1, Ordering::Relaxed);
             outputs.push(rec(&self.audit_topic, Some(chain), "", bytes));
         }
+        for (chain, kind) in resp.audit_unchained {
+            ev::AuditUnchained { partition: chain, kind }.emit(&self.metrics);
+        }
         shown
     }
 
@@ -311,9 +314,6 @@ impl Shared {
         let mut resp = Responses::default();
         let mut outputs = Vec::new();
         let parsed: Result<Ack, String> = rec
-        for (chain, kind) in resp.audit_unchained {
-            ev::AuditUnchained { partition: chain, kind }.emit(&self.metrics);
-        }
             .payload
             .as_deref()
             .ok_or_else(|| "empty record".to_string())

@@ -405,8 +405,21 @@ pub fn read_partitions(
     Ok(read)
 }
 
+/// Records before the high watermark [`read_tail`] starts reading at first.
+const TAIL_WINDOW: i64 = 256;
+/// How long [`read_tail`] waits for a window to deliver anything before widening it.
+const TAIL_STEP: Duration = Duration::from_secs(2);
+
 /// The last record of one partition (None when it is empty).
+///
+/// Reads a window before the high watermark to the partition's end (EOF) and keeps
+/// the last record seen. A fetch that starts inside a stored batch is served from
+/// the NEXT batch by tansu 0.6 (a Kafka broker returns the whole batch), so a window
+/// starting inside the last batch delivers nothing and never reaches EOF: when a
+/// window delivers nothing for a while, it is widened (×16) down to the low
+/// watermark, which starts a batch. The whole read is bounded by `timeout`.
 pub fn read_tail(cfg: &Config, topic: &str, partition: i32, timeout: Duration) -> Result<Option<Vec<u8>>, PipelineError> {
+    let deadline = Instant::now() + timeout;
     let c: BaseConsumer = base_client(cfg).create().map_err(|e| PipelineError::kafka("watermark client", e))?;
     let (low, high) = c
         .fetch_watermarks(topic, partition, Duration::from_secs(10).min(timeout))
@@ -462,20 +475,7 @@ pub fn read_tail(cfg: &Config, topic: &str, partition: i32, timeout: Duration) -
             _ => window = window.saturating_mul(16),
         }
     }
-/// Records before the high watermark [`read_tail`] starts reading at first.
-const TAIL_WINDOW: i64 = 256;
-/// How long [`read_tail`] waits for a window to deliver anything before widening it.
-const TAIL_STEP: Duration = Duration::from_secs(2);
-
-///
-/// Reads a window before the high watermark to the partition's end (EOF) and keeps
-/// the last record seen. A fetch that starts inside a stored batch is served from
-/// the NEXT batch by tansu 0.6 (a Kafka broker returns the whole batch), so a window
-/// starting inside the last batch delivers nothing and never reaches EOF: when a
-/// window delivers nothing for a while, it is widened (×16) down to the low
-/// watermark, which starts a batch. The whole read is bounded by `timeout`.
 }
-    let deadline = Instant::now() + timeout;
 
 /// Every record of every partition of `topic`, by partition, in offset order.
 pub fn read_all(cfg: &Config, topic: &str, timeout: Duration) -> Result<BTreeMap<i32, Vec<(i64, Vec<u8>)>>, PipelineError> {

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub acks_applied: AtomicU64,
     /// Acks or feedback records sent to the DLQ.
     pub control_rejected: AtomicU64,
+    /// Audit records not written because their chain had no head (see [`AuditUnchained`]).
+    pub audit_unchained: AtomicU64,
     pub feedback_in: AtomicU64,
     /// 1 while confidence gating suspends automated actions.
     pub gate_suspended: AtomicI64,
@@ -61,8 +63,6 @@ pub struct Metrics {
     /// Partitions owned (input) or read (changelog, `twinguard sql`).
     owned: Mutex<Vec<i32>>,
     /// Version of the model scoring the events (none: twin behaviour only).
-    /// Audit records not written because their chain had no head (see [`AuditUnchained`]).
-    pub audit_unchained: AtomicU64,
     pub model_version: Mutex<Option<String>>,
     /// The event schema read (`name/vN`).
     pub schema_id: Mutex<String>,
@@ -182,6 +182,20 @@ impl AckApplied<'_> {
     }
 }
 
+/// An audit record was not written: its partition's chain was never continued from
+/// the topic's tail (appending would fork it). Never expected; logged as an error.
+pub struct AuditUnchained {
+    pub partition: i32,
+    pub kind: twinguard_schemas::respond::AuditKind,
+}
+
+impl AuditUnchained {
+    pub fn emit(&self, m: &Metrics) {
+        tracing::error!(partition = self.partition, kind = ?self.kind, "audit record NOT written: the partition's audit chain has no head (its tail was never read)");
+        m.audit_unchained.fetch_add(1, Relaxed);
+    }
+}
+
 /// A record of a control topic (acks, feedback) was rejected to the DLQ.
 pub struct ControlRejected<'a> {
     pub topic: &'a str,
@@ -195,20 +209,6 @@ impl ControlRejected<'_> {
         tracing::warn!(topic = self.topic, partition = self.partition, offset = self.offset, reason = self.reason, "control record rejected to the dead-letter topic");
         m.control_rejected.fetch_add(1, Relaxed);
         m.dlq_out.fetch_add(1, Relaxed);
-    }
-}
-
-/// An audit record was not written: its partition's chain was never continued from
-/// the topic's tail (appending would fork it). Never expected; logged as an error.
-pub struct AuditUnchained {
-    pub partition: i32,
-    pub kind: twinguard_schemas::respond::AuditKind,
-}
-
-impl AuditUnchained {
-    pub fn emit(&self, m: &Metrics) {
-        tracing::error!(partition = self.partition, kind = ?self.kind, "audit record NOT written: the partition's audit chain has no head (its tail was never read)");
-        m.audit_unchained.fetch_add(1, Relaxed);
     }
 }
 
