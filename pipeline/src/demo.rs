@@ -309,7 +309,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     let stop = Arc::new(AtomicBool::new(false));
     // The SQL tables `twinguard run` serves with `[sql] listen`, queried in-process here.
     let view = SqlView::new(cfg.sql.recent_rows);
-    view.spawn_refresher(Duration::from_millis(cfg.sql.refresh_ms), crate::serve::status_fn(crate::serve::Mode::Pipeline, metrics.clone()), stop.clone())
+    view.spawn_refresher(Duration::from_millis(cfg.sql.refresh_ms), crate::serve::status_fn(crate::serve::Mode::Pipeline, metrics.clone()), metrics.clone(), stop.clone())
         .map_err(|e| PipelineError::Io(e.to_string()))?;
     let pipeline = {
         let (cfg, metrics, stop, view) = (cfg.clone(), metrics.clone(), stop.clone(), view.clone());

@@ -1046,3 +1046,5 @@ fn control_loop(s: &Shared) {
         }
     }
 }
+        // Liveness for `/healthz` (a control thread that stops turning fails it).
+        s.metrics.control_beat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);

@@ -231,6 +231,19 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         .with_callback(move |o| o.observe(mx.input_gap_records.load(Relaxed), &[]))
         .build();
     let mx = metrics.clone();
+    m.u64_observable_counter("twinguard.sql.failed_logins")
+        .with_description("SQL logins refused: `password` (wrong password or unknown user, checked) or `throttled` (the address is backed off after failed logins; not checked)")
+        .with_callback(move |o| {
+            o.observe(mx.sql_failed_logins.load(Relaxed), &[KeyValue::new("reason", "password")]);
+            o.observe(mx.sql_throttled_logins.load(Relaxed), &[KeyValue::new("reason", "throttled")]);
+        })
+        .build();
+    let mx = metrics.clone();
+    m.u64_observable_counter("twinguard.sql.refresh_failures")
+        .with_description("SQL view refreshes that failed (the previous snapshot stays published)")
+        .with_callback(move |o| o.observe(mx.sql_refresh_failures.load(Relaxed), &[]))
+        .build();
+    let mx = metrics.clone();
     m.i64_observable_gauge("twinguard.consumer.lag")
         .with_description("Records between the committed position and the end of each owned input partition")
         .with_callback(move |o| {
@@ -263,22 +276,52 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         .build();
 }
 
+/// Bounds on the HTTP endpoint's clients (one process shares its file descriptors
+/// and memory between the stream and this endpoint).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// A request's headers must arrive within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// A connection is closed after this, whatever it does (idle keep-alive included).
+    pub connection_timeout: Duration,
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits { header_read_timeout: Duration::from_secs(10), connection_timeout: Duration::from_secs(60), max_connections: 64 }
+    }
+}
+
 /// Serve `/metrics`, `/healthz` and `/readyz` on `listen` until the runtime stops.
 /// Returns the bound address (port 0 picks a free one).
 pub async fn serve_http(listen: &str, registry: prometheus::Registry, metrics: Arc<Metrics>) -> Result<std::net::SocketAddr, PipelineError> {
+    serve_http_with(listen, registry, metrics, HttpLimits::default()).await
+}
+
+/// [`serve_http`] with explicit limits.
+pub async fn serve_http_with(listen: &str, registry: prometheus::Registry, metrics: Arc<Metrics>, limits: HttpLimits) -> Result<std::net::SocketAddr, PipelineError> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| PipelineError::Config(format!("key `http.listen` ({listen}): {e}")))?;
     let addr = listener.local_addr().map_err(|e| PipelineError::Io(e.to_string()))?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tracing::info!(%addr, max_connections = limits.max_connections, "serving /metrics, /healthz and /readyz");
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     tokio::spawn(async move {
         loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
                 Err(e) => {
                     // e.g. out of file descriptors: back off rather than spin.
                     tracing::warn!(error = %e, "HTTP endpoint: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // Closed at once: a flood costs an accept, not a task or a descriptor.
+                tracing::debug!(%peer, "HTTP endpoint: connection limit reached; closed");
+                drop(stream);
+                continue;
             };
             let (registry, metrics) = (registry.clone(), metrics.clone());
             tokio::spawn(async move {
@@ -291,7 +334,15 @@ pub async fn serve_http(listen: &str, registry: prometheus::Registry, metrics: A
                             .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                // Dropping the connection future closes the socket.
+                if tokio::time::timeout(limits.connection_timeout, conn).await.is_err() {
+                    tracing::debug!(%peer, "HTTP connection closed: connection timeout");
+                }
+                drop(permit);
             });
         }
     });
@@ -320,5 +371,76 @@ fn respond_http(method: &hyper::Method, path: &str, registry: &prometheus::Regis
             }
         }
         _ => (404, TEXT, "not found: try /metrics, /healthz or /readyz\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    use super::*;
+
+    fn get(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+        let mut s = TcpStream::connect(addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// The HTTP endpoint bounds its clients: a slowloris connection (one header byte
+    /// a second) is closed at the header-read timeout, and with more idle
+    /// connections open than it serves at once, the endpoint still answers
+    /// (the idle ones are closed by the same timeout, freeing their slots).
+    #[test]
+    fn http_endpoint_closes_slowloris_and_answers_past_idle_connections() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let limits = HttpLimits { header_read_timeout: Duration::from_secs(2), connection_timeout: Duration::from_secs(30), max_connections: 8 };
+        let addr = rt.block_on(serve_http_with("127.0.0.1:0", prometheus::Registry::new(), Arc::new(Metrics::default()), limits)).unwrap();
+        assert_eq!(get(addr, "/healthz"), Some(200));
+
+        // Slowloris: a header that never ends, one byte a second.
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.set_read_timeout(Some(Duration::from_millis(900))).unwrap();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut sent = 0;
+        let closed = loop {
+            let mut buf = [0u8; 256];
+            match slow.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(_) => break true, // an error response (408), then the close
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => break true,
+            }
+            if slow.write_all(b"X").is_err() {
+                break true;
+            }
+            sent += 1;
+            if Instant::now() > deadline {
+                break false;
+            }
+        };
+        assert!(closed, "the slowloris connection is still open after {sent} bytes");
+
+        // More idle connections than slots: the endpoint answers again once the
+        // header-read timeout has closed them.
+        let idle: Vec<TcpStream> = (0..limits.max_connections * 2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while get(addr, "/healthz") != Some(200) {
+            assert!(Instant::now() < deadline, "the endpoint never answered past {} idle connections", idle.len());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Each idle connection was closed by the server (at accept, past the limit,
+        // or by a timeout), never left open.
+        for mut s in idle {
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut buf = [0u8; 64];
+            let r = s.read(&mut buf);
+            assert!(!matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)), "an idle connection stayed open: {r:?}");
+        }
     }
 }

@@ -32,15 +32,15 @@ pub async fn start(cfg: &Config, telemetry: &Telemetry, metrics: &Arc<Metrics>, 
     let Some(listen) = sql_listen else { return Ok(None) };
     let users = cfg.sql_users()?;
     let view = SqlView::new(cfg.sql.recent_rows);
-    spawn_sql(cfg.sql.clone(), listen.to_string(), users, view.clone())?;
-    view.spawn_refresher(Duration::from_millis(cfg.sql.refresh_ms), status_fn(mode, metrics.clone()), stop.clone())
+    spawn_sql(cfg.sql.clone(), listen.to_string(), users, view.clone(), metrics.clone())?;
+    view.spawn_refresher(Duration::from_millis(cfg.sql.refresh_ms), status_fn(mode, metrics.clone()), metrics.clone(), stop.clone())
         .map_err(|e| PipelineError::Io(format!("starting the SQL view refresher: {e}")))?;
     Ok(Some(view))
 }
 
 /// Serve SQL on a Tokio runtime of its own: queries, however heavy, never starve
 /// the probes, metrics and OTLP export on the process's main runtime.
-fn spawn_sql(cfg: crate::config::SqlConfig, listen: String, users: Vec<(String, String)>, view: Arc<SqlView>) -> Result<std::net::SocketAddr, PipelineError> {
+fn spawn_sql(cfg: crate::config::SqlConfig, listen: String, users: Vec<(String, String)>, view: Arc<SqlView>, metrics: Arc<Metrics>) -> Result<std::net::SocketAddr, PipelineError> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("tg-sql".into())
@@ -53,7 +53,7 @@ fn spawn_sql(cfg: crate::config::SqlConfig, listen: String, users: Vec<(String, 
                 }
             };
             rt.block_on(async move {
-                let bound = crate::sqlserver::serve(&cfg, &listen, &users, view).await;
+                let bound = crate::sqlserver::serve(&cfg, &listen, &users, view, metrics).await;
                 let serving = bound.is_ok();
                 let _ = tx.send(bound);
                 if serving {

@@ -4,57 +4,129 @@
 //!
 //! Safety, on top of datafusion-postgres:
 //! - SCRAM-SHA-256 password authentication against the configured users (a wrong
-//!   password is refused with SQLSTATE 28P01); TLS when configured (a TLS set-up
-//!   error stops the start, never falls back to plaintext; with TLS configured a
-//!   client that does not negotiate it is refused);
+//!   password is refused with SQLSTATE 28P01). A name that is not a user gets a
+//!   salt and verifier derived from the name under a per-process secret
+//!   (PostgreSQL's mock salt): stable per name, so the salt does not tell which
+//!   names exist. After [`FREE_FAILURES`] failed logins from one address (an IPv6
+//!   /64), logins from there are refused (28000) for an exponentially growing,
+//!   capped back-off; every failure is counted (`twinguard_sql_failed_logins_total`).
+//!   TLS when configured (a TLS set-up error stops the start, never falls back to
+//!   plaintext; with TLS configured a client that does not negotiate it is refused),
+//!   with SCRAM-SHA-256-PLUS channel binding (`tls-server-end-point`);
 //! - read-only: only queries, EXPLAIN, SHOW and a few session settings pass; DDL,
 //!   DML, COPY, cursors and other statements get SQLSTATE 25006 with the reason;
 //!   every plan is also checked by DataFusion's `SQLOptions` (no DDL, DML or
-//!   statements anywhere, subqueries included);
+//!   statements anywhere, subqueries included), and the plan checked is the plan
+//!   executed, on both protocols (query text is never handed to `SessionContext::sql`);
+//! - no files: the session has no table factories (`CREATE EXTERNAL TABLE`), no file
+//!   formats, no table functions and no `file://` object store;
+//! - bounded functions: only functions on an allowlist are served (scalar, aggregate
+//!   and window; [`ALLOWED_SCALAR`]); those that build large values from small
+//!   inputs (`repeat`, `lpad`, `replace`, `array_resize`, ...) are not, and a query
+//!   naming one gets SQLSTATE 42883 naming it. Recursive queries are refused (0A000);
 //! - limits: a query that runs past `sql.query_timeout_ms` is cancelled (57014), one
 //!   returning more than `sql.max_rows` rows is cut off with an error (54000); all
-//!   queries together hold at most `sql.max_memory_mb` (then they fail, not the process);
+//!   queries together hold at most `sql.max_memory_mb` for sorts, joins and
+//!   aggregations (then they fail with 53200, not the process); query text is at most
+//!   [`MAX_QUERY_BYTES`];
 //! - a malformed client message closes that client's connection only (pgwire ends
 //!   that socket's task); at most `sql.max_connections` connections at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use datafusion::logical_expr::LogicalPlan;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::execution::SessionStateDefaults;
+use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{Set, Statement};
+use datafusion_postgres::arrow_pg::datatypes::df::encode_dataframe;
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use datafusion_postgres::datafusion_pg_catalog::setup_pg_catalog;
 use datafusion_postgres::datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use datafusion_postgres::hooks::set_show::SetShowHook;
+use datafusion_postgres::hooks::transactions::TransactionStatementHook;
 use datafusion_postgres::pgwire::api::auth::sasl::scram::{gen_salted_password, ScramAuth, SCRAM_ITERATIONS};
 use datafusion_postgres::pgwire::api::auth::sasl::SASLAuthStartupHandler;
 use datafusion_postgres::pgwire::api::auth::{AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler};
 use datafusion_postgres::pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
-use datafusion_postgres::pgwire::api::portal::Portal;
+use datafusion_postgres::pgwire::api::portal::{Format, Portal};
 use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use datafusion_postgres::pgwire::api::results::Response;
+use datafusion_postgres::pgwire::api::results::{FieldInfo, Response};
+use datafusion_postgres::pgwire::api::stmt::QueryParser;
 use datafusion_postgres::pgwire::api::store::PortalStore;
-use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireConnectionState, PgWireServerHandlers};
+use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireConnectionState, PgWireServerHandlers, Type};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::pki_types::pem::PemObject;
 use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::{self, ServerConfig};
 use datafusion_postgres::pgwire::tokio::{process_socket, TlsAcceptor};
-use datafusion_postgres::{DfSessionService, Parser};
+use datafusion_postgres::pgwire::types::format::FormatOptions;
+use datafusion_postgres::{DfSessionService, Parser, QueryHook};
 use futures::{stream, Sink, StreamExt};
 use tokio::net::TcpListener;
 use tokio::time::{timeout_at, Instant};
+use twinguard_operators::audit::hmac_sha256;
 
 use crate::config::SqlConfig;
 use crate::sqlview::{SqlView, Table, ViewTable};
+use crate::telemetry::{Metrics, SqlLoginFailed};
 use crate::PipelineError;
 
 type DfStmt = (String, Option<(Statement, LogicalPlan)>);
+
+/// The longest query text served (one statement or a simple-protocol batch):
+/// clients' catalog queries are a few KB.
+pub const MAX_QUERY_BYTES: usize = 256 * 1024;
+
+/// Scalar functions served. Everything here builds values at most linear in its
+/// inputs; what builds large values from small inputs (`repeat`, `lpad`, `rpad`,
+/// `replace`, `regexp_replace`, `overlay`, `array_repeat`, `array_resize`, `range`,
+/// `generate_series`, ...) and what reads files (`input_file_name`) is left out.
+/// `pg_catalog`'s functions (for psql and BI tools' catalog queries) are added
+/// to these when the session is built.
+pub const ALLOWED_SCALAR: &[&str] = &[
+    // math
+    "abs", "acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "cbrt", "ceil", "cos", "cosh", "cot", "degrees", "exp", "factorial", "floor",
+    "gcd", "isnan", "iszero", "lcm", "ln", "log", "log10", "log2", "nanvl", "pi", "power", "radians", "random", "round", "signum", "sin", "sinh",
+    "sqrt", "tan", "tanh", "trunc",
+    // conditional, types, structs
+    "arrow_cast", "arrow_try_cast", "arrow_typeof", "coalesce", "get_field", "greatest", "least", "named_struct", "nullif", "nvl", "nvl2", "struct",
+    // strings (output at most linear in the inputs)
+    "ascii", "bit_length", "btrim", "character_length", "chr", "concat", "concat_ws", "contains", "ends_with", "find_in_set", "initcap", "left",
+    "lower", "ltrim", "octet_length", "reverse", "right", "rtrim", "split_part", "starts_with", "strpos", "substr", "substr_index", "to_hex",
+    "translate", "upper", "uuid", "md5", "sha224", "sha256", "sha384", "sha512", "digest", "encode", "decode", "regexp_count", "regexp_instr",
+    "regexp_like", "regexp_match",
+    // dates and times
+    "current_date", "current_time", "date_bin", "date_part", "date_trunc", "from_unixtime", "make_date", "make_time", "now", "to_char", "to_date",
+    "to_local_time", "to_time", "to_timestamp", "to_timestamp_micros", "to_timestamp_millis", "to_timestamp_nanos", "to_timestamp_seconds",
+    "to_unixtime",
+    // arrays and maps (no constructor that repeats or resizes)
+    "array_any_value", "array_append", "array_concat", "array_dims", "array_distinct", "array_element", "array_empty", "array_except", "array_has",
+    "array_has_all", "array_has_any", "array_intersect", "array_length", "array_max", "array_min", "array_ndims", "array_pop_back",
+    "array_pop_front", "array_position", "array_positions", "array_prepend", "array_remove", "array_remove_all", "array_remove_n",
+    "array_reverse", "array_slice", "array_sort", "array_to_string", "array_union", "cardinality", "flatten", "make_array", "map", "map_entries",
+    "map_extract", "map_keys", "map_values", "string_to_array",
+];
+
+/// Aggregate functions served (their state is charged to the memory pool).
+pub const ALLOWED_AGGREGATE: &[&str] = &[
+    "approx_distinct", "approx_median", "approx_percentile_cont", "approx_percentile_cont_with_weight", "array_agg", "avg", "bit_and", "bit_or",
+    "bit_xor", "bool_and", "bool_or", "corr", "count", "covar_pop", "covar_samp", "first_value", "grouping", "last_value", "max", "median", "min",
+    "nth_value", "percentile_cont", "regr_avgx", "regr_avgy", "regr_count", "regr_intercept", "regr_r2", "regr_slope", "regr_sxx", "regr_sxy",
+    "regr_syy", "stddev", "stddev_pop", "string_agg", "sum", "var", "var_pop", "any_value",
+];
+
+/// Window functions served.
+pub const ALLOWED_WINDOW: &[&str] = &["cume_dist", "dense_rank", "first_value", "lag", "last_value", "lead", "nth_value", "ntile", "percent_rank", "rank", "row_number"];
 
 fn user_error(code: &str, msg: impl Into<String>) -> PgWireError {
     PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), code.into(), msg.into())))
@@ -64,14 +136,35 @@ fn timeout_error(limit: Duration) -> PgWireError {
     user_error("57014", format!("canceling statement: it ran longer than the endpoint's limit of {} ms (sql.query_timeout_ms)", limit.as_millis()))
 }
 
+fn not_served(name: &str) -> PgWireError {
+    user_error("42883", format!("function `{name}` is not served by this endpoint: only functions on its allowlist are (those that build large values from small inputs, or read files, are not)"))
+}
+
+/// A planning or execution error from DataFusion, with the SQLSTATE a client can act on.
+fn df_error(msg: &str) -> PgWireError {
+    if let Some(rest) = msg.split("Invalid function '").nth(1) {
+        return not_served(rest.split('\'').next().unwrap_or(rest));
+    }
+    if msg.contains("Recursive CTEs are not enabled") {
+        return user_error("0A000", "recursive queries (WITH RECURSIVE) are not served by this endpoint: they can grow without bound");
+    }
+    if msg.contains("Resources exhausted") {
+        return user_error("53200", format!("query cancelled: it needs more memory than the endpoint allows (sql.max_memory_mb): {msg}"));
+    }
+    user_error("42000", msg)
+}
+
+fn too_long(len: usize) -> PgWireError {
+    user_error("54000", format!("query text of {len} bytes is longer than the endpoint's limit of {MAX_QUERY_BYTES} bytes"))
+}
+
 /// The configured users as SCRAM verifiers (salted once at start; the passwords
 /// themselves are not kept).
 #[derive(Debug)]
 struct Users {
     known: HashMap<String, (Vec<u8>, Vec<u8>)>,
-    /// A verifier no password matches, for unknown users: they fail at the same step
-    /// as a wrong password, so a client cannot tell which user names exist.
-    decoy: (Vec<u8>, Vec<u8>),
+    /// Keys the mock salts and verifiers of names that are not users.
+    secret: [u8; 32],
 }
 
 impl Users {
@@ -80,21 +173,108 @@ impl Users {
             let salt: [u8; 16] = rand::random();
             (salt.to_vec(), gen_salted_password(p, &salt, SCRAM_ITERATIONS))
         };
-        let secret: [u8; 32] = rand::random();
-        Users { known: users.iter().map(|(u, p)| (u.clone(), verifier(p))).collect(), decoy: verifier(&hex(&secret)) }
+        Users { known: users.iter().map(|(u, p)| (u.clone(), verifier(p))).collect(), secret: rand::random() }
     }
-}
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    /// A name that is not a user: a salt (as long as a real one) and a verifier no
+    /// password matches, both derived from the name, as PostgreSQL's
+    /// `scram_mock_salt` does. The same name gets the same salt at every attempt,
+    /// and two names get different ones, exactly as for real users; the login fails
+    /// at the same step as a wrong password, after the same work.
+    fn mock(&self, user: &str) -> (Vec<u8>, Vec<u8>) {
+        let salt = hmac_sha256(&self.secret, format!("twinguard-scram-mock-salt\0{user}").as_bytes());
+        let verifier = hmac_sha256(&self.secret, format!("twinguard-scram-mock-verifier\0{user}").as_bytes());
+        (salt[..16].to_vec(), verifier.to_vec())
+    }
+
+    fn verifier(&self, user: &str) -> (Vec<u8>, Vec<u8>) {
+        self.known.get(user).cloned().unwrap_or_else(|| self.mock(user))
+    }
 }
 
 #[async_trait]
 impl AuthSource for Users {
     async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
-        let user = login.user().unwrap_or_default();
-        let (salt, salted) = self.known.get(user).unwrap_or(&self.decoy);
-        Ok(Password::new(Some(salt.clone()), salted.clone()))
+        let (salt, salted) = self.verifier(login.user().unwrap_or_default());
+        Ok(Password::new(Some(salt), salted))
+    }
+}
+
+/// Failed logins allowed from one address before the back-off starts.
+pub const FREE_FAILURES: u32 = 5;
+/// The first back-off; each further failure doubles it, up to [`BACKOFF_CAP`].
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+pub const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// An address with no failure for this long starts over.
+const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
+/// Addresses tracked at most (stale ones are dropped first; past this, the oldest).
+const MAX_TRACKED: usize = 100_000;
+
+/// Failed logins per peer address, and the back-off they earn: after
+/// [`FREE_FAILURES`] failures, each failure refuses every login from that address
+/// for `BACKOFF_BASE · 2^(failures − FREE_FAILURES − 1)`, capped at [`BACKOFF_CAP`].
+/// Refused attempts do not count as failures (their password is never checked).
+/// IPv6 addresses count per /64 (one host usually holds a whole /64).
+#[derive(Debug, Default)]
+pub struct LoginThrottle {
+    peers: Mutex<HashMap<IpAddr, Peer>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    failures: u32,
+    last: std::time::Instant,
+    until: Option<std::time::Instant>,
+}
+
+impl LoginThrottle {
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+            },
+            v4 => v4,
+        }
+    }
+
+    /// `Err(wait)` while logins from `ip` are backed off.
+    pub fn check(&self, ip: IpAddr, now: std::time::Instant) -> Result<(), Duration> {
+        let mut peers = self.peers.lock().expect("throttle lock");
+        let key = Self::key(ip);
+        match peers.get(&key).copied() {
+            Some(p) if now.saturating_duration_since(p.last) > FORGET_AFTER => {
+                peers.remove(&key);
+                Ok(())
+            }
+            Some(Peer { until: Some(until), .. }) if until > now => Err(until - now),
+            _ => Ok(()),
+        }
+    }
+
+    /// Count a failed login from `ip`: (failures so far, the back-off it starts).
+    pub fn failed(&self, ip: IpAddr, now: std::time::Instant) -> (u32, Option<Duration>) {
+        let mut peers = self.peers.lock().expect("throttle lock");
+        if peers.len() >= MAX_TRACKED {
+            peers.retain(|_, p| now.saturating_duration_since(p.last) <= FORGET_AFTER);
+            if peers.len() >= MAX_TRACKED {
+                if let Some(oldest) = peers.iter().min_by_key(|(_, p)| p.last).map(|(k, _)| *k) {
+                    peers.remove(&oldest);
+                }
+            }
+        }
+        let p = peers.entry(Self::key(ip)).or_insert(Peer { failures: 0, last: now, until: None });
+        if now.saturating_duration_since(p.last) > FORGET_AFTER {
+            p.failures = 0;
+        }
+        p.failures = p.failures.saturating_add(1);
+        p.last = now;
+        let backoff = (p.failures > FREE_FAILURES).then(|| {
+            let doublings = (p.failures - FREE_FAILURES - 1).min(16);
+            (BACKOFF_BASE * (1u32 << doublings)).min(BACKOFF_CAP)
+        });
+        p.until = backoff.map(|b| now + b);
+        (p.failures, backoff)
     }
 }
 
@@ -138,16 +318,83 @@ fn check_plan(plan: &LogicalPlan) -> PgWireResult<()> {
         .map_err(|e| user_error("25006", format!("read-only endpoint: {e}")))
 }
 
+/// The functions a session serves, by name (aliases included): what its registry
+/// holds, which [`session_context`] limits to the allowlists.
+#[derive(Debug, Clone, Default)]
+pub struct Served(HashSet<String>);
+
+impl Served {
+    pub fn of(ctx: &SessionContext) -> Self {
+        let state = ctx.state();
+        let mut names: HashSet<String> = state.scalar_functions().keys().cloned().collect();
+        names.extend(state.aggregate_functions().keys().cloned());
+        names.extend(state.window_functions().keys().cloned());
+        Served(names)
+    }
+
+    /// Every function the plan calls (subqueries included) must be served: the
+    /// expression planners build some calls from syntax (`OVERLAY(...)`, array
+    /// literals, `||` on arrays) without asking the registry.
+    pub fn check(&self, plan: &LogicalPlan) -> PgWireResult<()> {
+        let mut bad = None;
+        let _ = plan.apply_with_subqueries(|node| {
+            node.apply_expressions(|e| {
+                e.apply(|e| {
+                    let name = match e {
+                        Expr::ScalarFunction(f) => Some(f.func.name()),
+                        Expr::AggregateFunction(f) => Some(f.func.name()),
+                        Expr::WindowFunction(f) => Some(f.fun.name()),
+                        _ => None,
+                    };
+                    match name {
+                        Some(n) if !self.0.contains(n) => {
+                            bad = Some(n.to_string());
+                            Ok(TreeNodeRecursion::Stop)
+                        }
+                        _ => Ok(TreeNodeRecursion::Continue),
+                    }
+                })
+            })
+        });
+        match bad {
+            Some(name) => Err(not_served(&name)),
+            None => Ok(()),
+        }
+    }
+}
+
 /// datafusion-postgres's handler behind the read-only check and the limits.
 struct Guarded {
     inner: DfSessionService,
     ctx: Arc<SessionContext>,
     parser: PostgresCompatibilityParser,
+    /// The extended protocol's parser, behind the size and error checks.
+    extended: Arc<GuardedParser>,
+    /// datafusion-postgres's answers to `SET`, `SHOW <variable>` and transaction
+    /// statements (per connection, from the parsed statement: no query text).
+    hooks: Vec<Arc<dyn QueryHook>>,
+    served: Served,
     timeout: Duration,
     max_rows: usize,
 }
 
 impl Guarded {
+    fn new(ctx: Arc<SessionContext>, timeout: Duration, max_rows: usize) -> Self {
+        let inner = DfSessionService::new(ctx.clone());
+        let served = Served::of(&ctx);
+        let extended = Arc::new(GuardedParser { inner: ExtendedQueryHandler::query_parser(&inner) });
+        Guarded {
+            inner,
+            ctx,
+            parser: PostgresCompatibilityParser::new(),
+            extended,
+            hooks: vec![Arc::new(SetShowHook), Arc::new(TransactionStatementHook)],
+            served,
+            timeout,
+            max_rows,
+        }
+    }
+
     /// Wrap a result's row stream: stop it at the deadline or past the row limit
     /// (dropping the stream cancels DataFusion's execution).
     fn limit(&self, r: Response, deadline: Instant) -> Response {
@@ -173,6 +420,8 @@ impl Guarded {
 
 #[async_trait]
 impl SimpleQueryHandler for Guarded {
+    /// Each statement is parsed once (Postgres dialect), checked, planned from that
+    /// parse, its plan checked, and that very plan executed.
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
@@ -180,28 +429,80 @@ impl SimpleQueryHandler for Guarded {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        if query.len() > MAX_QUERY_BYTES {
+            return Err(too_long(query.len()));
+        }
         let deadline = Instant::now() + self.timeout;
         let work = async {
-            for s in self.parser.parse(query).map_err(|e| user_error("42601", e.to_string()))? {
-                if check_statement(&s)? {
-                    let plan = self.ctx.state().statement_to_plan(DfStatement::Statement(Box::new(s))).await.map_err(|e| user_error("42000", e.to_string()))?;
+            let statements = self.parser.parse(query).map_err(|e| user_error("42601", e.to_string()))?;
+            if statements.is_empty() {
+                return Ok::<_, PgWireError>(vec![Response::EmptyQuery]);
+            }
+            let mut out = Vec::with_capacity(statements.len());
+            'stmt: for s in statements {
+                let query_like = check_statement(&s)?;
+                for hook in &self.hooks {
+                    if let Some(r) = hook.handle_simple_query(&s, &self.ctx, client).await {
+                        out.push(r?);
+                        continue 'stmt;
+                    }
+                }
+                let plan = self.ctx.state().statement_to_plan(DfStatement::Statement(Box::new(s))).await.map_err(|e| df_error(&e.to_string()))?;
+                if query_like {
                     check_plan(&plan)?;
                 }
+                self.served.check(&plan)?;
+                let df = self.ctx.execute_logical_plan(plan).await.map_err(|e| df_error(&e.to_string()))?;
+                let format = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                out.push(Response::Query(encode_dataframe(df, &Format::UnifiedText, Some(format)).await?));
             }
-            SimpleQueryHandler::do_query(&self.inner, client, query).await
+            Ok(out)
         };
         let responses = timeout_at(deadline, work).await.map_err(|_| timeout_error(self.timeout))??;
         Ok(responses.into_iter().map(|r| self.limit(r, deadline)).collect())
     }
 }
 
+/// datafusion-postgres's extended-protocol parser (it plans the parsed statement;
+/// the plan is checked at execution), behind the query size limit and with
+/// DataFusion's planning errors given their SQLSTATE.
+struct GuardedParser {
+    inner: Arc<Parser>,
+}
+
+#[async_trait]
+impl QueryParser for GuardedParser {
+    type Statement = DfStmt;
+
+    async fn parse_sql<C>(&self, client: &C, sql: &str, types: &[Option<Type>]) -> PgWireResult<Option<DfStmt>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        if sql.len() > MAX_QUERY_BYTES {
+            return Err(too_long(sql.len()));
+        }
+        self.inner.parse_sql(client, sql, types).await.map_err(|e| match e {
+            PgWireError::ApiError(e) => df_error(&e.to_string()),
+            e => e,
+        })
+    }
+
+    fn get_parameter_types(&self, stmt: &DfStmt) -> PgWireResult<Vec<Type>> {
+        self.inner.get_parameter_types(stmt)
+    }
+
+    fn get_result_schema(&self, stmt: &DfStmt, column_format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+        self.inner.get_result_schema(stmt, column_format)
+    }
+}
+
 #[async_trait]
 impl ExtendedQueryHandler for Guarded {
     type Statement = DfStmt;
-    type QueryParser = Parser;
+    type QueryParser = GuardedParser;
 
-    fn query_parser(&self) -> Arc<Parser> {
-        ExtendedQueryHandler::query_parser(&self.inner)
+    fn query_parser(&self) -> Arc<GuardedParser> {
+        self.extended.clone()
     }
 
     async fn do_query<C>(&self, client: &mut C, portal: &Portal<DfStmt>, max_rows: usize) -> PgWireResult<Response>
@@ -212,10 +513,12 @@ impl ExtendedQueryHandler for Guarded {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         match &portal.statement.statement {
+            // The inner handler executes this plan (with the parameters bound).
             (_, Some((s, plan))) => {
                 if check_statement(s)? {
                     check_plan(plan)?;
                 }
+                self.served.check(plan)?;
             }
             // An empty or unparsed statement: let the inner handler answer it.
             (_, None) => {}
@@ -223,18 +526,25 @@ impl ExtendedQueryHandler for Guarded {
         let deadline = Instant::now() + self.timeout;
         let r = timeout_at(deadline, ExtendedQueryHandler::do_query(&self.inner, client, portal, max_rows))
             .await
-            .map_err(|_| timeout_error(self.timeout))??;
+            .map_err(|_| timeout_error(self.timeout))?
+            .map_err(|e| match e {
+                PgWireError::ApiError(e) => df_error(&e.to_string()),
+                e => e,
+            })?;
         Ok(self.limit(r, deadline))
     }
 }
 
 /// SCRAM authentication, refusing clients that did not negotiate TLS when the
-/// endpoint has it (otherwise a client could just skip it).
+/// endpoint has it (otherwise a client could just skip it), and clients whose
+/// address is backed off after failed logins.
 struct Startup {
     inner: SASLAuthStartupHandler<DefaultServerParameterProvider>,
     require_tls: bool,
     /// Set once this connection has logged in (the login timeout stops then).
     logged_in: Arc<std::sync::atomic::AtomicBool>,
+    throttle: Arc<LoginThrottle>,
+    metrics: Arc<Metrics>,
 }
 
 #[async_trait]
@@ -245,18 +555,37 @@ impl StartupHandler for Startup {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        let fatal = |code: &str, msg: String| PgWireError::UserError(Box::new(ErrorInfo::new("FATAL".into(), code.into(), msg)));
         if self.require_tls && !client.is_secure() {
-            return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
-                "FATAL".into(),
-                "28000".into(),
-                "this endpoint requires TLS: connect with sslmode=require (or verify-full)".into(),
-            ))));
+            return Err(fatal("28000", "this endpoint requires TLS: connect with sslmode=require (or verify-full)".into()));
         }
-        self.inner.on_startup(client, message).await?;
-        if matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
-            self.logged_in.store(true, std::sync::atomic::Ordering::Release);
+        let peer = client.socket_addr().ip();
+        // Checked at the start and again before a password is verified (a burst of
+        // connections opened together must not all get their guess checked).
+        if let Err(wait) = self.throttle.check(peer, std::time::Instant::now()) {
+            let user = client.metadata().get("user").cloned().unwrap_or_default();
+            SqlLoginFailed { peer, user: &user, throttled: true, failures: 0, backoff: Some(wait) }.emit(&self.metrics);
+            return Err(fatal(
+                "28000",
+                format!("too many failed logins from this address: try again in {} s", wait.as_secs().max(1)),
+            ));
         }
-        Ok(())
+        match self.inner.on_startup(client, message).await {
+            Err(PgWireError::InvalidPassword(user)) => {
+                let (failures, backoff) = self.throttle.failed(peer, std::time::Instant::now());
+                // The startup message's user (SCRAM's own user field is usually empty).
+                let name = client.metadata().get("user").cloned().unwrap_or_default();
+                SqlLoginFailed { peer, user: &name, throttled: false, failures, backoff }.emit(&self.metrics);
+                Err(PgWireError::InvalidPassword(user))
+            }
+            Err(e) => Err(e),
+            Ok(()) => {
+                if matches!(client.state(), PgWireConnectionState::ReadyForQuery) {
+                    self.logged_in.store(true, std::sync::atomic::Ordering::Release);
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -265,6 +594,10 @@ struct Handlers {
     require_tls: bool,
     logged_in: Arc<std::sync::atomic::AtomicBool>,
     users: Arc<Users>,
+    /// The server certificate (PEM) for SCRAM-SHA-256-PLUS channel binding.
+    channel_binding: Option<Arc<Vec<u8>>>,
+    throttle: Arc<LoginThrottle>,
+    metrics: Arc<Metrics>,
     params: Arc<DefaultServerParameterProvider>,
     connections: Arc<ConnectionManager>,
 }
@@ -278,12 +611,19 @@ impl PgWireServerHandlers for Handlers {
     }
     /// A fresh handler per connection: it holds that connection's SASL state.
     fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        let mut scram = ScramAuth::new(self.users.clone());
+        if let Some(pem) = &self.channel_binding {
+            // Checked once at start (`serve`): this certificate is accepted.
+            if let Err(e) = scram.configure_certificate(pem) {
+                tracing::warn!(error = %e, "SQL endpoint: channel binding not offered on this connection");
+            }
+        }
         Arc::new(Startup {
-            inner: SASLAuthStartupHandler::new(self.params.clone())
-                .with_scram(ScramAuth::new(self.users.clone()))
-                .with_connection_manager(self.connections.clone()),
+            inner: SASLAuthStartupHandler::new(self.params.clone()).with_scram(scram).with_connection_manager(self.connections.clone()),
             require_tls: self.require_tls,
             logged_in: self.logged_in.clone(),
+            throttle: self.throttle.clone(),
+            metrics: self.metrics.clone(),
         })
     }
     fn cancel_handler(&self) -> Arc<impl CancelHandler> {
@@ -323,32 +663,58 @@ fn too_many_connections() -> Vec<u8> {
 /// `information_schema` for clients' catalog queries. Queries together may hold at
 /// most `max_memory_bytes` for sorts, joins and aggregations; past it they fail
 /// with a resources-exhausted error instead of growing the process.
+///
+/// Built from parts, not from DataFusion's defaults: no table factories (so no
+/// `CREATE EXTERNAL TABLE`), no file formats, no table functions, no `file://`
+/// object store, recursive CTEs off, and only the allowlisted functions
+/// ([`ALLOWED_SCALAR`], [`ALLOWED_AGGREGATE`], [`ALLOWED_WINDOW`]) plus
+/// `pg_catalog`'s.
 pub fn session_context(view: &Arc<SqlView>, max_memory_bytes: usize) -> Result<Arc<SessionContext>, PipelineError> {
     let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
         .with_memory_limit(max_memory_bytes, 1.0)
         .build_arc()
         .map_err(|e| PipelineError::Io(format!("SQL runtime: {e}")))?;
-    let ctx = SessionContext::new_with_config_rt(SessionConfig::new().with_information_schema(true), runtime);
+    // The default registry holds a local file system store: gone.
+    runtime.deregister_object_store(ObjectStoreUrl::local_filesystem().as_ref()).map_err(|e| PipelineError::Io(format!("SQL runtime: {e}")))?;
+    let mut config = SessionConfig::new().with_information_schema(true);
+    config.options_mut().execution.enable_recursive_ctes = false;
+    let keep = |list: &[&str], name: &str| list.contains(&name);
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_expr_planners(SessionStateDefaults::default_expr_planners())
+        .with_scalar_functions(SessionStateDefaults::default_scalar_functions().into_iter().filter(|f| keep(ALLOWED_SCALAR, f.name())).collect())
+        .with_aggregate_functions(SessionStateDefaults::default_aggregate_functions().into_iter().filter(|f| keep(ALLOWED_AGGREGATE, f.name())).collect())
+        .with_window_functions(SessionStateDefaults::default_window_functions().into_iter().filter(|f| keep(ALLOWED_WINDOW, f.name())).collect())
+        .build();
+    let ctx = SessionContext::new_with_state(state);
     for t in Table::ALL {
         ctx.register_table(t.name(), Arc::new(ViewTable::new(view.clone(), t))).map_err(|e| PipelineError::Io(format!("registering table {}: {e}", t.name())))?;
     }
     setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider).map_err(|e| PipelineError::Io(format!("pg_catalog: {e}")))?;
-    // Functions that build huge values from tiny inputs allocate outside the memory
-    // pool (e.g. `repeat('x', 2000000000)`): not served.
-    for f in ["repeat", "lpad", "rpad", "array_repeat", "range", "generate_series"] {
-        ctx.deregister_udf(f);
-    }
-    for f in ["range", "generate_series"] {
-        ctx.deregister_udtf(f);
-    }
     Ok(Arc::new(ctx))
 }
 
 /// Bind the endpoint and serve it on the current Tokio runtime until it stops.
 /// Returns the bound address (port 0 picks a free one).
-pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], view: Arc<SqlView>) -> Result<std::net::SocketAddr, PipelineError> {
+pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], view: Arc<SqlView>, metrics: Arc<Metrics>) -> Result<std::net::SocketAddr, PipelineError> {
     let tls = match &cfg.tls {
         Some(t) => Some(load_tls(&t.cert_file, &t.key_file).map_err(PipelineError::Config)?),
+        None => None,
+    };
+    // SCRAM-SHA-256-PLUS with TLS: the certificate's hash binds the login to this
+    // TLS session (a relaying man in the middle holds another certificate).
+    let channel_binding = match &cfg.tls {
+        Some(t) => {
+            let pem = std::fs::read(&t.cert_file).map_err(|e| PipelineError::Config(format!("key `sql.tls.cert_file` ({}): {e}", t.cert_file.display())))?;
+            match ScramAuth::new(Arc::new(Users::new(&[]))).configure_certificate(&pem) {
+                Ok(()) => Some(Arc::new(pem)),
+                Err(e) => {
+                    tracing::warn!(cert = %t.cert_file.display(), error = %e, "SQL endpoint: no SCRAM-SHA-256-PLUS channel binding for this certificate (its signature algorithm); plain SCRAM-SHA-256 over TLS");
+                    None
+                }
+            }
+        }
         None => None,
     };
     let ctx = session_context(&view, cfg.max_memory_mb.saturating_mul(1 << 20))?;
@@ -356,13 +722,14 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
     params.default_transaction_read_only = true;
     params.is_superuser = false;
     let timeout = Duration::from_millis(cfg.query_timeout_ms);
-    let query = Arc::new(Guarded { inner: DfSessionService::new(ctx.clone()), ctx, parser: PostgresCompatibilityParser::new(), timeout, max_rows: cfg.max_rows });
+    let query = Arc::new(Guarded::new(ctx, timeout, cfg.max_rows));
     let (users, params, connections) = (Arc::new(Users::new(users)), Arc::new(params), Arc::new(ConnectionManager::new()));
+    let throttle = Arc::new(LoginThrottle::default());
     let require_tls = tls.is_some();
     let login_timeout = Duration::from_millis(cfg.login_timeout_ms);
     let listener = TcpListener::bind(listen).await.map_err(|e| PipelineError::Config(format!("key `sql.listen` ({listen}): {e}")))?;
     let addr = listener.local_addr().map_err(|e| PipelineError::Io(e.to_string()))?;
-    tracing::info!(%addr, tls = tls.is_some(), users = users.known.len(), "serving SQL (Postgres wire protocol, read-only)");
+    tracing::info!(%addr, tls = tls.is_some(), channel_binding = channel_binding.is_some(), users = users.known.len(), "serving SQL (Postgres wire protocol, read-only)");
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     tokio::spawn(async move {
         loop {
@@ -408,6 +775,9 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
                 require_tls,
                 logged_in: logged_in.clone(),
                 users: users.clone(),
+                channel_binding: channel_binding.clone(),
+                throttle: throttle.clone(),
+                metrics: metrics.clone(),
                 params: params.clone(),
                 connections: connections.clone(),
             });
@@ -433,4 +803,118 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
         }
     });
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_and_message(e: PgWireError) -> (String, String) {
+        match e {
+            PgWireError::UserError(i) => (i.code, i.message),
+            e => ("?".into(), e.to_string()),
+        }
+    }
+
+    /// Plan a statement as the simple protocol does (parse, check, plan, check).
+    async fn plan(ctx: &SessionContext, served: &Served, sql: &str) -> PgWireResult<LogicalPlan> {
+        let mut statements = PostgresCompatibilityParser::new().parse(sql).map_err(|e| user_error("42601", e.to_string()))?;
+        let s = statements.remove(0);
+        let query_like = check_statement(&s)?;
+        let plan = ctx.state().statement_to_plan(DfStatement::Statement(Box::new(s))).await.map_err(|e| df_error(&e.to_string()))?;
+        if query_like {
+            check_plan(&plan)?;
+        }
+        served.check(&plan)?;
+        Ok(plan)
+    }
+
+    #[test]
+    fn sql_session_reads_no_files_and_serves_only_allowlisted_functions() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let ctx = session_context(&SqlView::new(10), 64 << 20).unwrap();
+            assert!(ctx.runtime_env().object_store(ObjectStoreUrl::local_filesystem()).is_err(), "no file:// object store");
+            assert!(ctx.state().table_factories().is_empty(), "no table factories");
+            // Even through DataFusion's own parser with DDL allowed, no file is read.
+            let e = ctx.sql("create external table pw (line varchar) stored as csv location '/etc/passwd'").await.err();
+            assert!(e.is_some(), "CREATE EXTERNAL TABLE has no factory to create the table with");
+            let served = Served::of(&ctx);
+            for (sql, code, named) in [
+                ("select repeat('x', 3)", "42883", "`repeat`"),
+                ("select replace('x', 'x', 'xx')", "42883", "`replace`"),
+                ("select lpad('x', 1000000000)", "42883", "`lpad`"),
+                ("select regexp_replace('x', '', 'xx', 'g')", "42883", "`regexp_replace`"),
+                ("select array_resize(make_array(1), 10)", "42883", "`array_resize`"),
+                ("select array_repeat(1, 10)", "42883", "`array_repeat`"),
+                // Built from syntax by an expression planner, not looked up by name.
+                ("select overlay('abc' placing 'x' from 2)", "42883", "`overlay`"),
+                ("with recursive t(n) as (select 1 union all select n + 1 from t where n < 3) select * from t", "0A000", "recursive queries"),
+                ("copy (select 1) to '/tmp/x'", "25006", "read-only endpoint"),
+            ] {
+                let (c, m) = code_and_message(plan(&ctx, &served, sql).await.expect_err(sql));
+                assert_eq!(c, code, "{sql}: {m}");
+                assert!(m.contains(named), "{sql}: {m}");
+            }
+            assert!(plan(&ctx, &served, "select * from generate_series(1, 10)").await.is_err(), "no table functions");
+            for sql in [
+                "select upper(device_id), count(*), avg(risk) from twins group by 1",
+                "select string_agg(device_id, ',') from twins",
+                "select device_id, row_number() over (order by risk desc) from twins",
+                "select make_array(1, 2)[1], concat('a', 'b') || 'c', date_trunc('hour', now())",
+                "select current_schema(), current_database(), pg_catalog.pg_get_userbyid(cast(10 as int))",
+            ] {
+                plan(&ctx, &served, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+        });
+    }
+
+    /// PostgreSQL's mock salt: per name, stable, shaped like a real one, keyed by a
+    /// per-process secret.
+    #[test]
+    fn sql_mock_salts_are_per_name_stable_and_shaped_like_real_ones() {
+        let users = Users::new(&[("analyst".into(), "pw".into())]);
+        let (a, va) = users.verifier("ghost-a");
+        assert_eq!((a.clone(), va.clone()), users.verifier("ghost-a"), "stable");
+        assert_ne!(a, users.verifier("ghost-b").0, "per name");
+        let (real, real_v) = users.verifier("analyst");
+        assert_eq!((real.len(), real_v.len()), (a.len(), va.len()), "same shape as a real user's");
+        assert_eq!(users.verifier("analyst"), (real, real_v));
+        assert_ne!(Users::new(&[]).verifier("ghost-a").0, a, "another process, other salts");
+    }
+
+    /// The back-off: free failures, then a doubling refusal window per address
+    /// (IPv6 per /64), capped, forgotten after a quiet period. Pure state machine,
+    /// driven by explicit instants.
+    #[test]
+    fn sql_login_backoff_doubles_after_free_failures_per_address_and_is_capped() {
+        let t = LoginThrottle::default();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let t0 = std::time::Instant::now();
+        for n in 1..=FREE_FAILURES {
+            assert_eq!(t.failed(ip, t0), (n, None), "failure {n} is free");
+            assert_eq!(t.check(ip, t0), Ok(()));
+        }
+        assert_eq!(t.failed(ip, t0), (FREE_FAILURES + 1, Some(BACKOFF_BASE)));
+        assert_eq!(t.check(ip, t0), Err(BACKOFF_BASE), "backed off");
+        assert_eq!(t.check("10.0.0.2".parse().unwrap(), t0), Ok(()), "another address is not");
+        assert_eq!(t.check("::ffff:10.0.0.1".parse().unwrap(), t0), Err(BACKOFF_BASE), "the same address, v4-mapped");
+        let t1 = t0 + BACKOFF_BASE;
+        assert_eq!(t.check(ip, t1), Ok(()), "over once it has passed");
+        assert_eq!(t.failed(ip, t1).1, Some(BACKOFF_BASE * 2), "doubles");
+        let mut last = None;
+        for _ in 0..40 {
+            last = t.failed(ip, t1).1;
+        }
+        assert_eq!(last, Some(BACKOFF_CAP), "capped");
+        let quiet = t1 + FORGET_AFTER + Duration::from_secs(1);
+        assert_eq!(t.check(ip, quiet), Ok(()));
+        assert_eq!(t.failed(ip, quiet), (1, None), "forgotten after a quiet period");
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        for _ in 0..=FREE_FAILURES {
+            t.failed(v6, t0);
+        }
+        assert!(t.check("2001:db8::ffff:2".parse().unwrap(), t0).is_err(), "the same /64");
+        assert_eq!(t.check("2001:db8:0:1::1".parse().unwrap(), t0), Ok(()), "another /64");
+    }
 }

@@ -22,6 +22,8 @@ use twinguard_schemas::respond::{Alert, Command};
 use twinguard_schemas::verdict::Verdict;
 use twinguard_schemas::{EventSchema, Role};
 
+use crate::telemetry::{Metrics, SqlRefreshFailed};
+
 /// One device's row of the `twins` table, built from its twin (on the stream's
 /// thread for its own twins, from the changelog in `twinguard sql`).
 #[derive(Debug, Clone, PartialEq)]
@@ -350,6 +352,54 @@ fn rfc3339_ms(s: &str) -> Option<i64> {
 
 fn batch(table: Table, cols: Vec<ArrayRef>) -> RecordBatch {
     RecordBatch::try_new(table.schema(), cols).expect("columns match the table schema")
+}
+
+/// Rows per `twins` batch at most.
+pub const TWINS_BATCH_ROWS: usize = 8192;
+/// String bytes per `twins` batch at most (all string columns together): far below
+/// the 2 GiB an Arrow `Utf8` column's i32 offsets can address, whatever the fleet's
+/// size or its strings' length.
+pub const TWINS_BATCH_BYTES: usize = 64 << 20;
+
+impl TwinRow {
+    /// Bytes of this row's strings (what the `Utf8` columns' offsets count).
+    fn string_bytes(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        self.device_id.len()
+            + self.schema.len()
+            + opt(&self.device_type)
+            + opt(&self.criticality)
+            + opt(&self.class)
+            + opt(&self.firmware)
+            + self.reported.len()
+            + self.desired.len()
+            + self.delta.len()
+            + opt(&self.incident_id)
+            + self.latest.len()
+            + self.baselines.len()
+            + self.identity.len()
+    }
+}
+
+/// The `twins` table as batches of at most `max_rows` rows and (but for a single
+/// larger row) `max_bytes` string bytes. One batch for everything would overflow
+/// its 32-bit string offsets near 850 k twins (sooner with long strings).
+fn twins_batches<'a>(rows: impl Iterator<Item = &'a TwinRow>, max_rows: usize, max_bytes: usize) -> Vec<RecordBatch> {
+    let mut out = Vec::new();
+    let (mut chunk, mut bytes): (Vec<&TwinRow>, usize) = (Vec::new(), 0);
+    for r in rows {
+        let b = r.string_bytes();
+        if !chunk.is_empty() && (chunk.len() >= max_rows || bytes + b > max_bytes) {
+            out.push(twins_batch(&mut chunk.drain(..)));
+            bytes = 0;
+        }
+        chunk.push(r);
+        bytes += b;
+    }
+    if !chunk.is_empty() || out.is_empty() {
+        out.push(twins_batch(&mut chunk.drain(..)));
+    }
+    out
 }
 
 fn twins_batch(rows: &mut dyn Iterator<Item = &TwinRow>) -> RecordBatch {
@@ -730,17 +780,34 @@ impl SqlView {
     }
 
     /// Run the refresher on a thread of its own until `stop`: every `every`, fold the
-    /// staged changes in and publish a new snapshot.
-    pub fn spawn_refresher(self: &Arc<Self>, every: Duration, status: StatusFn, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    /// staged changes in and publish a new snapshot. A refresh that fails (panics) is
+    /// reported ([`SqlRefreshFailed`]) and the next one tries again; each turn is a
+    /// heartbeat in `metrics`, so `/healthz` fails if the thread stops turning.
+    pub fn spawn_refresher(self: &Arc<Self>, every: Duration, status: StatusFn, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
         let view = self.clone();
+        // A refresh of a large fleet takes a while: generous, but bounded.
+        let limit = (every * 20).max(Duration::from_secs(60));
+        metrics.sql_refresh_limit_ms.store(i64::try_from(limit.as_millis()).unwrap_or(i64::MAX), Ordering::Relaxed);
+        let beat = |m: &Metrics| m.sql_refresh_beat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        beat(&metrics);
         std::thread::Builder::new().name("tg-sql-view".into()).spawn(move || {
             let mut r = Refresher::new(view.recent_rows);
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
-                view.refresh(&mut r, &status);
+                view.refresh_reported(&mut r, &status, &metrics);
+                beat(&metrics);
                 std::thread::sleep(every.saturating_sub(started.elapsed()));
             }
         })
+    }
+
+    /// One refresh; a panic in it is caught and reported instead of ending the
+    /// thread (the refresher's state stays usable: the tables are rebuilt whole).
+    fn refresh_reported(&self, r: &mut Refresher, status: &StatusFn, metrics: &Metrics) {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.refresh(r, status))) {
+            let error = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("panic");
+            SqlRefreshFailed { error }.emit(metrics);
+        }
     }
 
     fn refresh(&self, r: &mut Refresher, status: &StatusFn) {
@@ -760,7 +827,11 @@ impl SqlView {
                     None => r.twins.remove(&k),
                 };
             }
-            next.twins = vec![twins_batch(&mut r.twins.values())];
+            r.twins_changed = true;
+        }
+        // Still set if the last refresh failed after changing the rows.
+        if r.twins_changed {
+            next.twins = twins_batches(r.twins.values(), TWINS_BATCH_ROWS, TWINS_BATCH_BYTES);
         }
         let cap = self.recent_rows;
         fn trim<T>(q: &mut VecDeque<T>, cap: usize) {
@@ -786,6 +857,7 @@ impl SqlView {
         next.status = vec![status_batch(&status(), now)];
         next.published_ms = now;
         *self.published.write().expect("snapshot lock") = Arc::new(next);
+        r.twins_changed = false;
         if let Some(o) = staged.oldest {
             let age = o.elapsed();
             crate::observe::Instruments::get().sql_freshness.record(age.as_secs_f64(), &[]);
@@ -802,6 +874,8 @@ impl SqlView {
 /// The refresher's own copy of the rows (only its thread touches it).
 struct Refresher {
     twins: BTreeMap<String, TwinRow>,
+    /// The rows changed since the `twins` table was last built.
+    twins_changed: bool,
     verdicts: VecDeque<Verdict>,
     alerts: VecDeque<Alert>,
     commands: VecDeque<Command>,
@@ -810,7 +884,7 @@ struct Refresher {
 impl Refresher {
     fn new(cap: usize) -> Self {
         let c = cap.min(1 << 16);
-        Refresher { twins: BTreeMap::new(), verdicts: VecDeque::with_capacity(c), alerts: VecDeque::new(), commands: VecDeque::new() }
+        Refresher { twins: BTreeMap::new(), twins_changed: false, verdicts: VecDeque::with_capacity(c), alerts: VecDeque::new(), commands: VecDeque::new() }
     }
 }
 
@@ -972,5 +1046,106 @@ mod tests {
         view.refresh(&mut r, &status);
         assert_eq!(view.snapshot().twins[0].num_rows(), 2, "the undecodable change removed its row");
         assert!(!r.twins.contains_key(&gone));
+    }
+
+    fn twin_row(device: &str, long: usize) -> TwinRow {
+        TwinRow {
+            device_id: device.into(),
+            partition: 0,
+            schema: "s/v1".into(),
+            device_type: None,
+            criticality: None,
+            first_seen_ms: 0,
+            last_seen_ms: 1,
+            events: 1,
+            anomalies: 0,
+            rate_per_s: 0.0,
+            score: None,
+            risk: 0.0,
+            class: None,
+            firmware: None,
+            reported: "{}".into(),
+            desired: "{}".into(),
+            delta: "{}".into(),
+            in_sync: true,
+            pending_commands: 0,
+            incident_id: None,
+            latest: "{}".into(),
+            baselines: "x".repeat(long),
+            identity: "{}".into(),
+            peers: 0,
+            last_offset: 0,
+        }
+    }
+
+    /// The `twins` table comes in batches bounded in rows and in string bytes: one
+    /// batch for the whole fleet overflows its i32 string offsets (near 850 k
+    /// twins, or a few rows with very long strings), which killed the refresher.
+    #[test]
+    fn sql_twins_table_is_built_in_bounded_batches() {
+        let view = SqlView::new(10);
+        let mut r = Refresher::new(10);
+        let status: StatusFn = Box::new(StatusRow::default);
+        let n = TWINS_BATCH_ROWS * 2 + 100;
+        view.push_twins(None, (0..n).map(|i| (format!("d{i:06}"), Some(twin_row(&format!("d{i:06}"), 8).into()))).collect());
+        view.refresh(&mut r, &status);
+        let twins = view.snapshot().twins.clone();
+        assert_eq!(twins.iter().map(RecordBatch::num_rows).collect::<Vec<_>>(), vec![TWINS_BATCH_ROWS, TWINS_BATCH_ROWS, 100]);
+        // Long strings: split by bytes long before 2 GiB (here, a few MiB per row).
+        let long = TWINS_BATCH_BYTES / 3 + 1;
+        view.push_twins(None, (0..5).map(|i| (format!("long{i}"), Some(twin_row(&format!("long{i}"), long).into()))).collect());
+        view.refresh(&mut r, &status);
+        let twins = view.snapshot().twins.clone();
+        assert_eq!(twins.iter().map(RecordBatch::num_rows).sum::<usize>(), n + 5);
+        for b in &twins {
+            let bytes: usize = b.columns().iter().filter_map(|c| c.as_any().downcast_ref::<arrow::array::StringArray>()).map(|a| a.value_data().len()).sum();
+            assert!(bytes <= TWINS_BATCH_BYTES, "a batch holds {bytes} string bytes");
+        }
+        assert!(twins.len() >= 5, "long rows split into several batches: {}", twins.len());
+        assert!(TWINS_BATCH_BYTES < i32::MAX as usize / 2);
+        // An empty table is one empty batch (its schema for DataFusion).
+        assert_eq!(twins_batches(std::iter::empty(), TWINS_BATCH_ROWS, TWINS_BATCH_BYTES).len(), 1);
+    }
+
+    /// A refresh that panics is reported and the refresher goes on; a refresher
+    /// that stops turning fails `/healthz`.
+    #[test]
+    fn sql_refresher_survives_a_failed_refresh_and_its_death_fails_health() {
+        let view = SqlView::new(10);
+        let metrics = Arc::new(Metrics::default());
+        let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let c = calls.clone();
+        let status: StatusFn = Box::new(move || {
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("status failed once");
+            }
+            StatusRow::default()
+        });
+        view.push_twins(None, vec![("a".into(), Some(twin_row("a", 1).into()))]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let h = view.spawn_refresher(Duration::from_millis(10), status, metrics.clone(), stop.clone()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while view.generation() < 2 {
+            assert!(Instant::now() < deadline, "the refresher stopped after a failed refresh");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(metrics.sql_refresh_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(view.snapshot().twins[0].num_rows(), 1, "the twin staged before the failed refresh is published after it");
+        assert_eq!(metrics.health(), Ok(()));
+        // A dead refresher: its heartbeat stops, and health fails past the limit.
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap();
+        metrics.sql_refresh_limit_ms.store(1, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match metrics.health() {
+                Err(why) => {
+                    assert!(why.contains("SQL view refresher"), "{why}");
+                    break;
+                }
+                Ok(()) => assert!(Instant::now() < deadline, "health never failed"),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }

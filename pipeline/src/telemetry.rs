@@ -88,6 +88,19 @@ impl Metrics {
     pub fn owned(&self) -> Vec<i32> {
         self.owned.lock().expect("owned lock").clone()
     }
+    /// SQL logins refused: a wrong password or unknown user (checked), or an
+    /// address backed off after failed logins (not checked); see [`SqlLoginFailed`].
+    pub sql_failed_logins: AtomicU64,
+    pub sql_throttled_logins: AtomicU64,
+    /// SQL view refreshes that failed (see [`SqlRefreshFailed`]).
+    pub sql_refresh_failures: AtomicU64,
+    /// Last turn of the SQL view's refresher thread (ms since the epoch; 0 = none).
+    pub sql_refresh_beat_ms: AtomicI64,
+    /// How long the refresher may go without a turn before `/healthz` fails (ms).
+    pub sql_refresh_limit_ms: AtomicI64,
+    /// Last turn of the control thread (alerts and feedback; ms since the epoch;
+    /// 0 = none). `/healthz` fails past `stall_limit_ms` without one.
+    pub control_beat_ms: AtomicI64,
     pub fn partitions_owned(&self) -> i64 {
         self.owned.lock().expect("owned lock").len() as i64
     }
@@ -103,11 +116,18 @@ impl Metrics {
         if let Some(why) = self.failed.lock().expect("failed lock").clone() {
             return Err(why);
         }
-        let beat = self.heartbeat_ms.load(Relaxed);
+        let now = chrono::Utc::now().timestamp_millis();
         let limit = self.stall_limit_ms.load(Relaxed);
-        let idle = chrono::Utc::now().timestamp_millis() - beat;
-        if beat > 0 && limit > 0 && idle > limit {
-            return Err(format!("the core loop has not turned for {} s", idle / 1000));
+        let threads = [
+            ("the core loop", self.heartbeat_ms.load(Relaxed), limit),
+            ("the control thread (alerts, feedback)", self.control_beat_ms.load(Relaxed), limit),
+            ("the SQL view refresher", self.sql_refresh_beat_ms.load(Relaxed), self.sql_refresh_limit_ms.load(Relaxed)),
+        ];
+        for (what, beat, limit) in threads {
+            let idle = now - beat;
+            if beat > 0 && limit > 0 && idle > limit {
+                return Err(format!("{what} has not turned for {} s", idle / 1000));
+            }
         }
         Ok(())
     }
@@ -169,6 +189,46 @@ impl CommandIssued<'_> {
 
 /// A device acknowledged a command.
 pub struct AckApplied<'a> {
+/// A SQL login was refused: a wrong password or an unknown user (`throttled` false:
+/// the password was checked, `failures` from this address so far, and the back-off
+/// that failure started), or a login from an address still backed off (`throttled`
+/// true: refused unchecked, `backoff` left).
+pub struct SqlLoginFailed<'a> {
+    pub peer: std::net::IpAddr,
+    pub user: &'a str,
+    pub throttled: bool,
+    pub failures: u32,
+    pub backoff: Option<std::time::Duration>,
+}
+
+impl SqlLoginFailed<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        // A client chooses the name: at most 64 characters of it in the log.
+        let user: String = self.user.chars().take(64).collect();
+        let backoff_ms = self.backoff.map(|b| b.as_millis() as u64);
+        if self.throttled {
+            tracing::warn!(peer = %self.peer, user = %user, backoff_left_ms = ?backoff_ms, "SQL login refused: too many failed logins from this address");
+            m.sql_throttled_logins.fetch_add(1, Relaxed);
+        } else {
+            tracing::warn!(peer = %self.peer, user = %user, failures = self.failures, backoff_ms = ?backoff_ms, "SQL login failed (wrong password or unknown user)");
+            m.sql_failed_logins.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// A refresh of the SQL view failed (a panic while building its tables): the last
+/// snapshot stays published and the next refresh tries again.
+pub struct SqlRefreshFailed<'a> {
+    pub error: &'a str,
+}
+
+impl SqlRefreshFailed<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        tracing::error!(error = self.error, "SQL view refresh failed: queries see the previous snapshot until a refresh succeeds");
+        m.sql_refresh_failures.fetch_add(1, Relaxed);
+    }
+}
+
     pub device: &'a str,
     pub command: &'a str,
     /// False when the command was no longer pending (a duplicate or late ack).

@@ -91,7 +91,10 @@ impl PipelineProc {
     pub fn spawn(dir: &Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> PipelineProc {
         let log = dir.join(format!("{name}.log"));
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_twinguard"))
+        // TWINGUARD_IT_BIN runs the tests against another build (e.g. an older one,
+        // to show a new test failing there).
+        let bin = std::env::var_os("TWINGUARD_IT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_twinguard").into());
+        let child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", std::env::var("TWINGUARD_IT_LOG").unwrap_or_else(|_| "info".into()))
             .env("NO_COLOR", "1")
