@@ -27,10 +27,18 @@ if [ ! -x "$TWINGUARD_BIN" ]; then
   echo "campaign: no twinguard binary at $TWINGUARD_BIN; build it: cargo build -p twinguard --bin twinguard" >&2
   exit 2
 fi
+# A private copy: other builds into the same target directory must not swap the binary
+# under test in the middle of a run.
+snap=$(mktemp -d /tmp/twinguard-campaign-bin.XXXXXX)
+cp "$TWINGUARD_BIN" "$snap/twinguard"
+export TWINGUARD_BIN_ORIGIN=$TWINGUARD_BIN TWINGUARD_BIN=$snap/twinguard
 export TANSU_BIN=${TANSU_BIN:-$(command -v tansu || echo "$HOME/.cargo/bin/tansu")}
 if ! "$TANSU_BIN" --version >/dev/null 2>&1; then
   echo "campaign: tansu not found ($TANSU_BIN); scripts/test.sh installs it" >&2
   exit 2
 fi
 export PYTHONDONTWRITEBYTECODE=1
-exec "$venv/bin/python" -u "$here/campaign/campaign.py" "$@"
+rc=0
+"$venv/bin/python" -u "$here/campaign/campaign.py" "$@" || rc=$?
+rm -rf "$snap"
+exit $rc

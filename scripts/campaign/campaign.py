@@ -72,8 +72,14 @@ def main():
     ver = subprocess.run([TG, "--version"], capture_output=True, text=True).stdout.strip()
     head = subprocess.run(["git", "-C", common.ROOT, "log", "-1", "--format=%h %s"], capture_output=True, text=True).stdout.strip()[:80]
     dirty = subprocess.run(["git", "-C", common.ROOT, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.machine()}",
-            "twinguard": f"{TG} ({ver}, dev profile)", "tansu": TANSU, "commit": head + (" (+ uncommitted changes in the tree)" if dirty else ""),
+    try:
+        mem_gb = round(int(open("/proc/meminfo").readline().split()[1]) / 1024 / 1024)
+    except OSError:
+        mem_gb = "?"
+    origin = os.environ.get("TWINGUARD_BIN_ORIGIN", TG)
+    built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(os.path.getmtime(origin)))
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.node()}: {os.cpu_count()} cores (shared), {mem_gb} GB RAM, {platform.machine()}, Linux {platform.release()}",
+            "twinguard": f"{origin} ({ver}, dev profile, built {built}; run from a private copy)", "tansu": TANSU, "commit": head + (" (+ uncommitted changes in the tree)" if dirty else ""),
             "profile": "quick" if a.quick else "full", "seed": a.seed, "scenarios": todo, "out": OPT["out"]}
     log(f"campaign: {json.dumps(meta)}")
     times = {}
