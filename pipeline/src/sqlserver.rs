@@ -857,6 +857,24 @@ mod tests {
                 assert!(m.contains(named), "{sql}: {m}");
             }
             assert!(plan(&ctx, &served, "select * from generate_series(1, 10)").await.is_err(), "no table functions");
+            // Read-only bypass attempts (review §4 C5 item 7).
+            for sql in [
+                "set time zone 'UTC'",
+                "declare c cursor for select * from twins",
+                "explain analyze create table x (a int)",
+                "explain create table x as select 1",
+                "select 1 as a into t2",
+                "create view v as select 1",
+            ] {
+                let (c, m) = code_and_message(plan(&ctx, &served, sql).await.expect_err(sql));
+                assert_eq!(c, "25006", "{sql}: {m}");
+            }
+            assert!(plan(&ctx, &served, "with t as (select 1) insert into twins (device_id) select 'x'").await.is_err(), "DML under a CTE");
+            // Quoting with an embedded `;` stays one harmless statement.
+            for sql in ["select $$a; drop table twins$$", "select E'\\'; drop table twins; --'"] {
+                assert_eq!(PostgresCompatibilityParser::new().parse(sql).map(|v| v.len()).ok(), Some(1), "{sql}");
+                plan(&ctx, &served, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
             for sql in [
                 "select upper(device_id), count(*), avg(risk) from twins group by 1",
                 "select string_agg(device_id, ',') from twins",
