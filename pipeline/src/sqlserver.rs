@@ -200,6 +200,10 @@ impl AuthSource for Users {
     }
 }
 
+/// Refused connections (past `sql.max_connections`) told why at once; more are
+/// closed on accept.
+pub const REFUSALS_AT_ONCE: usize = 64;
+
 /// Failed logins allowed from one address before the back-off starts.
 pub const FREE_FAILURES: u32 = 5;
 /// The first back-off; each further failure doubles it, up to [`BACKOFF_CAP`].
@@ -731,6 +735,7 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
     let addr = listener.local_addr().map_err(|e| PipelineError::Io(e.to_string()))?;
     tracing::info!(%addr, tls = tls.is_some(), channel_binding = channel_binding.is_some(), users = users.known.len(), "serving SQL (Postgres wire protocol, read-only)");
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS_AT_ONCE));
     tokio::spawn(async move {
         loop {
             let (socket, peer) = match listener.accept().await {
@@ -742,9 +747,17 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
                 }
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
+                // Telling a refused client why takes a task and its socket for a few
+                // seconds: at most REFUSALS_AT_ONCE of those; past them, a flood of
+                // connections is closed on accept (no task, no descriptor kept).
+                let Ok(courtesy) = refusals.clone().try_acquire_owned() else {
+                    drop(socket);
+                    continue;
+                };
                 tracing::warn!(%peer, "SQL endpoint: too many connections (sql.max_connections); refused");
                 // Tell the client why (a protocol ErrorResponse, SQLSTATE 53300), then close.
                 tokio::spawn(async move {
+                    let _courtesy = courtesy;
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let mut socket = socket;
                     let mut buf = [0u8; 1024];

@@ -527,6 +527,7 @@ fn sql_salts_reveal_no_user_names_and_failed_logins_back_off() {
     let Setup { dir, broker: _broker, mut cfg } = Setup::new("sqlauth");
     cfg.sql.listen = Some("127.0.0.1:0".into());
     cfg.sql.users = sql_user();
+    cfg.sql.max_connections = 4;
     let path = write_config(&dir, "pipeline", &cfg);
     let mut p = PipelineProc::spawn(&dir, "pipeline", &["run", "--config", path.to_str().unwrap()], &[("TG_IT_SQL_PASSWORD", PASSWORD)]);
     let http = p.wait_addr("serving /metrics");
@@ -572,6 +573,24 @@ fn sql_salts_reveal_no_user_names_and_failed_logins_back_off() {
             }
         }
     }
+
+    // A connection flood past `max_connections` costs no descriptors: the slots
+    // taken, 400 more connections are closed on accept once 64 refusals are in
+    // flight (each refusal is told why, which holds its socket for a while).
+    let pid = p.child.as_ref().unwrap().id();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let held: Vec<TcpStream> = (0..cfg.sql.max_connections).map(|_| TcpStream::connect(&sql).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let baseline = fds();
+    let flood: Vec<TcpStream> = (0..400).filter_map(|_| TcpStream::connect(&sql).ok()).collect();
+    let (mut most, until) = (0, Instant::now() + Duration::from_secs(1));
+    while Instant::now() < until {
+        most = most.max(fds());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("{} held + {} flooding connections: the pipeline's descriptors went from {baseline} to at most {most}", held.len(), flood.len());
+    assert!(most <= baseline + 64 + 32, "a connection flood holds descriptors: {baseline} -> {most}");
+    drop((held, flood));
     p.stop();
 }
 
