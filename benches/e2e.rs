@@ -146,6 +146,7 @@ fn main() {
     view.spawn_refresher(
         Duration::from_millis(cfg.sql.refresh_ms),
         twinguard::serve::status_fn(twinguard::serve::Mode::Pipeline, metrics.clone()),
+        metrics.clone(),
         stop.clone(),
     )
     .unwrap();
