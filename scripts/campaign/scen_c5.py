@@ -163,7 +163,7 @@ def c5():
         row(sc, f"connection flood: {cnt['opened'] / secs:.0f} conn/s for {secs} s + 200 held open", "alive, /healthz 200 throughout, fds <= baseline + max_connections (64) + 32",
             f"alive={p.alive()}, /healthz {sorted(set(map(str, hz)))}, fds {base_fds} -> max {top}",
             p.alive() and set(hz) <= {200} and top <= base_fds + 64 + 32,
-            "" if top <= base_fds + 64 + 32 else "connections past sql.max_connections still hold a descriptor (pre-login sockets are not capped)")
+            "" if top <= base_fds + 64 + 32 else "the process held more descriptors than sql.max_connections (64) accounts for")
         # 4. slowloris, SQL and HTTP at once
         phase("slowloris")
         nconn = size(20, 100)
