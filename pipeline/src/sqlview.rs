@@ -358,8 +358,10 @@ fn batch(table: Table, cols: Vec<ArrayRef>) -> RecordBatch {
 pub const TWINS_BATCH_ROWS: usize = 8192;
 /// String bytes per `twins` batch at most (all string columns together): far below
 /// the 2 GiB an Arrow `Utf8` column's i32 offsets can address, whatever the fleet's
-/// size or its strings' length.
-pub const TWINS_BATCH_BYTES: usize = 64 << 20;
+/// size or its strings' length, and a quarter of what the SQL endpoint lets one
+/// function call build per batch (`sqlserver::MAX_VALUE_BATCH_BYTES`), so joining a
+/// few columns of a batch stays within it.
+pub const TWINS_BATCH_BYTES: usize = 8 << 20;
 
 impl TwinRow {
     /// Bytes of this row's strings (what the `Utf8` columns' offsets count).
@@ -1103,6 +1105,7 @@ mod tests {
         }
         assert!(twins.len() >= 5, "long rows split into several batches: {}", twins.len());
         assert!(TWINS_BATCH_BYTES < i32::MAX as usize / 2);
+        assert!(TWINS_BATCH_BYTES * 4 <= crate::sqlserver::MAX_VALUE_BATCH_BYTES);
         // An empty table is one empty batch (its schema for DataFusion).
         assert_eq!(twins_batches(std::iter::empty(), TWINS_BATCH_ROWS, TWINS_BATCH_BYTES).len(), 1);
     }

@@ -604,8 +604,10 @@ fn vm_kib(pid: u32) -> (u64, u64) {
 /// SQL resource and file safety (issue 13, defect 4), over the simple protocol
 /// (psql) and the extended one (tokio-postgres): `CREATE EXTERNAL TABLE`, `COPY ...
 /// TO` and `select * from '<path>'` are refused and no file appears; the memory
-/// bombs are refused or fail cleanly, one at a time and 64 at once, while the
-/// pipeline process runs under a memory cap and survives.
+/// bombs (nested `replace`, a doubling recursive CTE, `array_resize`, `string_agg`
+/// over a 4-way self join, `||` doubling through 32 CTEs) are refused or fail
+/// cleanly, one at a time and 64 at once, while the pipeline process runs under a
+/// memory cap and survives.
 ///
 /// The cap: `prlimit --pid <pipeline> --as=<its address space at start + 2 GiB>`
 /// (RLIMIT_AS; on this machine's cgroup v1 the memory controller is not delegated
@@ -660,11 +662,14 @@ fn sql_refuses_file_access_and_survives_memory_bombs_under_a_memory_cap() {
 
     // Memory bombs, each refused or failing with a clear error on both protocols.
     let nested = (0..10).fold("'x'".to_string(), |inner, _| format!("replace({inner}, 'x', 'xxxxxxxxxx')"));
+    let chain = (1..=32).fold("with a0 as (select 'xxxxxxxxxxxxxxxx' as s)".to_string(), |q, i| format!("{q}, a{i} as (select s || s as s from a{})", i - 1)) + " select length(s) from a32";
     let bombs = [
         (format!("select length({nested})"), "replace"),
         ("with recursive t(s, n) as (select 'xxxxxxxxxx', 1 union all select s || s, n + 1 from t where n < 40) select max(length(s)) from t".to_string(), "recursive"),
         ("select cardinality(array_resize(make_array(1), 1000000000))".to_string(), "array_resize"),
         ("select length(string_agg(a.device_id || b.device_id || c.device_id || d.device_id, ',')) from verdicts a, verdicts b, verdicts c, verdicts d".to_string(), ""),
+        // No recursion, no amplifying function: `||` doubling a value CTE after CTE.
+        (chain, "per value"),
     ];
     for (bomb, named) in &bombs {
         let e = psql(&sql, "analyst", PASSWORD, bomb).expect_err(bomb);
