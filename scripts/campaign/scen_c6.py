@@ -126,10 +126,11 @@ def c6b():
         peak = max((x for _, x, _ in tw), default=None)
         # twins created between two ticks: at most the records taken in between two
         # consecutive status lines (one per expiry tick, each with records_in)
-        ins = []
+        ins, after_sweep = [], []
         for l in p.log_lines("status", "records_in="):
             try:
                 ins.append(int(l.split("records_in=")[1].split()[0]))
+                after_sweep.append(int(l.split(" twins=")[1].split()[0]))
             except (IndexError, ValueError):
                 pass
         per_tick = max((b - a for a, b in zip(ins, ins[1:])), default=0)
@@ -137,8 +138,9 @@ def c6b():
             per_tick = n
         final = tw[-1][1] if tw else None
         row(sc, f"{n} distinct devices with max_twins = {max_twins}", f"twins <= max_twins + created between two ticks (<= {max_twins + per_tick:.0f}); final <= {max_twins}",
-            f"peak {peak}, final {final}", peak is not None and peak <= max_twins + per_tick and final <= max_twins and p.alive(),
-            "" if p.alive() else p.last_error())
+            f"peak {peak}, final {final}; twins right after each tick's sweep: max {max(after_sweep or [0])}",
+            peak is not None and peak <= max_twins + per_tick and final <= max_twins and p.alive(),
+            (p.last_error() if not p.alive() else "") or (f"a sweep left {max(after_sweep)} twins (> max_twins) while records kept coming" if max(after_sweep or [0]) > max_twins else ""))
         row(sc, "every input coordinate answered", n, len(f.follow().covered()), done, "" if done else p.last_error())
         # a template twin for C6c
         tmpl = []
