@@ -70,7 +70,10 @@ use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryH
 use datafusion_postgres::pgwire::api::results::{FieldInfo, Response};
 use datafusion_postgres::pgwire::api::stmt::QueryParser;
 use datafusion_postgres::pgwire::api::store::PortalStore;
-use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireConnectionState, PgWireServerHandlers, Type};
+use datafusion_postgres::pgwire::api::stmt::StoredStatement;
+use datafusion_postgres::pgwire::api::store::Entry;
+use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore, ConnectionManager, PgWireConnectionState, PgWireServerHandlers, Type, DEFAULT_NAME};
+use datafusion_postgres::pgwire::messages::extendedquery::{Bind, BindComplete, Close, CloseComplete, Parse, ParseComplete, TARGET_TYPE_BYTE_PORTAL, TARGET_TYPE_BYTE_STATEMENT};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -79,7 +82,7 @@ use datafusion_postgres::pgwire::tokio::tokio_rustls::rustls::{self, ServerConfi
 use datafusion_postgres::pgwire::tokio::{process_socket, TlsAcceptor};
 use datafusion_postgres::pgwire::types::format::FormatOptions;
 use datafusion_postgres::{DfSessionService, Parser, QueryHook};
-use futures::{stream, Sink, StreamExt};
+use futures::{stream, Sink, SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio::time::{timeout_at, Instant};
 use twinguard_operators::audit::hmac_sha256;
@@ -475,6 +478,25 @@ impl SimpleQueryHandler for Guarded {
     }
 }
 
+/// Named prepared statements, and named portals, one connection may hold at once
+/// (each holds a plan; unnamed ones replace each other).
+pub const MAX_NAMED_PER_CONNECTION: usize = 256;
+const STATEMENTS_HELD: &str = "twinguard.statements_held";
+const PORTALS_HELD: &str = "twinguard.portals_held";
+
+/// Count a named statement or portal in (`+1`, refused past the cap) or out (`-1`);
+/// the count lives in the connection's metadata.
+fn count_named<C: ClientInfo + ?Sized>(client: &mut C, key: &str, delta: i64) -> PgWireResult<()> {
+    let held: usize = client.metadata().get(key).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let next = if delta < 0 { held.saturating_sub(1) } else { held + 1 };
+    if delta > 0 && held >= MAX_NAMED_PER_CONNECTION {
+        let what = if key == STATEMENTS_HELD { "prepared statements" } else { "portals" };
+        return Err(user_error("54000", format!("this connection holds {held} named {what}, the endpoint's limit: close some (Close, DEALLOCATE in your driver) first")));
+    }
+    client.metadata_mut().insert(key.to_owned(), next.to_string());
+    Ok(())
+}
+
 /// datafusion-postgres's extended-protocol parser (it plans the parsed statement;
 /// the plan is checked at execution), behind the query size limit and with
 /// DataFusion's planning errors given their SQLSTATE.
@@ -515,6 +537,103 @@ impl ExtendedQueryHandler for Guarded {
 
     fn query_parser(&self) -> Arc<GuardedParser> {
         self.extended.clone()
+    }
+
+    /// pgwire's Parse, with the named statements a connection holds counted and
+    /// capped ([`MAX_NAMED_PER_CONNECTION`]).
+    async fn on_parse<C>(&self, client: &mut C, message: Parse) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = DfStmt>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.clone().unwrap_or_else(|| DEFAULT_NAME.to_owned());
+        let new_named = name != DEFAULT_NAME && !name.is_empty() && client.portal_store().get_statement(&name).is_none();
+        if new_named {
+            count_named(client, STATEMENTS_HELD, 1)?;
+        }
+        let parsed = match StoredStatement::parse(client, &message, self.query_parser()).await {
+            Ok(p) => p,
+            Err(e) => {
+                if new_named {
+                    let _ = count_named(client, STATEMENTS_HELD, -1);
+                }
+                return Err(e);
+            }
+        };
+        match parsed {
+            Some(stmt) => client.portal_store().put_statement(Arc::new(stmt)),
+            None => client.portal_store().put_empty_statement(&name),
+        }
+        client.send(PgWireBackendMessage::ParseComplete(ParseComplete::new())).await?;
+        Ok(())
+    }
+
+    /// pgwire's Bind, with the named portals a connection holds counted and capped.
+    async fn on_bind<C>(&self, client: &mut C, message: Bind) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = DfStmt>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statement_name = message.statement_name.as_deref().unwrap_or(DEFAULT_NAME);
+        let portal_name = message.portal_name.as_deref().unwrap_or(DEFAULT_NAME);
+        let portal_is_new = portal_name != DEFAULT_NAME && !portal_name.is_empty() && client.portal_store().get_portal(portal_name).is_none();
+        match client.portal_store().get_statement(statement_name) {
+            Some(Entry::Value(statement)) => {
+                let portal = Portal::try_new(&message, statement)?;
+                if portal_is_new {
+                    count_named(client, PORTALS_HELD, 1)?;
+                }
+                client.portal_store().put_portal(Arc::new(portal));
+            }
+            Some(Entry::Empty) => {
+                if !message.parameters.is_empty() {
+                    return Err(user_error(
+                        "08P01",
+                        format!("bind message supplies {} parameters, but prepared statement {statement_name:?} requires 0", message.parameters.len()),
+                    ));
+                }
+                if portal_is_new {
+                    count_named(client, PORTALS_HELD, 1)?;
+                }
+                client.portal_store().put_empty_portal(portal_name);
+            }
+            None => return Err(PgWireError::StatementNotFound(statement_name.to_owned())),
+        }
+        client.send(PgWireBackendMessage::BindComplete(BindComplete::new())).await?;
+        Ok(())
+    }
+
+    /// pgwire's Close, giving back the count of a named statement or portal.
+    async fn on_close<C>(&self, client: &mut C, message: Close) -> PgWireResult<()>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = DfStmt>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let name = message.name.as_deref().unwrap_or(DEFAULT_NAME);
+        let named = name != DEFAULT_NAME && !name.is_empty();
+        match message.target_type {
+            TARGET_TYPE_BYTE_STATEMENT => {
+                if named && client.portal_store().get_statement(name).is_some() {
+                    count_named(client, STATEMENTS_HELD, -1)?;
+                }
+                client.portal_store().rm_statement(name);
+            }
+            TARGET_TYPE_BYTE_PORTAL => {
+                if named && client.portal_store().get_portal(name).is_some() {
+                    count_named(client, PORTALS_HELD, -1)?;
+                }
+                client.portal_store().rm_portal(name);
+            }
+            _ => {}
+        }
+        client.send(PgWireBackendMessage::CloseComplete(CloseComplete::new())).await?;
+        Ok(())
     }
 
     async fn do_query<C>(&self, client: &mut C, portal: &Portal<DfStmt>, max_rows: usize) -> PgWireResult<Response>

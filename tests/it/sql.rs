@@ -659,6 +659,26 @@ fn sql_refuses_file_access_and_survives_memory_bombs_under_a_memory_cap() {
         }
     });
     assert!(!copied.exists(), "COPY TO wrote a file");
+    // Named prepared statements per connection are capped (each holds a plan);
+    // closing some makes room.
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&params, tokio_postgres::NoTls).await.expect("driver connects");
+        tokio::spawn(conn);
+        let mut held = Vec::new();
+        let refused = loop {
+            match client.prepare(&format!("select {} as n from status", held.len())).await {
+                Ok(st) => held.push(st),
+                Err(e) => break e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string()),
+            }
+            assert!(held.len() <= 10_000, "no limit on named prepared statements");
+        };
+        assert!(refused.contains("named prepared statements"), "{refused}");
+        eprintln!("prepared statements held by one connection: {}", held.len());
+        held.truncate(held.len() - 10);
+        // tokio-postgres closes a dropped statement with its next message.
+        client.query("select 1", &[]).await.unwrap();
+        client.prepare("select 2").await.expect("room again after closing some");
+    });
 
     // Memory bombs, each refused or failing with a clear error on both protocols.
     let nested = (0..10).fold("'x'".to_string(), |inner, _| format!("replace({inner}, 'x', 'xxxxxxxxxx')"));
