@@ -210,7 +210,7 @@ impl AuthSource for Users {
 
 /// Refused connections (past `sql.max_connections`) told why at once; more are
 /// closed on accept.
-pub const REFUSALS_AT_ONCE: usize = 64;
+pub const REFUSALS_AT_ONCE: usize = 16;
 
 /// Failed logins allowed from one address before the back-off starts.
 pub const FREE_FAILURES: u32 = 5;
