@@ -610,10 +610,12 @@ fn vm_kib(pid: u32) -> (u64, u64) {
 /// memory cap and survives.
 ///
 /// The cap: `prlimit --pid <pipeline> --as=<its address space at start + 2 GiB>`
-/// (RLIMIT_AS; on this machine's cgroup v1 the memory controller is not delegated
-/// to tests, and prlimit works unprivileged). An allocation past the cap fails, and
-/// Rust aborts the process on a failed allocation: a bomb that allocates outside
-/// the query memory pool kills the pipeline here instead of the machine.
+/// (RLIMIT_AS). Measured on the development machine: cgroup v1, where a memory
+/// cgroup can be made only as root and `systemd-run --scope -p MemoryMax=` has no
+/// bus to talk to; prlimit works for any user. It caps address space, which is at
+/// least the resident memory, so it is the stricter cap. An allocation past it
+/// fails, and Rust aborts the process on a failed allocation: a bomb that allocates
+/// outside the query memory pool kills the pipeline here instead of the machine.
 #[test]
 fn sql_refuses_file_access_and_survives_memory_bombs_under_a_memory_cap() {
     let Setup { dir, broker: _broker, mut cfg } = Setup::new("sqlbombs");
