@@ -66,6 +66,7 @@ def c5():
             p = f.start(cgroup=cg)
             f.wait_ready(p, 120)
 
+        wait_for("the stream to flow", lambda: (p.metric_sum(p.metrics(), "twinguard_records_in_total") or 0) > 0, 60, 0.5)
         phase("baseline")
         time.sleep(size(5, 10))
         # 1. salt probing

@@ -7,9 +7,9 @@ import time
 
 from lib import log, wait_for
 from common import OPT, World, Run, row, size, simulate, input_total, nothing_lost, finish_reference
-from scen_c1c2 import C1_EXTRA
+from scen_c1c2 import C1_EXTRA, GATE_CONSTANT
 
-C7_EXTRA = {"batch": {"max_records": 50, "expiry_interval_secs": 1}}
+C7_EXTRA = {"batch": {"max_records": 50, "expiry_interval_secs": 1}, **GATE_CONSTANT}
 
 
 def settle(sc, f, w, procs, timeout):
@@ -42,7 +42,7 @@ def c7():
 def c7a():
     sc = "C7a"
     rnd = random.Random(OPT["seed"] + 7)
-    storm = size(75, 600)
+    storm = int(os.environ.get("CAMPAIGN_C7_STORM_SECS", size(75, 600)))
     w = World("c7a")
     try:
         rate = size(150, 250)
