@@ -20,7 +20,7 @@ pub mod twin;
 pub use detect::Detector;
 pub use gate::{Gate, GateStatus, GatingConfig, Transition};
 pub use respond::{PolicyConfig, Registry, Responder, Responses};
-pub use twin::{ChangelogRecord, Twin, TwinConfig, TwinOperator, TwinStore};
+pub use twin::{ChangelogRecord, Expiry, Twin, TwinConfig, TwinOperator, TwinStore};
 
 /// Event time in milliseconds since the Unix epoch.
 pub type EventTime = i64;
@@ -38,6 +38,11 @@ pub enum OperatorError {
     Model(#[from] twinguard_models::ModelError),
     #[error("cannot restore twin `{key}` from the changelog: {reason}")]
     Restore { key: String, reason: String },
+    /// A changelog value that is not a twin at all (corrupt, truncated, foreign):
+    /// a bad record to set aside, unlike [`OperatorError::Restore`] (a twin of
+    /// another schema or version: a configuration error).
+    #[error("changelog value of twin `{key}` does not decode: {reason}")]
+    Undecodable { key: String, reason: String },
 }
 
 /// Collects the batches an operator emits.

@@ -127,29 +127,115 @@ fn twin_memory_is_within_two_kib() {
     assert!(bytes <= 2048, "twin takes {bytes} bytes");
 }
 
+/// Everything committed, far past every event: the sweep may use any twin.
+fn all_durable() -> HashMap<i32, i64> {
+    HashMap::from([(0, i64::MAX)])
+}
+const LATER: i64 = T0 + 10_000_000_000;
+
 #[test]
-fn idle_twins_expire_and_max_twins_holds_but_only_once_durable() {
-    let cfg = TwinConfig { idle_ttl_secs: 60, max_twins: 3, ..TwinConfig::default() };
+fn max_twins_holds_but_only_once_durable() {
+    let cfg = TwinConfig { idle_ttl_secs: 3600, max_twins: 3, ..TwinConfig::default() };
     let mut op = TwinOperator::new(&schema(), cfg);
     let evs: Vec<_> = (0..5).map(|i| (0, i as i64, event(&format!("d{i}"), i as i64 * 10, 1.0))).collect();
     run(&mut op, batch(&evs));
     op.drain_changelog();
     // Nothing is committed yet: a replay could re-read every event, so nothing goes.
-    assert_eq!(op.expire(&HashMap::new()), 0);
+    assert_eq!(op.expire(&HashMap::new(), LATER).evicted, 0);
     // Only d0 (offset 0) is committed: the cap of 3 wants two evictions, gets one.
-    assert_eq!(op.expire(&HashMap::from([(0, 1)])), 1);
+    assert_eq!(op.expire(&HashMap::from([(0, 1)]), LATER).evicted, 1);
     assert_eq!(op.store().len(), 4);
-    // Everything committed; newest event at t=40 s, nothing idle > 60 s: the cap
-    // evicts the next oldest.
-    let durable = HashMap::from([(0, i64::MAX)]);
-    assert_eq!(op.expire(&durable), 1);
+    let e = op.expire(&all_durable(), LATER);
+    assert_eq!((e.expired, e.evicted), (0, 1), "nobody idle for 2 h: the cap evicts the next oldest");
     assert_eq!(op.store().len(), 3);
     let tomb: Vec<_> = op.drain_changelog().into_iter().filter(|c| c.value.is_none()).map(|c| c.key).collect();
     assert_eq!(tomb, vec!["d0", "d1"]);
-    run(&mut op, batch(&[(0, 10, event("d4", 200, 1.0))]));
-    assert_eq!(op.expire(&durable), 2, "d2 and d3 idle for more than 60 s of event time");
-    assert!(op.store().get(0, "d4").is_some());
-    assert_eq!(op.expire(&HashMap::from([(1, i64::MAX)])), 0, "partitions not owned are never touched");
+    assert_eq!(op.expire(&HashMap::from([(1, i64::MAX)]), LATER), Default::default(), "partitions not owned are never touched");
+}
+
+#[test]
+fn the_sweep_takes_twins_silent_for_twice_the_ttl_before_the_partitions_median_capped_per_call() {
+    let cfg = TwinConfig { idle_ttl_secs: 60, max_expiries_per_sweep: 1, ..TwinConfig::default() };
+    let mut op = TwinOperator::new(&schema(), cfg);
+    let mut evs: Vec<_> = (0..5).map(|i| (0, i as i64, event(&format!("d{i}"), i as i64, 1.0))).collect();
+    evs.extend((2..5).map(|i| (0, 3 + i as i64, event(&format!("d{i}"), 300, 1.0))));
+    run(&mut op, batch(&evs));
+    op.drain_changelog();
+    // Median last-seen is t=300 s: d0 and d1 (t=0, 1 s) are silent for > 2 × 60 s.
+    assert_eq!(op.expire(&all_durable(), T0 + 20_000), Default::default(), "never later than the processing clock");
+    assert_eq!(op.expire(&HashMap::from([(0, 1)]), LATER).expired, 1, "only d0's event is committed");
+    let e = op.expire(&all_durable(), LATER);
+    assert_eq!((e.expired, e.capped), (1, 0));
+    assert_eq!(op.store().len(), 3);
+    let mut op2 = TwinOperator::new(&schema(), TwinConfig { idle_ttl_secs: 60, max_expiries_per_sweep: 1, ..TwinConfig::default() });
+    run(&mut op2, batch(&evs));
+    let e = op2.expire(&all_durable(), LATER);
+    assert_eq!((e.expired, e.capped), (1, 1), "one per sweep, the other waits");
+    assert_eq!(op2.expire(&all_durable(), LATER).expired, 1);
+}
+
+/// The review's watermark poisoning: one valid event dated far ahead (within the
+/// decoder's `max_future`) moved its partition's watermark, and the next sweep
+/// removed every other twin of the partition.
+#[test]
+fn one_devices_future_claim_expires_no_other_twin() {
+    let cfg = TwinConfig { idle_ttl_secs: 60, ..TwinConfig::default() };
+    let mut op = TwinOperator::new(&schema(), cfg);
+    let mut evs: Vec<_> = (0..10).map(|i| (0, i as i64, event(&format!("d{i}"), i as i64, 1.0))).collect();
+    evs.push((0, 10, event("d9", 23 * 3600 + 50 * 60, 1.0)));
+    run(&mut op, batch(&evs));
+    op.drain_changelog();
+    for _ in 0..2 {
+        assert_eq!(op.expire(&all_durable(), LATER), Default::default());
+    }
+    assert_eq!(op.store().len(), 10, "no twin lost to one device's clock");
+    run(&mut op, batch(&[(0, 11, event("d0", 12, 1.0))]));
+    assert_eq!(op.store().get(0, "d0").unwrap().events, 2, "d0 continues its twin");
+    assert_eq!(op.resets(), 1, "only the claimant itself starts over (its own gap exceeds the TTL)");
+}
+
+/// Expiry is deterministic: a device silent past the TTL starts over at its next
+/// event whether or not the sweep removed its twin meanwhile (the review's
+/// "twin state is a pure function of the events" for idle devices).
+#[test]
+fn an_idle_device_starts_over_whether_or_not_the_sweep_ran() {
+    let cfg = || TwinConfig { idle_ttl_secs: 60, ..TwinConfig::default() };
+    let mut first: Vec<_> = (0..40).map(|i| (0, i as i64, event("d0", i as i64, 1.0))).collect();
+    first.extend((1..5).map(|d| (0, 39 + d as i64, event(&format!("d{d}"), 400, 1.0))));
+    let second: Vec<_> = (0..5).map(|i| (0, 50 + i as i64, event("d0", 400 + i as i64, 1.0))).collect();
+    let verdicts = |b: &[RecordBatch]| b.iter().flat_map(|b| twinguard_schemas::verdict::verdicts_from_batch(b, "t")).collect::<Vec<_>>();
+
+    let mut kept = TwinOperator::new(&schema(), cfg());
+    run(&mut kept, batch(&first));
+    let va = verdicts(&run(&mut kept, batch(&second)));
+    assert_eq!(kept.resets(), 1, "d0 was silent for 360 s > 60 s");
+
+    let mut swept = TwinOperator::new(&schema(), cfg());
+    run(&mut swept, batch(&first));
+    assert_eq!(swept.expire(&all_durable(), LATER).expired, 1, "d0 swept");
+    let vb = verdicts(&run(&mut swept, batch(&second)));
+    assert_eq!(va, vb, "same verdicts with and without the sweep");
+    assert_eq!(kept.store().get(0, "d0"), swept.store().get(0, "d0"));
+    assert_eq!(kept.store().get(0, "d0").unwrap().events, 5, "warm-up starts over");
+}
+
+#[test]
+fn a_twin_over_max_twin_bytes_sheds_learned_strings() {
+    let cfg = TwinConfig { max_twin_bytes: 4096, max_peers: 16, ..TwinConfig::default() };
+    let mut op = TwinOperator::new(&schema(), cfg);
+    let evs: Vec<_> = (0..20)
+        .map(|i| {
+            let mut e = event("d0", i as i64, 1.0);
+            e.insert("dst_addr".into(), json!(format!("{i:03}{}", "p".repeat(250))));
+            (0, i as i64, e)
+        })
+        .collect();
+    run(&mut op, batch(&evs));
+    let log = op.drain_changelog();
+    let v = log[0].value.as_ref().unwrap();
+    assert!(v.len() <= 4096, "{} bytes", v.len());
+    assert_eq!(op.shed(), 1);
+    assert!(op.store().get(0, "d0").unwrap().peers.is_empty());
 }
 
 proptest! {

@@ -7,8 +7,14 @@
 //!   change, no verdict), which makes replays after a crash idempotent.
 //! - Twin state MUST be a pure function of the events applied, in order (event time
 //!   only, never the processing clock), so a replayed run rebuilds identical twins.
-//! - Memory is bounded: bindings and peers are capped, idle twins expire, and the
-//!   store holds at most `max_twins` twins (least recently seen evicted first).
+//! - A twin idle for longer than `idle_ttl_secs` (the gap between the device's own
+//!   newest event time and its next event) is reset when that next event is
+//!   applied: a pure function of the device's events, never of other devices'
+//!   clocks or of when the idle sweep ran.
+//! - Memory is bounded: strings are capped by the schema (`max_len`), bindings and
+//!   peers are capped, the encoded twin is capped (`max_twin_bytes`), idle twins are
+//!   swept from memory, and the store holds at most `max_twins` twins (least
+//!   recently seen evicted first).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -49,9 +55,18 @@ pub struct TwinConfig {
     pub max_bindings_per_field: usize,
     /// Distinct peers remembered.
     pub max_peers: usize,
-    /// A twin unseen for this long in event time (relative to its partition's newest
-    /// event) expires.
+    /// A twin whose device was silent for longer than this (event time, the gap
+    /// between two of its own events) starts over at its next event. The idle sweep
+    /// reclaims the memory of twins silent for twice as long.
     pub idle_ttl_secs: u64,
+    /// Most idle twins one sweep removes (the rest wait for the next sweep; a
+    /// warning and `twinguard_expiry_capped_total` say so).
+    pub max_expiries_per_sweep: usize,
+    /// Largest encoded twin (changelog value, bytes). A twin over it sheds its
+    /// learned peers, then all but its first binding per identity field, then its
+    /// reported properties (counted: `twinguard_twins_shed_total`); the rest of a
+    /// twin is fixed-size per schema. Must stay below the broker's message size.
+    pub max_twin_bytes: usize,
     /// Upper bound on twins held by one instance.
     pub max_twins: usize,
     /// Weight of a new observation in the short window (recent-behaviour) averages
@@ -70,7 +85,9 @@ impl Default for TwinConfig {
             min_sd_rel: 0.01,
             max_bindings_per_field: 4,
             max_peers: 16,
-            idle_ttl_secs: 24 * 3600,
+            idle_ttl_secs: 72 * 3600,
+            max_expiries_per_sweep: 50_000,
+            max_twin_bytes: 64 * 1024,
             max_twins: 1_000_000,
             window_alpha: 0.3,
         }
@@ -101,6 +118,12 @@ impl TwinConfig {
         }
         if self.idle_ttl_secs == 0 {
             return bad("idle_ttl_secs", "must be at least 1");
+        }
+        if self.max_expiries_per_sweep == 0 {
+            return bad("max_expiries_per_sweep", "must be at least 1");
+        }
+        if !(4096..=900 * 1024).contains(&self.max_twin_bytes) {
+            return bad("max_twin_bytes", "must be in 4096..=921600 (below the broker's 1 MB message size)");
         }
         Ok(())
     }
@@ -275,6 +298,24 @@ impl Twin {
             + self.response.as_ref().map_or(0, |r| std::mem::size_of::<ResponseState>() + r.mem_bytes())
     }
 
+    /// Make the encoding fit `cap` bytes by dropping what was learned from strings:
+    /// peers first, then all but the first value of every binding, then reported
+    /// properties. Deterministic (a function of the twin), so replays agree.
+    fn shed(&mut self, cap: usize) {
+        self.peers.clear();
+        if self.encode().len() <= cap {
+            return;
+        }
+        for b in &mut self.bindings {
+            b.values.truncate(1);
+        }
+        if self.encode().len() <= cap {
+            return;
+        }
+        self.properties.iter_mut().for_each(|p| *p = None);
+        self.class = None;
+    }
+
     /// The response state (empty until the device was first responded to).
     pub fn response(&self) -> &ResponseState {
         self.response.as_deref().unwrap_or(&NO_RESPONSE)
@@ -293,7 +334,7 @@ impl Twin {
     /// Parse a changelog value.
     pub fn decode(key: &str, bytes: &[u8]) -> Result<Twin, OperatorError> {
         let t: Twin = serde_json::from_slice(bytes)
-            .map_err(|e| OperatorError::Restore { key: key.to_string(), reason: e.to_string() })?;
+            .map_err(|e| OperatorError::Undecodable { key: twinguard_schemas::dlq::clip(key, 128).into_owned(), reason: e.to_string() })?;
         if t.v != TWIN_FORMAT_VERSION {
             return Err(OperatorError::Restore { key: key.into(), reason: format!("format v{} unsupported", t.v) });
         }
@@ -330,6 +371,17 @@ const NEW_PEER: &str = "_new_peer";
 /// Peer novelty is a 0/1 signal; a single new peer alone stays below the threshold.
 const NEW_PEER_MIN_SD: f64 = 0.25;
 
+/// What one [`TwinOperator::expire`] call removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expiry {
+    /// Idle twins swept.
+    pub expired: usize,
+    /// Twins evicted by `max_twins`.
+    pub evicted: usize,
+    /// Idle twins left for a later sweep by `max_expiries_per_sweep`.
+    pub capped: usize,
+}
+
 /// One changelog write: the twin's new state, or a tombstone (`None`) when it expired.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangelogRecord {
@@ -342,8 +394,6 @@ pub struct ChangelogRecord {
 #[derive(Debug, Default)]
 pub struct TwinStore {
     partitions: HashMap<i32, HashMap<String, Twin>>,
-    /// Newest event time per partition (drives idle expiry).
-    watermarks: HashMap<i32, i64>,
 }
 
 impl TwinStore {
@@ -371,7 +421,6 @@ impl TwinStore {
     }
     /// Forget a partition's twins (it was revoked; its changelog keeps them).
     pub fn drop_partition(&mut self, partition: i32) -> usize {
-        self.watermarks.remove(&partition);
         self.partitions.remove(&partition).map_or(0, |m| m.len())
     }
     /// Make a partition known (possibly empty) after its restore.
@@ -383,8 +432,6 @@ impl TwinStore {
         let map = self.partitions.entry(partition).or_default();
         match twin {
             Some(t) => {
-                let w = self.watermarks.entry(partition).or_insert(i64::MIN);
-                *w = (*w).max(t.last_seen_ms);
                 map.insert(key.to_string(), t);
             }
             None => {
@@ -424,6 +471,8 @@ pub struct TwinOperator {
     dirty: BTreeSet<(i32, String)>,
     tombstones: Vec<(i32, String)>,
     skipped: u64,
+    resets: u64,
+    shed: u64,
 }
 
 impl TwinOperator {
@@ -449,6 +498,8 @@ impl TwinOperator {
             dirty: BTreeSet::new(),
             tombstones: Vec::new(),
             skipped: 0,
+            resets: 0,
+            shed: 0,
         }
     }
 
@@ -507,6 +558,16 @@ impl TwinOperator {
         self.skipped
     }
 
+    /// Twins reset because their device was idle past `idle_ttl_secs`.
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+
+    /// Twins that shed learned strings to fit `max_twin_bytes`.
+    pub fn shed(&self) -> u64 {
+        self.shed
+    }
+
     /// Install a changelog record for `partition` (restore path). A twin written for
     /// another schema is refused with an error naming it.
     pub fn restore_record(&mut self, partition: i32, key: &str, value: Option<&[u8]>) -> Result<(), OperatorError> {
@@ -539,10 +600,16 @@ impl TwinOperator {
     /// for expired twins, in a deterministic order.
     pub fn drain_changelog(&mut self) -> Vec<ChangelogRecord> {
         let mut out = Vec::with_capacity(self.dirty.len() + self.tombstones.len());
+        let cap = self.cfg.max_twin_bytes;
         for (p, key) in std::mem::take(&mut self.dirty) {
-            if let Some(t) = self.store.get(p, &key) {
-                out.push(ChangelogRecord { partition: p, key, value: Some(t.encode()) });
+            let Some(t) = self.store.partitions.get_mut(&p).and_then(|m| m.get_mut(&key)) else { continue };
+            let mut bytes = t.encode();
+            if bytes.len() > cap {
+                t.shed(cap);
+                self.shed += 1;
+                bytes = t.encode();
             }
+            out.push(ChangelogRecord { partition: p, key, value: Some(bytes) });
         }
         for (p, key) in self.tombstones.drain(..) {
             out.push(ChangelogRecord { partition: p, key, value: None });
@@ -550,35 +617,54 @@ impl TwinOperator {
         out
     }
 
-    /// Expire twins idle (in event time) for longer than `idle_ttl_secs`, then evict
-    /// the least recently seen twins above `max_twins`. Returns how many were removed;
-    /// their tombstones come out of the next [`drain_changelog`](Self::drain_changelog).
+    /// Sweep idle twins out of memory, then evict the least recently seen twins
+    /// above `max_twins`. Returns what was removed; tombstones come out of the next
+    /// [`drain_changelog`](Self::drain_changelog).
+    ///
+    /// The sweep only reclaims memory: it never changes what an event produces.
+    /// A twin goes once its device has been silent for `2 × idle_ttl` before the
+    /// partition's *reference time* (the median last-seen time of the partition's
+    /// twins, and never later than `now_ms`, the processing clock). Its device's
+    /// next event then lies more than `idle_ttl` after its last one, and resets the
+    /// twin on apply whether or not it was swept; the one exception is an event
+    /// dated more than `idle_ttl` before that reference time (late data). The
+    /// reference is a median, so no device's claimed event time, however far in the
+    /// future, can sweep other devices' twins.
     ///
     /// `durable` maps each partition this instance owns to its committed offset (the
     /// next record a restart would read). Only those partitions are touched, and only
-    /// twins whose last applied event lies below that offset: a replay can never
-    /// re-read an event of a removed twin, so removal cannot change what a replay
-    /// produces. Twins not yet durable stay (the cap may be exceeded until they are).
-    pub fn expire(&mut self, durable: &HashMap<i32, i64>) -> usize {
+    /// twins whose last applied event lies below that offset. At most
+    /// `max_expiries_per_sweep` idle twins go per call (oldest first).
+    pub fn expire(&mut self, durable: &HashMap<i32, i64>, now_ms: i64) -> Expiry {
         let ttl = i64::try_from(self.cfg.idle_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         // A twin awaiting a command's acknowledgement stays: its expiry alert and the
         // reconciliation need it (an isolated device goes quiet by design).
         let removable =
             |p: i32, t: &Twin| durable.get(&p).is_some_and(|&next| t.last_offset < next) && t.response().pending.is_empty();
-        let mut removed = 0;
-        for (p, map) in self.store.partitions.iter_mut() {
-            let Some(&w) = self.store.watermarks.get(p) else { continue };
-            let cutoff = w.saturating_sub(ttl);
-            let mut expired: Vec<String> =
-                map.iter().filter(|(_, t)| t.last_seen_ms < cutoff && removable(*p, t)).map(|(k, _)| k.clone()).collect();
-            expired.sort();
-            for k in expired {
-                map.remove(&k);
-                self.dirty.remove(&(*p, k.clone()));
-                self.tombstones.push((*p, k));
-                removed += 1;
+        let mut idle: Vec<(i64, i32, String)> = Vec::new();
+        for (p, map) in &self.store.partitions {
+            if map.is_empty() || !durable.contains_key(p) {
+                continue;
             }
+            let mut seen: Vec<i64> = map.values().map(|t| t.last_seen_ms).collect();
+            let mid = seen.len() / 2;
+            let median = *seen.select_nth_unstable(mid).1;
+            let cutoff = median.min(now_ms).saturating_sub(ttl.saturating_mul(2));
+            idle.extend(map.iter().filter(|(_, t)| t.last_seen_ms < cutoff && removable(*p, t)).map(|(k, t)| (t.last_seen_ms, *p, k.clone())));
         }
+        idle.sort();
+        let capped = idle.len().saturating_sub(self.cfg.max_expiries_per_sweep);
+        idle.truncate(self.cfg.max_expiries_per_sweep);
+        let mut removed = 0;
+        for (_, p, k) in idle {
+            if let Some(m) = self.store.partitions.get_mut(&p) {
+                m.remove(&k);
+            }
+            self.dirty.remove(&(p, k.clone()));
+            self.tombstones.push((p, k));
+            removed += 1;
+        }
+        let expired = removed;
         let total = self.store.len();
         if total > self.cfg.max_twins {
             let mut all: Vec<(i64, i32, String)> = self
@@ -597,7 +683,7 @@ impl TwinOperator {
                 removed += 1;
             }
         }
-        removed
+        Expiry { expired, evicted: removed - expired, capped }
     }
 
     fn apply_row(&mut self, b: &BatchCols<'_>, row: usize, out: &mut VerdictBuilder, ctx: Option<&mut ContextBuilder>) {
@@ -618,6 +704,16 @@ impl TwinOperator {
         if twin.partition == partition && offset <= twin.last_offset {
             self.skipped += 1;
             return;
+        }
+        let ttl = i64::try_from(cfg.idle_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        if twin.events > 0 && t.saturating_sub(twin.last_seen_ms) > ttl {
+            // Silent past the TTL: the device starts over (warm-up again), exactly as
+            // if the sweep had removed its twin. The sweep never removes a twin with
+            // commands awaiting acknowledgement; such a twin keeps its response state.
+            let response = twin.response.take().filter(|r| !r.pending.is_empty());
+            *twin = Twin::new(&self.schema_id, device, partition, t, n_metrics, layout.properties.len());
+            twin.response = response;
+            self.resets += 1;
         }
         let warming = twin.events < cfg.warmup_events;
 
@@ -769,8 +865,6 @@ impl TwinOperator {
         twin.events += 1;
         twin.first_seen_ms = twin.first_seen_ms.min(t);
         twin.last_seen_ms = twin.last_seen_ms.max(t);
-        let w = self.store.watermarks.entry(partition).or_insert(i64::MIN);
-        *w = (*w).max(t);
         self.dirty.insert((partition, device.to_string()));
 
         let label = layout.label.and_then(|c| b.str_col(c)).filter(|a| !a.is_null(row)).map(|a| a.value(row));

@@ -504,10 +504,23 @@ impl Config {
             return Err("set only one of `schema.name` and `schema.file`".into());
         }
         self.state.validate().map_err(|e| format!("key `{e}"))?;
+        if self.state.idle_ttl_secs <= self.decode.max_future_secs {
+            return Err(format!(
+                "key `state.idle_ttl_secs` ({}) must be greater than `decode.max_future_secs` ({}): an event dated as far ahead as the decoder accepts must not by itself make its device look idle",
+                self.state.idle_ttl_secs, self.decode.max_future_secs
+            ));
+        }
+        self.validate_kafka()?;
         self.validate_sql()?;
         self.response.validate().map_err(|e| format!("section `response`: {e}"))?;
         self.gating.validate().map_err(|e| format!("section `gating`: {e}"))?;
         self.audit.validate()?;
+        Ok(())
+    }
+
+    /// librdkafka properties: the managed ones are refused, the timing ones that
+    /// the delivery guarantee and the rebalance bounds rest on are range-checked.
+    fn validate_kafka(&self) -> Result<(), String> {
         for (section, props) in [("properties", &self.kafka.properties), ("consumer", &self.kafka.consumer), ("producer", &self.kafka.producer)] {
             for k in props.keys() {
                 if MANAGED.contains(&k.as_str()) {
@@ -517,7 +530,46 @@ impl Config {
                 }
             }
         }
+        let ms = |section: &str, key: &str, v: &str| -> Result<u64, String> {
+            v.trim().parse::<u64>().map_err(|_| format!("key `kafka.{section}.\"{key}\"`: `{v}` is not a whole number of milliseconds"))
+        };
+        let timeout = self.message_timeout_ms()?;
+        if !(1_000..=900_000).contains(&timeout) {
+            return Err(format!(
+                "key `message.timeout.ms` ({timeout}): must be in 1000..=900000 (0 means \"retry forever\": a stop would wait forever for a delivery)"
+            ));
+        }
+        let poll = match self.kafka.consumer.get(MAX_POLL).or(self.kafka.properties.get(MAX_POLL)) {
+            Some(v) => ms("consumer", MAX_POLL, v)?,
+            None => self.max_poll_interval_ms(),
+        };
+        let needed = self.batch.restore_timeout_secs.saturating_mul(1000).saturating_add(timeout).saturating_add(MAX_POLL_MARGIN_MS);
+        if poll < needed {
+            return Err(format!(
+                "key `{MAX_POLL}` ({poll}) must exceed `batch.restore_timeout_secs` ({} s) + `message.timeout.ms` ({timeout}) + {} s: a member that spends longer in a rebalance callback or waiting for a delivery is evicted while it still writes",
+                self.batch.restore_timeout_secs,
+                MAX_POLL_MARGIN_MS / 1000
+            ));
+        }
         Ok(())
+    }
+
+    /// The sink producers' `message.timeout.ms` (configured, or the default).
+    pub fn message_timeout_ms(&self) -> Result<u64, String> {
+        match self.kafka.producer.get("message.timeout.ms").or(self.kafka.properties.get("message.timeout.ms")) {
+            Some(v) => v.trim().parse::<u64>().map_err(|_| format!("key `message.timeout.ms`: `{v}` is not a whole number of milliseconds")),
+            None => Ok(DEFAULT_MESSAGE_TIMEOUT_MS),
+        }
+    }
+
+    /// The consumer's `max.poll.interval.ms`: configured, or twinguard's default
+    /// (the restore timeout plus the delivery timeout plus a margin, at least 300 s).
+    pub fn max_poll_interval_ms(&self) -> u64 {
+        if let Some(v) = self.kafka.consumer.get(MAX_POLL).or(self.kafka.properties.get(MAX_POLL)).and_then(|v| v.trim().parse().ok()) {
+            return v;
+        }
+        let t = self.message_timeout_ms().unwrap_or(DEFAULT_MESSAGE_TIMEOUT_MS);
+        self.batch.restore_timeout_secs.saturating_mul(1000).saturating_add(t).saturating_add(MAX_POLL_MARGIN_MS).max(300_000)
     }
 
     /// The SQL, HTTP and OpenTelemetry sections.
@@ -664,9 +716,31 @@ impl Config {
 }
 
 /// librdkafka properties twinguard sets itself: overriding them would break
-/// at-least-once delivery.
-pub const MANAGED: &[&str] =
-    &["enable.auto.offset.store", "enable.idempotence", "acks", "group.id", "bootstrap.servers", "partition.assignment.strategy"];
+/// at-least-once delivery (`auto.offset.reset=latest` skips input, auto-commit or a
+/// different isolation level commits or reads past what was processed), ordering
+/// (`enable.gapless.guarantee`), or fencing (a transactional id or static
+/// membership would let a zombie or a twin instance keep a member's identity).
+pub const MANAGED: &[&str] = &[
+    "enable.auto.offset.store",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "acks",
+    "group.id",
+    "bootstrap.servers",
+    "partition.assignment.strategy",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "isolation.level",
+    "transactional.id",
+    "group.instance.id",
+];
+
+/// The consumer property bounding how long a member may go without polling.
+pub const MAX_POLL: &str = "max.poll.interval.ms";
+/// What `max.poll.interval.ms` must exceed beyond the restore and delivery timeouts.
+pub const MAX_POLL_MARGIN_MS: u64 = 30_000;
+/// The sink producers' delivery timeout unless configured.
+pub const DEFAULT_MESSAGE_TIMEOUT_MS: u64 = 120_000;
 
 fn set_path(table: &mut toml::Table, path: &[String], raw: &str) -> Result<(), String> {
     let (last, parents) = path.split_last().ok_or("empty key")?;
@@ -849,6 +923,38 @@ mod tests {
         }
         let e = Config::load(None, vec![("TWINGUARD__BATCH__MAX_LINGER_MS".into(), "soon".into())]).unwrap_err();
         assert!(e.to_string().contains("batch.max_linger_ms"), "{e}");
+    }
+
+    /// The review's foot-guns: properties that silently break the delivery
+    /// guarantee or fencing are refused, timing ones range-checked, with the key named.
+    #[test]
+    fn properties_that_break_delivery_or_fencing_are_refused() {
+        let cases = [
+            ("[kafka.consumer]\n\"auto.offset.reset\" = \"latest\"\n", "auto.offset.reset"),
+            ("[kafka.consumer]\n\"enable.auto.commit\" = \"false\"\n", "enable.auto.commit"),
+            ("[kafka.properties]\n\"isolation.level\" = \"read_uncommitted\"\n", "isolation.level"),
+            ("[kafka.producer]\n\"transactional.id\" = \"x\"\n", "transactional.id"),
+            ("[kafka.consumer]\n\"group.instance.id\" = \"i-1\"\n", "group.instance.id"),
+            ("[kafka.producer]\n\"enable.gapless.guarantee\" = \"false\"\n", "enable.gapless.guarantee"),
+            ("[kafka.producer]\n\"message.timeout.ms\" = \"0\"\n", "message.timeout.ms"),
+            ("[kafka.producer]\n\"message.timeout.ms\" = \"soon\"\n", "message.timeout.ms"),
+            ("[kafka.consumer]\n\"max.poll.interval.ms\" = \"60000\"\n", "max.poll.interval.ms"),
+            ("[state]\nidle_ttl_secs = 3600\n", "state.idle_ttl_secs"),
+            ("[state]\nmax_twin_bytes = 2000000\n", "state.max_twin_bytes"),
+        ];
+        for (text, key) in cases {
+            let f = write(text);
+            let e = Config::load(Some(&f.0), Vec::new()).expect_err(text).to_string();
+            assert!(e.contains(key), "error for {text:?} should name {key}: {e}");
+        }
+        // In range, and the default poll interval covers restore + delivery + margin.
+        let f = write("[kafka.producer]\n\"message.timeout.ms\" = \"30000\"\n[kafka.consumer]\n\"max.poll.interval.ms\" = \"200000\"\n");
+        assert_eq!(Config::load(Some(&f.0), Vec::new()).unwrap().max_poll_interval_ms(), 200_000);
+        let c = Config::default();
+        assert!(c.max_poll_interval_ms() >= c.batch.restore_timeout_secs * 1000 + DEFAULT_MESSAGE_TIMEOUT_MS + MAX_POLL_MARGIN_MS);
+        let props = crate::kafka::consumer_config(&c);
+        assert_eq!(props.get(MAX_POLL), Some(c.max_poll_interval_ms().to_string().as_str()));
+        assert_eq!(props.get("isolation.level"), Some("read_committed"));
     }
 
     #[test]

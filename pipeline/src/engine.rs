@@ -32,7 +32,8 @@ use twinguard_operators::respond::AckOutcome;
 use twinguard_operators::{ChangelogRecord, Detector, Gate, Responder, Responses};
 use twinguard_schemas::respond::{Ack, Alert, Feedback, RESPONSE_VERSION};
 use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
-use twinguard_schemas::{fields, Decoder, RawRecord};
+use twinguard_schemas::dlq::{bound_reason, DeadLetter, Source, MAX_CONTROL_RECORD_BYTES};
+use twinguard_schemas::{Decoder, RawRecord};
 
 use opentelemetry::KeyValue;
 
@@ -43,11 +44,6 @@ use crate::sqlview::{RowMaker, SqlView, StagedTwin};
 use crate::telemetry::{self as ev, Metrics};
 use crate::PipelineError;
 
-/// Budget of a dead letter (key + headers + value), below librdkafka's default
-/// `message.max.bytes` (1,000,000); longer originals are truncated (and marked).
-const MAX_DLQ_VALUE: usize = 900 * 1024;
-/// Longest key kept in a dead letter.
-const MAX_DLQ_KEY: usize = 16 * 1024;
 
 /// Owned copy of a consumed record.
 struct Rec {
@@ -88,9 +84,24 @@ struct Core {
     decoder: Decoder,
     buffers: BTreeMap<i32, PartBuf>,
     owned: BTreeSet<i32>,
-    /// Newly assigned input partitions: the committed offset they resume at, until
-    /// their first record arrives (a later first record is a gap: see `InputGap`).
-    resume_at: HashMap<i32, i64>,
+    /// The offset expected next on each owned input partition: its committed offset
+    /// right after an assignment, then the offset after the last record consumed.
+    /// A record past it is a gap (`InputGap`); one below it a rewind
+    /// (`OffsetsRewound`). Checked on every record, not only at resume.
+    expected: HashMap<i32, i64>,
+    /// The same for the acks topic's partitions.
+    expected_acks: HashMap<i32, i64>,
+}
+
+/// Check a consumed record's offset against the one expected next on its partition
+/// and advance the expectation. Returns the gap (records skipped) or the rewind.
+fn check_contiguity(expected: &mut HashMap<i32, i64>, partition: i32, offset: i64) -> Option<Result<i64, i64>> {
+    let found = expected.insert(partition, offset + 1)?;
+    match offset.cmp(&found) {
+        std::cmp::Ordering::Equal => None,
+        std::cmp::Ordering::Greater => Some(Ok(found)),
+        std::cmp::Ordering::Less => Some(Err(found)),
+    }
 }
 
 struct Shared {
@@ -313,11 +324,7 @@ impl Shared {
         let now = chrono::Utc::now().timestamp_millis();
         let mut resp = Responses::default();
         let mut outputs = Vec::new();
-        let parsed: Result<Ack, String> = rec
-            .payload
-            .as_deref()
-            .ok_or_else(|| "empty record".to_string())
-            .and_then(|b| serde_json::from_slice::<Ack>(b).map_err(|e| format!("not an ack: {e}")))
+        let parsed: Result<Ack, String> = parse_control::<Ack>(rec.payload.as_deref(), "an ack")
             .and_then(|a| if a.v == RESPONSE_VERSION { Ok(a) } else { Err(format!("ack version {} unsupported (expected {RESPONSE_VERSION})", a.v)) });
         let outcome = parsed.and_then(|ack| core.resp.apply_ack(core.op.twin_mut(), partition, &ack, now, &mut resp).map(|o| (ack, o)));
         match outcome {
@@ -332,6 +339,7 @@ impl Shared {
 
     /// A dead letter for a record of a control topic (acks, feedback).
     fn control_dead_letter(&self, topic: &Arc<str>, partition: i32, offset: i64, key: Option<Vec<u8>>, payload: Option<Vec<u8>>, reason: &str) -> OutRecord {
+        let reason = &*bound_reason(reason);
         ev::ControlRejected { topic, partition, offset, reason }.emit(&self.metrics);
         dead_letter(&self.dlq_topic, (&**topic, partition, offset), key, payload, "invalid_control_record", reason, None)
     }
@@ -390,9 +398,9 @@ impl Shared {
         Ok(())
     }
 
-    fn restore(&self, core: &mut Core, parts: &[i32]) -> Result<(), PipelineError> {
+    fn restore(&self, core: &mut Core, parts: &[i32], deadline: Instant) -> Result<(), PipelineError> {
         let started = Instant::now();
-        let timeout = Duration::from_secs(self.cfg.batch.restore_timeout_secs);
+        let left = || deadline.saturating_duration_since(Instant::now());
         // A long restore is progress, not a stall (/healthz).
         self.metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         for &p in parts {
@@ -400,9 +408,38 @@ impl Shared {
             core.op.twin_mut().store_mut().ensure_partition(p);
         }
         let op = &mut core.op;
-        let read = kafka::read_changelog(&self.cfg, parts, timeout, |p, key, value| {
-            op.twin_mut().restore_record(p, key, value).map_err(PipelineError::from)
+        let cap = self.cfg.state.max_twin_bytes;
+        let mut quarantined: Vec<OutRecord> = Vec::new();
+        let changelog = self.cfg.topics.changelog.as_str();
+        let read = kafka::read_changelog_at(&self.cfg, parts, left(), |p, offset, key, value| {
+            match restore_verdict(key, value, cap, |k, v| op.twin_mut().restore_record(p, k, v)) {
+                Restore::Done => Ok(()),
+                Restore::Fatal(e) => Err(PipelineError::from(e)),
+                Restore::Quarantine(reason) => {
+                    ev::ChangelogQuarantined { partition: p, offset, key, reason: &reason }.emit(&self.metrics);
+                    // The device starts over; a twin it had is gone from memory.
+                    op.twin_mut().restore_record(p, key, None).map_err(PipelineError::from)?;
+                    quarantined.push(dead_letter(
+                        &self.dlq_topic,
+                        (changelog, p, offset),
+                        Some(key.as_bytes().to_vec()),
+                        value.map(<[u8]>::to_vec),
+                        QUARANTINED_CHANGELOG,
+                        &reason,
+                        Some(self.schema_id.as_str()),
+                    ));
+                    Ok(())
+                }
+            }
         })?;
+        if !quarantined.is_empty() {
+            // Set aside before the partition is served: a crash now re-reads the
+            // changelog and quarantines the same records again (at least once).
+            let group = AckGroup::new(quarantined.len());
+            kafka::send_all(&self.producer, &quarantined, &group, &self.abort);
+            group.wait(&self.abort).map_err(|e| PipelineError::Fatal(format!("dead letters for quarantined changelog records: {e}")))?;
+            self.metrics.dlq_out.fetch_add(quarantined.len() as u64, Ordering::Relaxed);
+        }
         if let Some((view, rows)) = &self.view {
             let restored = core.op.twin().store().iter().filter(|t| parts.contains(&t.partition)).map(|t| (t.device_id.clone(), Some(rows.row(t).into()))).collect();
             view.push_twins(None, restored);
@@ -417,7 +454,7 @@ impl Shared {
         if core.resp.audit_mut().is_some() {
             for &p in parts {
                 self.metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
-                let tail = kafka::read_tail(&self.cfg, &self.cfg.topics.audit, p, timeout)?;
+                let tail = kafka::read_tail(&self.cfg, &self.cfg.topics.audit, p, left())?;
                 core.resp.continue_chain(p, tail.as_deref()).map_err(|e| {
                     PipelineError::Fatal(format!(
                         "audit chain of partition {p} of `{}` cannot be continued: its last record is {e}; run `twinguard audit verify`",
@@ -427,6 +464,36 @@ impl Shared {
             }
         }
         Ok(())
+    }
+}
+
+impl Shared {
+    /// Compare the restored twins of `parts` with their input partitions' ends: a
+    /// twin whose last applied offset is at or past the end claims events the
+    /// partition does not hold (the input topic was recreated or truncated), and the
+    /// replay guard would skip new events up to that offset. Reported loudly
+    /// (`TwinsAheadOfInput`), never acted on silently.
+    fn check_twins_against_input<C: ConsumerContext>(&self, core: &Core, consumer: &BaseConsumer<C>, parts: &[i32]) {
+        for &p in parts {
+            let (n, max) = core
+                .op
+                .twin()
+                .store()
+                .iter()
+                .filter(|t| t.partition == p)
+                .fold((0usize, -1i64), |(n, m), t| (n, m.max(t.last_offset)));
+            if n == 0 {
+                continue;
+            }
+            match consumer.fetch_watermarks(&self.cfg.topics.input, p, Duration::from_secs(3)) {
+                Ok((_, high)) if max >= high => {
+                    let twins = core.op.twin().store().iter().filter(|t| t.partition == p && t.last_offset >= high).count();
+                    ev::TwinsAheadOfInput { partition: p, high_watermark: high, twins, max_last_offset: max }.emit(&self.metrics);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(partition = p, error = %e, "input watermarks not read: restored twins not checked against the partition's end"),
+            }
+        }
     }
 }
 
@@ -464,10 +531,9 @@ fn record_verdicts(core: &mut Core, verdicts: &[Verdict]) {
     }
 }
 
-/// A dead letter: the original key and bytes with the reason, a stable code and the
-/// source coordinates in headers. It MUST fit the broker's message size whatever the
-/// input's key and value (an unsendable dead letter would stop the pipeline), so an
-/// oversized key or value is truncated and its original length recorded.
+/// A dead letter for the DLQ topic: the original key and bytes with the reason, a
+/// stable code and the source coordinates in headers. It fits the broker's message
+/// size whatever the input (see [`DeadLetter::build`]).
 fn dead_letter(
     dlq_topic: &Arc<str>,
     (topic, partition, offset): (&str, i32, i64),
@@ -477,28 +543,52 @@ fn dead_letter(
     reason: &str,
     schema: Option<&str>,
 ) -> OutRecord {
-    let mut payload = payload.unwrap_or_default();
-    let mut key = key.unwrap_or_default();
-    let mut headers = vec![
-        (fields::DLQ_REASON, reason.as_bytes().to_vec()),
-        (fields::DLQ_CODE, code.as_bytes().to_vec()),
-        (fields::DLQ_TOPIC, topic.as_bytes().to_vec()),
-        (fields::DLQ_PARTITION, partition.to_string().into_bytes()),
-        (fields::DLQ_OFFSET, offset.to_string().into_bytes()),
-    ];
-    if let Some(s) = schema {
-        headers.push((fields::DLQ_SCHEMA, s.as_bytes().to_vec()));
+    let dl = DeadLetter::build(Source { topic, partition, offset }, key, payload, code, reason, schema);
+    OutRecord { topic: dlq_topic.clone(), partition: None, key: dl.key, payload: Some(dl.value), headers: dl.headers, probe: None }
+}
+
+/// DLQ code of a changelog record that could not be restored.
+pub const QUARANTINED_CHANGELOG: &str = "quarantined_changelog";
+
+/// What restoring one changelog record came to.
+pub enum Restore {
+    Done,
+    /// Set the record aside (dead letter + metric) and go on without it: it does not
+    /// decode, or it is larger than `state.max_twin_bytes`.
+    Quarantine(String),
+    /// Stop: the changelog belongs to another schema or shape (a configuration
+    /// error, not a bad record: quarantining would discard every twin).
+    Fatal(twinguard_operators::OperatorError),
+}
+
+/// Restore one changelog record through `apply`, sorting failures into quarantine
+/// (the record) and fatal (the configuration). The same rule serves `twinguard run`
+/// and `twinguard sql`.
+pub fn restore_verdict(
+    key: &str,
+    value: Option<&[u8]>,
+    max_twin_bytes: usize,
+    apply: impl FnOnce(&str, Option<&[u8]>) -> Result<(), twinguard_operators::OperatorError>,
+) -> Restore {
+    if let Some(v) = value.filter(|v| v.len() > max_twin_bytes) {
+        return Restore::Quarantine(format!("changelog record is {} bytes, state.max_twin_bytes is {max_twin_bytes}", v.len()));
     }
-    if key.len() > MAX_DLQ_KEY {
-        headers.push((fields::DLQ_TRUNCATED_KEY, key.len().to_string().into_bytes()));
-        key.truncate(MAX_DLQ_KEY);
+    match apply(key, value) {
+        Ok(()) => Restore::Done,
+        Err(e @ twinguard_operators::OperatorError::Undecodable { .. }) => Restore::Quarantine(e.to_string()),
+        Err(e) => Restore::Fatal(e),
     }
-    let budget = MAX_DLQ_VALUE - key.len() - headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-    if payload.len() > budget {
-        headers.push((fields::DLQ_TRUNCATED, payload.len().to_string().into_bytes()));
-        payload.truncate(budget);
+}
+
+/// Parse a control record (ack or feedback), refusing one larger than
+/// [`MAX_CONTROL_RECORD_BYTES`] unread. The error is bounded and never quotes more
+/// than a few bytes of the input.
+fn parse_control<T: serde::de::DeserializeOwned>(payload: Option<&[u8]>, what: &str) -> Result<T, String> {
+    let b = payload.ok_or_else(|| "empty record".to_string())?;
+    if b.len() > MAX_CONTROL_RECORD_BYTES {
+        return Err(format!("{what} record is {} bytes, limit is {MAX_CONTROL_RECORD_BYTES}: not parsed", b.len()));
     }
-    OutRecord { topic: dlq_topic.clone(), partition: None, key, payload: Some(payload), headers, probe: None }
+    serde_json::from_slice::<T>(b).map_err(|e| bound_reason(&format!("not {what}: {e}")).into_owned())
 }
 
 /// Consumer context: runs the rebalance protocol of the spine.
@@ -532,7 +622,18 @@ impl ConsumerContext for SourceContext {
         let parts = input_partitions(tpl, &s.cfg.topics.input);
         ev::Rebalanced { kind: "revoke", partitions: &parts }.emit(&s.metrics);
         let lost = consumer.assignment_lost();
-        if !lost {
+        if lost {
+            // This member was evicted (it stopped polling past max.poll.interval.ms, or
+            // its session timed out, e.g. a paused process): another member may own
+            // these partitions already. Fail-stop, and drop what is still queued, so
+            // no late changelog or audit record of this zombie lands after the new
+            // owner's (a twin moving backwards, a forked audit chain). Offsets stay
+            // where delivery put them; the new owner replays from there.
+            s.fail(format!("assignment of partitions {parts:?} lost (evicted from the group: max.poll.interval.ms exceeded or session timed out); stopping so that only the new owner writes their state"));
+            let purge = rdkafka::producer::PurgeConfig::default().queue();
+            rdkafka::producer::Producer::purge(&s.producer, purge);
+            rdkafka::producer::Producer::purge(&s.command_producer, purge);
+        } else {
             let mut core = s.core.lock().expect("core lock");
             if let Err(e) = s.flush(&mut core, Some(&parts)) {
                 s.fail(format!("flushing revoked partitions: {e}"));
@@ -548,7 +649,8 @@ impl ConsumerContext for SourceContext {
         let mut core = s.core.lock().expect("core lock");
         for p in &parts {
             core.buffers.remove(p);
-            core.resume_at.remove(p);
+            core.expected.remove(p);
+            core.expected_acks.remove(p);
             core.owned.remove(p);
             core.op.twin_mut().store_mut().drop_partition(*p);
             core.resp.drop_partition(*p);
@@ -569,6 +671,11 @@ impl ConsumerContext for SourceContext {
         }
         let mut c = self.shared.committed.lock().expect("committed lock");
         for e in offsets.elements_for_topic(&self.shared.cfg.topics.input) {
+            // A commit can succeed as a whole and fail for single partitions: only
+            // what the coordinator accepted is durable.
+            if e.error().is_err() {
+                continue;
+            }
             if let rdkafka::Offset::Offset(o) = e.offset() {
                 c.insert(e.partition(), o);
             }
@@ -589,13 +696,17 @@ impl ConsumerContext for SourceContext {
         ev::Rebalanced { kind: "assign", partitions: &parts }.emit(&s.metrics);
         let mut core = s.core.lock().expect("core lock");
         let fresh: Vec<i32> = parts.iter().copied().filter(|p| !core.owned.contains(p)).collect();
-        if let Err(e) = s.restore(&mut core, &fresh) {
+        // One deadline for the whole callback (restore, audit tails, checks), below
+        // max.poll.interval.ms (validated at start).
+        let deadline = Instant::now() + Duration::from_secs(s.cfg.batch.restore_timeout_secs);
+        if let Err(e) = s.restore(&mut core, &fresh, deadline) {
             s.fail(format!("restoring twins of partitions {fresh:?}: {e}"));
             return;
         }
         core.owned.extend(parts.iter().copied());
         let resume = resume_offsets(consumer, &s.cfg.topics.input, &fresh);
-        core.resume_at.extend(resume);
+        s.check_twins_against_input(&core, consumer, &fresh);
+        core.expected.extend(resume);
         s.metrics.set_owned(core.owned.iter().copied().collect());
         s.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
         s.metrics.ready.store(1, Ordering::Relaxed);
@@ -687,7 +798,8 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
             decoder: Decoder::new(schema.clone(), cfg.decode_limits()),
             buffers: BTreeMap::new(),
             owned: BTreeSet::new(),
-            resume_at: HashMap::new(),
+            expected: HashMap::new(),
+            expected_acks: HashMap::new(),
         }),
         producer,
         command_producer,
@@ -818,10 +930,10 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
             Some(Ok(m)) if m.topic() == input => {
                 let p = m.partition();
-                if let Some(at) = core.resume_at.remove(&p) {
-                    if m.offset() > at {
-                        ev::InputGap { partition: p, resumed_at: at, first_offset: m.offset() }.emit(&s.metrics);
-                    }
+                match check_contiguity(&mut core.expected, p, m.offset()) {
+                    Some(Ok(at)) => ev::InputGap { partition: p, resumed_at: at, first_offset: m.offset() }.emit(&s.metrics),
+                    Some(Err(at)) => ev::OffsetsRewound { topic: &input, partition: p, expected: at, offset: m.offset() }.emit(&s.metrics),
+                    None => {}
                 }
                 let buf = core.buffers.entry(p).or_insert_with(|| PartBuf { records: Vec::with_capacity(max.min(64)), opened: Instant::now() });
                 buf.records.push(Rec {
@@ -846,6 +958,11 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
                 };
                 s.metrics.acks_in.fetch_add(1, Ordering::Relaxed);
                 let p = m.partition();
+                match check_contiguity(&mut core.expected_acks, p, m.offset()) {
+                    Some(Ok(at)) => ev::ControlGap { topic: &s.acks_topic, partition: p, expected: at, offset: m.offset() }.emit(&s.metrics),
+                    Some(Err(at)) => ev::OffsetsRewound { topic: &s.acks_topic, partition: p, expected: at, offset: m.offset() }.emit(&s.metrics),
+                    None => {}
+                }
                 s.process_ack(&mut core, p, rec)?;
             }
             Some(Ok(m)) => tracing::warn!(topic = m.topic(), "record from an unexpected topic ignored"),
@@ -866,7 +983,14 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
                 let c = s.committed.lock().expect("committed lock");
                 core.owned.iter().filter_map(|p| c.get(p).map(|o| (*p, *o))).collect()
             };
-            let expired = core.op.twin_mut().expire(&durable);
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let e = core.op.twin_mut().expire(&durable, now_ms);
+            if e.capped > 0 {
+                ev::ExpiryCapped { expired: e.expired, left: e.capped }.emit(&s.metrics);
+            }
+            let expired = e.expired + e.evicted;
+            s.metrics.twin_resets.store(core.op.twin().resets(), Ordering::Relaxed);
+            s.metrics.twins_shed.store(core.op.twin().shed(), Ordering::Relaxed);
             // Commands whose device never acknowledged them.
             let now = chrono::Utc::now().timestamp_millis();
             {
@@ -997,6 +1121,8 @@ fn control_loop(s: &Shared) {
         s.gate_caught_up.store(true, Ordering::SeqCst);
     }
     while !s.stop.load(Ordering::Relaxed) && !s.failed() {
+        // Liveness for `/healthz` (a control thread that stops turning fails it).
+        s.metrics.control_beat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
         let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
         let m = match polled {
             Ok(m) => m,
@@ -1023,8 +1149,7 @@ fn control_loop(s: &Shared) {
             }
             continue;
         }
-        let parsed = serde_json::from_slice::<Feedback>(payload)
-            .map_err(|e| format!("not a feedback record: {e}"))
+        let parsed = parse_control::<Feedback>(m.payload(), "a feedback")
             .and_then(|f| if f.v == RESPONSE_VERSION { Ok(f) } else { Err(format!("feedback version {} unsupported", f.v)) })
             // Unsigned or wrongly signed feedback (with a feedback secret) is refused.
             .and_then(|f| s.gate.lock().expect("gate lock").observe_feedback(&f));
@@ -1046,5 +1171,3 @@ fn control_loop(s: &Shared) {
         }
     }
 }
-        // Liveness for `/healthz` (a control thread that stops turning fails it).
-        s.metrics.control_beat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);

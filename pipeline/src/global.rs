@@ -17,7 +17,7 @@ use twinguard_schemas::verdict::Verdict;
 use crate::config::Config;
 use crate::kafka::{self, RestoreContext};
 use crate::sqlview::{RowMaker, SqlView, StagedTwin};
-use crate::telemetry::Metrics;
+use crate::telemetry::{self as ev, Metrics};
 use crate::PipelineError;
 
 /// Staged changes are handed to the view at least this often.
@@ -94,13 +94,28 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
                             live.remove(&key);
                             twins.push((key, None));
                         }
-                        Some(v) => match Twin::decode(&key, v) {
-                            Ok(twin) => {
-                                live.insert(key.clone());
-                                twins.push((key, Some(rows.row(&twin).into())));
+                        Some(v) => {
+                            // The pipeline's restore rule: an undecodable or oversized
+                            // record is quarantined (counted and logged here; the owning
+                            // instance dead-letters it), and the device has no twin.
+                            let mut decoded = None;
+                            let verdict = crate::engine::restore_verdict(&key, Some(v), cfg.state.max_twin_bytes, |k, v| {
+                                decoded = Some(Twin::decode(k, v.unwrap_or_default())?);
+                                Ok(())
+                            });
+                            match (verdict, decoded) {
+                                (crate::engine::Restore::Done, Some(twin)) => {
+                                    live.insert(key.clone());
+                                    twins.push((key, Some(rows.row(&twin).into())));
+                                }
+                                (crate::engine::Restore::Quarantine(reason), _) => {
+                                    ev::ChangelogQuarantined { partition: p, offset, key: &key, reason: &reason }.emit(&metrics);
+                                    live.remove(&key);
+                                    twins.push((key, None));
+                                }
+                                (_, _) => bad("twin", &"unsupported twin format version"),
                             }
-                            Err(e) => bad("twin", &e),
-                        },
+                        }
                     }
                     if behind.get(&p).is_some_and(|end| offset + 1 >= *end) {
                         behind.remove(&p);

@@ -45,7 +45,12 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
     for (k, v) in cfg.kafka.properties.iter().chain(&cfg.kafka.consumer) {
         c.set(k, v);
     }
-    c.set("group.id", &cfg.kafka.group_id).set("enable.auto.offset.store", "false");
+    c.set("group.id", &cfg.kafka.group_id)
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("isolation.level", "read_committed")
+        .set(crate::config::MAX_POLL, cfg.max_poll_interval_ms().to_string());
     c
 }
 
@@ -60,7 +65,7 @@ pub fn producer_config(cfg: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.kafka.brokers)
         .set("linger.ms", "5")
-        .set("message.timeout.ms", "120000")
+        .set("message.timeout.ms", crate::config::DEFAULT_MESSAGE_TIMEOUT_MS.to_string())
         .set("partitioner", "murmur2_random")
         .set("queue.buffering.max.messages", "200000");
     for (k, v) in cfg.kafka.properties.iter().chain(&cfg.kafka.producer) {
@@ -340,6 +345,19 @@ pub fn read_changelog(
     read_partitions(cfg, &cfg.topics.changelog, partitions, |_| Offset::Beginning, timeout, |p, _, key, value| {
         let key = key.map(String::from_utf8_lossy).unwrap_or_default();
         f(p, &key, value)
+    })
+}
+
+/// [`read_changelog`], also passing each record's offset.
+pub fn read_changelog_at(
+    cfg: &Config,
+    partitions: &[i32],
+    timeout: Duration,
+    mut f: impl FnMut(i32, i64, &str, Option<&[u8]>) -> Result<(), PipelineError>,
+) -> Result<BTreeMap<i32, u64>, PipelineError> {
+    read_partitions(cfg, &cfg.topics.changelog, partitions, |_| Offset::Beginning, timeout, |p, offset, key, value| {
+        let key = key.map(String::from_utf8_lossy).unwrap_or_default();
+        f(p, offset, &key, value)
     })
 }
 

@@ -230,6 +230,20 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         .with_description("Input offsets never delivered: between a resumed partition's committed offset and the first record fetched there (retention, compaction, a broker fault; transaction markers and aborted records with transactional producers)")
         .with_callback(move |o| o.observe(mx.input_gap_records.load(Relaxed), &[]))
         .build();
+    let counters: [(&'static str, &'static str, fn(&Metrics) -> u64); 8] = [
+        ("twinguard.control.gap.records", "Acks-topic offsets never delivered (a record arrived past the offset expected next)", |m| m.control_gap_records.load(Relaxed)),
+        ("twinguard.offsets.rewound", "Times records arrived below the offset expected next on their partition (offset reset or seek)", |m| m.offsets_rewound.load(Relaxed)),
+        ("twinguard.twins.ahead_of_input", "Restored twins whose last offset is at or past their input partition's end (input topic recreated?)", |m| m.twins_ahead_of_input.load(Relaxed)),
+        ("twinguard.replays.skipped", "Records skipped because their twins had already applied them (replays)", |m| m.replays_skipped.load(Relaxed)),
+        ("twinguard.twin.resets", "Twins reset at an event because their device was idle past state.idle_ttl_secs", |m| m.twin_resets.load(Relaxed)),
+        ("twinguard.twins.shed", "Twins that shed learned strings to fit state.max_twin_bytes", |m| m.twins_shed.load(Relaxed)),
+        ("twinguard.expiry.capped", "Idle twins a sweep left for later (state.max_expiries_per_sweep)", |m| m.expiry_capped.load(Relaxed)),
+        ("twinguard.changelog.quarantined", "Changelog records that could not be restored (dead-lettered)", |m| m.changelog_quarantined.load(Relaxed)),
+    ];
+    for (name, desc, f) in counters {
+        let mx = metrics.clone();
+        m.u64_observable_counter(name).with_description(desc).with_callback(move |o| o.observe(f(&mx), &[])).build();
+    }
     let mx = metrics.clone();
     m.u64_observable_counter("twinguard.sql.failed_logins")
         .with_description("SQL logins refused: `password` (wrong password or unknown user, checked) or `throttled` (the address is backed off after failed logins; not checked)")

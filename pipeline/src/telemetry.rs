@@ -37,6 +37,22 @@ pub struct Metrics {
     /// Input records never delivered between a resumed partition's committed offset
     /// and the first record fetched there (see [`InputGap`]).
     pub input_gap_records: AtomicU64,
+    /// Acks-topic offsets never delivered (see [`ControlGap`]).
+    pub control_gap_records: AtomicU64,
+    /// Records whose offset lies below the one expected next on their partition
+    /// (the consumer went back: a seek or an offset reset); see [`OffsetsRewound`].
+    pub offsets_rewound: AtomicU64,
+    /// Restored twins whose last applied offset is at or past their input
+    /// partition's end (the input topic was recreated or truncated).
+    pub twins_ahead_of_input: AtomicU64,
+    /// Twins reset at an event because their device was idle past `idle_ttl_secs`.
+    pub twin_resets: AtomicU64,
+    /// Twins that shed learned strings to fit `state.max_twin_bytes`.
+    pub twins_shed: AtomicU64,
+    /// Idle twins a sweep left for later (`state.max_expiries_per_sweep`).
+    pub expiry_capped: AtomicU64,
+    /// Changelog records that could not be restored (dead-lettered, skipped).
+    pub changelog_quarantined: AtomicU64,
     /// 1 once partitions are assigned and their twins restored.
     pub ready: AtomicI64,
     pub alerts_out: AtomicU64,
@@ -72,6 +88,19 @@ pub struct Metrics {
     pub stall_limit_ms: AtomicI64,
     /// Set when the pipeline stops on a fatal error.
     pub failed: Mutex<Option<String>>,
+    /// SQL logins refused: a wrong password or unknown user (checked), or an
+    /// address backed off after failed logins (not checked); see [`SqlLoginFailed`].
+    pub sql_failed_logins: AtomicU64,
+    pub sql_throttled_logins: AtomicU64,
+    /// SQL view refreshes that failed (see [`SqlRefreshFailed`]).
+    pub sql_refresh_failures: AtomicU64,
+    /// Last turn of the SQL view's refresher thread (ms since the epoch; 0 = none).
+    pub sql_refresh_beat_ms: AtomicI64,
+    /// How long the refresher may go without a turn before `/healthz` fails (ms).
+    pub sql_refresh_limit_ms: AtomicI64,
+    /// Last turn of the control thread (alerts and feedback; ms since the epoch;
+    /// 0 = none). `/healthz` fails past `stall_limit_ms` without one.
+    pub control_beat_ms: AtomicI64,
 }
 
 impl Metrics {
@@ -88,19 +117,6 @@ impl Metrics {
     pub fn owned(&self) -> Vec<i32> {
         self.owned.lock().expect("owned lock").clone()
     }
-    /// SQL logins refused: a wrong password or unknown user (checked), or an
-    /// address backed off after failed logins (not checked); see [`SqlLoginFailed`].
-    pub sql_failed_logins: AtomicU64,
-    pub sql_throttled_logins: AtomicU64,
-    /// SQL view refreshes that failed (see [`SqlRefreshFailed`]).
-    pub sql_refresh_failures: AtomicU64,
-    /// Last turn of the SQL view's refresher thread (ms since the epoch; 0 = none).
-    pub sql_refresh_beat_ms: AtomicI64,
-    /// How long the refresher may go without a turn before `/healthz` fails (ms).
-    pub sql_refresh_limit_ms: AtomicI64,
-    /// Last turn of the control thread (alerts and feedback; ms since the epoch;
-    /// 0 = none). `/healthz` fails past `stall_limit_ms` without one.
-    pub control_beat_ms: AtomicI64,
     pub fn partitions_owned(&self) -> i64 {
         self.owned.lock().expect("owned lock").len() as i64
     }
@@ -173,22 +189,6 @@ impl AlertRaised<'_> {
     }
 }
 
-/// A response command was issued.
-pub struct CommandIssued<'a> {
-    pub command: &'a Command,
-}
-
-impl CommandIssued<'_> {
-    pub fn emit(&self, m: &Metrics) {
-        let c = self.command;
-        tracing::info!(device_id = %c.device_id, command_id = %c.command_id, action = c.action.as_str(), rule = %c.reason.rule, "command issued");
-        m.commands_out.fetch_add(1, Relaxed);
-        Instruments::get().commands.add(1, &[KeyValue::new("action", c.action.as_str())]);
-    }
-}
-
-/// A device acknowledged a command.
-pub struct AckApplied<'a> {
 /// A SQL login was refused: a wrong password or an unknown user (`throttled` false:
 /// the password was checked, `failures` from this address so far, and the back-off
 /// that failure started), or a login from an address still backed off (`throttled`
@@ -229,6 +229,22 @@ impl SqlRefreshFailed<'_> {
     }
 }
 
+/// A response command was issued.
+pub struct CommandIssued<'a> {
+    pub command: &'a Command,
+}
+
+impl CommandIssued<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        let c = self.command;
+        tracing::info!(device_id = %c.device_id, command_id = %c.command_id, action = c.action.as_str(), rule = %c.reason.rule, "command issued");
+        m.commands_out.fetch_add(1, Relaxed);
+        Instruments::get().commands.add(1, &[KeyValue::new("action", c.action.as_str())]);
+    }
+}
+
+/// A device acknowledged a command.
+pub struct AckApplied<'a> {
     pub device: &'a str,
     pub command: &'a str,
     /// False when the command was no longer pending (a duplicate or late ack).
@@ -319,6 +335,108 @@ impl BatchProcessed {
         m.verdicts_out.fetch_add(self.verdicts as u64, Relaxed);
         m.anomalies.fetch_add(self.anomalies as u64, Relaxed);
         m.replays_skipped.fetch_add(self.skipped, Relaxed);
+        if self.skipped > 0 {
+            tracing::info!(
+                partition = self.partition,
+                skipped = self.skipped,
+                "records skipped: their twins had already applied them (a replay after a restart or handover; their verdicts exist)"
+            );
+        }
+    }
+}
+
+/// Records arrived below the offset expected next on their partition: the consumer
+/// went back (an offset reset or a seek). Their events are applied again only where
+/// their twins had not seen them (the replay guard skips the rest, counted).
+pub struct OffsetsRewound<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub expected: i64,
+    pub offset: i64,
+}
+
+impl OffsetsRewound<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        tracing::warn!(topic = self.topic, partition = self.partition, expected = self.expected, offset = self.offset, "offsets went back on a partition (offset reset or seek)");
+        m.offsets_rewound.fetch_add(1, Relaxed);
+    }
+}
+
+/// Records of a control topic (acks) were never delivered: a record arrived past the
+/// offset expected next on its partition (retention or compaction outran the
+/// consumer, or a broker fault). Those acknowledgements were not applied.
+pub struct ControlGap<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub expected: i64,
+    pub offset: i64,
+}
+
+impl ControlGap<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        let skipped = (self.offset - self.expected).max(0) as u64;
+        tracing::warn!(topic = self.topic, partition = self.partition, expected = self.expected, offset = self.offset, skipped, "control records skipped: the partition's next record lies past the offset expected");
+        m.control_gap_records.fetch_add(skipped, Relaxed);
+    }
+}
+
+/// Restored twins claim events their input partition does not have: their last
+/// applied offset is at or past the partition's end. The input topic was recreated
+/// or truncated while the changelog survived: the replay guard would skip every
+/// new event of these devices up to that offset (each skip is counted and logged).
+pub struct TwinsAheadOfInput {
+    pub partition: i32,
+    pub high_watermark: i64,
+    pub twins: usize,
+    pub max_last_offset: i64,
+}
+
+impl TwinsAheadOfInput {
+    pub fn emit(&self, m: &Metrics) {
+        tracing::error!(
+            partition = self.partition,
+            high_watermark = self.high_watermark,
+            twins = self.twins,
+            max_last_offset = self.max_last_offset,
+            "restored twins are ahead of their input partition (was the input topic recreated? then delete the changelog topic or start a new consumer group with a new changelog): events at or below their last offsets would be skipped"
+        );
+        m.twins_ahead_of_input.fetch_add(self.twins as u64, Relaxed);
+    }
+}
+
+/// An idle sweep found more idle twins than `state.max_expiries_per_sweep`.
+pub struct ExpiryCapped {
+    pub expired: usize,
+    pub left: usize,
+}
+
+impl ExpiryCapped {
+    pub fn emit(&self, m: &Metrics) {
+        tracing::warn!(expired = self.expired, left = self.left, "idle sweep capped: more idle twins than state.max_expiries_per_sweep; the rest go at the next sweeps");
+        m.expiry_capped.fetch_add(self.left as u64, Relaxed);
+    }
+}
+
+/// A changelog record could not be restored (it does not decode, or it is larger
+/// than `state.max_twin_bytes`): it was set aside (dead-lettered by a pipeline
+/// instance; only counted by `twinguard sql`) and its device starts a fresh twin.
+pub struct ChangelogQuarantined<'a> {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: &'a str,
+    pub reason: &'a str,
+}
+
+impl ChangelogQuarantined<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        tracing::error!(
+            partition = self.partition,
+            offset = self.offset,
+            key = %twinguard_schemas::dlq::clip(self.key, 128),
+            reason = %twinguard_schemas::dlq::bound_reason(self.reason),
+            "changelog record quarantined: its twin is not restored (the device starts over)"
+        );
+        m.changelog_quarantined.fetch_add(1, Relaxed);
     }
 }
 
@@ -413,7 +531,7 @@ impl InputGap {
             resumed_at = self.resumed_at,
             first_offset = self.first_offset,
             skipped,
-            "input records skipped: the partition resumed at its committed offset, but the broker's first record lies past it (retention, compaction or a broker fault: those events get no verdict; or, with transactional producers, commit markers and aborted records, which are not events)"
+            "input records skipped: the partition's next record lies past the offset expected (its committed offset after a restart or handover, or the previous record's successor mid-stream): retention, compaction or a broker fault, and those events get no verdict; or, with transactional producers, commit markers and aborted records, which are not events"
         );
         m.input_gap_records.fetch_add(skipped, Relaxed);
     }

@@ -193,7 +193,7 @@ impl Decoder {
                         b.append(cell);
                     }
                 }
-                Err((code, reason)) => rejects.push(Reject { index, code, reason }),
+                Err((code, reason)) => rejects.push(Reject { index, code, reason: crate::dlq::bound_reason(&reason).into_owned() }),
             }
         }
         let mut arrays: Vec<ArrayRef> = vec![
@@ -239,7 +239,7 @@ impl Decoder {
             if !ok {
                 return Err((
                     RejectCode::SchemaMismatch,
-                    format!("event claims schema {claim}, this pipeline reads `{}`", self.id),
+                    format!("event claims schema {}, this pipeline reads `{}`", crate::dlq::clip(&claim.to_string(), 64), self.id),
                 ));
             }
         }
@@ -306,7 +306,7 @@ impl Decoder {
                         if !x.is_finite() {
                             return Err((RejectCode::NonFinite, format!("field `{}` is not finite", f.name)));
                         }
-                        check_range(&f.name, x, f.min, f.max)?;
+                        check_range(f, x)?;
                         Cell::F(x)
                     }
                     (FieldKind::I64, Value::Number(num)) => {
@@ -316,8 +316,14 @@ impl Decoder {
                                 format!("field `{}` must be an integer, got {num}", f.name),
                             ));
                         };
-                        check_range(&f.name, x as f64, f.min, f.max)?;
+                        check_range(f, x as f64)?;
                         Cell::I(x)
+                    }
+                    (FieldKind::String, Value::String(s)) if s.len() > f.max_len() => {
+                        return Err((
+                            RejectCode::OutOfRange,
+                            format!("field `{}` is {} bytes, its max_len is {}", f.name, s.len(), f.max_len()),
+                        ))
                     }
                     (FieldKind::String, Value::String(s)) => Cell::S(s.to_string()),
                     (kind, other) => {
@@ -437,11 +443,21 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
     }
 }
 
-fn check_range(name: &str, x: f64, min: Option<f64>, max: Option<f64>) -> Result<(), (RejectCode, String)> {
-    let lo = min.unwrap_or(f64::NEG_INFINITY);
-    let hi = max.unwrap_or(f64::INFINITY);
+/// A value outside its field's bounds. The reason never quotes the value of a PHI
+/// field (a patient's vital sign): reasons travel with the device id into the DLQ,
+/// logs and metrics, so it says only on which side of the range the value fell.
+fn check_range(f: &crate::FieldDef, x: f64) -> Result<(), (RejectCode, String)> {
+    let lo = f.min.unwrap_or(f64::NEG_INFINITY);
+    let hi = f.max.unwrap_or(f64::INFINITY);
     if x < lo || x > hi {
-        return Err((RejectCode::OutOfRange, format!("field `{name}` = {x} is outside [{lo}, {hi}]")));
+        let name = &f.name;
+        let reason = if f.phi {
+            let side = if x < lo { "below" } else { "above" };
+            format!("field `{name}` (PHI, value withheld) is {side} its range [{lo}, {hi}]")
+        } else {
+            format!("field `{name}` = {x} is outside [{lo}, {hi}]")
+        };
+        return Err((RejectCode::OutOfRange, reason));
     }
     Ok(())
 }
@@ -451,7 +467,7 @@ pub fn parse_time(v: &Value) -> Result<i64, (RejectCode, String)> {
     match v {
         Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
             .map(|d| d.timestamp_millis())
-            .map_err(|e| (RejectCode::BadTimestamp, format!("event_time {s:?} is not RFC 3339: {e}"))),
+            .map_err(|e| (RejectCode::BadTimestamp, format!("event_time {:?} is not RFC 3339: {e}", crate::dlq::clip(s, 64)))),
         Value::Number(n) => n.as_i64().ok_or_else(|| {
             (RejectCode::BadTimestamp, format!("event_time {n} is not an integer of milliseconds"))
         }),

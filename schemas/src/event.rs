@@ -63,6 +63,12 @@ impl Transform {
     }
 }
 
+/// Default `max_len` of a string field (bytes).
+pub const DEFAULT_MAX_STRING_LEN: usize = 256;
+/// Largest `max_len` a schema may set (bytes): twins keep several such strings, and
+/// a twin must stay far below the broker's message size.
+pub const MAX_STRING_LEN_LIMIT: usize = 4096;
+
 /// One field of an event schema.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +83,10 @@ pub struct FieldDef {
     pub min: Option<f64>,
     /// Inclusive upper bound for numeric fields.
     pub max: Option<f64>,
+    /// Longest accepted value of a string field, in bytes (default
+    /// [`DEFAULT_MAX_STRING_LEN`]); a longer one is rejected as `out_of_range`. This
+    /// bounds what a twin can accumulate (bindings, peers, firmware, properties).
+    pub max_len: Option<usize>,
     #[serde(default)]
     pub transform: Transform,
     /// Column of the dataset CSV this field is read from by `twinguard replay`.
@@ -90,6 +100,13 @@ pub struct FieldDef {
     pub phi: bool,
     #[serde(default)]
     pub description: String,
+}
+
+impl FieldDef {
+    /// Longest accepted value of this (string) field, in bytes.
+    pub fn max_len(&self) -> usize {
+        self.max_len.unwrap_or(DEFAULT_MAX_STRING_LEN)
+    }
 }
 
 /// A versioned telemetry schema. Every event carries `device_id` and `event_time`
@@ -158,6 +175,14 @@ impl EventSchema {
                     return Err(invalid(format!("{at}: this role needs type `string`")))
                 }
                 _ => {}
+            }
+            if numeric && f.max_len.is_some() {
+                return Err(invalid(format!("{at}: `max_len` only applies to string fields")));
+            }
+            if let Some(n) = f.max_len {
+                if n == 0 || n > MAX_STRING_LEN_LIMIT {
+                    return Err(invalid(format!("{at}: `max_len` {n} must be in 1..={MAX_STRING_LEN_LIMIT}")));
+                }
             }
             if !numeric && (f.min.is_some() || f.max.is_some()) {
                 return Err(invalid(format!("{at}: `min`/`max` only apply to numeric fields")));

@@ -139,6 +139,20 @@ impl PipelineProc {
         }
     }
 
+    /// Wait for the process to exit on its own; its exit status.
+    pub fn wait_exit(&mut self, wait: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + wait;
+        let c = self.child.as_mut().expect("process running");
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            assert!(Instant::now() < deadline, "process did not exit; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
