@@ -334,21 +334,9 @@ impl ClientContext for RestoreContext {
 impl rdkafka::consumer::ConsumerContext for RestoreContext {}
 
 /// Read changelog partitions from the beginning to their current end, calling `f`
-/// for every record (key, value; `None` = tombstone). Returns records read per
-/// partition. Fails after `timeout` with the partitions still incomplete.
-pub fn read_changelog(
-    cfg: &Config,
-    partitions: &[i32],
-    timeout: Duration,
-    mut f: impl FnMut(i32, &str, Option<&[u8]>) -> Result<(), PipelineError>,
-) -> Result<BTreeMap<i32, u64>, PipelineError> {
-    read_partitions(cfg, &cfg.topics.changelog, partitions, |_| Offset::Beginning, timeout, |p, _, key, value| {
-        let key = key.map(String::from_utf8_lossy).unwrap_or_default();
-        f(p, &key, value)
-    })
-}
-
-/// [`read_changelog`], also passing each record's offset.
+/// for every record (partition, offset, key, value; `None` = tombstone). Returns
+/// records read per partition. Fails after `timeout` with the partitions still
+/// incomplete.
 pub fn read_changelog_at(
     cfg: &Config,
     partitions: &[i32],
