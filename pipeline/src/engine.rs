@@ -32,7 +32,7 @@ use twinguard_operators::respond::AckOutcome;
 use twinguard_operators::{ChangelogRecord, Detector, Gate, Responder, Responses};
 use twinguard_schemas::respond::{Ack, Alert, Feedback, RESPONSE_VERSION};
 use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
-use twinguard_schemas::dlq::{bound_reason, DeadLetter, Source, MAX_CONTROL_RECORD_BYTES};
+use twinguard_schemas::dlq::{bound_reason, parse_control, DeadLetter, Source};
 use twinguard_schemas::{Decoder, RawRecord};
 
 use opentelemetry::KeyValue;
@@ -578,17 +578,6 @@ pub fn restore_verdict(
         Err(e @ twinguard_operators::OperatorError::Undecodable { .. }) => Restore::Quarantine(e.to_string()),
         Err(e) => Restore::Fatal(e),
     }
-}
-
-/// Parse a control record (ack or feedback), refusing one larger than
-/// [`MAX_CONTROL_RECORD_BYTES`] unread. The error is bounded and never quotes more
-/// than a few bytes of the input.
-fn parse_control<T: serde::de::DeserializeOwned>(payload: Option<&[u8]>, what: &str) -> Result<T, String> {
-    let b = payload.ok_or_else(|| "empty record".to_string())?;
-    if b.len() > MAX_CONTROL_RECORD_BYTES {
-        return Err(format!("{what} record is {} bytes, limit is {MAX_CONTROL_RECORD_BYTES}: not parsed", b.len()));
-    }
-    serde_json::from_slice::<T>(b).map_err(|e| bound_reason(&format!("not {what}: {e}")).into_owned())
 }
 
 /// Consumer context: runs the rebalance protocol of the spine.

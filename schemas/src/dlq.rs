@@ -41,6 +41,17 @@ pub fn bound_reason(reason: &str) -> std::borrow::Cow<'_, str> {
     clip(reason, MAX_REASON_BYTES)
 }
 
+/// Parse a control record (ack or feedback), refusing one larger than
+/// [`MAX_CONTROL_RECORD_BYTES`] unread (the engine's ack and feedback path, and a fuzz target). The error is bounded and never quotes more
+/// than a few bytes of the input.
+pub fn parse_control<T: serde::de::DeserializeOwned>(payload: Option<&[u8]>, what: &str) -> Result<T, String> {
+    let b = payload.ok_or_else(|| "empty record".to_string())?;
+    if b.len() > MAX_CONTROL_RECORD_BYTES {
+        return Err(format!("{what} record is {} bytes, limit is {MAX_CONTROL_RECORD_BYTES}: not parsed", b.len()));
+    }
+    serde_json::from_slice::<T>(b).map_err(|e| bound_reason(&format!("not {what}: {e}")).into_owned())
+}
+
 /// Where the rejected record came from.
 #[derive(Debug, Clone, Copy)]
 pub struct Source<'a> {
