@@ -124,6 +124,8 @@ struct Shared {
     stop: Arc<AtomicBool>,
     /// Set on an unrecoverable error; stops everything without storing offsets.
     abort: AtomicBool,
+    /// The first fatal error was a lost assignment: the process may rejoin.
+    lost: AtomicBool,
     fatal: Mutex<Option<String>>,
     inflight: Mutex<HashMap<i32, usize>>,
     inflight_cv: Condvar,
@@ -618,7 +620,11 @@ impl ConsumerContext for SourceContext {
             // no late changelog or audit record of this zombie lands after the new
             // owner's (a twin moving backwards, a forked audit chain). Offsets stay
             // where delivery put them; the new owner replays from there.
-            s.fail(format!("assignment of partitions {parts:?} lost (evicted from the group: max.poll.interval.ms exceeded or session timed out); stopping so that only the new owner writes their state"));
+            let msg = format!("assignment of partitions {parts:?} lost (evicted from the group: max.poll.interval.ms exceeded or session timed out); stopping so that only the new owner writes their state");
+            if s.fatal.lock().expect("fatal lock").is_none() {
+                s.lost.store(true, Ordering::SeqCst);
+            }
+            s.fail(msg);
             let purge = rdkafka::producer::PurgeConfig::default().queue();
             rdkafka::producer::Producer::purge(&s.producer, purge);
             rdkafka::producer::Producer::purge(&s.command_producer, purge);
@@ -728,7 +734,7 @@ fn resume_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, p
 }
 
 /// What a run ended with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RunReport {
     pub twins: usize,
     pub twin_mem_bytes: usize,
@@ -741,6 +747,28 @@ pub struct RunReport {
 /// stored past the failure; a restart replays from the last committed position).
 pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result<RunReport, PipelineError> {
     run_with(cfg, metrics, stop, None)
+}
+
+/// [`run_with`], rejoining the group as a new member each time this member's
+/// assignment is lost (it was evicted while it or the broker was paused) instead of
+/// exiting, as a Kafka Streams thread does: the lost run stopped writing first
+/// (fail-stop, queues purged), the new one restores from the changelog and resumes
+/// from the committed offsets. Any other error ends the run.
+pub fn run_rejoining(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view: Option<Arc<SqlView>>) -> Result<RunReport, PipelineError> {
+    loop {
+        match run_with(cfg, metrics.clone(), stop.clone(), view.clone()) {
+            Err(PipelineError::AssignmentLost(why)) if !stop.load(Ordering::Relaxed) => {
+                metrics.rejoins.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(reason = %why, rejoins = metrics.rejoins.load(Ordering::Relaxed), "assignment lost: rejoining the group as a new member");
+                // Healthy again (the old run wrote nothing after the loss); ready once
+                // the new assignment is restored.
+                metrics.failed.lock().expect("failed lock").take();
+                metrics.ready.store(0, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// [`run`], also feeding `view` (the SQL tables) with this instance's twins and outputs.
@@ -756,6 +784,9 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
     }
     *metrics.model_version.lock().expect("info lock") = detector.model_version().map(str::to_string);
     *metrics.schema_id.lock().expect("info lock") = schema.id();
+    if !kafka::wait_for_brokers(cfg, &stop, || metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed))? {
+        return Ok(RunReport::default());
+    }
     let partitions = kafka::ensure_topics(cfg)?;
     tracing::info!(input = %cfg.topics.input, partitions, schema = %schema.id(), model = detector.model_version().unwrap_or("none (twin behaviour only)"), "starting pipeline");
     let producer = kafka::create_producer(cfg)?;
@@ -777,6 +808,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
         metrics: metrics.clone(),
         stop: stop.clone(),
         abort: AtomicBool::new(false),
+        lost: AtomicBool::new(false),
         fatal: Mutex::new(None),
         inflight: Mutex::new(HashMap::new()),
         inflight_cv: Condvar::new(),
@@ -873,6 +905,9 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
     };
     drop(consumer);
     if let Some(msg) = shared.fatal.lock().expect("fatal lock").clone() {
+        if shared.lost.load(Ordering::SeqCst) {
+            return Err(PipelineError::AssignmentLost(msg));
+        }
         return Err(PipelineError::Fatal(msg));
     }
     Ok(report)

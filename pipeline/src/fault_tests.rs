@@ -84,3 +84,47 @@ fn refused_outputs_stop_the_pipeline_without_committing_and_a_restart_delivers_a
     handle.join().unwrap().unwrap();
     assert!(committed(&cfg, 2).iter().all(|o| matches!(o, Offset::Offset(_))), "offsets committed after a clean stop");
 }
+
+/// Started while its broker is down, the pipeline waits (and stays alive: its
+/// heartbeat runs) instead of exiting, starts once the broker answers, and a stop
+/// ends the wait.
+#[test]
+fn an_unreachable_broker_is_waited_for_not_an_exit() {
+    let mock = MockCluster::new(1).unwrap();
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = mock.bootstrap_servers();
+    mock.broker_down(1).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let beats = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let waiter = {
+        let (cfg, stop, beats) = (cfg.clone(), stop.clone(), beats.clone());
+        std::thread::spawn(move || kafka::wait_for_brokers(&cfg, &stop, || {
+            beats.fetch_add(1, Ordering::Relaxed);
+        }))
+    };
+    // Several failed tries (5 s metadata timeout each, then the back-off) go by
+    // without an exit while the heartbeat keeps running.
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        assert!(!waiter.is_finished(), "wait_for_brokers returned while the broker was down: {:?}", waiter.join());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(beats.load(Ordering::Relaxed) >= 2, "no heartbeat while waiting");
+    mock.broker_up(1).unwrap();
+    let until = Instant::now() + Duration::from_secs(120);
+    while !waiter.is_finished() {
+        assert!(Instant::now() < until, "still waiting 120 s after the broker came up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(waiter.join().unwrap().unwrap(), "the wait ended without the broker");
+
+    // Down again: a stop ends the wait with `false`.
+    mock.broker_down(1).unwrap();
+    let waiter = {
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        std::thread::spawn(move || kafka::wait_for_brokers(&cfg, &stop, || {}))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    assert!(!waiter.join().unwrap().unwrap(), "a stop during the wait must return false");
+}

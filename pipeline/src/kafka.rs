@@ -221,6 +221,44 @@ fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, PipelineError> {
     Ok(rt.block_on(f))
 }
 
+/// Wait until the brokers answer a metadata request, as a Kafka Streams application
+/// does at start: each failed try is logged (a WARN naming `kafka.brokers`) and
+/// retried with a back-off of 1 s doubling to 30 s. `alive` runs at least once a
+/// second (the caller's liveness heartbeat). Returns false if `stop` was set first.
+pub fn wait_for_brokers(cfg: &Config, stop: &AtomicBool, mut alive: impl FnMut()) -> Result<bool, PipelineError> {
+    let c: BaseConsumer = base_client(cfg).create().map_err(|e| PipelineError::kafka("metadata client", e))?;
+    let started = Instant::now();
+    let mut backoff = Duration::from_secs(1);
+    for attempt in 1u64.. {
+        alive();
+        match c.fetch_metadata(None, Duration::from_secs(5)) {
+            Ok(_) => {
+                if attempt > 1 {
+                    tracing::info!(brokers = %cfg.kafka.brokers, waited_secs = started.elapsed().as_secs(), "Kafka brokers reachable; starting");
+                }
+                return Ok(true);
+            }
+            Err(e) => tracing::warn!(
+                brokers = %cfg.kafka.brokers,
+                attempt,
+                retry_in_secs = backoff.as_secs(),
+                error = %e,
+                "Kafka brokers unreachable (key `kafka.brokers`); waiting for them, /readyz stays 503"
+            ),
+        }
+        let until = Instant::now() + backoff;
+        while Instant::now() < until {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            alive();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+    unreachable!("the attempt counter does not end")
+}
+
 /// Partition count of a topic, or None when it does not exist.
 pub fn partition_count(cfg: &Config, topic: &str) -> Result<Option<usize>, PipelineError> {
     let c: BaseConsumer = base_client(cfg).create().map_err(|e| PipelineError::kafka("metadata client", e))?;

@@ -41,6 +41,11 @@ pub enum PipelineError {
     Operator(#[from] twinguard_operators::OperatorError),
     #[error("pipeline stopped on a fatal error (no offsets were stored past it): {0}")]
     Fatal(String),
+    /// This member was evicted from its group (a paused process or broker, a session
+    /// timeout): it stopped writing, as on a fatal error, and may rejoin as a new
+    /// member (the process does, see `twinguard run`).
+    #[error("pipeline stopped, its partitions lost (no offsets were stored past its outputs): {0}")]
+    AssignmentLost(String),
 }
 
 impl PipelineError {

@@ -584,7 +584,7 @@ fn run_until_signal(cfg: Config, mode: Mode, sql_listen: Option<String>) -> Resu
             let (stop, metrics, cfg) = (stop.clone(), metrics.clone(), cfg.clone());
             tokio::task::spawn_blocking(move || -> Result<Option<twinguard::RunReport>, twinguard::PipelineError> {
                 match mode {
-                    Mode::Pipeline => twinguard::engine::run_with(&cfg, metrics, stop, view).map(Some),
+                    Mode::Pipeline => twinguard::engine::run_rejoining(&cfg, metrics, stop, view).map(Some),
                     Mode::Global => {
                         let view = view.expect("the query-only process serves SQL");
                         twinguard::global::run(&cfg, metrics, view, stop).map(|()| None)

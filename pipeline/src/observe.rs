@@ -9,8 +9,9 @@
 //! Spans (`batch`, `decode`, `detect`, `respond`) reach the OTLP endpoint through
 //! tracing-opentelemetry.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::metrics::{Counter, Histogram, Meter};
@@ -230,7 +231,8 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         .with_description("Input offsets never delivered: between a resumed partition's committed offset and the first record fetched there (retention, compaction, a broker fault; transaction markers and aborted records with transactional producers)")
         .with_callback(move |o| o.observe(mx.input_gap_records.load(Relaxed), &[]))
         .build();
-    let counters: [(&'static str, &'static str, fn(&Metrics) -> u64); 9] = [
+    let counters: [(&'static str, &'static str, fn(&Metrics) -> u64); 10] = [
+        ("twinguard.rejoins", "Times this process rejoined its consumer group after its assignment was lost (evicted: a paused process or broker, a session timeout)", |m| m.rejoins.load(Relaxed)),
         ("twinguard.audit.unchained", "Audit records not written because their chain had no head (logged as errors)", |m| m.audit_unchained.load(Relaxed)),
         ("twinguard.control.gap.records", "Acks-topic offsets never delivered (a record arrived past the offset expected next)", |m| m.control_gap_records.load(Relaxed)),
         ("twinguard.offsets.rewound", "Times records arrived below the offset expected next on their partition (offset reset or seek)", |m| m.offsets_rewound.load(Relaxed)),
@@ -299,7 +301,9 @@ pub struct HttpLimits {
     pub header_read_timeout: Duration,
     /// A connection is closed after this, whatever it does (idle keep-alive included).
     pub connection_timeout: Duration,
-    /// Connections served at once; more are closed on accept.
+    /// Connections served at once. At the limit, a new connection closes the
+    /// oldest open one (a slow or idle client, since a probe's request takes
+    /// milliseconds), so slow clients cannot starve `/healthz`.
     pub max_connections: usize,
 }
 
@@ -321,7 +325,10 @@ pub async fn serve_http_with(listen: &str, registry: prometheus::Registry, metri
     let addr = listener.local_addr().map_err(|e| PipelineError::Io(e.to_string()))?;
     tracing::info!(%addr, max_connections = limits.max_connections, "serving /metrics, /healthz and /readyz");
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    // Open connections by age (ids ascend): at the limit the oldest is told to close.
+    let open: Arc<Mutex<BTreeMap<u64, Arc<tokio::sync::Notify>>>> = Arc::default();
     tokio::spawn(async move {
+        let mut next_id = 0u64;
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
@@ -332,13 +339,31 @@ pub async fn serve_http_with(listen: &str, registry: prometheus::Registry, metri
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                // Closed at once: a flood costs an accept, not a task or a descriptor.
-                tracing::debug!(%peer, "HTTP endpoint: connection limit reached; closed");
-                drop(stream);
-                continue;
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    // At the limit: close the oldest connection and take its slot. A
+                    // slowloris or idle client is always older than a probe's
+                    // millisecond request, so it goes first; a flood costs accepts.
+                    let oldest = open.lock().expect("http conns lock").pop_first();
+                    if let Some((_, close)) = oldest {
+                        close.notify_one();
+                    }
+                    match tokio::time::timeout(Duration::from_secs(1), slots.clone().acquire_owned()).await {
+                        Ok(Ok(p)) => p,
+                        _ => {
+                            tracing::debug!(%peer, "HTTP endpoint: connection limit reached; closed");
+                            drop(stream);
+                            continue;
+                        }
+                    }
+                }
             };
-            let (registry, metrics) = (registry.clone(), metrics.clone());
+            let id = next_id;
+            next_id += 1;
+            let close = Arc::new(tokio::sync::Notify::new());
+            open.lock().expect("http conns lock").insert(id, close.clone());
+            let (registry, metrics, open) = (registry.clone(), metrics.clone(), open.clone());
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (code, ctype, body) = respond_http(req.method(), req.uri().path(), &registry, &metrics);
@@ -354,9 +379,15 @@ pub async fn serve_http_with(listen: &str, registry: prometheus::Registry, metri
                     .header_read_timeout(limits.header_read_timeout)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
                 // Dropping the connection future closes the socket.
-                if tokio::time::timeout(limits.connection_timeout, conn).await.is_err() {
-                    tracing::debug!(%peer, "HTTP connection closed: connection timeout");
+                tokio::select! {
+                    r = tokio::time::timeout(limits.connection_timeout, conn) => {
+                        if r.is_err() {
+                            tracing::debug!(%peer, "HTTP connection closed: connection timeout");
+                        }
+                    }
+                    _ = close.notified() => tracing::debug!(%peer, "HTTP connection closed: the oldest, at the connection limit"),
                 }
+                open.lock().expect("http conns lock").remove(&id);
                 drop(permit);
             });
         }
@@ -407,11 +438,12 @@ mod tests {
     }
 
     /// The HTTP endpoint bounds its clients: a slowloris connection (one header byte
-    /// a second) is closed at the header-read timeout, and with more idle
-    /// connections open than it serves at once, the endpoint still answers
-    /// (the idle ones are closed by the same timeout, freeing their slots).
+    /// a second) is closed at the header-read timeout, and with more slow
+    /// connections open than it serves at once, the endpoint still answers a probe
+    /// at once (the oldest connection is closed to make room), well before any
+    /// timeout would free a slot.
     #[test]
-    fn http_endpoint_closes_slowloris_and_answers_past_idle_connections() {
+    fn http_endpoint_closes_slowloris_and_answers_past_slow_connections() {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let limits = HttpLimits { header_read_timeout: Duration::from_secs(2), connection_timeout: Duration::from_secs(30), max_connections: 8 };
         let addr = rt.block_on(serve_http_with("127.0.0.1:0", prometheus::Registry::new(), Arc::new(Metrics::default()), limits)).unwrap();
@@ -441,21 +473,31 @@ mod tests {
         };
         assert!(closed, "the slowloris connection is still open after {sent} bytes");
 
-        // More idle connections than slots: the endpoint answers again once the
-        // header-read timeout has closed them.
-        let idle: Vec<TcpStream> = (0..limits.max_connections * 2).map(|_| TcpStream::connect(addr).unwrap()).collect();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while get(addr, "/healthz") != Some(200) {
-            assert!(Instant::now() < deadline, "the endpoint never answered past {} idle connections", idle.len());
-            std::thread::sleep(Duration::from_millis(100));
+        // More idle connections than slots, on an endpoint whose header timeout is
+        // far away: each new connection past the limit closes the oldest, so the
+        // endpoint answers at once and never holds more than its limit.
+        let patient = HttpLimits { header_read_timeout: Duration::from_secs(300), connection_timeout: Duration::from_secs(300), max_connections: 8 };
+        let addr = rt.block_on(serve_http_with("127.0.0.1:0", prometheus::Registry::new(), Arc::new(Metrics::default()), patient)).unwrap();
+        let mut idle: Vec<TcpStream> = Vec::new();
+        for _ in 0..patient.max_connections * 3 {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            idle.push(s);
+            std::thread::sleep(Duration::from_millis(20));
         }
-        // Each idle connection was closed by the server (at accept, past the limit,
-        // or by a timeout), never left open.
-        for mut s in idle {
-            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            let mut buf = [0u8; 64];
-            let r = s.read(&mut buf);
-            assert!(!matches!(&r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)), "an idle connection stayed open: {r:?}");
-        }
+        assert_eq!(get(addr, "/healthz"), Some(200), "a probe past {} slow connections", idle.len());
+        // The oldest were closed by the server; at most `max_connections` stay open.
+        std::thread::sleep(Duration::from_millis(500));
+        let still_open = idle
+            .iter_mut()
+            .filter(|s| {
+                let s: &TcpStream = s;
+                s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                let mut buf = [0u8; 64];
+                matches!((&mut &*s).read(&mut buf), Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+            })
+            .count();
+        assert!(still_open <= patient.max_connections, "{still_open} slow connections still open, limit {}", patient.max_connections);
+        assert!(still_open > 0, "the newest slow connections should still be served");
     }
 }

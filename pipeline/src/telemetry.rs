@@ -61,6 +61,8 @@ pub struct Metrics {
     pub acks_applied: AtomicU64,
     /// Acks or feedback records sent to the DLQ.
     pub control_rejected: AtomicU64,
+    /// Times this process rejoined its group after losing its assignment.
+    pub rejoins: AtomicU64,
     /// Audit records not written because their chain had no head (see [`AuditUnchained`]).
     pub audit_unchained: AtomicU64,
     pub feedback_in: AtomicU64,
