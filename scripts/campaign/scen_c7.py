@@ -120,7 +120,7 @@ def c7b():
             f.exits.append((z.name, "fail-stop after losing its assignment (expected)", z.rc))
         stopped = not alive and z.rc == 1 and any("lost" in l for l in after)
         row(sc, "zombie: SIGSTOP one instance 15 s (> session.timeout.ms 6000), then SIGCONT",
-            "the others take over; the zombie fail-stops (exit 1 naming the lost assignment) or is fenced (the checks below catch a write after the loss)",
+            "the others take over; the zombie stops writing and rejoins as a new member (log names the lost assignment) or fail-stops (exit 1 naming it); the checks below catch a write after the loss",
             f"others reassigned: {others_assigned}; zombie {'exited rc=%s' % z.rc if not alive else 'still running'}, saw revoke/lost: {z_lost}",
             stopped or (alive and z_lost), "" if stopped or (alive and z_lost) else "the zombie kept running without noticing the lost assignment")
         sim.wait(900)
