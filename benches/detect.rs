@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use twinguard::train::{self, DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
+use twinguard_train::{self as train, DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
 use twinguard_models::ensemble::Scratch;
 use twinguard_operators::features::FeatureQuery;
 use twinguard_operators::{TwinConfig, TwinOperator};

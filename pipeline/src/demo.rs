@@ -41,7 +41,7 @@ pub struct DemoOptions {
 /// Train a small ensemble on labelled simulator traffic (seed `seed`); returns the
 /// model directory.
 pub fn train_demo_model(opts: &DemoOptions, seed: u64) -> Result<std::path::PathBuf, PipelineError> {
-    use crate::train::{self, DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
+    use twinguard_train::{self as train, DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
     use twinguard_models::{forest::ForestParams, lstm::LstmParams, svm::SvmParams};
     let schema = twinguard_schemas::EventSchema::builtin(crate::config::DEFAULT_SCHEMA)?;
     // The deployment variant: flow, vitals, twin behaviour AND identity drift (a

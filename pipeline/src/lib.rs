@@ -11,16 +11,13 @@ pub mod engine;
 pub mod global;
 pub mod kafka;
 pub mod observe;
-pub mod plots;
 pub mod produce;
-pub mod replay;
 pub mod serve;
 pub mod sim;
 pub mod sqlserver;
 pub mod sqlview;
 pub mod telemetry;
 pub mod testkit;
-pub mod train;
 
 pub use config::Config;
 pub use engine::{run, RunReport};
@@ -39,6 +36,8 @@ pub enum PipelineError {
     Schema(#[from] twinguard_schemas::SchemaError),
     #[error(transparent)]
     Operator(#[from] twinguard_operators::OperatorError),
+    #[error(transparent)]
+    Train(#[from] twinguard_train::TrainError),
     #[error("pipeline stopped on a fatal error (no offsets were stored past it): {0}")]
     Fatal(String),
     /// This member was evicted from its group (a paused process or broker, a session

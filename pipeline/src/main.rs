@@ -10,10 +10,10 @@ use clap::{Parser, Subcommand};
 use twinguard::serve::Mode;
 use twinguard::config::Config;
 use twinguard::demo::{self, DemoOptions};
-use twinguard::replay::{self, ReplayOptions};
 use twinguard::sim::{SimConfig, Simulator};
 use twinguard::{produce, Metrics};
 use twinguard_schemas::EventSchema;
+use twinguard_train::{self as train, ReplayOptions};
 
 /// twinguard: a Kafka-native security pipeline for connected medical devices.
 ///
@@ -223,7 +223,7 @@ struct TrainArgs {
     /// Split: temporal (stream order; for captures like WUSTL) or stratified
     /// (per class, seeded; rows are also replayed in a seeded random order).
     #[arg(long, value_enum, default_value = "temporal")]
-    split: twinguard::train::SplitKind,
+    split: twinguard_train::SplitKind,
     /// Share of rows for training, then for validation (stacking and threshold); the rest is the test set.
     #[arg(long, default_value_t = 0.6)]
     train_frac: f64,
@@ -274,8 +274,8 @@ struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn job(self) -> Result<twinguard::train::TrainJob> {
-        use twinguard::train::{DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
+    fn job(self) -> Result<twinguard_train::TrainJob> {
+        use twinguard_train::{DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
         let schema = EventSchema::builtin(&self.schema)?;
         let feature_sql = match (&self.features, &self.variant) {
             (Some(p), _) => std::fs::read_to_string(p).with_context(|| format!("reading feature SQL {}", p.display()))?,
@@ -459,7 +459,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let topic = topic.unwrap_or_else(|| cfg.topics.input.clone());
             let start_ms = chrono::Utc::now().timestamp_millis() - limit.unwrap_or(200_000) as i64 * interval_ms - 60_000;
             let opts = ReplayOptions { file: file.clone(), device_column, devices, start_ms, interval_ms, limit, shuffle_seed };
-            let (recs, stats) = replay::load(&schema, &opts).with_context(|| format!("reading {}", file.display()))?;
+            let (recs, stats) = train::load(&schema, &opts).with_context(|| format!("reading {}", file.display()))?;
             let total = recs.len();
             produce::produce_all(&cfg, &topic, recs, rate, |sent, acked| eprint!("\r  sent {sent}/{total}, acknowledged {acked}   "))?;
             eprintln!(
@@ -474,18 +474,18 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Train(args) => {
             init_logs("warn");
             let job = args.job()?;
-            let (artifact, report) = twinguard::train::run_train(&job, &mut |m| eprintln!("{m}"))?;
-            println!("{}", twinguard::train::render(&report));
+            let (artifact, report) = twinguard_train::run_train(&job, &mut |m| eprintln!("{m}"))?;
+            println!("{}", twinguard_train::render(&report));
             println!("model {} in {}", artifact.version, job.out.display());
             Ok(())
         }
         Command::Eval { model, dataset, out } => {
             init_logs("warn");
             let artifact = twinguard_models::Artifact::load(&model)?;
-            let twin = twinguard::train::twin_config_of(&artifact)?;
+            let twin = twinguard_train::twin_config_of(&artifact)?;
             let out = out.unwrap_or_else(|| if model.is_dir() { model.clone() } else { model.parent().map(PathBuf::from).unwrap_or_default() });
-            let report = twinguard::train::run_eval(artifact, dataset, &twin, &out)?;
-            println!("{}", twinguard::train::render(&report));
+            let report = twinguard_train::run_eval(artifact, dataset, &twin, &out)?;
+            println!("{}", twinguard_train::render(&report));
             println!("report.json, roc.png, pr.png, confusion.png written to {}", out.display());
             Ok(())
         }

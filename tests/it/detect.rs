@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use twinguard::train::{self, Recipe};
+use twinguard_train::{self as train, Recipe};
 use twinguard_models::{metrics, Artifact};
 use twinguard_schemas::verdict::Verdict;
 use twinguard_schemas::EventSchema;

@@ -1,15 +1,17 @@
-//! Replay a dataset CSV (plain or gzip) as events of a schema: each schema field with
+//! Dataset files: replay a dataset CSV (plain or gzip) as events of a schema: each schema field with
 //! a `source_column` is read from that column. Event times are synthesised
-//! (`start + row × interval`): the public datasets carry none.
+//! (`start + row × interval`): the public datasets carry none. Also the offline
+//! dataset recipe ([`DatasetSpec`]) and the file digest the model card records.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use twinguard_schemas::decode::event_object;
 use twinguard_schemas::{EventSchema, FieldKind};
 
-use crate::PipelineError;
+use crate::TrainError;
 
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
@@ -35,18 +37,18 @@ pub struct ReplayStats {
     pub values_absent: usize,
 }
 
-fn open(path: &Path) -> Result<Box<dyn Read>, PipelineError> {
-    let f = std::fs::File::open(path).map_err(|e| PipelineError::Io(format!("cannot open dataset {}: {e}", path.display())))?;
+fn open(path: &Path) -> Result<Box<dyn Read>, TrainError> {
+    let f = std::fs::File::open(path).map_err(|e| TrainError::Io(format!("cannot open dataset {}: {e}", path.display())))?;
     Ok(if path.extension().is_some_and(|e| e == "gz") { Box::new(flate2::read::GzDecoder::new(f)) } else { Box::new(f) })
 }
 
 /// Read the dataset into `(key, JSON event)` records.
-pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, Vec<u8>)>, ReplayStats), PipelineError> {
+pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, Vec<u8>)>, ReplayStats), TrainError> {
     let origin = opts.file.display().to_string();
     let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(open(&opts.file)?);
     let headers: Vec<String> = rdr
         .headers()
-        .map_err(|e| PipelineError::Io(format!("{origin}: cannot read the CSV header: {e}")))?
+        .map_err(|e| TrainError::Io(format!("{origin}: cannot read the CSV header: {e}")))?
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
@@ -57,7 +59,7 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
         match col(src) {
             Some(i) => mapping.push((i, f)),
             None if f.required => {
-                return Err(PipelineError::Io(format!(
+                return Err(TrainError::Io(format!(
                     "{origin}: column `{src}` (schema field `{}`, required by `{}`) is missing",
                     f.name,
                     schema.id()
@@ -67,10 +69,10 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
         }
     }
     if mapping.is_empty() {
-        return Err(PipelineError::Io(format!("{origin}: no column matches a `source_column` of schema `{}`", schema.id())));
+        return Err(TrainError::Io(format!("{origin}: no column matches a `source_column` of schema `{}`", schema.id())));
     }
     let dev_col = match &opts.device_column {
-        Some(c) => Some(col(c).ok_or_else(|| PipelineError::Io(format!("{origin}: device column `{c}` not found")))?),
+        Some(c) => Some(col(c).ok_or_else(|| TrainError::Io(format!("{origin}: device column `{c}` not found")))?),
         None => None,
     };
     let prefix = schema.dataset.clone().unwrap_or_else(|| schema.name.clone());
@@ -79,7 +81,7 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
         if opts.shuffle_seed.is_none() && opts.limit.is_some_and(|l| i >= l) {
             break;
         }
-        rows.push(rec.map_err(|e| PipelineError::Io(format!("{origin}: row {}: {e}", i + 2)))?);
+        rows.push(rec.map_err(|e| TrainError::Io(format!("{origin}: row {}: {e}", i + 2)))?);
     }
     if let Some(seed) = opts.shuffle_seed {
         use rand::seq::SliceRandom;
@@ -120,6 +122,46 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
         stats.rows += 1;
     }
     Ok((out, stats))
+}
+
+
+/// Where the events come from and how they are replayed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatasetSpec {
+    pub file: PathBuf,
+    pub schema: String,
+    /// Devices the rows are spread over (round-robin).
+    pub devices: usize,
+    pub interval_ms: i64,
+    pub limit: Option<usize>,
+    /// Set for stratified splits: rows are replayed in this seeded random order.
+    pub shuffle_seed: Option<u64>,
+}
+
+/// Fixed start of offline event time (features depend on gaps, never on the epoch).
+pub const OFFLINE_START_MS: i64 = 1_700_000_000_000;
+
+impl DatasetSpec {
+    /// The dataset's events, in replay order, as `(key, JSON)` records.
+    pub fn load(&self, schema: &EventSchema) -> Result<Vec<(String, Vec<u8>)>, TrainError> {
+        let opts = ReplayOptions {
+            file: self.file.clone(),
+            device_column: None,
+            devices: self.devices,
+            start_ms: OFFLINE_START_MS,
+            interval_ms: self.interval_ms,
+            limit: self.limit,
+            shuffle_seed: self.shuffle_seed,
+        };
+        Ok(load(schema, &opts)?.0)
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &std::path::Path) -> Result<String, TrainError> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(|e| TrainError::Io(format!("cannot read {}: {e}", path.display())))?;
+    Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
 }
 
 #[cfg(test)]

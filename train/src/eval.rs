@@ -1,0 +1,76 @@
+//! Held-out figures from the detector's scores.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use twinguard_models::ensemble::MEMBERS;
+use twinguard_models::{labels, metrics, Artifact};
+
+use crate::features::Scores;
+use crate::report::{ModelReport, Report};
+use crate::split::Split;
+
+/// Figures on the test rows; single members get thresholds calibrated on the
+/// validation rows for the same target FPR as the ensemble.
+pub fn evaluate(artifact: &Artifact, scores: &Scores, split: &Split, dataset: &str) -> Report {
+    let target = artifact.card.target_fpr;
+    let is_attack = |i: usize| scores.truth[i] != labels::NORMAL;
+    let vy: Vec<bool> = split.validation.iter().map(|&i| is_attack(i)).collect();
+    let ty: Vec<bool> = split.test.iter().map(|&i| is_attack(i)).collect();
+    let mut models = BTreeMap::new();
+    let member_names: Vec<&str> = std::iter::once("ensemble").chain(MEMBERS).collect();
+    for name in member_names {
+        let get = |i: usize| if name == "ensemble" { scores.ensemble[i] } else { scores.members[i].get(name) };
+        let thr = if name == "ensemble" {
+            artifact.ensemble.threshold
+        } else {
+            let normal: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| !y).map(|(&i, _)| get(i)).collect();
+            let attack: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| y).map(|(&i, _)| get(i)).collect();
+            metrics::calibrate_threshold(&normal, &attack, target)
+        };
+        let ts: Vec<f64> = split.test.iter().map(|&i| get(i)).collect();
+        let b = metrics::binary(&ts, &ty, thr);
+        let mut by: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (k, &i) in split.test.iter().enumerate() {
+            if ty[k] {
+                let e = by.entry(scores.truth[i].clone()).or_default();
+                e.1 += 1;
+                e.0 += u64::from(ts[k] >= thr);
+            }
+        }
+        let recall_by_class = by.into_iter().map(|(c, (hit, n))| (c, hit as f64 / n.max(1) as f64)).collect();
+        models.insert(name.to_string(), ModelReport { at_threshold: b, recall_by_class, scores: ts });
+    }
+    let classes = &artifact.ensemble.classes;
+    let cidx: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+    let truth_c: Vec<usize> = split.test.iter().map(|&i| cidx.get(scores.truth[i].as_str()).copied().unwrap_or(0)).collect();
+    let pred_c: Vec<usize> = split
+        .test
+        .iter()
+        .map(|&i| scores.class[i].as_deref().and_then(|c| cidx.get(c).copied()).filter(|_| scores.attack[i]).unwrap_or(0))
+        .collect();
+    let fams: Vec<String> = classes.iter().map(|c| labels::family(c)).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut fams_sorted = vec![labels::NORMAL.to_string()];
+    fams_sorted.extend(fams.into_iter().filter(|f| f != labels::NORMAL));
+    let fidx: HashMap<&str, usize> = fams_sorted.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+    let fam_of = |c: usize| fidx[labels::family(&classes[c]).as_str()];
+    let mut rows = BTreeMap::new();
+    rows.insert("train".to_string(), split.train.len());
+    rows.insert("validation".to_string(), split.validation.len());
+    rows.insert("test".to_string(), split.test.len());
+    Report {
+        model_version: artifact.version.clone(),
+        dataset: dataset.to_string(),
+        split: artifact.card.split.clone(),
+        target_fpr: target,
+        rows,
+        rejected_records: scores.rejected,
+        models,
+        classes: metrics::multiclass(&truth_c, &pred_c, classes),
+        families: metrics::multiclass(
+            &truth_c.iter().map(|&c| fam_of(c)).collect::<Vec<_>>(),
+            &pred_c.iter().map(|&c| fam_of(c)).collect::<Vec<_>>(),
+            &fams_sorted,
+        ),
+        test_truth: ty,
+    }
+}

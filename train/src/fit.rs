@@ -1,0 +1,217 @@
+//! Fitting the ensemble: the label screen, the members, stacking and the
+//! decision threshold.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use twinguard_models::ensemble::{MemberScores, Stacker, Standardizer, MEMBERS};
+use twinguard_models::forest::{Forest, ForestParams};
+use twinguard_models::lstm::{LstmModel, LstmParams};
+use twinguard_models::metrics;
+use twinguard_models::svm::{Svm, SvmParams};
+use twinguard_models::{labels, Ensemble, Matrix};
+
+use crate::features::Prepared;
+use crate::split::Split;
+use crate::TrainError;
+
+/// Training settings (all recorded in the model card).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainOptions {
+    pub target_fpr: f64,
+    pub seed: u64,
+    pub forest: ForestParams,
+    pub svm: SvmParams,
+    pub lstm: LstmParams,
+    /// Experiment: flip this fraction of the training labels (simulated poisoning).
+    pub flip_labels: f64,
+    /// Screen the training labels for poisoning (out-of-fold disagreement) and relabel.
+    pub screen: bool,
+    /// A training row is suspect when the out-of-fold probability of its given
+    /// (binary) label is below this.
+    pub screen_threshold: f64,
+}
+
+/// What the label screen found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScreenReport {
+    pub flipped: usize,
+    pub flagged: usize,
+    /// Flagged rows that had been flipped.
+    pub flagged_and_flipped: usize,
+    pub precision: f64,
+    pub recall: f64,
+}
+
+/// Per-row member scores over the whole dataset in stream order.
+fn member_scores(e: &Ensemble, prep: &Prepared, x: &Matrix, seqs: &[Vec<usize>]) -> Vec<MemberScores> {
+    let n = prep.rows();
+    let lstm = e.lstm.score_sequences(x, seqs);
+    let mut proba = vec![0.0f32; e.forest.n_classes()];
+    (0..n)
+        .map(|i| {
+            e.forest.predict_proba_row(x.row(i), &mut proba);
+            MemberScores {
+                rf: f64::from(1.0 - proba[0]),
+                svm: f64::from(e.svm.decision_row(x.row(i))),
+                lstm: f64::from(lstm[i]),
+                twin: e.twin_score(prep.row(i)),
+            }
+        })
+        .collect()
+}
+
+/// Each device's rows in stream order, restricted to `keep` when given.
+fn sequences(devices: &[String], keep: Option<&[usize]>) -> Vec<Vec<usize>> {
+    let mut by: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    let idx: Box<dyn Iterator<Item = usize>> = match keep {
+        Some(k) => Box::new(k.iter().copied()),
+        None => Box::new(0..devices.len()),
+    };
+    for i in idx {
+        by.entry(devices[i].as_str()).or_default().push(i);
+    }
+    by.into_values().collect()
+}
+
+/// Train the ensemble. Returns it with the screen report (if screening ran).
+pub fn fit(
+    prep: &Prepared,
+    split: &Split,
+    twin_threshold: f64,
+    opts: &TrainOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<(Ensemble, Option<ScreenReport>), TrainError> {
+    let merr = |e: twinguard_models::ModelError| TrainError::Io(e.to_string());
+    // Classes: normal first, then the others sorted.
+    let set: BTreeSet<&str> = prep.classes.iter().map(String::as_str).filter(|c| *c != labels::NORMAL).collect();
+    let classes: Vec<String> = std::iter::once(labels::NORMAL.to_string()).chain(set.iter().map(|s| s.to_string())).collect();
+    let cidx: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+    let mut y_class: Vec<usize> = prep.classes.iter().map(|c| cidx[c.as_str()]).collect();
+
+    // Simulated poisoning of the training labels (experiment only).
+    let mut flipped: BTreeSet<usize> = BTreeSet::new();
+    if opts.flip_labels > 0.0 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed ^ 0xF11F);
+        let k = (split.train.len() as f64 * opts.flip_labels).round() as usize;
+        let mut pick = split.train.clone();
+        pick.shuffle(&mut rng);
+        for &i in &pick[..k.min(pick.len())] {
+            y_class[i] = if y_class[i] == 0 { rng.random_range(1..classes.len().max(2)).min(classes.len() - 1) } else { 0 };
+            flipped.insert(i);
+        }
+        log(&format!("poisoning experiment: flipped {} of {} training labels", flipped.len(), split.train.len()));
+    }
+
+    let train_vals: Vec<f64> = split.train.iter().flat_map(|&i| prep.row(i).iter().copied()).collect();
+    let standardizer = Standardizer::fit(&train_vals, prep.cols);
+    let x = standardizer.apply_all(&prep.values);
+    let xt = x.select(&split.train);
+
+    // Label screen: out-of-fold forests; a row whose given label the other folds
+    // find improbable is relabelled.
+    let mut screen = None;
+    if opts.screen {
+        let folds = 3;
+        let mut order = split.train.clone();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(opts.seed ^ 0x5C4EE7));
+        let params = ForestParams { trees: opts.forest.trees.min(40), ..opts.forest.clone() };
+        let mut flagged = Vec::new();
+        for f in 0..folds {
+            let hold: Vec<usize> = order.iter().enumerate().filter(|(k, _)| k % folds == f).map(|(_, &i)| i).collect();
+            let fit_on: Vec<usize> = order.iter().enumerate().filter(|(k, _)| k % folds != f).map(|(_, &i)| i).collect();
+            let yf: Vec<usize> = fit_on.iter().map(|&i| y_class[i]).collect();
+            let forest = Forest::fit(&x.select(&fit_on), &yf, classes.len(), &params, &mut |_, _| {}).map_err(merr)?;
+            let mut proba = vec![0.0f32; classes.len()];
+            for &i in &hold {
+                forest.predict_proba_row(x.row(i), &mut proba);
+                let p_attack = f64::from(1.0 - proba[0]);
+                let p_given = if y_class[i] == 0 { 1.0 - p_attack } else { p_attack };
+                if p_given < opts.screen_threshold {
+                    let best = (1..classes.len()).max_by(|&a, &b| proba[a].total_cmp(&proba[b])).unwrap_or(1);
+                    flagged.push((i, if y_class[i] == 0 { best } else { 0 }));
+                }
+            }
+            log(&format!("label screen: fold {}/{folds} done", f + 1));
+        }
+        let hit = flagged.iter().filter(|(i, _)| flipped.contains(i)).count();
+        let r = ScreenReport {
+            flipped: flipped.len(),
+            flagged: flagged.len(),
+            flagged_and_flipped: hit,
+            precision: if flagged.is_empty() { 0.0 } else { hit as f64 / flagged.len() as f64 },
+            recall: if flipped.is_empty() { 0.0 } else { hit as f64 / flipped.len() as f64 },
+        };
+        log(&format!("label screen: flagged {} rows ({} of them flipped: precision {:.3}, recall {:.3})", r.flagged, hit, r.precision, r.recall));
+        for (i, c) in flagged {
+            y_class[i] = c;
+        }
+        screen = Some(r);
+    }
+
+    let yt_class: Vec<usize> = split.train.iter().map(|&i| y_class[i]).collect();
+    let yt_bin: Vec<bool> = yt_class.iter().map(|&c| c != 0).collect();
+    if yt_bin.iter().all(|&b| b) || yt_bin.iter().all(|&b| !b) {
+        return Err(TrainError::Io("the training rows need both normal and attack labels".into()));
+    }
+    let t0 = Instant::now();
+    let forest = Forest::fit(&xt, &yt_class, classes.len(), &opts.forest, &mut |d, n| {
+        if d % 10 == 0 || d == n {
+            eprint!("\r  random forest: {d}/{n} trees   ");
+        }
+    })
+    .map_err(merr)?;
+    eprintln!();
+    log(&format!("random forest: {} trees in {:.1} s", opts.forest.trees, t0.elapsed().as_secs_f64()));
+    let t0 = Instant::now();
+    let svm = Svm::fit(&xt, &yt_bin, &opts.svm).map_err(merr)?;
+    log(&format!("SVM: {} support vectors in {:.1} s", svm.support_vectors(), t0.elapsed().as_secs_f64()));
+    let t0 = Instant::now();
+    let y_bin_all: Vec<bool> = y_class.iter().map(|&c| c != 0).collect();
+    let train_seqs = sequences(&prep.devices, Some(&split.train));
+    let lstm = LstmModel::fit(&x, &y_bin_all, &train_seqs, &opts.lstm, &mut |e, n, loss| {
+        eprint!("\r  LSTM: epoch {e}/{n}, loss {loss:.4}   ");
+    })
+    .map_err(merr)?;
+    eprintln!();
+    log(&format!("LSTM: {} epochs in {:.1} s", opts.lstm.epochs, t0.elapsed().as_secs_f64()));
+
+    let twin_feature = prep.names.iter().position(|n| n == "behaviour_distance");
+    let mut ens = Ensemble {
+        standardizer,
+        forest,
+        svm,
+        lstm,
+        stacker: Stacker { weights: vec![0.0; MEMBERS.len()], bias: 0.0 },
+        twin_feature,
+        twin_threshold,
+        threshold: 0.5,
+        classes,
+        validation_normal: Vec::new(),
+        validation_attack: Vec::new(),
+    };
+    // Stack on validation rows (true labels: the validation set is curated), with
+    // every member scored in stream order exactly as the pipeline will.
+    let all = member_scores(&ens, prep, &x, &sequences(&prep.devices, None));
+    let vm: Vec<MemberScores> = split.validation.iter().map(|&i| all[i]).collect();
+    let vy: Vec<bool> = split.validation.iter().map(|&i| prep.classes[i] != labels::NORMAL).collect();
+    ens.stacker = Stacker::fit(&vm, &vy, 1e-2).map_err(merr)?;
+    let normal_val: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| !y).map(|(m, _)| ens.stacker.predict(m)).collect();
+    let attack_val: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| y).map(|(m, _)| ens.stacker.predict(m)).collect();
+    ens.threshold = metrics::calibrate_threshold(&normal_val, &attack_val, opts.target_fpr);
+    let sorted = |v: &[f64]| {
+        let mut s: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        s.sort_by(f32::total_cmp);
+        s
+    };
+    ens.validation_normal = sorted(&normal_val);
+    ens.validation_attack = sorted(&attack_val);
+    log(&format!(
+        "ensemble: stacking weights rf {:.2}, svm {:.2}, lstm {:.2}, twin {:.2}; threshold {:.4} for FPR <= {} on validation",
+        ens.stacker.weights[0], ens.stacker.weights[1], ens.stacker.weights[2], ens.stacker.weights[3], ens.threshold, opts.target_fpr
+    ));
+    Ok((ens, screen))
+}

@@ -1,0 +1,268 @@
+//! A training run and an evaluation run over a dataset file: load, features,
+//! split, fit, score through the detector, report, and the files they write.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use twinguard_models::{Artifact, ModelCard};
+use twinguard_operators::detect::feature_relevant;
+use twinguard_operators::TwinConfig;
+use twinguard_schemas::EventSchema;
+
+use crate::dataset::{sha256_file, DatasetSpec};
+use crate::eval::evaluate;
+use crate::features::{prepare, score_stream};
+use crate::fit::{fit, TrainOptions};
+use crate::report::{model_card_md, summary_json, Report};
+use crate::split::SplitSpec;
+use crate::TrainError;
+
+/// A training run: dataset, features, split, settings, output directory.
+#[derive(Debug, Clone)]
+pub struct TrainJob {
+    pub dataset: DatasetSpec,
+    pub schema: EventSchema,
+    pub feature_sql: String,
+    pub twin: TwinConfig,
+    pub split: SplitSpec,
+    pub opts: TrainOptions,
+    pub out: PathBuf,
+}
+
+/// Everything a training run recorded, besides the artifact (in the model card's
+/// `hyper_parameters`), so `eval` can rebuild the same split.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Recipe {
+    pub dataset: DatasetSpec,
+    pub split: SplitSpec,
+    pub train: TrainOptions,
+}
+
+impl Recipe {
+    pub fn from_card(a: &Artifact) -> Result<Recipe, TrainError> {
+        serde_json::from_value(a.card.hyper_parameters.clone())
+            .map_err(|e| TrainError::Io(format!("model {}: its card has no usable recipe: {e}", a.version)))
+    }
+}
+
+/// Train, evaluate on the held-out rows through the detector, save the artifact,
+/// model card, report and plots into `job.out`.
+pub fn run_train(job: &TrainJob, log: &mut dyn FnMut(&str)) -> Result<(Artifact, Report), TrainError> {
+    let started = Instant::now();
+    let records = job.dataset.load(&job.schema)?;
+    log(&format!("{}: {} rows as `{}` events", job.dataset.file.display(), records.len(), job.schema.id()));
+    let sha = sha256_file(&job.dataset.file)?;
+    train_records(job, &records, &sha, started, log)
+}
+
+/// [`run_train`] on records already in memory (`dataset_sha256` identifies them).
+pub fn train_records(
+    job: &TrainJob,
+    records: &[(String, Vec<u8>)],
+    dataset_sha256: &str,
+    started: Instant,
+    log: &mut dyn FnMut(&str),
+) -> Result<(Artifact, Report), TrainError> {
+    let prep = prepare(&job.schema, &job.twin, &job.feature_sql, records, &mut |d, n| eprint!("\r  features: {d}/{n} events   "))?;
+    eprintln!();
+    log(&format!("features: {} per event ({} records rejected by the decoder)", prep.cols, prep.rejected));
+    let split = job.split.apply(&prep.classes);
+    log(&format!(
+        "split: {} -> {} train, {} validation, {} test rows",
+        job.split.describe(),
+        split.train.len(),
+        split.validation.len(),
+        split.test.len()
+    ));
+    let (ensemble, screen) = fit(&prep, &split, job.twin.anomaly_threshold, &job.opts, log)?;
+    let training_seconds = started.elapsed().as_secs_f64();
+    let recipe = Recipe { dataset: job.dataset.clone(), split: job.split.clone(), train: job.opts.clone() };
+    let mut artifact = Artifact {
+        format: twinguard_models::artifact::ARTIFACT_FORMAT,
+        version: String::new(),
+        schema: job.schema.id(),
+        feature_sql: job.feature_sql.clone(),
+        feature_names: prep.names.clone(),
+        twin_config: feature_relevant(&job.twin),
+        ensemble,
+        card: ModelCard {
+            dataset: job.dataset.file.display().to_string(),
+            dataset_sha256: dataset_sha256.to_string(),
+            rows: prep.rows(),
+            split: job.split.describe(),
+            train_rows: split.train.len(),
+            validation_rows: split.validation.len(),
+            test_rows: split.test.len(),
+            hyper_parameters: serde_json::to_value(&recipe).expect("recipe serialises"),
+            target_fpr: job.opts.target_fpr,
+            threshold: 0.0,
+            test_metrics: serde_json::Value::Null,
+            poisoning_screen: screen.map(|s| serde_json::to_value(s).expect("serialises")),
+            created_utc: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            training_seconds,
+        },
+    };
+    artifact.card.threshold = artifact.ensemble.threshold;
+    let digest = {
+        use sha2::Digest;
+        let bytes = serde_json::to_vec(&artifact.ensemble).expect("serialises");
+        format!("{:x}", sha2::Sha256::digest(&bytes))
+    };
+    artifact.version = format!("{}-v{}-{}-{}", job.schema.name, job.schema.version, chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), &digest[..8]);
+    log(&format!("trained in {training_seconds:.1} s; evaluating on the test rows through the detector"));
+    let scores = score_stream(&job.schema, &job.twin, artifact.clone(), records, &mut |d, n| eprint!("\r  scoring: {d}/{n} events   "))?;
+    eprintln!();
+    let report = evaluate(&artifact, &scores, &split, &artifact.card.dataset);
+    artifact.card.test_metrics = summary_json(&report);
+    let path = artifact.save(&job.out).map_err(|e| TrainError::Io(e.to_string()))?;
+    write_outputs(&job.out, &artifact, &report)?;
+    log(&format!("model {} written to {}", artifact.version, path.display()));
+    Ok((artifact, report))
+}
+
+
+/// Write `report.json`, `MODEL_CARD.md` and the plots into `dir`.
+pub fn write_outputs(dir: &std::path::Path, a: &Artifact, r: &Report) -> Result<(), TrainError> {
+    let io = |p: &std::path::Path, e: std::io::Error| TrainError::Io(format!("cannot write {}: {e}", p.display()));
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let p = dir.join("report.json");
+    std::fs::write(&p, serde_json::to_vec_pretty(r).expect("report serialises")).map_err(|e| io(&p, e))?;
+    let p = dir.join("MODEL_CARD.md");
+    std::fs::write(&p, model_card_md(a, r)).map_err(|e| io(&p, e))?;
+    crate::plots::write_all(dir, r).map_err(|e| TrainError::Io(format!("plots in {}: {e}", dir.display())))?;
+    Ok(())
+}
+
+
+/// Evaluate a saved model on its recipe's dataset and split (or another file of the
+/// same schema, split the same way).
+pub fn run_eval(
+    artifact: Artifact,
+    dataset: Option<PathBuf>,
+    twin: &TwinConfig,
+    out: &std::path::Path,
+) -> Result<Report, TrainError> {
+    let recipe = Recipe::from_card(&artifact)?;
+    let schema = EventSchema::builtin(&artifact.schema).or_else(|_| EventSchema::builtin(&recipe.dataset.schema))?;
+    let mut spec = recipe.dataset.clone();
+    if let Some(f) = dataset {
+        spec.file = f;
+    }
+    let records = spec.load(&schema)?;
+    let scores = score_stream(&schema, twin, artifact.clone(), &records, &mut |d, n| eprint!("\r  scoring: {d}/{n} events   "))?;
+    eprintln!();
+    let split = recipe.split.apply(&scores.truth);
+    let report = evaluate(&artifact, &scores, &split, &spec.file.display().to_string());
+    write_outputs(out, &artifact, &report)?;
+    Ok(report)
+}
+
+/// The twin settings a model was trained with (to run eval and the demo with them).
+pub fn twin_config_of(a: &Artifact) -> Result<TwinConfig, TrainError> {
+    let mut v = serde_json::to_value(TwinConfig::default()).expect("serialises");
+    if let (Some(obj), Some(m)) = (v.as_object_mut(), a.twin_config.as_object()) {
+        for (k, x) in m {
+            obj.insert(k.clone(), x.clone());
+        }
+    }
+    serde_json::from_value(v).map_err(|e| TrainError::Io(format!("model {}: twin settings unreadable: {e}", a.version)))
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::DatasetSpec;
+    use crate::features::prepare;
+    use crate::fit::{fit, TrainOptions};
+    use crate::split::{SplitKind, SplitSpec};
+    use rand::{Rng, SeedableRng};
+    use twinguard_operators::Detector;
+    use twinguard_schemas::{DecodeLimits, Decoder, RawRecord};
+    use twinguard_models::forest::ForestParams;
+    use twinguard_models::lstm::LstmParams;
+    use twinguard_models::svm::SvmParams;
+
+    fn wustl() -> PathBuf {
+        std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../shared/datasets/wustl-ehms-2020/train.csv")
+    }
+
+    fn job(out: PathBuf, rows: usize) -> TrainJob {
+        let schema = EventSchema::builtin("wustl-flow-vitals/v1").unwrap();
+        TrainJob {
+            dataset: DatasetSpec { file: wustl(), schema: schema.id(), devices: 1, interval_ms: 100, limit: Some(rows), shuffle_seed: None },
+            feature_sql: twinguard_schemas::builtin_feature_sql(&schema.id(), None).unwrap().to_string(),
+            schema,
+            twin: TwinConfig::default(),
+            split: SplitSpec { kind: SplitKind::Temporal, train: 0.6, validation: 0.2, seed: 7 },
+            opts: TrainOptions {
+                target_fpr: 0.01,
+                seed: 7,
+                forest: ForestParams { trees: 8, seed: 7, ..Default::default() },
+                svm: SvmParams { max_train_rows: 300, seed: 7, ..Default::default() },
+                lstm: LstmParams { epochs: 1, seed: 7, ..Default::default() },
+                flip_labels: 0.0,
+                screen: false,
+                screen_threshold: 0.2,
+            },
+            out,
+        }
+    }
+
+    /// Train/serve parity: the feature vectors the stream's detector computes (with
+    /// a model loaded, batches of arbitrary sizes) are bit-identical to the ones
+    /// training computed offline for the same events.
+    #[test]
+    fn stream_features_equal_training_features_whatever_the_batching() {
+        let dir = std::env::temp_dir().join(format!("twinguard-parity-{}", std::process::id()));
+        let j = job(dir.clone(), 1500);
+        let (artifact, _) = run_train(&j, &mut |_| {}).unwrap();
+        // A deployment can ask for another FPR: the stored validation scores give a
+        // threshold that admits at most that share of validation normals.
+        let mut strict = artifact.ensemble.clone();
+        strict.recalibrate(0.002).unwrap();
+        let fp = strict.validation_normal.iter().filter(|&&x| f64::from(x) >= strict.threshold).count();
+        assert!(fp as f64 <= 0.002 * strict.validation_normal.len() as f64 + 1.0, "{fp} validation false positives");
+        assert!(strict.threshold >= artifact.ensemble.threshold - 1e-6 || fp == 0);
+        assert!(strict.recalibrate(1.5).is_err());
+        let records = j.dataset.load(&j.schema).unwrap();
+        let offline = prepare(&j.schema, &j.twin, &j.feature_sql, &records, &mut |_, _| {}).unwrap();
+
+        let mut det = Detector::with_model(&j.schema, j.twin.clone(), artifact).unwrap();
+        let decoder = Decoder::new(j.schema.clone(), DecodeLimits::default());
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (mut at, mut live) = (0usize, Vec::new());
+        while at < records.len() {
+            let n = [1, 2, 17, 64, 300, 999][rng.random_range(0..6)].min(records.len() - at);
+            let raw: Vec<RawRecord<'_>> = (at..at + n)
+                .map(|i| RawRecord { partition: 0, offset: i as i64, key: Some(records[i].0.as_bytes()), payload: Some(&records[i].1) })
+                .collect();
+            let (_, feats) = det.detect(&decoder.decode(&raw, now).unwrap().batch).unwrap();
+            live.extend_from_slice(&feats.expect("a model computes features").values);
+            at += n;
+        }
+        assert_eq!(live.len(), offline.values.len());
+        for (i, (a, b)) in live.iter().zip(&offline.values).enumerate() {
+            assert!(a.to_bits() == b.to_bits(), "row {} feature `{}`: stream {a} vs training {b}", i / offline.cols, offline.names[i % offline.cols]);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_label_screen_finds_flipped_labels() {
+        let dir = std::env::temp_dir().join(format!("twinguard-screen-{}", std::process::id()));
+        let mut j = job(dir.clone(), 3000);
+        j.opts.flip_labels = 0.1;
+        j.opts.screen = true;
+        j.opts.forest.trees = 20;
+        let records = j.dataset.load(&j.schema).unwrap();
+        let prep = prepare(&j.schema, &j.twin, &j.feature_sql, &records, &mut |_, _| {}).unwrap();
+        let split = j.split.apply(&prep.classes);
+        let (_, screen) = fit(&prep, &split, j.twin.anomaly_threshold, &j.opts, &mut |_| {}).unwrap();
+        let s = screen.unwrap();
+        assert_eq!(s.flipped, 180);
+        assert!(s.recall > 0.5 && s.precision > 0.5, "{s:?}");
+    }
+}

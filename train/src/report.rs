@@ -1,0 +1,117 @@
+//! The evaluation report (`report.json`), its text table, the model card's
+//! markdown and headline figures: data and text only.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use twinguard_models::metrics::{Binary, MultiClass};
+use twinguard_models::Artifact;
+
+/// One model's figures on the test rows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelReport {
+    /// Threshold chosen on the validation rows for the target FPR
+    /// ([`twinguard_models::metrics::calibrate_threshold`]).
+    pub at_threshold: Binary,
+    /// Detection rate per attack class.
+    pub recall_by_class: BTreeMap<String, f64>,
+    #[serde(skip)]
+    pub scores: Vec<f64>,
+}
+
+/// The evaluation report (`report.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub model_version: String,
+    pub dataset: String,
+    pub split: String,
+    pub target_fpr: f64,
+    pub rows: BTreeMap<String, usize>,
+    pub rejected_records: usize,
+    pub models: BTreeMap<String, ModelReport>,
+    /// Verdict class (normal unless the ensemble flags the event; then the forest's
+    /// most probable attack class) against the truth, fine classes.
+    pub classes: MultiClass,
+    /// The same at family level (CICIoMT2024's 6 families).
+    pub families: MultiClass,
+    #[serde(skip)]
+    pub test_truth: Vec<bool>,
+}
+
+/// The report as a plain-text table.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "model {}  dataset {}", r.model_version, r.dataset);
+    let _ = writeln!(s, "split: {}  rows {:?}  target FPR {}", r.split, r.rows, r.target_fpr);
+    let _ = writeln!(s, "{:<9} {:>9} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>6} {:>6} {:>6}", "model", "DR", "FPR", "precision", "F1", "ROC-AUC", "PR-AUC", "TP", "FP", "TN", "FN");
+    for (name, m) in &r.models {
+        let b = &m.at_threshold;
+        let _ = writeln!(
+            s,
+            "{name:<9} {:>9.4} {:>8.4} {:>9.4} {:>7.4} {:>8.4} {:>7.4} {:>6} {:>6} {:>6} {:>6}",
+            b.detection_rate, b.fpr, b.precision, b.f1, b.roc_auc, b.pr_auc, b.tp, b.fp, b.tn, b.fn_
+        );
+    }
+    let _ = writeln!(s, "detection rate per attack class (ensemble):");
+    if let Some(m) = r.models.get("ensemble") {
+        for (c, v) in &m.recall_by_class {
+            let _ = writeln!(s, "  {c:<32} {v:.4}");
+        }
+    }
+    for (title, mc) in [("fine classes", &r.classes), ("families", &r.families)] {
+        let _ = writeln!(s, "{title}: macro-F1 {:.4}, accuracy {:.4}; confusion (rows = truth):", mc.macro_f1, mc.accuracy);
+        for (i, row) in mc.confusion.iter().enumerate() {
+            let _ = writeln!(s, "  {:<32} {:?}  recall {:.4}", mc.classes[i], row, mc.recall[i]);
+        }
+    }
+    s
+}
+
+/// Per-model headline figures for the model card.
+pub(crate) fn summary_json(r: &Report) -> serde_json::Value {
+    let models: serde_json::Map<String, serde_json::Value> = r
+        .models
+        .iter()
+        .map(|(k, m)| (k.clone(), serde_json::to_value(&m.at_threshold).expect("serialises")))
+        .collect();
+    serde_json::json!({
+        "models": models,
+        "class_macro_f1": r.classes.macro_f1,
+        "family_macro_f1": r.families.macro_f1,
+    })
+}
+
+pub(crate) fn model_card_md(a: &Artifact, r: &Report) -> String {
+    let c = &a.card;
+    format!(
+        "# Model card: {ver}\n\n\
+         - Event schema: `{schema}`; features: {nf} from the feature SQL stored in `model.json`\n\
+         - Dataset: `{ds}` (SHA-256 `{sha}`), {rows} events\n\
+         - Split: {split}: {tr} train / {va} validation / {te} test rows\n\
+         - Members: random forest, SVM, LSTM (burn; stepped per event on the device's twin state), twin behavioural score; \
+         stacked by logistic regression on the validation rows\n\
+         - Decision threshold {thr:.6} for a target false-positive rate of {fpr} (set on validation normal rows)\n\
+         - Label screen: {screen}\n\
+         - Trained {created} in {secs:.1} s\n\n\
+         ## Held-out test figures (computed by the detector itself)\n\n```\n{table}```\n\n\
+         ## Recipe (hyper-parameters)\n\n```json\n{hyper}\n```\n",
+        ver = a.version,
+        schema = a.schema,
+        nf = a.feature_names.len(),
+        ds = c.dataset,
+        sha = c.dataset_sha256,
+        rows = c.rows,
+        split = c.split,
+        tr = c.train_rows,
+        va = c.validation_rows,
+        te = c.test_rows,
+        thr = c.threshold,
+        fpr = c.target_fpr,
+        screen = c.poisoning_screen.as_ref().map_or("not applied".to_string(), |s| s.to_string()),
+        created = c.created_utc,
+        secs = c.training_seconds,
+        table = render(r),
+        hyper = serde_json::to_string_pretty(&c.hyper_parameters).unwrap_or_default(),
+    )
+}
