@@ -7,12 +7,14 @@
 
 pub mod artifact;
 pub mod ensemble;
+pub mod eval;
 pub mod forest;
 pub mod labels;
 pub mod lstm;
 pub mod matrix;
 pub mod metrics;
 pub mod svm;
+pub mod train;
 
 pub use artifact::{Artifact, ModelCard};
 pub use ensemble::{Ensemble, MemberScores, Scored, Scratch, Stacker, Standardizer};

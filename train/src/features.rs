@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use arrow::array::{Array, Float64Array, Int64Array, StringArray};
 use twinguard_models::ensemble::MemberScores;
+pub use twinguard_models::eval::Scores;
 use twinguard_models::labels;
+use twinguard_models::train::Dataset;
 use twinguard_models::Artifact;
 use twinguard_operators::features::FeatureQuery;
 use twinguard_operators::{Detector, TwinConfig};
@@ -61,6 +63,10 @@ impl Prepared {
     pub fn row(&self, i: usize) -> &[f64] {
         &self.values[i * self.cols..(i + 1) * self.cols]
     }
+    /// The feature vectors and labels, for [`twinguard_models::train::fit`].
+    pub fn dataset(&self) -> Dataset<'_> {
+        Dataset { names: &self.names, cols: self.cols, values: &self.values, classes: &self.classes, devices: &self.devices }
+    }
 }
 
 /// Run decode → twin → feature SQL over the records (no model).
@@ -99,17 +105,6 @@ pub fn prepare(
         return Err(TrainError::Io(format!("some rows carry no label: schema `{}` needs a `label` field with a source column", schema.id())));
     }
     Ok(p)
-}
-
-/// Scores of every event from the detector with the model (the stream's code path).
-#[derive(Debug, Clone, Default)]
-pub struct Scores {
-    pub members: Vec<MemberScores>,
-    pub ensemble: Vec<f64>,
-    pub attack: Vec<bool>,
-    pub class: Vec<Option<String>>,
-    pub truth: Vec<String>,
-    pub rejected: usize,
 }
 
 /// Run the detector with the model over the records, in order.

@@ -5,15 +5,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use twinguard_models::eval::evaluate;
+use twinguard_models::train::{fit, TrainOptions};
 use twinguard_models::{Artifact, ModelCard};
 use twinguard_operators::detect::feature_relevant;
 use twinguard_operators::TwinConfig;
 use twinguard_schemas::EventSchema;
 
 use crate::dataset::{sha256_file, DatasetSpec};
-use crate::eval::evaluate;
 use crate::features::{prepare, score_stream};
-use crate::fit::{fit, TrainOptions};
 use crate::report::{model_card_md, summary_json, Report};
 use crate::split::SplitSpec;
 use crate::TrainError;
@@ -75,7 +75,7 @@ pub fn train_records(
         split.validation.len(),
         split.test.len()
     ));
-    let (ensemble, screen) = fit(&prep, &split, job.twin.anomaly_threshold, &job.opts, log)?;
+    let (ensemble, screen) = fit(&prep.dataset(), &split, job.twin.anomaly_threshold, &job.opts, log)?;
     let training_seconds = started.elapsed().as_secs_f64();
     let recipe = Recipe { dataset: job.dataset.clone(), split: job.split.clone(), train: job.opts.clone() };
     let mut artifact = Artifact {
@@ -175,8 +175,7 @@ mod tests {
     use super::*;
     use crate::dataset::DatasetSpec;
     use crate::features::prepare;
-    use crate::fit::{fit, TrainOptions};
-    use crate::split::{SplitKind, SplitSpec};
+        use crate::split::{SplitKind, SplitSpec};
     use rand::{Rng, SeedableRng};
     use twinguard_operators::Detector;
     use twinguard_schemas::{DecodeLimits, Decoder, RawRecord};
@@ -260,7 +259,7 @@ mod tests {
         let records = j.dataset.load(&j.schema).unwrap();
         let prep = prepare(&j.schema, &j.twin, &j.feature_sql, &records, &mut |_, _| {}).unwrap();
         let split = j.split.apply(&prep.classes);
-        let (_, screen) = fit(&prep, &split, j.twin.anomaly_threshold, &j.opts, &mut |_| {}).unwrap();
+        let (_, screen) = fit(&prep.dataset(), &split, j.twin.anomaly_threshold, &j.opts, &mut |_| {}).unwrap();
         let s = screen.unwrap();
         assert_eq!(s.flipped, 180);
         assert!(s.recall > 0.5 && s.precision > 0.5, "{s:?}");

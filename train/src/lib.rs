@@ -7,22 +7,20 @@
 //! Files only: this crate reads dataset files and writes model directories
 //! (artifact, model card, report, plots). It never touches Kafka or sockets.
 //!
-//! Imports run one way: `job → {dataset, features, fit, eval, report, plots} → split`;
+//! Pure fitting and evaluation live in `twinguard_models::{train, eval}`; this crate
+//! feeds them. Imports run one way: `job → {dataset, features, report, plots, split}`;
 //! `plots` and `report` know nothing of `job`.
 
 pub mod dataset;
-pub mod eval;
 pub mod features;
-pub mod fit;
 pub mod job;
 pub mod plots;
 pub mod report;
 pub mod split;
 
 pub use dataset::{load, sha256_file, DatasetSpec, ReplayOptions, ReplayStats, OFFLINE_START_MS};
-pub use eval::evaluate;
 pub use features::{prepare, score_stream, Prepared, Scores};
-pub use fit::{fit, ScreenReport, TrainOptions};
+pub use twinguard_models::train::{ScreenReport, TrainOptions};
 pub use job::{run_eval, run_train, train_records, twin_config_of, write_outputs, Recipe, TrainJob};
 pub use report::{render, ModelReport, Report};
 pub use split::{Split, SplitKind, SplitSpec};
@@ -32,6 +30,8 @@ pub use split::{Split, SplitKind, SplitSpec};
 pub enum TrainError {
     #[error("{0}")]
     Io(String),
+    #[error("{0}")]
+    Model(#[from] twinguard_models::ModelError),
     #[error(transparent)]
     Schema(#[from] twinguard_schemas::SchemaError),
     #[error(transparent)]

@@ -1,42 +1,8 @@
 //! The evaluation report (`report.json`), its text table, the model card's
 //! markdown and headline figures: data and text only.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
-use twinguard_models::metrics::{Binary, MultiClass};
+pub use twinguard_models::eval::{ModelReport, Report};
 use twinguard_models::Artifact;
-
-/// One model's figures on the test rows.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ModelReport {
-    /// Threshold chosen on the validation rows for the target FPR
-    /// ([`twinguard_models::metrics::calibrate_threshold`]).
-    pub at_threshold: Binary,
-    /// Detection rate per attack class.
-    pub recall_by_class: BTreeMap<String, f64>,
-    #[serde(skip)]
-    pub scores: Vec<f64>,
-}
-
-/// The evaluation report (`report.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Report {
-    pub model_version: String,
-    pub dataset: String,
-    pub split: String,
-    pub target_fpr: f64,
-    pub rows: BTreeMap<String, usize>,
-    pub rejected_records: usize,
-    pub models: BTreeMap<String, ModelReport>,
-    /// Verdict class (normal unless the ensemble flags the event; then the forest's
-    /// most probable attack class) against the truth, fine classes.
-    pub classes: MultiClass,
-    /// The same at family level (CICIoMT2024's 6 families).
-    pub families: MultiClass,
-    #[serde(skip)]
-    pub test_truth: Vec<bool>,
-}
 
 /// The report as a plain-text table.
 pub fn render(r: &Report) -> String {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+pub use twinguard_models::train::Split;
 
 /// How rows are split into train / validation / test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,12 +78,6 @@ impl SplitSpec {
     }
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct Split {
-    pub train: Vec<usize>,
-    pub validation: Vec<usize>,
-    pub test: Vec<usize>,
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
-//! Fitting the ensemble: the label screen, the members, stacking and the
-//! decision threshold.
+//! Fitting the ensemble on a prepared dataset: the label screen, the members,
+//! stacking and the decision threshold.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
@@ -7,16 +7,42 @@ use std::time::Instant;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use twinguard_models::ensemble::{MemberScores, Stacker, Standardizer, MEMBERS};
-use twinguard_models::forest::{Forest, ForestParams};
-use twinguard_models::lstm::{LstmModel, LstmParams};
-use twinguard_models::metrics;
-use twinguard_models::svm::{Svm, SvmParams};
-use twinguard_models::{labels, Ensemble, Matrix};
 
-use crate::features::Prepared;
-use crate::split::Split;
-use crate::TrainError;
+use crate::ensemble::{MemberScores, Stacker, Standardizer, MEMBERS};
+use crate::forest::{Forest, ForestParams};
+use crate::lstm::{LstmModel, LstmParams};
+use crate::metrics;
+use crate::svm::{Svm, SvmParams};
+use crate::{labels, Ensemble, Matrix, ModelError};
+
+/// Feature vectors of a dataset with their labels, in stream order (row-major,
+/// `cols` values per row).
+#[derive(Debug, Clone, Copy)]
+pub struct Dataset<'a> {
+    pub names: &'a [String],
+    pub cols: usize,
+    pub values: &'a [f64],
+    /// Fine class per row (`normal` for normal traffic).
+    pub classes: &'a [String],
+    pub devices: &'a [String],
+}
+
+impl Dataset<'_> {
+    pub fn rows(&self) -> usize {
+        self.classes.len()
+    }
+    pub fn row(&self, i: usize) -> &[f64] {
+        &self.values[i * self.cols..(i + 1) * self.cols]
+    }
+}
+
+/// Row indices of the train, validation and test parts.
+#[derive(Debug, Clone, Default)]
+pub struct Split {
+    pub train: Vec<usize>,
+    pub validation: Vec<usize>,
+    pub test: Vec<usize>,
+}
 
 /// Training settings (all recorded in the model card).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,7 +73,7 @@ pub struct ScreenReport {
 }
 
 /// Per-row member scores over the whole dataset in stream order.
-fn member_scores(e: &Ensemble, prep: &Prepared, x: &Matrix, seqs: &[Vec<usize>]) -> Vec<MemberScores> {
+fn member_scores(e: &Ensemble, prep: &Dataset<'_>, x: &Matrix, seqs: &[Vec<usize>]) -> Vec<MemberScores> {
     let n = prep.rows();
     let lstm = e.lstm.score_sequences(x, seqs);
     let mut proba = vec![0.0f32; e.forest.n_classes()];
@@ -79,13 +105,12 @@ fn sequences(devices: &[String], keep: Option<&[usize]>) -> Vec<Vec<usize>> {
 
 /// Train the ensemble. Returns it with the screen report (if screening ran).
 pub fn fit(
-    prep: &Prepared,
+    prep: &Dataset<'_>,
     split: &Split,
     twin_threshold: f64,
     opts: &TrainOptions,
     log: &mut dyn FnMut(&str),
-) -> Result<(Ensemble, Option<ScreenReport>), TrainError> {
-    let merr = |e: twinguard_models::ModelError| TrainError::Io(e.to_string());
+) -> Result<(Ensemble, Option<ScreenReport>), ModelError> {
     // Classes: normal first, then the others sorted.
     let set: BTreeSet<&str> = prep.classes.iter().map(String::as_str).filter(|c| *c != labels::NORMAL).collect();
     let classes: Vec<String> = std::iter::once(labels::NORMAL.to_string()).chain(set.iter().map(|s| s.to_string())).collect();
@@ -108,7 +133,7 @@ pub fn fit(
 
     let train_vals: Vec<f64> = split.train.iter().flat_map(|&i| prep.row(i).iter().copied()).collect();
     let standardizer = Standardizer::fit(&train_vals, prep.cols);
-    let x = standardizer.apply_all(&prep.values);
+    let x = standardizer.apply_all(prep.values);
     let xt = x.select(&split.train);
 
     // Label screen: out-of-fold forests; a row whose given label the other folds
@@ -124,7 +149,7 @@ pub fn fit(
             let hold: Vec<usize> = order.iter().enumerate().filter(|(k, _)| k % folds == f).map(|(_, &i)| i).collect();
             let fit_on: Vec<usize> = order.iter().enumerate().filter(|(k, _)| k % folds != f).map(|(_, &i)| i).collect();
             let yf: Vec<usize> = fit_on.iter().map(|&i| y_class[i]).collect();
-            let forest = Forest::fit(&x.select(&fit_on), &yf, classes.len(), &params, &mut |_, _| {}).map_err(merr)?;
+            let forest = Forest::fit(&x.select(&fit_on), &yf, classes.len(), &params, &mut |_, _| {})?;
             let mut proba = vec![0.0f32; classes.len()];
             for &i in &hold {
                 forest.predict_proba_row(x.row(i), &mut proba);
@@ -155,7 +180,7 @@ pub fn fit(
     let yt_class: Vec<usize> = split.train.iter().map(|&i| y_class[i]).collect();
     let yt_bin: Vec<bool> = yt_class.iter().map(|&c| c != 0).collect();
     if yt_bin.iter().all(|&b| b) || yt_bin.iter().all(|&b| !b) {
-        return Err(TrainError::Io("the training rows need both normal and attack labels".into()));
+        return Err(ModelError::Data("the training rows need both normal and attack labels".into()));
     }
     let t0 = Instant::now();
     let forest = Forest::fit(&xt, &yt_class, classes.len(), &opts.forest, &mut |d, n| {
@@ -163,19 +188,19 @@ pub fn fit(
             eprint!("\r  random forest: {d}/{n} trees   ");
         }
     })
-    .map_err(merr)?;
+    ?;
     eprintln!();
     log(&format!("random forest: {} trees in {:.1} s", opts.forest.trees, t0.elapsed().as_secs_f64()));
     let t0 = Instant::now();
-    let svm = Svm::fit(&xt, &yt_bin, &opts.svm).map_err(merr)?;
+    let svm = Svm::fit(&xt, &yt_bin, &opts.svm)?;
     log(&format!("SVM: {} support vectors in {:.1} s", svm.support_vectors(), t0.elapsed().as_secs_f64()));
     let t0 = Instant::now();
     let y_bin_all: Vec<bool> = y_class.iter().map(|&c| c != 0).collect();
-    let train_seqs = sequences(&prep.devices, Some(&split.train));
+    let train_seqs = sequences(prep.devices, Some(&split.train));
     let lstm = LstmModel::fit(&x, &y_bin_all, &train_seqs, &opts.lstm, &mut |e, n, loss| {
         eprint!("\r  LSTM: epoch {e}/{n}, loss {loss:.4}   ");
     })
-    .map_err(merr)?;
+    ?;
     eprintln!();
     log(&format!("LSTM: {} epochs in {:.1} s", opts.lstm.epochs, t0.elapsed().as_secs_f64()));
 
@@ -195,10 +220,10 @@ pub fn fit(
     };
     // Stack on validation rows (true labels: the validation set is curated), with
     // every member scored in stream order exactly as the pipeline will.
-    let all = member_scores(&ens, prep, &x, &sequences(&prep.devices, None));
+    let all = member_scores(&ens, prep, &x, &sequences(prep.devices, None));
     let vm: Vec<MemberScores> = split.validation.iter().map(|&i| all[i]).collect();
     let vy: Vec<bool> = split.validation.iter().map(|&i| prep.classes[i] != labels::NORMAL).collect();
-    ens.stacker = Stacker::fit(&vm, &vy, 1e-2).map_err(merr)?;
+    ens.stacker = Stacker::fit(&vm, &vy, 1e-2)?;
     let normal_val: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| !y).map(|(m, _)| ens.stacker.predict(m)).collect();
     let attack_val: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| y).map(|(m, _)| ens.stacker.predict(m)).collect();
     ens.threshold = metrics::calibrate_threshold(&normal_val, &attack_val, opts.target_fpr);

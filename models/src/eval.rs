@@ -1,13 +1,55 @@
-//! Held-out figures from the detector's scores.
+//! Held-out figures from the detector's scores: the evaluation report.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use twinguard_models::ensemble::MEMBERS;
-use twinguard_models::{labels, metrics, Artifact};
+use serde::{Deserialize, Serialize};
 
-use crate::features::Scores;
-use crate::report::{ModelReport, Report};
-use crate::split::Split;
+use crate::ensemble::{MemberScores, MEMBERS};
+use crate::metrics::{self, Binary, MultiClass};
+use crate::train::Split;
+use crate::{labels, Artifact};
+
+/// Scores of every event from the detector with the model (the stream's code path).
+#[derive(Debug, Clone, Default)]
+pub struct Scores {
+    pub members: Vec<MemberScores>,
+    pub ensemble: Vec<f64>,
+    pub attack: Vec<bool>,
+    pub class: Vec<Option<String>>,
+    pub truth: Vec<String>,
+    pub rejected: usize,
+}
+
+/// One model's figures on the test rows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelReport {
+    /// Threshold chosen on the validation rows for the target FPR
+    /// ([`metrics::calibrate_threshold`]).
+    pub at_threshold: Binary,
+    /// Detection rate per attack class.
+    pub recall_by_class: BTreeMap<String, f64>,
+    #[serde(skip)]
+    pub scores: Vec<f64>,
+}
+
+/// The evaluation report (`report.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub model_version: String,
+    pub dataset: String,
+    pub split: String,
+    pub target_fpr: f64,
+    pub rows: BTreeMap<String, usize>,
+    pub rejected_records: usize,
+    pub models: BTreeMap<String, ModelReport>,
+    /// Verdict class (normal unless the ensemble flags the event; then the forest's
+    /// most probable attack class) against the truth, fine classes.
+    pub classes: MultiClass,
+    /// The same at family level (CICIoMT2024's 6 families).
+    pub families: MultiClass,
+    #[serde(skip)]
+    pub test_truth: Vec<bool>,
+}
 
 /// Figures on the test rows; single members get thresholds calibrated on the
 /// validation rows for the same target FPR as the ensemble.
