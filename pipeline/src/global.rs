@@ -4,6 +4,7 @@
 //! commands topics, into the same [`SqlView`] an instance serves for its own twins.
 
 use std::collections::{BTreeMap, HashSet};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,38 @@ use crate::PipelineError;
 /// Staged changes are handed to the view at least this often.
 const HAND_OVER: Duration = Duration::from_millis(50);
 
+/// librdkafka's prefetch for the reader, unless `kafka.consumer` sets it: records
+/// fetched ahead of the view are memory too (librdkafka's defaults allow 64 MiB
+/// queued plus 50 MiB per fetch), and a reader that materialises the fleet gains
+/// nothing from more than a few MiB ahead.
+const PREFETCH: [(&str, &str); 2] = [("queued.max.messages.kbytes", "16384"), ("fetch.max.bytes", "16777216")];
+
+/// The devices that have a twin, as 64-bit hashes of their keys: only counted
+/// (`metrics.twins`), so 8 bytes a twin instead of a copy of every key.
+type Live = HashSet<u64, BuildHasherDefault<NoHash>>;
+
+fn key_hash(key: &str) -> u64 {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(key)
+}
+
+/// The hasher of [`Live`]: its keys are hashes already.
+#[derive(Default)]
+struct NoHash(u64);
+
+impl std::hash::Hasher for NoHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
 /// Read until `stop`: the changelog from the beginning, the output topics from their
 /// newest records (`sql.recent_rows` spread over the partitions). `metrics.ready` turns 1 once every
 /// changelog partition was read up to the end it had at start.
@@ -31,7 +64,13 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
     *metrics.schema_id.lock().expect("info lock") = schema.id();
     let rows = RowMaker::new(&schema, cfg.sql.expose_phi);
     let t = &cfg.topics;
-    let consumer: BaseConsumer<RestoreContext> = kafka::reader_config(cfg, "sql")
+    let mut reader = kafka::reader_config(cfg, "sql");
+    for (k, v) in PREFETCH {
+        if !cfg.kafka.consumer.contains_key(k) && !cfg.kafka.properties.contains_key(k) {
+            reader.set(k, v);
+        }
+    }
+    let consumer: BaseConsumer<RestoreContext> = reader
         .create_with_context(RestoreContext)
         .map_err(|e| PipelineError::kafka("sql reader", e))?;
     let mut tpl = TopicPartitionList::new();
@@ -68,7 +107,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
     }
     tracing::info!(changelog = %t.changelog, partitions = changelog_parts.len(), "materialising every twin from the changelog");
     let started = Instant::now();
-    let mut live: HashSet<String> = HashSet::new();
+    let mut live = Live::default();
     let mut twins: Vec<(String, Option<StagedTwin>)> = Vec::new();
     let (mut verdicts, mut alerts, mut commands) = (Vec::<Verdict>::new(), Vec::<Alert>::new(), Vec::<Command>::new());
     let mut oldest: Option<Instant> = None;
@@ -91,7 +130,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
                     let key = m.key().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
                     match m.payload() {
                         None => {
-                            live.remove(&key);
+                            live.remove(&key_hash(&key));
                             twins.push((key, None));
                         }
                         Some(v) => {
@@ -105,12 +144,12 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
                             });
                             match (verdict, decoded) {
                                 (crate::engine::Restore::Done, Some(twin)) => {
-                                    live.insert(key.clone());
+                                    live.insert(key_hash(&key));
                                     twins.push((key, Some(rows.row(&twin).into())));
                                 }
                                 (crate::engine::Restore::Quarantine(reason), _) => {
                                     ev::ChangelogQuarantined { partition: p, offset, key: &key, reason: &reason }.emit(&metrics);
-                                    live.remove(&key);
+                                    live.remove(&key_hash(&key));
                                     twins.push((key, None));
                                 }
                                 (_, _) => bad("twin", &"unsupported twin format version"),
