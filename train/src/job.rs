@@ -14,6 +14,7 @@ use twinguard_schemas::EventSchema;
 
 use crate::dataset::{sha256_file, DatasetSpec};
 use crate::features::{prepare, score_stream};
+use crate::plots::{self, Series};
 use crate::report::{model_card_md, summary_json, Report};
 use crate::split::SplitSpec;
 use crate::TrainError;
@@ -130,7 +131,12 @@ pub fn write_outputs(dir: &std::path::Path, a: &Artifact, r: &Report) -> Result<
     std::fs::write(&p, serde_json::to_vec_pretty(r).expect("report serialises")).map_err(|e| io(&p, e))?;
     let p = dir.join("MODEL_CARD.md");
     std::fs::write(&p, model_card_md(a, r)).map_err(|e| io(&p, e))?;
-    crate::plots::write_all(dir, r).map_err(|e| TrainError::Io(format!("plots in {}: {e}", dir.display())))?;
+    let series: Vec<Series<'_>> = r
+        .models
+        .iter()
+        .map(|(name, m)| Series { name, scores: &m.scores, roc_auc: m.at_threshold.roc_auc, pr_auc: m.at_threshold.pr_auc })
+        .collect();
+    plots::write_all(dir, &series, &r.test_truth, &r.families).map_err(|e| TrainError::Io(format!("plots in {}: {e}", dir.display())))?;
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! PNG plots of an evaluation report: ROC curves, precision-recall curves and the
-//! family confusion matrix. Text uses the system's DejaVu Sans when present; without
+//! PNG plots of held-out results: ROC curves, precision-recall curves and the
+//! family confusion matrix, from plain series (this module knows no report or job). Text uses the system's DejaVu Sans when present; without
 //! it the plots are drawn without labels (the numbers are in `report.json`).
 
 use std::path::Path;
@@ -7,8 +7,6 @@ use std::sync::OnceLock;
 
 use plotters::prelude::*;
 use twinguard_models::metrics;
-
-use crate::report::Report;
 
 const FONT_PATHS: [&str; 2] = ["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
 
@@ -106,21 +104,29 @@ fn confusion(path: &Path, mc: &metrics::MultiClass) -> PlotResult {
     Ok(())
 }
 
-/// Write `roc.png`, `pr.png` and `confusion.png` into `dir`.
-pub fn write_all(dir: &Path, r: &Report) -> PlotResult {
-    let y = &r.test_truth;
-    let roc: Vec<(String, Vec<(f64, f64)>)> = r
-        .models
+/// One model's held-out scores, with its AUCs for the legend.
+#[derive(Debug, Clone, Copy)]
+pub struct Series<'a> {
+    pub name: &'a str,
+    pub scores: &'a [f64],
+    pub roc_auc: f64,
+    pub pr_auc: f64,
+}
+
+/// Write `roc.png`, `pr.png` and `confusion.png` into `dir`: a curve per series
+/// against `truth` (attack or not, per test row), and the `confusion` matrix.
+pub fn write_all(dir: &Path, series: &[Series<'_>], truth: &[bool], confusion_matrix: &metrics::MultiClass) -> PlotResult {
+    let y = truth;
+    let roc: Vec<(String, Vec<(f64, f64)>)> = series
         .iter()
-        .map(|(name, m)| (format!("{name} (AUC {:.3})", m.at_threshold.roc_auc), metrics::roc_curve(&m.scores, y, 400)))
+        .map(|m| (format!("{} (AUC {:.3})", m.name, m.roc_auc), metrics::roc_curve(m.scores, y, 400)))
         .collect();
     curves(&dir.join("roc.png"), "ROC, held-out test rows", "false-positive rate", "detection rate", &roc)?;
-    let pr: Vec<(String, Vec<(f64, f64)>)> = r
-        .models
+    let pr: Vec<(String, Vec<(f64, f64)>)> = series
         .iter()
-        .map(|(name, m)| (format!("{name} (AP {:.3})", m.at_threshold.pr_auc), metrics::pr_curve(&m.scores, y, 400)))
+        .map(|m| (format!("{} (AP {:.3})", m.name, m.pr_auc), metrics::pr_curve(m.scores, y, 400)))
         .collect();
     curves(&dir.join("pr.png"), "Precision-recall, held-out test rows", "recall", "precision", &pr)?;
-    confusion(&dir.join("confusion.png"), &r.families)?;
+    confusion(&dir.join("confusion.png"), confusion_matrix)?;
     Ok(())
 }
