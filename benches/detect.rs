@@ -51,7 +51,12 @@ fn benches(c: &mut Criterion) {
         out: out.clone(),
     };
     let t0 = Instant::now();
-    let (artifact, _) = train::run_train(&job, &mut |m| eprintln!("{m}")).unwrap();
+    let (artifact, _) = train::run_train(&job, &mut |p| match p {
+        train::Progress::Step(m) => eprintln!("{m}"),
+        train::Progress::Status(m) => eprint!("\r{m}"),
+        train::Progress::StatusEnd => eprintln!(),
+    })
+    .unwrap();
     eprintln!("training + held-out scoring took {:.1} s", t0.elapsed().as_secs_f64());
     let e = &artifact.ensemble;
 

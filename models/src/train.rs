@@ -44,6 +44,28 @@ pub struct Split {
     pub test: Vec<usize>,
 }
 
+/// What a training run reports as it goes, through the callback it is given (a
+/// library never writes to stderr; the CLI prints these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress<'a> {
+    /// A step is done: one line.
+    Step(&'a str),
+    /// Where a long step is: replaces the previous status (a terminal shows it on one
+    /// line, `\r` first).
+    Status(&'a str),
+    /// The long step is over: ends the status line.
+    StatusEnd,
+}
+
+impl std::fmt::Display for Progress<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Progress::Step(m) | Progress::Status(m) => f.write_str(m),
+            Progress::StatusEnd => Ok(()),
+        }
+    }
+}
+
 /// Training settings (all recorded in the model card).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainOptions {
@@ -109,7 +131,7 @@ pub fn fit(
     split: &Split,
     twin_threshold: f64,
     opts: &TrainOptions,
-    log: &mut dyn FnMut(&str),
+    log: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Ensemble, Option<ScreenReport>), ModelError> {
     // Classes: normal first, then the others sorted.
     let set: BTreeSet<&str> = prep.classes.iter().map(String::as_str).filter(|c| *c != labels::NORMAL).collect();
@@ -128,7 +150,7 @@ pub fn fit(
             y_class[i] = if y_class[i] == 0 { rng.random_range(1..classes.len().max(2)).min(classes.len() - 1) } else { 0 };
             flipped.insert(i);
         }
-        log(&format!("poisoning experiment: flipped {} of {} training labels", flipped.len(), split.train.len()));
+        log(Progress::Step(&format!("poisoning experiment: flipped {} of {} training labels", flipped.len(), split.train.len())));
     }
 
     let train_vals: Vec<f64> = split.train.iter().flat_map(|&i| prep.row(i).iter().copied()).collect();
@@ -160,7 +182,7 @@ pub fn fit(
                     flagged.push((i, if y_class[i] == 0 { best } else { 0 }));
                 }
             }
-            log(&format!("label screen: fold {}/{folds} done", f + 1));
+            log(Progress::Step(&format!("label screen: fold {}/{folds} done", f + 1)));
         }
         let hit = flagged.iter().filter(|(i, _)| flipped.contains(i)).count();
         let r = ScreenReport {
@@ -170,7 +192,7 @@ pub fn fit(
             precision: if flagged.is_empty() { 0.0 } else { hit as f64 / flagged.len() as f64 },
             recall: if flipped.is_empty() { 0.0 } else { hit as f64 / flipped.len() as f64 },
         };
-        log(&format!("label screen: flagged {} rows ({} of them flipped: precision {:.3}, recall {:.3})", r.flagged, hit, r.precision, r.recall));
+        log(Progress::Step(&format!("label screen: flagged {} rows ({} of them flipped: precision {:.3}, recall {:.3})", r.flagged, hit, r.precision, r.recall)));
         for (i, c) in flagged {
             y_class[i] = c;
         }
@@ -185,24 +207,24 @@ pub fn fit(
     let t0 = Instant::now();
     let forest = Forest::fit(&xt, &yt_class, classes.len(), &opts.forest, &mut |d, n| {
         if d % 10 == 0 || d == n {
-            eprint!("\r  random forest: {d}/{n} trees   ");
+            log(Progress::Status(&format!("  random forest: {d}/{n} trees   ")));
         }
     })
     ?;
-    eprintln!();
-    log(&format!("random forest: {} trees in {:.1} s", opts.forest.trees, t0.elapsed().as_secs_f64()));
+    log(Progress::StatusEnd);
+    log(Progress::Step(&format!("random forest: {} trees in {:.1} s", opts.forest.trees, t0.elapsed().as_secs_f64())));
     let t0 = Instant::now();
     let svm = Svm::fit(&xt, &yt_bin, &opts.svm)?;
-    log(&format!("SVM: {} support vectors in {:.1} s", svm.support_vectors(), t0.elapsed().as_secs_f64()));
+    log(Progress::Step(&format!("SVM: {} support vectors in {:.1} s", svm.support_vectors(), t0.elapsed().as_secs_f64())));
     let t0 = Instant::now();
     let y_bin_all: Vec<bool> = y_class.iter().map(|&c| c != 0).collect();
     let train_seqs = sequences(prep.devices, Some(&split.train));
     let lstm = LstmModel::fit(&x, &y_bin_all, &train_seqs, &opts.lstm, &mut |e, n, loss| {
-        eprint!("\r  LSTM: epoch {e}/{n}, loss {loss:.4}   ");
+        log(Progress::Status(&format!("  LSTM: epoch {e}/{n}, loss {loss:.4}   ")));
     })
     ?;
-    eprintln!();
-    log(&format!("LSTM: {} epochs in {:.1} s", opts.lstm.epochs, t0.elapsed().as_secs_f64()));
+    log(Progress::StatusEnd);
+    log(Progress::Step(&format!("LSTM: {} epochs in {:.1} s", opts.lstm.epochs, t0.elapsed().as_secs_f64())));
 
     let twin_feature = prep.names.iter().position(|n| n == "behaviour_distance");
     let mut ens = Ensemble {
@@ -234,9 +256,9 @@ pub fn fit(
     };
     ens.validation_normal = sorted(&normal_val);
     ens.validation_attack = sorted(&attack_val);
-    log(&format!(
+    log(Progress::Step(&format!(
         "ensemble: stacking weights rf {:.2}, svm {:.2}, lstm {:.2}, twin {:.2}; threshold {:.4} for FPR <= {} on validation",
         ens.stacker.weights[0], ens.stacker.weights[1], ens.stacker.weights[2], ens.stacker.weights[3], ens.threshold, opts.target_fpr
-    ));
+    )));
     Ok((ens, screen))
 }

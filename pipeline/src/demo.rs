@@ -83,7 +83,11 @@ pub fn train_demo_model(opts: &DemoOptions, seed: u64) -> Result<std::path::Path
         out: out.clone(),
     };
     eprintln!("twinguard demo: no --model given; training a small ensemble on {} simulated events (seed {seed})", records.len());
-    let (a, r) = train::train_records(&job, &records, "simulator", Instant::now(), &mut |m| eprintln!("  {m}"))?;
+    let (a, r) = train::train_records(&job, &records, "simulator", Instant::now(), &mut |p| match p {
+        train::Progress::Step(m) => eprintln!("  {m}"),
+        train::Progress::Status(m) => eprint!("\r{m}"),
+        train::Progress::StatusEnd => eprintln!(),
+    })?;
     if let Some(m) = r.models.get("ensemble") {
         eprintln!(
             "  model {}: on its simulated held-out rows DR {:.3} at FPR {:.4}",

@@ -336,6 +336,16 @@ impl TrainArgs {
     }
 }
 
+/// Training's progress on stderr: steps as lines, the running status of a long step
+/// rewritten in place.
+fn print_progress(p: train::Progress<'_>) {
+    match p {
+        train::Progress::Step(m) => eprintln!("{m}"),
+        train::Progress::Status(m) => eprint!("\r{m}"),
+        train::Progress::StatusEnd => eprintln!(),
+    }
+}
+
 /// The simulated hospital.
 #[derive(clap::Args)]
 struct SimArgs {
@@ -474,7 +484,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Train(args) => {
             init_logs("warn");
             let job = args.job()?;
-            let (artifact, report) = twinguard_train::run_train(&job, &mut |m| eprintln!("{m}"))?;
+            let (artifact, report) = twinguard_train::run_train(&job, &mut print_progress)?;
             println!("{}", twinguard_train::render(&report));
             println!("model {} in {}", artifact.version, job.out.display());
             Ok(())
@@ -484,7 +494,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let artifact = twinguard_models::Artifact::load(&model)?;
             let twin = twinguard_train::twin_config_of(&artifact)?;
             let out = out.unwrap_or_else(|| if model.is_dir() { model.clone() } else { model.parent().map(PathBuf::from).unwrap_or_default() });
-            let report = twinguard_train::run_eval(artifact, dataset, &twin, &out)?;
+            let report = twinguard_train::run_eval(artifact, dataset, &twin, &out, &mut print_progress)?;
             println!("{}", twinguard_train::render(&report));
             println!("report.json, roc.png, pr.png, confusion.png written to {}", out.display());
             Ok(())

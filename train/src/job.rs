@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use twinguard_models::eval::evaluate;
-use twinguard_models::train::{fit, TrainOptions};
+use twinguard_models::train::{fit, Progress, TrainOptions};
 use twinguard_models::{Artifact, ModelCard};
 use twinguard_operators::detect::feature_relevant;
 use twinguard_operators::TwinConfig;
@@ -49,10 +49,10 @@ impl Recipe {
 
 /// Train, evaluate on the held-out rows through the detector, save the artifact,
 /// model card, report and plots into `job.out`.
-pub fn run_train(job: &TrainJob, log: &mut dyn FnMut(&str)) -> Result<(Artifact, Report), TrainError> {
+pub fn run_train(job: &TrainJob, log: &mut dyn FnMut(Progress<'_>)) -> Result<(Artifact, Report), TrainError> {
     let started = Instant::now();
     let records = job.dataset.load(&job.schema)?;
-    log(&format!("{}: {} rows as `{}` events", job.dataset.file.display(), records.len(), job.schema.id()));
+    log(Progress::Step(&format!("{}: {} rows as `{}` events", job.dataset.file.display(), records.len(), job.schema.id())));
     let sha = sha256_file(&job.dataset.file)?;
     train_records(job, &records, &sha, started, log)
 }
@@ -63,19 +63,19 @@ pub fn train_records(
     records: &[(String, Vec<u8>)],
     dataset_sha256: &str,
     started: Instant,
-    log: &mut dyn FnMut(&str),
+    log: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Artifact, Report), TrainError> {
-    let prep = prepare(&job.schema, &job.twin, &job.feature_sql, records, &mut |d, n| eprint!("\r  features: {d}/{n} events   "))?;
-    eprintln!();
-    log(&format!("features: {} per event ({} records rejected by the decoder)", prep.cols, prep.rejected));
+    let prep = prepare(&job.schema, &job.twin, &job.feature_sql, records, &mut |d, n| log(Progress::Status(&format!("  features: {d}/{n} events   "))))?;
+    log(Progress::StatusEnd);
+    log(Progress::Step(&format!("features: {} per event ({} records rejected by the decoder)", prep.cols, prep.rejected)));
     let split = job.split.apply(&prep.classes);
-    log(&format!(
+    log(Progress::Step(&format!(
         "split: {} -> {} train, {} validation, {} test rows",
         job.split.describe(),
         split.train.len(),
         split.validation.len(),
         split.test.len()
-    ));
+    )));
     let (ensemble, screen) = fit(&prep.dataset(), &split, job.twin.anomaly_threshold, &job.opts, log)?;
     let training_seconds = started.elapsed().as_secs_f64();
     let recipe = Recipe { dataset: job.dataset.clone(), split: job.split.clone(), train: job.opts.clone() };
@@ -111,14 +111,14 @@ pub fn train_records(
         format!("{:x}", sha2::Sha256::digest(&bytes))
     };
     artifact.version = format!("{}-v{}-{}-{}", job.schema.name, job.schema.version, chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), &digest[..8]);
-    log(&format!("trained in {training_seconds:.1} s; evaluating on the test rows through the detector"));
-    let scores = score_stream(&job.schema, &job.twin, artifact.clone(), records, &mut |d, n| eprint!("\r  scoring: {d}/{n} events   "))?;
-    eprintln!();
+    log(Progress::Step(&format!("trained in {training_seconds:.1} s; evaluating on the test rows through the detector")));
+    let scores = score_stream(&job.schema, &job.twin, artifact.clone(), records, &mut |d, n| log(Progress::Status(&format!("  scoring: {d}/{n} events   "))))?;
+    log(Progress::StatusEnd);
     let report = evaluate(&artifact, &scores, &split, &artifact.card.dataset);
     artifact.card.test_metrics = summary_json(&report);
     let path = artifact.save(&job.out).map_err(|e| TrainError::Io(e.to_string()))?;
     write_outputs(&job.out, &artifact, &report)?;
-    log(&format!("model {} written to {}", artifact.version, path.display()));
+    log(Progress::Step(&format!("model {} written to {}", artifact.version, path.display())));
     Ok((artifact, report))
 }
 
@@ -148,6 +148,7 @@ pub fn run_eval(
     dataset: Option<PathBuf>,
     twin: &TwinConfig,
     out: &std::path::Path,
+    log: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Report, TrainError> {
     let recipe = Recipe::from_card(&artifact)?;
     let schema = EventSchema::builtin(&artifact.schema).or_else(|_| EventSchema::builtin(&recipe.dataset.schema))?;
@@ -156,8 +157,8 @@ pub fn run_eval(
         spec.file = f;
     }
     let records = spec.load(&schema)?;
-    let scores = score_stream(&schema, twin, artifact.clone(), &records, &mut |d, n| eprint!("\r  scoring: {d}/{n} events   "))?;
-    eprintln!();
+    let scores = score_stream(&schema, twin, artifact.clone(), &records, &mut |d, n| log(Progress::Status(&format!("  scoring: {d}/{n} events   "))))?;
+    log(Progress::StatusEnd);
     let split = recipe.split.apply(&scores.truth);
     let report = evaluate(&artifact, &scores, &split, &spec.file.display().to_string());
     write_outputs(out, &artifact, &report)?;
