@@ -38,17 +38,16 @@ pub struct ReplayStats {
 }
 
 fn open(path: &Path) -> Result<Box<dyn Read>, TrainError> {
-    let f = std::fs::File::open(path).map_err(|e| TrainError::Io(format!("cannot open dataset {}: {e}", path.display())))?;
+    let f = std::fs::File::open(path).map_err(|e| TrainError::dataset(path, format!("cannot open the dataset: {e}")))?;
     Ok(if path.extension().is_some_and(|e| e == "gz") { Box::new(flate2::read::GzDecoder::new(f)) } else { Box::new(f) })
 }
 
 /// Read the dataset into `(key, JSON event)` records.
 pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, Vec<u8>)>, ReplayStats), TrainError> {
-    let origin = opts.file.display().to_string();
     let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(open(&opts.file)?);
     let headers: Vec<String> = rdr
         .headers()
-        .map_err(|e| TrainError::Io(format!("{origin}: cannot read the CSV header: {e}")))?
+        .map_err(|e| TrainError::dataset(&opts.file, format!("cannot read the CSV header: {e}")))?
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
@@ -59,8 +58,9 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
         match col(src) {
             Some(i) => mapping.push((i, f)),
             None if f.required => {
-                return Err(TrainError::Io(format!(
-                    "{origin}: column `{src}` (schema field `{}`, required by `{}`) is missing",
+                return Err(TrainError::dataset(
+                    &opts.file,
+                    format!("column `{src}` (schema field `{}`, required by `{}`) is missing",
                     f.name,
                     schema.id()
                 )))
@@ -69,10 +69,10 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
         }
     }
     if mapping.is_empty() {
-        return Err(TrainError::Io(format!("{origin}: no column matches a `source_column` of schema `{}`", schema.id())));
+        return Err(TrainError::dataset(&opts.file, format!("no column matches a `source_column` of schema `{}`", schema.id())));
     }
     let dev_col = match &opts.device_column {
-        Some(c) => Some(col(c).ok_or_else(|| TrainError::Io(format!("{origin}: device column `{c}` not found")))?),
+        Some(c) => Some(col(c).ok_or_else(|| TrainError::dataset(&opts.file, format!("device column `{c}` not found")))?),
         None => None,
     };
     let prefix = schema.dataset.clone().unwrap_or_else(|| schema.name.clone());
@@ -81,7 +81,7 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
         if opts.shuffle_seed.is_none() && opts.limit.is_some_and(|l| i >= l) {
             break;
         }
-        rows.push(rec.map_err(|e| TrainError::Io(format!("{origin}: row {}: {e}", i + 2)))?);
+        rows.push(rec.map_err(|e| TrainError::dataset(&opts.file, format!("row {}: {e}", i + 2)))?);
     }
     if let Some(seed) = opts.shuffle_seed {
         use rand::seq::SliceRandom;
@@ -160,7 +160,7 @@ impl DatasetSpec {
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &std::path::Path) -> Result<String, TrainError> {
     use sha2::Digest;
-    let bytes = std::fs::read(path).map_err(|e| TrainError::Io(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = std::fs::read(path).map_err(|e| TrainError::dataset(path, format!("cannot read: {e}")))?;
     Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))
 }
 

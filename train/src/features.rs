@@ -102,7 +102,7 @@ pub fn prepare(
         progress,
     )?;
     if p.classes.iter().any(String::is_empty) {
-        return Err(TrainError::Io(format!("some rows carry no label: schema `{}` needs a `label` field with a source column", schema.id())));
+        return Err(TrainError::Config { key: "schema".into(), reason: format!("some rows carry no label: schema `{}` needs a `label` field with a source column", schema.id()) });
     }
     Ok(p)
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use twinguard_models::eval::evaluate;
 use twinguard_models::train::{fit, Progress, TrainOptions};
-use twinguard_models::{Artifact, ModelCard};
+use twinguard_models::{Artifact, ModelCard, ModelError};
 use twinguard_operators::detect::feature_relevant;
 use twinguard_operators::TwinConfig;
 use twinguard_schemas::EventSchema;
@@ -43,7 +43,7 @@ pub struct Recipe {
 impl Recipe {
     pub fn from_card(a: &Artifact) -> Result<Recipe, TrainError> {
         serde_json::from_value(a.card.hyper_parameters.clone())
-            .map_err(|e| TrainError::Io(format!("model {}: its card has no usable recipe: {e}", a.version)))
+            .map_err(|e| TrainError::Model(ModelError::Artifact(format!("model {}: its card has no usable recipe: {e}", a.version))))
     }
 }
 
@@ -116,7 +116,7 @@ pub fn train_records(
     log(Progress::StatusEnd);
     let report = evaluate(&artifact, &scores, &split, &artifact.card.dataset);
     artifact.card.test_metrics = summary_json(&report);
-    let path = artifact.save(&job.out).map_err(|e| TrainError::Io(e.to_string()))?;
+    let path = artifact.save(&job.out)?;
     write_outputs(&job.out, &artifact, &report)?;
     log(Progress::Step(&format!("model {} written to {}", artifact.version, path.display())));
     Ok((artifact, report))
@@ -125,7 +125,7 @@ pub fn train_records(
 
 /// Write `report.json`, `MODEL_CARD.md` and the plots into `dir`.
 pub fn write_outputs(dir: &std::path::Path, a: &Artifact, r: &Report) -> Result<(), TrainError> {
-    let io = |p: &std::path::Path, e: std::io::Error| TrainError::Io(format!("cannot write {}: {e}", p.display()));
+    let io = |p: &std::path::Path, e: std::io::Error| TrainError::Io { path: p.to_path_buf(), reason: e.to_string() };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let p = dir.join("report.json");
     std::fs::write(&p, serde_json::to_vec_pretty(r).expect("report serialises")).map_err(|e| io(&p, e))?;
@@ -136,7 +136,7 @@ pub fn write_outputs(dir: &std::path::Path, a: &Artifact, r: &Report) -> Result<
         .iter()
         .map(|(name, m)| Series { name, scores: &m.scores, roc_auc: m.at_threshold.roc_auc, pr_auc: m.at_threshold.pr_auc })
         .collect();
-    plots::write_all(dir, &series, &r.test_truth, &r.families).map_err(|e| TrainError::Io(format!("plots in {}: {e}", dir.display())))?;
+    plots::write_all(dir, &series, &r.test_truth, &r.families).map_err(|e| TrainError::Io { path: dir.to_path_buf(), reason: format!("plots: {e}") })?;
     Ok(())
 }
 
@@ -173,7 +173,7 @@ pub fn twin_config_of(a: &Artifact) -> Result<TwinConfig, TrainError> {
             obj.insert(k.clone(), x.clone());
         }
     }
-    serde_json::from_value(v).map_err(|e| TrainError::Io(format!("model {}: twin settings unreadable: {e}", a.version)))
+    serde_json::from_value(v).map_err(|e| TrainError::Model(ModelError::Artifact(format!("model {}: twin settings unreadable: {e}", a.version))))
 }
 
 

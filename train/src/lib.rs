@@ -11,6 +11,8 @@
 //! feeds them. Imports run one way: `job → {dataset, features, report, plots, split}`;
 //! `plots` and `report` know nothing of `job`.
 
+use std::path::PathBuf;
+
 pub mod dataset;
 pub mod features;
 pub mod job;
@@ -25,15 +27,29 @@ pub use job::{run_eval, run_train, train_records, twin_config_of, write_outputs,
 pub use report::{render, ModelReport, Report};
 pub use split::{Split, SplitKind, SplitSpec};
 
-/// Errors of training and evaluation.
+/// Errors of training and evaluation, by kind of fault.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("{0}")]
-    Io(String),
+    /// A dataset file that cannot be read, or whose rows do not fit the schema.
+    #[error("{}: {reason}", path.display())]
+    Dataset { path: PathBuf, reason: String },
+    /// A setting that does not fit the data: `key` names it.
+    #[error("{key}: {reason}")]
+    Config { key: String, reason: String },
+    /// Fitting failed, or a model artifact is unusable.
     #[error("{0}")]
     Model(#[from] twinguard_models::ModelError),
+    /// An output file or directory that cannot be written.
+    #[error("cannot write {}: {reason}", path.display())]
+    Io { path: PathBuf, reason: String },
     #[error(transparent)]
     Schema(#[from] twinguard_schemas::SchemaError),
     #[error(transparent)]
     Operator(#[from] twinguard_operators::OperatorError),
+}
+
+impl TrainError {
+    pub fn dataset(path: &std::path::Path, reason: impl Into<String>) -> Self {
+        TrainError::Dataset { path: path.to_path_buf(), reason: reason.into() }
+    }
 }
