@@ -1,9 +1,10 @@
 //! twinguard's pipeline: configuration, the Kafka source and sink, the topology
-//! that runs the operators, the device simulator, dataset replay and the CLI.
+//! that runs the operators, the device simulator and the CLI (training, evaluation
+//! and dataset reading live in `twinguard-train`).
 //!
-//! Architecture Invariant: this is the only crate that does I/O. It holds no
-//! detection or business rules: those live in `operators` and `models` (`train`
-//! only orchestrates them over dataset files).
+//! Architecture Invariant: with `twinguard-train` (files only), this is the only
+//! crate that does I/O, and the only one that touches Kafka. It holds no detection
+//! or business rules: those live in `operators` and `models`.
 
 pub mod config;
 pub mod demo;
