@@ -113,6 +113,9 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
     let mut oldest: Option<Instant> = None;
     let mut last_handover = Instant::now();
     let mut last_lag = Instant::now();
+    // Set when the last changelog record of the start was read; then the generation
+    // of the view's first snapshot that shows every twin read by then.
+    let (mut force_handover, mut shown_at) = (false, None::<u64>);
     while !stop.load(Relaxed) {
         metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Relaxed);
         match consumer.poll(Duration::from_millis(20)) {
@@ -159,8 +162,10 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
                     if behind.get(&p).is_some_and(|end| offset + 1 >= *end) {
                         behind.remove(&p);
                         if behind.is_empty() {
-                            tracing::info!(twins = live.len(), millis = started.elapsed().as_millis() as u64, "every twin materialised; ready");
-                            metrics.ready.store(1, Relaxed);
+                            // Every twin read: hand them over now, and be ready once a
+                            // snapshot shows them (the refresh under way when they are
+                            // staged may have taken its changes before; the next has them).
+                            force_handover = true;
                         }
                     }
                 } else if topic == t.verdicts {
@@ -181,14 +186,28 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
                 }
             }
         }
-        if last_handover.elapsed() >= HAND_OVER {
+        if last_handover.elapsed() >= HAND_OVER || force_handover {
             last_handover = Instant::now();
             view.push_batch(oldest, &verdicts, &alerts, &commands, std::mem::take(&mut twins));
+            if std::mem::take(&mut force_handover) {
+                shown_at = Some(view.generation() + 2);
+            }
             verdicts.clear();
             alerts.clear();
             commands.clear();
             oldest = None;
             metrics.twins.store(live.len() as i64, Relaxed);
+        }
+        if shown_at.is_some_and(|g| view.generation() >= g) {
+            shown_at = None;
+            tracing::info!(
+                twins = live.len(),
+                millis = started.elapsed().as_millis() as u64,
+                view_rows = view.twins_rows(),
+                view_bytes = view.twins_bytes(),
+                "every twin materialised; ready"
+            );
+            metrics.ready.store(1, Relaxed);
         }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
