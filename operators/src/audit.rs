@@ -34,6 +34,11 @@ use twinguard_schemas::respond::{AuditKind, AuditRecord, RESPONSE_VERSION};
 /// `prev` of the first record of a chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// Largest `seq` a record may carry (no chain reaches 2^63 records): a signed record
+/// beyond it is reported as malformed, and a chain is not continued from it, so no
+/// `seq + 1` can overflow (a panic: overflow checks are on in every profile).
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -179,6 +184,9 @@ impl AuditLog {
                 };
                 if rec.chain != chain {
                     return Err(format!("the last record belongs to chain {}, not {chain}", rec.chain));
+                }
+                if rec.seq >= MAX_SEQ {
+                    return Err(format!("the last record has seq {}: no record can follow it (the largest is {MAX_SEQ})", rec.seq));
                 }
                 Head { seq: rec.seq + 1, prev: rec.hash, rotate }
             }
@@ -407,6 +415,9 @@ pub fn verify_chain(
             rotations += 1;
         }
         seen.insert(rec.seq);
+        if rec.seq > MAX_SEQ {
+            return Err(fault(*offset, Some(rec.seq), format!("malformed: seq {} is beyond any chain (the largest is {MAX_SEQ})", rec.seq)));
+        }
         expect = Some((rec.seq + 1, rec.hash.clone()));
     }
     Ok(ChainSummary { records: records.len() as u64, head: expect.map(|e| e.1), rotations, key: hex(key.as_bytes()) })
@@ -561,6 +572,52 @@ mod tests {
             .collect();
         let s = verify_chain(5, &recs, &pinned, false).unwrap();
         assert_eq!((s.records, s.rotations), (2, 1));
+    }
+
+    #[test]
+    fn a_signed_record_with_the_largest_seq_is_a_fault_not_an_overflow() {
+        // Found by the audit_verify fuzz target: `seq + 1` overflowed (a panic, since
+        // overflow checks are on in every profile) in verify_chain, continue_from and
+        // the append after continuing from a tail of seq u64::MAX - 1.
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let mut rec = AuditRecord {
+            v: RESPONSE_VERSION,
+            chain: 0,
+            seq: u64::MAX,
+            prev: GENESIS.into(),
+            kind: AuditKind::Verdict,
+            at: "2026-01-01T00:00:00Z".into(),
+            device_id: None,
+            body: json!({}),
+            key_id: key_id(&key.verifying_key()),
+            hash: String::new(),
+            sig: String::new(),
+        };
+        let h = record_hash(&serde_json::to_value(&rec).unwrap());
+        rec.hash = hex(&h);
+        rec.sig = hex(&key.sign(&h).to_bytes());
+        let b = serde_json::to_vec(&rec).unwrap();
+        let f = verify_chain(0, &[(5, b.clone())], &key.verifying_key(), true).unwrap_err();
+        assert_eq!((f.offset, f.seq), (5, Some(u64::MAX)));
+        assert!(f.reason.starts_with("malformed"), "{f}");
+        assert!(AuditLog::new([7; 32]).continue_from(0, Some(&b)).unwrap_err().contains("no record can follow"));
+        for seq in [MAX_SEQ, u64::MAX - 1] {
+            rec.seq = seq;
+            let h = record_hash(&serde_json::to_value(&rec).unwrap());
+            rec.hash = hex(&h);
+            rec.sig = hex(&key.sign(&h).to_bytes());
+            let b = serde_json::to_vec(&rec).unwrap();
+            assert!(AuditLog::new([7; 32]).continue_from(0, Some(&b)).unwrap_err().contains("no record can follow"));
+        }
+        rec.seq = MAX_SEQ - 1;
+        let h = record_hash(&serde_json::to_value(&rec).unwrap());
+        rec.hash = hex(&h);
+        rec.sig = hex(&key.sign(&h).to_bytes());
+        let b = serde_json::to_vec(&rec).unwrap();
+        assert_eq!(verify_chain(0, &[(0, b.clone())], &key.verifying_key(), true).unwrap().records, 1);
+        let mut log = AuditLog::new([7; 32]);
+        log.continue_from(0, Some(&b)).unwrap();
+        assert_eq!(log.append(0, AuditKind::Verdict, "2026-01-01T00:00:01Z".into(), None, json!({})).0.seq, MAX_SEQ);
     }
 
     #[test]

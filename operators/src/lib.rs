@@ -11,12 +11,18 @@ use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
 pub mod audit;
+#[cfg(feature = "scoring")]
 pub mod detect;
+#[cfg(feature = "scoring")]
 pub mod features;
+/// Fuzz-target properties (`fuzz/`), replayed over the committed corpora by the tests.
+#[cfg(any(test, fuzzing))]
+pub mod fuzz_check;
 pub mod gate;
 pub mod respond;
 pub mod twin;
 
+#[cfg(feature = "scoring")]
 pub use detect::Detector;
 pub use gate::{Gate, GateStatus, GatingConfig, Transition};
 pub use respond::{PolicyConfig, Registry, Responder, Responses};
@@ -34,6 +40,7 @@ pub enum OperatorError {
     Schema(String),
     #[error("feature query: {0}")]
     Features(String),
+    #[cfg(feature = "scoring")]
     #[error("model: {0}")]
     Model(#[from] twinguard_models::ModelError),
     #[error("cannot restore twin `{key}` from the changelog: {reason}")]

@@ -13,6 +13,9 @@ pub mod dlq;
 pub mod encode;
 pub mod event;
 pub mod fields;
+/// Fuzz-target properties (`fuzz/`), replayed over the committed corpora by the tests.
+#[cfg(any(test, fuzzing))]
+pub mod fuzz_check;
 pub mod respond;
 pub mod verdict;
 
