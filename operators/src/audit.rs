@@ -45,7 +45,8 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    // `from_str_radix` alone would also take a sign ("+f").
+    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
@@ -313,11 +314,16 @@ pub fn check_record(bytes: &[u8], key: &VerifyingKey) -> Result<AuditRecord, Str
     if rec.hash != hex(&h) {
         return Err("altered: its content does not match its hash".into());
     }
+    // Exactly the writer's spelling (lowercase hex): a record whose bytes differ
+    // from what was signed and written must not verify, even where the signature
+    // it decodes to is the same (found by fuzzing: "...2E4c..." for "...2e4c...").
     let sig = unhex(&rec.sig)
+        .filter(|b| hex(b) == rec.sig)
         .and_then(|b| <[u8; 64]>::try_from(b).ok())
         .map(|b| Signature::from_bytes(&b))
-        .ok_or_else(|| "forged: its signature is not 64 hex bytes".to_string())?;
-    key.verify(&h, &sig)
+        .ok_or_else(|| "forged: its signature is not 128 lowercase hex characters".to_string())?;
+    // Strict verification also refuses a non-canonical signature scalar and small-order keys.
+    key.verify_strict(&h, &sig)
         .map_err(|_| format!("forged: its signature does not verify with the audit public key (key id {})", key_id(key)))?;
     Ok(rec)
 }
@@ -494,6 +500,18 @@ mod tests {
         let f = verify_chain(3, &t, &k, false).unwrap_err();
         assert_eq!(f.seq, Some(1));
         assert!(f.reason.starts_with("forged"), "{f}");
+        // The same signature spelt in upper case is not what was written (found by fuzzing).
+        let mut t = recs.clone();
+        let mut v: Value = serde_json::from_slice(&t[2].1).unwrap();
+        let upper = v["sig"].as_str().unwrap().to_uppercase();
+        assert_ne!(v["sig"], json!(upper), "a signature with a hex letter");
+        v["sig"] = json!(upper);
+        t[2].1 = serde_json::to_vec(&v).unwrap();
+        let f = verify_chain(3, &t, &k, false).unwrap_err();
+        assert_eq!(f.seq, Some(2));
+        assert!(f.reason.starts_with("forged"), "{f}");
+        // A sign is not a hex digit either.
+        assert_eq!(unhex("+f0f"), None);
         // Dropping the first record is removal unless retention is allowed for.
         let t = recs[1..].to_vec();
         assert!(verify_chain(3, &t, &k, false).unwrap_err().reason.starts_with("removed"));
