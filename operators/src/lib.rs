@@ -20,6 +20,7 @@ pub mod features;
 pub mod fuzz_check;
 pub mod gate;
 pub mod respond;
+pub mod response_state;
 pub mod twin;
 
 #[cfg(feature = "scoring")]

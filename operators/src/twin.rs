@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use twinguard_schemas::verdict::verdict_arrow_schema;
 use twinguard_schemas::{EventSchema, FieldKind, Role, Transform};
 
-use crate::respond::ResponseState;
+use crate::response_state::ResponseState;
 use crate::{Operator, OperatorError, Output};
 
 /// Version of the twin's changelog encoding.
