@@ -37,9 +37,10 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerC
 use rdkafka::{Message, Offset, TopicPartitionList};
 use twinguard::config::Config;
 use twinguard::kafka::{self, NewTopicSpec};
-use twinguard::sim::{SimConfig, Simulator};
-use twinguard::testkit::Broker;
-use twinguard::{produce, Metrics};
+use twinguard::tools::sim::{SimConfig, Simulator};
+use twinguard::tools::testkit::Broker;
+use twinguard::tools::produce;
+use twinguard::Metrics;
 
 const PARTITIONS: i32 = 4;
 
@@ -142,10 +143,10 @@ fn main() {
     eprintln!("pipeline (backlog)...");
     let metrics = Arc::new(Metrics::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let view = twinguard::sqlview::SqlView::new(cfg.sql.recent_rows);
+    let view = twinguard::sql::view::SqlView::new(cfg.sql.recent_rows);
     view.spawn_refresher(
         Duration::from_millis(cfg.sql.refresh_ms),
-        twinguard::serve::status_fn(twinguard::serve::Mode::Pipeline, metrics.clone()),
+        twinguard::app::serve::status_fn(twinguard::app::serve::Mode::Pipeline, metrics.clone()),
         metrics.clone(),
         stop.clone(),
     )
@@ -155,7 +156,8 @@ fn main() {
     let started = Instant::now();
     let handle = {
         let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
-        std::thread::spawn(move || twinguard::engine::run_with(&cfg, metrics, stop, Some(view)))
+        let feed = twinguard::sql::view::ViewFeed::for_config(view, &cfg).unwrap();
+        std::thread::spawn(move || twinguard::engine::run_with(&cfg, metrics, stop, Some(feed)))
     };
     let verdicts = reader(&cfg, &cfg.topics.verdicts, "bench-verdicts");
     let mut seen = 0usize;
@@ -321,7 +323,7 @@ fn main() {
 /// Every 50 ms (after the previous probe was seen) for `dur`: one event of a new device; the time from its produce
 /// acknowledgement until the device's row is in the published `twins` snapshot (ms).
 /// Returns those times and how many probe events were sent (each is an input event).
-fn sql_probes(cfg: &Config, view: &twinguard::sqlview::SqlView, template: &twinguard::sim::SimRecord, dur: Duration, stop: &AtomicBool) -> (Vec<f64>, usize) {
+fn sql_probes(cfg: &Config, view: &twinguard::sql::view::SqlView, template: &twinguard::tools::sim::SimRecord, dur: Duration, stop: &AtomicBool) -> (Vec<f64>, usize) {
     let mut out = Vec::new();
     // One producer for every probe, warmed up on a topic the pipeline does not read:
     // a new idempotent producer holds its first record ~0.5 s for its producer id,
@@ -355,9 +357,9 @@ fn sql_probes(cfg: &Config, view: &twinguard::sqlview::SqlView, template: &twing
 }
 
 /// Queries through DataFusion over the live view for `dur`: latency per query (ms).
-fn query_loop(view: &Arc<twinguard::sqlview::SqlView>, dur: Duration, stop: &AtomicBool) -> Vec<f64> {
+fn query_loop(view: &Arc<twinguard::sql::view::SqlView>, dur: Duration, stop: &AtomicBool) -> Vec<f64> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let ctx = twinguard::sqlserver::session_context(view, 256 << 20).unwrap();
+    let ctx = twinguard::sql::server::session_context(view, 256 << 20).unwrap();
     let mut out = Vec::new();
     let end = Instant::now() + dur;
     while Instant::now() < end && !stop.load(Ordering::Relaxed) {

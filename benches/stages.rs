@@ -4,7 +4,7 @@
 //! Run: `cargo bench -p twinguard --bench stages` (results in benches/RESULTS.md).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use twinguard::sim::{SimConfig, Simulator};
+use twinguard::tools::sim::{SimConfig, Simulator};
 use twinguard_operators::{Operator, Output, TwinConfig, TwinOperator};
 use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
 

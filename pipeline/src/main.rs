@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use twinguard::serve::Mode;
+use twinguard::app::serve::Mode;
 use twinguard::config::Config;
-use twinguard::demo::{self, DemoOptions};
-use twinguard::sim::{SimConfig, Simulator};
-use twinguard::{produce, Metrics};
+use twinguard::app::demo::{self, DemoOptions};
+use twinguard::tools::sim::{SimConfig, Simulator};
+use twinguard::tools::produce;
+use twinguard::Metrics;
 use twinguard_schemas::EventSchema;
 use twinguard_train::{self as train, ReplayOptions};
 
@@ -362,7 +363,7 @@ struct SimArgs {
 
 fn init_logs(default: &str) {
     // A second subscriber cannot be installed; the first one stays (never fatal).
-    let _ = twinguard::observe::init_logs(default, None);
+    let _ = twinguard::obs::export::init_logs(default, None);
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {
@@ -384,7 +385,7 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo { sim: SimArgs { devices, events, seed }, partitions, model, train_events } => {
             // Dead letters are counted in the summary; per-record lines would bury the progress.
-            init_logs("warn,twinguard::telemetry=error");
+            init_logs("warn,twinguard::obs::events=error");
             let summary = demo::run(&DemoOptions { devices, events, seed, partitions, model, train_events })?;
             summary.print(&mut std::io::stdout())?;
             if summary.verdicts != summary.valid || summary.dlq != summary.malformed {
@@ -583,21 +584,24 @@ fn run_until_signal(cfg: Config, mode: Mode, sql_listen: Option<String>) -> Resu
     // The OTLP exporters live on this runtime: set up inside it, shut down before it.
     let telemetry = {
         let _guard = rt.enter();
-        twinguard::observe::init(&cfg.otel, "info")?
+        twinguard::obs::export::init(&cfg.otel, "info")?
     };
     let result = rt.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
         let metrics = Arc::new(Metrics::default());
         let sql_listen = sql_listen.or_else(|| if mode == Mode::Pipeline { cfg.sql.listen.clone() } else { None });
-        let view = twinguard::serve::start(&cfg, &telemetry, &metrics, mode, sql_listen.as_deref(), &stop).await?;
+        let view = twinguard::app::serve::start(&cfg, &telemetry, &metrics, mode, sql_listen.as_deref(), &stop).await?;
         let mut work = {
             let (stop, metrics, cfg) = (stop.clone(), metrics.clone(), cfg.clone());
             tokio::task::spawn_blocking(move || -> Result<Option<twinguard::RunReport>, twinguard::PipelineError> {
                 match mode {
-                    Mode::Pipeline => twinguard::engine::run_rejoining(&cfg, metrics, stop, view).map(Some),
+                    Mode::Pipeline => {
+                        let observer = view.map(|v| twinguard::sql::view::ViewFeed::for_config(v, &cfg)).transpose()?;
+                        twinguard::engine::run_rejoining(&cfg, metrics, stop, observer).map(Some)
+                    }
                     Mode::Global => {
                         let view = view.expect("the query-only process serves SQL");
-                        twinguard::global::run(&cfg, metrics, view, stop).map(|()| None)
+                        twinguard::sql::fleet::run(&cfg, metrics, view, stop).map(|()| None)
                     }
                 }
             })

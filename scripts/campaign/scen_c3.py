@@ -183,7 +183,7 @@ def c3():
         extra = {"batch": {"max_records": 1000, "expiry_interval_secs": 2},
                  "state": {"idle_ttl_secs": 90000}, "decode": {"max_future_secs": 86400}}
         f = Run(w, "fault", extra, audit=True)
-        p = f.start(log_level="warn,twinguard::telemetry=error")
+        p = f.start(log_level="warn,twinguard::obs::events=error")
         cur = [p]
         f.wait_ready(p, 120)
         smp = Sampler(lambda: cur[0])
@@ -302,7 +302,7 @@ def c3():
                 if restarts >= 2:
                     break
                 restarts += 1
-                p = f.start(log_level="warn,twinguard::telemetry=error")
+                p = f.start(log_level="warn,twinguard::obs::events=error")
                 cur[0] = p
                 f.wait_ready(p, 120)
         for t in tails:

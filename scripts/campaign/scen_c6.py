@@ -116,7 +116,7 @@ def c6b():
         extra = {"state": {"max_twins": max_twins}, "batch": {"max_records": 1000, "expiry_interval_secs": 1}}
         f = Run(w, "fault", extra, audit=False)
         f.follow()
-        p = f.start(log_level="warn,twinguard::telemetry=info")
+        p = f.start(log_level="warn,twinguard::obs::events=info")
         smp = Sampler(lambda: p, every=0.5)
         smp.start()
         done = f.wait_complete(n, size(180, 900), [p])

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use twinguard::sim::Truth;
+use twinguard::tools::sim::Truth;
 
 use crate::harness::*;
 

@@ -51,7 +51,7 @@ fn pipeline_scores_match_offline_eval_across_a_restart() {
     cfg.model.path = Some(model.clone());
     let path = write_config(&dir, "pipeline", &cfg);
     let send = |recs: &[(String, Vec<u8>)]| {
-        twinguard::produce::produce_all(&cfg, &cfg.topics.input, recs.iter().cloned(), None, |_, _| {}).unwrap()
+        twinguard::tools::produce::produce_all(&cfg, &cfg.topics.input, recs.iter().cloned(), None, |_, _| {}).unwrap()
     };
     let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
     let half = ROWS / 2;

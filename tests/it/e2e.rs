@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use rdkafka::message::Headers;
 use rdkafka::Message;
-use twinguard::sim::Truth;
+use twinguard::tools::sim::Truth;
 use twinguard_schemas::fields;
 
 use crate::harness::*;
@@ -178,7 +178,7 @@ fn paced_produce_waits_for_its_producer_id_and_delivers_everything() {
     let Setup { dir: _dir, broker: _broker, cfg } = Setup::new("paced");
     let recs = sim_records(2, 40, 9, 0.0);
     let records = recs.iter().map(|r| (r.key.clone(), r.payload.clone()));
-    let coords = twinguard::produce::produce_all(&cfg, &cfg.topics.input, records, Some(400.0), |_, _| {}).unwrap();
+    let coords = twinguard::tools::produce::produce_all(&cfg, &cfg.topics.input, records, Some(400.0), |_, _| {}).unwrap();
     assert_eq!(coords.len(), recs.len());
     let distinct: HashSet<(i32, i64)> = coords.iter().copied().collect();
     assert_eq!(distinct.len(), recs.len(), "one acknowledged coordinate per record");

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::Message;
-use twinguard::sim::Truth;
+use twinguard::tools::sim::Truth;
 use twinguard_schemas::fields;
 
 use crate::harness::*;
@@ -22,7 +22,7 @@ fn record_size(m: &OwnedMessage) -> usize {
     m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len) + headers
 }
 
-fn valid_coords(recs: &[twinguard::sim::SimRecord], coords: &[(i32, i64)]) -> HashSet<(i32, i64)> {
+fn valid_coords(recs: &[twinguard::tools::sim::SimRecord], coords: &[(i32, i64)]) -> HashSet<(i32, i64)> {
     recs.iter().zip(coords).filter(|(r, _)| !matches!(r.truth, Truth::Malformed(_))).map(|(_, c)| *c).collect()
 }
 
@@ -45,7 +45,7 @@ fn a_megabyte_control_record_is_dead_lettered_and_the_stream_goes_on() {
     let control = |topic: &str, recs: Vec<(String, Vec<u8>)>| {
         let mut one = cfg.clone();
         one.kafka.producer.insert("batch.num.messages".into(), "1".into());
-        twinguard::produce::produce_all(&one, topic, recs, None, |_, _| {}).unwrap()
+        twinguard::tools::produce::produce_all(&one, topic, recs, None, |_, _| {}).unwrap()
     };
     let feedback = control(
         &cfg.topics.feedback,
@@ -108,7 +108,7 @@ fn a_future_dated_event_expires_no_other_twin() {
     }
     let mut one = cfg.clone();
     one.kafka.producer.insert("batch.num.messages".into(), "1".into());
-    let claims = twinguard::produce::produce_all(&one, &cfg.topics.input, claimants, None, |_, _| {}).unwrap();
+    let claims = twinguard::tools::produce::produce_all(&one, &cfg.topics.input, claimants, None, |_, _| {}).unwrap();
 
     let mut p = PipelineProc::start(&dir, "pipeline", &write_config(&dir, "pipeline", &cfg));
     let http = p.wait_addr("serving /metrics");
@@ -170,7 +170,7 @@ fn strings_past_max_len_are_dead_lettered_and_twins_stay_small() {
 fn an_undecodable_changelog_record_is_quarantined_and_the_partition_served() {
     let Setup { dir, broker: _broker, cfg } = Setup::new("quarantine");
     let garbage = b"{\"v\":1,\"schema\": not a twin".to_vec();
-    let bad = twinguard::produce::produce_all(&cfg, &cfg.topics.changelog, vec![("ghost-device".to_string(), garbage.clone())], None, |_, _| {}).unwrap();
+    let bad = twinguard::tools::produce::produce_all(&cfg, &cfg.topics.changelog, vec![("ghost-device".to_string(), garbage.clone())], None, |_, _| {}).unwrap();
     let recs = sim_records(4, 100, 51, 0.0);
     let coords = produce(&cfg, &recs);
     let mut p = PipelineProc::start(&dir, "pipeline", &write_config(&dir, "pipeline", &cfg));

@@ -17,9 +17,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use twinguard::config::Config;
-pub use twinguard::testkit::Broker;
+pub use twinguard::tools::testkit::Broker;
 use twinguard::kafka::{self, NewTopicSpec};
-use twinguard::sim::{SimConfig, SimRecord, Simulator};
+use twinguard::tools::sim::{SimConfig, SimRecord, Simulator};
 use twinguard_operators::{Operator, Output, TwinConfig, TwinOperator};
 use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
 
@@ -329,7 +329,7 @@ pub fn produce(cfg: &Config, recs: &[SimRecord]) -> Vec<(i32, i64)> {
 
 /// Produce test input in batches as large as the producer makes them.
 pub fn produce_batched(cfg: &Config, recs: &[SimRecord]) -> Vec<(i32, i64)> {
-    twinguard::produce::produce_all(cfg, &cfg.topics.input, recs.iter().map(|r| (r.key.clone(), r.payload.clone())), None, |_, _| {}).unwrap()
+    twinguard::tools::produce::produce_all(cfg, &cfg.topics.input, recs.iter().map(|r| (r.key.clone(), r.payload.clone())), None, |_, _| {}).unwrap()
 }
 
 /// Commit `offset` of input partition `partition` for `cfg`'s group.

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use twinguard::sim::Truth;
+use twinguard::tools::sim::Truth;
 
 use crate::harness::*;
 

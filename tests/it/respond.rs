@@ -16,7 +16,7 @@ use rdkafka::Message;
 use serde_json::{json, Value};
 use twinguard::config::Config;
 use twinguard::kafka::{self, NewTopicSpec};
-use twinguard::sim::{SimRecord, Simulator, Truth};
+use twinguard::tools::sim::{SimRecord, Simulator, Truth};
 use twinguard_operators::Twin;
 use twinguard_schemas::respond::{Ack, AckStatus, Action, Alert, AlertKind, Command, FeedbackLabel, CLASS_FIRMWARE_TAMPER};
 use twinguard_schemas::verdict::Verdict;

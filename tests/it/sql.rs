@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::Message;
 use twinguard::config::SqlUser;
-use twinguard::sim::Truth;
+use twinguard::tools::sim::Truth;
 use twinguard_schemas::respond::{Alert, Command as TgCommand};
 
 use crate::harness::*;

@@ -578,4 +578,12 @@ mod tests {
         assert_eq!(c.get("enable.gapless.guarantee"), Some("true"));
         assert_eq!((c.get("enable.idempotence"), c.get("acks")), (Some("true"), Some("all")));
     }
+
+    #[test]
+    fn the_consumer_reads_committed_with_the_configured_poll_interval() {
+        let c = Config::default();
+        let props = consumer_config(&c);
+        assert_eq!(props.get(crate::config::MAX_POLL), Some(c.max_poll_interval_ms().to_string().as_str()));
+        assert_eq!(props.get("isolation.level"), Some("read_committed"));
+    }
 }

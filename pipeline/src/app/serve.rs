@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::observe::{self, Telemetry};
-use crate::sqlview::{SqlView, StatusFn, StatusRow};
-use crate::telemetry::Metrics;
+use crate::obs::export::{self, Telemetry};
+use crate::obs::http;
+use crate::sql::view::{SqlView, StatusFn, StatusRow};
+use crate::obs::Metrics;
 use crate::PipelineError;
 
 /// Which process serves.
@@ -25,9 +26,9 @@ pub enum Mode {
 /// endpoint with its view refresher; returns that view (the bound addresses are
 /// logged). Runs on the Tokio runtime `telemetry` lives on.
 pub async fn start(cfg: &Config, telemetry: &Telemetry, metrics: &Arc<Metrics>, mode: Mode, sql_listen: Option<&str>, stop: &Arc<AtomicBool>) -> Result<Option<Arc<SqlView>>, PipelineError> {
-    observe::observe(cfg, metrics);
+    export::observe(cfg, metrics);
     if !cfg.http.listen.is_empty() {
-        observe::serve_http(&cfg.http.listen, telemetry.registry.clone(), metrics.clone()).await?;
+        http::serve_http(&cfg.http.listen, telemetry.registry.clone(), metrics.clone()).await?;
     }
     let Some(listen) = sql_listen else { return Ok(None) };
     let users = cfg.sql_users()?;
@@ -53,7 +54,7 @@ fn spawn_sql(cfg: crate::config::SqlConfig, listen: String, users: Vec<(String, 
                 }
             };
             rt.block_on(async move {
-                let bound = crate::sqlserver::serve(&cfg, &listen, &users, view, metrics).await;
+                let bound = crate::sql::server::serve(&cfg, &listen, &users, view, metrics).await;
                 let serving = bound.is_ok();
                 let _ = tx.send(bound);
                 if serving {

@@ -85,8 +85,9 @@ use tokio::time::{timeout_at, Instant};
 use twinguard_operators::audit::hmac_sha256;
 
 use crate::config::SqlConfig;
-use crate::sqlview::{SqlView, Table, ViewTable};
-use crate::telemetry::{Metrics, SqlLoginFailed};
+use crate::sql::view::{SqlView, Table, ViewTable};
+use crate::obs::events::SqlLoginFailed;
+use crate::obs::Metrics;
 use crate::PipelineError;
 
 type DfStmt = (String, Option<(Statement, LogicalPlan)>);
@@ -792,6 +793,8 @@ fn too_many_connections() -> Vec<u8> {
 /// CTE doubling `s || s` after another) grow exponentially, allocated outside the
 /// memory pool: each such step is checked before it allocates.
 pub const MAX_VALUE_BATCH_BYTES: usize = 32 << 20;
+// A function over the twins table's longest string columns stays within the bound.
+const _: () = assert!(crate::sql::view::TWINS_BATCH_BYTES * 4 <= MAX_VALUE_BATCH_BYTES);
 
 /// How much a function may grow its inputs: `Some(factor)` for the functions whose
 /// output can be larger than their inputs (separators are counted where they

@@ -16,11 +16,12 @@ use twinguard_schemas::fields;
 use twinguard_schemas::respond::{Ack, AckStatus, Alert, Command, RESPONSE_VERSION};
 use twinguard_schemas::verdict::Verdict;
 
-use crate::sqlview::SqlView;
+use crate::sql::view::SqlView;
 use crate::config::Config;
-use crate::sim::{AttackKind, SimConfig, Simulator, Truth};
-use crate::telemetry::Metrics;
-use crate::{kafka, produce, PipelineError};
+use crate::tools::sim::{AttackKind, SimConfig, Simulator, Truth};
+use crate::obs::Metrics;
+use crate::tools::produce;
+use crate::{kafka, PipelineError};
 
 /// Most records the demo's producer runs ahead of the pipeline.
 const DEMO_WINDOW: usize = 8_000;
@@ -313,13 +314,14 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     let stop = Arc::new(AtomicBool::new(false));
     // The SQL tables `twinguard run` serves with `[sql] listen`, queried in-process here.
     let view = SqlView::new(cfg.sql.recent_rows);
-    view.spawn_refresher(Duration::from_millis(cfg.sql.refresh_ms), crate::serve::status_fn(crate::serve::Mode::Pipeline, metrics.clone()), metrics.clone(), stop.clone())
+    view.spawn_refresher(Duration::from_millis(cfg.sql.refresh_ms), crate::app::serve::status_fn(crate::app::serve::Mode::Pipeline, metrics.clone()), metrics.clone(), stop.clone())
         .map_err(|e| PipelineError::Io(e.to_string()))?;
     let pipeline = {
-        let (cfg, metrics, stop, view) = (cfg.clone(), metrics.clone(), stop.clone(), view.clone());
+        let feed = crate::sql::view::ViewFeed::for_config(view.clone(), &cfg)?;
+        let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
         std::thread::Builder::new()
             .name("tg-core".into())
-            .spawn(move || crate::engine::run_with(&cfg, metrics, stop, Some(view)))
+            .spawn(move || crate::engine::run_with(&cfg, metrics, stop, Some(feed)))
             .map_err(|e| PipelineError::Io(e.to_string()))?
     };
 
@@ -444,7 +446,7 @@ const DEMO_QUERY: &str = "select device_id, device_type, criticality, events, an
 /// format the result as a table.
 fn query_view(view: &Arc<SqlView>, sql: &str) -> Result<String, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let ctx = crate::sqlserver::session_context(view, 256 << 20).map_err(|e| e.to_string())?;
+    let ctx = crate::sql::server::session_context(view, 256 << 20).map_err(|e| e.to_string())?;
     let batches = rt.block_on(async { ctx.sql(sql).await?.collect().await }).map_err(|e| e.to_string())?;
     datafusion::arrow::util::pretty::pretty_format_batches(&batches).map(|t| t.to_string()).map_err(|e| e.to_string())
 }

@@ -29,7 +29,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, Message, TopicPartitionList};
 use twinguard_operators::respond::AckOutcome;
-use twinguard_operators::{ChangelogRecord, Detector, Gate, Responder, Responses};
+use twinguard_operators::{ChangelogRecord, Detector, Gate, Responder, Responses, Twin};
 use twinguard_schemas::respond::{Ack, Alert, Feedback, RESPONSE_VERSION};
 use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
 use twinguard_schemas::dlq::{bound_reason, parse_control, DeadLetter, Source};
@@ -39,9 +39,9 @@ use opentelemetry::KeyValue;
 
 use crate::config::Config;
 use crate::kafka::{self, AckGroup, OutRecord, SinkProducer};
-use crate::observe::Instruments;
-use crate::sqlview::{RowMaker, SqlView, StagedTwin};
-use crate::telemetry::{self as ev, Metrics};
+use crate::obs::Instruments;
+use crate::obs::events as ev;
+use crate::obs::Metrics;
 use crate::PipelineError;
 
 
@@ -139,7 +139,7 @@ struct Shared {
     command_producer: SinkProducer,
     to_changelog: Mutex<Option<SyncSender<Job>>>,
     /// The SQL tables, when served: fed with twin rows and outputs.
-    view: Option<(Arc<SqlView>, Arc<RowMaker>)>,
+    observer: Option<Arc<dyn StateObserver>>,
 }
 
 impl Shared {
@@ -269,25 +269,17 @@ impl Shared {
         self.dispatch(self.input_topic.clone(), Some(partition), Some(last + 1), outputs, changelog, command_ts, oldest_ts)
     }
 
-    /// Hand one batch's changes to the SQL view at once (its verdicts, alerts,
+    /// Hand one batch's changes to the observer at once (its verdicts, alerts,
     /// commands and changed or removed twins), so a snapshot never shows half of it.
     fn publish(&self, consumed: Option<Instant>, verdicts: &[Verdict], shown: Shown, changelog: &[ChangelogRecord]) {
-        let Some((view, rows)) = &self.view else { return };
-        // The changelog bytes are the twins' whole state: the refresher turns them
-        // into rows on its own thread.
-        let twins = changelog
-            .iter()
-            .map(|c| {
-                let staged = c.value.as_ref().map(|bytes| StagedTwin::Encoded { partition: c.partition, bytes: bytes.clone(), rows: rows.clone() });
-                (c.key.clone(), staged)
-            })
-            .collect();
-        view.push_batch(consumed, verdicts, &shown.alerts, &shown.commands, twins);
+        if let Some(observer) = &self.observer {
+            observer.batch(consumed, verdicts, &shown.alerts, &shown.commands, changelog);
+        }
     }
 
     /// Turn responses into records: alerts and commands keyed by device id, audit
     /// records pinned to their chain's partition.
-    /// Returns copies of the alerts and commands for the SQL view (when it is on).
+    /// Returns copies of the alerts and commands for the observer (when there is one).
     fn emit_responses(&self, resp: Responses, outputs: &mut Vec<OutRecord>) -> Shown {
         let rec = |topic: &Arc<str>, partition, key: &str, payload: Vec<u8>| OutRecord {
             topic: topic.clone(),
@@ -305,7 +297,7 @@ impl Shared {
             ev::CommandIssued { command: c }.emit(&self.metrics);
             outputs.push(rec(&self.commands_topic, None, &c.device_id, serde_json::to_vec(c).expect("command serialises")));
         }
-        let shown = match &self.view {
+        let shown = match &self.observer {
             Some(_) => Shown { alerts: resp.alerts.clone(), commands: resp.commands.iter().map(|(c, _)| c.clone()).collect() },
             None => Shown::default(),
         };
@@ -442,9 +434,9 @@ impl Shared {
             group.wait(&self.abort).map_err(|e| PipelineError::Fatal(format!("dead letters for quarantined changelog records: {e}")))?;
             self.metrics.dlq_out.fetch_add(quarantined.len() as u64, Ordering::Relaxed);
         }
-        if let Some((view, rows)) = &self.view {
-            let restored = core.op.twin().store().iter().filter(|t| parts.contains(&t.partition)).map(|t| (t.device_id.clone(), Some(rows.row(t).into()))).collect();
-            view.push_twins(None, restored);
+        if let Some(observer) = &self.observer {
+            let restored: Vec<&Twin> = core.op.twin().store().iter().filter(|t| parts.contains(&t.partition)).collect();
+            observer.restored(&restored);
         }
         for (p, n) in read {
             self.metrics.changelog_in.fetch_add(n, Ordering::Relaxed);
@@ -499,7 +491,7 @@ impl Shared {
     }
 }
 
-/// Alerts and commands of one batch, copied for the SQL view.
+/// Alerts and commands of one batch, copied for the observer.
 #[derive(Default)]
 struct Shown {
     alerts: Vec<Alert>,
@@ -650,8 +642,8 @@ impl ConsumerContext for SourceContext {
             core.op.twin_mut().store_mut().drop_partition(*p);
             core.resp.drop_partition(*p);
             s.committed.lock().expect("committed lock").remove(p);
-            if let Some((view, _)) = &s.view {
-                view.drop_partition(*p);
+            if let Some(observer) = &s.observer {
+                observer.partition_dropped(*p);
             }
         }
         s.metrics.set_owned(core.owned.iter().copied().collect());
@@ -754,9 +746,9 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
 /// exiting, as a Kafka Streams thread does: the lost run stopped writing first
 /// (fail-stop, queues purged), the new one restores from the changelog and resumes
 /// from the committed offsets. Any other error ends the run.
-pub fn run_rejoining(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view: Option<Arc<SqlView>>) -> Result<RunReport, PipelineError> {
+pub fn run_rejoining(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, observer: Option<Arc<dyn StateObserver>>) -> Result<RunReport, PipelineError> {
     loop {
-        match run_with(cfg, metrics.clone(), stop.clone(), view.clone()) {
+        match run_with(cfg, metrics.clone(), stop.clone(), observer.clone()) {
             Err(PipelineError::AssignmentLost(why)) if !stop.load(Ordering::Relaxed) => {
                 metrics.rejoins.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(reason = %why, rejoins = metrics.rejoins.load(Ordering::Relaxed), "assignment lost: rejoining the group as a new member");
@@ -771,8 +763,8 @@ pub fn run_rejoining(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>,
     }
 }
 
-/// [`run`], also feeding `view` (the SQL tables) with this instance's twins and outputs.
-pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view: Option<Arc<SqlView>>) -> Result<RunReport, PipelineError> {
+/// [`run`], also telling `observer` (the SQL view) about this instance's twins and outputs.
+pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, observer: Option<Arc<dyn StateObserver>>) -> Result<RunReport, PipelineError> {
     let schema = cfg.event_schema()?;
     let detector = cfg.detector(&schema)?;
     let responder = cfg.responder(&schema)?;
@@ -825,7 +817,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, view
         producer,
         command_producer,
         to_changelog: Mutex::new(Some(tx_cl)),
-        view: view.map(|v| (v, Arc::new(RowMaker::new(&schema, cfg.sql.expose_phi)))),
+        observer,
     });
     let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(
         kafka::consumer_config(cfg)
@@ -1195,3 +1187,9 @@ fn control_loop(s: &Shared) {
         }
     }
 }
+
+pub mod observer;
+pub use observer::StateObserver;
+
+#[cfg(test)]
+mod fault_tests;

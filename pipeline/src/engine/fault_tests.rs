@@ -13,8 +13,9 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::Config;
-use crate::sim::{SimConfig, Simulator};
-use crate::{engine, kafka, produce, Metrics, PipelineError};
+use crate::tools::sim::{SimConfig, Simulator};
+use crate::tools::produce;
+use crate::{engine, kafka, Metrics, PipelineError};
 
 fn committed(cfg: &Config, partitions: i32) -> Vec<Offset> {
     let mut c = kafka::base_client(cfg);

@@ -17,8 +17,9 @@ use twinguard_schemas::verdict::Verdict;
 
 use crate::config::Config;
 use crate::kafka::{self, RestoreContext};
-use crate::sqlview::{RowMaker, SqlView, StagedTwin};
-use crate::telemetry::{self as ev, Metrics};
+use crate::sql::view::{RowMaker, SqlView, StagedTwin};
+use crate::obs::events as ev;
+use crate::obs::Metrics;
 use crate::PipelineError;
 
 /// Staged changes are handed to the view at least this often.

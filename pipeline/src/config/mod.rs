@@ -952,9 +952,6 @@ mod tests {
         assert_eq!(Config::load(Some(&f.0), Vec::new()).unwrap().max_poll_interval_ms(), 200_000);
         let c = Config::default();
         assert!(c.max_poll_interval_ms() >= c.batch.restore_timeout_secs * 1000 + DEFAULT_MESSAGE_TIMEOUT_MS + MAX_POLL_MARGIN_MS);
-        let props = crate::kafka::consumer_config(&c);
-        assert_eq!(props.get(MAX_POLL), Some(c.max_poll_interval_ms().to_string().as_str()));
-        assert_eq!(props.get("isolation.level"), Some("read_committed"));
     }
 
     #[test]

@@ -17,12 +17,16 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
-use twinguard_operators::Twin;
+use twinguard_operators::{ChangelogRecord, Twin};
 use twinguard_schemas::respond::{Alert, Command};
 use twinguard_schemas::verdict::Verdict;
 use twinguard_schemas::{EventSchema, Role};
 
-use crate::telemetry::{Metrics, SqlRefreshFailed};
+use crate::config::Config;
+use crate::engine::StateObserver;
+use crate::obs::events::SqlRefreshFailed;
+use crate::obs::Metrics;
+use crate::PipelineError;
 
 /// One device's row of the `twins` table, built from its twin (on the stream's
 /// thread for its own twins, from the changelog in `twinguard sql`).
@@ -115,6 +119,44 @@ impl RowMaker {
             peers: i32::try_from(t.peers.len()).unwrap_or(i32::MAX),
             last_offset: t.last_offset,
         }
+    }
+}
+
+/// The view as the engine's [`StateObserver`]: batches, restored twins and dropped
+/// partitions go to the view's staging area; changelog bytes become rows on the
+/// view's refresher thread, not the engine's.
+pub struct ViewFeed {
+    view: Arc<SqlView>,
+    rows: Arc<RowMaker>,
+}
+
+impl ViewFeed {
+    /// A feed into `view` for the pipeline `cfg` describes (its event schema, and
+    /// `sql.expose_phi`).
+    pub fn for_config(view: Arc<SqlView>, cfg: &Config) -> Result<Arc<dyn StateObserver>, PipelineError> {
+        let schema = cfg.event_schema()?;
+        Ok(Arc::new(ViewFeed { view, rows: Arc::new(RowMaker::new(&schema, cfg.sql.expose_phi)) }))
+    }
+}
+
+impl StateObserver for ViewFeed {
+    fn batch(&self, consumed: Option<Instant>, verdicts: &[Verdict], alerts: &[Alert], commands: &[Command], twins: &[ChangelogRecord]) {
+        let twins = twins
+            .iter()
+            .map(|c| {
+                let staged = c.value.as_ref().map(|bytes| StagedTwin::Encoded { partition: c.partition, bytes: bytes.clone(), rows: self.rows.clone() });
+                (c.key.clone(), staged)
+            })
+            .collect();
+        self.view.push_batch(consumed, verdicts, alerts, commands, twins);
+    }
+
+    fn restored(&self, twins: &[&Twin]) {
+        self.view.push_twins(None, twins.iter().map(|t| (t.device_id.clone(), Some(self.rows.row(t).into()))).collect());
+    }
+
+    fn partition_dropped(&self, partition: i32) {
+        self.view.drop_partition(partition);
     }
 }
 
@@ -359,7 +401,7 @@ pub const TWINS_BATCH_ROWS: usize = 8192;
 /// String bytes per `twins` batch at most (all string columns together): far below
 /// the 2 GiB an Arrow `Utf8` column's i32 offsets can address, whatever the fleet's
 /// size or its strings' length, and a quarter of what the SQL endpoint lets one
-/// function call build per batch (`sqlserver::MAX_VALUE_BATCH_BYTES`), so joining a
+/// function call build per batch (`sql::server::MAX_VALUE_BATCH_BYTES`), so joining a
 /// few columns of a batch stays within it.
 pub const TWINS_BATCH_BYTES: usize = 8 << 20;
 
@@ -887,7 +929,7 @@ impl SqlView {
         r.twins_changed = false;
         if let Some(o) = staged.oldest {
             let age = o.elapsed();
-            crate::observe::Instruments::get().sql_freshness.record(age.as_secs_f64(), &[]);
+            crate::obs::Instruments::get().sql_freshness.record(age.as_secs_f64(), &[]);
             let mut f = self.freshness.lock().expect("freshness lock");
             if f.len() == FRESHNESS_SAMPLES {
                 f.pop_front();
@@ -1298,9 +1340,9 @@ mod tests {
         use twinguard_operators::{Operator, Output, TwinConfig, TwinOperator};
         use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
         let schema = EventSchema::builtin(crate::config::DEFAULT_SCHEMA).unwrap();
-        let mut sc = crate::sim::SimConfig::new(3, 30, 11);
+        let mut sc = crate::tools::sim::SimConfig::new(3, 30, 11);
         sc.malformed_rate = 0.0;
-        let sim: Vec<_> = crate::sim::Simulator::new(sc).collect();
+        let sim: Vec<_> = crate::tools::sim::Simulator::new(sc).collect();
         let raw: Vec<RawRecord<'_>> = sim
             .iter()
             .enumerate()
@@ -1390,7 +1432,6 @@ mod tests {
         }
         assert!(twins.len() >= 5, "long rows split into several batches: {}", twins.len());
         assert!(TWINS_BATCH_BYTES < i32::MAX as usize / 2);
-        assert!(TWINS_BATCH_BYTES * 4 <= crate::sqlserver::MAX_VALUE_BATCH_BYTES);
         // An empty table is one empty batch (its schema for DataFusion).
         assert_eq!(twins_batches(std::iter::empty(), TWINS_BATCH_ROWS, TWINS_BATCH_BYTES).len(), 1);
     }
@@ -1443,9 +1484,9 @@ mod tests {
         use twinguard_operators::{Operator, Output, TwinConfig, TwinOperator};
         use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
         let schema = EventSchema::builtin(crate::config::DEFAULT_SCHEMA).unwrap();
-        let mut sc = crate::sim::SimConfig::new(4, 1200, 7);
+        let mut sc = crate::tools::sim::SimConfig::new(4, 1200, 7);
         sc.malformed_rate = 0.0;
-        let sim: Vec<_> = crate::sim::Simulator::new(sc).collect();
+        let sim: Vec<_> = crate::tools::sim::Simulator::new(sc).collect();
         let raw: Vec<RawRecord<'_>> = sim
             .iter()
             .enumerate()
