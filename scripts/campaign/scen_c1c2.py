@@ -271,7 +271,7 @@ def c2b():
     durable = os.environ.get("TANSU_DURABLE_BIN")
     if not durable or not os.access(durable, os.X_OK):
         row(sc, "broker SIGKILLed and restarted on durable storage (sqlite)", "nothing lost", "not run: needs durable tansu",
-            "NOT RUN", "set TANSU_DURABLE_BIN to a tansu built with `cargo install tansu --version 0.6.0 --locked --features dynostore,libsql` (~18+ min on 2 cores; not built here)")
+            "NOT RUN", "no durable tansu: scripts/campaign.sh builds one unless CAMPAIGN_NO_DURABLE_INSTALL=1 (or set TANSU_DURABLE_BIN to a tansu built with `--features dynostore,libsql`)")
         return
     dir_ = os.path.join(OPT["out"], "c2b")
     os.makedirs(dir_, exist_ok=True)
