@@ -399,10 +399,10 @@ fn real_main(cli: Cli) -> Result<()> {
                 init_logs("info");
                 let schema = cfg.event_schema()?;
                 // Loads the model too: a missing or incompatible artifact fails here.
-                let detector = cfg.detector(&schema)?;
+                let detector = twinguard::engine::build::detector(&cfg, &schema)?;
                 // ...and the registry and the audit key.
-                let registry = cfg.registry()?;
-                let audit = cfg.audit_log()?;
+                let registry = twinguard::engine::build::registry(&cfg)?;
+                let audit = twinguard::engine::build::audit_log(&cfg)?;
                 // ...and the SQL users' passwords, when the endpoint is on.
                 let users = if cfg.sql.listen.is_some() { cfg.sql_users()? } else { Vec::new() };
                 println!(

@@ -453,7 +453,7 @@ fn query_view(view: &Arc<SqlView>, sql: &str) -> Result<String, String> {
 
 /// Verify the demo's audit trail the way `twinguard audit verify` does.
 fn verify_audit(cfg: &Config) -> Result<u64, String> {
-    let log = cfg.audit_log().map_err(|e| e.to_string())?.ok_or("no audit key")?;
+    let log = crate::engine::build::audit_log(&cfg).map_err(|e| e.to_string())?.ok_or("no audit key")?;
     let key = twinguard_operators::audit::parse_key_hex(&log.public_key_hex()).and_then(twinguard_operators::audit::verifying_key)?;
     let chains = kafka::read_all(cfg, &cfg.topics.audit, Duration::from_secs(60)).map_err(|e| e.to_string())?;
     let mut n = 0;

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
-use twinguard_operators::audit::{parse_key_hex, AuditLog};
-use twinguard_operators::{Gate, GatingConfig, PolicyConfig, Registry, Responder, TwinConfig};
+use twinguard_operators::audit::parse_key_hex;
+use twinguard_operators::{GatingConfig, PolicyConfig, TwinConfig};
 use twinguard_schemas::respond::RegistryEntry;
 use twinguard_schemas::{DecodeLimits, EventSchema};
 
@@ -198,7 +198,7 @@ pub struct AuditConfig {
 pub const MIN_SECRET_BYTES: usize = 16;
 
 /// A per-deployment secret from the environment variable `var`, named by `key`.
-fn secret_from_env(key: &str, var: &str) -> Result<Vec<u8>, PipelineError> {
+pub(crate) fn secret_from_env(key: &str, var: &str) -> Result<Vec<u8>, PipelineError> {
     let v = std::env::var(var).map_err(|_| PipelineError::Config(format!("key `{key}`: environment variable `{var}` is not set")))?;
     if v.len() < MIN_SECRET_BYTES {
         return Err(PipelineError::Config(format!("key `{key}`: the secret in `{var}` is {} bytes; at least {MIN_SECRET_BYTES} are required", v.len())));
@@ -224,9 +224,9 @@ impl AuditConfig {
 /// The registry file's shape.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RegistryFile {
+pub(crate) struct RegistryFile {
     #[serde(default)]
-    device: Vec<RegistryEntry>,
+    pub(crate) device: Vec<RegistryEntry>,
 }
 
 /// The trained detector to score with.
@@ -629,50 +629,6 @@ impl Config {
         s.map_err(|e| PipelineError::Config(format!("key `schema`: {e}")))
     }
 
-    /// The detector this configuration asks for: the twin alone, or twin + model.
-    pub fn detector(&self, schema: &twinguard_schemas::EventSchema) -> Result<twinguard_operators::Detector, PipelineError> {
-        match &self.model.path {
-            None => Ok(twinguard_operators::Detector::twin_only(schema, self.state.clone())),
-            Some(p) => {
-                let mut a = twinguard_models::Artifact::load(p).map_err(|e| PipelineError::Config(format!("key `model.path`: {e}")))?;
-                if let Some(t) = self.model.target_fpr {
-                    a.ensemble.recalibrate(t).map_err(|e| PipelineError::Config(format!("key `model.target_fpr`: {e}")))?;
-                    tracing::info!(model = %a.version, target_fpr = t, threshold = a.ensemble.threshold, "decision threshold recalibrated");
-                }
-                twinguard_operators::Detector::with_model(schema, self.state.clone(), a)
-                    .map_err(|e| PipelineError::Config(format!("key `model.path`: {e}")))
-            }
-        }
-    }
-
-    /// The device registry (empty without `registry.file`).
-    pub fn registry(&self) -> Result<Registry, PipelineError> {
-        let Some(f) = &self.registry.file else { return Ok(Registry::default()) };
-        let err = |m: String| PipelineError::Config(format!("key `registry.file` ({}): {m}", f.display()));
-        let text = std::fs::read_to_string(f).map_err(|e| err(e.to_string()))?;
-        let file: RegistryFile = serde_path_to_error::deserialize(toml::Deserializer::parse(&text).map_err(|e| err(e.to_string()))?)
-            .map_err(|e| err(format!("`{}`: {}", e.path(), e.inner())))?;
-        Registry::new(file.device).map_err(err)
-    }
-
-    /// The audit log, when a signing key is configured (with the key it replaced,
-    /// when `audit.previous_signing_key_file` is set).
-    pub fn audit_log(&self) -> Result<Option<AuditLog>, PipelineError> {
-        let seed = |key: &str, f: &Path| -> Result<[u8; 32], PipelineError> {
-            let err = |m: String| PipelineError::Config(format!("key `{key}` ({}): {m}", f.display()));
-            let text = std::fs::read_to_string(f).map_err(|e| err(e.to_string()))?;
-            parse_key_hex(&text).map_err(err)
-        };
-        let Some(f) = &self.audit.signing_key_file else { return Ok(None) };
-        let log = AuditLog::new(seed("audit.signing_key_file", f)?);
-        Ok(Some(match &self.audit.previous_signing_key_file {
-            None => log,
-            Some(p) => log
-                .with_previous(seed("audit.previous_signing_key_file", p)?)
-                .map_err(|e| PipelineError::Config(format!("key `audit.previous_signing_key_file` ({}): {e}", p.display())))?,
-        }))
-    }
-
     /// The pinned public key (hex) chains are verified against: `audit.public_key`
     /// or the content of `audit.public_key_file`; None when neither is set.
     pub fn audit_public_key(&self) -> Result<Option<String>, PipelineError> {
@@ -683,26 +639,6 @@ impl Config {
                 .map_err(|e| PipelineError::Config(format!("key `audit.public_key_file` ({}): {e}", f.display()))),
             (None, None) => Ok(None),
         }
-    }
-
-    /// The respond operator this configuration asks for (with the ack secret read
-    /// from `response.ack_secret_env`, when set).
-    pub fn responder(&self, schema: &EventSchema) -> Result<Responder, PipelineError> {
-        let r = Responder::new(schema, self.response.clone(), self.registry()?, self.audit_log()?);
-        Ok(match &self.response.ack_secret_env {
-            Some(var) => r.with_ack_secret(secret_from_env("response.ack_secret_env", var)?),
-            None => r,
-        })
-    }
-
-    /// The confidence gate this configuration asks for (with the feedback secret
-    /// read from `gating.feedback_secret_env`, when set).
-    pub fn gate(&self) -> Result<Gate, PipelineError> {
-        let g = Gate::new(self.gating.clone());
-        Ok(match &self.gating.feedback_secret_env {
-            Some(var) => g.with_feedback_secret(secret_from_env("gating.feedback_secret_env", var)?),
-            None => g,
-        })
     }
 
     pub fn decode_limits(&self) -> DecodeLimits {
@@ -870,14 +806,6 @@ mod tests {
         assert!(err("[audit]\nprevious_signing_key_file = \"old.key\"\n").contains("audit.previous_signing_key_file"));
         let c = Config::load(Some(&write(&format!("[audit]\npublic_key = \" {k}\\n\"\n")).0), Vec::new()).unwrap();
         assert_eq!(c.audit_public_key().unwrap(), Some(k));
-        // A configured secret must be set, and long enough.
-        let mut c = Config::default();
-        c.response.ack_secret_env = Some("TWINGUARD_TEST_UNSET_ACK_SECRET".into());
-        let schema = c.event_schema().unwrap();
-        let e = c.responder(&schema).err().unwrap().to_string();
-        assert!(e.contains("response.ack_secret_env") && e.contains("TWINGUARD_TEST_UNSET_ACK_SECRET"), "{e}");
-        c.gating.feedback_secret_env = Some("TWINGUARD_TEST_UNSET_FEEDBACK_SECRET".into());
-        assert!(c.gate().err().unwrap().to_string().contains("gating.feedback_secret_env"));
     }
 
     #[test]

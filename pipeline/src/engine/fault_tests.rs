@@ -129,3 +129,63 @@ fn an_unreachable_broker_is_waited_for_not_an_exit() {
     stop.store(true, Ordering::Relaxed);
     assert!(!waiter.join().unwrap().unwrap(), "a stop during the wait must return false");
 }
+
+/// The engine reports through its events (the only route to metrics and logs):
+/// a run over good and malformed records emits the main ones, and this run's
+/// `Metrics` add up (every record is a verdict or a dead letter).
+#[test]
+fn the_engine_reports_through_its_events() {
+    let mock = MockCluster::new(1).unwrap();
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = mock.bootstrap_servers();
+    cfg.kafka.group_id = "events".into();
+    cfg.topics.create = false;
+    cfg.batch.max_records = 40;
+    for (t, _) in cfg.topics.all() {
+        mock.create_topic(t, 2, 1).unwrap();
+    }
+    let mut sc = SimConfig::new(6, 300, 5);
+    sc.malformed_rate = 0.05;
+    let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
+    let n = produce::produce_all(&cfg, &cfg.topics.input, recs, None, |_, _| {}).unwrap().len() as u64;
+    let metrics = Arc::new(Metrics::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
+        std::thread::spawn(move || engine::run(&cfg, metrics, stop))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let answered = |m: &Metrics| m.verdicts_out.load(Ordering::Relaxed) + m.dlq_out.load(Ordering::Relaxed);
+    while answered(&metrics) < n || metrics.offsets_stored.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "{} of {n} records answered", answered(&metrics));
+        assert!(!handle.is_finished(), "pipeline stopped early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    handle.join().unwrap().unwrap();
+    let m = &metrics;
+    assert_eq!(m.records_in.load(Ordering::Relaxed), n);
+    assert_eq!(answered(m), n, "one verdict or one dead letter per record");
+    assert!(m.dlq_out.load(Ordering::Relaxed) > 0, "malformed records were dead-lettered");
+    assert!(m.changelog_out.load(Ordering::Relaxed) > 0 && m.batches.load(Ordering::Relaxed) > 0);
+    assert!(m.heartbeat_ms.load(Ordering::Relaxed) > 0 && m.stall_limit_ms.load(Ordering::Relaxed) > 0);
+    assert_eq!(*m.schema_id.lock().unwrap(), cfg.event_schema().unwrap().id());
+    crate::obs::events::testing::assert_emitted(&[
+        "PipelineConfigured",
+        "PipelineStarted",
+        "StallLimitSet",
+        "Heartbeat",
+        "ControlHeartbeat",
+        "Rebalanced",
+        "TwinsRestored",
+        "PartitionsReady",
+        "StageFinished",
+        "RecordRejected",
+        "VerdictsScored",
+        "BatchProcessed",
+        "TwinsCounted",
+        "ChangelogWritten",
+        "OutputsAcknowledged",
+        "OffsetsStored",
+    ]);
+}

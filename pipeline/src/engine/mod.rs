@@ -35,11 +35,9 @@ use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
 use twinguard_schemas::dlq::{bound_reason, parse_control, DeadLetter, Source};
 use twinguard_schemas::{Decoder, RawRecord};
 
-use opentelemetry::KeyValue;
 
 use crate::config::Config;
 use crate::kafka::{self, AckGroup, OutRecord, SinkProducer};
-use crate::obs::Instruments;
 use crate::obs::events as ev;
 use crate::obs::Metrics;
 use crate::PipelineError;
@@ -185,7 +183,6 @@ impl Shared {
         let span = tracing::info_span!("batch", partition, records = recs.len(), first_offset = recs[0].offset, last_offset = last);
         let _entered = span.enter();
         let consumed = recs.iter().map(|r| r.consumed).min();
-        let ins = Instruments::get();
         let timer = Instant::now();
         let raw: Vec<RawRecord<'_>> = recs
             .iter()
@@ -193,7 +190,7 @@ impl Shared {
             .collect();
         let now = chrono::Utc::now().timestamp_millis();
         let decoded = tracing::info_span!("decode").in_scope(|| core.decoder.decode(&raw, now))?;
-        ins.operator_latency.record(timer.elapsed().as_secs_f64(), &[KeyValue::new("operator", "decode")]);
+        ev::StageFinished { stage: "decode", elapsed: timer.elapsed() }.emit();
         let timer = Instant::now();
         let valid = decoded.batch.num_rows();
         let mut outputs: Vec<OutRecord> = Vec::with_capacity(valid + decoded.rejects.len());
@@ -213,7 +210,7 @@ impl Shared {
         let skipped_before = core.op.twin().skipped();
         let (scored, _) = tracing::info_span!("detect", events = valid).in_scope(|| core.op.detect(&decoded.batch))?;
         let mut verdicts: Vec<Verdict> = verdicts_from_batch(&scored, &self.cfg.topics.input);
-        ins.operator_latency.record(timer.elapsed().as_secs_f64(), &[KeyValue::new("operator", "detect")]);
+        ev::StageFinished { stage: "detect", elapsed: timer.elapsed() }.emit();
         let timer = Instant::now();
         let respond_span = tracing::info_span!("respond").entered();
         let mut resp = Responses::default();
@@ -230,7 +227,7 @@ impl Shared {
         resp.commands.extend(r.commands);
         resp.audit.extend(r.audit);
         drop(respond_span);
-        ins.operator_latency.record(timer.elapsed().as_secs_f64(), &[KeyValue::new("operator", "respond")]);
+        ev::StageFinished { stage: "respond", elapsed: timer.elapsed() }.emit();
         record_verdicts(core, &verdicts);
         let mut anomalies = 0;
         let verdict_count = verdicts.len();
@@ -264,7 +261,7 @@ impl Shared {
         let changelog = core.op.twin_mut().drain_changelog();
         self.publish(consumed, &verdicts, shown, &changelog);
         // Twin count per batch (O(partitions)); memory is sampled at expiry ticks (O(twins)).
-        self.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
+        ev::TwinsCounted { twins: core.op.twin().store().len() }.emit(&self.metrics);
         let oldest_ts = recs.iter().filter_map(|r| r.ts).min();
         self.dispatch(self.input_topic.clone(), Some(partition), Some(last + 1), outputs, changelog, command_ts, oldest_ts)
     }
@@ -302,7 +299,7 @@ impl Shared {
             None => Shown::default(),
         };
         for (chain, bytes) in resp.audit {
-            self.metrics.audit_out.fetch_add(1, Ordering::Relaxed);
+            ev::AuditWritten { chain }.emit(&self.metrics);
             outputs.push(rec(&self.audit_topic, Some(chain), "", bytes));
         }
         for (chain, kind) in resp.audit_unchained {
@@ -396,7 +393,7 @@ impl Shared {
         let started = Instant::now();
         let left = || deadline.saturating_duration_since(Instant::now());
         // A long restore is progress, not a stall (/healthz).
-        self.metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        ev::Heartbeat.emit(&self.metrics);
         for &p in parts {
             core.op.twin_mut().store_mut().drop_partition(p);
             core.op.twin_mut().store_mut().ensure_partition(p);
@@ -432,14 +429,13 @@ impl Shared {
             let group = AckGroup::new(quarantined.len());
             kafka::send_all(&self.producer, &quarantined, &group, &self.abort);
             group.wait(&self.abort).map_err(|e| PipelineError::Fatal(format!("dead letters for quarantined changelog records: {e}")))?;
-            self.metrics.dlq_out.fetch_add(quarantined.len() as u64, Ordering::Relaxed);
+            ev::QuarantineDeadLettered { records: quarantined.len() }.emit(&self.metrics);
         }
         if let Some(observer) = &self.observer {
             let restored: Vec<&Twin> = core.op.twin().store().iter().filter(|t| parts.contains(&t.partition)).collect();
             observer.restored(&restored);
         }
         for (p, n) in read {
-            self.metrics.changelog_in.fetch_add(n, Ordering::Relaxed);
             let twins = core.op.twin().store().iter().filter(|t| t.partition == p).count();
             ev::TwinsRestored { partition: p, twins, records_read: n, millis: started.elapsed().as_millis() }.emit(&self.metrics);
         }
@@ -447,7 +443,7 @@ impl Shared {
         // record acknowledged on its partition.
         if core.resp.audit_mut().is_some() {
             for &p in parts {
-                self.metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+                ev::Heartbeat.emit(&self.metrics);
                 let tail = kafka::read_tail(&self.cfg, &self.cfg.topics.audit, p, left())?;
                 core.resp.continue_chain(p, tail.as_deref()).map_err(|e| {
                     PipelineError::Fatal(format!(
@@ -501,8 +497,8 @@ struct Shown {
 /// Note each verdict's score on its twin (latest score, risk) and count verdicts by
 /// class and scores per model.
 fn record_verdicts(core: &mut Core, verdicts: &[Verdict]) {
-    let ins = Instruments::get();
     let mut by_class: HashMap<&str, u64> = HashMap::new();
+    let mut scores: Vec<(&'static str, f64)> = Vec::with_capacity(verdicts.len() * 5);
     for v in verdicts {
         core.op.twin_mut().note_verdict(v.source.partition, &v.device_id, v.score, v.attack_class.as_deref());
         let class = match (&v.attack_class, v.anomalous) {
@@ -512,17 +508,12 @@ fn record_verdicts(core: &mut Core, verdicts: &[Verdict]) {
         };
         *by_class.entry(class).or_default() += 1;
         match &v.scores {
-            Some(sc) => {
-                for (model, x) in [("ensemble", sc.ensemble), ("rf", sc.rf), ("svm", sc.svm), ("lstm", sc.lstm), ("twin", sc.twin)] {
-                    ins.score.record(x, &[KeyValue::new("model", model)]);
-                }
-            }
-            None => ins.score.record(v.score, &[KeyValue::new("model", "twin")]),
+            Some(sc) => scores.extend([("ensemble", sc.ensemble), ("rf", sc.rf), ("svm", sc.svm), ("lstm", sc.lstm), ("twin", sc.twin)]),
+            None => scores.push(("twin", v.score)),
         }
     }
-    for (class, n) in by_class {
-        ins.verdicts.add(n, &[KeyValue::new("class", class.to_string())]);
-    }
+    let by_class: Vec<(&str, u64)> = by_class.into_iter().collect();
+    ev::VerdictsScored { by_class: &by_class, scores: &scores }.emit();
 }
 
 /// A dead letter for the DLQ topic: the original key and bytes with the reason, a
@@ -587,7 +578,7 @@ impl ClientContext for SourceContext {
         let Some(topic) = stats.topics.get(&s.cfg.topics.input) else { return };
         let owned = s.metrics.owned();
         let lag = topic.partitions.iter().filter(|(p, part)| owned.contains(p) && part.consumer_lag >= 0).map(|(p, part)| (*p, part.consumer_lag)).collect();
-        s.metrics.set_lag(lag);
+        ev::LagSampled { lag }.emit(&s.metrics);
     }
 }
 
@@ -646,8 +637,7 @@ impl ConsumerContext for SourceContext {
                 observer.partition_dropped(*p);
             }
         }
-        s.metrics.set_owned(core.owned.iter().copied().collect());
-        s.metrics.ready.store(0, Ordering::Relaxed);
+        ev::PartitionsReleased { owned: &core.owned.iter().copied().collect::<Vec<_>>() }.emit(&s.metrics);
     }
 
     /// Remember what the coordinator acknowledged: idle expiry only removes twins
@@ -694,9 +684,7 @@ impl ConsumerContext for SourceContext {
         let resume = resume_offsets(consumer, &s.cfg.topics.input, &fresh);
         s.check_twins_against_input(&core, consumer, &fresh);
         core.expected.extend(resume);
-        s.metrics.set_owned(core.owned.iter().copied().collect());
-        s.metrics.twins.store(core.op.twin().store().len() as i64, Ordering::Relaxed);
-        s.metrics.ready.store(1, Ordering::Relaxed);
+        ev::PartitionsReady { owned: &core.owned.iter().copied().collect::<Vec<_>>(), twins: core.op.twin().store().len() }.emit(&s.metrics);
     }
 }
 
@@ -750,12 +738,7 @@ pub fn run_rejoining(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>,
     loop {
         match run_with(cfg, metrics.clone(), stop.clone(), observer.clone()) {
             Err(PipelineError::AssignmentLost(why)) if !stop.load(Ordering::Relaxed) => {
-                metrics.rejoins.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(reason = %why, rejoins = metrics.rejoins.load(Ordering::Relaxed), "assignment lost: rejoining the group as a new member");
-                // Healthy again (the old run wrote nothing after the loss); ready once
-                // the new assignment is restored.
-                metrics.failed.lock().expect("failed lock").take();
-                metrics.ready.store(0, Ordering::Relaxed);
+                ev::GroupRejoining { reason: &why }.emit(&metrics);
                 std::thread::sleep(Duration::from_secs(1));
             }
             other => return other,
@@ -766,21 +749,20 @@ pub fn run_rejoining(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>,
 /// [`run`], also telling `observer` (the SQL view) about this instance's twins and outputs.
 pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, observer: Option<Arc<dyn StateObserver>>) -> Result<RunReport, PipelineError> {
     let schema = cfg.event_schema()?;
-    let detector = cfg.detector(&schema)?;
-    let responder = cfg.responder(&schema)?;
-    if responder.config().rules.is_empty() {
-        tracing::warn!("no response rules: every alert is `notify`");
+    let detector = build::detector(cfg, &schema)?;
+    let responder = build::responder(cfg, &schema)?;
+    ev::PipelineConfigured {
+        schema: &schema.id(),
+        model: detector.model_version(),
+        no_rules: responder.config().rules.is_empty(),
+        no_audit: cfg.audit.signing_key_file.is_none(),
     }
-    if cfg.audit.signing_key_file.is_none() {
-        tracing::warn!("audit trail disabled: set `audit.signing_key_file` (twinguard audit keygen) to sign and chain every decision");
-    }
-    *metrics.model_version.lock().expect("info lock") = detector.model_version().map(str::to_string);
-    *metrics.schema_id.lock().expect("info lock") = schema.id();
-    if !kafka::wait_for_brokers(cfg, &stop, || metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed))? {
+    .emit(&metrics);
+    if !kafka::wait_for_brokers(cfg, &stop, || ev::Heartbeat.emit(&metrics))? {
         return Ok(RunReport::default());
     }
     let partitions = kafka::ensure_topics(cfg)?;
-    tracing::info!(input = %cfg.topics.input, partitions, schema = %schema.id(), model = detector.model_version().unwrap_or("none (twin behaviour only)"), "starting pipeline");
+    ev::PipelineStarted { input: &cfg.topics.input, partitions, schema: &schema.id(), model: detector.model_version() }.emit();
     let producer = kafka::create_producer(cfg)?;
     let command_producer = kafka::create_command_producer(cfg)?;
     let (tx_cl, rx_cl) = sync_channel::<Job>(cfg.batch.max_inflight_batches);
@@ -794,7 +776,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
         alerts_topic: cfg.topics.alerts.as_str().into(),
         commands_topic: cfg.topics.commands.as_str().into(),
         audit_topic: cfg.topics.audit.as_str().into(),
-        gate: Arc::new(Mutex::new(cfg.gate()?)),
+        gate: Arc::new(Mutex::new(build::gate(cfg)?)),
         gate_caught_up: AtomicBool::new(false),
         schema_id: schema.id(),
         metrics: metrics.clone(),
@@ -916,9 +898,9 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
     let expiry_every = Duration::from_secs(s.cfg.batch.expiry_interval_secs.max(1));
     let mut last_expiry = Instant::now();
     let input = s.cfg.topics.input.clone();
-    s.metrics.stall_limit_ms.store(((s.cfg.batch.restore_timeout_secs + 60) * 1000) as i64, Ordering::Relaxed);
+    ev::StallLimitSet { millis: ((s.cfg.batch.restore_timeout_secs + 60) * 1000) as i64 }.emit(&s.metrics);
     while !s.stop.load(Ordering::Relaxed) && !s.failed() {
-        s.metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        ev::Heartbeat.emit(&s.metrics);
         let timeout = {
             let core = s.core.lock().expect("core lock");
             match core.buffers.values().map(|b| linger.saturating_sub(b.opened.elapsed())).min() {
@@ -972,7 +954,7 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
                     payload: m.payload().map(<[u8]>::to_vec),
                     consumed: Instant::now(),
                 };
-                s.metrics.acks_in.fetch_add(1, Ordering::Relaxed);
+                ev::ControlRecordRead { ack: true }.emit(&s.metrics);
                 let p = m.partition();
                 match check_contiguity(&mut core.expected_acks, p, m.offset()) {
                     Some(Ok(at)) => ev::ControlGap { topic: &s.acks_topic, partition: p, expected: at, offset: m.offset() }.emit(&s.metrics),
@@ -1005,8 +987,7 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
                 ev::ExpiryCapped { expired: e.expired, left: e.capped }.emit(&s.metrics);
             }
             let expired = e.expired + e.evicted;
-            s.metrics.twin_resets.store(core.op.twin().resets(), Ordering::Relaxed);
-            s.metrics.twins_shed.store(core.op.twin().shed(), Ordering::Relaxed);
+            ev::TwinResetsCounted { resets: core.op.twin().resets(), shed: core.op.twin().shed() }.emit(&s.metrics);
             // Commands whose device never acknowledged them.
             let now = chrono::Utc::now().timestamp_millis();
             {
@@ -1014,7 +995,7 @@ fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<
                 if let Some(t) = g.tick(now) {
                     ev::GateChanged { transition: &t }.emit(&s.metrics);
                 }
-                *s.metrics.gate.lock().expect("gate status lock") = g.status().clone();
+                ev::GateSampled { status: g.status().clone() }.emit(&s.metrics);
             }
             ev::StateSampled { twins: core.op.twin().store().len(), mem_bytes: core.op.twin().store().mem_bytes(), expired }.emit(&s.metrics);
             let Core { op, resp, .. } = &mut *core;
@@ -1045,8 +1026,8 @@ fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job, Arc<AckGr
             break;
         }
         if let Some(ts) = job.oldest_ts {
-            let ms = (chrono::Utc::now().timestamp_millis() - ts).max(0) as f64;
-            Instruments::get().e2e_latency.record(ms / 1000.0, &[]);
+            let ms = (chrono::Utc::now().timestamp_millis() - ts).max(0) as u64;
+            ev::OutputsAcknowledged { latency: Duration::from_millis(ms) }.emit();
         }
         if !job.commands.is_empty() {
             // Response time: the event entered the input topic → its command was
@@ -1056,7 +1037,7 @@ fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job, Arc<AckGr
             for (ts, probe) in &job.commands {
                 let (Some(ts), Some(acked)) = (ts, probe.acked_at_ms()) else { continue };
                 let ms = (acked - ts).max(0) as f64;
-                s.metrics.record_response_ms(ms);
+                ev::ResponseTimeObserved { millis: ms }.emit(&s.metrics);
                 if let Some(t) = gate.observe_response_ms(ms, now) {
                     ev::GateChanged { transition: &t }.emit(&s.metrics);
                 }
@@ -1076,7 +1057,7 @@ fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job, Arc<AckGr
             .collect();
         let group = AckGroup::new(records.len());
         kafka::send_all(&s.producer, &records, &group, &s.abort);
-        s.metrics.changelog_out.fetch_add(records.len() as u64, Ordering::Relaxed);
+        ev::ChangelogWritten { records: records.len() }.emit(&s.metrics);
         if tx.send((job, group)).is_err() {
             break;
         }
@@ -1138,7 +1119,7 @@ fn control_loop(s: &Shared) {
     }
     while !s.stop.load(Ordering::Relaxed) && !s.failed() {
         // Liveness for `/healthz` (a control thread that stops turning fails it).
-        s.metrics.control_beat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        ev::ControlHeartbeat.emit(&s.metrics);
         let Some(polled) = consumer.poll(Duration::from_millis(100)) else { continue };
         let m = match polled {
             Ok(m) => m,
@@ -1171,7 +1152,7 @@ fn control_loop(s: &Shared) {
             .and_then(|f| s.gate.lock().expect("gate lock").observe_feedback(&f));
         match parsed {
             Ok(t) => {
-                s.metrics.feedback_in.fetch_add(1, Ordering::Relaxed);
+                ev::ControlRecordRead { ack: false }.emit(&s.metrics);
                 if let Some(t) = t {
                     ev::GateChanged { transition: &t }.emit(&s.metrics);
                 }
@@ -1188,6 +1169,7 @@ fn control_loop(s: &Shared) {
     }
 }
 
+pub mod build;
 pub mod observer;
 pub use observer::StateObserver;
 

@@ -155,7 +155,7 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         .with_description("Input offsets never delivered: between a resumed partition's committed offset and the first record fetched there (retention, compaction, a broker fault; transaction markers and aborted records with transactional producers)")
         .with_callback(move |o| o.observe(mx.input_gap_records.load(Relaxed), &[]))
         .build();
-    let counters: [(&'static str, &'static str, fn(&Metrics) -> u64); 10] = [
+    let counters: [(&'static str, &'static str, fn(&Metrics) -> u64); 11] = [
         ("twinguard.rejoins", "Times this process rejoined its consumer group after its assignment was lost (evicted: a paused process or broker, a session timeout)", |m| m.rejoins.load(Relaxed)),
         ("twinguard.audit.unchained", "Audit records not written because their chain had no head (logged as errors)", |m| m.audit_unchained.load(Relaxed)),
         ("twinguard.control.gap.records", "Acks-topic offsets never delivered (a record arrived past the offset expected next)", |m| m.control_gap_records.load(Relaxed)),
@@ -166,6 +166,7 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         ("twinguard.twins.shed", "Twins that shed learned strings to fit state.max_twin_bytes", |m| m.twins_shed.load(Relaxed)),
         ("twinguard.expiry.capped", "Idle twins a sweep left for later (state.max_expiries_per_sweep)", |m| m.expiry_capped.load(Relaxed)),
         ("twinguard.changelog.quarantined", "Changelog records that could not be restored (dead-lettered)", |m| m.changelog_quarantined.load(Relaxed)),
+        ("twinguard.sql.records_skipped", "Changelog records `twinguard sql` could not read and skipped (nothing dead-lettered: the pipeline's restore quarantines them)", |m| m.fleet_records_skipped.load(Relaxed)),
     ];
     for (name, desc, f) in counters {
         let mx = metrics.clone();

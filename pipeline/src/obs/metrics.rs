@@ -60,6 +60,9 @@ pub struct Metrics {
     pub acks_applied: AtomicU64,
     /// Acks or feedback records sent to the DLQ.
     pub control_rejected: AtomicU64,
+    /// Changelog records `twinguard sql` could not read and skipped (not dead
+    /// letters: they stay on the changelog; see [`FleetRecordSkipped`](crate::obs::events::FleetRecordSkipped)).
+    pub fleet_records_skipped: AtomicU64,
     /// Times this process rejoined its group after losing its assignment.
     pub rejoins: AtomicU64,
     /// Audit records not written because their chain had no head (see [`AuditUnchained`](crate::obs::events::AuditUnchained)).

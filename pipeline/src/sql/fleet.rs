@@ -62,7 +62,6 @@ impl std::hash::Hasher for NoHash {
 /// changelog partition was read up to the end it had at start.
 pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<AtomicBool>) -> Result<(), PipelineError> {
     let schema = cfg.event_schema()?;
-    *metrics.schema_id.lock().expect("info lock") = schema.id();
     let rows = RowMaker::new(&schema, cfg.sql.expose_phi);
     let t = &cfg.topics;
     let mut reader = kafka::reader_config(cfg, "sql");
@@ -91,8 +90,6 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
         }
     }
     consumer.assign(&tpl).map_err(|e| PipelineError::kafka("assign the sql reader", e))?;
-    metrics.set_owned(changelog_parts.clone());
-    metrics.stall_limit_ms.store(60_000, Relaxed);
     // Caught up once every changelog partition was read to the end it had at start.
     let mut behind: BTreeMap<i32, i64> = BTreeMap::new();
     for &p in &changelog_parts {
@@ -103,10 +100,10 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
             behind.insert(p, high);
         }
     }
+    ev::FleetReading { changelog: &t.changelog, partitions: &changelog_parts, schema: &schema.id(), stall_limit_ms: 60_000 }.emit(&metrics);
     if behind.is_empty() {
-        metrics.ready.store(1, Relaxed);
+        ev::FleetReady { twins: 0, millis: None, view_rows: 0, view_bytes: 0 }.emit(&metrics);
     }
-    tracing::info!(changelog = %t.changelog, partitions = changelog_parts.len(), "materialising every twin from the changelog");
     let started = Instant::now();
     let mut live = Live::default();
     let mut twins: Vec<(String, Option<StagedTwin>)> = Vec::new();
@@ -118,7 +115,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
     // of the view's first snapshot that shows every twin read by then.
     let (mut force_handover, mut shown_at) = (false, None::<u64>);
     while !stop.load(Relaxed) {
-        metrics.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Relaxed);
+        ev::Heartbeat.emit(&metrics);
         match consumer.poll(Duration::from_millis(20)) {
             None => {}
             Some(Err(e)) => tracing::warn!(error = %e, "sql reader error (librdkafka retries)"),
@@ -126,11 +123,10 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
                 oldest.get_or_insert_with(Instant::now);
                 let (topic, p, offset) = (m.topic(), m.partition(), m.offset());
                 let bad = |what: &str, e: &dyn std::fmt::Display| {
-                    tracing::warn!(topic, partition = p, offset, error = %e, "skipping a record that is not a {what}");
-                    metrics.control_rejected.fetch_add(1, Relaxed);
+                    ev::FleetRecordSkipped { topic, partition: p, offset, what, error: &e.to_string() }.emit(&metrics);
                 };
                 if topic == t.changelog {
-                    metrics.changelog_in.fetch_add(1, Relaxed);
+                    ev::ChangelogRead { records: 1 }.emit(&metrics);
                     let key = m.key().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
                     match m.payload() {
                         None => {
@@ -197,22 +193,16 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
             alerts.clear();
             commands.clear();
             oldest = None;
-            metrics.twins.store(live.len() as i64, Relaxed);
+            ev::TwinsCounted { twins: live.len() }.emit(&metrics);
         }
         if shown_at.is_some_and(|g| view.generation() >= g) {
             shown_at = None;
-            tracing::info!(
-                twins = live.len(),
-                millis = started.elapsed().as_millis() as u64,
-                view_rows = view.twins_rows(),
-                view_bytes = view.twins_bytes(),
-                "every twin materialised; ready"
-            );
-            metrics.ready.store(1, Relaxed);
+            ev::FleetReady { twins: live.len(), millis: Some(started.elapsed().as_millis() as u64), view_rows: view.twins_rows(), view_bytes: view.twins_bytes() }
+                .emit(&metrics);
         }
         if last_lag.elapsed() >= Duration::from_secs(5) {
             last_lag = Instant::now();
-            metrics.set_lag(kafka::lag(&consumer, &t.changelog, &changelog_parts));
+            ev::LagSampled { lag: kafka::lag(&consumer, &t.changelog, &changelog_parts) }.emit(&metrics);
         }
     }
     Ok(())

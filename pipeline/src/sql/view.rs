@@ -24,7 +24,7 @@ use twinguard_schemas::{EventSchema, Role};
 
 use crate::config::Config;
 use crate::engine::StateObserver;
-use crate::obs::events::SqlRefreshFailed;
+use crate::obs::events::{RefreshLimitSet, SqlRefreshFailed, SqlSnapshotPublished, SqlViewTurned, TwinRowUndecodable};
 use crate::obs::Metrics;
 use crate::PipelineError;
 
@@ -185,7 +185,7 @@ impl StagedTwin {
                 Ok(t) => Some(rows.row(&t)),
                 Err(e) => {
                     // The stream encoded these bytes itself: this would be a bug.
-                    tracing::error!(device = key, error = %e, "twin change not shown in SQL: it does not decode");
+                    TwinRowUndecodable { device: key, error: &e.to_string() }.emit();
                     None
                 }
             },
@@ -850,8 +850,8 @@ impl SqlView {
         let view = self.clone();
         // A refresh of a large fleet takes a while: generous, but bounded.
         let limit = (every * 20).max(Duration::from_secs(60));
-        metrics.sql_refresh_limit_ms.store(i64::try_from(limit.as_millis()).unwrap_or(i64::MAX), Ordering::Relaxed);
-        let beat = |m: &Metrics| m.sql_refresh_beat_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        RefreshLimitSet { millis: i64::try_from(limit.as_millis()).unwrap_or(i64::MAX) }.emit(&metrics);
+        let beat = |m: &Metrics| SqlViewTurned.emit(m);
         beat(&metrics);
         std::thread::Builder::new().name("tg-sql-view".into()).spawn(move || {
             let mut r = Refresher::new(view.recent_rows);
@@ -929,7 +929,7 @@ impl SqlView {
         r.twins_changed = false;
         if let Some(o) = staged.oldest {
             let age = o.elapsed();
-            crate::obs::Instruments::get().sql_freshness.record(age.as_secs_f64(), &[]);
+            SqlSnapshotPublished { age }.emit();
             let mut f = self.freshness.lock().expect("freshness lock");
             if f.len() == FRESHNESS_SAMPLES {
                 f.pop_front();
@@ -1464,7 +1464,7 @@ mod tests {
         // A dead refresher: its heartbeat stops, and health fails past the limit.
         stop.store(true, Ordering::Relaxed);
         h.join().unwrap();
-        metrics.sql_refresh_limit_ms.store(1, Ordering::Relaxed);
+        RefreshLimitSet { millis: 1 }.emit(&metrics);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match metrics.health() {
