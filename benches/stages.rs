@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use twinguard::tools::sim::{SimConfig, Simulator};
-use twinguard_operators::{Operator, Output, TwinConfig, TwinOperator};
+use twinguard_operators::{TwinConfig, TwinOperator};
 use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
 
 const BATCH: usize = 1024;
@@ -48,13 +48,12 @@ fn benches(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let mut op = TwinOperator::new(&schema, TwinConfig::default());
-                op.process_batch(warm.clone(), &mut Output::new()).unwrap();
+                op.process_batch(warm.clone()).unwrap();
                 op
             },
             |mut op| {
-                let mut out = Output::new();
-                op.process_batch(last.clone(), &mut out).unwrap();
-                (op, out.take())
+                let out = op.process_batch(last.clone()).unwrap();
+                (op, out)
             },
             BatchSize::LargeInput,
         )
@@ -63,7 +62,7 @@ fn benches(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let mut op2 = TwinOperator::new(&schema, TwinConfig::default());
-                op2.process_batch(warm.clone(), &mut Output::new()).unwrap();
+                op2.process_batch(warm.clone()).unwrap();
                 op2
             },
             |mut op2| op2.drain_changelog(),

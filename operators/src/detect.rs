@@ -20,7 +20,7 @@ use twinguard_schemas::EventSchema;
 
 use crate::features::{FeatureQuery, FeatureRows};
 use crate::twin::{TwinConfig, TwinOperator};
-use crate::{Operator, OperatorError, Output};
+use crate::OperatorError;
 
 /// A loaded model and the query that feeds it.
 struct Loaded {
@@ -116,9 +116,7 @@ impl Detector {
     /// ([`detector_verdict_schema`]) and, when a model is loaded, the feature rows.
     pub fn detect(&mut self, batch: &RecordBatch) -> Result<(RecordBatch, Option<FeatureRows>), OperatorError> {
         let Some(m) = self.model.as_mut() else {
-            let mut out = Output::new();
-            self.twin.process_batch(batch.clone(), &mut out)?;
-            let v = out.take().pop().unwrap_or_else(|| RecordBatch::new_empty(verdict_arrow_schema()));
+            let v = self.twin.process_batch(batch.clone())?;
             return Ok((with_model_columns(&v, self.out_schema.clone(), None)?, None));
         };
         let (verdicts, ctx) = self.twin.process_with_context(batch)?;

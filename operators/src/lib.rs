@@ -1,14 +1,36 @@
-//! Operators over Arrow batches, and the device twins they keep.
+//! The stages of the stream and the state they keep, over Arrow batches.
 //!
-//! An operator takes a [`RecordBatch`], updates its state, and pushes output batches
-//! with its declared schema. Operators are synchronous and deterministic: the same
-//! input batches in the same order MUST give the same outputs and state.
+//! There is no common operator trait: each stage has the signature its job needs,
+//! and the engine (`pipeline/src/engine/`) calls them in this order, one partition's
+//! micro-batch at a time, timing each (`StageFinished`) and counting their outputs.
+//! The contracts:
 //!
-//! Architecture Invariant: no operator does I/O (no Kafka, sockets, files or clock
-//! reads). Time comes in with the data (event time) or through [`Operator::on_tick`].
-
-use arrow::datatypes::SchemaRef;
-use arrow::record_batch::RecordBatch;
+//! - **decode** (`twinguard_schemas::Decoder::decode`): raw records -> one Arrow
+//!   batch of valid events plus one reject (code, reason) per invalid record; never
+//!   fails on bad input, every record is a row or a reject, in input order.
+//! - **detect** ([`Detector::detect`], over [`TwinOperator`]): events -> one verdict
+//!   row per event, in order; updates each device's twin, applying an event at most
+//!   once (replays below a twin's last offset are skipped), and queues a changelog
+//!   record per changed twin ([`TwinOperator::drain_changelog`]).
+//! - **respond** ([`Responder::respond`]): events + verdicts -> alerts, commands and
+//!   audit records ([`Responses`]), deciding from the twin's response state; acks
+//!   ([`Responder::apply_ack`]) and analyst feedback ([`Gate`]) come in on their own
+//!   topics.
+//! - **tick** (processing time, every `batch.expiry_interval_secs`): idle-twin
+//!   sweep ([`TwinOperator::expire`]), command expiry ([`Responder::expire_commands`]),
+//!   gate re-evaluation ([`Gate::tick`]). A tick only reclaims memory and ends
+//!   waits: what a twin holds after an event never depends on when ticks ran.
+//! - **restore / revoke**: a newly assigned partition's twins are rebuilt from the
+//!   changelog ([`TwinOperator::restore_record`]) before any of its records is
+//!   processed; a revoked partition's twins and response state are dropped
+//!   ([`TwinStore::drop_partition`], [`Responder::drop_partition`]).
+//!
+//! Stages are synchronous and deterministic: the same batches in the same order give
+//! the same outputs and state.
+//!
+//! Architecture Invariant: no stage does I/O (no Kafka, sockets, files or clock
+//! reads). Time comes in with the data (event time) or as the `now` argument of a
+//! tick or a response decision.
 
 pub mod audit;
 #[cfg(feature = "scoring")]
@@ -51,60 +73,6 @@ pub enum OperatorError {
     /// another schema or version: a configuration error).
     #[error("changelog value of twin `{key}` does not decode: {reason}")]
     Undecodable { key: String, reason: String },
-}
-
-/// Collects the batches an operator emits.
-#[derive(Debug, Default)]
-pub struct Output {
-    batches: Vec<RecordBatch>,
-}
-
-impl Output {
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Emit a batch. Empty batches are dropped.
-    pub fn push(&mut self, batch: RecordBatch) {
-        if batch.num_rows() > 0 {
-            self.batches.push(batch);
-        }
-    }
-    pub fn take(&mut self) -> Vec<RecordBatch> {
-        std::mem::take(&mut self.batches)
-    }
-}
-
-/// A stream operator. Only [`process_batch`](Operator::process_batch) is required.
-///
-/// Every batch pushed to `out` MUST have [`output_schema`](Operator::output_schema)
-/// (checked in debug builds by [`check_output`]).
-pub trait Operator: Send {
-    fn name(&self) -> &'static str;
-    fn output_schema(&self) -> SchemaRef;
-    fn process_batch(&mut self, batch: RecordBatch, out: &mut Output) -> Result<(), OperatorError>;
-    /// Called periodically with the processing clock; default: nothing.
-    fn on_tick(&mut self, _now: EventTime, _out: &mut Output) -> Result<(), OperatorError> {
-        Ok(())
-    }
-    /// Called when the outputs up to `epoch` are durable; default: nothing.
-    fn on_checkpoint(&mut self, _epoch: u64) -> Result<(), OperatorError> {
-        Ok(())
-    }
-}
-
-/// Debug-build check that emitted batches carry the operator's declared schema.
-pub fn check_output(op: &dyn Operator, batches: &[RecordBatch]) {
-    if cfg!(debug_assertions) {
-        let want = op.output_schema();
-        for b in batches {
-            debug_assert_eq!(
-                b.schema().fields(),
-                want.fields(),
-                "operator `{}` emitted a batch with the wrong schema",
-                op.name()
-            );
-        }
-    }
 }
 
 #[cfg(test)]

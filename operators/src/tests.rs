@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use twinguard_schemas::decode::event_object;
 use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
 
-use crate::{Operator, Output, TwinConfig, TwinOperator};
+use crate::{TwinConfig, TwinOperator};
 
 pub(crate) const T0: i64 = 1_750_000_000_000;
 
@@ -53,9 +53,12 @@ pub(crate) fn batch(events: &[(i32, i64, Map<String, Value>)]) -> RecordBatch {
 }
 
 fn run(op: &mut TwinOperator, b: RecordBatch) -> Vec<RecordBatch> {
-    let mut out = Output::new();
-    op.process_batch(b, &mut out).unwrap();
-    out.take()
+    let v = op.process_batch(b).unwrap();
+    if v.num_rows() > 0 {
+        vec![v]
+    } else {
+        Vec::new()
+    }
 }
 
 fn col<T: 'static>(b: &RecordBatch, name: &str) -> T

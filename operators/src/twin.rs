@@ -30,7 +30,7 @@ use twinguard_schemas::verdict::verdict_arrow_schema;
 use twinguard_schemas::{EventSchema, FieldKind, Role, Transform};
 
 use crate::response_state::ResponseState;
-use crate::{Operator, OperatorError, Output};
+use crate::OperatorError;
 
 /// Version of the twin's changelog encoding.
 pub const TWIN_FORMAT_VERSION: u32 = 1;
@@ -974,23 +974,18 @@ impl VerdictBuilder {
     }
 }
 
-impl Operator for TwinOperator {
-    fn name(&self) -> &'static str {
-        "twin"
-    }
-
-    fn output_schema(&self) -> SchemaRef {
+impl TwinOperator {
+    /// The verdict schema of [`process_batch`](Self::process_batch)'s output.
+    pub fn output_schema(&self) -> SchemaRef {
         self.out_schema.clone()
     }
 
-    fn process_batch(&mut self, batch: RecordBatch, out: &mut Output) -> Result<(), OperatorError> {
-        let (verdicts, _) = self.run_batch(&batch, false)?;
-        out.push(verdicts);
-        Ok(())
+    /// Apply a batch of events (the decoder's schema): one verdict row per event,
+    /// in order (the twin alone scores them).
+    pub fn process_batch(&mut self, batch: RecordBatch) -> Result<RecordBatch, OperatorError> {
+        Ok(self.run_batch(&batch, false)?.0)
     }
-}
 
-impl TwinOperator {
     /// Apply a batch and also return, for every applied event, the snapshot of its
     /// twin as it was before the event ([`context_schema`](Self::context_schema)):
     /// the `twin` table of the feature SQL. Rows align with the verdict rows.

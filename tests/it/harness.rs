@@ -20,7 +20,7 @@ use twinguard::config::Config;
 pub use twinguard::tools::testkit::Broker;
 use twinguard::kafka::{self, NewTopicSpec};
 use twinguard::tools::sim::{SimConfig, SimRecord, Simulator};
-use twinguard_operators::{Operator, Output, TwinConfig, TwinOperator};
+use twinguard_operators::{TwinConfig, TwinOperator};
 use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
 
 /// How long any single wait may take before the test fails (generous: the machine
@@ -356,10 +356,9 @@ pub fn reference_twins(cfg: &Config, recs: &[SimRecord], coords: &[(i32, i64)]) 
         .map(|&i| RawRecord { partition: coords[i].0, offset: coords[i].1, key: Some(recs[i].key.as_bytes()), payload: Some(&recs[i].payload) })
         .collect();
     let out = dec.decode(&raw, chrono::Utc::now().timestamp_millis()).unwrap();
-    let mut o = Output::new();
-    op.process_batch(out.batch, &mut o).unwrap();
+    let verdicts = op.process_batch(out.batch).unwrap();
     // The pipeline notes each verdict's score on its twin (latest score, risk).
-    for b in o.take() {
+    for b in [verdicts] {
         for v in twinguard_schemas::verdict::verdicts_from_batch(&b, &cfg.topics.input) {
             op.note_verdict(v.source.partition, &v.device_id, v.score, v.attack_class.as_deref());
         }

@@ -8,7 +8,7 @@ use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
 use super::*;
 use crate::audit::{ack_mac, parse_key_hex, verify_chain, verifying_key, AuditLog};
 use crate::tests::{batch, event, schema, T0};
-use crate::{Operator, Output, TwinConfig, TwinOperator};
+use crate::{TwinConfig, TwinOperator};
 
 const NOW: i64 = T0 + 5_000_000;
 
@@ -98,9 +98,8 @@ impl Fixture {
             })
             .collect();
         let b = batch(&evs);
-        let mut out = Output::new();
-        self.twin.process_batch(b.clone(), &mut out).unwrap();
-        let mut verdicts: Vec<Verdict> = out.take().iter().flat_map(|vb| verdicts_from_batch(vb, "t")).collect();
+        let vb = self.twin.process_batch(b.clone()).unwrap();
+        let mut verdicts: Vec<Verdict> = verdicts_from_batch(&vb, "t");
         verdicts.iter_mut().for_each(&edit);
         let r = self.resp.respond(&mut self.twin, &b, &mut verdicts, automation, NOW);
         (verdicts, r)

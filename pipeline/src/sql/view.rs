@@ -1337,7 +1337,7 @@ mod tests {
     /// remove the device's row rather than leave a stale one.
     #[test]
     fn encoded_twins_become_the_same_rows_and_undecodable_ones_leave() {
-        use twinguard_operators::{Operator, Output, TwinConfig, TwinOperator};
+        use twinguard_operators::{TwinConfig, TwinOperator};
         use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
         let schema = EventSchema::builtin(crate::config::DEFAULT_SCHEMA).unwrap();
         let mut sc = crate::tools::sim::SimConfig::new(3, 30, 11);
@@ -1351,7 +1351,7 @@ mod tests {
         let decoded = Decoder::new(schema.clone(), DecodeLimits::default()).decode(&raw, chrono::Utc::now().timestamp_millis()).unwrap();
         assert!(decoded.rejects.is_empty(), "{:?}", decoded.rejects);
         let mut op = TwinOperator::new(&schema, TwinConfig::default());
-        op.process_batch(decoded.batch, &mut Output::new()).unwrap();
+        op.process_batch(decoded.batch).unwrap();
         let changelog = op.drain_changelog();
         assert_eq!(changelog.len(), 3, "one changelog record per device");
         let maker = Arc::new(RowMaker::new(&schema, false));
@@ -1481,7 +1481,7 @@ mod tests {
     /// Twins like C6c's: one simulated device's twin (a response state, identity
     /// bindings, baselines for every metric) copied under `n` device ids.
     fn realistic_fleet(n: usize) -> (Arc<RowMaker>, Vec<Twin>) {
-        use twinguard_operators::{Operator, Output, TwinConfig, TwinOperator};
+        use twinguard_operators::{TwinConfig, TwinOperator};
         use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
         let schema = EventSchema::builtin(crate::config::DEFAULT_SCHEMA).unwrap();
         let mut sc = crate::tools::sim::SimConfig::new(4, 1200, 7);
@@ -1494,7 +1494,7 @@ mod tests {
             .collect();
         let decoded = Decoder::new(schema.clone(), DecodeLimits::default()).decode(&raw, chrono::Utc::now().timestamp_millis()).unwrap();
         let mut op = TwinOperator::new(&schema, TwinConfig::default());
-        op.process_batch(decoded.batch, &mut Output::new()).unwrap();
+        op.process_batch(decoded.batch).unwrap();
         let tmpl = op.store().iter().max_by_key(|t| t.encode().len()).unwrap().clone();
         let maker = Arc::new(RowMaker::new(&schema, false));
         let twins = (0..n)
