@@ -5,3 +5,5 @@
 
 pub mod demo;
 pub mod serve;
+#[cfg(test)]
+mod golden_tests;
