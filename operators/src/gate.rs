@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use twinguard_schemas::respond::{Alert, AlertKind, Feedback, FeedbackLabel};
 
 use crate::audit::{feedback_mac, mac_matches};
+use crate::InvalidSetting;
 
 /// Thresholds and windows of the gate (`[gating]` in the pipeline config).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,20 +83,20 @@ impl Default for GatingConfig {
 }
 
 impl GatingConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        let frac = |k: &str, v: f64| if (0.0..=1.0).contains(&v) { Ok(()) } else { Err(format!("`{k}` must be within [0, 1], got {v}")) };
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let frac = |k: &str, v: f64| if (0.0..=1.0).contains(&v) { Ok(()) } else { Err(InvalidSetting::new(k, format!("must be within [0, 1], got {v}"))) };
         frac("min_precision", self.min_precision)?;
         frac("min_detection_rate", self.min_detection_rate)?;
         frac("max_fpr", self.max_fpr)?;
         frac("response_quantile", self.response_quantile)?;
         if self.window == 0 || self.min_labels == 0 || self.response_window == 0 {
-            return Err("`window`, `min_labels` and `response_window` must be at least 1".into());
+            return Err(InvalidSetting::new("window", "`window`, `min_labels` and `response_window` must be at least 1"));
         }
         if self.min_labels > self.window {
-            return Err(format!("`min_labels` ({}) exceeds `window` ({}): no figure could ever be judged", self.min_labels, self.window));
+            return Err(InvalidSetting::new("min_labels", format!("{} exceeds `window` ({}): no figure could ever be judged", self.min_labels, self.window)));
         }
         if !(self.max_response_ms > 0.0) {
-            return Err("`max_response_ms` must be positive".into());
+            return Err(InvalidSetting::new("max_response_ms", "must be positive"));
         }
         Ok(())
     }
@@ -506,8 +507,8 @@ mod tests {
 
     #[test]
     fn config_is_checked() {
-        assert!(GatingConfig { max_fpr: 2.0, ..Default::default() }.validate().unwrap_err().contains("max_fpr"));
-        assert!(GatingConfig { min_labels: 500, ..Default::default() }.validate().unwrap_err().contains("min_labels"));
+        assert_eq!(GatingConfig { max_fpr: 2.0, ..Default::default() }.validate().unwrap_err().key, "max_fpr");
+        assert_eq!(GatingConfig { min_labels: 500, ..Default::default() }.validate().unwrap_err().key, "min_labels");
         assert!(GatingConfig::default().validate().is_ok());
     }
 }

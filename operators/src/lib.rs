@@ -51,6 +51,22 @@ pub use gate::{Gate, GateStatus, GatingConfig, Transition};
 pub use respond::{PolicyConfig, Registry, Responder, Responses};
 pub use twin::{ChangelogRecord, Expiry, Twin, TwinConfig, TwinOperator, TwinStore};
 
+/// A setting a stage cannot work with: its key within the stage's configuration
+/// section (`ewma_alpha`, `rules[2].name`) and why. The pipeline's configuration
+/// prefixes the section (`state.ewma_alpha`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("key `{key}`: {reason}")]
+pub struct InvalidSetting {
+    pub key: String,
+    pub reason: String,
+}
+
+impl InvalidSetting {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        InvalidSetting { key: key.into(), reason: reason.into() }
+    }
+}
+
 /// Event time in milliseconds since the Unix epoch.
 pub type EventTime = i64;
 

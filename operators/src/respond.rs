@@ -45,6 +45,7 @@ use crate::twin::{Twin, TwinOperator};
 
 pub use crate::response_state::{Incident, PendingCommand, ResponseState};
 use crate::response_state::REMEMBER_EXPIRED;
+use crate::InvalidSetting;
 
 /// One policy rule. Empty lists match anything; all given conditions must hold.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,16 +167,16 @@ impl PolicyConfig {
         Decision { rule, action, note: None }
     }
 
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
         if self.command_ttl_secs == 0 {
-            return Err("`command_ttl_secs` must be at least 1".into());
+            return Err(InvalidSetting::new("command_ttl_secs", "must be at least 1"));
         }
         for (i, r) in self.rules.iter().enumerate() {
             if r.name.trim().is_empty() {
-                return Err(format!("`rules[{i}].name` is empty"));
+                return Err(InvalidSetting::new(format!("rules[{i}].name"), "is empty"));
             }
             if let Some(m) = r.min_score.filter(|m| !m.is_finite()) {
-                return Err(format!("`rules[{i}].min_score` ({}) must be a finite number: {m}", r.name));
+                return Err(InvalidSetting::new(format!("rules[{i}].min_score"), format!("must be a finite number, got {m} (rule `{}`)", r.name)));
             }
         }
         Ok(())

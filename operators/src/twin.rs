@@ -30,7 +30,7 @@ use twinguard_schemas::verdict::verdict_arrow_schema;
 use twinguard_schemas::{EventSchema, FieldKind, Role, Transform};
 
 use crate::response_state::ResponseState;
-use crate::OperatorError;
+use crate::{InvalidSetting, OperatorError};
 
 /// Version of the twin's changelog encoding.
 pub const TWIN_FORMAT_VERSION: u32 = 1;
@@ -96,8 +96,8 @@ impl Default for TwinConfig {
 
 impl TwinConfig {
     /// Check the settings; the error names the offending key.
-    pub fn validate(&self) -> Result<(), String> {
-        let bad = |k: &str, why: &str| Err(format!("state.{k}: {why}"));
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let bad = |k: &str, why: &str| Err(InvalidSetting::new(k, why));
         if !(self.ewma_alpha > 0.0 && self.ewma_alpha < 1.0) {
             return bad("ewma_alpha", "must be in (0, 1)");
         }
@@ -111,7 +111,7 @@ impl TwinConfig {
             return bad("top_k", "must be at least 1");
         }
         if !(self.min_sd_abs > 0.0) || !(self.min_sd_rel >= 0.0) {
-            return bad("min_sd_abs", "min_sd_abs must be > 0 and min_sd_rel >= 0");
+            return bad("min_sd_abs", "must be > 0 (and `min_sd_rel` >= 0)");
         }
         if self.max_twins == 0 {
             return bad("max_twins", "must be at least 1");

@@ -21,21 +21,37 @@ pub use config::Config;
 pub use engine::{run, RunReport};
 pub use obs::Metrics;
 
-/// Errors of the pipeline. Messages name the input, key or topic at fault.
+/// Errors of the pipeline, by kind of fault. Messages name the input, key or topic
+/// at fault; `Display` composes each message once.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("configuration error: {0}")]
-    Config(String),
+    /// A setting is wrong, or names something unusable (a file, a topic, a secret):
+    /// `key` is the setting (`model.path`, `kafka.consumer."max.poll.interval.ms"`),
+    /// `None` when the fault is the configuration as a whole (an unreadable file).
+    #[error("configuration error: {}", match key { Some(k) => format!("key `{k}`: {reason}"), None => reason.clone() })]
+    Config { key: Option<String>, reason: String },
+    /// librdkafka reported an error.
     #[error("kafka: {context}: {source}")]
     Kafka { context: String, source: rdkafka::error::KafkaError },
-    #[error("{0}")]
-    Io(String),
+    /// The brokers answered, but not as the pipeline needs (a topic that was not
+    /// created, a read that timed out, a record never acknowledged).
+    #[error("kafka: {0}")]
+    Broker(String),
+    /// The machine refused a resource: a thread, a runtime, a socket, a file, an
+    /// exporter.
+    #[error("{context}: {source}")]
+    Io { context: String, source: Box<dyn std::error::Error + Send + Sync> },
+    /// A bug in twinguard: something that cannot happen did.
+    #[error("internal error (a bug in twinguard; please report it): {0}")]
+    Internal(String),
     #[error(transparent)]
     Schema(#[from] twinguard_schemas::SchemaError),
     #[error(transparent)]
     Operator(#[from] twinguard_operators::OperatorError),
     #[error(transparent)]
     Train(#[from] twinguard_train::TrainError),
+    /// The stream stopped on an error it must not go past (a refused output, a
+    /// broken audit chain); nothing was committed past it.
     #[error("pipeline stopped on a fatal error (no offsets were stored past it): {0}")]
     Fatal(String),
     /// This member was evicted from its group (a paused process or broker, a session
@@ -48,6 +64,21 @@ pub enum PipelineError {
 impl PipelineError {
     pub fn kafka(context: &str, source: rdkafka::error::KafkaError) -> Self {
         PipelineError::Kafka { context: context.to_string(), source }
+    }
+
+    /// A configuration error naming `key`.
+    pub fn config(key: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        PipelineError::Config { key: Some(key.into()), reason: reason.to_string() }
+    }
+
+    /// A configuration error of the configuration as a whole (no one key).
+    pub fn config_file(reason: impl std::fmt::Display) -> Self {
+        PipelineError::Config { key: None, reason: reason.to_string() }
+    }
+
+    /// A resource the machine refused, with what was being done.
+    pub fn io(context: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        PipelineError::Io { context: context.into(), source: source.into() }
     }
 }
 

@@ -212,7 +212,7 @@ fn tail_topic(
                 }
             }
         })
-        .map_err(|e| PipelineError::Io(e.to_string()))
+        .map_err(|e| PipelineError::io("starting a reader thread", e))
 }
 
 /// Run the demo end to end; prints progress to stderr.
@@ -226,7 +226,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     });
     let detector = match cfg.model.path.as_deref().map(twinguard_models::Artifact::load) {
         Some(Ok(a)) => format!("the ensemble (model {})", a.version),
-        Some(Err(e)) => return Err(PipelineError::Config(format!("--model: {e}"))),
+        Some(Err(e)) => return Err(PipelineError::config("--model", e)),
         None => "the twin behaviour score".to_string(),
     };
     cfg.kafka.brokers = mock.bootstrap_servers();
@@ -242,16 +242,16 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     let sim = Simulator::new(SimConfig::new(opts.devices, opts.events, opts.seed));
     // The hospital's registry and an audit signing key, in a scratch directory.
     let work = std::env::temp_dir().join(format!("twinguard-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|e| PipelineError::Io(format!("{}: {e}", work.display())))?;
+    std::fs::create_dir_all(&work).map_err(|e| PipelineError::io(format!("creating {}", work.display()), e))?;
     let registry: Vec<String> = sim
         .registry()
         .iter()
         .map(|e| toml::to_string(&std::collections::BTreeMap::from([("device", vec![e])])).expect("registry entry serialises"))
         .collect();
-    std::fs::write(work.join("registry.toml"), registry.concat()).map_err(|e| PipelineError::Io(e.to_string()))?;
+    std::fs::write(work.join("registry.toml"), registry.concat()).map_err(|e| PipelineError::io("writing the demo registry", e))?;
     let seed: [u8; 32] = rand::random();
     std::fs::write(work.join("audit.key"), twinguard_operators::audit::hex(&seed))
-        .map_err(|e| PipelineError::Io(e.to_string()))?;
+        .map_err(|e| PipelineError::io("writing the demo audit key", e))?;
     cfg.registry.file = Some(work.join("registry.toml"));
     // The demo pushes events as fast as the pipeline takes them, so input → command
     // includes seconds of queueing: the response-time gate would suspend automation
@@ -315,14 +315,14 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     // The SQL tables `twinguard run` serves with `[sql] listen`, queried in-process here.
     let view = SqlView::new(cfg.sql.recent_rows);
     view.spawn_refresher(Duration::from_millis(cfg.sql.refresh_ms), crate::app::serve::status_fn(crate::app::serve::Mode::Pipeline, metrics.clone()), metrics.clone(), stop.clone())
-        .map_err(|e| PipelineError::Io(e.to_string()))?;
+        .map_err(|e| PipelineError::io("starting the SQL view refresher", e))?;
     let pipeline = {
         let feed = crate::sql::view::ViewFeed::for_config(view.clone(), &cfg)?;
         let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
         std::thread::Builder::new()
             .name("tg-core".into())
             .spawn(move || crate::engine::run_with(&cfg, metrics, stop, Some(feed)))
-            .map_err(|e| PipelineError::Io(e.to_string()))?
+            .map_err(|e| PipelineError::io("starting the pipeline thread", e))?
     };
 
     let started = Instant::now();
@@ -386,7 +386,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     }
     let sql = Some(query_view(&view, DEMO_QUERY));
     stop.store(true, Ordering::Relaxed);
-    let report = pipeline.join().map_err(|_| PipelineError::Io("pipeline thread panicked".into()))??;
+    let report = pipeline.join().map_err(|_| PipelineError::Internal("the demo's pipeline thread panicked".into()))??;
     stop_readers.store(true, Ordering::Relaxed);
     for r in readers {
         let _ = r.join();

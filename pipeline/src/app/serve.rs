@@ -35,7 +35,7 @@ pub async fn start(cfg: &Config, telemetry: &Telemetry, metrics: &Arc<Metrics>, 
     let view = SqlView::new(cfg.sql.recent_rows);
     spawn_sql(cfg.sql.clone(), listen.to_string(), users, view.clone(), metrics.clone())?;
     view.spawn_refresher(Duration::from_millis(cfg.sql.refresh_ms), status_fn(mode, metrics.clone()), metrics.clone(), stop.clone())
-        .map_err(|e| PipelineError::Io(format!("starting the SQL view refresher: {e}")))?;
+        .map_err(|e| PipelineError::io("starting the SQL view refresher", e))?;
     Ok(Some(view))
 }
 
@@ -49,7 +49,7 @@ fn spawn_sql(cfg: crate::config::SqlConfig, listen: String, users: Vec<(String, 
             let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("tg-sql-worker").enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
-                    let _ = tx.send(Err(PipelineError::Io(format!("SQL runtime: {e}"))));
+                    let _ = tx.send(Err(PipelineError::io("SQL runtime", e)));
                     return;
                 }
             };
@@ -62,8 +62,8 @@ fn spawn_sql(cfg: crate::config::SqlConfig, listen: String, users: Vec<(String, 
                 }
             });
         })
-        .map_err(|e| PipelineError::Io(format!("starting the SQL thread: {e}")))?;
-    rx.recv().map_err(|_| PipelineError::Io("the SQL endpoint did not start".into()))?
+        .map_err(|e| PipelineError::io("starting the SQL thread", e))?;
+    rx.recv().map_err(|_| PipelineError::Internal("the SQL endpoint thread ended before it answered".into()))?
 }
 
 /// Records per second over the last ~10 s of status samples.

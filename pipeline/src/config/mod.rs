@@ -199,23 +199,23 @@ pub const MIN_SECRET_BYTES: usize = 16;
 
 /// A per-deployment secret from the environment variable `var`, named by `key`.
 pub(crate) fn secret_from_env(key: &str, var: &str) -> Result<Vec<u8>, PipelineError> {
-    let v = std::env::var(var).map_err(|_| PipelineError::Config(format!("key `{key}`: environment variable `{var}` is not set")))?;
+    let v = std::env::var(var).map_err(|_| PipelineError::config(key, format!("environment variable `{var}` is not set")))?;
     if v.len() < MIN_SECRET_BYTES {
-        return Err(PipelineError::Config(format!("key `{key}`: the secret in `{var}` is {} bytes; at least {MIN_SECRET_BYTES} are required", v.len())));
+        return Err(PipelineError::config(key, format!("the secret in `{var}` is {} bytes; at least {MIN_SECRET_BYTES} are required", v.len())));
     }
     Ok(v.into_bytes())
 }
 
 impl AuditConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), PipelineError> {
         if self.public_key.is_some() && self.public_key_file.is_some() {
-            return Err("set only one of `audit.public_key` and `audit.public_key_file`".into());
+            return Err(PipelineError::config("audit.public_key", "set only one of `audit.public_key` and `audit.public_key_file`"));
         }
         if let Some(k) = &self.public_key {
-            parse_key_hex(k).map_err(|e| format!("key `audit.public_key`: {e}"))?;
+            parse_key_hex(k).map_err(|e| PipelineError::config("audit.public_key", e))?;
         }
         if self.previous_signing_key_file.is_some() && self.signing_key_file.is_none() {
-            return Err("key `audit.previous_signing_key_file` is set without `audit.signing_key_file`".into());
+            return Err(PipelineError::config("audit.previous_signing_key_file", "is set without `audit.signing_key_file`"));
         }
         Ok(())
     }
@@ -416,9 +416,9 @@ impl Config {
         let mut value = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
-                    .map_err(|e| PipelineError::Config(format!("cannot read config file {}: {e}", p.display())))?;
+                    .map_err(|e| PipelineError::config_file(format!("cannot read config file {}: {e}", p.display())))?;
                 toml::from_str::<toml::Table>(&text)
-                    .map_err(|e| PipelineError::Config(format!("{}: {e}", p.display())))?
+                    .map_err(|e| PipelineError::config_file(format!("{}: {e}", p.display())))?
             }
             None => toml::Table::new(),
         };
@@ -426,13 +426,12 @@ impl Config {
             let Some(rest) = k.strip_prefix(ENV_PREFIX) else { continue };
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             if path.iter().any(String::is_empty) {
-                return Err(PipelineError::Config(format!("environment variable {k}: empty key segment")));
+                return Err(PipelineError::config(k.clone(), "empty key segment in the environment variable"));
             }
-            set_path(&mut value, &path, &v).map_err(|e| PipelineError::Config(format!("environment variable {k}: {e}")))?;
+            set_path(&mut value, &path, &v).map_err(|e| PipelineError::config(k.clone(), e))?;
         }
-        let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
-            PipelineError::Config(format!("{origin}: key `{}`: {}", e.path(), e.inner()))
-        })?;
+        let mut cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| PipelineError::config(e.path().to_string(), format!("{} (in {origin})", e.inner())))?;
         if let (Some(p), Some(f)) = (path, cfg.model.path.as_ref()) {
             if f.is_relative() {
                 cfg.model.path = Some(p.parent().unwrap_or(Path::new(".")).join(f));
@@ -454,13 +453,16 @@ impl Config {
                 }
             }
         }
-        cfg.validate().map_err(|e| PipelineError::Config(format!("{origin}: {e}")))?;
+        cfg.validate().map_err(|e| match e {
+            PipelineError::Config { key, reason } => PipelineError::Config { key, reason: format!("{reason} (in {origin})") },
+            e => e,
+        })?;
         cfg.event_schema()?;
         Ok(cfg)
     }
 
     /// Semantic checks; the message names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PipelineError> {
         let nonempty = [
             ("kafka.brokers", &self.kafka.brokers),
             ("kafka.group_id", &self.kafka.group_id),
@@ -476,67 +478,72 @@ impl Config {
         ];
         for (k, v) in nonempty {
             if v.trim().is_empty() {
-                return Err(format!("key `{k}` must not be empty"));
+                return Err(PipelineError::config(k.to_string(), "must not be empty"));
             }
         }
         let t = &self.topics;
         let names = [&t.input, &t.verdicts, &t.dlq, &t.changelog, &t.alerts, &t.commands, &t.acks, &t.feedback, &t.audit];
         for (i, a) in names.iter().enumerate() {
             if names[i + 1..].contains(a) {
-                return Err(format!("topics: `{a}` is used for two roles; every topic must be distinct"));
+                return Err(PipelineError::config("topics", format!("`{a}` is used for two roles; every topic must be distinct")));
             }
         }
         if self.batch.max_records == 0 {
-            return Err("key `batch.max_records` must be at least 1".into());
+            return Err(PipelineError::config("batch.max_records", "must be at least 1"));
         }
         if self.batch.max_inflight_batches == 0 {
-            return Err("key `batch.max_inflight_batches` must be at least 1".into());
+            return Err(PipelineError::config("batch.max_inflight_batches", "must be at least 1"));
         }
         if self.topics.partitions < 1 || self.topics.replication < 1 {
-            return Err("keys `topics.partitions` and `topics.replication` must be at least 1".into());
+            return Err(PipelineError::config("topics.partitions", "`topics.partitions` and `topics.replication` must be at least 1"));
         }
         if self.decode.max_record_bytes == 0 {
-            return Err("key `decode.max_record_bytes` must be at least 1".into());
+            return Err(PipelineError::config("decode.max_record_bytes", "must be at least 1"));
         }
         chrono::DateTime::parse_from_rfc3339(&self.decode.min_event_time)
-            .map_err(|e| format!("key `decode.min_event_time`: not RFC 3339: {e}"))?;
+            .map_err(|e| PipelineError::config("decode.min_event_time", format!("not RFC 3339: {e}")))?;
         if self.schema.name.is_some() && self.schema.file.is_some() {
-            return Err("set only one of `schema.name` and `schema.file`".into());
+            return Err(PipelineError::config("schema", "set only one of `schema.name` and `schema.file`"));
         }
-        self.state.validate().map_err(|e| format!("key `{e}"))?;
+        fn section(name: &'static str) -> impl Fn(twinguard_operators::InvalidSetting) -> PipelineError {
+            move |e| PipelineError::config(format!("{name}.{}", e.key), e.reason)
+        }
+        self.state.validate().map_err(section("state"))?;
         if self.state.idle_ttl_secs <= self.decode.max_future_secs {
-            return Err(format!(
-                "key `state.idle_ttl_secs` ({}) must be greater than `decode.max_future_secs` ({}): an event dated as far ahead as the decoder accepts must not by itself make its device look idle",
-                self.state.idle_ttl_secs, self.decode.max_future_secs
+            return Err(PipelineError::config(
+                "state.idle_ttl_secs",
+                format!(
+                    "{} must be greater than `decode.max_future_secs` ({}): an event dated as far ahead as the decoder accepts must not by itself make its device look idle",
+                    self.state.idle_ttl_secs, self.decode.max_future_secs
+                ),
             ));
         }
         self.validate_kafka()?;
         self.validate_sql()?;
-        self.response.validate().map_err(|e| format!("section `response`: {e}"))?;
-        self.gating.validate().map_err(|e| format!("section `gating`: {e}"))?;
+        self.response.validate().map_err(section("response"))?;
+        self.gating.validate().map_err(section("gating"))?;
         self.audit.validate()?;
         Ok(())
     }
 
     /// librdkafka properties: the managed ones are refused, the timing ones that
     /// the delivery guarantee and the rebalance bounds rest on are range-checked.
-    fn validate_kafka(&self) -> Result<(), String> {
+    fn validate_kafka(&self) -> Result<(), PipelineError> {
         for (section, props) in [("properties", &self.kafka.properties), ("consumer", &self.kafka.consumer), ("producer", &self.kafka.producer)] {
             for k in props.keys() {
                 if MANAGED.contains(&k.as_str()) {
-                    return Err(format!(
-                        "key `kafka.{section}.\"{k}\"`: twinguard manages this property (it guards the delivery guarantees)"
-                    ));
+                    return Err(PipelineError::config(format!("kafka.{section}.\"{k}\""), "twinguard manages this property (it guards the delivery guarantees)"));
                 }
             }
         }
-        let ms = |section: &str, key: &str, v: &str| -> Result<u64, String> {
-            v.trim().parse::<u64>().map_err(|_| format!("key `kafka.{section}.\"{key}\"`: `{v}` is not a whole number of milliseconds"))
+        let ms = |section: &str, key: &str, v: &str| -> Result<u64, PipelineError> {
+            v.trim().parse::<u64>().map_err(|_| PipelineError::config(format!("kafka.{section}.\"{key}\""), format!("`{v}` is not a whole number of milliseconds")))
         };
         let timeout = self.message_timeout_ms()?;
         if !(1_000..=900_000).contains(&timeout) {
-            return Err(format!(
-                "key `message.timeout.ms` ({timeout}): must be in 1000..=900000 (0 means \"retry forever\": a stop would wait forever for a delivery)"
+            return Err(PipelineError::config(
+                "message.timeout.ms",
+                format!("{timeout} must be in 1000..=900000 (0 means \"retry forever\": a stop would wait forever for a delivery)"),
             ));
         }
         let poll = match self.kafka.consumer.get(MAX_POLL).or(self.kafka.properties.get(MAX_POLL)) {
@@ -545,19 +552,22 @@ impl Config {
         };
         let needed = self.batch.restore_timeout_secs.saturating_mul(1000).saturating_add(timeout).saturating_add(MAX_POLL_MARGIN_MS);
         if poll < needed {
-            return Err(format!(
-                "key `{MAX_POLL}` ({poll}) must exceed `batch.restore_timeout_secs` ({} s) + `message.timeout.ms` ({timeout}) + {} s: a member that spends longer in a rebalance callback or waiting for a delivery is evicted while it still writes",
-                self.batch.restore_timeout_secs,
-                MAX_POLL_MARGIN_MS / 1000
+            return Err(PipelineError::config(
+                MAX_POLL,
+                format!(
+                    "{poll} must exceed `batch.restore_timeout_secs` ({} s) + `message.timeout.ms` ({timeout}) + {} s: a member that spends longer in a rebalance callback or waiting for a delivery is evicted while it still writes",
+                    self.batch.restore_timeout_secs,
+                    MAX_POLL_MARGIN_MS / 1000
+                ),
             ));
         }
         Ok(())
     }
 
     /// The sink producers' `message.timeout.ms` (configured, or the default).
-    pub fn message_timeout_ms(&self) -> Result<u64, String> {
+    pub fn message_timeout_ms(&self) -> Result<u64, PipelineError> {
         match self.kafka.producer.get("message.timeout.ms").or(self.kafka.properties.get("message.timeout.ms")) {
-            Some(v) => v.trim().parse::<u64>().map_err(|_| format!("key `message.timeout.ms`: `{v}` is not a whole number of milliseconds")),
+            Some(v) => v.trim().parse::<u64>().map_err(|_| PipelineError::config("message.timeout.ms", format!("`{v}` is not a whole number of milliseconds"))),
             None => Ok(DEFAULT_MESSAGE_TIMEOUT_MS),
         }
     }
@@ -573,41 +583,41 @@ impl Config {
     }
 
     /// The SQL, HTTP and OpenTelemetry sections.
-    fn validate_sql(&self) -> Result<(), String> {
+    fn validate_sql(&self) -> Result<(), PipelineError> {
         let q = &self.sql;
         if q.listen.is_some() && q.users.is_empty() {
-            return Err("key `sql.users`: the SQL endpoint needs at least one user (`[[sql.users]] name = ..., password_env = ...`)".into());
+            return Err(PipelineError::config("sql.users", "the SQL endpoint needs at least one user (`[[sql.users]] name = ..., password_env = ...`)"));
         }
         let mut seen = std::collections::BTreeSet::new();
         for u in &q.users {
             if u.name.trim().is_empty() {
-                return Err("key `sql.users`: a user has an empty `name`".into());
+                return Err(PipelineError::config("sql.users", "a user has an empty `name`"));
             }
             if !seen.insert(&u.name) {
-                return Err(format!("key `sql.users`: user `{}` is listed twice", u.name));
+                return Err(PipelineError::config("sql.users", format!("user `{}` is listed twice", u.name)));
             }
         }
         for (k, v) in [("sql.recent_rows", q.recent_rows), ("sql.max_rows", q.max_rows), ("sql.max_connections", q.max_connections), ("sql.max_memory_mb", q.max_memory_mb)] {
             if v == 0 {
-                return Err(format!("key `{k}` must be at least 1"));
+                return Err(PipelineError::config(k.to_string(), "must be at least 1"));
             }
         }
         if q.query_timeout_ms == 0 || q.refresh_ms == 0 || q.login_timeout_ms == 0 {
-            return Err("keys `sql.query_timeout_ms`, `sql.refresh_ms` and `sql.login_timeout_ms` must be at least 1".into());
+            return Err(PipelineError::config("sql.query_timeout_ms", "`sql.query_timeout_ms`, `sql.refresh_ms` and `sql.login_timeout_ms` must be at least 1"));
         }
         if let Some(l) = &q.listen {
-            l.parse::<std::net::SocketAddr>().map_err(|e| format!("key `sql.listen`: `{l}` is not host:port ({e})"))?;
+            l.parse::<std::net::SocketAddr>().map_err(|e| PipelineError::config("sql.listen", format!("`{l}` is not host:port ({e})")))?;
         }
         if !self.http.listen.is_empty() {
-            self.http.listen.parse::<std::net::SocketAddr>().map_err(|e| format!("key `http.listen`: `{}` is not host:port ({e})", self.http.listen))?;
+            self.http.listen.parse::<std::net::SocketAddr>().map_err(|e| PipelineError::config("http.listen", format!("`{}` is not host:port ({e})", self.http.listen)))?;
         }
         if let Some(e) = &self.otel.endpoint {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(format!("key `otel.endpoint`: `{e}` must start with http:// or https://"));
+                return Err(PipelineError::config("otel.endpoint", format!("`{e}` must start with http:// or https://")));
             }
         }
         if self.otel.export_interval_ms == 0 {
-            return Err("key `otel.export_interval_ms` must be at least 1".into());
+            return Err(PipelineError::config("otel.export_interval_ms", "must be at least 1"));
         }
         Ok(())
     }
@@ -615,18 +625,18 @@ impl Config {
     /// The SQL users with their passwords (read from the environment where so
     /// configured); an error names the user whose password is missing.
     pub fn sql_users(&self) -> Result<Vec<(String, String)>, PipelineError> {
-        self.sql.users.iter().map(|u| u.secret().map(|p| (u.name.clone(), p))).collect::<Result<_, _>>().map_err(PipelineError::Config)
+        self.sql.users.iter().map(|u| u.secret().map(|p| (u.name.clone(), p))).collect::<Result<_, _>>().map_err(|e| PipelineError::config("sql.users", e))
     }
 
     /// The event schema this pipeline reads.
     pub fn event_schema(&self) -> Result<EventSchema, PipelineError> {
         let s = match (&self.schema.name, &self.schema.file) {
-            (Some(_), Some(_)) => return Err(PipelineError::Config("set only one of `schema.name` and `schema.file`".into())),
+            (Some(_), Some(_)) => return Err(PipelineError::config("schema", "set only one of `schema.name` and `schema.file`")),
             (None, Some(f)) => EventSchema::from_file(f),
             (Some(n), None) => EventSchema::builtin(n),
             (None, None) => EventSchema::builtin(DEFAULT_SCHEMA),
         };
-        s.map_err(|e| PipelineError::Config(format!("key `schema`: {e}")))
+        s.map_err(|e| PipelineError::config("schema", e))
     }
 
     /// The pinned public key (hex) chains are verified against: `audit.public_key`
@@ -636,7 +646,7 @@ impl Config {
             (Some(k), _) => Ok(Some(k.trim().to_string())),
             (None, Some(f)) => std::fs::read_to_string(f)
                 .map(|t| Some(t.trim().to_string()))
-                .map_err(|e| PipelineError::Config(format!("key `audit.public_key_file` ({}): {e}", f.display()))),
+                .map_err(|e| PipelineError::config("audit.public_key_file", format!("{}: {e}", f.display()))),
             (None, None) => Ok(None),
         }
     }
@@ -806,6 +816,29 @@ mod tests {
         assert!(err("[audit]\nprevious_signing_key_file = \"old.key\"\n").contains("audit.previous_signing_key_file"));
         let c = Config::load(Some(&write(&format!("[audit]\npublic_key = \" {k}\\n\"\n")).0), Vec::new()).unwrap();
         assert_eq!(c.audit_public_key().unwrap(), Some(k));
+    }
+
+    #[test]
+    fn a_configuration_error_holds_its_key_and_says_it_once() {
+        // Was "key `state.ewma_alpha: must be in (0, 1)": a backtick never closed.
+        let f = write("[state]\newma_alpha = 2.0\n");
+        let e = Config::load(Some(&f.0), Vec::new()).unwrap_err();
+        match &e {
+            PipelineError::Config { key: Some(k), reason } => {
+                assert_eq!(k, "state.ewma_alpha");
+                assert!(reason.starts_with("must be in (0, 1)"), "{reason}");
+            }
+            other => panic!("expected a configuration error naming its key, got {other:?}"),
+        }
+        let text = e.to_string();
+        assert!(text.starts_with("configuration error: key `state.ewma_alpha`: must be in (0, 1) (in "), "{text}");
+        assert_eq!(text.matches('`').count(), 2, "{text}");
+        // A response rule's key is composed with its section, as data.
+        let f = write("[response]\ncommand_ttl_secs = 0\n");
+        match Config::load(Some(&f.0), Vec::new()).unwrap_err() {
+            PipelineError::Config { key: Some(k), .. } => assert_eq!(k, "response.command_ttl_secs"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

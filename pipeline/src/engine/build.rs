@@ -18,13 +18,13 @@ pub fn detector(cfg: &Config, schema: &EventSchema) -> Result<Detector, Pipeline
     match &cfg.model.path {
         None => Ok(Detector::twin_only(schema, cfg.state.clone())),
         Some(p) => {
-            let mut a = twinguard_models::Artifact::load(p).map_err(|e| PipelineError::Config(format!("key `model.path`: {e}")))?;
+            let mut a = twinguard_models::Artifact::load(p).map_err(|e| PipelineError::config("model.path", e))?;
             if let Some(t) = cfg.model.target_fpr {
-                a.ensemble.recalibrate(t).map_err(|e| PipelineError::Config(format!("key `model.target_fpr`: {e}")))?;
+                a.ensemble.recalibrate(t).map_err(|e| PipelineError::config("model.target_fpr", e))?;
                 ThresholdRecalibrated { model: &a.version, target_fpr: t, threshold: a.ensemble.threshold }.emit();
             }
             Detector::with_model(schema, cfg.state.clone(), a)
-                .map_err(|e| PipelineError::Config(format!("key `model.path`: {e}")))
+                .map_err(|e| PipelineError::config("model.path", e))
         }
     }
 }
@@ -32,7 +32,7 @@ pub fn detector(cfg: &Config, schema: &EventSchema) -> Result<Detector, Pipeline
 /// The device registry (empty without `registry.file`).
 pub fn registry(cfg: &Config) -> Result<Registry, PipelineError> {
     let Some(f) = &cfg.registry.file else { return Ok(Registry::default()) };
-    let err = |m: String| PipelineError::Config(format!("key `registry.file` ({}): {m}", f.display()));
+    let err = |m: String| PipelineError::config("registry.file", format!("{}: {m}", f.display()));
     let text = std::fs::read_to_string(f).map_err(|e| err(e.to_string()))?;
     let file: RegistryFile = serde_path_to_error::deserialize(toml::Deserializer::parse(&text).map_err(|e| err(e.to_string()))?)
         .map_err(|e| err(format!("`{}`: {}", e.path(), e.inner())))?;
@@ -43,7 +43,7 @@ pub fn registry(cfg: &Config) -> Result<Registry, PipelineError> {
 /// when `audit.previous_signing_key_file` is set).
 pub fn audit_log(cfg: &Config) -> Result<Option<AuditLog>, PipelineError> {
     let seed = |key: &str, f: &Path| -> Result<[u8; 32], PipelineError> {
-        let err = |m: String| PipelineError::Config(format!("key `{key}` ({}): {m}", f.display()));
+        let err = |m: String| PipelineError::config(key, format!("{}: {m}", f.display()));
         let text = std::fs::read_to_string(f).map_err(|e| err(e.to_string()))?;
         parse_key_hex(&text).map_err(err)
     };
@@ -53,7 +53,7 @@ pub fn audit_log(cfg: &Config) -> Result<Option<AuditLog>, PipelineError> {
         None => log,
         Some(p) => log
             .with_previous(seed("audit.previous_signing_key_file", p)?)
-            .map_err(|e| PipelineError::Config(format!("key `audit.previous_signing_key_file` ({}): {e}", p.display())))?,
+            .map_err(|e| PipelineError::config("audit.previous_signing_key_file", format!("{}: {e}", p.display())))?,
     }))
 }
 

@@ -373,7 +373,7 @@ impl Shared {
                 if let Some(p) = partition {
                     self.inflight_done(p);
                 }
-                Err(PipelineError::Io("commit stages have stopped".into()))
+                Err(PipelineError::Fatal("the commit stages have stopped (after an earlier failure)".into()))
             }
         }
     }
@@ -814,7 +814,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
         std::thread::Builder::new()
             .name("tg-control".into())
             .spawn(move || control_loop(&s))
-            .map_err(|e| PipelineError::Io(e.to_string()))?
+            .map_err(|e| PipelineError::io("starting the control thread", e))?
     };
     // No event is processed before the gate has caught up with the feedback given
     // before this start: a restart must not act while automation was suspended.
@@ -835,7 +835,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
         std::thread::Builder::new()
             .name("tg-changelog".into())
             .spawn(move || changelog_stage(&s, rx_cl, tx_off))
-            .map_err(|e| PipelineError::Io(e.to_string()))?
+            .map_err(|e| PipelineError::io("starting the changelog thread", e))?
     };
     let offsets_stage = {
         let s = shared.clone();
@@ -843,7 +843,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
         std::thread::Builder::new()
             .name("tg-offsets".into())
             .spawn(move || offsets_stage(&s, &c, rx_off))
-            .map_err(|e| PipelineError::Io(e.to_string()))?
+            .map_err(|e| PipelineError::io("starting the offsets thread", e))?
     };
 
     let result = core_loop(&shared, &consumer);

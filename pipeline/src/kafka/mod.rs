@@ -217,7 +217,7 @@ fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, PipelineError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| PipelineError::Io(format!("tokio runtime: {e}")))?;
+        .map_err(|e| PipelineError::io("tokio runtime", e))?;
     Ok(rt.block_on(f))
 }
 
@@ -277,7 +277,7 @@ pub fn ensure_topics(cfg: &Config) -> Result<usize, PipelineError> {
     let n = input.unwrap_or(t.partitions as usize);
     if input.is_none() {
         if !t.create {
-            return Err(PipelineError::Config(format!("key `topics.input`: topic `{}` does not exist", t.input)));
+            return Err(PipelineError::config("topics.input", format!("topic `{}` does not exist", t.input)));
         }
         wanted.push(NewTopicSpec { name: t.input.clone(), partitions: n as i32, compact: false });
     }
@@ -285,30 +285,29 @@ pub fn ensure_topics(cfg: &Config) -> Result<usize, PipelineError> {
         match partition_count(cfg, name)? {
             Some(_) => {}
             None if t.create => wanted.push(NewTopicSpec { name: name.clone(), partitions: n as i32, compact }),
-            None => return Err(PipelineError::Config(format!("topic `{name}` does not exist and `topics.create` is false"))),
+            None => return Err(PipelineError::config("topics.create", format!("topic `{name}` does not exist and `topics.create` is false"))),
         }
     }
     if !wanted.is_empty() {
         create_topics(cfg, &wanted)?;
         input = partition_count(cfg, &t.input)?;
     }
-    let n = input.ok_or_else(|| PipelineError::Config(format!("topic `{}` has no partitions", t.input)))?;
+    let n = input.ok_or_else(|| PipelineError::config("topics.input", format!("topic `{}` has no partitions", t.input)))?;
     let cl = partition_count(cfg, &t.changelog)?.unwrap_or(0);
     if cl < n {
-        return Err(PipelineError::Config(format!(
-            "key `topics.changelog`: `{}` has {cl} partitions but `{}` has {n}; the changelog needs at least as many",
-            t.changelog, t.input
-        )));
+        return Err(PipelineError::config(
+            "topics.changelog",
+            format!("`{}` has {cl} partitions but `{}` has {n}; the changelog needs at least as many", t.changelog, t.input),
+        ));
     }
     // Co-partitioned topics: partition p of each belongs with input partition p.
     for (key, name, exact) in [("topics.acks", &t.acks, true), ("topics.audit", &t.audit, false)] {
         let m = partition_count(cfg, name)?.unwrap_or(0);
         if m < n || (exact && m != n) {
-            return Err(PipelineError::Config(format!(
-                "key `{key}`: `{name}` has {m} partitions but `{}` has {n}; it must have {} as many",
-                t.input,
-                if exact { "exactly" } else { "at least" }
-            )));
+            return Err(PipelineError::config(
+                key,
+                format!("`{name}` has {m} partitions but `{}` has {n}; it must have {} as many", t.input, if exact { "exactly" } else { "at least" }),
+            ));
         }
     }
     Ok(n)
@@ -340,7 +339,7 @@ pub fn create_topics(cfg: &Config, topics: &[NewTopicSpec]) -> Result<(), Pipeli
         match r {
             Ok(name) => tracing::info!(topic = %name, "topic created"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => return Err(PipelineError::Io(format!("cannot create topic `{name}`: {code}"))),
+            Err((name, code)) => return Err(PipelineError::Broker(format!("cannot create topic `{name}`: {code}"))),
         }
     }
     // Metadata propagates asynchronously; wait until every topic is visible.
@@ -348,7 +347,7 @@ pub fn create_topics(cfg: &Config, topics: &[NewTopicSpec]) -> Result<(), Pipeli
     for s in topics {
         while partition_count(cfg, &s.name)?.is_none() {
             if Instant::now() > deadline {
-                return Err(PipelineError::Io(format!("topic `{}` did not appear after creation", s.name)));
+                return Err(PipelineError::Broker(format!("topic `{}` did not appear after creation", s.name)));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -431,7 +430,7 @@ pub fn read_partitions(
     let deadline = Instant::now() + timeout;
     while !pending.is_empty() {
         if Instant::now() > deadline {
-            return Err(PipelineError::Io(format!("reading `{topic}` timed out; partitions {pending:?} incomplete")));
+            return Err(PipelineError::Broker(format!("reading `{topic}` timed out; partitions {pending:?} incomplete")));
         }
         match consumer.poll(Duration::from_millis(200)) {
             None => {}
@@ -486,7 +485,7 @@ pub fn read_tail(cfg: &Config, topic: &str, partition: i32, timeout: Duration) -
         let mut quiet_since = Instant::now();
         let done = loop {
             if Instant::now() > deadline {
-                return Err(PipelineError::Io(format!(
+                return Err(PipelineError::Broker(format!(
                     "reading the last record of `{topic}` [{partition}] (records {low}..{high}) timed out after {timeout:?}"
                 )));
             }
@@ -508,13 +507,13 @@ pub fn read_tail(cfg: &Config, topic: &str, partition: i32, timeout: Duration) -
             Some((offset, _)) if done => {
                 // Records exist but the last one was not read (or has no value):
                 // continuing from it would fork the chain.
-                return Err(PipelineError::Io(format!(
+                return Err(PipelineError::Broker(format!(
                     "`{topic}` [{partition}] holds records {low}..{high} but its last one could not be read (the read ended at offset {offset})"
                 )));
             }
             // Nothing delivered from the widest window: retention raced the read.
             _ if start == low => {
-                return Err(PipelineError::Io(format!("`{topic}` [{partition}] holds records {low}..{high} but none could be read")));
+                return Err(PipelineError::Broker(format!("`{topic}` [{partition}] holds records {low}..{high} but none could be read")));
             }
             _ => window = window.saturating_mul(16),
         }
@@ -523,7 +522,7 @@ pub fn read_tail(cfg: &Config, topic: &str, partition: i32, timeout: Duration) -
 
 /// Every record of every partition of `topic`, by partition, in offset order.
 pub fn read_all(cfg: &Config, topic: &str, timeout: Duration) -> Result<BTreeMap<i32, Vec<(i64, Vec<u8>)>>, PipelineError> {
-    let n = partition_count(cfg, topic)?.ok_or_else(|| PipelineError::Config(format!("topic `{topic}` does not exist")))?;
+    let n = partition_count(cfg, topic)?.ok_or_else(|| PipelineError::Broker(format!("topic `{topic}` does not exist")))?;
     let parts: Vec<i32> = (0..n as i32).collect();
     let mut out: BTreeMap<i32, Vec<(i64, Vec<u8>)>> = parts.iter().map(|p| (*p, Vec::new())).collect();
     read_partitions(cfg, topic, &parts, |_| Offset::Beginning, timeout, |p, o, _, v| {
@@ -541,7 +540,7 @@ pub fn assign_all(cfg: &Config, topics: &[&str], purpose: &str) -> Result<BaseCo
         .map_err(|e| PipelineError::kafka(&format!("{purpose} consumer"), e))?;
     let mut tpl = TopicPartitionList::new();
     for t in topics {
-        let n = partition_count(cfg, t)?.ok_or_else(|| PipelineError::Config(format!("topic `{t}` does not exist")))?;
+        let n = partition_count(cfg, t)?.ok_or_else(|| PipelineError::Broker(format!("topic `{t}` does not exist")))?;
         for p in 0..n as i32 {
             tpl.add_partition_offset(t, p, Offset::Beginning).map_err(|e| PipelineError::kafka("assign", e))?;
         }

@@ -67,7 +67,7 @@ pub fn init_logs(default_filter: &str, tracer: Option<&SdkTracerProvider>) -> Re
         .with(fmt)
         .with(otel)
         .try_init()
-        .map_err(|e| PipelineError::Io(format!("installing the log subscriber: {e}")))
+        .map_err(|e| PipelineError::io("installing the log subscriber", e))
 }
 
 /// Install the meter (and tracer) providers and the log subscriber. Must run inside
@@ -79,11 +79,11 @@ pub fn init(cfg: &OtelConfig, default_filter: &str) -> Result<Telemetry, Pipelin
     let prom = opentelemetry_prometheus::exporter()
         .with_registry(registry.clone())
         .build()
-        .map_err(|e| PipelineError::Io(format!("prometheus exporter: {e}")))?;
+        .map_err(|e| PipelineError::io("prometheus exporter", e))?;
     let mut builder = SdkMeterProvider::builder().with_resource(resource.clone()).with_reader(prom);
     let mut tracer = None;
     if let Some(endpoint) = &cfg.endpoint {
-        let err = |what: &str, e: &dyn std::fmt::Display| PipelineError::Config(format!("key `otel.endpoint` ({endpoint}): {what}: {e}"));
+        let err = |what: &str, e: &dyn std::fmt::Display| PipelineError::config("otel.endpoint", format!("{endpoint}: {what}: {e}"));
         let exporter = opentelemetry_otlp::MetricExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint.clone())

@@ -37,8 +37,8 @@ pub async fn serve_http(listen: &str, registry: prometheus::Registry, metrics: A
 
 /// [`serve_http`] with explicit limits.
 pub async fn serve_http_with(listen: &str, registry: prometheus::Registry, metrics: Arc<Metrics>, limits: HttpLimits) -> Result<std::net::SocketAddr, PipelineError> {
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| PipelineError::Config(format!("key `http.listen` ({listen}): {e}")))?;
-    let addr = listener.local_addr().map_err(|e| PipelineError::Io(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| PipelineError::config("http.listen", format!("{listen}: {e}")))?;
+    let addr = listener.local_addr().map_err(|e| PipelineError::io(format!("the HTTP endpoint on {listen}"), e))?;
     tracing::info!(%addr, max_connections = limits.max_connections, "serving /metrics, /healthz and /readyz");
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     // Open connections by age (ids ascend): at the limit the oldest is told to close.

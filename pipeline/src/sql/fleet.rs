@@ -77,7 +77,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
     let mut changelog_parts = Vec::new();
     for topic in [&t.changelog, &t.verdicts, &t.alerts, &t.commands] {
         let n = kafka::partition_count(cfg, topic)?
-            .ok_or_else(|| PipelineError::Config(format!("topic `{topic}` does not exist: start the pipeline (or create the topics) first")))?;
+            .ok_or_else(|| PipelineError::Broker(format!("topic `{topic}` does not exist: start the pipeline (or create the topics) first")))?;
         // The output windows start at each partition's newest records, their share of
         // `recent_rows`; the changelog from its beginning.
         let tail = i64::try_from(cfg.sql.recent_rows.div_ceil(n.max(1))).unwrap_or(i64::MAX);

@@ -983,9 +983,9 @@ pub fn session_context(view: &Arc<SqlView>, max_memory_bytes: usize) -> Result<A
     let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
         .with_memory_limit(max_memory_bytes, 1.0)
         .build_arc()
-        .map_err(|e| PipelineError::Io(format!("SQL runtime: {e}")))?;
+        .map_err(|e| PipelineError::io("SQL runtime", e))?;
     // The default registry holds a local file system store: gone.
-    runtime.deregister_object_store(ObjectStoreUrl::local_filesystem().as_ref()).map_err(|e| PipelineError::Io(format!("SQL runtime: {e}")))?;
+    runtime.deregister_object_store(ObjectStoreUrl::local_filesystem().as_ref()).map_err(|e| PipelineError::io("SQL runtime", e))?;
     let mut config = SessionConfig::new().with_information_schema(true);
     config.options_mut().execution.enable_recursive_ctes = false;
     let keep = |list: &[&str], name: &str| list.contains(&name);
@@ -1000,9 +1000,9 @@ pub fn session_context(view: &Arc<SqlView>, max_memory_bytes: usize) -> Result<A
         .build();
     let ctx = SessionContext::new_with_state(state);
     for t in Table::ALL {
-        ctx.register_table(t.name(), Arc::new(ViewTable::new(view.clone(), t))).map_err(|e| PipelineError::Io(format!("registering table {}: {e}", t.name())))?;
+        ctx.register_table(t.name(), Arc::new(ViewTable::new(view.clone(), t))).map_err(|e| PipelineError::Internal(format!("registering SQL table {}: {e}", t.name())))?;
     }
-    setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider).map_err(|e| PipelineError::Io(format!("pg_catalog: {e}")))?;
+    setup_pg_catalog(&ctx, "datafusion", EmptyContextProvider).map_err(|e| PipelineError::Internal(format!("setting up pg_catalog: {e}")))?;
     Ok(Arc::new(ctx))
 }
 
@@ -1010,14 +1010,14 @@ pub fn session_context(view: &Arc<SqlView>, max_memory_bytes: usize) -> Result<A
 /// Returns the bound address (port 0 picks a free one).
 pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], view: Arc<SqlView>, metrics: Arc<Metrics>) -> Result<std::net::SocketAddr, PipelineError> {
     let tls = match &cfg.tls {
-        Some(t) => Some(load_tls(&t.cert_file, &t.key_file).map_err(PipelineError::Config)?),
+        Some(t) => Some(load_tls(&t.cert_file, &t.key_file).map_err(|e| PipelineError::config("sql.tls", e))?),
         None => None,
     };
     // SCRAM-SHA-256-PLUS with TLS: the certificate's hash binds the login to this
     // TLS session (a relaying man in the middle holds another certificate).
     let channel_binding = match &cfg.tls {
         Some(t) => {
-            let pem = std::fs::read(&t.cert_file).map_err(|e| PipelineError::Config(format!("key `sql.tls.cert_file` ({}): {e}", t.cert_file.display())))?;
+            let pem = std::fs::read(&t.cert_file).map_err(|e| PipelineError::config("sql.tls.cert_file", format!("{}: {e}", t.cert_file.display())))?;
             match ScramAuth::new(Arc::new(Users::new(&[]))).configure_certificate(&pem) {
                 Ok(()) => Some(Arc::new(pem)),
                 Err(e) => {
@@ -1038,8 +1038,8 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
     let throttle = Arc::new(LoginThrottle::default());
     let require_tls = tls.is_some();
     let login_timeout = Duration::from_millis(cfg.login_timeout_ms);
-    let listener = TcpListener::bind(listen).await.map_err(|e| PipelineError::Config(format!("key `sql.listen` ({listen}): {e}")))?;
-    let addr = listener.local_addr().map_err(|e| PipelineError::Io(e.to_string()))?;
+    let listener = TcpListener::bind(listen).await.map_err(|e| PipelineError::config("sql.listen", format!("{listen}: {e}")))?;
+    let addr = listener.local_addr().map_err(|e| PipelineError::io(format!("the SQL endpoint on {listen}"), e))?;
     tracing::info!(%addr, tls = tls.is_some(), channel_binding = channel_binding.is_some(), users = users.known.len(), "serving SQL (Postgres wire protocol, read-only)");
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS_AT_ONCE));

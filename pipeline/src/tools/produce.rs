@@ -80,7 +80,7 @@ pub fn produce_all(
         let deadline = Instant::now() + Duration::from_secs(30);
         while !coords.has_pid.load(Ordering::Relaxed) {
             if Instant::now() > deadline {
-                return Err(PipelineError::Io(format!("producing to `{topic}`: no producer id from the brokers after 30 s")));
+                return Err(PipelineError::Broker(format!("producing to `{topic}`: no producer id from the brokers after 30 s")));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -114,13 +114,13 @@ pub fn produce_all(
     producer.flush(Duration::from_secs(120)).map_err(|e| PipelineError::kafka(&format!("flush to `{topic}`"), e))?;
     progress(n, coords.acked.load(Ordering::Relaxed));
     if let Some(e) = coords.errors.lock().expect("errors lock").first() {
-        return Err(PipelineError::Io(format!("producing to `{topic}` failed: {e}")));
+        return Err(PipelineError::Broker(format!("producing to `{topic}` failed: {e}")));
     }
     let mut slots = std::mem::take(&mut *coords.slots.lock().expect("coords lock"));
     slots.resize(n, None);
     slots
         .into_iter()
         .enumerate()
-        .map(|(i, c)| c.ok_or_else(|| PipelineError::Io(format!("record {i} to `{topic}` was never acknowledged"))))
+        .map(|(i, c)| c.ok_or_else(|| PipelineError::Broker(format!("record {i} to `{topic}` was never acknowledged"))))
         .collect()
 }
