@@ -410,24 +410,8 @@ pub fn seeds_audit_verify() -> Vec<Vec<u8>> {
 
 #[cfg(test)]
 pub(crate) fn replay(target: &str, check: fn(&[u8]), seeds: Vec<Vec<u8>>) {
-    for s in &seeds {
-        check(s);
-    }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("corpus {}: {e}", dir.display()))
-        .map(|e| e.expect("corpus entry").path())
-        .filter(|p| p.is_file())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "corpus {} is empty", dir.display());
-    for f in &files {
-        let data = std::fs::read(f).expect("corpus file");
-        if let Err(e) = std::panic::catch_unwind(|| check(&data)) {
-            panic!("corpus input {} fails: {:?}", f.display(), e.downcast_ref::<String>().map(String::as_str).or(e.downcast_ref::<&str>().copied()));
-        }
-    }
-    eprintln!("{target}: {} corpus inputs and {} seeds replayed", files.len(), seeds.len());
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    twinguard_schemas::testing::replay_corpus(&corpus, target, check, seeds);
 }
 
 #[cfg(test)]

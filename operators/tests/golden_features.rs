@@ -16,6 +16,8 @@
 
 use std::path::{Path, PathBuf};
 
+use twinguard_schemas::testing::expect_file;
+
 use arrow::array::{Array, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, TimeUnit};
 use twinguard_operators::features::{FeatureQuery, FeatureRows};
@@ -138,7 +140,7 @@ fn check(query: &str) {
     out.push_str(&batch_table(&ctx, 1, 2));
     out.push_str("\n== features: the query's output, as the model sees it (NULL and non-finite become NaN) ==\n");
     out.push_str(&got);
-    expect_file(&dir.join(format!("tests/{query}.expected")), &out);
+    expect_file(&dir.join(format!("tests/{query}.expected")), &out, "the query computes", REGENERATE);
 }
 
 /// The record values of an `.events.jsonl` file, skipping blank and `#` lines.
@@ -241,67 +243,6 @@ fn table(corner: &str, heads: &[String], lines: &[(String, Vec<String>)]) -> Str
     let mut out = row(corner, heads);
     for (n, v) in lines {
         out.push_str(&row(n, v));
-    }
-    out
-}
-
-/// Compare `actual` with the file at `path`; with `UPDATE_EXPECT` set (not `0`),
-/// rewrite the file instead.
-fn expect_file(path: &Path, actual: &str) {
-    let update = std::env::var("UPDATE_EXPECT").is_ok_and(|v| !v.is_empty() && v != "0");
-    let expected = std::fs::read_to_string(path).map(|s| s.replace("\r\n", "\n"));
-    if update {
-        if expected.as_deref().ok() != Some(actual) {
-            std::fs::write(path, actual).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            eprintln!("updated {}", path.display());
-        }
-        return;
-    }
-    let expected = expected.unwrap_or_else(|e| panic!("{}: {e}; create it with `{REGENERATE}`", path.display()));
-    if expected != actual {
-        panic!(
-            "{} differs from what the query computes now (- expected, + got):\n{}\nIf the change is intended, run `{REGENERATE}` and review the diff.",
-            path.display(),
-            line_diff(&expected, actual, 60)
-        );
-    }
-}
-
-/// A line diff (longest common subsequence): changed lines only, with their line
-/// numbers in the expected (`-`) and actual (`+`) text, at most `limit` lines.
-fn line_diff(expected: &str, actual: &str, limit: usize) -> String {
-    let a: Vec<&str> = expected.lines().collect();
-    let b: Vec<&str> = actual.lines().collect();
-    // lcs[i][j]: length of the LCS of a[i..] and b[j..].
-    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
-    for i in (0..a.len()).rev() {
-        for j in (0..b.len()).rev() {
-            lcs[i][j] = if a[i] == b[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
-        }
-    }
-    let (mut i, mut j, mut out, mut shown, mut more) = (0, 0, String::new(), 0usize, 0usize);
-    let mut emit = |s: String| {
-        if shown < limit {
-            out.push_str(&s);
-            shown += 1;
-        } else {
-            more += 1;
-        }
-    };
-    while i < a.len() || j < b.len() {
-        if i < a.len() && j < b.len() && a[i] == b[j] {
-            i += 1;
-            j += 1;
-        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
-            emit(format!("-{:>4}| {}\n", i + 1, a[i]));
-            i += 1;
-        } else {
-            emit(format!("+{:>4}| {}\n", j + 1, b[j]));
-            j += 1;
-        }
-    }
-    if more > 0 {
-        out.push_str(&format!("... and {more} more changed lines\n"));
     }
     out
 }

@@ -17,6 +17,7 @@ pub mod fields;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz_check;
 pub mod respond;
+pub mod testing;
 pub mod verdict;
 
 pub use decode::{DecodeLimits, DecodeOutput, Decoder, RawRecord, Reject, RejectCode};

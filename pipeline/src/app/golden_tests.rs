@@ -20,6 +20,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use twinguard_schemas::testing::expect_file;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,7 +78,7 @@ fn golden_sql_table_schemas() {
             out.push_str(&format!("{n:<nw$}  {ty:<tw$}  {null}\n"));
         }
     }
-    expect_file(&golden_dir().join("sql_tables.schema.expected"), &out);
+    expect_file(&golden_dir().join("sql_tables.schema.expected"), &out, "the SQL view shows", REGENERATE);
 }
 
 #[test]
@@ -138,7 +140,7 @@ fn golden_sql_view_rows() {
     out.push_str(&expanded("alerts", &snap.alerts, &[]));
     out.push_str(&format!("\n== commands ({} rows) ==\n", rows(&snap.commands)));
     out.push_str(&expanded("commands", &snap.commands, &[]));
-    expect_file(&golden_dir().join("view_rows.expected"), &out);
+    expect_file(&golden_dir().join("view_rows.expected"), &out, "the SQL view shows", REGENERATE);
 }
 
 #[test]
@@ -197,7 +199,7 @@ fn golden_sql_status_row() {
             &[("instance", "host:pid"), ("started_at", "wall clock"), ("snapshot_at", "wall clock")],
         ));
     }
-    expect_file(&golden_dir().join("status_row.expected"), &out);
+    expect_file(&golden_dir().join("status_row.expected"), &out, "the SQL view shows", REGENERATE);
 }
 
 /// Run the view's refresher until it has published once, stop it, and return the
@@ -336,67 +338,6 @@ fn grid(batches: &[RecordBatch]) -> String {
     let mut out = line(&names);
     for l in &lines {
         out.push_str(&line(l));
-    }
-    out
-}
-
-/// Compare `actual` with the file at `path`; with `UPDATE_EXPECT` set (not `0`),
-/// rewrite the file instead.
-fn expect_file(path: &Path, actual: &str) {
-    let update = std::env::var("UPDATE_EXPECT").is_ok_and(|v| !v.is_empty() && v != "0");
-    let expected = std::fs::read_to_string(path).map(|s| s.replace("\r\n", "\n"));
-    if update {
-        if expected.as_deref().ok() != Some(actual) {
-            std::fs::write(path, actual).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            eprintln!("updated {}", path.display());
-        }
-        return;
-    }
-    let expected = expected.unwrap_or_else(|e| panic!("{}: {e}; create it with `{REGENERATE}`", path.display()));
-    if expected != actual {
-        panic!(
-            "{} differs from what the SQL view shows now (- expected, + got):\n{}\nIf the change is intended, run `{REGENERATE}` and review the diff.",
-            path.display(),
-            line_diff(&expected, actual, 60)
-        );
-    }
-}
-
-/// A line diff (longest common subsequence): changed lines only, with their line
-/// numbers in the expected (`-`) and actual (`+`) text, at most `limit` lines.
-fn line_diff(expected: &str, actual: &str, limit: usize) -> String {
-    let a: Vec<&str> = expected.lines().collect();
-    let b: Vec<&str> = actual.lines().collect();
-    // lcs[i][j]: length of the LCS of a[i..] and b[j..].
-    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
-    for i in (0..a.len()).rev() {
-        for j in (0..b.len()).rev() {
-            lcs[i][j] = if a[i] == b[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
-        }
-    }
-    let (mut i, mut j, mut out, mut shown, mut more) = (0, 0, String::new(), 0usize, 0usize);
-    let mut emit = |s: String| {
-        if shown < limit {
-            out.push_str(&s);
-            shown += 1;
-        } else {
-            more += 1;
-        }
-    };
-    while i < a.len() || j < b.len() {
-        if i < a.len() && j < b.len() && a[i] == b[j] {
-            i += 1;
-            j += 1;
-        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
-            emit(format!("-{:>4}| {}\n", i + 1, a[i]));
-            i += 1;
-        } else {
-            emit(format!("+{:>4}| {}\n", j + 1, b[j]));
-            j += 1;
-        }
-    }
-    if more > 0 {
-        out.push_str(&format!("... and {more} more changed lines\n"));
     }
     out
 }
