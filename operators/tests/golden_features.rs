@@ -16,7 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
-use twinguard_schemas::testing::expect_file;
+use twinguard_schemas::testing::{expect_file, golden_float as num};
 
 use arrow::array::{Array, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, TimeUnit};
@@ -172,21 +172,6 @@ fn decode(decoder: &Decoder, records: &[String], first_offset: usize, path: &Pat
     let out = decoder.decode(&raw, NOW_MS).unwrap();
     assert!(out.rejects.is_empty(), "{}: the decoder rejected records: {:?}", path.display(), out.rejects);
     out.batch
-}
-
-fn num(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "inf" } else { "-inf" }.into();
-    }
-    let s = format!("{x:.6}");
-    if s.strip_prefix('-').is_some_and(|r| r.chars().all(|c| c == '0' || c == '.')) {
-        s[1..].to_string()
-    } else {
-        s
-    }
 }
 
 fn cell(a: &dyn Array, row: usize) -> String {

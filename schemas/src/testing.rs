@@ -66,6 +66,22 @@ pub fn line_diff(expected: &str, actual: &str, limit: usize) -> String {
     out
 }
 
+/// A float as golden files print it: 6 decimals, no negative zero, `NaN`, `inf`.
+pub fn golden_float(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    let s = format!("{x:.6}");
+    if s.strip_prefix('-').is_some_and(|r| r.chars().all(|c| c == '0' || c == '.')) {
+        s[1..].to_string()
+    } else {
+        s
+    }
+}
+
 /// Replays every file of `corpus/<target>/` (and the seeds) through a fuzz
 /// checker, failing with the file's name when one fails. A missing or empty
 /// corpus directory fails too: CI must replay something.

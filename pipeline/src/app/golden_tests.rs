@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use twinguard_schemas::testing::expect_file;
+use twinguard_schemas::testing::{expect_file, golden_float as num};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -262,21 +262,6 @@ fn decode(decoder: &Decoder, records: &[String], first_offset: usize, path: &Pat
 
 fn rows(batches: &[RecordBatch]) -> usize {
     batches.iter().map(RecordBatch::num_rows).sum()
-}
-
-fn num(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "inf" } else { "-inf" }.into();
-    }
-    let s = format!("{x:.6}");
-    if s.strip_prefix('-').is_some_and(|r| r.chars().all(|c| c == '0' || c == '.')) {
-        s[1..].to_string()
-    } else {
-        s
-    }
 }
 
 /// One cell as text: `NULL`, a float with 6 decimals, or Arrow's display of it.
