@@ -311,10 +311,9 @@ impl Decoder {
                     }
                     (FieldKind::I64, Value::Number(num)) => {
                         let Some(x) = num.as_i64() else {
-                            return Err((
-                                RejectCode::WrongType,
-                                format!("field `{}` must be an integer, got {num}", f.name),
-                            ));
+                            // A patient's vital sign is never quoted back (PHI).
+                            let got = if f.phi { "a number that is not an integer (PHI, value withheld)".to_string() } else { num.to_string() };
+                            return Err((RejectCode::WrongType, format!("field `{}` must be an integer, got {got}", f.name)));
                         };
                         check_range(f, x as f64)?;
                         Cell::I(x)

@@ -171,3 +171,29 @@ fn ciciomt_schema_round_trips_too() {
     assert!(out.rejects.is_empty(), "{:?}", out.rejects);
     assert_eq!(events_to_json(&s, &out.batch), vec![e]);
 }
+
+/// No patient value is quoted back in a dead-letter reason (it travels with the
+/// device id): an out-of-range vital sign, and an integer vital sign that is not an
+/// integer, are named but their values withheld.
+#[test]
+fn phi_values_are_withheld_from_reasons() {
+    let mut bad = valid_event("dev-1");
+    bad.insert("spo2".into(), json!(140.25));
+    let (_, rejects) = decode_one(Some("dev-1"), &serde_json::to_vec(&bad).unwrap());
+    assert_eq!(rejects[0].code, RejectCode::OutOfRange);
+    assert!(rejects[0].reason.contains("spo2") && rejects[0].reason.contains("withheld") && !rejects[0].reason.contains("140"), "{}", rejects[0].reason);
+    let s = EventSchema::parse(
+        "name = \"int-vitals\"\nversion = 1\n[[fields]]\nname = \"heart_rate\"\ntype = \"i64\"\nrole = \"property\"\nphi = true\n[[fields]]\nname = \"port\"\ntype = \"i64\"\nrole = \"property\"\n[[fields]]\nname = \"rate\"\ntype = \"f64\"\nrole = \"metric\"\n",
+        "test",
+    )
+    .unwrap();
+    let dec = Decoder::new(s, DecodeLimits::default());
+    for (field, shown) in [("heart_rate", false), ("port", true)] {
+        let payload = format!("{{\"device_id\":\"d\",\"event_time\":\"2026-01-01T00:00:00Z\",\"heart_rate\":61,\"port\":80,\"rate\":1.0,\"{field}\":77.5}}");
+        let out = dec.decode(&[RawRecord { partition: 0, offset: 0, key: Some(b"d"), payload: Some(payload.as_bytes()) }], NOW).unwrap();
+        let r = &out.rejects[0];
+        assert_eq!(r.code, RejectCode::WrongType, "{}", r.reason);
+        assert!(r.reason.contains(field), "{}", r.reason);
+        assert_eq!(r.reason.contains("77.5"), shown, "{field}: {}", r.reason);
+    }
+}

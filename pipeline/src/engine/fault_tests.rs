@@ -189,3 +189,36 @@ fn the_engine_reports_through_its_events() {
         "OffsetsStored",
     ]);
 }
+
+/// Offsets are checked on every record, not only at resume (issue 13, defect 8):
+/// the next offset expected per partition, a gap (records never delivered) and a
+/// rewind (a seek or reset) told apart.
+#[test]
+fn offset_contiguity_is_tracked_mid_stream() {
+    let mut expected = std::collections::HashMap::new();
+    assert_eq!(engine::check_contiguity(&mut expected, 0, 10), None, "the first record sets the expectation");
+    assert_eq!(engine::check_contiguity(&mut expected, 0, 11), None);
+    assert_eq!(engine::check_contiguity(&mut expected, 0, 15), Some(Ok(12)), "a gap: 12..=14 never delivered");
+    assert_eq!(engine::check_contiguity(&mut expected, 0, 3), Some(Err(16)), "a rewind below 16");
+    assert_eq!(engine::check_contiguity(&mut expected, 1, 0), None, "partitions are independent");
+    assert_eq!(expected.get(&0), Some(&4));
+}
+
+/// A changelog record larger than `state.max_twin_bytes` or one that does not
+/// decode is quarantined (the partition is served without it); a twin of another
+/// schema is a configuration error (issue 13, defect 3).
+#[test]
+fn oversized_and_undecodable_changelog_records_are_quarantined() {
+    use twinguard_operators::OperatorError;
+    let big = vec![b'{'; 5000];
+    let never = |_: &str, _: Option<&[u8]>| -> Result<(), OperatorError> { panic!("an oversized record is not decoded") };
+    match engine::restore_verdict("dev", Some(&big), 4096, never) {
+        engine::Restore::Quarantine(why) => assert!(why.contains("5000 bytes") && why.contains("max_twin_bytes"), "{why}"),
+        _ => panic!("oversized: quarantine expected"),
+    }
+    let undecodable = |k: &str, _: Option<&[u8]>| Err(OperatorError::Undecodable { key: k.into(), reason: "not JSON".into() });
+    assert!(matches!(engine::restore_verdict("dev", Some(b"xx"), 4096, undecodable), engine::Restore::Quarantine(_)));
+    let foreign = |k: &str, _: Option<&[u8]>| Err(OperatorError::Restore { key: k.into(), reason: "schema other/v1".into() });
+    assert!(matches!(engine::restore_verdict("dev", Some(b"{}"), 4096, foreign), engine::Restore::Fatal(_)));
+    assert!(matches!(engine::restore_verdict("dev", None, 4096, |_, _| Ok(())), engine::Restore::Done), "a tombstone restores");
+}

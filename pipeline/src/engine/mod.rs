@@ -96,7 +96,7 @@ struct Core {
 
 /// Check a consumed record's offset against the one expected next on its partition
 /// and advance the expectation. Returns the gap (records skipped) or the rewind.
-fn check_contiguity(expected: &mut HashMap<i32, i64>, partition: i32, offset: i64) -> Option<Result<i64, i64>> {
+pub(crate) fn check_contiguity(expected: &mut HashMap<i32, i64>, partition: i32, offset: i64) -> Option<Result<i64, i64>> {
     let found = expected.insert(partition, offset + 1)?;
     match offset.cmp(&found) {
         std::cmp::Ordering::Equal => None,

@@ -55,6 +55,18 @@ fn note(_name: &'static str) {
 
 #[cfg(test)]
 mod tests {
+    /// Capped sweeps and skipped replays are counted (issue 13: 2.d and 8.c); each
+    /// event also logs (a WARN for the cap, the batch line for the skips).
+    #[test]
+    fn capped_sweeps_and_skipped_replays_are_counted() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = super::Metrics::default();
+        super::ExpiryCapped { expired: 100, left: 37 }.emit(&m);
+        super::BatchProcessed { partition: 0, records: 10, valid: 9, verdicts: 6, anomalies: 1, skipped: 3 }.emit(&m);
+        assert_eq!(m.expiry_capped.load(Relaxed), 37);
+        assert_eq!(m.replays_skipped.load(Relaxed), 3);
+    }
+
     #[test]
     #[should_panic(expected = "events never emitted: [\"NoSuchEvent\"]")]
     fn assert_emitted_names_what_was_never_emitted() {
