@@ -227,3 +227,31 @@ fn a_member_paused_past_its_session_stops_writing_and_rejoins() {
     assert!(by.values().all(|c| c.iter().all(|x| x == &c[0])), "duplicates only as exact repeats");
     assert_twins_equal(&reference_twins(&cfg, &recs, &coords), &changelog_twins(&cfg));
 }
+
+/// A broker paused mid-stream for 2 s (below the 6 s session timeout and the
+/// delivery timeout: campaign C2a's short pause, in CI): the pipeline rides it out,
+/// keeps running, and every event gets its verdict; the twins equal a reference
+/// run's.
+#[test]
+fn a_broker_paused_mid_stream_is_ridden_out() {
+    let Setup { dir, broker, mut cfg } = Setup::new("broker-pause");
+    // Small batches and enough events that the pause lands while work remains.
+    cfg.batch.max_records = 50;
+    let recs = sim_records(30, 20_000, 67, 0.0);
+    let coords = produce(&cfg, &recs);
+    let mut p = PipelineProc::start(&dir, "pipeline", &write_config(&dir, "pipeline", &cfg));
+    let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
+    verdicts.until("a third of the verdicts", |r| verdicts_by_coords(r).len() >= coords.len() / 3);
+    let pid = broker.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let at_pause = verdicts_by_coords(&verdicts.records).len();
+    assert!(at_pause < coords.len(), "the pause must land mid-stream ({at_pause} of {} verdicts read)", coords.len());
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    verdicts.until("a verdict for every event after the pause", |r| verdicts_by_coords(r).len() >= coords.len());
+    assert!(p.child.as_mut().unwrap().try_wait().unwrap().is_none(), "the pipeline must ride out a short broker pause; log:\n{}", p.log_text());
+    p.stop();
+    let by = verdicts_by_coords(&verdicts.records);
+    assert!(by.values().all(|c| c.iter().all(|x| x == &c[0])), "duplicates only as exact repeats");
+    assert_twins_equal(&reference_twins(&cfg, &recs, &coords), &changelog_twins(&cfg));
+}

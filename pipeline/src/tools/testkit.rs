@@ -40,6 +40,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The broker's process id (fault tests pause it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Start tansu (memory storage) on a free 127.0.0.1 port; its output goes to
     /// `dir/tansu.log`. Returns once it answers a metadata request.
     pub fn start(dir: &Path) -> Broker {
