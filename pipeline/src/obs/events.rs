@@ -55,6 +55,30 @@ fn note(_name: &'static str) {
 
 #[cfg(test)]
 mod tests {
+    /// `/healthz` fails when any of the three threads stops turning: the core loop,
+    /// the control thread (acks, feedback) and the SQL view's refresher (issue 13,
+    /// 7.c); a thread that never started is not judged.
+    #[test]
+    fn a_stalled_thread_fails_health() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = super::Metrics::default();
+        assert!(m.health().is_ok(), "nothing started yet");
+        super::StallLimitSet { millis: 60_000 }.emit(&m);
+        super::RefreshLimitSet { millis: 60_000 }.emit(&m);
+        super::Heartbeat.emit(&m);
+        super::ControlHeartbeat.emit(&m);
+        super::SqlViewTurned.emit(&m);
+        assert!(m.health().is_ok());
+        let old = chrono::Utc::now().timestamp_millis() - 120_000;
+        for (beat, name) in [(&m.control_beat_ms, "control thread"), (&m.sql_refresh_beat_ms, "SQL view refresher"), (&m.heartbeat_ms, "core loop")] {
+            let was = beat.swap(old, Relaxed);
+            let e = m.health().unwrap_err();
+            assert!(e.contains(name) && e.contains("has not turned for 120 s"), "{e}");
+            beat.store(was, Relaxed);
+        }
+        assert!(m.health().is_ok());
+    }
+
     /// Capped sweeps and skipped replays are counted (issue 13: 2.d and 8.c); each
     /// event also logs (a WARN for the cap, the batch line for the skips).
     #[test]
