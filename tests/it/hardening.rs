@@ -255,3 +255,25 @@ fn a_broker_paused_mid_stream_is_ridden_out() {
     assert!(by.values().all(|c| c.iter().all(|x| x == &c[0])), "duplicates only as exact repeats");
     assert_twins_equal(&reference_twins(&cfg, &recs, &coords), &changelog_twins(&cfg));
 }
+
+/// The input topic recreated under a deployment (here: the same changelog and group
+/// behind a new, empty input topic): the restored twins claim offsets the partition
+/// does not hold, and the pipeline says so at assignment, naming the partition,
+/// instead of skipping the new events silently (issue 13, defect 8).
+#[test]
+fn twins_ahead_of_a_recreated_input_topic_are_reported() {
+    let Setup { dir, broker: _broker, cfg } = Setup::new("ahead");
+    let recs = sim_records(4, 400, 71, 0.0);
+    let coords = produce(&cfg, &recs);
+    let mut p = PipelineProc::start(&dir, "first", &write_config(&dir, "first", &cfg));
+    let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
+    verdicts.until("a verdict for every event", |r| verdicts_by_coords(r).len() >= coords.len());
+    p.stop();
+    let mut recreated = cfg.clone();
+    recreated.topics.input = format!("{}-recreated", cfg.topics.input);
+    create_topics(&recreated);
+    let mut p = PipelineProc::start(&dir, "second", &write_config(&dir, "second", &recreated));
+    let line = p.wait_log(&["restored twins are ahead of their input partition"]);
+    assert!(line.contains("partition"), "it names the partition: {line}");
+    p.stop();
+}

@@ -87,7 +87,7 @@ impl Shared {
                 .store()
                 .iter()
                 .filter(|t| t.partition == p)
-                .fold((0usize, -1i64), |(n, m), t| (n, m.max(t.last_offset)));
+                .fold((0usize, -1i64), |(n, m), t| (n + 1, m.max(t.last_offset)));
             if n == 0 {
                 continue;
             }
