@@ -79,7 +79,7 @@ impl Shared {
     /// partition does not hold (the input topic was recreated or truncated), and the
     /// replay guard would skip new events up to that offset. Reported loudly
     /// (`TwinsAheadOfInput`), never acted on silently.
-    fn check_twins_against_input<C: ConsumerContext>(&self, core: &Core, consumer: &BaseConsumer<C>, parts: &[i32]) {
+    fn check_twins_against_input<C: ConsumerContext>(&self, core: &Core, consumer: &BaseConsumer<C>, parts: &[i32], deadline: Instant) {
         for &p in parts {
             let (n, max) = core
                 .op
@@ -91,7 +91,13 @@ impl Shared {
             if n == 0 {
                 continue;
             }
-            match consumer.fetch_watermarks(&self.cfg.topics.input, p, Duration::from_secs(3)) {
+            // Inside the callback's one deadline: at most 3 s a partition.
+            let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(3));
+            if wait.is_zero() {
+                tracing::warn!(partition = p, "the assign callback's deadline passed: restored twins not checked against the partition's end");
+                continue;
+            }
+            match consumer.fetch_watermarks(&self.cfg.topics.input, p, wait) {
                 Ok((_, high)) if max >= high => {
                     let twins = core.op.twin().store().iter().filter(|t| t.partition == p && t.last_offset >= high).count();
                     ev::TwinsAheadOfInput { partition: p, high_watermark: high, twins, max_last_offset: max }.emit(&self.metrics);
@@ -252,8 +258,8 @@ impl ConsumerContext for SourceContext {
             return;
         }
         core.owned.extend(parts.iter().copied());
-        let resume = resume_offsets(consumer, &s.cfg.topics.input, &fresh);
-        s.check_twins_against_input(&core, consumer, &fresh);
+        let resume = resume_offsets(consumer, &s.cfg.topics.input, &fresh, deadline);
+        s.check_twins_against_input(&core, consumer, &fresh, deadline);
         core.expected.extend(resume);
         ev::PartitionsReady { owned: &core.owned.iter().copied().collect::<Vec<_>>(), twins: core.op.twin().store().len() }.emit(&s.metrics);
     }
@@ -262,8 +268,14 @@ impl ConsumerContext for SourceContext {
 /// The committed offsets `parts` of `topic` resume at (a broker round trip). Parts
 /// without one (they start by `auto.offset.reset`) are left out, and so is
 /// everything when the coordinator does not answer: this only feeds a warning.
-pub(super) fn resume_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, parts: &[i32]) -> HashMap<i32, i64> {
+pub(super) fn resume_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, parts: &[i32], deadline: Instant) -> HashMap<i32, i64> {
     if parts.is_empty() {
+        return HashMap::new();
+    }
+    // Inside the callback's one deadline: at most 3 s, and nothing once it passed.
+    let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(3));
+    if wait.is_zero() {
+        tracing::warn!("the assign callback's deadline passed: committed offsets not read, resume gaps go unchecked for this assignment");
         return HashMap::new();
     }
     let mut tpl = TopicPartitionList::new();
@@ -271,7 +283,7 @@ pub(super) fn resume_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, top
         tpl.add_partition(topic, *p);
     }
     // Runs inside the assign callback with the core lock held: keep the wait short.
-    match consumer.committed_offsets(tpl, Duration::from_secs(3)) {
+    match consumer.committed_offsets(tpl, wait) {
         Ok(c) => c
             .elements_for_topic(topic)
             .iter()
