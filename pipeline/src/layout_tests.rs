@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 /// file, or a `#[cfg(test)] mod tests` block) may also import `tools` (the simulator).
 const ROOMS: &[(&str, &[&str])] = &[
     ("config", &[]),
-    ("kafka", &["config"]),
     ("obs", &["config"]),
+    ("kafka", &["config", "obs"]),
     ("tools", &["config", "kafka"]),
     ("engine", &["config", "kafka", "obs"]),
     ("sql", &["config", "kafka", "obs", "engine"]),

@@ -7,7 +7,7 @@
 //! or business rules: those live in `operators` and `models`.
 
 // Rooms, each with one job; imports run one way (ARCHITECTURE.md, checked by
-// `layout_tests.rs`): config <- kafka <- tools; config <- obs;
+// `layout_tests.rs`): config <- obs <- kafka <- tools;
 // {config, kafka, obs} <- engine <- sql; app uses any and nothing uses app.
 pub mod app;
 pub mod config;

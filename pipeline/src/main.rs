@@ -612,12 +612,12 @@ fn run_until_signal(cfg: Config, mode: Mode, sql_listen: Option<String>) -> Resu
                 r??;
                 return Ok::<(), anyhow::Error>(());
             }
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping after in-flight batches"),
-            _ = term.recv() => tracing::info!("SIGTERM: stopping after in-flight batches"),
+            _ = tokio::signal::ctrl_c() => twinguard::obs::events::StopRequested { signal: "SIGINT" }.emit(),
+            _ = term.recv() => twinguard::obs::events::StopRequested { signal: "SIGTERM" }.emit(),
         }
         stop.store(true, Ordering::Relaxed);
         if let Some(report) = work.await?? {
-            tracing::info!(twins = report.twins, twin_mem_bytes = report.twin_mem_bytes, "stopped cleanly");
+            twinguard::obs::events::StoppedCleanly { twins: report.twins, twin_mem_bytes: report.twin_mem_bytes }.emit();
         }
         Ok(())
     });

@@ -42,7 +42,7 @@ pub(super) fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>)
         let mut core = s.core.lock().expect("core lock");
         match polled {
             None => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+            Some(Err(e)) => ev::KafkaClientError { client: "consumer", error: &e.to_string(), retried: true }.emit(),
             Some(Ok(m)) if m.topic() == input => {
                 let p = m.partition();
                 match check_contiguity(&mut core.expected, p, m.offset()) {
@@ -80,7 +80,7 @@ pub(super) fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>)
                 }
                 s.process_ack(&mut core, p, rec)?;
             }
-            Some(Ok(m)) => tracing::warn!(topic = m.topic(), "record from an unexpected topic ignored"),
+            Some(Ok(m)) => ev::UnexpectedRecordIgnored { topic: m.topic() }.emit(),
         }
         let due: Vec<i32> = core
             .buffers
@@ -192,7 +192,7 @@ pub(super) fn offsets_stage(s: &Shared, consumer: &BaseConsumer<SourceContext>, 
             // `offset + 1`, the next record to read.
             match consumer.store_offset(&job.topic, p, next - 1) {
                 Ok(()) => ev::OffsetsStored { partition: p, next_offset: next }.emit(&s.metrics),
-                Err(e) => tracing::warn!(partition = p, error = %e, "cannot store offset (partition revoked?)"),
+                Err(e) => ev::OffsetStoreFailed { partition: p, error: &e.to_string() }.emit(),
             }
         }
         if let Some(p) = job.partition {
@@ -241,7 +241,7 @@ pub(super) fn control_loop(s: &Shared) {
         let m = match polled {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(error = %e, "control consumer error (librdkafka retries)");
+                ev::KafkaClientError { client: "control consumer", error: &e.to_string(), retried: true }.emit();
                 continue;
             }
         };

@@ -145,8 +145,7 @@ struct Shared {
 
 impl Shared {
     fn fail(&self, msg: String) {
-        tracing::error!(error = %msg, "pipeline failing");
-        self.metrics.failed.lock().expect("failed lock").get_or_insert_with(|| msg.clone());
+        ev::PipelineFailing { reason: &msg }.emit(&self.metrics);
         let mut f = self.fatal.lock().expect("fatal lock");
         if f.is_none() {
             *f = Some(msg);
@@ -295,7 +294,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
         std::thread::sleep(Duration::from_millis(20));
     }
     if shared.gate.lock().expect("gate lock").suspended() {
-        tracing::warn!("starting with automated responses SUSPENDED (analyst feedback before this start)");
+        ev::StartsSuspended.emit();
     }
 
     let changelog_stage = {
@@ -332,7 +331,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
     if !shared.failed() {
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => tracing::warn!(error = %e, "final commit failed"),
+            Err(e) => ev::CommitFailed { when: "final", error: &e.to_string() }.emit(),
         }
     }
     consumer.unsubscribe();

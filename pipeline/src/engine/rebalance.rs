@@ -94,7 +94,7 @@ impl Shared {
             // Inside the callback's one deadline: at most 3 s a partition.
             let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(3));
             if wait.is_zero() {
-                tracing::warn!(partition = p, "the assign callback's deadline passed: restored twins not checked against the partition's end");
+                ev::AssignCheckSkipped { partition: Some(p), what: "restored twins against the partition's end", why: "the assign callback's deadline passed" }.emit();
                 continue;
             }
             match consumer.fetch_watermarks(&self.cfg.topics.input, p, wait) {
@@ -103,7 +103,7 @@ impl Shared {
                     ev::TwinsAheadOfInput { partition: p, high_watermark: high, twins, max_last_offset: max }.emit(&self.metrics);
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(partition = p, error = %e, "input watermarks not read: restored twins not checked against the partition's end"),
+                Err(e) => ev::AssignCheckSkipped { partition: Some(p), what: "restored twins against the partition's end", why: &format!("input watermarks not read: {e}") }.emit(),
             }
         }
     }
@@ -197,7 +197,7 @@ impl ConsumerContext for SourceContext {
         s.drain(&parts);
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => tracing::warn!(error = %e, "commit on revoke failed; the next owner may replay some records"),
+            Err(e) => ev::CommitFailed { when: "on revoke", error: &e.to_string() }.emit(),
         }
         // The twins go with the partition: whoever owns it next (this instance
         // included) restores them from the changelog, which now holds all of them.
@@ -242,7 +242,7 @@ impl ConsumerContext for SourceContext {
         let s = &self.shared;
         let Rebalance::Assign(tpl) = rebalance else {
             if let Rebalance::Error(e) = rebalance {
-                tracing::warn!(error = %e, "rebalance error");
+                ev::RebalanceFailed { error: &e.to_string() }.emit();
             }
             return;
         };
@@ -275,7 +275,7 @@ pub(super) fn resume_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, top
     // Inside the callback's one deadline: at most 3 s, and nothing once it passed.
     let wait = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(3));
     if wait.is_zero() {
-        tracing::warn!("the assign callback's deadline passed: committed offsets not read, resume gaps go unchecked for this assignment");
+        ev::AssignCheckSkipped { partition: None, what: "resume gaps", why: "the assign callback's deadline passed: committed offsets not read" }.emit();
         return HashMap::new();
     }
     let mut tpl = TopicPartitionList::new();
@@ -290,7 +290,7 @@ pub(super) fn resume_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, top
             .filter_map(|e| if let rdkafka::Offset::Offset(o) = e.offset() { Some((e.partition(), o)) } else { None })
             .collect(),
         Err(e) => {
-            tracing::warn!(error = %e, "committed offsets not read: resume gaps go unchecked for this assignment");
+            ev::AssignCheckSkipped { partition: None, what: "resume gaps", why: &format!("committed offsets not read: {e}") }.emit();
             HashMap::new()
         }
     }

@@ -16,6 +16,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::config::Config;
+use crate::obs::events::{BrokersReachable, BrokersUnreachable, KafkaClientError, TopicCreated};
 use crate::PipelineError;
 
 /// Base client configuration: brokers plus `[kafka.properties]`.
@@ -234,17 +235,11 @@ pub fn wait_for_brokers(cfg: &Config, stop: &AtomicBool, mut alive: impl FnMut()
         match c.fetch_metadata(None, Duration::from_secs(5)) {
             Ok(_) => {
                 if attempt > 1 {
-                    tracing::info!(brokers = %cfg.kafka.brokers, waited_secs = started.elapsed().as_secs(), "Kafka brokers reachable; starting");
+                    BrokersReachable { brokers: &cfg.kafka.brokers, waited_secs: started.elapsed().as_secs() }.emit();
                 }
                 return Ok(true);
             }
-            Err(e) => tracing::warn!(
-                brokers = %cfg.kafka.brokers,
-                attempt,
-                retry_in_secs = backoff.as_secs(),
-                error = %e,
-                "Kafka brokers unreachable (key `kafka.brokers`); waiting for them, /readyz stays 503"
-            ),
+            Err(e) => BrokersUnreachable { brokers: &cfg.kafka.brokers, attempt, retry_in_secs: backoff.as_secs(), error: &e.to_string() }.emit(),
         }
         let until = Instant::now() + backoff;
         while Instant::now() < until {
@@ -337,7 +332,7 @@ pub fn create_topics(cfg: &Config, topics: &[NewTopicSpec]) -> Result<(), Pipeli
         .map_err(|e| PipelineError::kafka("create topics", e))?;
     for r in results {
         match r {
-            Ok(name) => tracing::info!(topic = %name, "topic created"),
+            Ok(name) => TopicCreated { topic: &name }.emit(),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => return Err(PipelineError::Broker(format!("cannot create topic `{name}`: {code}"))),
         }
@@ -363,7 +358,7 @@ impl ClientContext for RestoreContext {
     fn error(&self, error: KafkaError, reason: &str) {
         let eof = rdkafka::types::RDKafkaErrorCode::PartitionEOF;
         if !matches!(error, KafkaError::PartitionEOF(_)) && !matches!(error, KafkaError::Global(c) if c == eof) {
-            tracing::error!(error = %error, reason, "changelog reader error");
+            KafkaClientError { client: "changelog reader", error: &format!("{error} ({reason})"), retried: false }.emit();
         }
     }
 }

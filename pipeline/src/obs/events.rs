@@ -2,7 +2,8 @@
 //! [`Instruments`]); no metric names are scattered through the code. Named
 //! `<Noun><Verb>`, grouped by where they happen: `stream.rs` (a batch through the
 //! stages), `lifecycle.rs` (start, liveness, rebalance, restore), `control.rs` (acks,
-//! feedback, the gate), `sql.rs` (logins, the view, the fleet reader).
+//! feedback, the gate), `kafka.rs` (the client side: brokers, topics, client errors,
+//! commits), `sql.rs` (logins, connections, the view, the fleet reader).
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -15,11 +16,13 @@ use twinguard_schemas::respond::{Alert, Command};
 use twinguard_schemas::RejectCode;
 
 mod control;
+mod kafka;
 mod lifecycle;
 mod sql;
 mod stream;
 
 pub use control::*;
+pub use kafka::*;
 pub use lifecycle::*;
 pub use sql::*;
 pub use stream::*;

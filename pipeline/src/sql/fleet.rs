@@ -118,7 +118,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
         ev::Heartbeat.emit(&metrics);
         match consumer.poll(Duration::from_millis(20)) {
             None => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "sql reader error (librdkafka retries)"),
+            Some(Err(e)) => ev::KafkaClientError { client: "sql reader", error: &e.to_string(), retried: true }.emit(),
             Some(Ok(m)) => {
                 oldest.get_or_insert_with(Instant::now);
                 let (topic, p, offset) = (m.topic(), m.partition(), m.offset());

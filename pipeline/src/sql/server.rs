@@ -86,7 +86,7 @@ use twinguard_operators::audit::hmac_sha256;
 
 use crate::config::SqlConfig;
 use crate::sql::view::{SqlView, Table, ViewTable};
-use crate::obs::events::SqlLoginFailed;
+use crate::obs::events::{SqlAcceptFailed, SqlChannelBindingUnavailable, SqlConnectionClosed, SqlConnectionRefused, SqlLoginFailed, SqlServing};
 use crate::obs::Metrics;
 use crate::PipelineError;
 
@@ -200,7 +200,7 @@ impl PgWireServerHandlers for Handlers {
         if let Some(pem) = &self.channel_binding {
             // Checked once at start (`serve`): this certificate is accepted.
             if let Err(e) = scram.configure_certificate(pem) {
-                tracing::warn!(error = %e, "SQL endpoint: channel binding not offered on this connection");
+                SqlChannelBindingUnavailable { detail: "on this connection", error: &e.to_string() }.emit();
             }
         }
         Arc::new(Startup {
@@ -259,7 +259,7 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
             match ScramAuth::new(Arc::new(Users::new(&[]))).configure_certificate(&pem) {
                 Ok(()) => Some(Arc::new(pem)),
                 Err(e) => {
-                    tracing::warn!(cert = %t.cert_file.display(), error = %e, "SQL endpoint: no SCRAM-SHA-256-PLUS channel binding for this certificate (its signature algorithm); plain SCRAM-SHA-256 over TLS");
+                    SqlChannelBindingUnavailable { detail: &format!("for the certificate {} (its signature algorithm); plain SCRAM-SHA-256 over TLS", t.cert_file.display()), error: &e.to_string() }.emit();
                     None
                 }
             }
@@ -278,7 +278,7 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
     let login_timeout = Duration::from_millis(cfg.login_timeout_ms);
     let listener = TcpListener::bind(listen).await.map_err(|e| PipelineError::config("sql.listen", format!("{listen}: {e}")))?;
     let addr = listener.local_addr().map_err(|e| PipelineError::io(format!("the SQL endpoint on {listen}"), e))?;
-    tracing::info!(%addr, tls = tls.is_some(), channel_binding = channel_binding.is_some(), users = users.known.len(), "serving SQL (Postgres wire protocol, read-only)");
+    SqlServing { addr, tls: tls.is_some(), channel_binding: channel_binding.is_some(), users: users.known.len() }.emit();
     let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     let refusals = Arc::new(tokio::sync::Semaphore::new(REFUSALS_AT_ONCE));
     tokio::spawn(async move {
@@ -286,7 +286,7 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
             let (socket, peer) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(error = %e, "SQL endpoint: accept failed");
+                    SqlAcceptFailed { error: &e.to_string() }.emit();
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -299,7 +299,7 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
                     drop(socket);
                     continue;
                 };
-                tracing::warn!(%peer, "SQL endpoint: too many connections (sql.max_connections); refused");
+                SqlConnectionRefused { peer }.emit();
                 // Tell the client why (a protocol ErrorResponse, SQLSTATE 53300), then close.
                 tokio::spawn(async move {
                     let _courtesy = courtesy;
@@ -351,10 +351,10 @@ pub async fn serve(cfg: &SqlConfig, listen: &str, users: &[(String, String)], vi
                 tokio::select! {
                     r = process_socket(socket, tls, h) => {
                         if let Err(e) = r {
-                            tracing::info!(%peer, error = %e, "SQL connection closed on an error");
+                            SqlConnectionClosed { peer, error: Some(&e.to_string()), login_timeout_ms: login_timeout.as_millis() as u64 }.emit();
                         }
                     }
-                    () = deadline => tracing::warn!(%peer, timeout_ms = login_timeout.as_millis() as u64, "SQL connection closed: no login in time (sql.login_timeout_ms)"),
+                    () = deadline => SqlConnectionClosed { peer, error: None, login_timeout_ms: login_timeout.as_millis() as u64 }.emit(),
                 }
                 drop(permit);
             });

@@ -246,3 +246,52 @@ impl QuarantineDeadLettered {
         m.dlq_out.fetch_add(self.records as u64, Relaxed);
     }
 }
+
+/// The pipeline hit an error it must not go past: it stops (no offset is stored
+/// past it) and `/healthz` reports the first such reason.
+pub struct PipelineFailing<'a> {
+    pub reason: &'a str,
+}
+
+impl PipelineFailing<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        note("PipelineFailing");
+        tracing::error!(error = %self.reason, "pipeline failing");
+        m.failed.lock().expect("failed lock").get_or_insert_with(|| self.reason.to_string());
+    }
+}
+
+/// Analyst feedback read at start had already suspended automated responses.
+pub struct StartsSuspended;
+
+impl StartsSuspended {
+    pub fn emit(&self) {
+        note("StartsSuspended");
+        tracing::warn!("starting with automated responses SUSPENDED (analyst feedback before this start)");
+    }
+}
+
+/// SIGINT or SIGTERM: the process stops after its in-flight batches.
+pub struct StopRequested {
+    pub signal: &'static str,
+}
+
+impl StopRequested {
+    pub fn emit(&self) {
+        note("StopRequested");
+        tracing::info!("{}: stopping after in-flight batches", self.signal);
+    }
+}
+
+/// The pipeline stopped cleanly (outputs acknowledged, offsets committed).
+pub struct StoppedCleanly {
+    pub twins: usize,
+    pub twin_mem_bytes: usize,
+}
+
+impl StoppedCleanly {
+    pub fn emit(&self) {
+        note("StoppedCleanly");
+        tracing::info!(twins = self.twins, twin_mem_bytes = self.twin_mem_bytes, "stopped cleanly");
+    }
+}

@@ -158,3 +158,74 @@ impl ChangelogRead {
         m.changelog_in.fetch_add(self.records, Relaxed);
     }
 }
+
+/// The SQL endpoint is listening.
+pub struct SqlServing {
+    pub addr: std::net::SocketAddr,
+    pub tls: bool,
+    pub channel_binding: bool,
+    pub users: usize,
+}
+
+impl SqlServing {
+    pub fn emit(&self) {
+        note("SqlServing");
+        tracing::info!(addr = %self.addr, tls = self.tls, channel_binding = self.channel_binding, users = self.users, "serving SQL (Postgres wire protocol, read-only)");
+    }
+}
+
+/// SCRAM-SHA-256-PLUS (channel binding) is not offered: `detail` says why.
+pub struct SqlChannelBindingUnavailable<'a> {
+    pub detail: &'a str,
+    pub error: &'a str,
+}
+
+impl SqlChannelBindingUnavailable<'_> {
+    pub fn emit(&self) {
+        note("SqlChannelBindingUnavailable");
+        tracing::warn!(error = %self.error, "SQL endpoint: no SCRAM-SHA-256-PLUS channel binding {}", self.detail);
+    }
+}
+
+/// Accepting a SQL connection failed (retried after 100 ms).
+pub struct SqlAcceptFailed<'a> {
+    pub error: &'a str,
+}
+
+impl SqlAcceptFailed<'_> {
+    pub fn emit(&self) {
+        note("SqlAcceptFailed");
+        tracing::warn!(error = %self.error, "SQL endpoint: accept failed");
+    }
+}
+
+/// A SQL connection was refused: `sql.max_connections` are open.
+pub struct SqlConnectionRefused {
+    pub peer: std::net::SocketAddr,
+}
+
+impl SqlConnectionRefused {
+    pub fn emit(&self) {
+        note("SqlConnectionRefused");
+        tracing::warn!(peer = %self.peer, "SQL endpoint: too many connections (sql.max_connections); refused");
+    }
+}
+
+/// A SQL connection was closed by the endpoint: on a protocol or I/O error, or
+/// because no login came within `sql.login_timeout_ms`.
+pub struct SqlConnectionClosed<'a> {
+    pub peer: std::net::SocketAddr,
+    /// `None`: the login timeout.
+    pub error: Option<&'a str>,
+    pub login_timeout_ms: u64,
+}
+
+impl SqlConnectionClosed<'_> {
+    pub fn emit(&self) {
+        note("SqlConnectionClosed");
+        match self.error {
+            Some(e) => tracing::info!(peer = %self.peer, error = %e, "SQL connection closed on an error"),
+            None => tracing::warn!(peer = %self.peer, timeout_ms = self.login_timeout_ms, "SQL connection closed: no login in time (sql.login_timeout_ms)"),
+        }
+    }
+}
