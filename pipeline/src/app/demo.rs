@@ -240,75 +240,14 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
         cfg.kafka.brokers, opts.devices, opts.events, opts.partitions
     );
     let sim = Simulator::new(SimConfig::new(opts.devices, opts.events, opts.seed));
-    // The hospital's registry and an audit signing key, in a scratch directory.
-    let work = std::env::temp_dir().join(format!("twinguard-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&work).map_err(|e| PipelineError::io(format!("creating {}", work.display()), e))?;
-    let registry: Vec<String> = sim
-        .registry()
-        .iter()
-        .map(|e| toml::to_string(&std::collections::BTreeMap::from([("device", vec![e])])).expect("registry entry serialises"))
-        .collect();
-    std::fs::write(work.join("registry.toml"), registry.concat()).map_err(|e| PipelineError::io("writing the demo registry", e))?;
-    let seed: [u8; 32] = rand::random();
-    std::fs::write(work.join("audit.key"), twinguard_operators::audit::hex(&seed))
-        .map_err(|e| PipelineError::io("writing the demo audit key", e))?;
-    cfg.registry.file = Some(work.join("registry.toml"));
-    // The demo pushes events as fast as the pipeline takes them, so input → command
-    // includes seconds of queueing: the response-time gate would suspend automation
-    // (benches/RESULTS.md measures response time at a sustainable rate instead).
-    cfg.gating.max_response_ms = 60_000.0;
-    cfg.audit.signing_key_file = Some(work.join("audit.key"));
+    let work = scratch_files(&mut cfg, &sim)?;
     let records: Vec<_> = sim.collect();
     let malformed = records.iter().filter(|r| matches!(r.truth, Truth::Malformed(_))).count();
     let valid = records.len() - malformed;
 
     let stop_readers = Arc::new(AtomicBool::new(false));
-    let verdicts: Arc<Mutex<HashMap<(i32, i64), (bool, bool)>>> = Arc::default();
-    let dlq_reasons: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
-    let dlq_seen = Arc::new(AtomicU64::new(0));
-    let alerts: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
-    let (commands_seen, acks_sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let readers = {
-        let v = verdicts.clone();
-        let r1 = tail_topic(&cfg, &cfg.topics.verdicts, opts.partitions, stop_readers.clone(), move |m| {
-            if let Some(Ok(verdict)) = m.payload().map(serde_json::from_slice::<Verdict>) {
-                v.lock().expect("lock").insert((verdict.source.partition, verdict.source.offset), (verdict.anomalous, verdict.warming_up));
-            }
-        })?;
-        let (d, n) = (dlq_reasons.clone(), dlq_seen.clone());
-        let r2 = tail_topic(&cfg, &cfg.topics.dlq, opts.partitions, stop_readers.clone(), move |m| {
-            let code = m
-                .headers()
-                .and_then(|h| h.iter().find(|x| x.key == fields::DLQ_CODE).and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned())))
-                .unwrap_or_else(|| "?".into());
-            *d.lock().expect("lock").entry(code).or_default() += 1;
-            n.fetch_add(1, Ordering::Relaxed);
-        })?;
-        // The devices' management agents: carry out every command and acknowledge it.
-        let acker = {
-            let producer: rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-                kafka::producer_config(&cfg).create().map_err(|e| PipelineError::kafka("device agent", e))?;
-            let (acks_topic, n) = (cfg.topics.acks.clone(), acks_sent.clone());
-            let c = commands_seen.clone();
-            tail_topic(&cfg, &cfg.topics.commands, opts.partitions, stop_readers.clone(), move |m| {
-                let Some(Ok(cmd)) = m.payload().map(serde_json::from_slice::<Command>) else { return };
-                c.fetch_add(1, Ordering::Relaxed);
-                let ack = Ack { v: RESPONSE_VERSION, command_id: cmd.command_id, device_id: cmd.device_id.clone(), status: AckStatus::Applied, reported: cmd.desired, mac: None };
-                let body = serde_json::to_vec(&ack).expect("ack serialises");
-                let rec = rdkafka::producer::BaseRecord::to(&acks_topic).key(cmd.device_id.as_bytes()).payload(&body);
-                if producer.send(rec).is_ok() {
-                    n.fetch_add(1, Ordering::Relaxed);
-                }
-            })?
-        };
-        let a = alerts.clone();
-        let r3 = tail_topic(&cfg, &cfg.topics.alerts, opts.partitions, stop_readers.clone(), move |m| {
-            if let Some(Ok(alert)) = m.payload().map(serde_json::from_slice::<Alert>) {
-                a.lock().expect("lock").push((alert.response.action.as_str().to_string(), alert.response.needs_human));
-            }
-        })?;
-        [r1, r2, r3, acker]
-    };
+    let (seen, readers) = start_readers(&cfg, opts.partitions, &stop_readers)?;
+    let Seen { verdicts, dlq_reasons, dlq_seen, alerts, commands_seen, acks_sent } = seen;
 
     let metrics = Arc::new(Metrics::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -416,10 +355,104 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     }
     s.audit = Some(verify_audit(&cfg));
     let _ = std::fs::remove_dir_all(&work);
+    tally_truth(&mut s, &records, &coords, &verdicts);
+    drop(mock);
+    Ok(s)
+}
+
+/// The hospital's registry (the simulator's devices) and an audit signing key, in a
+/// scratch directory that `cfg` now names; returns the directory.
+fn scratch_files(cfg: &mut Config, sim: &Simulator) -> Result<std::path::PathBuf, PipelineError> {
+    let work = std::env::temp_dir().join(format!("twinguard-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| PipelineError::io(format!("creating {}", work.display()), e))?;
+    let registry: Vec<String> = sim
+        .registry()
+        .iter()
+        .map(|e| toml::to_string(&std::collections::BTreeMap::from([("device", vec![e])])).expect("registry entry serialises"))
+        .collect();
+    std::fs::write(work.join("registry.toml"), registry.concat()).map_err(|e| PipelineError::io("writing the demo registry", e))?;
+    let seed: [u8; 32] = rand::random();
+    std::fs::write(work.join("audit.key"), twinguard_operators::audit::hex(&seed))
+        .map_err(|e| PipelineError::io("writing the demo audit key", e))?;
+    cfg.registry.file = Some(work.join("registry.toml"));
+    // The demo pushes events as fast as the pipeline takes them, so input → command
+    // includes seconds of queueing: the response-time gate would suspend automation
+    // (benches/RESULTS.md measures response time at a sustainable rate instead).
+    cfg.gating.max_response_ms = 60_000.0;
+    cfg.audit.signing_key_file = Some(work.join("audit.key"));
+    Ok(work)
+}
+
+/// What the demo's readers saw on the output topics.
+struct Seen {
+    verdicts: Arc<Mutex<HashMap<(i32, i64), (bool, bool)>>>,
+    dlq_reasons: Arc<Mutex<BTreeMap<String, usize>>>,
+    dlq_seen: Arc<AtomicU64>,
+    alerts: Arc<Mutex<Vec<(String, bool)>>>,
+    commands_seen: Arc<AtomicU64>,
+    acks_sent: Arc<AtomicU64>,
+}
+
+/// The readers of verdicts, dead letters and alerts, and the devices' management
+/// agents (they carry out every command and acknowledge it), until `stop`.
+fn start_readers(cfg: &Config, partitions: i32, stop: &Arc<AtomicBool>) -> Result<(Seen, [std::thread::JoinHandle<()>; 4]), PipelineError> {
+    let verdicts: Arc<Mutex<HashMap<(i32, i64), (bool, bool)>>> = Arc::default();
+    let dlq_reasons: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let dlq_seen = Arc::new(AtomicU64::new(0));
+    let alerts: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+    let (commands_seen, acks_sent) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let readers = {
+        let v = verdicts.clone();
+        let r1 = tail_topic(cfg, &cfg.topics.verdicts, partitions, stop.clone(), move |m| {
+            if let Some(Ok(verdict)) = m.payload().map(serde_json::from_slice::<Verdict>) {
+                v.lock().expect("lock").insert((verdict.source.partition, verdict.source.offset), (verdict.anomalous, verdict.warming_up));
+            }
+        })?;
+        let (d, n) = (dlq_reasons.clone(), dlq_seen.clone());
+        let r2 = tail_topic(cfg, &cfg.topics.dlq, partitions, stop.clone(), move |m| {
+            let code = m
+                .headers()
+                .and_then(|h| h.iter().find(|x| x.key == fields::DLQ_CODE).and_then(|x| x.value.map(|v| String::from_utf8_lossy(v).into_owned())))
+                .unwrap_or_else(|| "?".into());
+            *d.lock().expect("lock").entry(code).or_default() += 1;
+            n.fetch_add(1, Ordering::Relaxed);
+        })?;
+        // The devices' management agents: carry out every command and acknowledge it.
+        let acker = {
+            let producer: rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+                kafka::producer_config(cfg).create().map_err(|e| PipelineError::kafka("device agent", e))?;
+            let (acks_topic, n) = (cfg.topics.acks.clone(), acks_sent.clone());
+            let c = commands_seen.clone();
+            tail_topic(cfg, &cfg.topics.commands, partitions, stop.clone(), move |m| {
+                let Some(Ok(cmd)) = m.payload().map(serde_json::from_slice::<Command>) else { return };
+                c.fetch_add(1, Ordering::Relaxed);
+                let ack = Ack { v: RESPONSE_VERSION, command_id: cmd.command_id, device_id: cmd.device_id.clone(), status: AckStatus::Applied, reported: cmd.desired, mac: None };
+                let body = serde_json::to_vec(&ack).expect("ack serialises");
+                let rec = rdkafka::producer::BaseRecord::to(&acks_topic).key(cmd.device_id.as_bytes()).payload(&body);
+                if producer.send(rec).is_ok() {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
+            })?
+        };
+        let a = alerts.clone();
+        let r3 = tail_topic(cfg, &cfg.topics.alerts, partitions, stop.clone(), move |m| {
+            if let Some(Ok(alert)) = m.payload().map(serde_json::from_slice::<Alert>) {
+                a.lock().expect("lock").push((alert.response.action.as_str().to_string(), alert.response.needs_human));
+            }
+        })?;
+        [r1, r2, r3, acker]
+    };
+
+    Ok((Seen { verdicts, dlq_reasons, dlq_seen, alerts, commands_seen, acks_sent }, readers))
+}
+
+/// Per attack kind: events seen and flagged; normal events judged and flagged (and
+/// those still warming up).
+fn tally_truth(s: &mut DemoSummary, records: &[crate::tools::sim::SimRecord], coords: &[(i32, i64)], verdicts: &HashMap<(i32, i64), (bool, bool)>) {
     for k in AttackKind::ALL {
         s.attacks.insert(k.as_str(), (0, 0));
     }
-    for (r, c) in records.iter().zip(&coords) {
+    for (r, c) in records.iter().zip(coords) {
         let Some(&(anomalous, warming)) = verdicts.get(c) else { continue };
         match r.truth {
             Truth::Attack(k) => {
@@ -435,8 +468,6 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
             Truth::Malformed(_) => {}
         }
     }
-    drop(mock);
-    Ok(s)
 }
 
 /// What the demo asks the SQL view at the end.
