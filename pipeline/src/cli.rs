@@ -1,0 +1,343 @@
+//! The command line's arguments: every subcommand, its flags and their help (clap).
+//! `main.rs` carries them out.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use twinguard_schemas::EventSchema;
+
+/// twinguard: a Kafka-native security pipeline for connected medical devices.
+///
+/// Device telemetry is decoded into Arrow batches, applied to per-device digital
+/// twins, scored against each device's own behaviour, and answered with verdicts on
+/// a downstream topic. Bad records go to a dead-letter topic, never silently away.
+#[derive(Parser)]
+#[command(name = "twinguard", version, about, long_about)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Run everything in one process on an embedded broker with simulated devices
+    /// and injected attacks; ends with a summary.
+    Demo {
+        #[command(flatten)]
+        sim: SimArgs,
+        /// Partitions of the demo topics.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Score with this trained model (a `twinguard train` output directory);
+        /// default: train a small one on simulated traffic first.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Simulated events to train the demo model on.
+        #[arg(long, default_value_t = 30_000)]
+        train_events: usize,
+    },
+    /// Run the pipeline against a Kafka cluster until SIGINT/SIGTERM.
+    Run {
+        /// Configuration file (TOML); TWINGUARD__SECTION__KEY variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only load and validate the configuration, then exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Serve SQL (Postgres wire protocol) over EVERY twin of a deployment: a
+    /// query-only process that reads the compacted changelog topic (and the newest
+    /// verdicts, alerts and commands), owns no partition and writes nothing. Tables:
+    /// twins, verdicts, alerts, commands, status. Also serves /metrics, /healthz
+    /// and /readyz (ready once the changelog was read to its end).
+    ///
+    ///   twinguard sql --config twinguard.toml --brokers kafka-1:9092
+    ///   PGPASSWORD=... psql -h 127.0.0.1 -p 5433 -U analyst -c 'select count(*) from twins'
+    Sql {
+        /// Configuration file (TOML): topics, schema, `[sql]` users, TLS and limits.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Kafka bootstrap servers (overrides `kafka.brokers`).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Address to serve SQL on (default: `sql.listen`, else 127.0.0.1:5433).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Address of /metrics, /healthz and /readyz (default: `http.listen`); set it
+        /// when a pipeline instance on the same host already uses that port.
+        #[arg(long)]
+        http_listen: Option<String>,
+        /// Only load and validate the configuration (users' passwords included), then exit.
+        #[arg(long)]
+        check_config: bool,
+    },
+    /// Write simulated device telemetry (with attacks) into the input topic.
+    Simulate {
+        /// Configuration file (TOML): brokers and the input topic.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        sim: SimArgs,
+        /// Records per second (default: as fast as the broker takes them).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Topic to write (default: the configured input topic).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Probability of a malformed record (they must land in the DLQ).
+        #[arg(long, default_value_t = 0.003)]
+        malformed_rate: f64,
+    },
+    /// Stream a dataset CSV (e.g. ../shared/datasets/wustl-ehms-2020/train.csv) into
+    /// the input topic as events of the configured schema.
+    Replay {
+        /// Configuration file (TOML): brokers, input topic and schema.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// CSV file, plain or .gz.
+        #[arg(long)]
+        file: PathBuf,
+        /// Schema of the events (default: the configured one).
+        #[arg(long)]
+        schema: Option<String>,
+        /// Column holding the device identity (default: rows spread over --devices ids).
+        #[arg(long)]
+        device_column: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        devices: usize,
+        /// Event-time spacing of consecutive rows, in ms.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: i64,
+        /// Replay at most this many rows.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Replay the rows in a seeded random order (as `train --split stratified` does).
+        #[arg(long)]
+        shuffle_seed: Option<u64>,
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Train the detector ensemble (random forest, SVM, LSTM, stacked with the twin's
+    /// behavioural score) on a labelled dataset; writes a versioned model artifact,
+    /// model card, held-out report and plots into --out.
+    ///
+    /// Features come from the schema's feature SQL (schemas/features/<schema>.sql),
+    /// run by DataFusion over each event batch joined with the twin snapshot: the
+    /// same query the stream runs. The held-out figures are computed by scoring the
+    /// test rows with the detector itself.
+    Train(TrainArgs),
+    /// Evaluate a trained model on its dataset's held-out rows (same split as in
+    /// training): per model and for the ensemble, detection rate, FPR, precision, F1,
+    /// ROC-AUC, PR-AUC, confusion matrix, per-class recall; writes report.json and
+    /// ROC / PR / confusion PNGs.
+    Eval {
+        /// Model directory (or its model.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// Dataset file (default: the one the model was trained on).
+        #[arg(long)]
+        dataset: Option<PathBuf>,
+        /// Where to write report.json and the plots (default: the model directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The signed audit trail: create a signing key, or verify the audit topic.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// List the built-in event schemas, or print one's definition.
+    Schemas {
+        /// Print this schema's fields.
+        name: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Write a new ed25519 signing key (its 32-byte seed as hex, file mode 0600) for
+    /// `[audit] signing_key_file`, and print the public key that verifies it.
+    Keygen {
+        /// File to create (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Read the audit topic and prove every partition's hash chain intact: hashes,
+    /// signatures, sequence and links, from a PINNED public key (the key of each
+    /// chain's first record; `key_rotation` records hand over to later keys). On
+    /// failure, names the first record that was altered, removed, reordered or
+    /// forged, and exits with status 1. Refuses to run without a pinned key: one
+    /// derived from the signing key would prove nothing (every host holds it).
+    Verify {
+        /// Configuration file (brokers, `topics.audit`, `audit.public_key`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Audit topic to read (default: `topics.audit`).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Pinned public key (64 hex characters); default: `audit.public_key` or
+        /// `audit.public_key_file` from the configuration.
+        #[arg(long, conflicts_with = "public_key_file")]
+        public_key: Option<String>,
+        /// File holding the pinned public key as hex.
+        #[arg(long)]
+        public_key_file: Option<PathBuf>,
+        /// Accept chains whose oldest records were deleted by topic retention.
+        #[arg(long)]
+        allow_truncated_start: bool,
+        /// Give up reading the topic after this long.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
+}
+
+#[derive(clap::Args)]
+pub(crate) struct TrainArgs {
+    /// Labelled dataset CSV (plain or .gz), e.g. ../shared/datasets/wustl-ehms-2020/train.csv.
+    #[arg(long)]
+    pub(crate) dataset: PathBuf,
+    /// Event schema of the rows (`twinguard schemas` lists them).
+    #[arg(long, default_value = "wustl-flow-vitals/v1")]
+    pub(crate) schema: String,
+    /// Feature SQL file (default: the schema's shipped query, schemas/features/<name>.v<N>.sql).
+    #[arg(long, conflicts_with = "variant")]
+    pub(crate) features: Option<PathBuf>,
+    /// A shipped feature variant instead of the default, e.g. `identity` (adds the
+    /// twin's identity-drift feature; WUSTL).
+    #[arg(long)]
+    pub(crate) variant: Option<String>,
+    /// Output directory for the model artifact.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Split: temporal (stream order; for captures like WUSTL) or stratified
+    /// (per class, seeded; rows are also replayed in a seeded random order).
+    #[arg(long, value_enum, default_value = "temporal")]
+    pub(crate) split: twinguard_train::SplitKind,
+    /// Share of rows for training, then for validation (stacking and threshold); the rest is the test set.
+    #[arg(long, default_value_t = 0.6)]
+    pub(crate) train_frac: f64,
+    #[arg(long, default_value_t = 0.2)]
+    pub(crate) val_frac: f64,
+    /// Target false-positive rate: the decision threshold is set for it on validation normal rows.
+    #[arg(long, default_value_t = 0.01)]
+    pub(crate) target_fpr: f64,
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+    /// Devices the rows are spread over (round-robin; WUSTL is one monitored patient).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) devices: usize,
+    /// Event-time spacing of consecutive rows, in ms (as `twinguard replay`).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) interval_ms: i64,
+    /// Use at most this many rows.
+    #[arg(long)]
+    pub(crate) limit: Option<usize>,
+    /// Random-forest trees.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) trees: usize,
+    /// Weight the forest's classes inversely to their frequency.
+    #[arg(long)]
+    pub(crate) balanced: bool,
+    /// Smallest number of training rows in a forest leaf.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) min_samples_leaf: usize,
+    /// SVM kernel: linear (default; cheap to score) or rbf (γ = 1/features; costs
+    /// support vectors × features per event).
+    #[arg(long, value_parser = ["linear", "rbf"], default_value = "linear")]
+    pub(crate) svm_kernel: String,
+    /// Largest SVM training sample (stratified subsample).
+    #[arg(long, default_value_t = 3000)]
+    pub(crate) svm_rows: usize,
+    /// LSTM training epochs.
+    #[arg(long, default_value_t = 15)]
+    pub(crate) lstm_epochs: usize,
+    /// LSTM hidden units.
+    #[arg(long, default_value_t = 16)]
+    pub(crate) lstm_hidden: usize,
+    /// Poisoning experiment: flip this fraction of the training labels first.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) flip_labels: f64,
+    /// Screen the training labels for poisoning (out-of-fold disagreement) and relabel suspects.
+    #[arg(long)]
+    pub(crate) screen: bool,
+}
+
+impl TrainArgs {
+    pub(crate) fn job(self) -> Result<twinguard_train::TrainJob> {
+        use twinguard_train::{DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
+        let schema = EventSchema::builtin(&self.schema)?;
+        let feature_sql = match (&self.features, &self.variant) {
+            (Some(p), _) => std::fs::read_to_string(p).with_context(|| format!("reading feature SQL {}", p.display()))?,
+            (None, v) => twinguard_schemas::builtin_feature_sql(&schema.id(), v.as_deref())
+                .ok_or_else(|| anyhow::anyhow!("schema `{}` ships no feature SQL{}: pass --features FILE", schema.id(), v.as_ref().map_or(String::new(), |v| format!(" variant `{v}`"))))?
+                .to_string(),
+        };
+        if !(self.train_frac > 0.0 && self.val_frac > 0.0 && self.train_frac + self.val_frac < 1.0) {
+            anyhow::bail!("--train-frac and --val-frac must be positive and leave rows for the test set");
+        }
+        if !(0.0..0.5).contains(&self.flip_labels) {
+            anyhow::bail!("--flip-labels must be in [0, 0.5)");
+        }
+        if !(self.target_fpr > 0.0 && self.target_fpr < 1.0) {
+            anyhow::bail!("--target-fpr must be in (0, 1)");
+        }
+        let stratified = self.split == SplitKind::Stratified;
+        Ok(TrainJob {
+            dataset: DatasetSpec {
+                file: self.dataset,
+                schema: schema.id(),
+                devices: self.devices.max(1),
+                interval_ms: self.interval_ms,
+                limit: self.limit,
+                shuffle_seed: stratified.then_some(self.seed),
+            },
+            schema,
+            feature_sql,
+            twin: twinguard_operators::TwinConfig::default(),
+            split: SplitSpec { kind: self.split, train: self.train_frac, validation: self.val_frac, seed: self.seed },
+            opts: TrainOptions {
+                target_fpr: self.target_fpr,
+                seed: self.seed,
+                forest: twinguard_models::forest::ForestParams {
+                    trees: self.trees,
+                    seed: self.seed,
+                    balanced: self.balanced,
+                    min_samples_leaf: self.min_samples_leaf.max(1),
+                    ..Default::default()
+                },
+                svm: twinguard_models::svm::SvmParams {
+                    max_train_rows: self.svm_rows,
+                    seed: self.seed,
+                    kernel: if self.svm_kernel == "rbf" {
+                        twinguard_models::svm::Kernel::Rbf { gamma: 0.0 }
+                    } else {
+                        twinguard_models::svm::Kernel::Linear
+                    },
+                    ..Default::default()
+                },
+                lstm: twinguard_models::lstm::LstmParams { epochs: self.lstm_epochs, hidden: self.lstm_hidden, seed: self.seed, ..Default::default() },
+                flip_labels: self.flip_labels,
+                screen: self.screen,
+                screen_threshold: 0.2,
+            },
+            out: self.out,
+        })
+    }
+}
+
+/// The simulated hospital.
+#[derive(clap::Args)]
+pub(crate) struct SimArgs {
+    /// Simulated devices (infusion pumps, monitors, oximeters, ventilators, ...).
+    #[arg(long, default_value_t = 60)]
+    pub(crate) devices: usize,
+    /// Events to send in total.
+    #[arg(long, default_value_t = 60_000)]
+    pub(crate) events: usize,
+    /// Random seed of the simulator (same seed, same devices and attacks).
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
+}
