@@ -65,26 +65,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Run { config, check_config } => {
             let cfg = load_config(config.as_ref())?;
             if check_config {
-                init_logs("info");
-                let schema = cfg.event_schema()?;
-                // Loads the model too: a missing or incompatible artifact fails here.
-                let detector = twinguard::engine::build::detector(&cfg, &schema)?;
-                // ...and the registry and the audit key.
-                let registry = twinguard::engine::build::registry(&cfg)?;
-                let audit = twinguard::engine::build::audit_log(&cfg)?;
-                // ...and the SQL users' passwords, when the endpoint is on.
-                let users = if cfg.sql.listen.is_some() { cfg.sql_users()? } else { Vec::new() };
-                println!(
-                    "configuration OK (schema {}, model {}, {} registered devices, {} response rules, audit {}, sql {}, metrics {})",
-                    schema.id(),
-                    detector.model_version().unwrap_or("none: twin behaviour score only"),
-                    registry.len(),
-                    cfg.response.rules.len(),
-                    audit.map_or("off (no signing key)".to_string(), |a| format!("signed, public key {}", a.public_key_hex())),
-                    cfg.sql.listen.as_ref().map_or("off".to_string(), |l| format!("on {l} for {} users", users.len())),
-                    if cfg.http.listen.is_empty() { "off".to_string() } else { format!("on http://{}/metrics", cfg.http.listen) }
-                );
-                return Ok(());
+                return print_run_config(&cfg);
             }
             run_until_signal(cfg, Mode::Pipeline, None)
         }
@@ -170,27 +151,55 @@ fn real_main(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Audit { command } => audit(command),
-        Command::Schemas { name } => {
-            match name {
-                None => {
-                    for id in EventSchema::builtin_names() {
-                        let s = EventSchema::builtin(id)?;
-                        println!("{id:<26} {} fields  {}", s.fields.len(), s.description);
-                    }
-                }
-                Some(n) => {
-                    let s = EventSchema::builtin(&n)?;
-                    println!("{} — {}", s.id(), s.description);
-                    println!("  device_id   string  required  device identity (MUST equal the record key)");
-                    println!("  event_time  string  required  RFC 3339, or integer epoch milliseconds");
-                    for f in &s.fields {
-                        println!("  {:<16} {:<7} {:<9} {:<9} {}", f.name, format!("{:?}", f.kind).to_lowercase(), format!("{:?}", f.role).to_lowercase(), if f.required { "required" } else { "optional" }, f.description);
-                    }
-                }
+        Command::Schemas { name } => print_schemas(name),
+    }
+}
+
+/// `twinguard run --check-config`: everything the configuration names is loaded
+/// (schema, model, registry, audit key, SQL passwords) and summarised.
+fn print_run_config(cfg: &Config) -> Result<()> {
+    init_logs("info");
+    let schema = cfg.event_schema()?;
+    // Loads the model too: a missing or incompatible artifact fails here.
+    let detector = twinguard::engine::build::detector(cfg, &schema)?;
+    // ...and the registry and the audit key.
+    let registry = twinguard::engine::build::registry(cfg)?;
+    let audit = twinguard::engine::build::audit_log(cfg)?;
+    // ...and the SQL users' passwords, when the endpoint is on.
+    let users = if cfg.sql.listen.is_some() { cfg.sql_users()? } else { Vec::new() };
+    println!(
+        "configuration OK (schema {}, model {}, {} registered devices, {} response rules, audit {}, sql {}, metrics {})",
+        schema.id(),
+        detector.model_version().unwrap_or("none: twin behaviour score only"),
+        registry.len(),
+        cfg.response.rules.len(),
+        audit.map_or("off (no signing key)".to_string(), |a| format!("signed, public key {}", a.public_key_hex())),
+        cfg.sql.listen.as_ref().map_or("off".to_string(), |l| format!("on {l} for {} users", users.len())),
+        if cfg.http.listen.is_empty() { "off".to_string() } else { format!("on http://{}/metrics", cfg.http.listen) }
+    );
+    Ok(())
+}
+
+/// `twinguard schemas [NAME]`: the built-in schemas, or one schema's fields.
+fn print_schemas(name: Option<String>) -> Result<()> {
+    match name {
+        None => {
+            for id in EventSchema::builtin_names() {
+                let s = EventSchema::builtin(id)?;
+                println!("{id:<26} {} fields  {}", s.fields.len(), s.description);
             }
-            Ok(())
+        }
+        Some(n) => {
+            let s = EventSchema::builtin(&n)?;
+            println!("{} — {}", s.id(), s.description);
+            println!("  device_id   string  required  device identity (MUST equal the record key)");
+            println!("  event_time  string  required  RFC 3339, or integer epoch milliseconds");
+            for f in &s.fields {
+                println!("  {:<16} {:<7} {:<9} {:<9} {}", f.name, format!("{:?}", f.kind).to_lowercase(), format!("{:?}", f.role).to_lowercase(), if f.required { "required" } else { "optional" }, f.description);
+            }
         }
     }
+    Ok(())
 }
 
 fn audit(command: AuditCommand) -> Result<()> {
