@@ -57,6 +57,33 @@ impl std::hash::Hasher for NoHash {
     }
 }
 
+/// What one changelog record does to the fleet's twins.
+enum Change {
+    /// The device's twin, as its row.
+    Upsert(StagedTwin),
+    /// No twin: a tombstone (`None`), or a record the restore rule quarantines
+    /// (`Some(reason)`: counted and logged here; the owning instance dead-letters it).
+    Remove(Option<String>),
+    /// A twin of a format this reader does not know.
+    Unsupported,
+}
+
+/// One changelog record through the pipeline's restore rule
+/// ([`crate::engine::restore_verdict`]).
+fn changelog_change(key: &str, value: Option<&[u8]>, max_twin_bytes: usize, rows: &RowMaker) -> Change {
+    let Some(v) = value else { return Change::Remove(None) };
+    let mut decoded = None;
+    let verdict = crate::engine::restore_verdict(key, Some(v), max_twin_bytes, |k, v| {
+        decoded = Some(Twin::decode(k, v.unwrap_or_default())?);
+        Ok(())
+    });
+    match (verdict, decoded) {
+        (crate::engine::Restore::Done, Some(twin)) => Change::Upsert(rows.row(&twin).into()),
+        (crate::engine::Restore::Quarantine(reason), _) => Change::Remove(Some(reason)),
+        (_, _) => Change::Unsupported,
+    }
+}
+
 /// Read until `stop`: the changelog from the beginning, the output topics from their
 /// newest records (`sql.recent_rows` spread over the partitions). `metrics.ready` turns 1 once every
 /// changelog partition was read up to the end it had at start.
@@ -128,33 +155,19 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
                 if topic == t.changelog {
                     ev::ChangelogRead { records: 1 }.emit(&metrics);
                     let key = m.key().map(String::from_utf8_lossy).unwrap_or_default().into_owned();
-                    match m.payload() {
-                        None => {
+                    match changelog_change(&key, m.payload(), cfg.state.max_twin_bytes, &rows) {
+                        Change::Upsert(row) => {
+                            live.insert(key_hash(&key));
+                            twins.push((key, Some(row)));
+                        }
+                        Change::Remove(quarantined) => {
+                            if let Some(reason) = quarantined {
+                                ev::ChangelogQuarantined { partition: p, offset, key: &key, reason: &reason }.emit(&metrics);
+                            }
                             live.remove(&key_hash(&key));
                             twins.push((key, None));
                         }
-                        Some(v) => {
-                            // The pipeline's restore rule: an undecodable or oversized
-                            // record is quarantined (counted and logged here; the owning
-                            // instance dead-letters it), and the device has no twin.
-                            let mut decoded = None;
-                            let verdict = crate::engine::restore_verdict(&key, Some(v), cfg.state.max_twin_bytes, |k, v| {
-                                decoded = Some(Twin::decode(k, v.unwrap_or_default())?);
-                                Ok(())
-                            });
-                            match (verdict, decoded) {
-                                (crate::engine::Restore::Done, Some(twin)) => {
-                                    live.insert(key_hash(&key));
-                                    twins.push((key, Some(rows.row(&twin).into())));
-                                }
-                                (crate::engine::Restore::Quarantine(reason), _) => {
-                                    ev::ChangelogQuarantined { partition: p, offset, key: &key, reason: &reason }.emit(&metrics);
-                                    live.remove(&key_hash(&key));
-                                    twins.push((key, None));
-                                }
-                                (_, _) => bad("twin", &"unsupported twin format version"),
-                            }
-                        }
+                        Change::Unsupported => bad("twin", &"unsupported twin format version"),
                     }
                     if behind.get(&p).is_some_and(|end| offset + 1 >= *end) {
                         behind.remove(&p);
