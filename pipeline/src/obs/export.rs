@@ -165,7 +165,7 @@ pub fn observe(cfg: &Config, metrics: &Arc<Metrics>) {
         ("twinguard.twin.resets", "Twins reset at an event because their device was idle past state.idle_ttl_secs", |m| m.twin_resets.load(Relaxed)),
         ("twinguard.twins.shed", "Twins that shed learned strings to fit state.max_twin_bytes", |m| m.twins_shed.load(Relaxed)),
         ("twinguard.expiry.capped", "Idle twins a sweep left for later (state.max_expiries_per_sweep)", |m| m.expiry_capped.load(Relaxed)),
-        ("twinguard.changelog.quarantined", "Changelog records that could not be restored (dead-lettered)", |m| m.changelog_quarantined.load(Relaxed)),
+        ("twinguard.changelog.quarantined", "Changelog records that could not be restored (dead-lettered by the pipeline; twinguard sql only counts them)", |m| m.changelog_quarantined.load(Relaxed)),
         ("twinguard.sql.records_skipped", "Changelog records `twinguard sql` could not read and skipped (nothing dead-lettered: the pipeline's restore quarantines them)", |m| m.fleet_records_skipped.load(Relaxed)),
     ];
     for (name, desc, f) in counters {
