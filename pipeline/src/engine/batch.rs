@@ -229,23 +229,10 @@ pub(super) struct Shown {
 /// Note each verdict's score on its twin (latest score, risk) and count verdicts by
 /// class and scores per model.
 pub(super) fn record_verdicts(core: &mut Core, verdicts: &[Verdict]) {
-    let mut by_class: HashMap<&str, u64> = HashMap::new();
-    let mut scores: Vec<(&'static str, f64)> = Vec::with_capacity(verdicts.len() * 5);
     for v in verdicts {
         core.op.twin_mut().note_verdict(v.source.partition, &v.device_id, v.score, v.attack_class.as_deref());
-        let class = match (&v.attack_class, v.anomalous) {
-            (Some(c), _) => c.as_str(),
-            (None, true) => "anomaly",
-            (None, false) => "benign",
-        };
-        *by_class.entry(class).or_default() += 1;
-        match &v.scores {
-            Some(sc) => scores.extend([("ensemble", sc.ensemble), ("rf", sc.rf), ("svm", sc.svm), ("lstm", sc.lstm), ("twin", sc.twin)]),
-            None => scores.push(("twin", v.score)),
-        }
     }
-    let by_class: Vec<(&str, u64)> = by_class.into_iter().collect();
-    ev::VerdictsScored { by_class: &by_class, scores: &scores }.emit();
+    ev::VerdictsScored { verdicts }.emit();
 }
 
 /// A dead letter for the DLQ topic: the original key and bytes with the reason, a

@@ -214,7 +214,7 @@ impl ConsumerContext for SourceContext {
                 observer.partition_dropped(*p);
             }
         }
-        ev::PartitionsReleased { owned: &core.owned.iter().copied().collect::<Vec<_>>() }.emit(&s.metrics);
+        ev::PartitionsReleased { owned: core.owned.iter().copied().collect() }.emit(&s.metrics);
     }
 
     /// Remember what the coordinator acknowledged: idle expiry only removes twins
@@ -261,7 +261,7 @@ impl ConsumerContext for SourceContext {
         let resume = resume_offsets(consumer, &s.cfg.topics.input, &fresh, deadline);
         s.check_twins_against_input(&core, consumer, &fresh, deadline);
         core.expected.extend(resume);
-        ev::PartitionsReady { owned: &core.owned.iter().copied().collect::<Vec<_>>(), twins: core.op.twin().store().len() }.emit(&s.metrics);
+        ev::PartitionsReady { owned: core.owned.iter().copied().collect(), twins: core.op.twin().store().len() }.emit(&s.metrics);
     }
 }
 

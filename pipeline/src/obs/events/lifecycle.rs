@@ -105,29 +105,29 @@ impl Rebalanced<'_> {
 }
 
 /// Partitions were assigned and their twins restored: the instance is ready.
-pub struct PartitionsReady<'a> {
-    pub owned: &'a [i32],
+pub struct PartitionsReady {
+    pub owned: Vec<i32>,
     pub twins: usize,
 }
 
-impl PartitionsReady<'_> {
-    pub fn emit(&self, m: &Metrics) {
+impl PartitionsReady {
+    pub fn emit(self, m: &Metrics) {
         note("PartitionsReady");
-        m.set_owned(self.owned.to_vec());
+        m.set_owned(self.owned);
         m.twins.store(self.twins as i64, Relaxed);
         m.ready.store(1, Relaxed);
     }
 }
 
 /// Partitions were revoked or lost: not ready until the next assignment is restored.
-pub struct PartitionsReleased<'a> {
-    pub owned: &'a [i32],
+pub struct PartitionsReleased {
+    pub owned: Vec<i32>,
 }
 
-impl PartitionsReleased<'_> {
-    pub fn emit(&self, m: &Metrics) {
+impl PartitionsReleased {
+    pub fn emit(self, m: &Metrics) {
         note("PartitionsReleased");
-        m.set_owned(self.owned.to_vec());
+        m.set_owned(self.owned);
         m.ready.store(0, Relaxed);
     }
 }

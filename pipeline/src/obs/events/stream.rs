@@ -80,20 +80,34 @@ impl StageFinished {
 
 /// One batch's verdicts: counted by class, their scores by model.
 pub struct VerdictsScored<'a> {
-    pub by_class: &'a [(&'a str, u64)],
-    /// (model, score) pairs, one per member per verdict.
-    pub scores: &'a [(&'static str, f64)],
+    pub verdicts: &'a [twinguard_schemas::verdict::Verdict],
 }
 
 impl VerdictsScored<'_> {
+    /// Verdicts counted by class (attack class, else `anomaly` or `benign`), and
+    /// every member's score recorded (the twin's alone without a model).
     pub fn emit(&self) {
         note("VerdictsScored");
         let ins = Instruments::get();
-        for (model, x) in self.scores {
-            ins.score.record(*x, &[KeyValue::new("model", *model)]);
+        let mut by_class: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for v in self.verdicts {
+            let class = match (&v.attack_class, v.anomalous) {
+                (Some(c), _) => c.as_str(),
+                (None, true) => "anomaly",
+                (None, false) => "benign",
+            };
+            *by_class.entry(class).or_default() += 1;
+            match &v.scores {
+                Some(sc) => {
+                    for (model, x) in [("ensemble", sc.ensemble), ("rf", sc.rf), ("svm", sc.svm), ("lstm", sc.lstm), ("twin", sc.twin)] {
+                        ins.score.record(x, &[KeyValue::new("model", model)]);
+                    }
+                }
+                None => ins.score.record(v.score, &[KeyValue::new("model", "twin")]),
+            }
         }
-        for (class, n) in self.by_class {
-            ins.verdicts.add(*n, &[KeyValue::new("class", class.to_string())]);
+        for (class, n) in by_class {
+            ins.verdicts.add(n, &[KeyValue::new("class", class.to_string())]);
         }
     }
 }
