@@ -16,14 +16,14 @@
 
 use std::path::{Path, PathBuf};
 
-use twinguard_schemas::testing::{expect_file, golden_float as num};
+use twinguard_schemas::testing::{decode_records, expect_file, golden_float as num};
 
 use arrow::array::{Array, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow::datatypes::{DataType, TimeUnit};
 use twinguard_operators::features::{FeatureQuery, FeatureRows};
 use twinguard_operators::{TwinConfig, TwinOperator};
 use twinguard_schemas::decode::fmt_ms;
-use twinguard_schemas::{fields, DecodeLimits, Decoder, EventSchema, RawRecord};
+use twinguard_schemas::{DecodeLimits, Decoder, EventSchema};
 
 /// The command that rewrites the expected files (also printed on a mismatch).
 const REGENERATE: &str = "UPDATE_EXPECT=1 cargo test -p twinguard-operators --locked golden";
@@ -105,7 +105,7 @@ fn check(query: &str) {
     let decoder = Decoder::new(schema.clone(), DecodeLimits::default());
     let mut twin = TwinOperator::new(&schema, twin_config());
     let mut q = FeatureQuery::new(&sql, schema.arrow_schema(), twin.context_schema()).unwrap();
-    let events = decode(&decoder, &records, 0, &events_path);
+    let events = decode_records(&decoder, &records, 0, NOW_MS, &events_path);
     let (_, ctx) = twin.process_with_context(&events).unwrap();
     let feats = q.compute(&events, &ctx).unwrap();
     assert_eq!(feats.len(), records.len(), "one feature row per event");
@@ -114,7 +114,7 @@ fn check(query: &str) {
     let mut twin1 = TwinOperator::new(&schema, twin_config());
     let mut one_by_one = FeatureRows { partition: Vec::new(), offset: Vec::new(), cols: feats.cols, values: Vec::new() };
     for i in 0..records.len() {
-        let b = decode(&decoder, &records[i..=i], i, &events_path);
+        let b = decode_records(&decoder, &records[i..=i], i, NOW_MS, &events_path);
         let (_, c) = twin1.process_with_context(&b).unwrap();
         let f = q.compute(&b, &c).unwrap();
         one_by_one.partition.extend(f.partition);
@@ -146,32 +146,6 @@ fn check(query: &str) {
 /// The record values of an `.events.jsonl` file, skipping blank and `#` lines.
 fn records(text: &str) -> Vec<String> {
     text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect()
-}
-
-/// Decode records as the stream does: keyed by their `device_id`, partition 0,
-/// offsets from `first_offset`. A rejected record fails the test (fix the input).
-fn decode(decoder: &Decoder, records: &[String], first_offset: usize, path: &Path) -> RecordBatch {
-    let keys: Vec<String> = records
-        .iter()
-        .map(|r| {
-            let v: serde_json::Value = serde_json::from_str(r).unwrap_or_else(|e| panic!("{}: {e}: {r}", path.display()));
-            v.get(fields::DEVICE_ID).and_then(|d| d.as_str()).unwrap_or_default().to_string()
-        })
-        .collect();
-    let raw: Vec<RawRecord<'_>> = records
-        .iter()
-        .zip(&keys)
-        .enumerate()
-        .map(|(i, (r, k))| RawRecord {
-            partition: 0,
-            offset: (first_offset + i) as i64,
-            key: Some(k.as_bytes()),
-            payload: Some(r.as_bytes()),
-        })
-        .collect();
-    let out = decoder.decode(&raw, NOW_MS).unwrap();
-    assert!(out.rejects.is_empty(), "{}: the decoder rejected records: {:?}", path.display(), out.rejects);
-    out.batch
 }
 
 fn cell(a: &dyn Array, row: usize) -> String {

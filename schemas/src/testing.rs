@@ -4,6 +4,10 @@
 
 use std::path::Path;
 
+use arrow::record_batch::RecordBatch;
+
+use crate::Decoder;
+
 /// Compare `actual` with the file at `path`; with `UPDATE_EXPECT` set (not `0`),
 /// rewrite the file instead. `what` names what produced `actual` ("the query
 /// computes"), `regenerate` the command that rewrites the file.
@@ -80,6 +84,33 @@ pub fn golden_float(x: f64) -> String {
     } else {
         s
     }
+}
+
+/// Decode records as the stream does: keyed by their `device_id`, partition 0,
+/// offsets from `first_offset`, at the processing time `now_ms`. A rejected record
+/// fails the test, naming `path` (fix the input).
+pub fn decode_records(decoder: &Decoder, records: &[String], first_offset: usize, now_ms: i64, path: &Path) -> RecordBatch {
+    let keys: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_str(r).unwrap_or_else(|e| panic!("{}: {e}: {r}", path.display()));
+            v.get(crate::fields::DEVICE_ID).and_then(|d| d.as_str()).unwrap_or_default().to_string()
+        })
+        .collect();
+    let raw: Vec<crate::RawRecord<'_>> = records
+        .iter()
+        .zip(&keys)
+        .enumerate()
+        .map(|(i, (r, k))| crate::RawRecord {
+            partition: 0,
+            offset: (first_offset + i) as i64,
+            key: Some(k.as_bytes()),
+            payload: Some(r.as_bytes()),
+        })
+        .collect();
+    let out = decoder.decode(&raw, now_ms).unwrap();
+    assert!(out.rejects.is_empty(), "{}: the decoder rejected records: {:?}", path.display(), out.rejects);
+    out.batch
 }
 
 /// Replays every file of `corpus/<target>/` (and the seeds) through a fuzz

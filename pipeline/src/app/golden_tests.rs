@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use twinguard_schemas::testing::{expect_file, golden_float as num};
+use twinguard_schemas::testing::{decode_records, expect_file, golden_float as num};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use twinguard_operators::gate::Figures;
 use twinguard_operators::{Detector, GateStatus, Registry, Responder};
 use twinguard_schemas::decode::fmt_ms;
 use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
-use twinguard_schemas::{fields, Decoder, RawRecord};
+use twinguard_schemas::Decoder;
 
 use crate::app::serve::{status_fn, Mode};
 use crate::config::Config;
@@ -104,7 +104,7 @@ fn golden_sql_view_rows() {
     // changed twins as changelog records → the observer.
     let mut offset = 0;
     for records in &batches {
-        let events = decode(&decoder, records, offset, &events_path);
+        let events = decode_records(&decoder, records, offset, NOW_MS, &events_path);
         offset += records.len();
         let (scored, _) = detector.detect(&events).unwrap();
         let mut verdicts: Vec<Verdict> = verdicts_from_batch(&scored, &cfg.topics.input);
@@ -237,27 +237,6 @@ fn batches_of(text: &str) -> Vec<Vec<String>> {
     }
     out.retain(|b| !b.is_empty());
     out
-}
-
-/// Decode records as the stream does: keyed by their `device_id`, partition 0,
-/// offsets from `first_offset`. A rejected record fails the test (fix the input).
-fn decode(decoder: &Decoder, records: &[String], first_offset: usize, path: &Path) -> RecordBatch {
-    let keys: Vec<String> = records
-        .iter()
-        .map(|r| {
-            let v: serde_json::Value = serde_json::from_str(r).unwrap_or_else(|e| panic!("{}: {e}: {r}", path.display()));
-            v.get(fields::DEVICE_ID).and_then(|d| d.as_str()).unwrap_or_default().to_string()
-        })
-        .collect();
-    let raw: Vec<RawRecord<'_>> = records
-        .iter()
-        .zip(&keys)
-        .enumerate()
-        .map(|(i, (r, k))| RawRecord { partition: 0, offset: (first_offset + i) as i64, key: Some(k.as_bytes()), payload: Some(r.as_bytes()) })
-        .collect();
-    let out = decoder.decode(&raw, NOW_MS).unwrap();
-    assert!(out.rejects.is_empty(), "{}: the decoder rejected records: {:?}", path.display(), out.rejects);
-    out.batch
 }
 
 fn rows(batches: &[RecordBatch]) -> usize {
