@@ -224,23 +224,13 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
 #[cfg(test)]
 mod tests {
     use super::*;
-    use twinguard_operators::{TwinConfig, TwinOperator};
-    use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
 
     /// `twinguard sql` applies the pipeline's restore rule to each changelog record: a
     /// twin becomes its row, a tombstone removes it, and an undecodable or oversized
     /// record is quarantined (removed, with the reason) instead of stopping the reader.
     #[test]
     fn a_changelog_record_goes_through_the_pipelines_restore_rule() {
-        let schema = EventSchema::builtin(crate::config::DEFAULT_SCHEMA).unwrap();
-        let mut sc = crate::tools::sim::SimConfig::new(1, 50, 3);
-        sc.malformed_rate = 0.0;
-        let sim: Vec<_> = crate::tools::sim::Simulator::new(sc).collect();
-        let raw: Vec<RawRecord<'_>> =
-            sim.iter().enumerate().map(|(i, r)| RawRecord { partition: 0, offset: i as i64, key: Some(r.key.as_bytes()), payload: Some(&r.payload) }).collect();
-        let decoded = Decoder::new(schema.clone(), DecodeLimits::default()).decode(&raw, chrono::Utc::now().timestamp_millis()).unwrap();
-        let mut op = TwinOperator::new(&schema, TwinConfig::default());
-        op.process_batch(decoded.batch).unwrap();
+        let (schema, op) = crate::tools::testkit::simulated_twins(1, 50, 3);
         let twin = op.store().iter().next().expect("a twin").clone();
         let bytes = twin.encode();
         let rows = RowMaker::new(&schema, false);

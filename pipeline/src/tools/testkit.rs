@@ -103,3 +103,21 @@ impl Drop for Broker {
     }
 }
 
+/// The default schema's twins after `devices` simulated devices sent `events`
+/// well-formed events (seed `seed`), all on partition 0 at offsets 0, 1, ...: a
+/// real twin operator for tests of what is built from twins (the SQL view, the
+/// fleet reader). A record the decoder rejects fails the test.
+pub fn simulated_twins(devices: usize, events: usize, seed: u64) -> (twinguard_schemas::EventSchema, twinguard_operators::TwinOperator) {
+    use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
+    let schema = EventSchema::builtin(crate::config::DEFAULT_SCHEMA).expect("the default schema");
+    let mut sc = crate::tools::sim::SimConfig::new(devices, events, seed);
+    sc.malformed_rate = 0.0;
+    let sim: Vec<_> = crate::tools::sim::Simulator::new(sc).collect();
+    let raw: Vec<RawRecord<'_>> =
+        sim.iter().enumerate().map(|(i, r)| RawRecord { partition: 0, offset: i as i64, key: Some(r.key.as_bytes()), payload: Some(&r.payload) }).collect();
+    let decoded = Decoder::new(schema.clone(), DecodeLimits::default()).decode(&raw, chrono::Utc::now().timestamp_millis()).expect("decodes");
+    assert!(decoded.rejects.is_empty(), "{:?}", decoded.rejects);
+    let mut op = twinguard_operators::TwinOperator::new(&schema, twinguard_operators::TwinConfig::default());
+    op.process_batch(decoded.batch).expect("the twins take the events");
+    (schema, op)
+}

@@ -75,21 +75,7 @@ fn refresh_publishes_staged_rows_and_trims_the_recent_window() {
 /// remove the device's row rather than leave a stale one.
 #[test]
 fn encoded_twins_become_the_same_rows_and_undecodable_ones_leave() {
-    use twinguard_operators::{TwinConfig, TwinOperator};
-    use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
-    let schema = EventSchema::builtin(crate::config::DEFAULT_SCHEMA).unwrap();
-    let mut sc = crate::tools::sim::SimConfig::new(3, 30, 11);
-    sc.malformed_rate = 0.0;
-    let sim: Vec<_> = crate::tools::sim::Simulator::new(sc).collect();
-    let raw: Vec<RawRecord<'_>> = sim
-        .iter()
-        .enumerate()
-        .map(|(i, r)| RawRecord { partition: 0, offset: i as i64, key: Some(r.key.as_bytes()), payload: Some(&r.payload) })
-        .collect();
-    let decoded = Decoder::new(schema.clone(), DecodeLimits::default()).decode(&raw, chrono::Utc::now().timestamp_millis()).unwrap();
-    assert!(decoded.rejects.is_empty(), "{:?}", decoded.rejects);
-    let mut op = TwinOperator::new(&schema, TwinConfig::default());
-    op.process_batch(decoded.batch).unwrap();
+    let (schema, mut op) = crate::tools::testkit::simulated_twins(3, 30, 11);
     let changelog = op.drain_changelog();
     assert_eq!(changelog.len(), 3, "one changelog record per device");
     let maker = Arc::new(RowMaker::new(&schema, false));
@@ -219,20 +205,7 @@ fn sql_refresher_survives_a_failed_refresh_and_its_death_fails_health() {
 /// Twins like C6c's: one simulated device's twin (a response state, identity
 /// bindings, baselines for every metric) copied under `n` device ids.
 fn realistic_fleet(n: usize) -> (Arc<RowMaker>, Vec<Twin>) {
-    use twinguard_operators::{TwinConfig, TwinOperator};
-    use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
-    let schema = EventSchema::builtin(crate::config::DEFAULT_SCHEMA).unwrap();
-    let mut sc = crate::tools::sim::SimConfig::new(4, 1200, 7);
-    sc.malformed_rate = 0.0;
-    let sim: Vec<_> = crate::tools::sim::Simulator::new(sc).collect();
-    let raw: Vec<RawRecord<'_>> = sim
-        .iter()
-        .enumerate()
-        .map(|(i, r)| RawRecord { partition: 0, offset: i as i64, key: Some(r.key.as_bytes()), payload: Some(&r.payload) })
-        .collect();
-    let decoded = Decoder::new(schema.clone(), DecodeLimits::default()).decode(&raw, chrono::Utc::now().timestamp_millis()).unwrap();
-    let mut op = TwinOperator::new(&schema, TwinConfig::default());
-    op.process_batch(decoded.batch).unwrap();
+    let (schema, op) = crate::tools::testkit::simulated_twins(4, 1200, 7);
     let tmpl = op.store().iter().max_by_key(|t| t.encode().len()).unwrap().clone();
     let maker = Arc::new(RowMaker::new(&schema, false));
     let twins = (0..n)
