@@ -188,11 +188,11 @@ impl Shared {
             self.inflight_add(p);
         }
         if commands.is_empty() {
-            kafka::send_all(&self.producer, &outputs, &phase1, &self.abort);
+            self.producer.send_all(&outputs, &phase1, &self.abort);
         } else {
             let (cmds, rest): (Vec<OutRecord>, Vec<OutRecord>) = outputs.into_iter().partition(|r| r.topic == self.commands_topic);
-            kafka::send_all(&self.command_producer, &cmds, &phase1, &self.abort);
-            kafka::send_all(&self.producer, &rest, &phase1, &self.abort);
+            self.command_producer.send_all(&cmds, &phase1, &self.abort);
+            self.producer.send_all(&rest, &phase1, &self.abort);
         }
         let tx = self.to_changelog.lock().expect("sender lock").clone();
         let job = Job { topic, partition, next_offset, phase1, changelog, oldest_ts, commands };

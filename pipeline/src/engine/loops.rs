@@ -7,7 +7,7 @@ use super::*;
 /// The core loop's longest consumer poll: how soon it notices `stop`.
 pub(super) const POLL_MAX: Duration = Duration::from_millis(100);
 
-pub(super) fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>) -> Result<(), PipelineError> {
+pub(super) fn core_loop(s: &Arc<Shared>, source: &dyn RecordSource) -> Result<(), PipelineError> {
     let linger = Duration::from_millis(s.cfg.batch.max_linger_ms);
     let flush_when_idle = s.cfg.batch.flush_when_idle;
     let mut empty_polls = 0u32;
@@ -30,7 +30,7 @@ pub(super) fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>)
                 None => POLL_MAX,
             }
         };
-        let polled = consumer.poll(timeout);
+        let polled = source.poll(timeout);
         // A zero-timeout poll also comes back empty after serving a statistics or
         // commit event: only two empty polls in a row mean nothing is ready.
         empty_polls = if polled.is_none() { empty_polls + 1 } else { 0 };
@@ -42,45 +42,35 @@ pub(super) fn core_loop(s: &Arc<Shared>, consumer: &BaseConsumer<SourceContext>)
         let mut core = s.core.lock().expect("core lock");
         match polled {
             None => {}
-            Some(Err(e)) => ev::KafkaClientError { client: "consumer", error: &e.to_string(), retried: true }.emit(),
-            Some(Ok(m)) if m.topic() == input => {
-                let p = m.partition();
-                match check_contiguity(&mut core.expected, p, m.offset()) {
-                    Some(Ok(at)) => ev::InputGap { partition: p, resumed_at: at, first_offset: m.offset() }.emit(&s.metrics),
-                    Some(Err(at)) => ev::OffsetsRewound { topic: &input, partition: p, expected: at, offset: m.offset() }.emit(&s.metrics),
-                    None => {}
+            Some(Err(e)) => ev::KafkaClientError { client: "consumer", error: &e, retried: true }.emit(),
+            Some(Ok(m)) => match m.origin {
+                Origin::Input => {
+                    let p = m.partition;
+                    match check_contiguity(&mut core.expected, p, m.offset) {
+                        Some(Ok(at)) => ev::InputGap { partition: p, resumed_at: at, first_offset: m.offset }.emit(&s.metrics),
+                        Some(Err(at)) => ev::OffsetsRewound { topic: &input, partition: p, expected: at, offset: m.offset }.emit(&s.metrics),
+                        None => {}
+                    }
+                    let buf = core.buffers.entry(p).or_insert_with(|| PartBuf { records: Vec::with_capacity(max.min(64)), opened: Instant::now() });
+                    buf.records.push(Rec { offset: m.offset, ts: m.ts, key: m.key, payload: m.payload, consumed: Instant::now() });
+                    if buf.records.len() >= max {
+                        let recs = core.buffers.remove(&p).map(|b| b.records).unwrap_or_default();
+                        s.process(&mut core, p, recs)?;
+                    }
                 }
-                let buf = core.buffers.entry(p).or_insert_with(|| PartBuf { records: Vec::with_capacity(max.min(64)), opened: Instant::now() });
-                buf.records.push(Rec {
-                    offset: m.offset(),
-                    ts: m.timestamp().to_millis(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    consumed: Instant::now(),
-                });
-                if buf.records.len() >= max {
-                    let recs = core.buffers.remove(&p).map(|b| b.records).unwrap_or_default();
-                    s.process(&mut core, p, recs)?;
+                Origin::Acks => {
+                    let p = m.partition;
+                    ev::ControlRecordRead { ack: true }.emit(&s.metrics);
+                    match check_contiguity(&mut core.expected_acks, p, m.offset) {
+                        Some(Ok(at)) => ev::ControlGap { topic: &s.acks_topic, partition: p, expected: at, offset: m.offset }.emit(&s.metrics),
+                        Some(Err(at)) => ev::OffsetsRewound { topic: &s.acks_topic, partition: p, expected: at, offset: m.offset }.emit(&s.metrics),
+                        None => {}
+                    }
+                    let rec = Rec { offset: m.offset, ts: None, key: m.key, payload: m.payload, consumed: Instant::now() };
+                    s.process_ack(&mut core, p, rec)?;
                 }
-            }
-            Some(Ok(m)) if m.topic() == &*s.acks_topic => {
-                let rec = Rec {
-                    offset: m.offset(),
-                    ts: None,
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    consumed: Instant::now(),
-                };
-                ev::ControlRecordRead { ack: true }.emit(&s.metrics);
-                let p = m.partition();
-                match check_contiguity(&mut core.expected_acks, p, m.offset()) {
-                    Some(Ok(at)) => ev::ControlGap { topic: &s.acks_topic, partition: p, expected: at, offset: m.offset() }.emit(&s.metrics),
-                    Some(Err(at)) => ev::OffsetsRewound { topic: &s.acks_topic, partition: p, expected: at, offset: m.offset() }.emit(&s.metrics),
-                    None => {}
-                }
-                s.process_ack(&mut core, p, rec)?;
-            }
-            Some(Ok(m)) => ev::UnexpectedRecordIgnored { topic: m.topic() }.emit(),
+                Origin::Other(topic) => ev::UnexpectedRecordIgnored { topic: &topic }.emit(),
+            },
         }
         let due: Vec<i32> = core
             .buffers
@@ -173,7 +163,7 @@ pub(super) fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job
             })
             .collect();
         let group = AckGroup::new(records.len());
-        kafka::send_all(&s.producer, &records, &group, &s.abort);
+        s.producer.send_all(&records, &group, &s.abort);
         ev::ChangelogWritten { records: records.len() }.emit(&s.metrics);
         if tx.send((job, group)).is_err() {
             break;
@@ -181,7 +171,7 @@ pub(super) fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job
     }
 }
 
-pub(super) fn offsets_stage(s: &Shared, consumer: &BaseConsumer<SourceContext>, rx: Receiver<(Job, Arc<AckGroup>)>) {
+pub(super) fn offsets_stage(s: &Shared, source: &dyn RecordSource, rx: Receiver<(Job, Arc<AckGroup>)>) {
     for (job, group) in rx {
         if let Err(e) = group.wait(&s.abort) {
             s.fail(e);
@@ -190,9 +180,9 @@ pub(super) fn offsets_stage(s: &Shared, consumer: &BaseConsumer<SourceContext>, 
         if let (Some(p), Some(next)) = (job.partition, job.next_offset) {
             // rd_kafka_offset_store takes the last processed offset and stores
             // `offset + 1`, the next record to read.
-            match consumer.store_offset(&job.topic, p, next - 1) {
+            match source.store_offset(&job.topic, p, next - 1) {
                 Ok(()) => ev::OffsetsStored { partition: p, next_offset: next }.emit(&s.metrics),
-                Err(e) => ev::OffsetStoreFailed { partition: p, error: &e.to_string() }.emit(),
+                Err(e) => ev::OffsetStoreFailed { partition: p, error: &e }.emit(),
             }
         }
         if let Some(p) = job.partition {
@@ -277,7 +267,7 @@ pub(super) fn control_loop(s: &Shared) {
             Err(reason) => {
                 let dl = s.control_dead_letter(&feedback_topic, m.partition(), m.offset(), m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec), &reason);
                 let group = AckGroup::new(1);
-                kafka::send_all(&s.producer, &[dl], &group, &s.abort);
+                s.producer.send_all(&[dl], &group, &s.abort);
                 if let Err(e) = group.wait(&s.abort) {
                     s.fail(format!("dead letter for feedback: {e}"));
                 }

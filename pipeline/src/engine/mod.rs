@@ -22,7 +22,8 @@
 //! Files: this one holds the shared state and [`run_with`]; `batch.rs` a batch
 //! through the stages, `rebalance.rs` partitions coming and going (restore,
 //! revoke), `loops.rs` the threads, `build.rs` the stages from a configuration,
-//! `observer.rs` the outward hook.
+//! `observer.rs` the outward hook, `seam.rs` the source and sink interfaces
+//! (Kafka in production, fakes in `seam_tests.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -134,10 +135,10 @@ struct Shared {
     /// by the group coordinator: what a restart would resume from.
     committed: Mutex<HashMap<i32, i64>>,
     core: Mutex<Core>,
-    producer: SinkProducer,
+    producer: Arc<dyn RecordSink>,
     /// Commands go out on a producer of their own, so they do not queue behind the
     /// bulk of verdicts, audit and changelog records (response time).
-    command_producer: SinkProducer,
+    command_producer: Arc<dyn RecordSink>,
     to_changelog: Mutex<Option<SyncSender<Job>>>,
     /// The SQL tables, when served: fed with twin rows and outputs.
     observer: Option<Arc<dyn StateObserver>>,
@@ -230,44 +231,9 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
     }
     let partitions = kafka::ensure_topics(cfg)?;
     ev::PipelineStarted { input: &cfg.topics.input, partitions, schema: &schema.id(), model: detector.model_version() }.emit();
-    let producer = kafka::create_producer(cfg)?;
-    let command_producer = kafka::create_command_producer(cfg)?;
-    let (tx_cl, rx_cl) = sync_channel::<Job>(cfg.batch.max_inflight_batches);
-    let (tx_off, rx_off) = sync_channel::<(Job, Arc<AckGroup>)>(cfg.batch.max_inflight_batches);
-    let shared = Arc::new(Shared {
-        cfg: cfg.clone(),
-        verdicts_topic: cfg.topics.verdicts.as_str().into(),
-        dlq_topic: cfg.topics.dlq.as_str().into(),
-        input_topic: cfg.topics.input.as_str().into(),
-        acks_topic: cfg.topics.acks.as_str().into(),
-        alerts_topic: cfg.topics.alerts.as_str().into(),
-        commands_topic: cfg.topics.commands.as_str().into(),
-        audit_topic: cfg.topics.audit.as_str().into(),
-        gate: Arc::new(Mutex::new(build::gate(cfg)?)),
-        gate_caught_up: AtomicBool::new(false),
-        schema_id: schema.id(),
-        metrics: metrics.clone(),
-        stop: stop.clone(),
-        abort: AtomicBool::new(false),
-        lost: AtomicBool::new(false),
-        fatal: Mutex::new(None),
-        inflight: Mutex::new(HashMap::new()),
-        inflight_cv: Condvar::new(),
-        committed: Mutex::new(HashMap::new()),
-        core: Mutex::new(Core {
-            op: detector,
-            resp: responder,
-            decoder: Decoder::new(schema.clone(), cfg.decode_limits()),
-            buffers: BTreeMap::new(),
-            owned: BTreeSet::new(),
-            expected: HashMap::new(),
-            expected_acks: HashMap::new(),
-        }),
-        producer,
-        command_producer,
-        to_changelog: Mutex::new(Some(tx_cl)),
-        observer,
-    });
+    let producer = Arc::new(kafka::create_producer(cfg)?);
+    let command_producer = Arc::new(kafka::create_command_producer(cfg)?);
+    let (shared, rx_cl) = Shared::new(cfg, detector, responder, metrics.clone(), stop.clone(), observer, producer, command_producer)?;
     let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(
         kafka::consumer_config(cfg)
             .create_with_context(SourceContext { shared: shared.clone() })
@@ -297,6 +263,103 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
         ev::StartsSuspended.emit();
     }
 
+    let source = Arc::new(KafkaSource { consumer: consumer.clone(), input: cfg.topics.input.clone(), acks: cfg.topics.acks.clone() });
+    drive(&shared, rx_cl, source)?;
+    let _ = control.join();
+    if !shared.failed() {
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => ev::CommitFailed { when: "final", error: &e.to_string() }.emit(),
+        }
+    }
+    consumer.unsubscribe();
+    let report = shared.report();
+    drop(consumer);
+    shared.outcome()?;
+    Ok(report)
+}
+
+impl Shared {
+    /// The engine's state for `cfg`, writing to `producer` (commands to
+    /// `command_producer`), with the receiving end of the first commit stage.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cfg: &Config,
+        detector: Detector,
+        responder: Responder,
+        metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
+        observer: Option<Arc<dyn StateObserver>>,
+        producer: Arc<dyn RecordSink>,
+        command_producer: Arc<dyn RecordSink>,
+    ) -> Result<(Arc<Shared>, Receiver<Job>), PipelineError> {
+        let schema = cfg.event_schema()?;
+        let (tx_cl, rx_cl) = sync_channel::<Job>(cfg.batch.max_inflight_batches);
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            verdicts_topic: cfg.topics.verdicts.as_str().into(),
+            dlq_topic: cfg.topics.dlq.as_str().into(),
+            input_topic: cfg.topics.input.as_str().into(),
+            acks_topic: cfg.topics.acks.as_str().into(),
+            alerts_topic: cfg.topics.alerts.as_str().into(),
+            commands_topic: cfg.topics.commands.as_str().into(),
+            audit_topic: cfg.topics.audit.as_str().into(),
+            gate: Arc::new(Mutex::new(build::gate(cfg)?)),
+            gate_caught_up: AtomicBool::new(false),
+            schema_id: schema.id(),
+            metrics,
+            stop,
+            abort: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
+            fatal: Mutex::new(None),
+            inflight: Mutex::new(HashMap::new()),
+            inflight_cv: Condvar::new(),
+            committed: Mutex::new(HashMap::new()),
+            core: Mutex::new(Core {
+                op: detector,
+                resp: responder,
+                decoder: Decoder::new(schema, cfg.decode_limits()),
+                buffers: BTreeMap::new(),
+                owned: BTreeSet::new(),
+                expected: HashMap::new(),
+                expected_acks: HashMap::new(),
+            }),
+            producer,
+            command_producer,
+            to_changelog: Mutex::new(Some(tx_cl)),
+            observer,
+        });
+        Ok((shared, rx_cl))
+    }
+
+    /// What the twins came to (for [`RunReport`]).
+    fn report(&self) -> RunReport {
+        let core = self.core.lock().expect("core lock");
+        let commanded: Vec<_> = core.op.twin().store().iter().filter(|t| !t.response().desired.is_empty()).collect();
+        RunReport {
+            twins: core.op.twin().store().len(),
+            twin_mem_bytes: core.op.twin().store().mem_bytes(),
+            reconciled: (commanded.iter().filter(|t| t.response().delta().is_empty()).count(), commanded.len()),
+        }
+    }
+
+    /// The run's first fatal error, typed: a lost assignment (the caller may
+    /// rejoin) or anything else.
+    fn outcome(&self) -> Result<(), PipelineError> {
+        match self.fatal.lock().expect("fatal lock").clone() {
+            None => Ok(()),
+            Some(msg) if self.lost.load(Ordering::SeqCst) => Err(PipelineError::AssignmentLost(msg)),
+            Some(msg) => Err(PipelineError::Fatal(msg)),
+        }
+    }
+}
+
+/// Run the spine on `source` until stop or failure: the changelog and offsets
+/// stages on their threads, the core loop on this one, then a graceful flush
+/// (unless failed) and both stages drained in order. Failures are recorded in
+/// `shared` (see [`Shared::fail`]); the caller reads them.
+fn drive(shared: &Arc<Shared>, rx_cl: Receiver<Job>, source: Arc<dyn RecordSource>) -> Result<(), PipelineError> {
+    let (tx_off, rx_off) = sync_channel::<(Job, Arc<AckGroup>)>(shared.cfg.batch.max_inflight_batches);
     let changelog_stage = {
         let s = shared.clone();
         std::thread::Builder::new()
@@ -306,14 +369,13 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
     };
     let offsets_stage = {
         let s = shared.clone();
-        let c = consumer.clone();
+        let src = source.clone();
         std::thread::Builder::new()
             .name("tg-offsets".into())
-            .spawn(move || offsets_stage(&s, &c, rx_off))
+            .spawn(move || offsets_stage(&s, &*src, rx_off))
             .map_err(|e| PipelineError::io("starting the offsets thread", e))?
     };
-
-    let result = core_loop(&shared, &consumer);
+    let result = core_loop(shared, &*source);
     if let Err(e) = &result {
         shared.fail(e.to_string());
     }
@@ -327,31 +389,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
     shared.to_changelog.lock().expect("sender lock").take();
     let _ = changelog_stage.join();
     let _ = offsets_stage.join();
-    let _ = control.join();
-    if !shared.failed() {
-        match consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => ev::CommitFailed { when: "final", error: &e.to_string() }.emit(),
-        }
-    }
-    consumer.unsubscribe();
-    let report = {
-        let core = shared.core.lock().expect("core lock");
-        let commanded: Vec<_> = core.op.twin().store().iter().filter(|t| !t.response().desired.is_empty()).collect();
-        RunReport {
-            twins: core.op.twin().store().len(),
-            twin_mem_bytes: core.op.twin().store().mem_bytes(),
-            reconciled: (commanded.iter().filter(|t| t.response().delta().is_empty()).count(), commanded.len()),
-        }
-    };
-    drop(consumer);
-    if let Some(msg) = shared.fatal.lock().expect("fatal lock").clone() {
-        if shared.lost.load(Ordering::SeqCst) {
-            return Err(PipelineError::AssignmentLost(msg));
-        }
-        return Err(PipelineError::Fatal(msg));
-    }
-    Ok(report)
+    Ok(())
 }
 
 mod batch;
@@ -359,11 +397,15 @@ pub mod build;
 mod loops;
 pub mod observer;
 mod rebalance;
+mod seam;
 
 use batch::*;
 use loops::*;
+use seam::*;
 pub use observer::StateObserver;
 pub use rebalance::{restore_verdict, Restore, SourceContext, QUARANTINED_CHANGELOG};
 
 #[cfg(test)]
 mod fault_tests;
+#[cfg(test)]
+mod seam_tests;

@@ -43,7 +43,7 @@ impl Shared {
             // Set aside before the partition is served: a crash now re-reads the
             // changelog and quarantines the same records again (at least once).
             let group = AckGroup::new(quarantined.len());
-            kafka::send_all(&self.producer, &quarantined, &group, &self.abort);
+            self.producer.send_all(&quarantined, &group, &self.abort);
             group.wait(&self.abort).map_err(|e| PipelineError::Fatal(format!("dead letters for quarantined changelog records: {e}")))?;
             ev::QuarantineDeadLettered { records: quarantined.len() }.emit(&self.metrics);
         }
@@ -106,6 +106,55 @@ impl Shared {
                 Err(e) => ev::AssignCheckSkipped { partition: Some(p), what: "restored twins against the partition's end", why: &format!("input watermarks not read: {e}") }.emit(),
             }
         }
+    }
+}
+
+impl Shared {
+    /// Give up `parts` (input partitions). Normally: process their buffered
+    /// records, wait until every output of theirs is acknowledged and its offset
+    /// stored, `commit`, then drop their twins and buffers — the next owner starts
+    /// exactly where this instance stopped. When the assignment was `lost` (this
+    /// member was evicted: it stopped polling past max.poll.interval.ms, or its
+    /// session timed out, e.g. a paused process), another member may own them
+    /// already: fail-stop and drop what is still queued, so no late changelog or
+    /// audit record of this zombie lands after the new owner's (a twin moving
+    /// backwards, a forked audit chain). Offsets stay where delivery put them; the
+    /// new owner replays from there.
+    pub(super) fn revoke(&self, parts: &[i32], lost: bool, commit: impl FnOnce() -> Result<(), String>) {
+        if lost {
+            let msg = format!("assignment of partitions {parts:?} lost (evicted from the group: max.poll.interval.ms exceeded or session timed out); stopping so that only the new owner writes their state");
+            if self.fatal.lock().expect("fatal lock").is_none() {
+                self.lost.store(true, Ordering::SeqCst);
+            }
+            self.fail(msg);
+            self.producer.purge();
+            self.command_producer.purge();
+        } else {
+            let mut core = self.core.lock().expect("core lock");
+            if let Err(e) = self.flush(&mut core, Some(parts)) {
+                self.fail(format!("flushing revoked partitions: {e}"));
+            }
+        }
+        self.drain(parts);
+        if let Err(e) = commit() {
+            ev::CommitFailed { when: "on revoke", error: &e }.emit();
+        }
+        // The twins go with the partition: whoever owns it next (this instance
+        // included) restores them from the changelog, which now holds all of them.
+        let mut core = self.core.lock().expect("core lock");
+        for p in parts {
+            core.buffers.remove(p);
+            core.expected.remove(p);
+            core.expected_acks.remove(p);
+            core.owned.remove(p);
+            core.op.twin_mut().store_mut().drop_partition(*p);
+            core.resp.drop_partition(*p);
+            self.committed.lock().expect("committed lock").remove(p);
+            if let Some(observer) = &self.observer {
+                observer.partition_dropped(*p);
+            }
+        }
+        ev::PartitionsReleased { owned: core.owned.iter().copied().collect() }.emit(&self.metrics);
     }
 }
 
@@ -173,48 +222,10 @@ impl ConsumerContext for SourceContext {
         let parts = input_partitions(tpl, &s.cfg.topics.input);
         ev::Rebalanced { kind: "revoke", partitions: &parts }.emit(&s.metrics);
         let lost = consumer.assignment_lost();
-        if lost {
-            // This member was evicted (it stopped polling past max.poll.interval.ms, or
-            // its session timed out, e.g. a paused process): another member may own
-            // these partitions already. Fail-stop, and drop what is still queued, so
-            // no late changelog or audit record of this zombie lands after the new
-            // owner's (a twin moving backwards, a forked audit chain). Offsets stay
-            // where delivery put them; the new owner replays from there.
-            let msg = format!("assignment of partitions {parts:?} lost (evicted from the group: max.poll.interval.ms exceeded or session timed out); stopping so that only the new owner writes their state");
-            if s.fatal.lock().expect("fatal lock").is_none() {
-                s.lost.store(true, Ordering::SeqCst);
-            }
-            s.fail(msg);
-            let purge = rdkafka::producer::PurgeConfig::default().queue();
-            rdkafka::producer::Producer::purge(&s.producer, purge);
-            rdkafka::producer::Producer::purge(&s.command_producer, purge);
-        } else {
-            let mut core = s.core.lock().expect("core lock");
-            if let Err(e) = s.flush(&mut core, Some(&parts)) {
-                s.fail(format!("flushing revoked partitions: {e}"));
-            }
-        }
-        s.drain(&parts);
-        match consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => ev::CommitFailed { when: "on revoke", error: &e.to_string() }.emit(),
-        }
-        // The twins go with the partition: whoever owns it next (this instance
-        // included) restores them from the changelog, which now holds all of them.
-        let mut core = s.core.lock().expect("core lock");
-        for p in &parts {
-            core.buffers.remove(p);
-            core.expected.remove(p);
-            core.expected_acks.remove(p);
-            core.owned.remove(p);
-            core.op.twin_mut().store_mut().drop_partition(*p);
-            core.resp.drop_partition(*p);
-            s.committed.lock().expect("committed lock").remove(p);
-            if let Some(observer) = &s.observer {
-                observer.partition_dropped(*p);
-            }
-        }
-        ev::PartitionsReleased { owned: core.owned.iter().copied().collect() }.emit(&s.metrics);
+        s.revoke(&parts, lost, || match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        });
     }
 
     /// Remember what the coordinator acknowledged: idle expiry only removes twins
