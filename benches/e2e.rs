@@ -96,6 +96,10 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * q).round() as usize]
 }
 
+// Kept whole: the bench is one sequence of phases (backlog drain, paced latency
+// phase, report) over one broker and one pipeline run, each phase reading the state
+// the previous one left (metrics, the SQL view, the reader's position); one script
+// keeps the order of the measurements visible.
 fn main() {
     // `cargo bench` passes `--bench`; ignore arguments.
     let n: usize = std::env::var("TWINGUARD_BENCH_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);

@@ -253,102 +253,111 @@ impl Responder {
             if !v.anomalous {
                 continue;
             }
-            let at = v.event_time.clone();
-            self.audit(&mut out, p, AuditKind::Verdict, at.clone(), Some(&v.device_id), serde_json::to_value(&*v).expect("verdict serialises"));
-            let alert_id = event_ref(&v.source);
-            let class = v.attack_class.clone();
-            let registered = !self.registry.is_configured() || self.registry.get(&v.device_id).is_some();
-            let Decision { rule: rule_name, action, note } = self.cfg.decide_as(v.score, class.as_deref(), device_type.as_deref(), crit, registered);
-            let quiet = i64::try_from(self.cfg.incident_quiet_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-            let features = {
-                let twin = twins.store().get(p, &v.device_id).expect("twin exists");
-                self.features(twins, twin)
-            };
-            let twin = twins.store_mut().get_mut(p, &v.device_id).expect("twin exists");
-            let r = twin.response_mut();
-            let incident = match &mut r.incident {
-                Some(inc) if t.saturating_sub(inc.last_ms) <= quiet && t >= inc.opened_ms.saturating_sub(quiet) => {
-                    inc.alerts += 1;
-                    inc.last_ms = inc.last_ms.max(t);
-                    inc
-                }
-                slot => slot.insert(Incident { id: format!("{}@{}", v.device_id, alert_id), opened_ms: t, last_ms: t, alerts: 1, actions: vec![] }),
-            };
-            let incident_id = incident.id.clone();
-            let incident_alerts = incident.alerts;
-            let mut response =
-                AlertResponse { rule: rule_name.clone(), action, command_id: None, automated: false, suspended: false, needs_human: action == Action::Escalate, note };
-            let mut command = None;
-            if action.is_command() {
-                let command_id = hash_id(&[&v.device_id, &incident_id, action.as_str()]);
-                if incident.actions.contains(&action) {
-                    response.command_id = Some(command_id);
-                    response.note = Some("already commanded in this incident".into());
-                } else if !automation {
-                    response.suspended = true;
-                    response.needs_human = true;
-                    response.note = Some("automated actions suspended by confidence gating".into());
-                } else {
-                    incident.actions.push(action);
-                    let ttl = i64::try_from(self.cfg.command_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-                    let desired: BTreeMap<String, String> = action.desired().map(|(k, x)| (k.to_string(), x.to_string())).into_iter().collect();
-                    r.desired.extend(desired.clone());
-                    r.pending.push(PendingCommand {
-                        command_id: command_id.clone(),
-                        action,
-                        issued_ms: now_ms,
-                        expires_ms: now_ms.saturating_add(ttl),
-                        desired: desired.clone(),
-                    });
-                    response.command_id = Some(command_id.clone());
-                    response.automated = true;
-                    command = Some(Command {
-                        v: RESPONSE_VERSION,
-                        command_id,
-                        device_id: v.device_id.clone(),
-                        action,
-                        desired,
-                        issued_at: fmt_ms(now_ms),
-                        expires_at: fmt_ms(now_ms.saturating_add(ttl)),
-                        reason: CommandReason {
-                            rule: rule_name,
-                            alert_id: alert_id.clone(),
-                            incident_id: incident_id.clone(),
-                            attack_class: class.clone(),
-                            score: v.score,
-                        },
-                    });
-                }
-            }
-            twins.touch(p, &v.device_id);
-            out.alerts.push(Alert {
-                v: RESPONSE_VERSION,
-                alert_id,
-                kind: AlertKind::Detection,
-                device_id: v.device_id.clone(),
-                device_type: device_type.clone(),
-                criticality: Some(crit),
-                event_time: at.clone(),
-                source: Some(v.source.clone()),
-                detector: v.detector.clone(),
-                score: v.score,
-                threshold: v.threshold,
-                scores: v.scores.clone(),
-                attack_class: class,
-                model_version: v.model_version.clone(),
-                incident_id,
-                incident_alerts,
-                features,
-                identity_drift: v.identity_drift.clone(),
-                response,
-                command_id: None,
-            });
-            if let Some(c) = command {
-                self.audit(&mut out, p, AuditKind::Command, at, Some(&v.device_id), serde_json::to_value(&c).expect("command serialises"));
-                out.commands.push((c, Some(v.source.offset)));
-            }
+            self.alert(twins, v, t, (device_type, crit), automation, now_ms, &mut out);
         }
         out
+    }
+
+    /// The alert for one anomalous verdict (audited), its incident opened or
+    /// continued on the twin, and the command its rule asks for: issued when
+    /// automation is on and the incident has not had it yet, else noted on the alert.
+    #[allow(clippy::too_many_arguments)]
+    fn alert(&mut self, twins: &mut TwinOperator, v: &Verdict, t: i64, (device_type, crit): (Option<String>, Criticality), automation: bool, now_ms: i64, out: &mut Responses) {
+        let p = v.source.partition;
+    let at = v.event_time.clone();
+    self.audit(out, p, AuditKind::Verdict, at.clone(), Some(&v.device_id), serde_json::to_value(&*v).expect("verdict serialises"));
+    let alert_id = event_ref(&v.source);
+    let class = v.attack_class.clone();
+    let registered = !self.registry.is_configured() || self.registry.get(&v.device_id).is_some();
+    let Decision { rule: rule_name, action, note } = self.cfg.decide_as(v.score, class.as_deref(), device_type.as_deref(), crit, registered);
+    let quiet = i64::try_from(self.cfg.incident_quiet_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let features = {
+        let twin = twins.store().get(p, &v.device_id).expect("twin exists");
+        self.features(twins, twin)
+    };
+    let twin = twins.store_mut().get_mut(p, &v.device_id).expect("twin exists");
+    let r = twin.response_mut();
+    let incident = match &mut r.incident {
+        Some(inc) if t.saturating_sub(inc.last_ms) <= quiet && t >= inc.opened_ms.saturating_sub(quiet) => {
+            inc.alerts += 1;
+            inc.last_ms = inc.last_ms.max(t);
+            inc
+        }
+        slot => slot.insert(Incident { id: format!("{}@{}", v.device_id, alert_id), opened_ms: t, last_ms: t, alerts: 1, actions: vec![] }),
+    };
+    let incident_id = incident.id.clone();
+    let incident_alerts = incident.alerts;
+    let mut response =
+        AlertResponse { rule: rule_name.clone(), action, command_id: None, automated: false, suspended: false, needs_human: action == Action::Escalate, note };
+    let mut command = None;
+    if action.is_command() {
+        let command_id = hash_id(&[&v.device_id, &incident_id, action.as_str()]);
+        if incident.actions.contains(&action) {
+            response.command_id = Some(command_id);
+            response.note = Some("already commanded in this incident".into());
+        } else if !automation {
+            response.suspended = true;
+            response.needs_human = true;
+            response.note = Some("automated actions suspended by confidence gating".into());
+        } else {
+            incident.actions.push(action);
+            let ttl = i64::try_from(self.cfg.command_ttl_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+            let desired: BTreeMap<String, String> = action.desired().map(|(k, x)| (k.to_string(), x.to_string())).into_iter().collect();
+            r.desired.extend(desired.clone());
+            r.pending.push(PendingCommand {
+                command_id: command_id.clone(),
+                action,
+                issued_ms: now_ms,
+                expires_ms: now_ms.saturating_add(ttl),
+                desired: desired.clone(),
+            });
+            response.command_id = Some(command_id.clone());
+            response.automated = true;
+            command = Some(Command {
+                v: RESPONSE_VERSION,
+                command_id,
+                device_id: v.device_id.clone(),
+                action,
+                desired,
+                issued_at: fmt_ms(now_ms),
+                expires_at: fmt_ms(now_ms.saturating_add(ttl)),
+                reason: CommandReason {
+                    rule: rule_name,
+                    alert_id: alert_id.clone(),
+                    incident_id: incident_id.clone(),
+                    attack_class: class.clone(),
+                    score: v.score,
+                },
+            });
+        }
+    }
+    twins.touch(p, &v.device_id);
+    out.alerts.push(Alert {
+        v: RESPONSE_VERSION,
+        alert_id,
+        kind: AlertKind::Detection,
+        device_id: v.device_id.clone(),
+        device_type: device_type.clone(),
+        criticality: Some(crit),
+        event_time: at.clone(),
+        source: Some(v.source.clone()),
+        detector: v.detector.clone(),
+        score: v.score,
+        threshold: v.threshold,
+        scores: v.scores.clone(),
+        attack_class: class,
+        model_version: v.model_version.clone(),
+        incident_id,
+        incident_alerts,
+        features,
+        identity_drift: v.identity_drift.clone(),
+        response,
+        command_id: None,
+    });
+    if let Some(c) = command {
+        self.audit(out, p, AuditKind::Command, at, Some(&v.device_id), serde_json::to_value(&c).expect("command serialises"));
+        out.commands.push((c, Some(v.source.offset)));
+    }
     }
 
     fn features(&self, twins: &TwinOperator, twin: &Twin) -> Vec<FeatureWeight> {

@@ -334,44 +334,7 @@ impl TwinOperator {
         let mut distance =
             if k == 0 { 0.0 } else { (zs[..k].iter().map(|(z, _)| z * z).sum::<f64>() / k as f64).sqrt() };
 
-        // Identity drift: a binding or firmware hash the twin never saw for this device.
-        let mut drift: Vec<&str> = Vec::new();
-        for (c, name) in &layout.identities {
-            let Some(a) = b.str_col(*c) else { continue };
-            if a.is_null(row) {
-                continue;
-            }
-            let v = a.value(row);
-            let known = twin.bindings.iter().find(|bd| bd.field == *name);
-            let seen = known.is_some_and(|bd| bd.values.iter().any(|x| x == v));
-            if !seen {
-                if warming {
-                    let bd = match twin.bindings.iter_mut().position(|bd| bd.field == *name) {
-                        Some(i) => &mut twin.bindings[i],
-                        None => {
-                            twin.bindings.push(Binding { field: name.clone(), values: Vec::new() });
-                            twin.bindings.last_mut().expect("just pushed")
-                        }
-                    };
-                    if bd.values.len() < cfg.max_bindings_per_field {
-                        bd.values.push(v.to_string());
-                    }
-                } else {
-                    drift.push(name);
-                }
-            }
-        }
-        for &c in &layout.firmware {
-            let Some(a) = b.str_col(c) else { continue };
-            if a.is_null(row) {
-                continue;
-            }
-            match &twin.firmware {
-                None => twin.firmware = Some(a.value(row).to_string()),
-                Some(h) if h != a.value(row) => drift.push("firmware_hash"),
-                Some(_) => {}
-            }
-        }
+        let drift = identity_drift(twin, b, row, layout, cfg, warming);
         let behaviour = distance;
         if !drift.is_empty() {
             distance = distance.max(2.0 * cfg.anomaly_threshold);
@@ -394,57 +357,7 @@ impl TwinOperator {
             cb.push(device, partition, offset, twin, &layout.metrics, &values, cfg, n_metrics, drift.len(), [behaviour, distance, score], warming);
         }
 
-        // Update the twin. Baselines learn only from events judged normal, winsorised,
-        // so an attack cannot drag the device's notion of normal towards itself.
-        if !anomalous {
-            for (i, v) in values.iter().enumerate() {
-                let Some(x) = *v else { continue };
-                let bl = &mut twin.baselines[i];
-                let x = if bl.n >= cfg.warmup_events as u32 {
-                    let sd = bl.sd(cfg);
-                    x.clamp(bl.mean() - 4.0 * sd, bl.mean() + 4.0 * sd)
-                } else {
-                    x
-                };
-                bl.update(x, cfg.ewma_alpha);
-            }
-            for p in &peer_vals {
-                if !twin.peers.iter().any(|k| k == p) && twin.peers.len() < cfg.max_peers {
-                    twin.peers.push((*p).to_string());
-                }
-            }
-        } else {
-            twin.anomalies += 1;
-        }
-        if let Some(g) = gap {
-            let inst = 1000.0 / g.max(1.0);
-            twin.rate_per_s = if twin.events == 1 { inst } else { twin.rate_per_s + cfg.ewma_alpha * (inst - twin.rate_per_s) };
-        }
-        for (i, _) in layout.metrics.iter().enumerate() {
-            let col = b.f64s[i];
-            if !col.is_null(row) {
-                twin.latest[i] = col.value(row);
-            }
-        }
-        if twin.window.len() != n_metrics {
-            twin.window = vec![f32::NAN; n_metrics];
-        }
-        for (w, v) in twin.window.iter_mut().zip(&values) {
-            if let Some(x) = *v {
-                *w = if w.is_nan() { x as f32 } else { (f64::from(*w) + cfg.window_alpha * (x - f64::from(*w))) as f32 };
-            }
-        }
-        for (i, (c, kind)) in layout.properties.iter().enumerate() {
-            let a = b.batch.column(*c);
-            if a.is_null(row) {
-                continue;
-            }
-            twin.properties[i] = Some(match kind {
-                FieldKind::String => a.as_any().downcast_ref::<StringArray>().expect("utf8").value(row).to_string(),
-                FieldKind::I64 => a.as_any().downcast_ref::<Int64Array>().expect("i64").value(row).to_string(),
-                FieldKind::F64 => a.as_any().downcast_ref::<Float64Array>().expect("f64").value(row).to_string(),
-            });
-        }
+        learn(twin, b, row, layout, cfg, &values, &peer_vals, gap, anomalous);
         twin.partition = partition;
         twin.last_offset = offset;
         twin.events += 1;
@@ -454,6 +367,107 @@ impl TwinOperator {
 
         let label = layout.label.and_then(|c| b.str_col(c)).filter(|a| !a.is_null(row)).map(|a| a.value(row));
         out.push(device, t, partition, offset, score, distance, anomalous, warming, top, &drift, label);
+    }
+}
+
+/// Identity drift of one row: the binding fields and firmware hashes the twin never
+/// saw for this device. While it warms up, new binding values are learned instead
+/// (up to `max_bindings_per_field`); the first firmware hash is always learned.
+fn identity_drift<'l>(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &'l Layout, cfg: &TwinConfig, warming: bool) -> Vec<&'l str> {
+    let mut drift: Vec<&'l str> = Vec::new();
+    for (c, name) in &layout.identities {
+        let Some(a) = b.str_col(*c) else { continue };
+        if a.is_null(row) {
+            continue;
+        }
+        let v = a.value(row);
+        let known = twin.bindings.iter().find(|bd| bd.field == *name);
+        let seen = known.is_some_and(|bd| bd.values.iter().any(|x| x == v));
+        if !seen {
+            if warming {
+                let bd = match twin.bindings.iter_mut().position(|bd| bd.field == *name) {
+                    Some(i) => &mut twin.bindings[i],
+                    None => {
+                        twin.bindings.push(Binding { field: name.clone(), values: Vec::new() });
+                        twin.bindings.last_mut().expect("just pushed")
+                    }
+                };
+                if bd.values.len() < cfg.max_bindings_per_field {
+                    bd.values.push(v.to_string());
+                }
+            } else {
+                drift.push(name);
+            }
+        }
+    }
+    for &c in &layout.firmware {
+        let Some(a) = b.str_col(c) else { continue };
+        if a.is_null(row) {
+            continue;
+        }
+        match &twin.firmware {
+            None => twin.firmware = Some(a.value(row).to_string()),
+            Some(h) if h != a.value(row) => drift.push("firmware_hash"),
+            Some(_) => {}
+        }
+    }
+    drift
+}
+
+/// Fold one row into the twin. Baselines learn only from events judged normal,
+/// winsorised, so an attack cannot drag the device's notion of normal towards
+/// itself; the rate, latest values, window and properties follow every event.
+#[allow(clippy::too_many_arguments)]
+fn learn(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &Layout, cfg: &TwinConfig, values: &[Option<f64>], peer_vals: &[&str], gap: Option<f64>, anomalous: bool) {
+    let n_metrics = layout.metrics.len();
+    if !anomalous {
+        for (i, v) in values.iter().enumerate() {
+            let Some(x) = *v else { continue };
+            let bl = &mut twin.baselines[i];
+            let x = if bl.n >= cfg.warmup_events as u32 {
+                let sd = bl.sd(cfg);
+                x.clamp(bl.mean() - 4.0 * sd, bl.mean() + 4.0 * sd)
+            } else {
+                x
+            };
+            bl.update(x, cfg.ewma_alpha);
+        }
+        for p in peer_vals {
+            if !twin.peers.iter().any(|k| k == p) && twin.peers.len() < cfg.max_peers {
+                twin.peers.push((*p).to_string());
+            }
+        }
+    } else {
+        twin.anomalies += 1;
+    }
+    if let Some(g) = gap {
+        let inst = 1000.0 / g.max(1.0);
+        twin.rate_per_s = if twin.events == 1 { inst } else { twin.rate_per_s + cfg.ewma_alpha * (inst - twin.rate_per_s) };
+    }
+    for (i, _) in layout.metrics.iter().enumerate() {
+        let col = b.f64s[i];
+        if !col.is_null(row) {
+            twin.latest[i] = col.value(row);
+        }
+    }
+    if twin.window.len() != n_metrics {
+        twin.window = vec![f32::NAN; n_metrics];
+    }
+    for (w, v) in twin.window.iter_mut().zip(values) {
+        if let Some(x) = *v {
+            *w = if w.is_nan() { x as f32 } else { (f64::from(*w) + cfg.window_alpha * (x - f64::from(*w))) as f32 };
+        }
+    }
+    for (i, (c, kind)) in layout.properties.iter().enumerate() {
+        let a = b.batch.column(*c);
+        if a.is_null(row) {
+            continue;
+        }
+        twin.properties[i] = Some(match kind {
+            FieldKind::String => a.as_any().downcast_ref::<StringArray>().expect("utf8").value(row).to_string(),
+            FieldKind::I64 => a.as_any().downcast_ref::<Int64Array>().expect("i64").value(row).to_string(),
+            FieldKind::F64 => a.as_any().downcast_ref::<Float64Array>().expect("f64").value(row).to_string(),
+        });
     }
 }
 

@@ -16,7 +16,7 @@ use std::fmt;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use crate::event::{EventSchema, FieldKind};
+use crate::event::{EventSchema, FieldDef, FieldKind};
 use crate::{fields, SchemaError};
 
 /// One Kafka record as the decoder sees it.
@@ -295,45 +295,7 @@ impl Decoder {
             ));
         }
         for (i, f) in self.schema.fields.iter().enumerate() {
-            let cell = match &slots[FIRST_FIELD_SLOT + i] {
-                None | Some(Value::Null) if f.required => {
-                    return Err((RejectCode::MissingField, format!("missing required field `{}`", f.name)))
-                }
-                None | Some(Value::Null) => Cell::Null,
-                Some(v) => match (f.kind, v) {
-                    (FieldKind::F64, Value::Number(num)) => {
-                        let x = num.as_f64().unwrap_or(f64::NAN);
-                        if !x.is_finite() {
-                            return Err((RejectCode::NonFinite, format!("field `{}` is not finite", f.name)));
-                        }
-                        check_range(f, x)?;
-                        Cell::F(x)
-                    }
-                    (FieldKind::I64, Value::Number(num)) => {
-                        let Some(x) = num.as_i64() else {
-                            // A patient's vital sign is never quoted back (PHI).
-                            let got = if f.phi { "a number that is not an integer (PHI, value withheld)".to_string() } else { num.to_string() };
-                            return Err((RejectCode::WrongType, format!("field `{}` must be an integer, got {got}", f.name)));
-                        };
-                        check_range(f, x as f64)?;
-                        Cell::I(x)
-                    }
-                    (FieldKind::String, Value::String(s)) if s.len() > f.max_len() => {
-                        return Err((
-                            RejectCode::OutOfRange,
-                            format!("field `{}` is {} bytes, its max_len is {}", f.name, s.len(), f.max_len()),
-                        ))
-                    }
-                    (FieldKind::String, Value::String(s)) => Cell::S(s.to_string()),
-                    (kind, other) => {
-                        return Err((
-                            RejectCode::WrongType,
-                            format!("field `{}` must be {}, got {}", f.name, kind_name(kind), kind_of(other)),
-                        ))
-                    }
-                },
-            };
-            row.push(cell);
+            row.push(cell(f, slots[FIRST_FIELD_SLOT + i].as_ref())?);
         }
         Ok((device, t))
     }
@@ -440,6 +402,49 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
         }
         d.deserialize_str(V)
     }
+}
+
+/// One declared field's value as a cell, checked against its declaration (type,
+/// range, length; a PHI value is never quoted in the reason).
+fn cell(f: &FieldDef, v: Option<&Value>) -> Result<Cell, (RejectCode, String)> {
+    Ok(match v {
+        None | Some(Value::Null) if f.required => {
+            return Err((RejectCode::MissingField, format!("missing required field `{}`", f.name)))
+        }
+        None | Some(Value::Null) => Cell::Null,
+        Some(v) => match (f.kind, v) {
+            (FieldKind::F64, Value::Number(num)) => {
+                let x = num.as_f64().unwrap_or(f64::NAN);
+                if !x.is_finite() {
+                    return Err((RejectCode::NonFinite, format!("field `{}` is not finite", f.name)));
+                }
+                check_range(f, x)?;
+                Cell::F(x)
+            }
+            (FieldKind::I64, Value::Number(num)) => {
+                let Some(x) = num.as_i64() else {
+                    // A patient's vital sign is never quoted back (PHI).
+                    let got = if f.phi { "a number that is not an integer (PHI, value withheld)".to_string() } else { num.to_string() };
+                    return Err((RejectCode::WrongType, format!("field `{}` must be an integer, got {got}", f.name)));
+                };
+                check_range(f, x as f64)?;
+                Cell::I(x)
+            }
+            (FieldKind::String, Value::String(s)) if s.len() > f.max_len() => {
+                return Err((
+                    RejectCode::OutOfRange,
+                    format!("field `{}` is {} bytes, its max_len is {}", f.name, s.len(), f.max_len()),
+                ))
+            }
+            (FieldKind::String, Value::String(s)) => Cell::S(s.to_string()),
+            (kind, other) => {
+                return Err((
+                    RejectCode::WrongType,
+                    format!("field `{}` must be {}, got {}", f.name, kind_name(kind), kind_of(other)),
+                ))
+            }
+        },
+    })
 }
 
 /// A value outside its field's bounds. The reason never quotes the value of a PHI

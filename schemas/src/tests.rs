@@ -44,6 +44,7 @@ fn valid_event_decodes_with_coordinates() {
     assert_eq!((p.value(0), o.value(0)), (3, 42));
 }
 
+// Kept whole: a table with one case per reject kind, read best in one place.
 #[test]
 fn every_malformed_kind_is_rejected_with_its_reason() {
     let good = valid_event("dev-1");

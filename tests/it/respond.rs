@@ -58,6 +58,8 @@ fn audit_verify(config: &Path, extra: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+// Kept whole: one scenario on one broker (attack, alert, command, ack, silence,
+// firmware); each step depends on the state the steps before left.
 #[test]
 fn attacks_alert_and_command_acks_reconcile_silence_expires_firmware_is_checked() {
     let Setup { dir, broker: _broker, mut cfg } = Setup::new("respond");
@@ -220,6 +222,9 @@ fn feedback(p: &ThreadedProducer<DefaultProducerContext>, cfg: &Config, n: usize
     p.flush(Duration::from_secs(10)).unwrap();
 }
 
+// Kept whole: one scenario on one broker in the order an operator lives it
+// (alerts, feedback, suspension, restart, audit verification); each step depends on
+// the state the steps before left.
 #[test]
 fn feedback_gates_automation_and_the_audit_trail_proves_itself() {
     let Setup { dir, broker: _broker, mut cfg } = Setup::new("gating");

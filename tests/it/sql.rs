@@ -156,6 +156,8 @@ fn sql_user() -> Vec<SqlUser> {
     vec![SqlUser { name: "analyst".into(), password: None, password_env: Some("TG_IT_SQL_PASSWORD".into()) }]
 }
 
+// Kept whole: one running pipeline, queried step by step as a user would (psql,
+// metrics, probes); later steps read what earlier ones caused.
 #[test]
 fn psql_queries_metrics_and_probes_on_a_running_pipeline() {
     let Setup { dir, broker: _broker, mut cfg } = Setup::new("sql");

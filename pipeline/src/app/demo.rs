@@ -215,9 +215,10 @@ fn tail_topic(
         .map_err(|e| PipelineError::io("starting a reader thread", e))
 }
 
-/// Run the demo end to end; prints progress to stderr.
-pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
-    let mock = MockCluster::new(1).map_err(|e| PipelineError::kafka("start embedded broker", e))?;
+/// The demo's configuration on the embedded broker `mock` (its topics created),
+/// with the model to score with (trained on separate simulated devices unless
+/// `--model` names one), and how the detector is described to the user.
+fn embedded_config(opts: &DemoOptions, mock: &MockCluster<'static, rdkafka::producer::DefaultProducerContext>) -> Result<(Config, String), PipelineError> {
     // Defaults plus TWINGUARD__* environment overrides (e.g. librdkafka debug flags).
     let mut cfg = Config::load(None, std::env::vars())?;
     cfg.model.path = Some(match &opts.model {
@@ -235,6 +236,27 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
     for (t, _) in cfg.topics.all() {
         mock.create_topic(t, opts.partitions, 1).map_err(|e| PipelineError::kafka(&format!("create topic {t}"), e))?;
     }
+    Ok((cfg, detector))
+}
+
+/// Give the devices' acknowledgements (`acks_sent` of them) a few seconds to come
+/// back and reconcile, and the SQL view two refreshes to publish the last changes.
+fn settle(metrics: &Metrics, acks_sent: u64, view: &SqlView) {
+    let settle = Instant::now() + Duration::from_secs(5);
+    while Metrics::get(&metrics.acks_applied) < acks_sent && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let generation = view.generation();
+    let settle = Instant::now() + Duration::from_secs(5);
+    while view.generation() < generation + 2 && Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Run the demo end to end; prints progress to stderr.
+pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
+    let mock = MockCluster::new(1).map_err(|e| PipelineError::kafka("start embedded broker", e))?;
+    let (mut cfg, detector) = embedded_config(opts, &mock)?;
     eprintln!(
         "twinguard demo: embedded broker at {}, {} devices, {} events, {} partitions",
         cfg.kafka.brokers, opts.devices, opts.events, opts.partitions
@@ -311,18 +333,9 @@ pub fn run(opts: &DemoOptions) -> Result<DemoSummary, PipelineError> {
         std::thread::sleep(Duration::from_millis(200));
     }
     let seconds = started.elapsed().as_secs_f64();
-    // Give the devices' acknowledgements a moment to come back and reconcile.
-    let settle = Instant::now() + Duration::from_secs(5);
-    while Metrics::get(&metrics.acks_applied) < acks_sent.load(Ordering::Relaxed) && Instant::now() < settle {
-        std::thread::sleep(Duration::from_millis(100));
-    }
     eprintln!();
-    // Let the view publish the last changes, then ask it what psql would.
-    let generation = view.generation();
-    let settle = Instant::now() + Duration::from_secs(5);
-    while view.generation() < generation + 2 && Instant::now() < settle {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    settle(&metrics, acks_sent.load(Ordering::Relaxed), &view);
+    // Ask the view what psql would.
     let sql = Some(query_view(&view, DEMO_QUERY));
     stop.store(true, Ordering::Relaxed);
     let report = pipeline.join().map_err(|_| PipelineError::Internal("the demo's pipeline thread panicked".into()))??;

@@ -84,6 +84,41 @@ fn changelog_change(key: &str, value: Option<&[u8]>, max_twin_bytes: usize, rows
     }
 }
 
+/// Assign the reader (the changelog from its beginning, the output topics from
+/// their newest records). Returns the changelog's partitions and, for those not
+/// empty, the end each had at start: the reader is caught up once it has read
+/// them all to there.
+fn assign_reader(cfg: &Config, consumer: &BaseConsumer<RestoreContext>) -> Result<(Vec<i32>, BTreeMap<i32, i64>), PipelineError> {
+    let mut tpl = TopicPartitionList::new();
+    let mut changelog_parts = Vec::new();
+    for topic in [&cfg.topics.changelog, &cfg.topics.verdicts, &cfg.topics.alerts, &cfg.topics.commands] {
+        let n = kafka::partition_count(cfg, topic)?
+            .ok_or_else(|| PipelineError::Broker(format!("topic `{topic}` does not exist: start the pipeline (or create the topics) first")))?;
+        // The output windows start at each partition's newest records, their share of
+        // `recent_rows`; the changelog from its beginning.
+        let tail = i64::try_from(cfg.sql.recent_rows.div_ceil(n.max(1))).unwrap_or(i64::MAX);
+        let start = if topic == &cfg.topics.changelog { Offset::Beginning } else { Offset::OffsetTail(tail) };
+        for p in 0..n as i32 {
+            tpl.add_partition_offset(topic, p, start).map_err(|e| PipelineError::kafka("assign", e))?;
+            if topic == &cfg.topics.changelog {
+                changelog_parts.push(p);
+            }
+        }
+    }
+    consumer.assign(&tpl).map_err(|e| PipelineError::kafka("assign the sql reader", e))?;
+    // Caught up once every changelog partition was read to the end it had at start.
+    let mut behind: BTreeMap<i32, i64> = BTreeMap::new();
+    for &p in &changelog_parts {
+        let (low, high) = consumer
+            .fetch_watermarks(&cfg.topics.changelog, p, Duration::from_secs(10))
+            .map_err(|e| PipelineError::kafka(&format!("watermarks of `{}` [{p}]", cfg.topics.changelog), e))?;
+        if high > low {
+            behind.insert(p, high);
+        }
+    }
+    Ok((changelog_parts, behind))
+}
+
 /// Read until `stop`: the changelog from the beginning, the output topics from their
 /// newest records (`sql.recent_rows` spread over the partitions). `metrics.ready` turns 1 once every
 /// changelog partition was read up to the end it had at start.
@@ -100,33 +135,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
     let consumer: BaseConsumer<RestoreContext> = reader
         .create_with_context(RestoreContext)
         .map_err(|e| PipelineError::kafka("sql reader", e))?;
-    let mut tpl = TopicPartitionList::new();
-    let mut changelog_parts = Vec::new();
-    for topic in [&t.changelog, &t.verdicts, &t.alerts, &t.commands] {
-        let n = kafka::partition_count(cfg, topic)?
-            .ok_or_else(|| PipelineError::Broker(format!("topic `{topic}` does not exist: start the pipeline (or create the topics) first")))?;
-        // The output windows start at each partition's newest records, their share of
-        // `recent_rows`; the changelog from its beginning.
-        let tail = i64::try_from(cfg.sql.recent_rows.div_ceil(n.max(1))).unwrap_or(i64::MAX);
-        let start = if topic == &t.changelog { Offset::Beginning } else { Offset::OffsetTail(tail) };
-        for p in 0..n as i32 {
-            tpl.add_partition_offset(topic, p, start).map_err(|e| PipelineError::kafka("assign", e))?;
-            if topic == &t.changelog {
-                changelog_parts.push(p);
-            }
-        }
-    }
-    consumer.assign(&tpl).map_err(|e| PipelineError::kafka("assign the sql reader", e))?;
-    // Caught up once every changelog partition was read to the end it had at start.
-    let mut behind: BTreeMap<i32, i64> = BTreeMap::new();
-    for &p in &changelog_parts {
-        let (low, high) = consumer
-            .fetch_watermarks(&t.changelog, p, Duration::from_secs(10))
-            .map_err(|e| PipelineError::kafka(&format!("watermarks of `{}` [{p}]", t.changelog), e))?;
-        if high > low {
-            behind.insert(p, high);
-        }
-    }
+    let (changelog_parts, mut behind) = assign_reader(cfg, &consumer)?;
     ev::FleetReading { changelog: &t.changelog, partitions: &changelog_parts, schema: &schema.id(), stall_limit_ms: 60_000 }.emit(&metrics);
     if behind.is_empty() {
         ev::FleetReady { twins: 0, millis: None, view_rows: 0, view_bytes: 0 }.emit(&metrics);
