@@ -217,6 +217,10 @@ pub struct Ensemble {
     pub validation_normal: Vec<f32>,
     #[serde(default)]
     pub validation_attack: Vec<f32>,
+    /// How the members were combined (chosen out of fold) and the threshold's
+    /// false-positive law; absent in artifacts from before it was recorded.
+    #[serde(default)]
+    pub combination: Option<crate::combine::Combination>,
 }
 
 /// Scores of one event.
@@ -247,8 +251,7 @@ impl Ensemble {
             return Err(ModelError::Artifact("the model stores no validation scores to recalibrate from; retrain it".into()));
         }
         let n: Vec<f64> = self.validation_normal.iter().map(|&x| f64::from(x)).collect();
-        let a: Vec<f64> = self.validation_attack.iter().map(|&x| f64::from(x)).collect();
-        self.threshold = crate::metrics::calibrate_threshold(&n, &a, target_fpr);
+        self.threshold = crate::metrics::threshold_for_fpr(&n, target_fpr);
         Ok(())
     }
 

@@ -24,7 +24,7 @@ pub struct Scores {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelReport {
     /// Threshold chosen on the validation rows for the target FPR
-    /// ([`metrics::calibrate_threshold`]).
+    /// ([`metrics::threshold_for_fpr`]).
     pub at_threshold: Binary,
     /// Detection rate per attack class.
     pub recall_by_class: BTreeMap<String, f64>,
@@ -47,6 +47,14 @@ pub struct Report {
     pub classes: MultiClass,
     /// The same at family level (CICIoMT2024's 6 families).
     pub families: MultiClass,
+    /// Families among the attacks the ensemble detected: how well the class model
+    /// names what was caught (normal excluded from the macro average: no row of
+    /// it is in this set).
+    #[serde(default)]
+    pub families_detected: Option<MultiClass>,
+    /// How the members were combined and the threshold's FPR law on validation.
+    #[serde(default)]
+    pub combination: Option<crate::combine::Combination>,
     #[serde(skip)]
     pub test_truth: Vec<bool>,
 }
@@ -66,8 +74,7 @@ pub fn evaluate(artifact: &Artifact, scores: &Scores, split: &Split, dataset: &s
             artifact.ensemble.threshold
         } else {
             let normal: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| !y).map(|(&i, _)| get(i)).collect();
-            let attack: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| y).map(|(&i, _)| get(i)).collect();
-            metrics::calibrate_threshold(&normal, &attack, target)
+            metrics::threshold_for_fpr(&normal, target)
         };
         let ts: Vec<f64> = split.test.iter().map(|&i| get(i)).collect();
         let b = metrics::binary(&ts, &ty, thr);
@@ -113,6 +120,15 @@ pub fn evaluate(artifact: &Artifact, scores: &Scores, split: &Split, dataset: &s
             &pred_c.iter().map(|&c| fam_of(c)).collect::<Vec<_>>(),
             &fams_sorted,
         ),
+        families_detected: {
+            let hit: Vec<usize> = (0..split.test.len()).filter(|&k| truth_c[k] != 0 && pred_c[k] != 0).collect();
+            (!hit.is_empty()).then(|| {
+                let t: Vec<usize> = hit.iter().map(|&k| fam_of(truth_c[k])).collect();
+                let p: Vec<usize> = hit.iter().map(|&k| fam_of(pred_c[k])).collect();
+                metrics::multiclass(&t, &p, &fams_sorted)
+            })
+        },
+        combination: artifact.ensemble.combination.clone(),
         test_truth: ty,
     }
 }

@@ -6,9 +6,11 @@
 //! sockets; files only through [`artifact`] load/save called by the CLI.
 
 pub mod artifact;
+pub mod combine;
 pub mod ensemble;
 pub mod eval;
 pub mod forest;
+pub mod hist;
 pub mod labels;
 pub mod lstm;
 pub mod matrix;

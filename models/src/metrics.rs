@@ -157,34 +157,75 @@ fn curve(scores: &[f64], y: &[bool], max_points: usize, f: impl Fn(u64, u64, u64
     out
 }
 
-/// The threshold that keeps the false-positive rate on `normal_scores` at or below
-/// `target_fpr`: the smallest score strictly above all but `floor(target × n)` of them.
+/// The threshold for a false-positive rate of `target_fpr`, set conformally on the
+/// normal rows' scores: with `n` of them, it lies just above the `k`-th highest, where
+/// `k = ⌊target·(n+1)⌋` (at least 1). For a new normal event exchangeable with them,
+/// P(score ≥ threshold) = (k−1+1)/(n+1) ≤ target: the expected test FPR holds the
+/// target even when `n` is small, where "allow ⌊target·n⌋ of them" (what this did
+/// before) overshoots by up to 1/n. See [`fpr_interval`] for its spread.
 pub fn threshold_for_fpr(normal_scores: &[f64], target_fpr: f64) -> f64 {
     if normal_scores.is_empty() {
         return 0.5;
     }
     let mut s: Vec<f64> = normal_scores.to_vec();
     s.sort_by(|a, b| b.total_cmp(a));
-    let allowed = ((target_fpr * s.len() as f64).floor() as usize).min(s.len() - 1);
-    // Scores >= threshold are attacks: put the threshold just above the (allowed)-th
-    // highest normal score.
-    let above = s[allowed];
-    next_up(above)
+    let n = s.len();
+    let k = ((target_fpr * (n + 1) as f64).floor() as usize).clamp(1, n);
+    // Scores >= threshold are attacks: just above the k-th highest normal score,
+    // so k - 1 of them (ties aside) are at or above it.
+    next_up(s[k - 1])
 }
 
-/// The decision threshold learned from validation scores: among the thresholds
-/// that keep the normal rows' FPR at or below `target_fpr`, those that detect the most
-/// attacks form an interval from [`threshold_for_fpr`] up to the lowest detected
-/// attack score; take its midpoint (the widest margin on both sides, rather than
-/// spending the whole false-positive budget when the scores separate).
-pub fn calibrate_threshold(normal_scores: &[f64], attack_scores: &[f64], target_fpr: f64) -> f64 {
-    let lo = threshold_for_fpr(normal_scores, target_fpr);
-    let hi = attack_scores.iter().copied().filter(|&s| s >= lo).fold(f64::INFINITY, f64::min);
-    if hi.is_finite() {
-        lo + (hi - lo) / 2.0
-    } else {
-        lo
+/// The false-positive rate a threshold will have on new normal events, given that
+/// `above` of `n` calibration normal scores lie at or above it: under
+/// exchangeability it is Beta(above + 1, n − above) distributed. Returns its mean
+/// and central `level` interval (e.g. 0.9 → 5th and 95th percentiles).
+pub fn fpr_interval(above: usize, n: usize, level: f64) -> (f64, f64, f64) {
+    let (a, b) = (above as f64 + 1.0, (n - above.min(n)) as f64);
+    if b <= 0.0 {
+        return (1.0, 1.0, 1.0);
     }
+    let mean = a / (a + b);
+    let tail = (1.0 - level) / 2.0;
+    (mean, beta_quantile(above + 1, n - above, tail), beta_quantile(above + 1, n - above, 1.0 - tail))
+}
+
+/// P(Beta(a, b) ≤ x) for integers a, b ≥ 1: P(Binomial(a+b−1, x) ≥ a).
+fn beta_cdf(a: usize, b: usize, x: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let m = a + b - 1;
+    let (lx, l1x) = (x.ln(), (1.0 - x).ln());
+    // Σ_{j=a}^{m} C(m, j) x^j (1-x)^(m-j), in log space.
+    let mut log_c = 0.0f64; // ln C(m, 0)
+    let mut total = 0.0f64;
+    for j in 0..=m {
+        if j > 0 {
+            log_c += ((m - j + 1) as f64).ln() - (j as f64).ln();
+        }
+        if j >= a {
+            total += (log_c + j as f64 * lx + (m - j) as f64 * l1x).exp();
+        }
+    }
+    total.min(1.0)
+}
+
+/// The `q` quantile of Beta(a, b) (integers ≥ 1), by bisection.
+fn beta_quantile(a: usize, b: usize, q: f64) -> f64 {
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if beta_cdf(a, b, mid) < q {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    (lo + hi) / 2.0
 }
 
 fn next_up(x: f64) -> f64 {
@@ -282,15 +323,29 @@ mod tests {
     }
 
     #[test]
-    fn calibrated_threshold_sits_between_the_fpr_bound_and_the_attacks() {
-        let normal: Vec<f64> = (0..100).map(|i| f64::from(i) / 200.0).collect(); // 0 .. 0.495
-        let attack = [0.9, 0.95, 0.3];
-        let t = calibrate_threshold(&normal, &attack, 0.01);
-        let lo = threshold_for_fpr(&normal, 0.01);
-        assert!(t > lo && t < 0.9, "{lo} < {t} < 0.9");
-        assert!(normal.iter().filter(|&&s| s >= t).count() <= 1);
-        // No attack above the bound: the bound itself.
-        assert_eq!(calibrate_threshold(&normal, &[0.1], 0.01), lo);
+    fn the_conformal_threshold_holds_its_target_on_new_normal_rows_when_calibration_is_small() {
+        // 200 calibration rows, target 1 %: averaged over many draws, the share of
+        // new normal rows at or above the threshold stays at or below 1 % (the old
+        // rule, ⌊0.01·200⌋ = 2 allowed above, averages 3/201 ≈ 1.5 %).
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (mut fpr, draws) = (0.0, 400);
+        for _ in 0..draws {
+            let cal: Vec<f64> = (0..200).map(|_| rng.random::<f64>()).collect();
+            let t = threshold_for_fpr(&cal, 0.01);
+            fpr += (1.0 - t).max(0.0); // uniform scores: P(new >= t)
+        }
+        let mean = fpr / f64::from(draws);
+        assert!(mean <= 0.0105 && mean > 0.007, "mean test FPR {mean}");
+    }
+
+    #[test]
+    fn fpr_interval_is_the_beta_law_of_the_threshold() {
+        let (mean, lo, hi) = fpr_interval(9, 999, 0.9);
+        assert!((mean - 0.01).abs() < 1e-12);
+        // Beta(10, 990): 5th and 95th percentiles ≈ 0.0055 and 0.0157.
+        assert!((lo - 0.0055).abs() < 0.0004 && (hi - 0.0157).abs() < 0.0005, "{lo} {hi}");
+        assert!((beta_cdf(1, 1, 0.3) - 0.3).abs() < 1e-12);
     }
 
     #[test]

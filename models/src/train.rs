@@ -8,6 +8,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::combine::{combine, Combination, FprInterval};
 use crate::ensemble::{MemberScores, Stacker, Standardizer, MEMBERS};
 use crate::forest::{Forest, ForestParams};
 use crate::lstm::{LstmModel, LstmParams};
@@ -125,6 +126,54 @@ fn sequences(devices: &[String], keep: Option<&[usize]>) -> Vec<Vec<usize>> {
     by.into_values().collect()
 }
 
+/// Label screen: out-of-fold forests over the training rows; a row whose given
+/// label the other folds find improbable is relabelled in `y_class`.
+fn screen_labels(
+    x: &Matrix,
+    split: &Split,
+    classes: &[String],
+    y_class: &mut [usize],
+    flipped: &BTreeSet<usize>,
+    opts: &TrainOptions,
+    log: &mut dyn FnMut(Progress<'_>),
+) -> Result<ScreenReport, ModelError> {
+    let folds = 3;
+    let mut order = split.train.clone();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(opts.seed ^ 0x5C4EE7));
+    let params = ForestParams { trees: opts.forest.trees.min(40), ..opts.forest.clone() };
+    let mut flagged = Vec::new();
+    for f in 0..folds {
+        let hold: Vec<usize> = order.iter().enumerate().filter(|(k, _)| k % folds == f).map(|(_, &i)| i).collect();
+        let fit_on: Vec<usize> = order.iter().enumerate().filter(|(k, _)| k % folds != f).map(|(_, &i)| i).collect();
+        let yf: Vec<usize> = fit_on.iter().map(|&i| y_class[i]).collect();
+        let forest = Forest::fit(&x.select(&fit_on), &yf, classes.len(), &params, &mut |_, _| {})?;
+        let mut proba = vec![0.0f32; classes.len()];
+        for &i in &hold {
+            forest.predict_proba_row(x.row(i), &mut proba);
+            let p_attack = f64::from(1.0 - proba[0]);
+            let p_given = if y_class[i] == 0 { 1.0 - p_attack } else { p_attack };
+            if p_given < opts.screen_threshold {
+                let best = (1..classes.len()).max_by(|&a, &b| proba[a].total_cmp(&proba[b])).unwrap_or(1);
+                flagged.push((i, if y_class[i] == 0 { best } else { 0 }));
+            }
+        }
+        log(Progress::Step(&format!("label screen: fold {}/{folds} done", f + 1)));
+    }
+    let hit = flagged.iter().filter(|(i, _)| flipped.contains(i)).count();
+    let r = ScreenReport {
+        flipped: flipped.len(),
+        flagged: flagged.len(),
+        flagged_and_flipped: hit,
+        precision: if flagged.is_empty() { 0.0 } else { hit as f64 / flagged.len() as f64 },
+        recall: if flipped.is_empty() { 0.0 } else { hit as f64 / flipped.len() as f64 },
+    };
+    log(Progress::Step(&format!("label screen: flagged {} rows ({} of them flipped: precision {:.3}, recall {:.3})", r.flagged, hit, r.precision, r.recall)));
+    for (i, c) in flagged {
+        y_class[i] = c;
+    }
+    Ok(r)
+}
+
 /// Train the ensemble. Returns it with the screen report (if screening ran).
 pub fn fit(
     prep: &Dataset<'_>,
@@ -158,46 +207,7 @@ pub fn fit(
     let x = standardizer.apply_all(prep.values);
     let xt = x.select(&split.train);
 
-    // Label screen: out-of-fold forests; a row whose given label the other folds
-    // find improbable is relabelled.
-    let mut screen = None;
-    if opts.screen {
-        let folds = 3;
-        let mut order = split.train.clone();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(opts.seed ^ 0x5C4EE7));
-        let params = ForestParams { trees: opts.forest.trees.min(40), ..opts.forest.clone() };
-        let mut flagged = Vec::new();
-        for f in 0..folds {
-            let hold: Vec<usize> = order.iter().enumerate().filter(|(k, _)| k % folds == f).map(|(_, &i)| i).collect();
-            let fit_on: Vec<usize> = order.iter().enumerate().filter(|(k, _)| k % folds != f).map(|(_, &i)| i).collect();
-            let yf: Vec<usize> = fit_on.iter().map(|&i| y_class[i]).collect();
-            let forest = Forest::fit(&x.select(&fit_on), &yf, classes.len(), &params, &mut |_, _| {})?;
-            let mut proba = vec![0.0f32; classes.len()];
-            for &i in &hold {
-                forest.predict_proba_row(x.row(i), &mut proba);
-                let p_attack = f64::from(1.0 - proba[0]);
-                let p_given = if y_class[i] == 0 { 1.0 - p_attack } else { p_attack };
-                if p_given < opts.screen_threshold {
-                    let best = (1..classes.len()).max_by(|&a, &b| proba[a].total_cmp(&proba[b])).unwrap_or(1);
-                    flagged.push((i, if y_class[i] == 0 { best } else { 0 }));
-                }
-            }
-            log(Progress::Step(&format!("label screen: fold {}/{folds} done", f + 1)));
-        }
-        let hit = flagged.iter().filter(|(i, _)| flipped.contains(i)).count();
-        let r = ScreenReport {
-            flipped: flipped.len(),
-            flagged: flagged.len(),
-            flagged_and_flipped: hit,
-            precision: if flagged.is_empty() { 0.0 } else { hit as f64 / flagged.len() as f64 },
-            recall: if flipped.is_empty() { 0.0 } else { hit as f64 / flipped.len() as f64 },
-        };
-        log(Progress::Step(&format!("label screen: flagged {} rows ({} of them flipped: precision {:.3}, recall {:.3})", r.flagged, hit, r.precision, r.recall)));
-        for (i, c) in flagged {
-            y_class[i] = c;
-        }
-        screen = Some(r);
-    }
+    let screen = if opts.screen { Some(screen_labels(&x, split, &classes, &mut y_class, &flipped, opts, log)?) } else { None };
 
     let yt_class: Vec<usize> = split.train.iter().map(|&i| y_class[i]).collect();
     let yt_bin: Vec<bool> = yt_class.iter().map(|&c| c != 0).collect();
@@ -239,16 +249,26 @@ pub fn fit(
         classes,
         validation_normal: Vec::new(),
         validation_attack: Vec::new(),
+        combination: None,
     };
-    // Stack on validation rows (true labels: the validation set is curated), with
-    // every member scored in stream order exactly as the pipeline will.
-    let all = member_scores(&ens, prep, &x, &sequences(prep.devices, None));
+    stack(&mut ens, prep, &x, split, opts, log)?;
+    Ok((ens, screen))
+}
+
+/// Combine the members on the validation rows (true labels: the validation set is
+/// curated), every member scored in stream order exactly as the pipeline will: the
+/// stacker or the best member alone, chosen out of fold ([`combine`]), and the
+/// threshold for the target FPR set conformally on its (out-of-fold) scores.
+fn stack(ens: &mut Ensemble, prep: &Dataset<'_>, x: &Matrix, split: &Split, opts: &TrainOptions, log: &mut dyn FnMut(Progress<'_>)) -> Result<(), ModelError> {
+    const FOLDS: usize = 5;
+    let all = member_scores(ens, prep, x, &sequences(prep.devices, None));
     let vm: Vec<MemberScores> = split.validation.iter().map(|&i| all[i]).collect();
     let vy: Vec<bool> = split.validation.iter().map(|&i| prep.classes[i] != labels::NORMAL).collect();
-    ens.stacker = Stacker::fit(&vm, &vy, 1e-2)?;
-    let normal_val: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| !y).map(|(m, _)| ens.stacker.predict(m)).collect();
-    let attack_val: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| y).map(|(m, _)| ens.stacker.predict(m)).collect();
-    ens.threshold = metrics::calibrate_threshold(&normal_val, &attack_val, opts.target_fpr);
+    let c = combine(&vm, &vy, opts.target_fpr, FOLDS, 1e-2)?;
+    ens.stacker = c.stacker;
+    let normal_val: Vec<f64> = c.scores.iter().zip(&vy).filter(|(_, &y)| !y).map(|(s, _)| *s).collect();
+    let attack_val: Vec<f64> = c.scores.iter().zip(&vy).filter(|(_, &y)| y).map(|(s, _)| *s).collect();
+    ens.threshold = metrics::threshold_for_fpr(&normal_val, opts.target_fpr);
     let sorted = |v: &[f64]| {
         let mut s: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         s.sort_by(f32::total_cmp);
@@ -256,9 +276,25 @@ pub fn fit(
     };
     ens.validation_normal = sorted(&normal_val);
     ens.validation_attack = sorted(&attack_val);
+    let law = FprInterval::of(&normal_val, ens.threshold, 0.9);
+    let table: Vec<String> = c.candidates.iter().map(|k| format!("{} {:.3} at {:.2} %", k.name, k.detection_rate, 100.0 * k.fpr)).collect();
+    log(Progress::Step(&format!("combination, out of {FOLDS} folds on the validation rows (DR at FPR): {}", table.join(", "))));
+    let w = &ens.stacker.weights;
+    log(Progress::Step(&if c.chosen == "stack" {
+        format!("ensemble: stacked, weights rf {:.2}, svm {:.2}, lstm {:.2}, twin {:.2}", w[0], w[1], w[2], w[3])
+    } else {
+        format!("ensemble: the {} member alone (stacking did not beat it out of fold)", c.chosen)
+    }));
     log(Progress::Step(&format!(
-        "ensemble: stacking weights rf {:.2}, svm {:.2}, lstm {:.2}, twin {:.2}; threshold {:.4} for FPR <= {} on validation",
-        ens.stacker.weights[0], ens.stacker.weights[1], ens.stacker.weights[2], ens.stacker.weights[3], ens.threshold, opts.target_fpr
+        "threshold {:.4} for FPR <= {}: {} of {} validation normals above; FPR on new normal events {:.2} % expected, 90 % interval {:.2}-{:.2} %",
+        ens.threshold,
+        opts.target_fpr,
+        law.above,
+        law.normals,
+        100.0 * law.expected,
+        100.0 * law.low,
+        100.0 * law.high
     )));
-    Ok((ens, screen))
+    ens.combination = Some(Combination { chosen: c.chosen, folds: FOLDS, candidates: c.candidates, threshold_fpr: law });
+    Ok(())
 }

@@ -19,6 +19,22 @@ pub fn render(r: &Report) -> String {
             b.detection_rate, b.fpr, b.precision, b.f1, b.roc_auc, b.pr_auc, b.tp, b.fp, b.tn, b.fn_
         );
     }
+    if let (Some(c), Some(e)) = (&r.combination, r.models.get("ensemble")) {
+        let t = &c.threshold_fpr;
+        let how = if c.chosen == "stack" { "stacked members".to_string() } else { format!("the {} member alone (stacking did not beat it out of fold)", c.chosen) };
+        let _ = writeln!(
+            s,
+            "ensemble = {how}; target FPR {:.2} %: test FPR {:.2} % (validation: {} of {} normals above, expected {:.2} %, {:.0} % interval {:.2}-{:.2} %)",
+            100.0 * r.target_fpr,
+            100.0 * e.at_threshold.fpr,
+            t.above,
+            t.normals,
+            100.0 * t.expected,
+            100.0 * t.level,
+            100.0 * t.low,
+            100.0 * t.high
+        );
+    }
     let _ = writeln!(s, "detection rate per attack class (ensemble):");
     if let Some(m) = r.models.get("ensemble") {
         for (c, v) in &m.recall_by_class {
@@ -30,6 +46,11 @@ pub fn render(r: &Report) -> String {
         for (i, row) in mc.confusion.iter().enumerate() {
             let _ = writeln!(s, "  {:<32} {:?}  recall {:.4}", mc.classes[i], row, mc.recall[i]);
         }
+    }
+    if let Some(mc) = &r.families_detected {
+        let attacks: Vec<f64> = (1..mc.classes.len()).filter(|&i| mc.confusion[i].iter().sum::<u64>() > 0).map(|i| mc.f1[i]).collect();
+        let macro_attacks = attacks.iter().sum::<f64>() / attacks.len().max(1) as f64;
+        let _ = writeln!(s, "families among detected attacks: macro-F1 {macro_attacks:.4} over {} families, accuracy {:.4}", attacks.len(), mc.accuracy);
     }
     s
 }
@@ -45,6 +66,7 @@ pub(crate) fn summary_json(r: &Report) -> serde_json::Value {
         "models": models,
         "class_macro_f1": r.classes.macro_f1,
         "family_macro_f1": r.families.macro_f1,
+        "combination": r.combination,
     })
 }
 
