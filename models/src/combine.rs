@@ -39,6 +39,10 @@ pub struct Combination {
     /// The threshold's false-positive rate on new normal events (see
     /// [`crate::metrics::fpr_interval`]).
     pub threshold_fpr: FprInterval,
+    /// Each member's own threshold for the same target, set on the same
+    /// validation rows (reports compare members at these).
+    #[serde(default)]
+    pub member_thresholds: std::collections::BTreeMap<String, f64>,
 }
 
 /// The law of a threshold's false-positive rate, from its calibration rows.

@@ -12,6 +12,8 @@ use crate::{labels, Artifact};
 /// Scores of every event from the detector with the model (the stream's code path).
 #[derive(Debug, Clone, Default)]
 pub struct Scores {
+    /// Each scored event's index in the records scored (its offset).
+    pub offsets: Vec<i64>,
     pub members: Vec<MemberScores>,
     pub ensemble: Vec<f64>,
     pub attack: Vec<bool>,
@@ -70,8 +72,14 @@ pub fn evaluate(artifact: &Artifact, scores: &Scores, split: &Split, dataset: &s
     let member_names: Vec<&str> = std::iter::once("ensemble").chain(MEMBERS).collect();
     for name in member_names {
         let get = |i: usize| if name == "ensemble" { scores.ensemble[i] } else { scores.members[i].get(name) };
+        let stored = artifact.ensemble.combination.as_ref().and_then(|c| c.member_thresholds.get(name).copied());
         let thr = if name == "ensemble" {
             artifact.ensemble.threshold
+        } else if let Some(t) = stored {
+            // Set at training on the training data's validation rows: the same
+            // value as below when evaluating that split, and the only honest one for
+            // a file the model never saw.
+            t
         } else {
             let normal: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| !y).map(|(&i, _)| get(i)).collect();
             metrics::threshold_for_fpr(&normal, target)

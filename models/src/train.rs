@@ -295,6 +295,13 @@ fn stack(ens: &mut Ensemble, prep: &Dataset<'_>, x: &Matrix, split: &Split, opts
         100.0 * law.low,
         100.0 * law.high
     )));
-    ens.combination = Some(Combination { chosen: c.chosen, folds: FOLDS, candidates: c.candidates, threshold_fpr: law });
+    let member_thresholds = MEMBERS
+        .iter()
+        .map(|m| {
+            let normal: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| !y).map(|(s, _)| s.get(m)).collect();
+            (m.to_string(), metrics::threshold_for_fpr(&normal, opts.target_fpr))
+        })
+        .collect();
+    ens.combination = Some(Combination { chosen: c.chosen, folds: FOLDS, candidates: c.candidates, threshold_fpr: law, member_thresholds });
     Ok(())
 }

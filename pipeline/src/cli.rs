@@ -143,6 +143,15 @@ pub(crate) enum Command {
         /// Where to write report.json and the plots (default: the model directory).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Score every row of `--dataset` as test rows (a labelled capture the model
+        /// never saw, e.g. a hospital's own), instead of the training recipe's split.
+        /// Thresholds stay those set at training.
+        #[arg(long, requires = "dataset")]
+        all: bool,
+        /// Also write per-event scores as CSV: the file row, split, label, family,
+        /// each member's score, the ensemble score, the verdict and the class.
+        #[arg(long, value_name = "FILE")]
+        scores: Option<PathBuf>,
     },
     /// The signed audit trail: create a signing key, or verify the audit topic.
     Audit {

@@ -140,14 +140,18 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("model {} in {}", artifact.version, job.out.display());
             Ok(())
         }
-        Command::Eval { model, dataset, out } => {
+        Command::Eval { model, dataset, out, all, scores } => {
             init_logs("warn");
             let artifact = twinguard_models::Artifact::load(&model)?;
             let twin = twinguard_train::twin_config_of(&artifact)?;
             let out = out.unwrap_or_else(|| if model.is_dir() { model.clone() } else { model.parent().map(PathBuf::from).unwrap_or_default() });
-            let report = twinguard_train::run_eval(artifact, dataset, &twin, &out, &mut print_progress)?;
+            let opts = twinguard_train::EvalOptions { dataset, all, scores: scores.clone() };
+            let report = twinguard_train::run_eval(artifact, &opts, &twin, &out, &mut print_progress)?;
             println!("{}", twinguard_train::render(&report));
             println!("report.json, roc.png, pr.png, confusion.png written to {}", out.display());
+            if let Some(f) = scores {
+                println!("per-event scores written to {}", f.display());
+            }
             Ok(())
         }
         Command::Audit { command } => audit(command),

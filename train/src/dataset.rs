@@ -33,6 +33,9 @@ pub struct ReplayOptions {
 #[derive(Debug, Default, Clone)]
 pub struct ReplayStats {
     pub rows: usize,
+    /// Each event's data row in the file (0 = the first row after the header), in
+    /// replay order: ties scores back to the file's rows.
+    pub file_rows: Vec<usize>,
     /// Values sent absent because they were empty, non-finite or "0 = missing".
     pub values_absent: usize,
 }
@@ -81,7 +84,7 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
         if opts.shuffle_seed.is_none() && opts.limit.is_some_and(|l| i >= l) {
             break;
         }
-        rows.push(rec.map_err(|e| TrainError::dataset(&opts.file, format!("row {}: {e}", i + 2)))?);
+        rows.push((i, rec.map_err(|e| TrainError::dataset(&opts.file, format!("row {}: {e}", i + 2)))?));
     }
     if let Some(seed) = opts.shuffle_seed {
         use rand::seq::SliceRandom;
@@ -91,7 +94,8 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
     }
     let mut out = Vec::new();
     let mut stats = ReplayStats::default();
-    for (row, rec) in rows.into_iter().enumerate() {
+    for (row, (file_row, rec)) in rows.into_iter().enumerate() {
+        stats.file_rows.push(file_row);
         let device = match dev_col {
             Some(c) => format!("{prefix}-{}", rec.get(c).unwrap_or("").trim()),
             None => format!("{prefix}-{}", row % opts.devices.max(1)),
@@ -144,6 +148,11 @@ pub const OFFLINE_START_MS: i64 = 1_700_000_000_000;
 impl DatasetSpec {
     /// The dataset's events, in replay order, as `(key, JSON)` records.
     pub fn load(&self, schema: &EventSchema) -> Result<Vec<(String, Vec<u8>)>, TrainError> {
+        Ok(self.load_with_rows(schema)?.0)
+    }
+
+    /// [`load`](Self::load), with each event's data row in the file.
+    pub fn load_with_rows(&self, schema: &EventSchema) -> Result<(Vec<(String, Vec<u8>)>, Vec<usize>), TrainError> {
         let opts = ReplayOptions {
             file: self.file.clone(),
             device_column: None,
@@ -153,7 +162,8 @@ impl DatasetSpec {
             limit: self.limit,
             shuffle_seed: self.shuffle_seed,
         };
-        Ok(load(schema, &opts)?.0)
+        let (records, stats) = load(schema, &opts)?;
+        Ok((records, stats.file_rows))
     }
 }
 

@@ -127,7 +127,9 @@ pub fn score_stream(
             let anom = v.column_by_name(fields::ANOMALOUS).expect("anomalous").as_any().downcast_ref::<arrow::array::BooleanArray>().expect("bool").clone();
             let class = v.column_by_name("attack_class").expect("class").as_any().downcast_ref::<StringArray>().expect("utf8").clone();
             let label = v.column_by_name(fields::LABEL).expect("label").as_any().downcast_ref::<StringArray>().expect("utf8").clone();
+            let offsets = v.column_by_name(fields::SRC_OFFSET).expect("source offset").as_any().downcast_ref::<Int64Array>().expect("i64").clone();
             for r in 0..v.num_rows() {
+                s.offsets.push(offsets.value(r));
                 s.members.push(MemberScores { rf: rf.value(r), svm: svm.value(r), lstm: lstm.value(r), twin: tw.value(r) });
                 s.ensemble.push(ens.value(r));
                 s.attack.push(anom.value(r));

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use twinguard_models::eval::evaluate;
-use twinguard_models::train::{fit, Progress, TrainOptions};
+use twinguard_models::eval::Scores;
+use twinguard_models::labels;
+use twinguard_models::train::{fit, Progress, Split, TrainOptions};
 use twinguard_models::{Artifact, ModelCard, ModelError};
 use twinguard_operators::detect::feature_relevant;
 use twinguard_operators::TwinConfig;
@@ -141,11 +143,22 @@ pub fn write_outputs(dir: &std::path::Path, a: &Artifact, r: &Report) -> Result<
 }
 
 
+/// What `twinguard eval` scores and writes.
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    /// Another file of the model's schema (default: the recipe's dataset).
+    pub dataset: Option<PathBuf>,
+    /// Every row is a test row (a capture the model never saw), not the recipe's split.
+    pub all: bool,
+    /// Write per-event scores here as CSV.
+    pub scores: Option<PathBuf>,
+}
+
 /// Evaluate a saved model on its recipe's dataset and split (or another file of the
-/// same schema, split the same way).
+/// same schema, split the same way, or scored whole with `all`).
 pub fn run_eval(
     artifact: Artifact,
-    dataset: Option<PathBuf>,
+    opts: &EvalOptions,
     twin: &TwinConfig,
     out: &std::path::Path,
     log: &mut dyn FnMut(Progress<'_>),
@@ -153,16 +166,73 @@ pub fn run_eval(
     let recipe = Recipe::from_card(&artifact)?;
     let schema = EventSchema::builtin(&artifact.schema).or_else(|_| EventSchema::builtin(&recipe.dataset.schema))?;
     let mut spec = recipe.dataset.clone();
-    if let Some(f) = dataset {
-        spec.file = f;
+    if let Some(f) = &opts.dataset {
+        spec.file = f.clone();
     }
-    let records = spec.load(&schema)?;
+    if opts.all {
+        // A new capture is replayed in its own order, whole.
+        spec.shuffle_seed = None;
+        spec.limit = None;
+    }
+    let (records, file_rows) = spec.load_with_rows(&schema)?;
     let scores = score_stream(&schema, twin, artifact.clone(), &records, &mut |d, n| log(Progress::Status(&format!("  scoring: {d}/{n} events   "))))?;
     log(Progress::StatusEnd);
-    let split = recipe.split.apply(&scores.truth);
+    let split = if opts.all {
+        Split { train: Vec::new(), validation: Vec::new(), test: (0..scores.truth.len()).collect() }
+    } else {
+        recipe.split.apply(&scores.truth)
+    };
     let report = evaluate(&artifact, &scores, &split, &spec.file.display().to_string());
     write_outputs(out, &artifact, &report)?;
+    if let Some(f) = &opts.scores {
+        write_scores(f, &scores, &split, &file_rows)?;
+    }
     Ok(report)
+}
+
+/// Per-event scores as CSV, one line per scored event in replay order.
+pub fn write_scores(path: &std::path::Path, s: &Scores, split: &Split, file_rows: &[usize]) -> Result<(), TrainError> {
+    use std::io::Write;
+    let io = |e: std::io::Error| TrainError::Io { path: path.to_path_buf(), reason: e.to_string() };
+    let mut part = vec!["test"; s.truth.len()];
+    for &i in &split.train {
+        part[i] = "train";
+    }
+    for &i in &split.validation {
+        part[i] = "validation";
+    }
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    writeln!(w, "row,split,label,family,rf,svm,lstm,twin,ensemble,attack,class").map_err(io)?;
+    for i in 0..s.truth.len() {
+        let m = &s.members[i];
+        let row = usize::try_from(s.offsets[i]).ok().and_then(|o| file_rows.get(o)).copied().unwrap_or(usize::MAX);
+        let class = s.class[i].as_deref().filter(|_| s.attack[i]).unwrap_or(labels::NORMAL);
+        writeln!(
+            w,
+            "{row},{},{},{},{},{},{},{},{},{},{}",
+            part[i],
+            csv_field(&s.truth[i]),
+            csv_field(&labels::family(&s.truth[i])),
+            m.rf,
+            m.svm,
+            m.lstm,
+            m.twin,
+            s.ensemble[i],
+            u8::from(s.attack[i]),
+            csv_field(class)
+        )
+        .map_err(io)?;
+    }
+    w.flush().map_err(io)
+}
+
+/// A CSV field, quoted when it needs to be.
+fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\"")).into()
+    } else {
+        s.into()
+    }
 }
 
 /// The twin settings a model was trained with (to run eval and the demo with them).
@@ -270,5 +340,46 @@ mod tests {
         let s = screen.unwrap();
         assert_eq!(s.flipped, 180);
         assert!(s.recall > 0.5 && s.precision > 0.5, "{s:?}");
+    }
+
+    /// `eval --all` scores every row of a file as test rows, with the thresholds
+    /// set at training, and `--scores` writes one CSV line per event that ties it
+    /// back to its file row.
+    #[test]
+    fn eval_all_scores_every_row_of_a_new_file_and_writes_per_event_scores() {
+        let dir = std::env::temp_dir().join(format!("twinguard-eval-all-{}", std::process::id()));
+        let j = job(dir.join("model"), 3000);
+        let (artifact, _) = run_train(&j, &mut |_| {}).unwrap();
+        // The "new capture": the file's rows 3000.. (the model trained on 0..3000).
+        let text = std::fs::read_to_string(wustl()).unwrap();
+        let mut lines = text.lines();
+        let header = lines.next().unwrap();
+        let rest: Vec<&str> = lines.skip(3000).take(1500).collect();
+        let capture = dir.join("capture.csv");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&capture, format!("{header}\n{}\n", rest.join("\n"))).unwrap();
+        let scores = dir.join("scores.csv");
+        let opts = EvalOptions { dataset: Some(capture), all: true, scores: Some(scores.clone()) };
+        let twin = twin_config_of(&artifact).unwrap();
+        let r = run_eval(artifact.clone(), &opts, &twin, &dir.join("eval"), &mut |_| {}).unwrap();
+        assert_eq!(r.rows["test"], 1500);
+        assert_eq!((r.rows["train"], r.rows["validation"]), (0, 0));
+        let e = &r.models["ensemble"].at_threshold;
+        assert_eq!(e.tp + e.fp + e.tn + e.fn_, 1500);
+        let csv = std::fs::read_to_string(&scores).unwrap();
+        let mut lines = csv.lines();
+        assert_eq!(lines.next().unwrap(), "row,split,label,family,rf,svm,lstm,twin,ensemble,attack,class");
+        let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+        assert_eq!(rows.len(), 1500);
+        assert!(rows.iter().enumerate().all(|(i, r)| r[0] == i.to_string() && r[1] == "test"), "file rows in order, all test");
+        // The verdict column agrees with the ensemble score and the stored threshold.
+        let thr = artifact.ensemble.threshold;
+        for r in &rows {
+            let ens: f64 = r[8].parse().unwrap();
+            assert_eq!(r[9] == "1", ens >= thr, "{r:?}");
+        }
+        let flagged = rows.iter().filter(|r| r[9] == "1").count() as u64;
+        assert_eq!(flagged, e.tp + e.fp);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -23,7 +23,7 @@ pub mod split;
 pub use dataset::{load, sha256_file, DatasetSpec, ReplayOptions, ReplayStats, OFFLINE_START_MS};
 pub use features::{prepare, score_stream, Prepared, Scores};
 pub use twinguard_models::train::{Progress, ScreenReport, TrainOptions};
-pub use job::{run_eval, run_train, train_records, twin_config_of, write_outputs, Recipe, TrainJob};
+pub use job::{run_eval, run_train, train_records, twin_config_of, write_outputs, write_scores, EvalOptions, Recipe, TrainJob};
 pub use report::{render, ModelReport, Report};
 pub use split::{Split, SplitKind, SplitSpec};
 

@@ -30,7 +30,10 @@ const COLORS: [RGBColor; 5] = [RGBColor(0, 0, 0), RGBColor(31, 119, 180), RGBCol
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
-fn curves(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> PlotResult {
+/// Lowest false-positive rate a log-scale ROC axis shows (an FPR of 0 is drawn here).
+const LOG_FPR_MIN: f64 = 1e-4;
+
+fn curves(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)], log_x: bool) -> PlotResult {
     let text = font();
     let root = BitMapBackend::new(path, (800, 640)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -39,7 +42,29 @@ fn curves(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[(Str
     if text {
         b.caption(title, ("sans-serif", 24)).x_label_area_size(45).y_label_area_size(55);
     }
-    let mut chart = b.build_cartesian_2d(0f64..1f64, 0f64..1.0001f64)?;
+    if log_x {
+        // Operators live at 0.1-5 % false positives: a log axis shows that region.
+        let chart = b.build_cartesian_2d((LOG_FPR_MIN..1f64).log_scale(), 0f64..1.0001f64)?;
+        let clamped: Vec<(String, Vec<(f64, f64)>)> =
+            series.iter().map(|(n, pts)| (n.clone(), pts.iter().map(|&(x, y)| (x.max(LOG_FPR_MIN), y)).collect())).collect();
+        lines(chart, &clamped, text, x_label, y_label)?;
+    } else {
+        lines(b.build_cartesian_2d(0f64..1f64, 0f64..1.0001f64)?, series, text, x_label, y_label)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+fn lines<'a, X>(
+    mut chart: ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, plotters::coord::types::RangedCoordf64>>,
+    series: &[(String, Vec<(f64, f64)>)],
+    text: bool,
+    x_label: &str,
+    y_label: &str,
+) -> PlotResult
+where
+    X: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+{
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc(x_label).y_desc(y_label);
@@ -57,7 +82,6 @@ fn curves(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[(Str
     if text {
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
     }
-    root.present()?;
     Ok(())
 }
 
@@ -121,12 +145,12 @@ pub fn write_all(dir: &Path, series: &[Series<'_>], truth: &[bool], confusion_ma
         .iter()
         .map(|m| (format!("{} (AUC {:.3})", m.name, m.roc_auc), metrics::roc_curve(m.scores, y, 400)))
         .collect();
-    curves(&dir.join("roc.png"), "ROC, held-out test rows", "false-positive rate", "detection rate", &roc)?;
+    curves(&dir.join("roc.png"), "ROC, held-out test rows", "false-positive rate (log scale)", "detection rate", &roc, true)?;
     let pr: Vec<(String, Vec<(f64, f64)>)> = series
         .iter()
         .map(|m| (format!("{} (AP {:.3})", m.name, m.pr_auc), metrics::pr_curve(m.scores, y, 400)))
         .collect();
-    curves(&dir.join("pr.png"), "Precision-recall, held-out test rows", "recall", "precision", &pr)?;
+    curves(&dir.join("pr.png"), "Precision-recall, held-out test rows", "recall", "precision", &pr, false)?;
     confusion(&dir.join("confusion.png"), confusion_matrix)?;
     Ok(())
 }
