@@ -44,6 +44,7 @@ fn benches(c: &mut Criterion) {
             forest: Default::default(),
             svm: Default::default(),
             lstm: Default::default(),
+            boost: twinguard_models::boost::BoostParams { seed: 42, ..Default::default() },
             flip_labels: 0.0,
             screen: false,
             screen_threshold: 0.2,

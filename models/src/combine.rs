@@ -14,57 +14,9 @@
 //! score through the same logistic link, so the artifact format and the stream's
 //! scoring stay the same whichever wins.
 
-use serde::{Deserialize, Serialize};
-
-use crate::ensemble::{MemberScores, Stacker, MEMBERS};
+use crate::ensemble::{Candidate, MemberScores, Stacker, MEMBERS};
 use crate::metrics::threshold_for_fpr;
 use crate::ModelError;
-
-/// One candidate's out-of-fold figures.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Candidate {
-    /// "stack" or a member's name.
-    pub name: String,
-    pub detection_rate: f64,
-    pub fpr: f64,
-}
-
-/// What the artifact records about the combination and its threshold.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Combination {
-    /// "stack" or the member used alone.
-    pub chosen: String,
-    pub folds: usize,
-    pub candidates: Vec<Candidate>,
-    /// The threshold's false-positive rate on new normal events (see
-    /// [`crate::metrics::fpr_interval`]).
-    pub threshold_fpr: FprInterval,
-    /// Each member's own threshold for the same target, set on the same
-    /// validation rows (reports compare members at these).
-    #[serde(default)]
-    pub member_thresholds: std::collections::BTreeMap<String, f64>,
-}
-
-/// The law of a threshold's false-positive rate, from its calibration rows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FprInterval {
-    /// Normal calibration rows, and how many of them score at or above the threshold.
-    pub normals: usize,
-    pub above: usize,
-    pub expected: f64,
-    pub low: f64,
-    pub high: f64,
-    /// Central probability of [low, high].
-    pub level: f64,
-}
-
-impl FprInterval {
-    pub fn of(normal_scores: &[f64], threshold: f64, level: f64) -> FprInterval {
-        let above = normal_scores.iter().filter(|&&s| s >= threshold).count();
-        let (expected, low, high) = crate::metrics::fpr_interval(above, normal_scores.len(), level);
-        FprInterval { normals: normal_scores.len(), above, expected, low, high, level }
-    }
-}
 
 /// The chosen combiner.
 #[derive(Debug, Clone)]
@@ -178,6 +130,7 @@ mod tests {
                 svm: sig(&mut rng, on("svm")) * 4.0 - 2.0,
                 lstm: sig(&mut rng, on("lstm")),
                 twin: sig(&mut rng, on("twin")),
+                gbdt: sig(&mut rng, on("gbdt")),
             });
             y.push(attack);
         }

@@ -68,7 +68,11 @@ impl Standardizer {
 }
 
 /// Names of the ensemble members, in stacking-input order.
-pub const MEMBERS: [&str; 4] = ["rf", "svm", "lstm", "twin"];
+/// (The boosted member comes last, so a model stored before it existed, with four
+/// stacking weights, scores as it did.)
+pub const MEMBERS: [&str; 5] = ["rf", "svm", "lstm", "twin", "gbdt"];
+/// Number of members ([`MEMBERS`]).
+const N: usize = MEMBERS.len();
 
 /// Logistic regression over the members' (transformed) scores.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -97,18 +101,26 @@ pub struct MemberScores {
     pub lstm: f64,
     /// Twin behavioural score in [0, 1).
     pub twin: f64,
+    /// Gradient-boosted trees P(attack); 0.5 (no say) for a model without them.
+    #[serde(default = "half")]
+    pub gbdt: f64,
+}
+
+fn half() -> f64 {
+    0.5
 }
 
 impl MemberScores {
     /// The stacking inputs: log-odds for probabilities, the raw SVM margin.
-    pub fn inputs(&self) -> [f64; 4] {
-        [logit(self.rf), self.svm.clamp(-10.0, 10.0), logit(self.lstm), logit(self.twin)]
+    pub fn inputs(&self) -> [f64; N] {
+        [logit(self.rf), self.svm.clamp(-10.0, 10.0), logit(self.lstm), logit(self.twin), logit(self.gbdt)]
     }
     pub fn get(&self, member: &str) -> f64 {
         match member {
             "rf" => self.rf,
             "svm" => self.svm,
             "lstm" => self.lstm,
+            "gbdt" => self.gbdt,
             _ => self.twin,
         }
     }
@@ -124,14 +136,15 @@ impl Stacker {
         }
         let wpos = y.len() as f64 / (2.0 * pos as f64);
         let wneg = y.len() as f64 / (2.0 * (y.len() - pos) as f64);
-        let xs: Vec<[f64; 4]> = members.iter().map(MemberScores::inputs).collect();
-        const K: usize = 5; // 4 weights + bias
+        let xs: Vec<[f64; N]> = members.iter().map(MemberScores::inputs).collect();
+        const K: usize = N + 1; // a weight per member + bias
         let mut w = [0.0f64; K];
         for _ in 0..50 {
             let mut g = [0.0f64; K];
             let mut h = [[0.0f64; K]; K];
             for (x, &l) in xs.iter().zip(y) {
-                let xb = [x[0], x[1], x[2], x[3], 1.0];
+                let mut xb = [1.0; K];
+                xb[..N].copy_from_slice(x);
                 let z: f64 = (0..K).map(|i| w[i] * xb[i]).sum();
                 let p = sigmoid(z);
                 let sw = if l { wpos } else { wneg };
@@ -144,11 +157,11 @@ impl Stacker {
                     }
                 }
             }
-            for i in 0..4 {
+            for i in 0..N {
                 g[i] += l2 * w[i];
                 h[i][i] += l2;
             }
-            h[4][4] += 1e-9;
+            h[N][N] += 1e-9;
             let step = solve(h, g).ok_or_else(|| ModelError::Train("stacking regression is singular".into()))?;
             let mut delta = 0.0f64;
             for i in 0..K {
@@ -159,7 +172,7 @@ impl Stacker {
                 break;
             }
         }
-        Ok(Stacker { weights: w[..4].to_vec(), bias: w[4] })
+        Ok(Stacker { weights: w[..N].to_vec(), bias: w[N] })
     }
 
     /// Attack probability from the members' scores.
@@ -194,6 +207,52 @@ fn solve<const K: usize>(mut h: [[f64; K]; K], mut g: [f64; K]) -> Option<[f64; 
     Some(x)
 }
 
+/// One candidate's out-of-fold figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// "stack" or a member's name.
+    pub name: String,
+    pub detection_rate: f64,
+    pub fpr: f64,
+}
+
+/// What the artifact records about the combination and its threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Combination {
+    /// "stack" or the member used alone.
+    pub chosen: String,
+    pub folds: usize,
+    pub candidates: Vec<Candidate>,
+    /// The threshold's false-positive rate on new normal events (see
+    /// [`crate::metrics::fpr_interval`]).
+    pub threshold_fpr: FprInterval,
+    /// Each member's own threshold for the same target, set on the same
+    /// validation rows (reports compare members at these).
+    #[serde(default)]
+    pub member_thresholds: std::collections::BTreeMap<String, f64>,
+}
+
+/// The law of a threshold's false-positive rate, from its calibration rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FprInterval {
+    /// Normal calibration rows, and how many of them score at or above the threshold.
+    pub normals: usize,
+    pub above: usize,
+    pub expected: f64,
+    pub low: f64,
+    pub high: f64,
+    /// Central probability of [low, high].
+    pub level: f64,
+}
+
+impl FprInterval {
+    pub fn of(normal_scores: &[f64], threshold: f64, level: f64) -> FprInterval {
+        let above = normal_scores.iter().filter(|&&s| s >= threshold).count();
+        let (expected, low, high) = crate::metrics::fpr_interval(above, normal_scores.len(), level);
+        FprInterval { normals: normal_scores.len(), above, expected, low, high, level }
+    }
+}
+
 /// Everything needed to score a standardised feature row.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ensemble {
@@ -201,6 +260,9 @@ pub struct Ensemble {
     pub forest: Forest,
     pub svm: Svm,
     pub lstm: LstmModel,
+    /// The boosted member (absent in models stored before it existed).
+    #[serde(default)]
+    pub boost: Option<crate::boost::Booster>,
     pub stacker: Stacker,
     /// Index of the feature holding the twin's behavioural distance, if any; its
     /// score `d²/(d²+T²)` is the twin member.
@@ -220,7 +282,7 @@ pub struct Ensemble {
     /// How the members were combined (chosen out of fold) and the threshold's
     /// false-positive law; absent in artifacts from before it was recorded.
     #[serde(default)]
-    pub combination: Option<crate::combine::Combination>,
+    pub combination: Option<Combination>,
 }
 
 /// Scores of one event.
@@ -281,7 +343,8 @@ impl Ensemble {
             state.resize(self.lstm.state_len(), 0.0);
         }
         let lstm = f64::from(self.lstm.step(&s.row, state));
-        let members = MemberScores { rf, svm, lstm, twin: self.twin_score(raw) };
+        let gbdt = self.boost.as_ref().map_or(0.5, |b| f64::from(b.predict_row(&s.row)));
+        let members = MemberScores { rf, svm, lstm, twin: self.twin_score(raw), gbdt };
         let ensemble = self.stacker.predict(&members);
         Scored { members, ensemble, attack: ensemble >= self.threshold, class }
     }
@@ -311,14 +374,14 @@ mod tests {
             let attack = i % 4 == 0;
             let noise = f64::from((i * 37 % 100) as u32) / 100.0;
             let other = f64::from(((i * 53 + 17) % 97) as u32) / 97.0;
-            m.push(MemberScores { rf: if attack { 0.45 + noise * 0.5 } else { 0.05 + noise * 0.5 }, svm: other - 0.5, lstm: 0.5, twin: 0.5 });
+            m.push(MemberScores { rf: if attack { 0.45 + noise * 0.5 } else { 0.05 + noise * 0.5 }, svm: other - 0.5, lstm: 0.5, twin: 0.5, gbdt: 0.5 });
             y.push(attack);
         }
         let s = Stacker::fit(&m, &y, 1e-3).unwrap();
         assert!(s.weights[0] > 1.0, "rf weight {:?}", s.weights);
         assert!(s.weights[1].abs() < s.weights[0] / 4.0, "svm weight {:?}", s.weights);
-        let hi = s.predict(&MemberScores { rf: 0.9, svm: 0.0, lstm: 0.5, twin: 0.5 });
-        let lo = s.predict(&MemberScores { rf: 0.1, svm: 0.0, lstm: 0.5, twin: 0.5 });
+        let hi = s.predict(&MemberScores { rf: 0.9, svm: 0.0, lstm: 0.5, twin: 0.5, gbdt: 0.5 });
+        let lo = s.predict(&MemberScores { rf: 0.1, svm: 0.0, lstm: 0.5, twin: 0.5, gbdt: 0.5 });
         assert!(hi > 0.9 && lo < 0.1, "{hi} {lo}");
     }
 

@@ -56,7 +56,7 @@ pub struct Report {
     pub families_detected: Option<MultiClass>,
     /// How the members were combined and the threshold's FPR law on validation.
     #[serde(default)]
-    pub combination: Option<crate::combine::Combination>,
+    pub combination: Option<crate::ensemble::Combination>,
     #[serde(skip)]
     pub test_truth: Vec<bool>,
 }

@@ -6,6 +6,7 @@
 //! sockets; files only through [`artifact`] load/save called by the CLI.
 
 pub mod artifact;
+pub mod boost;
 pub mod combine;
 pub mod ensemble;
 pub mod eval;

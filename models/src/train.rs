@@ -8,7 +8,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::combine::{combine, Combination, FprInterval};
+use crate::boost::{BoostParams, Booster};
+use crate::combine::combine;
+use crate::ensemble::{Combination, FprInterval};
 use crate::ensemble::{MemberScores, Stacker, Standardizer, MEMBERS};
 use crate::forest::{Forest, ForestParams};
 use crate::lstm::{LstmModel, LstmParams};
@@ -75,6 +77,9 @@ pub struct TrainOptions {
     pub forest: ForestParams,
     pub svm: SvmParams,
     pub lstm: LstmParams,
+    /// The boosted member (recipes stored before it existed train with the defaults).
+    #[serde(default)]
+    pub boost: BoostParams,
     /// Experiment: flip this fraction of the training labels (simulated poisoning).
     pub flip_labels: f64,
     /// Screen the training labels for poisoning (out-of-fold disagreement) and relabel.
@@ -108,6 +113,7 @@ fn member_scores(e: &Ensemble, prep: &Dataset<'_>, x: &Matrix, seqs: &[Vec<usize
                 svm: f64::from(e.svm.decision_row(x.row(i))),
                 lstm: f64::from(lstm[i]),
                 twin: e.twin_score(prep.row(i)),
+                gbdt: e.boost.as_ref().map_or(0.5, |b| f64::from(b.predict_row(x.row(i)))),
             }
         })
         .collect()
@@ -224,6 +230,14 @@ pub fn fit(
     log(Progress::StatusEnd);
     log(Progress::Step(&format!("random forest: {} trees in {:.1} s", opts.forest.trees, t0.elapsed().as_secs_f64())));
     let t0 = Instant::now();
+    let boost = Booster::fit(&xt, &yt_bin, &opts.boost, &mut |r, n| {
+        if r % 25 == 0 {
+            log(Progress::Status(&format!("  boosted trees: round {r}/{n}   ")));
+        }
+    })?;
+    log(Progress::StatusEnd);
+    log(Progress::Step(&format!("boosted trees: {} rounds (early stopping) in {:.1} s", boost.rounds(), t0.elapsed().as_secs_f64())));
+    let t0 = Instant::now();
     let svm = Svm::fit(&xt, &yt_bin, &opts.svm)?;
     log(Progress::Step(&format!("SVM: {} support vectors in {:.1} s", svm.support_vectors(), t0.elapsed().as_secs_f64())));
     let t0 = Instant::now();
@@ -242,6 +256,7 @@ pub fn fit(
         forest,
         svm,
         lstm,
+        boost: Some(boost),
         stacker: Stacker { weights: vec![0.0; MEMBERS.len()], bias: 0.0 },
         twin_feature,
         twin_threshold,
@@ -281,7 +296,7 @@ fn stack(ens: &mut Ensemble, prep: &Dataset<'_>, x: &Matrix, split: &Split, opts
     log(Progress::Step(&format!("combination, out of {FOLDS} folds on the validation rows (DR at FPR): {}", table.join(", "))));
     let w = &ens.stacker.weights;
     log(Progress::Step(&if c.chosen == "stack" {
-        format!("ensemble: stacked, weights rf {:.2}, svm {:.2}, lstm {:.2}, twin {:.2}", w[0], w[1], w[2], w[3])
+        format!("ensemble: stacked, weights rf {:.2}, svm {:.2}, lstm {:.2}, twin {:.2}, gbdt {:.2}", w[0], w[1], w[2], w[3], w[4])
     } else {
         format!("ensemble: the {} member alone (stacking did not beat it out of fold)", c.chosen)
     }));

@@ -137,6 +137,11 @@ impl Detector {
             cols.svm.append_value(s.members.svm);
             cols.lstm.append_value(s.members.lstm);
             cols.twin.append_value(s.members.twin);
+            if ens.boost.is_some() {
+                cols.gbdt.append_value(s.members.gbdt);
+            } else {
+                cols.gbdt.append_null();
+            }
             cols.attack.append_value(s.attack);
             if s.attack {
                 cols.class.append_value(&ens.classes[s.class]);
@@ -163,6 +168,7 @@ struct ModelCols {
     svm: Float64Builder,
     lstm: Float64Builder,
     twin: Float64Builder,
+    gbdt: Float64Builder,
     attack: BooleanBuilder,
     class: StringBuilder,
 }
@@ -178,6 +184,7 @@ impl ModelCols {
             svm: f(),
             lstm: f(),
             twin: f(),
+            gbdt: f(),
             attack: BooleanBuilder::with_capacity(n),
             class: StringBuilder::new(),
         }
@@ -205,6 +212,7 @@ fn with_model_columns(v: &RecordBatch, schema: SchemaRef, cols: Option<ModelCols
                 Arc::new(c.svm.finish()),
                 Arc::new(c.lstm.finish()),
                 Arc::new(c.twin.finish()),
+                Arc::new(c.gbdt.finish()),
                 Arc::new(c.class.finish()),
             ];
             debug_assert_eq!(extra.len(), MODEL_COLUMNS.len());

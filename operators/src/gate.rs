@@ -103,7 +103,7 @@ impl GatingConfig {
 }
 
 /// Members whose decisions are tracked besides the acting detector.
-pub const MEMBERS: [&str; 4] = ["rf", "svm", "lstm", "twin"];
+pub const MEMBERS: [&str; 5] = ["rf", "svm", "lstm", "twin", "gbdt"];
 
 /// Confusion counts and the figures derived from them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -179,7 +179,7 @@ pub enum Transition {
 }
 
 /// Member decisions of one alert (None: the member did not score it).
-type Decisions = [Option<bool>; 4];
+type Decisions = [Option<bool>; 5];
 
 pub struct Gate {
     cfg: GatingConfig,
@@ -225,8 +225,8 @@ impl Gate {
             return;
         }
         let d: Decisions = match &alert.scores {
-            Some(s) => [Some(s.rf >= 0.5), Some(s.svm > 0.0), Some(s.lstm >= 0.5), Some(s.twin >= 0.5)],
-            None => [None, None, None, Some(alert.score >= 0.5)],
+            Some(s) => [Some(s.rf >= 0.5), Some(s.svm > 0.0), Some(s.lstm >= 0.5), Some(s.twin >= 0.5), s.gbdt.map(|g| g >= 0.5)],
+            None => [None, None, None, Some(alert.score >= 0.5), None],
         };
         if self.alerts.insert(alert.alert_id.clone(), d).is_none() {
             self.alert_order.push_back(alert.alert_id.clone());
@@ -388,7 +388,7 @@ mod tests {
             detector: "ensemble".into(),
             score: 0.9,
             threshold: Some(0.5),
-            scores: Some(ModelScores { ensemble: 0.9, rf, svm: 1.0, lstm: 0.9, twin: 0.1 }),
+            scores: Some(ModelScores { ensemble: 0.9, rf, svm: 1.0, lstm: 0.9, twin: 0.1, gbdt: None }),
             attack_class: None,
             model_version: None,
             incident_id: "i".into(),

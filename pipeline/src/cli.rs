@@ -328,6 +328,7 @@ impl TrainArgs {
                     ..Default::default()
                 },
                 lstm: twinguard_models::lstm::LstmParams { epochs: self.lstm_epochs, hidden: self.lstm_hidden, seed: self.seed, ..Default::default() },
+                boost: twinguard_models::boost::BoostParams { seed: self.seed, ..Default::default() },
                 flip_labels: self.flip_labels,
                 screen: self.screen,
                 screen_threshold: 0.2,

@@ -26,8 +26,8 @@ pub const DETECTOR_TWIN: &str = "twin_behaviour";
 pub const DETECTOR_ENSEMBLE: &str = "ensemble";
 
 /// Columns a model adds to the verdict batch, in order (all nullable).
-pub const MODEL_COLUMNS: [&str; 8] =
-    ["model_version", "ensemble_score", "threshold", "rf_score", "svm_score", "lstm_score", "twin_score", "attack_class"];
+pub const MODEL_COLUMNS: [&str; 9] =
+    ["model_version", "ensemble_score", "threshold", "rf_score", "svm_score", "lstm_score", "twin_score", "gbdt_score", "attack_class"];
 
 /// Arrow fields of [`MODEL_COLUMNS`].
 pub fn model_columns() -> Vec<Field> {
@@ -50,6 +50,10 @@ pub struct ModelScores {
     pub lstm: f64,
     /// Twin behavioural score.
     pub twin: f64,
+    /// Gradient-boosted trees probability of attack (absent from models and
+    /// verdicts made before that member existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gbdt: Option<f64>,
 }
 
 /// Where the event came from: the deduplication key of its outputs.
@@ -136,8 +140,8 @@ pub fn verdicts_from_batch(batch: &RecordBatch, topic: &str) -> Vec<Verdict> {
     let model = (batch.num_columns() >= 12 + MODEL_COLUMNS.len()).then(|| {
         (
             col::<StringArray>(batch, 12),
-            [13, 14, 15, 16, 17, 18].map(|i| col::<Float64Array>(batch, i)),
-            col::<StringArray>(batch, 19),
+            [13, 14, 15, 16, 17, 18, 19].map(|i| col::<Float64Array>(batch, i)),
+            col::<StringArray>(batch, 20),
         )
     });
     (0..batch.num_rows())
@@ -177,6 +181,7 @@ pub fn verdicts_from_batch(batch: &RecordBatch, topic: &str) -> Vec<Verdict> {
                         svm: f[3].value(r),
                         lstm: f[4].value(r),
                         twin: f[5].value(r),
+                        gbdt: (!f[6].is_null(r)).then(|| f[6].value(r)),
                     });
                     v.attack_class = (!class.is_null(r)).then(|| class.value(r).to_string());
                 }

@@ -123,14 +123,14 @@ pub fn score_stream(
         |batch| {
             let (v, _) = det.detect(batch)?;
             let f = |name: &str| v.column_by_name(name).expect("model column").as_any().downcast_ref::<Float64Array>().expect("f64").clone();
-            let (ens, rf, svm, lstm, tw) = (f("ensemble_score"), f("rf_score"), f("svm_score"), f("lstm_score"), f("twin_score"));
+            let (ens, rf, svm, lstm, tw, gb) = (f("ensemble_score"), f("rf_score"), f("svm_score"), f("lstm_score"), f("twin_score"), f("gbdt_score"));
             let anom = v.column_by_name(fields::ANOMALOUS).expect("anomalous").as_any().downcast_ref::<arrow::array::BooleanArray>().expect("bool").clone();
             let class = v.column_by_name("attack_class").expect("class").as_any().downcast_ref::<StringArray>().expect("utf8").clone();
             let label = v.column_by_name(fields::LABEL).expect("label").as_any().downcast_ref::<StringArray>().expect("utf8").clone();
             let offsets = v.column_by_name(fields::SRC_OFFSET).expect("source offset").as_any().downcast_ref::<Int64Array>().expect("i64").clone();
             for r in 0..v.num_rows() {
                 s.offsets.push(offsets.value(r));
-                s.members.push(MemberScores { rf: rf.value(r), svm: svm.value(r), lstm: lstm.value(r), twin: tw.value(r) });
+                s.members.push(MemberScores { rf: rf.value(r), svm: svm.value(r), lstm: lstm.value(r), twin: tw.value(r), gbdt: if gb.is_null(r) { 0.5 } else { gb.value(r) } });
                 s.ensemble.push(ens.value(r));
                 s.attack.push(anom.value(r));
                 s.class.push((!class.is_null(r)).then(|| class.value(r).to_string()));

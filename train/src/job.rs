@@ -278,6 +278,7 @@ mod tests {
                 forest: ForestParams { trees: 8, seed: 7, ..Default::default() },
                 svm: SvmParams { max_train_rows: 300, seed: 7, ..Default::default() },
                 lstm: LstmParams { epochs: 1, seed: 7, ..Default::default() },
+                boost: twinguard_models::boost::BoostParams { rounds: 30, seed: 7, ..Default::default() },
                 flip_labels: 0.0,
                 screen: false,
                 screen_threshold: 0.2,

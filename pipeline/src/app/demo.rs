@@ -77,6 +77,7 @@ pub fn train_demo_model(opts: &DemoOptions, seed: u64) -> Result<std::path::Path
             // machine misses; at demo scale its per-event cost does not matter.
             svm: SvmParams { max_train_rows: 1000, seed, kernel: twinguard_models::svm::Kernel::Rbf { gamma: 0.0 }, ..Default::default() },
             lstm: LstmParams { epochs: 3, seed, ..Default::default() },
+            boost: twinguard_models::boost::BoostParams { seed, ..Default::default() },
             flip_labels: 0.0,
             screen: false,
             screen_threshold: 0.2,

@@ -56,7 +56,7 @@ impl Instruments {
                 .build(),
             score: m
                 .f64_histogram("twinguard.score")
-                .with_description("Distribution of scores per model (ensemble, rf, svm, lstm, twin)")
+                .with_description("Distribution of scores per model (ensemble, rf, svm, lstm, twin, gbdt)")
                 .with_boundaries(vec![-1.0, 0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])
                 .build(),
             verdicts: m.u64_counter("twinguard.verdicts").with_description("Verdicts by class (benign, anomaly, or the attack class)").build(),

@@ -8,7 +8,7 @@ pub(super) fn source() -> SourceCoords {
 }
 
 pub(super) fn model_scores() -> ModelScores {
-    ModelScores { ensemble: 0.93, rf: 0.9, svm: -0.25, lstm: 0.8, twin: 0.7 }
+    ModelScores { ensemble: 0.93, rf: 0.9, svm: -0.25, lstm: 0.8, twin: 0.7, gbdt: Some(0.95) }
 }
 
 pub(super) fn verdict_full() -> Verdict {

@@ -99,7 +99,8 @@ impl VerdictsScored<'_> {
             *by_class.entry(class).or_default() += 1;
             match &v.scores {
                 Some(sc) => {
-                    for (model, x) in [("ensemble", sc.ensemble), ("rf", sc.rf), ("svm", sc.svm), ("lstm", sc.lstm), ("twin", sc.twin)] {
+                    for (model, x) in [("ensemble", Some(sc.ensemble)), ("rf", Some(sc.rf)), ("svm", Some(sc.svm)), ("lstm", Some(sc.lstm)), ("twin", Some(sc.twin)), ("gbdt", sc.gbdt)] {
+                        let Some(x) = x else { continue };
                         ins.score.record(x, &[KeyValue::new("model", model)]);
                     }
                 }

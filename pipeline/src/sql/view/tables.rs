@@ -88,6 +88,7 @@ impl Table {
                 f("score_svm", F, true),
                 f("score_lstm", F, true),
                 f("score_twin", F, true),
+                f("score_gbdt", F, true),
                 f("label", S, true),
             ],
             Table::Alerts => vec![
@@ -284,8 +285,8 @@ pub(super) fn verdicts_batch(rows: &VecDeque<Verdict>) -> RecordBatch {
         StringBuilder::new(),
         StringBuilder::new(),
     );
-    let (mut rf, mut svm, mut lstm, mut twin, mut label) =
-        (Float64Builder::new(), Float64Builder::new(), Float64Builder::new(), Float64Builder::new(), StringBuilder::new());
+    let (mut rf, mut svm, mut lstm, mut twin, mut gbdt, mut label) =
+        (Float64Builder::new(), Float64Builder::new(), Float64Builder::new(), Float64Builder::new(), Float64Builder::new(), StringBuilder::new());
     for v in rows {
         dev.append_value(&v.device_id);
         time.append_option(rfc3339_ms(&v.event_time));
@@ -306,6 +307,7 @@ pub(super) fn verdicts_batch(rows: &VecDeque<Verdict>) -> RecordBatch {
         svm.append_option(v.scores.as_ref().map(|s| s.svm));
         lstm.append_option(v.scores.as_ref().map(|s| s.lstm));
         twin.append_option(v.scores.as_ref().map(|s| s.twin));
+        gbdt.append_option(v.scores.as_ref().and_then(|s| s.gbdt));
         label.append_option(v.label.as_deref());
     }
     batch(
@@ -330,6 +332,7 @@ pub(super) fn verdicts_batch(rows: &VecDeque<Verdict>) -> RecordBatch {
             Arc::new(svm.finish()),
             Arc::new(lstm.finish()),
             Arc::new(twin.finish()),
+            Arc::new(gbdt.finish()),
             Arc::new(label.finish()),
         ],
     )
