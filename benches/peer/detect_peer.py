@@ -75,6 +75,9 @@ def main():
     ap.add_argument("--target-fpr", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--boosters", action="store_true",
+                    help="also compare gradient-boosting engines, binary (LightGBM, perpetual, forust): "
+                         "the candidates for twinguard's boosted member, on the same rows")
     a = ap.parse_args()
 
     d = pd.read_csv(a.dataset, low_memory=False)
@@ -140,6 +143,9 @@ def main():
         am = np.array(classes)[proba(t).argmax(axis=1)]
         out["models"][name]["family_macro_f1_argmax"] = macro_f1(list(t["family"].values), [fam_of.get(c, c) for c in am])
 
+    if a.boosters:
+        boosters(a, X, rows, report, out)
+
     print(f"{a.dataset}: {out['rows']} rows (train/validation/test), {len(feats)} features, target FPR {a.target_fpr:.2%}")
     print("DR, FPR: at the threshold set on the validation rows. ROC DR@1%, @0.1%: best test DR at that test FPR (comparison only).")
     print(f"{'model':<32} {'DR':>7} {'FPR':>7} {'ROC-AUC':>8} {'DR@1%':>7} {'DR@0.1%':>7} {'fam-F1@thr':>10} {'fam-F1 det':>10} {'fit s':>7}")
@@ -147,11 +153,51 @@ def main():
         print(f"{name:<32} {b['dr']:7.4f} {b['fpr']:7.4f} {b['auc']:8.4f} {b['roc_dr_at_1pct']:7.4f} {b['roc_dr_at_0.1pct']:7.4f} "
               f"{b['family_macro_f1_at_threshold']:10.4f} {b['family_macro_f1_detected']:10.4f} {b['seconds']:7.1f}")
     for name, b in out["models"].items():
+        if "us_per_row_single" in b:
+            print(f"{name}: {b['us_per_row_single']:.0f} us to score one row from Python (binding overhead included)")
+    for name, b in out["models"].items():
         if "family_macro_f1_argmax" in b:
             print(f"{name}: family macro-F1 by argmax over all classes {b['family_macro_f1_argmax']:.4f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2, default=float)
+
+
+def boosters(a, X, rows, report, out):
+    """Binary boosters on the raw columns of the same rows: quality, fit time and
+    scoring cost per row (one row at a time, as a stream scores)."""
+    import lightgbm
+    import perpetual
+    import forust
+    ytr = rows["train"]["label"].values != "normal"
+    Xtr = X[rows["train"]["row"].values]
+    engines = {
+        "LightGBM 4.7 (binary)": lambda: lightgbm.LGBMClassifier(random_state=a.seed, verbose=-1),
+        "perpetual 2.3 (binary)": lambda: perpetual.PerpetualBooster(objective="LogLoss", budget=0.5, seed=a.seed),
+        "forust 0.8 (binary)": lambda: forust.GradientBooster(objective_type="LogLoss", seed=a.seed),
+    }
+    for name, make in engines.items():
+        model = make()
+        t0 = time.time()
+        model.fit(Xtr, ytr.astype(int) if "forust" in name else ytr)
+        secs = time.time() - t0
+
+        def score_of(r, model=model, name=name):
+            x = X[r["row"].values]
+            if "LightGBM" in name:
+                return model.predict_proba(x)[:, 1]
+            if "perpetual" in name:
+                return np.asarray(model.predict_proba(x))[:, 1]
+            return np.asarray(model.predict(x))  # forust: log-odds, monotone in P
+
+        report(name, score_of, lambda r: np.full(len(r), "attack"), secs)
+        sample = X[rows["test"]["row"].values[:300]]
+        t0 = time.time()
+        for i in range(len(sample)):
+            score_of(rows["test"].iloc[i:i + 1])
+        out["models"][name]["us_per_row_single"] = (time.time() - t0) / len(sample) * 1e6
+        out["models"][name]["family_macro_f1_at_threshold"] = float("nan")
+        out["models"][name]["family_macro_f1_detected"] = float("nan")
 
 
 if __name__ == "__main__":

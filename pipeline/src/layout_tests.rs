@@ -319,3 +319,117 @@ fn the_import_scanner_reads_what_rust_writes() {
     assert!(tests.contains(&7) && !tests.contains(&3) && !tests.contains(&9), "{tests:?}");
     assert_eq!(root_reexports("pub use obs::Metrics;\npub use engine::{run, RunReport};\n").get("RunReport").map(String::as_str), Some("engine"));
 }
+
+/// `text` with comments, string and char literals blanked (newlines kept), so
+/// braces count only where they are code.
+fn code_only(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let blank = |out: &mut String, s: &[u8]| out.extend(s.iter().map(|&c| if c == b'\n' { '\n' } else { ' ' }));
+    let mut i = 0;
+    while i < b.len() {
+        let rest = &b[i..];
+        let end = if rest.starts_with(b"//") {
+            rest.iter().position(|&c| c == b'\n').unwrap_or(rest.len())
+        } else if rest.starts_with(b"/*") {
+            rest.windows(2).position(|w| w == b"*/").map_or(rest.len(), |p| p + 2)
+        } else if rest.starts_with(b"r#\"") || rest.starts_with(b"r\"") || rest.starts_with(b"br#\"") || rest.starts_with(b"br\"") {
+            let open = rest.iter().position(|&c| c == b'"').unwrap();
+            let hashes = rest[..open].iter().filter(|&&c| c == b'#').count();
+            let close: Vec<u8> = std::iter::once(b'"').chain(std::iter::repeat_n(b'#', hashes)).collect();
+            rest[open + 1..].windows(close.len()).position(|w| w == close.as_slice()).map_or(rest.len(), |p| open + 1 + p + close.len())
+        } else if rest[0] == b'"' {
+            let mut j = 1;
+            while j < rest.len() && rest[j] != b'"' {
+                j += if rest[j] == b'\\' { 2 } else { 1 };
+            }
+            (j + 1).min(rest.len())
+        } else if rest[0] == b'\'' && (rest.get(2) == Some(&b'\'') || (rest.get(1) == Some(&b'\\') && rest[2..].contains(&b'\''))) {
+            // A char literal ('{', '\n', '\u{7b}'), not a lifetime.
+            2 + rest[2..].iter().position(|&c| c == b'\'').unwrap() + 1
+        } else {
+            out.push(rest[0] as char);
+            i += 1;
+            continue;
+        };
+        blank(&mut out, &rest[..end]);
+        i += end;
+    }
+    out
+}
+
+/// Functions longer than `max` lines in `text`: (first line, lines, name), unless a
+/// comment within the six lines above says "Kept whole" (and why).
+fn long_functions(text: &str, max: usize) -> Vec<(usize, usize, String)> {
+    let code = code_only(text);
+    let lines: Vec<&str> = code.lines().collect();
+    let raw: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let Some(at) = l.find("fn ").filter(|&p| p == 0 || !l.as_bytes()[p - 1].is_ascii_alphanumeric() && l.as_bytes()[p - 1] != b'_') else { continue };
+        let name: String = l[at + 3..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        if name.is_empty() {
+            continue;
+        }
+        let (mut depth, mut started, mut end) = (0i64, false, None);
+        'scan: for (j, line) in lines.iter().enumerate().skip(i) {
+            let from = if j == i { at } else { 0 };
+            for c in line[from..].chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        started = true;
+                    }
+                    '}' => depth -= 1,
+                    ';' if !started => break 'scan,
+                    _ => {}
+                }
+                if started && depth == 0 {
+                    end = Some(j);
+                    break 'scan;
+                }
+            }
+        }
+        let Some(end) = end else { continue };
+        let n = end - i + 1;
+        let marked = raw[i.saturating_sub(6)..i].iter().any(|r| r.contains("Kept whole"));
+        if n > max && !marked {
+            out.push((i + 1, n, name));
+        }
+    }
+    out
+}
+
+#[test]
+fn files_and_functions_stay_small() {
+    let ws = workspace();
+    let mut files = Vec::new();
+    for dir in ["schemas/src", "operators/src", "models/src", "train/src", "pipeline/src", "tests", "benches", "fuzz/fuzz_targets"] {
+        if ws.join(dir).is_dir() {
+            rs_files(&ws.join(dir), &mut files);
+        }
+    }
+    assert!(files.len() > 50, "the scan found only {} files", files.len());
+    let mut big = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let rel = f.strip_prefix(&ws).unwrap_or(f).display().to_string();
+        let n = text.lines().count();
+        if n > 600 {
+            big.push(format!("{rel}: {n} lines (> 600)"));
+        }
+        for (line, len, name) in long_functions(&text, 120) {
+            big.push(format!("{rel}:{line}: fn {name} is {len} lines (> 120; split it, or say at its top why it is \"Kept whole\")"));
+        }
+    }
+    assert!(big.is_empty(), "too large:\n{}", big.join("\n"));
+}
+
+#[test]
+fn the_size_scanner_sees_only_code_braces() {
+    let f = "fn a() {\n    let s = \"{ not a brace\";\n    let c = '{';\n    // }\n    let r = r#\"}\"#;\n    x.map(|v: &'static str| v);\n}\nfn b();\n";
+    assert_eq!(long_functions(f, 6), vec![(1, 7, "a".to_string())]);
+    assert!(long_functions(f, 7).is_empty());
+    let kept = format!("// Kept whole: a table.\n{f}");
+    assert!(long_functions(&kept, 6).is_empty());
+}

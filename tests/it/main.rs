@@ -13,3 +13,4 @@ mod rebalance;
 mod replay;
 mod respond;
 mod sql;
+mod sql_security;

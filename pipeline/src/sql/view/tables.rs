@@ -36,6 +36,7 @@ impl Table {
             Table::Status => "status",
         }
     }
+    // Kept whole: every table's columns in one list, read as the SQL reference.
     pub fn schema(self) -> SchemaRef {
         let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
         let f = |n: &str, t: DataType, null: bool| Field::new(n, t, null);
