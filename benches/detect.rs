@@ -87,6 +87,9 @@ fn benches(c: &mut Criterion) {
         let mut p = vec![0.0f32; e.forest.n_classes()];
         b.iter(|| (0..BATCH).map(|i| { e.forest.predict_proba_row(x.row(i), &mut p); p[0] }).sum::<f32>())
     });
+    if let Some(boost) = &e.boost {
+        g.bench_function(format!("gbdt/{} rounds", boost.rounds()), |b| b.iter(|| (0..BATCH).map(|i| boost.predict_row(x.row(i))).sum::<f32>()));
+    }
     g.bench_function(format!("svm/{} support vectors", e.svm.support_vectors()), |b| {
         b.iter(|| (0..BATCH).map(|i| e.svm.decision_row(x.row(i))).sum::<f32>())
     });
@@ -94,7 +97,7 @@ fn benches(c: &mut Criterion) {
         let mut state = vec![0.0f32; e.lstm.state_len()];
         b.iter(|| (0..BATCH).map(|i| e.lstm.step(x.row(i), &mut state)).sum::<f32>())
     });
-    g.bench_function("ensemble/standardise + rf + svm + lstm step + twin + stacking", |b| {
+    g.bench_function("ensemble/standardise + rf + gbdt + svm + lstm step + twin + stacking", |b| {
         let mut s = Scratch::default();
         let mut state = Vec::new();
         b.iter(|| (0..BATCH).map(|i| e.score(feats.row(i), &mut state, &mut s).ensemble).sum::<f64>())

@@ -313,7 +313,8 @@ impl Ensemble {
             return Err(ModelError::Artifact("the model stores no validation scores to recalibrate from; retrain it".into()));
         }
         let n: Vec<f64> = self.validation_normal.iter().map(|&x| f64::from(x)).collect();
-        self.threshold = crate::metrics::threshold_for_fpr(&n, target_fpr);
+        let a: Vec<f64> = self.validation_attack.iter().map(|&x| f64::from(x)).collect();
+        self.threshold = crate::metrics::calibrate_threshold(&n, &a, target_fpr);
         Ok(())
     }
 

@@ -26,7 +26,7 @@ pub struct Scores {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelReport {
     /// Threshold chosen on the validation rows for the target FPR
-    /// ([`metrics::threshold_for_fpr`]).
+    /// ([`metrics::calibrate_threshold`]).
     pub at_threshold: Binary,
     /// Detection rate per attack class.
     pub recall_by_class: BTreeMap<String, f64>,
@@ -82,7 +82,8 @@ pub fn evaluate(artifact: &Artifact, scores: &Scores, split: &Split, dataset: &s
             t
         } else {
             let normal: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| !y).map(|(&i, _)| get(i)).collect();
-            metrics::threshold_for_fpr(&normal, target)
+            let attack: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| y).map(|(&i, _)| get(i)).collect();
+            metrics::calibrate_threshold(&normal, &attack, target)
         };
         let ts: Vec<f64> = split.test.iter().map(|&i| get(i)).collect();
         let b = metrics::binary(&ts, &ty, thr);

@@ -228,6 +228,22 @@ fn beta_quantile(a: usize, b: usize, q: f64) -> f64 {
     (lo + hi) / 2.0
 }
 
+/// The decision threshold learned from validation scores: [`threshold_for_fpr`]
+/// bounds it from below (the target FPR); when the attack scores leave a gap above
+/// that bound, the threshold moves to the middle of the gap, up to the lowest attack
+/// score above the bound. The same attacks are detected on validation, with a margin
+/// on both sides instead of the whole false-positive budget spent where the scores
+/// separate (a capture whose test rows drift then keeps its FPR low).
+pub fn calibrate_threshold(normal_scores: &[f64], attack_scores: &[f64], target_fpr: f64) -> f64 {
+    let lo = threshold_for_fpr(normal_scores, target_fpr);
+    let hi = attack_scores.iter().copied().filter(|&s| s >= lo).fold(f64::INFINITY, f64::min);
+    if hi.is_finite() {
+        lo + (hi - lo) / 2.0
+    } else {
+        lo
+    }
+}
+
 fn next_up(x: f64) -> f64 {
     if x.is_nan() || x == f64::INFINITY {
         return x;
@@ -346,6 +362,18 @@ mod tests {
         // Beta(10, 990): 5th and 95th percentiles ≈ 0.0055 and 0.0157.
         assert!((lo - 0.0055).abs() < 0.0004 && (hi - 0.0157).abs() < 0.0005, "{lo} {hi}");
         assert!((beta_cdf(1, 1, 0.3) - 0.3).abs() < 1e-12);
+    }
+
+    #[test]
+    fn calibrated_threshold_sits_between_the_fpr_bound_and_the_attacks() {
+        let normal: Vec<f64> = (0..100).map(|i| f64::from(i) / 200.0).collect(); // 0 .. 0.495
+        let attack = [0.9, 0.95, 0.3];
+        let t = calibrate_threshold(&normal, &attack, 0.01);
+        let lo = threshold_for_fpr(&normal, 0.01);
+        assert!(t > lo && t < 0.9, "{lo} < {t} < 0.9");
+        assert!(normal.iter().filter(|&&s| s >= t).count() <= 1);
+        // No attack above the bound: the bound itself.
+        assert_eq!(calibrate_threshold(&normal, &[0.1], 0.01), lo);
     }
 
     #[test]

@@ -283,7 +283,7 @@ fn stack(ens: &mut Ensemble, prep: &Dataset<'_>, x: &Matrix, split: &Split, opts
     ens.stacker = c.stacker;
     let normal_val: Vec<f64> = c.scores.iter().zip(&vy).filter(|(_, &y)| !y).map(|(s, _)| *s).collect();
     let attack_val: Vec<f64> = c.scores.iter().zip(&vy).filter(|(_, &y)| y).map(|(s, _)| *s).collect();
-    ens.threshold = metrics::threshold_for_fpr(&normal_val, opts.target_fpr);
+    ens.threshold = metrics::calibrate_threshold(&normal_val, &attack_val, opts.target_fpr);
     let sorted = |v: &[f64]| {
         let mut s: Vec<f32> = v.iter().map(|&x| x as f32).collect();
         s.sort_by(f32::total_cmp);
@@ -314,7 +314,8 @@ fn stack(ens: &mut Ensemble, prep: &Dataset<'_>, x: &Matrix, split: &Split, opts
         .iter()
         .map(|m| {
             let normal: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| !y).map(|(s, _)| s.get(m)).collect();
-            (m.to_string(), metrics::threshold_for_fpr(&normal, opts.target_fpr))
+            let attack: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| y).map(|(s, _)| s.get(m)).collect();
+            (m.to_string(), metrics::calibrate_threshold(&normal, &attack, opts.target_fpr))
         })
         .collect();
     ens.combination = Some(Combination { chosen: c.chosen, folds: FOLDS, candidates: c.candidates, threshold_fpr: law, member_thresholds });

@@ -149,7 +149,8 @@ pub(crate) enum Command {
         #[arg(long, requires = "dataset")]
         all: bool,
         /// Also write per-event scores as CSV: the file row, split, label, family,
-        /// each member's score, the ensemble score, the verdict and the class.
+        /// each member's score (rf, svm, lstm, twin, gbdt), the ensemble score,
+        /// the verdict and the class.
         #[arg(long, value_name = "FILE")]
         scores: Option<PathBuf>,
     },

@@ -83,8 +83,15 @@ fn pipeline_scores_match_offline_eval_across_a_restart() {
         assert_eq!(v.model_version.as_deref(), Some(artifact.version.as_str()));
         let s = v.scores.as_ref().expect("scored by the ensemble");
         assert_eq!(
-            (s.ensemble, s.rf, s.svm, s.lstm, s.twin),
-            (offline.ensemble[row], offline.members[row].rf, offline.members[row].svm, offline.members[row].lstm, offline.members[row].twin),
+            (s.ensemble, s.rf, s.svm, s.lstm, s.twin, s.gbdt),
+            (
+                offline.ensemble[row],
+                offline.members[row].rf,
+                offline.members[row].svm,
+                offline.members[row].lstm,
+                offline.members[row].twin,
+                Some(offline.members[row].gbdt)
+            ),
             "row {row} (offset {c:?}) scored differently in the pipeline than offline"
         );
         assert_eq!(v.anomalous, offline.attack[row]);

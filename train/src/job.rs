@@ -202,14 +202,14 @@ pub fn write_scores(path: &std::path::Path, s: &Scores, split: &Split, file_rows
         part[i] = "validation";
     }
     let mut w = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
-    writeln!(w, "row,split,label,family,rf,svm,lstm,twin,ensemble,attack,class").map_err(io)?;
+    writeln!(w, "row,split,label,family,rf,svm,lstm,twin,gbdt,ensemble,attack,class").map_err(io)?;
     for i in 0..s.truth.len() {
         let m = &s.members[i];
         let row = usize::try_from(s.offsets[i]).ok().and_then(|o| file_rows.get(o)).copied().unwrap_or(usize::MAX);
         let class = s.class[i].as_deref().filter(|_| s.attack[i]).unwrap_or(labels::NORMAL);
         writeln!(
             w,
-            "{row},{},{},{},{},{},{},{},{},{},{}",
+            "{row},{},{},{},{},{},{},{},{},{},{},{}",
             part[i],
             csv_field(&s.truth[i]),
             csv_field(&labels::family(&s.truth[i])),
@@ -217,6 +217,7 @@ pub fn write_scores(path: &std::path::Path, s: &Scores, split: &Split, file_rows
             m.svm,
             m.lstm,
             m.twin,
+            m.gbdt,
             s.ensemble[i],
             u8::from(s.attack[i]),
             csv_field(class)
@@ -369,17 +370,17 @@ mod tests {
         assert_eq!(e.tp + e.fp + e.tn + e.fn_, 1500);
         let csv = std::fs::read_to_string(&scores).unwrap();
         let mut lines = csv.lines();
-        assert_eq!(lines.next().unwrap(), "row,split,label,family,rf,svm,lstm,twin,ensemble,attack,class");
+        assert_eq!(lines.next().unwrap(), "row,split,label,family,rf,svm,lstm,twin,gbdt,ensemble,attack,class");
         let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
         assert_eq!(rows.len(), 1500);
         assert!(rows.iter().enumerate().all(|(i, r)| r[0] == i.to_string() && r[1] == "test"), "file rows in order, all test");
         // The verdict column agrees with the ensemble score and the stored threshold.
         let thr = artifact.ensemble.threshold;
         for r in &rows {
-            let ens: f64 = r[8].parse().unwrap();
-            assert_eq!(r[9] == "1", ens >= thr, "{r:?}");
+            let ens: f64 = r[9].parse().unwrap();
+            assert_eq!(r[10] == "1", ens >= thr, "{r:?}");
         }
-        let flagged = rows.iter().filter(|r| r[9] == "1").count() as u64;
+        let flagged = rows.iter().filter(|r| r[10] == "1").count() as u64;
         assert_eq!(flagged, e.tp + e.fp);
         let _ = std::fs::remove_dir_all(dir);
     }

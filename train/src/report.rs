@@ -47,6 +47,18 @@ pub fn render(r: &Report) -> String {
             let _ = writeln!(s, "  {:<32} {:?}  recall {:.4}", mc.classes[i], row, mc.recall[i]);
         }
     }
+    let pos = |n: &str| r.families.classes.iter().position(|c| c == n);
+    if let (Some(dos), Some(ddos)) = (pos("DoS"), pos("DDoS")) {
+        let cm = &r.families.confusion;
+        let _ = writeln!(
+            s,
+            "DoS vs DDoS: {} of {} DDoS rows called DoS, {} of {} DoS rows called DDoS",
+            cm[ddos][dos],
+            cm[ddos].iter().sum::<u64>(),
+            cm[dos][ddos],
+            cm[dos].iter().sum::<u64>()
+        );
+    }
     if let Some(mc) = &r.families_detected {
         let attacks: Vec<f64> = (1..mc.classes.len()).filter(|&i| mc.confusion[i].iter().sum::<u64>() > 0).map(|i| mc.f1[i]).collect();
         let macro_attacks = attacks.iter().sum::<f64>() / attacks.len().max(1) as f64;
