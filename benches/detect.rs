@@ -33,6 +33,8 @@ fn benches(c: &mut Criterion) {
             interval_ms: 100,
             limit: None,
             shuffle_seed: None,
+            device_column: None,
+            time_column: None,
         },
         schema: schema.clone(),
         feature_sql: sql.clone(),

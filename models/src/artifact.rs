@@ -28,6 +28,14 @@ pub struct Artifact {
     pub twin_config: serde_json::Value,
     pub ensemble: Ensemble,
     pub card: ModelCard,
+    /// The schema file's text, when the model was trained on a schema that is not
+    /// built in (a dataset onboarded by files): `eval` and the pipeline read it here.
+    #[serde(default)]
+    pub schema_definition: Option<String>,
+    /// Family of each class, when the schema file declared a taxonomy (absent: the
+    /// built-in taxonomy of the public datasets, [`crate::labels::family`]).
+    #[serde(default)]
+    pub class_families: std::collections::BTreeMap<String, String>,
 }
 
 /// What the model was trained on and how well it did.
@@ -53,6 +61,11 @@ pub struct ModelCard {
 }
 
 impl Artifact {
+    /// The family of a class: the schema file's taxonomy, else the built-in one.
+    pub fn family(&self, class: &str) -> String {
+        self.class_families.get(class).cloned().unwrap_or_else(|| crate::labels::family(class))
+    }
+
     /// Write `model.json` into `dir` (created if missing); returns its path.
     pub fn save(&self, dir: &Path) -> Result<PathBuf, ModelError> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::Artifact(format!("cannot create {}: {e}", dir.display())))?;

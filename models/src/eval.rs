@@ -106,11 +106,11 @@ pub fn evaluate(artifact: &Artifact, scores: &Scores, split: &Split, dataset: &s
         .iter()
         .map(|&i| scores.class[i].as_deref().and_then(|c| cidx.get(c).copied()).filter(|_| scores.attack[i]).unwrap_or(0))
         .collect();
-    let fams: Vec<String> = classes.iter().map(|c| labels::family(c)).collect::<BTreeSet<_>>().into_iter().collect();
+    let fams: Vec<String> = classes.iter().map(|c| artifact.family(c)).collect::<BTreeSet<_>>().into_iter().collect();
     let mut fams_sorted = vec![labels::NORMAL.to_string()];
     fams_sorted.extend(fams.into_iter().filter(|f| f != labels::NORMAL));
     let fidx: HashMap<&str, usize> = fams_sorted.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
-    let fam_of = |c: usize| fidx[labels::family(&classes[c]).as_str()];
+    let fam_of = |c: usize| fidx[artifact.family(&classes[c]).as_str()];
     let mut rows = BTreeMap::new();
     rows.insert("train".to_string(), split.train.len());
     rows.insert("validation".to_string(), split.validation.len());

@@ -98,12 +98,17 @@ pub(crate) enum Command {
         /// CSV file, plain or .gz.
         #[arg(long)]
         file: PathBuf,
-        /// Schema of the events (default: the configured one).
+        /// Schema of the events: a built-in name or a schema file (default: the
+        /// configured one).
         #[arg(long)]
         schema: Option<String>,
         /// Column holding the device identity (default: rows spread over --devices ids).
         #[arg(long)]
         device_column: Option<String>,
+        /// Dataset column with each row's event time, RFC 3339 or integer ms since the
+        /// epoch (default: rows --interval-ms apart, ending about now).
+        #[arg(long)]
+        time_column: Option<String>,
         #[arg(long, default_value_t = 1)]
         devices: usize,
         /// Event-time spacing of consecutive rows, in ms.
@@ -209,9 +214,19 @@ pub(crate) struct TrainArgs {
     /// Labelled dataset CSV (plain or .gz), e.g. ../shared/datasets/wustl-ehms-2020/train.csv.
     #[arg(long)]
     pub(crate) dataset: PathBuf,
-    /// Event schema of the rows (`twinguard schemas` lists them).
+    /// Event schema of the rows: a built-in one (`twinguard schemas` lists them) or a
+    /// schema file (TOML; its `[labels]` table maps label values to classes and
+    /// families; pass the feature SQL with --features). A model trained on a file
+    /// carries its text.
     #[arg(long, default_value = "wustl-flow-vitals/v1")]
     pub(crate) schema: String,
+    /// Dataset column holding each row's device id (default: --devices synthetic ids).
+    #[arg(long)]
+    pub(crate) device_column: Option<String>,
+    /// Dataset column holding each row's event time, RFC 3339 or integer ms since the
+    /// epoch (default: rows --interval-ms apart).
+    #[arg(long)]
+    pub(crate) time_column: Option<String>,
     /// Feature SQL file (default: the schema's shipped query, schemas/features/<name>.v<N>.sql).
     #[arg(long, conflicts_with = "variant")]
     pub(crate) features: Option<PathBuf>,
@@ -278,7 +293,7 @@ pub(crate) struct TrainArgs {
 impl TrainArgs {
     pub(crate) fn job(self) -> Result<twinguard_train::TrainJob> {
         use twinguard_train::{DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
-        let schema = EventSchema::builtin(&self.schema)?;
+        let schema = EventSchema::named_or_file(&self.schema)?;
         let feature_sql = match (&self.features, &self.variant) {
             (Some(p), _) => std::fs::read_to_string(p).with_context(|| format!("reading feature SQL {}", p.display()))?,
             (None, v) => twinguard_schemas::builtin_feature_sql(&schema.id(), v.as_deref())
@@ -303,6 +318,8 @@ impl TrainArgs {
                 interval_ms: self.interval_ms,
                 limit: self.limit,
                 shuffle_seed: stratified.then_some(self.seed),
+                device_column: self.device_column,
+                time_column: self.time_column,
             },
             schema,
             feature_sql,

@@ -110,16 +110,16 @@ fn real_main(cli: Cli) -> Result<()> {
             eprintln!("\nwrote {total} simulated events to `{topic}`");
             Ok(())
         }
-        Command::Replay { config, file, schema, device_column, devices, interval_ms, limit, shuffle_seed, rate, topic } => {
+        Command::Replay { config, file, schema, device_column, time_column, devices, interval_ms, limit, shuffle_seed, rate, topic } => {
             init_logs("warn");
             let cfg = load_config(config.as_ref())?;
             let schema = match schema {
-                Some(s) => EventSchema::builtin(&s)?,
+                Some(s) => EventSchema::named_or_file(&s)?,
                 None => cfg.event_schema()?,
             };
             let topic = topic.unwrap_or_else(|| cfg.topics.input.clone());
             let start_ms = chrono::Utc::now().timestamp_millis() - limit.unwrap_or(200_000) as i64 * interval_ms - 60_000;
-            let opts = ReplayOptions { file: file.clone(), device_column, devices, start_ms, interval_ms, limit, shuffle_seed };
+            let opts = ReplayOptions { file: file.clone(), device_column, time_column, devices, start_ms, interval_ms, limit, shuffle_seed };
             let (recs, stats) = train::load(&schema, &opts).with_context(|| format!("reading {}", file.display()))?;
             let total = recs.len();
             produce::produce_all(&cfg, &topic, recs, rate, |sent, acked| eprint!("\r  sent {sent}/{total}, acknowledged {acked}   "))?;

@@ -109,6 +109,44 @@ impl FieldDef {
     }
 }
 
+/// How the values of a schema's `label` field become classes and families, for a
+/// dataset onboarded by files (`[labels]` in the schema file). Without it, the
+/// built-in taxonomy of the public datasets applies.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelMap {
+    /// Raw label values that mean normal traffic (trimmed, any case).
+    pub normal: Vec<String>,
+    /// Raw value → fine class; an unlisted value is its own class.
+    #[serde(default)]
+    pub classes: std::collections::BTreeMap<String, String>,
+    /// Fine class → family; an unlisted class is its own family.
+    #[serde(default)]
+    pub families: std::collections::BTreeMap<String, String>,
+}
+
+/// The class name of normal traffic.
+pub const NORMAL_CLASS: &str = "normal";
+
+impl LabelMap {
+    /// The fine class of a raw label value.
+    pub fn fine_class(&self, raw: &str) -> String {
+        let r = raw.trim();
+        if self.normal.iter().any(|n| n.trim().eq_ignore_ascii_case(r)) {
+            return NORMAL_CLASS.to_string();
+        }
+        self.classes.get(r).cloned().unwrap_or_else(|| r.to_string())
+    }
+
+    /// The family of a fine class.
+    pub fn family(&self, fine: &str) -> String {
+        if fine == NORMAL_CLASS {
+            return NORMAL_CLASS.to_string();
+        }
+        self.families.get(fine).cloned().unwrap_or_else(|| fine.to_string())
+    }
+}
+
 /// A versioned telemetry schema. Every event carries `device_id` and `event_time`
 /// in addition to the declared fields.
 #[derive(Debug, Clone, Deserialize)]
@@ -121,6 +159,13 @@ pub struct EventSchema {
     /// Dataset this schema mirrors, if any (informational).
     pub dataset: Option<String>,
     pub fields: Vec<FieldDef>,
+    /// Label taxonomy of a dataset onboarded by files.
+    #[serde(default)]
+    pub labels: Option<LabelMap>,
+    /// The definition's text as parsed (a model trained on a schema file carries
+    /// it, so `eval` and the pipeline need nothing else).
+    #[serde(skip)]
+    pub definition: String,
 }
 
 impl EventSchema {
@@ -152,7 +197,8 @@ impl EventSchema {
     /// Parse and validate a schema definition.
     pub fn parse(text: &str, origin: &str) -> Result<Self, SchemaError> {
         let invalid = |message: String| SchemaError::Invalid { origin: origin.to_string(), message };
-        let schema: EventSchema = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut schema: EventSchema = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        schema.definition = text.to_string();
         if schema.name.is_empty() || schema.name.contains('/') {
             return Err(invalid(format!("`name` must be non-empty without '/': {:?}", schema.name)));
         }
@@ -196,7 +242,32 @@ impl EventSchema {
         if schema.metric_indices().is_empty() {
             return Err(invalid("a schema needs at least one `metric` field".into()));
         }
+        if let Some(l) = &schema.labels {
+            if schema.indices_of(Role::Label).is_empty() {
+                return Err(invalid("`[labels]` needs a field with role `label`".into()));
+            }
+            if l.normal.iter().all(|n| n.trim().is_empty()) {
+                return Err(invalid("`[labels] normal` must name the label value(s) of normal traffic".into()));
+            }
+            if let Some((raw, c)) = l.classes.iter().find(|(_, c)| c.trim().is_empty() || c.as_str() == NORMAL_CLASS) {
+                return Err(invalid(format!("`[labels.classes]` maps {raw:?} to {c:?}: a class name must be non-empty and not `{NORMAL_CLASS}` (list normal values in `normal`)")));
+            }
+        }
         Ok(schema)
+    }
+
+    /// A built-in schema by `name/vN`, or a schema file by path.
+    pub fn named_or_file(name: &str) -> Result<Self, SchemaError> {
+        match Self::builtin(name) {
+            Ok(s) => Ok(s),
+            Err(e) if !std::path::Path::new(name).is_file() => Err(e),
+            Err(_) => Self::from_file(std::path::Path::new(name)),
+        }
+    }
+
+    /// Whether this is a built-in schema (its definition ships with twinguard).
+    pub fn is_builtin(&self) -> bool {
+        Self::builtin(&self.id()).is_ok_and(|b| b.definition == self.definition)
     }
 
     /// `name/vN`, the identifier used in config, changelog and DLQ headers.

@@ -21,7 +21,7 @@ pub mod testing;
 pub mod verdict;
 
 pub use decode::{DecodeLimits, DecodeOutput, Decoder, RawRecord, Reject, RejectCode};
-pub use event::{EventSchema, FieldDef, FieldKind, Role, Transform};
+pub use event::{EventSchema, FieldDef, FieldKind, LabelMap, Role, Transform};
 
 /// Feature SQL shipped for the built-in schemas (`schemas/features/`): the default
 /// vector, and named variants (`identity`: adds the twin's identity-drift feature).

@@ -198,3 +198,22 @@ fn phi_values_are_withheld_from_reasons() {
         assert_eq!(r.reason.contains("77.5"), shown, "{field}: {}", r.reason);
     }
 }
+
+#[test]
+fn a_schema_file_declares_its_label_taxonomy_and_bad_ones_are_named() {
+    let base = "name = \"lab\"\nversion = 1\n[[fields]]\nname = \"x\"\ntype = \"f64\"\nrole = \"metric\"\n";
+    let label = "[[fields]]\nname = \"verdict\"\ntype = \"string\"\nrole = \"label\"\n";
+    let taxonomy = "[labels]\nnormal = [\"ok\"]\n[labels.classes]\nsweep = \"Recon-Sweep\"\n[labels.families]\n\"Recon-Sweep\" = \"Recon\"\n";
+    let s = EventSchema::parse(&format!("{base}{label}{taxonomy}"), "test").unwrap();
+    let m = s.labels.as_ref().unwrap();
+    assert_eq!(m.fine_class(" OK "), "normal");
+    assert_eq!(m.fine_class("sweep"), "Recon-Sweep");
+    assert_eq!(m.fine_class("other"), "other", "an unlisted value is its own class");
+    assert_eq!((m.family("Recon-Sweep").as_str(), m.family("other").as_str(), m.family("normal").as_str()), ("Recon", "other", "normal"));
+    assert!(s.definition.contains("[labels]") && !s.is_builtin());
+    assert!(EventSchema::builtin("wustl-flow-vitals/v1").unwrap().is_builtin());
+    let err = |text: String| EventSchema::parse(&text, "test").unwrap_err().to_string();
+    assert!(err(format!("{base}{taxonomy}")).contains("role `label`"));
+    assert!(err(format!("{base}{label}[labels]\nnormal = []\n")).contains("normal traffic"));
+    assert!(err(format!("{base}{label}[labels]\nnormal = [\"ok\"]\n[labels.classes]\nbad = \"normal\"\n")).contains("\"bad\""));
+}

@@ -108,3 +108,40 @@ fn pipeline_scores_match_offline_eval_across_a_restart() {
         "pipeline verdicts and `twinguard eval` disagree on the test rows"
     );
 }
+
+/// A dataset onboarded by files alone (schema file with its label taxonomy, feature
+/// SQL, a CSV with device ids and event times) trains with `twinguard train` and
+/// runs in the pipeline: `twinguard replay` reads the CSV by the same schema file,
+/// and the pipeline, configured with it, scores every event with the model and
+/// names the schema file's classes.
+#[test]
+fn a_model_trained_on_a_schema_file_runs_in_the_pipeline() {
+    const ROWS: usize = 1500;
+    let Setup { dir, broker: _broker, mut cfg } = Setup::new("onboard");
+    let start = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    let lab = twinguard_train::testkit::write_lab_dataset(&dir.join("lab"), ROWS, start).unwrap();
+    let model = dir.join("model");
+    let schema_file = lab.schema.to_str().unwrap().to_string();
+    let out = twinguard(
+        &["train", "--schema", &schema_file, "--device-column", "device", "--time-column", "ts", "--trees", "20", "--svm-rows", "300", "--lstm-epochs", "1"],
+        &[Path::new("--features"), &lab.features, Path::new("--dataset"), &lab.csv, Path::new("--out"), &model],
+    );
+    assert!(out.contains("lab-flows/v1"), "{out}");
+    let artifact = Artifact::load(&model).unwrap();
+    cfg.schema.name = None;
+    cfg.schema.file = Some(lab.schema.clone());
+    cfg.model.path = Some(model.clone());
+    let path = write_config(&dir, "pipeline", &cfg);
+    twinguard(&["replay", "--device-column", "device", "--time-column", "ts", "--config"], &[&path, Path::new("--file"), &lab.csv]);
+    let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
+    let mut p = PipelineProc::start(&dir, "run", &path);
+    verdicts.until("a verdict per event", |r| verdicts_by_coords(r).len() >= ROWS);
+    p.stop();
+    let vs: Vec<Verdict> = verdicts.records.iter().map(|r| serde_json::from_slice(rdkafka::Message::payload(r).unwrap()).unwrap()).collect();
+    assert!(vs.iter().all(|v| v.model_version.as_deref() == Some(artifact.version.as_str())), "every event scored by the model");
+    let classes: std::collections::BTreeSet<&str> = vs.iter().filter(|v| v.anomalous).filter_map(|v| v.attack_class.as_deref()).collect();
+    assert_eq!(classes, ["DoS-Flood", "Recon-Sweep"].into_iter().collect(), "the schema file's classes");
+    let caught = vs.iter().filter(|v| v.anomalous && v.label.as_deref() == Some("flood")).count();
+    let floods = vs.iter().filter(|v| v.label.as_deref() == Some("flood")).count();
+    assert!(floods > 0 && caught * 10 >= floods * 9, "{caught} of {floods} floods flagged");
+}

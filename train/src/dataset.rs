@@ -19,6 +19,9 @@ pub struct ReplayOptions {
     /// Column whose value is the device id; when None, rows are spread over
     /// `devices` synthetic ids round-robin.
     pub device_column: Option<String>,
+    /// Column holding each row's event time (RFC 3339, or integer milliseconds since
+    /// the epoch); when None, rows are `interval_ms` apart from `start_ms`.
+    pub time_column: Option<String>,
     pub devices: usize,
     pub start_ms: i64,
     pub interval_ms: i64,
@@ -78,6 +81,10 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
         Some(c) => Some(col(c).ok_or_else(|| TrainError::dataset(&opts.file, format!("device column `{c}` not found")))?),
         None => None,
     };
+    let time_col = match &opts.time_column {
+        Some(c) => Some(col(c).ok_or_else(|| TrainError::dataset(&opts.file, format!("time column `{c}` not found")))?),
+        None => None,
+    };
     let prefix = schema.dataset.clone().unwrap_or_else(|| schema.name.clone());
     let mut rows = Vec::new();
     for (i, rec) in rdr.records().enumerate() {
@@ -120,7 +127,12 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
                 None => stats.values_absent += 1,
             }
         }
-        let t = opts.start_ms + row as i64 * opts.interval_ms;
+        let t = match time_col {
+            Some(c) => parse_time(rec.get(c).unwrap_or("")).ok_or_else(|| {
+                TrainError::dataset(&opts.file, format!("row {}: `{}` is not an event time (RFC 3339, or integer ms since the epoch)", file_row + 2, rec.get(c).unwrap_or("")))
+            })?,
+            None => opts.start_ms + row as i64 * opts.interval_ms,
+        };
         let obj = event_object(&device, t, m);
         out.push((device, serde_json::to_vec(&obj).expect("json")));
         stats.rows += 1;
@@ -128,6 +140,12 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
     Ok((out, stats))
 }
 
+
+/// An event time: RFC 3339, or integer milliseconds since the epoch.
+fn parse_time(s: &str) -> Option<i64> {
+    let s = s.trim();
+    s.parse::<i64>().ok().or_else(|| chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis()))
+}
 
 /// Where the events come from and how they are replayed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +158,12 @@ pub struct DatasetSpec {
     pub limit: Option<usize>,
     /// Set for stratified splits: rows are replayed in this seeded random order.
     pub shuffle_seed: Option<u64>,
+    /// The device id's column (default: `devices` synthetic ids round-robin).
+    #[serde(default)]
+    pub device_column: Option<String>,
+    /// The event time's column (default: rows `interval_ms` apart).
+    #[serde(default)]
+    pub time_column: Option<String>,
 }
 
 /// Fixed start of offline event time (features depend on gaps, never on the epoch).
@@ -155,7 +179,8 @@ impl DatasetSpec {
     pub fn load_with_rows(&self, schema: &EventSchema) -> Result<(Vec<(String, Vec<u8>)>, Vec<usize>), TrainError> {
         let opts = ReplayOptions {
             file: self.file.clone(),
-            device_column: None,
+            device_column: self.device_column.clone(),
+            time_column: self.time_column.clone(),
             devices: self.devices,
             start_ms: OFFLINE_START_MS,
             interval_ms: self.interval_ms,
@@ -199,6 +224,7 @@ mod tests {
         let opts = ReplayOptions {
             file: dataset("wustl-ehms-2020/train.csv"),
             device_column: None,
+            time_column: None,
             devices: 1,
             start_ms: 1_750_000_000_000,
             interval_ms: 100,
@@ -223,6 +249,7 @@ mod tests {
         let opts = ReplayOptions {
             file: dataset("ciciomt2024/train_sample.csv.gz"),
             device_column: None,
+            time_column: None,
             devices: 16,
             start_ms: 1_750_000_000_000,
             interval_ms: 10,
@@ -248,7 +275,7 @@ mod tests {
         let f = dir.join("bad.csv");
         std::fs::write(&f, "SrcBytes,DstBytes\n1,2\n").unwrap();
         let schema = EventSchema::builtin("wustl-flow-vitals/v1").unwrap();
-        let opts = ReplayOptions { file: f, device_column: None, devices: 1, start_ms: 0, interval_ms: 1, limit: None, shuffle_seed: None };
+        let opts = ReplayOptions { file: f, device_column: None, time_column: None, devices: 1, start_ms: 0, interval_ms: 1, limit: None, shuffle_seed: None };
         let e = load(&schema, &opts).unwrap_err().to_string();
         assert!(e.contains("SrcLoad") && e.contains("src_load"), "{e}");
     }

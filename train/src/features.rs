@@ -69,6 +69,23 @@ impl Prepared {
     }
 }
 
+/// The fine class of a raw label: the schema file's taxonomy (`[labels]`), else the
+/// built-in one of the public datasets.
+pub fn fine_class(schema: &EventSchema, raw: &str) -> String {
+    match &schema.labels {
+        Some(m) => m.fine_class(raw),
+        None => labels::fine_class(raw),
+    }
+}
+
+/// The family of a fine class, the same way.
+pub fn family(schema: &EventSchema, fine: &str) -> String {
+    match &schema.labels {
+        Some(m) => m.family(fine),
+        None => labels::family(fine),
+    }
+}
+
 /// Run decode → twin → feature SQL over the records (no model).
 pub fn prepare(
     schema: &EventSchema,
@@ -95,7 +112,7 @@ pub fn prepare(
                 p.values.extend_from_slice(feats.row(i));
                 p.devices.push(devs.value(r).to_string());
                 let raw = labels.filter(|a| !a.is_null(r)).map(|a| a.value(r)).unwrap_or("");
-                p.classes.push(if raw.is_empty() { String::new() } else { labels::fine_class(raw) });
+                p.classes.push(if raw.is_empty() { String::new() } else { fine_class(schema, raw) });
             }
             Ok(())
         },
@@ -134,7 +151,7 @@ pub fn score_stream(
                 s.ensemble.push(ens.value(r));
                 s.attack.push(anom.value(r));
                 s.class.push((!class.is_null(r)).then(|| class.value(r).to_string()));
-                s.truth.push(if label.is_null(r) { String::new() } else { labels::fine_class(label.value(r)) });
+                s.truth.push(if label.is_null(r) { String::new() } else { fine_class(schema, label.value(r)) });
             }
             Ok(())
         },

@@ -89,6 +89,8 @@ pub fn train_records(
         feature_names: prep.names.clone(),
         twin_config: feature_relevant(&job.twin),
         ensemble,
+        schema_definition: None,
+        class_families: Default::default(),
         card: ModelCard {
             dataset: job.dataset.file.display().to_string(),
             dataset_sha256: dataset_sha256.to_string(),
@@ -107,6 +109,12 @@ pub fn train_records(
         },
     };
     artifact.card.threshold = artifact.ensemble.threshold;
+    if !job.schema.is_builtin() {
+        artifact.schema_definition = Some(job.schema.definition.clone());
+    }
+    if job.schema.labels.is_some() {
+        artifact.class_families = artifact.ensemble.classes.iter().map(|c| (c.clone(), crate::features::family(&job.schema, c))).collect();
+    }
     let digest = {
         use sha2::Digest;
         let bytes = serde_json::to_vec(&artifact.ensemble).expect("serialises");
@@ -164,7 +172,7 @@ pub fn run_eval(
     log: &mut dyn FnMut(Progress<'_>),
 ) -> Result<Report, TrainError> {
     let recipe = Recipe::from_card(&artifact)?;
-    let schema = EventSchema::builtin(&artifact.schema).or_else(|_| EventSchema::builtin(&recipe.dataset.schema))?;
+    let schema = schema_of(&artifact, &recipe)?;
     let mut spec = recipe.dataset.clone();
     if let Some(f) = &opts.dataset {
         spec.file = f.clone();
@@ -185,13 +193,22 @@ pub fn run_eval(
     let report = evaluate(&artifact, &scores, &split, &spec.file.display().to_string());
     write_outputs(out, &artifact, &report)?;
     if let Some(f) = &opts.scores {
-        write_scores(f, &scores, &split, &file_rows)?;
+        write_scores(f, &artifact, &scores, &split, &file_rows)?;
     }
     Ok(report)
 }
 
+/// The schema a model was trained on: the text it carries (a schema file), else the
+/// built-in one it names.
+pub fn schema_of(artifact: &Artifact, recipe: &Recipe) -> Result<EventSchema, TrainError> {
+    match &artifact.schema_definition {
+        Some(text) => Ok(EventSchema::parse(text, &format!("the schema carried by model {}", artifact.version))?),
+        None => Ok(EventSchema::builtin(&artifact.schema).or_else(|_| EventSchema::builtin(&recipe.dataset.schema))?),
+    }
+}
+
 /// Per-event scores as CSV, one line per scored event in replay order.
-pub fn write_scores(path: &std::path::Path, s: &Scores, split: &Split, file_rows: &[usize]) -> Result<(), TrainError> {
+pub fn write_scores(path: &std::path::Path, artifact: &Artifact, s: &Scores, split: &Split, file_rows: &[usize]) -> Result<(), TrainError> {
     use std::io::Write;
     let io = |e: std::io::Error| TrainError::Io { path: path.to_path_buf(), reason: e.to_string() };
     let mut part = vec!["test"; s.truth.len()];
@@ -212,7 +229,7 @@ pub fn write_scores(path: &std::path::Path, s: &Scores, split: &Split, file_rows
             "{row},{},{},{},{},{},{},{},{},{},{},{}",
             part[i],
             csv_field(&s.truth[i]),
-            csv_field(&labels::family(&s.truth[i])),
+            csv_field(&artifact.family(&s.truth[i])),
             m.rf,
             m.svm,
             m.lstm,
@@ -268,7 +285,7 @@ mod tests {
     fn job(out: PathBuf, rows: usize) -> TrainJob {
         let schema = EventSchema::builtin("wustl-flow-vitals/v1").unwrap();
         TrainJob {
-            dataset: DatasetSpec { file: wustl(), schema: schema.id(), devices: 1, interval_ms: 100, limit: Some(rows), shuffle_seed: None },
+            dataset: DatasetSpec { file: wustl(), schema: schema.id(), devices: 1, interval_ms: 100, limit: Some(rows), shuffle_seed: None, device_column: None, time_column: None },
             feature_sql: twinguard_schemas::builtin_feature_sql(&schema.id(), None).unwrap().to_string(),
             schema,
             twin: TwinConfig::default(),
@@ -382,6 +399,47 @@ mod tests {
         }
         let flagged = rows.iter().filter(|r| r[10] == "1").count() as u64;
         assert_eq!(flagged, e.tp + e.fp);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A dataset twinguard has never seen, onboarded by files alone (CSV, schema
+    /// file with its label taxonomy, feature SQL): trained, evaluated from the model
+    /// directory alone, and every class and family named by the files.
+    #[test]
+    fn a_dataset_onboarded_by_files_alone_trains_and_evaluates() {
+        let dir = std::env::temp_dir().join(format!("twinguard-onboard-{}", std::process::id()));
+        let lab = crate::testkit::write_lab_dataset(&dir, 3000, 1_760_000_000_000).unwrap();
+        let schema = EventSchema::named_or_file(lab.schema.to_str().unwrap()).unwrap();
+        assert!(!schema.is_builtin());
+        let mut j = job(dir.join("model"), 0);
+        j.dataset = DatasetSpec {
+            file: lab.csv.clone(),
+            schema: schema.id(),
+            devices: 1,
+            interval_ms: 0,
+            limit: None,
+            shuffle_seed: None,
+            device_column: Some("device".into()),
+            time_column: Some("ts".into()),
+        };
+        j.feature_sql = std::fs::read_to_string(&lab.features).unwrap();
+        j.schema = schema;
+        let (artifact, report) = run_train(&j, &mut |_| {}).unwrap();
+        assert_eq!(artifact.schema, "lab-flows/v1");
+        assert!(artifact.schema_definition.as_deref().is_some_and(|d| d.contains("[labels]")));
+        assert_eq!(artifact.ensemble.classes, vec!["normal", "DoS-Flood", "Recon-Sweep"]);
+        assert_eq!(artifact.family("Recon-Sweep"), "Recon");
+        assert_eq!(report.families.classes, vec!["normal", "DoS", "Recon"]);
+        let e = &report.models["ensemble"].at_threshold;
+        assert!(e.detection_rate > 0.9 && e.fpr < 0.05, "{e:?}");
+        // Evaluated from the model directory alone: the schema comes from the model.
+        let twin = twin_config_of(&artifact).unwrap();
+        let scores = dir.join("scores.csv");
+        let opts = EvalOptions { dataset: None, all: false, scores: Some(scores.clone()) };
+        let again = run_eval(artifact.clone(), &opts, &twin, &dir.join("eval"), &mut |_| {}).unwrap();
+        assert_eq!(again.models["ensemble"].at_threshold, *e, "eval reproduces training's figures");
+        let csv = std::fs::read_to_string(&scores).unwrap();
+        assert!(csv.lines().any(|l| l.contains(",DoS-Flood,DoS,")) && csv.lines().any(|l| l.contains(",Recon-Sweep,Recon,")), "families from the schema file");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -19,6 +19,7 @@ pub mod job;
 pub mod plots;
 pub mod report;
 pub mod split;
+pub mod testkit;
 
 pub use dataset::{load, sha256_file, DatasetSpec, ReplayOptions, ReplayStats, OFFLINE_START_MS};
 pub use features::{prepare, score_stream, Prepared, Scores};

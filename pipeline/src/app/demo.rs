@@ -62,7 +62,7 @@ pub fn train_demo_model(opts: &DemoOptions, seed: u64) -> Result<std::path::Path
         .collect();
     let out = std::env::temp_dir().join(format!("twinguard-demo-model-{}", std::process::id()));
     let job = TrainJob {
-        dataset: DatasetSpec { file: format!("simulator:seed={seed},events={}", opts.train_events).into(), schema: schema.id(), devices: opts.devices, interval_ms: 0, limit: None, shuffle_seed: None },
+        dataset: DatasetSpec { file: format!("simulator:seed={seed},events={}", opts.train_events).into(), schema: schema.id(), devices: opts.devices, interval_ms: 0, limit: None, shuffle_seed: None, device_column: None, time_column: None },
         schema,
         feature_sql: sql.to_string(),
         twin: Config::default().state,
