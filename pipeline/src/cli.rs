@@ -95,7 +95,8 @@ pub(crate) enum Command {
         /// Configuration file (TOML): brokers, input topic and schema.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// CSV file, plain or .gz.
+        /// CSV file (plain or .gz), or a Zeek log (tab-separated, `#fields` header,
+        /// `-` = missing).
         #[arg(long)]
         file: PathBuf,
         /// Schema of the events: a built-in name or a schema file (default: the
@@ -105,8 +106,9 @@ pub(crate) enum Command {
         /// Column holding the device identity (default: rows spread over --devices ids).
         #[arg(long)]
         device_column: Option<String>,
-        /// Dataset column with each row's event time, RFC 3339 or integer ms since the
-        /// epoch (default: rows --interval-ms apart, ending about now).
+        /// Dataset column with each row's event time: RFC 3339, integer ms since the
+        /// epoch, or seconds with a fraction as Zeek's `ts` (default: rows
+        /// --interval-ms apart, ending about now).
         #[arg(long)]
         time_column: Option<String>,
         #[arg(long, default_value_t = 1)]
@@ -223,8 +225,9 @@ pub(crate) struct TrainArgs {
     /// Dataset column holding each row's device id (default: --devices synthetic ids).
     #[arg(long)]
     pub(crate) device_column: Option<String>,
-    /// Dataset column holding each row's event time, RFC 3339 or integer ms since the
-    /// epoch (default: rows --interval-ms apart).
+    /// Dataset column holding each row's event time: RFC 3339, integer ms since the
+    /// epoch, or seconds with a fraction as Zeek's `ts` (default: rows --interval-ms
+    /// apart).
     #[arg(long)]
     pub(crate) time_column: Option<String>,
     /// Feature SQL file (default: the schema's shipped query, schemas/features/<name>.v<N>.sql).

@@ -19,8 +19,8 @@ pub struct ReplayOptions {
     /// Column whose value is the device id; when None, rows are spread over
     /// `devices` synthetic ids round-robin.
     pub device_column: Option<String>,
-    /// Column holding each row's event time (RFC 3339, or integer milliseconds since
-    /// the epoch); when None, rows are `interval_ms` apart from `start_ms`.
+    /// Column holding each row's event time (RFC 3339, integer milliseconds since the
+    /// epoch, or seconds with a fraction as Zeek writes them); when None, rows are `interval_ms` apart from `start_ms`.
     pub time_column: Option<String>,
     pub devices: usize,
     pub start_ms: i64,
@@ -48,15 +48,57 @@ fn open(path: &Path) -> Result<Box<dyn Read>, TrainError> {
     Ok(if path.extension().is_some_and(|e| e == "gz") { Box::new(flate2::read::GzDecoder::new(f)) } else { Box::new(f) })
 }
 
-/// Read the dataset into `(key, JSON event)` records.
-pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, Vec<u8>)>, ReplayStats), TrainError> {
-    let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(open(&opts.file)?);
+/// The header and rows of a dataset file: CSV (plain or .gz), or a Zeek log
+/// (tab-separated, `#`-prefixed header lines naming the `#fields`, `-` for an unset
+/// field and `(empty)` for an empty set, both read as missing). At most `limit` rows.
+fn read_table(path: &Path, limit: Option<usize>) -> Result<(Vec<String>, Vec<csv::StringRecord>), TrainError> {
+    let mut text = String::new();
+    open(path)?.read_to_string(&mut text).map_err(|e| TrainError::dataset(path, format!("cannot read the dataset (UTF-8 text expected): {e}")))?;
+    let limit = limit.unwrap_or(usize::MAX);
+    if text.starts_with("#separator") {
+        let mut headers: Option<Vec<String>> = None;
+        let mut rows = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            if let Some(rest) = line.strip_prefix("#fields\t") {
+                headers = Some(rest.split('\t').map(str::to_string).collect());
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let h = headers.as_ref().ok_or_else(|| TrainError::dataset(path, format!("line {}: a Zeek row before its `#fields` line", n + 1)))?;
+            let cells: Vec<&str> = line.split('\t').map(|c| if c == "-" || c == "(empty)" { "" } else { c }).collect();
+            if cells.len() != h.len() {
+                return Err(TrainError::dataset(path, format!("line {}: {} tab-separated values, `#fields` names {}", n + 1, cells.len(), h.len())));
+            }
+            if rows.len() == limit {
+                break;
+            }
+            rows.push(csv::StringRecord::from(cells));
+        }
+        let headers = headers.ok_or_else(|| TrainError::dataset(path, "a Zeek log without a `#fields` line"))?;
+        return Ok((headers, rows));
+    }
+    let mut rdr = csv::ReaderBuilder::new().flexible(false).from_reader(text.as_bytes());
     let headers: Vec<String> = rdr
         .headers()
-        .map_err(|e| TrainError::dataset(&opts.file, format!("cannot read the CSV header: {e}")))?
+        .map_err(|e| TrainError::dataset(path, format!("cannot read the CSV header: {e}")))?
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
+    let mut rows = Vec::new();
+    for (i, rec) in rdr.records().enumerate() {
+        if i == limit {
+            break;
+        }
+        rows.push(rec.map_err(|e| TrainError::dataset(path, format!("row {}: {e}", i + 2)))?);
+    }
+    Ok((headers, rows))
+}
+
+/// Read the dataset into `(key, JSON event)` records.
+pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, Vec<u8>)>, ReplayStats), TrainError> {
+    let (headers, records) = read_table(&opts.file, opts.shuffle_seed.is_none().then_some(opts.limit).flatten())?;
     let col = |name: &str| headers.iter().position(|h| h == name);
     let mut mapping = Vec::new();
     for f in &schema.fields {
@@ -86,13 +128,7 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
         None => None,
     };
     let prefix = schema.dataset.clone().unwrap_or_else(|| schema.name.clone());
-    let mut rows = Vec::new();
-    for (i, rec) in rdr.records().enumerate() {
-        if opts.shuffle_seed.is_none() && opts.limit.is_some_and(|l| i >= l) {
-            break;
-        }
-        rows.push((i, rec.map_err(|e| TrainError::dataset(&opts.file, format!("row {}: {e}", i + 2)))?));
-    }
+    let mut rows: Vec<(usize, csv::StringRecord)> = records.into_iter().enumerate().collect();
     if let Some(seed) = opts.shuffle_seed {
         use rand::seq::SliceRandom;
         use rand::SeedableRng;
@@ -104,7 +140,8 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
     for (row, (file_row, rec)) in rows.into_iter().enumerate() {
         stats.file_rows.push(file_row);
         let device = match dev_col {
-            Some(c) => format!("{prefix}-{}", rec.get(c).unwrap_or("").trim()),
+            // The device's own id, unchanged: what the pipeline keys its twin by.
+            Some(c) => rec.get(c).unwrap_or("").trim().to_string(),
             None => format!("{prefix}-{}", row % opts.devices.max(1)),
         };
         let mut m = Map::new();
@@ -144,7 +181,14 @@ pub fn load(schema: &EventSchema, opts: &ReplayOptions) -> Result<(Vec<(String, 
 /// An event time: RFC 3339, or integer milliseconds since the epoch.
 fn parse_time(s: &str) -> Option<i64> {
     let s = s.trim();
-    s.parse::<i64>().ok().or_else(|| chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis()))
+    if let Ok(ms) = s.parse::<i64>() {
+        return Some(ms);
+    }
+    // Seconds with a fraction, as Zeek writes `ts` (1545136440.123456).
+    if let Some(secs) = s.parse::<f64>().ok().filter(|x| x.is_finite() && s.contains('.')) {
+        return Some((secs * 1000.0).round() as i64);
+    }
+    chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
 }
 
 /// Where the events come from and how they are replayed.
@@ -278,5 +322,54 @@ mod tests {
         let opts = ReplayOptions { file: f, device_column: None, time_column: None, devices: 1, start_ms: 0, interval_ms: 1, limit: None, shuffle_seed: None };
         let e = load(&schema, &opts).unwrap_err().to_string();
         assert!(e.contains("SrcLoad") && e.contains("src_load"), "{e}");
+    }
+
+    /// A Zeek connection log replays as it comes: `#` header lines, tab-separated
+    /// values, `-` as missing, the event time from `ts` (seconds with a fraction),
+    /// the device id from a column unchanged.
+    #[test]
+    fn zeek_logs_replay_with_their_own_times_and_device_ids() {
+        let dir = std::env::temp_dir().join(format!("twinguard-zeek-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("conn.log.labeled");
+        std::fs::write(
+            &log,
+            "#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n#unset_field\t-\n#path\tconn\n\
+             #fields\tts\tuid\tid.orig_h\tduration\torig_bytes\tlabel\n\
+             #types\ttime\tstring\taddr\tinterval\tcount\tstring\n\
+             1545136440.123456\tC1\t192.168.1.5\t0.25\t300\tBenign\n\
+             1545136441.5\tC2\t192.168.1.7\t-\t(empty)\tMalicious\n\
+             #close\t2018-12-18-12-34-00\n",
+        )
+        .unwrap();
+        let schema = EventSchema::parse(
+            "name = \"zeek-conn\"\nversion = 1\n\
+             [[fields]]\nname = \"duration\"\ntype = \"f64\"\nrole = \"metric\"\nsource_column = \"duration\"\n\
+             [[fields]]\nname = \"orig_bytes\"\ntype = \"f64\"\nrole = \"metric\"\nsource_column = \"orig_bytes\"\n\
+             [[fields]]\nname = \"label\"\ntype = \"string\"\nrole = \"label\"\nsource_column = \"label\"\n",
+            "test",
+        )
+        .unwrap();
+        let opts = ReplayOptions {
+            file: log,
+            device_column: Some("id.orig_h".into()),
+            time_column: Some("ts".into()),
+            devices: 1,
+            start_ms: 0,
+            interval_ms: 1,
+            limit: None,
+            shuffle_seed: None,
+        };
+        let (recs, stats) = load(&schema, &opts).unwrap();
+        assert_eq!((stats.rows, stats.values_absent), (2, 2), "`-` and `(empty)` are missing values");
+        assert_eq!((recs[0].0.as_str(), recs[1].0.as_str()), ("192.168.1.5", "192.168.1.7"));
+        let (events, rejects) = decode(&schema, &recs);
+        assert!(rejects.is_empty(), "{rejects:?}");
+        assert_eq!(events, 2);
+        let first: serde_json::Value = serde_json::from_slice(&recs[0].1).unwrap();
+        assert_eq!(first["event_time"], "2018-12-18T12:34:00.123Z");
+        assert_eq!(first["device_id"], "192.168.1.5");
+        assert!(first.get("duration").is_some() && serde_json::from_slice::<serde_json::Value>(&recs[1].1).unwrap().get("duration").is_none());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
