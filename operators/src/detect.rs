@@ -39,7 +39,7 @@ pub struct Detector {
 /// The twin settings that shape features; a model trained with other values would
 /// see different vectors in the stream than in training.
 pub fn feature_relevant(cfg: &TwinConfig) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "warmup_events": cfg.warmup_events,
         "ewma_alpha": cfg.ewma_alpha,
         "anomaly_threshold": cfg.anomaly_threshold,
@@ -49,7 +49,14 @@ pub fn feature_relevant(cfg: &TwinConfig) -> serde_json::Value {
         "max_bindings_per_field": cfg.max_bindings_per_field,
         "max_peers": cfg.max_peers,
         "window_alpha": cfg.window_alpha,
-    })
+    });
+    // Calibration changes which events the baselines learn from; recorded only when
+    // on, so models trained before it existed still match a pipeline without it.
+    if cfg.calibration_events > 0 {
+        v["calibration_events"] = cfg.calibration_events.into();
+        v["calibration_fpr"] = cfg.calibration_fpr.into();
+    }
+    v
 }
 
 /// Arrow schema of the detector's verdict batches: the twin verdict columns, then

@@ -270,3 +270,61 @@ proptest! {
         }
     }
 }
+
+/// A device with noisy traffic: its byte counts vary by a random log-normal factor
+/// (σ = 0.5) around their usual level, event after event, the same way throughout.
+fn bursty(i: i64) -> Map<String, Value> {
+    let mut e = event("b1", i, 1.0);
+    let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut u = || {
+        x ^= x >> 29;
+        x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        x ^= x >> 32;
+        ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    // Box-Muller: one standard normal draw per event.
+    let z = (-2.0 * u().ln()).sqrt() * (std::f64::consts::TAU * u()).cos();
+    for f in ["tot_bytes", "src_bytes", "load"] {
+        let v = e[f].as_f64().unwrap();
+        e.insert(f.into(), json!(v * (0.5 * z).exp()));
+    }
+    e
+}
+
+#[test]
+fn a_calibrated_device_holds_its_false_positive_rate_and_sees_smaller_deviations() {
+    // Benign: 360 events after warm-up and calibration. Attack: the device's bytes
+    // and load eight times their usual level, a deviation the fixed distance of 6
+    // does not reach on this device's own spread.
+    let run_device = |cfg: TwinConfig| {
+        let mut op = TwinOperator::new(&schema(), cfg);
+        let evs: Vec<_> = (0..600).map(|i| (0, i, bursty(i))).collect();
+        let v = run(&mut op, batch(&evs));
+        let a = col::<BooleanArray>(&v[0], "anomalous");
+        let false_positives = (240..600).filter(|&i| a.value(i)).count();
+        let mut attack = bursty(600);
+        for f in ["tot_bytes", "src_bytes", "load"] {
+            let x = attack[f].as_f64().unwrap();
+            attack.insert(f.into(), json!(x * 8.0));
+        }
+        let v = run(&mut op, batch(&[(0, 600, attack)]));
+        (false_positives, col::<BooleanArray>(&v[0], "anomalous").value(0), op.store().get(0, "b1").unwrap().clone())
+    };
+    let (fixed_fp, fixed_caught, _) = run_device(TwinConfig::default());
+    let (fp, caught, twin) = run_device(TwinConfig { calibration_events: 200, calibration_fpr: 0.01, ..TwinConfig::default() });
+    let c = twin.calibration.as_ref().expect("calibration state");
+    let own = c.threshold.expect("calibrated after warm-up + 200 events");
+    assert!(c.distances.is_empty());
+    assert!(own < 6.0, "this device's own threshold {own} is below the fixed 6");
+    assert!(fp <= 7, "{fp} of 360 benign events flagged at a 1 % target (fixed threshold: {fixed_fp})");
+    assert!(caught && !fixed_caught, "the calibrated twin sees the deviation, the fixed distance does not");
+}
+
+#[test]
+fn calibration_settings_shape_features_only_when_on() {
+    let off = crate::detect::feature_relevant(&TwinConfig::default());
+    assert!(off.get("calibration_events").is_none(), "models trained before calibration existed still load");
+    let on = crate::detect::feature_relevant(&TwinConfig { calibration_events: 100, ..TwinConfig::default() });
+    assert_eq!(on["calibration_events"], 100);
+    assert!(TwinConfig { calibration_fpr: 0.6, ..TwinConfig::default() }.validate().unwrap_err().to_string().contains("calibration_fpr"));
+}

@@ -300,7 +300,12 @@ impl TwinOperator {
             twin.response = response;
             self.resets += 1;
         }
-        let warming = twin.events < cfg.warmup_events;
+        // Calibrating (after warm-up, before the device has its own threshold): not
+        // judged, its distance recorded instead.
+        let own = twin.calibration.as_ref().and_then(|c| c.threshold);
+        let calibrating = cfg.calibration_events > 0 && own.is_none() && twin.events >= cfg.warmup_events;
+        let warming = twin.events < cfg.warmup_events || calibrating;
+        let threshold = own.map_or(cfg.anomaly_threshold, f64::from);
 
         // Score: z-score of every present metric against the device's own baseline.
         let mut zs: Vec<(f64, usize)> = Vec::with_capacity(n_metrics + DERIVED);
@@ -336,11 +341,14 @@ impl TwinOperator {
 
         let drift = identity_drift(twin, b, row, layout, cfg, warming);
         let behaviour = distance;
-        if !drift.is_empty() {
-            distance = distance.max(2.0 * cfg.anomaly_threshold);
+        if calibrating {
+            calibrate(twin, behaviour, cfg);
         }
-        let anomalous = !warming && distance >= cfg.anomaly_threshold;
-        let th2 = cfg.anomaly_threshold * cfg.anomaly_threshold;
+        if !drift.is_empty() {
+            distance = distance.max(2.0 * threshold);
+        }
+        let anomalous = !warming && distance >= threshold;
+        let th2 = threshold * threshold;
         let score = distance * distance / (distance * distance + th2);
         let top = zs.first().filter(|_| k > 0).map(|&(z, i)| {
             let name = if i < n_metrics {
@@ -357,7 +365,14 @@ impl TwinOperator {
             cb.push(device, partition, offset, twin, &layout.metrics, &values, cfg, n_metrics, drift.len(), [behaviour, distance, score], warming);
         }
 
-        learn(twin, b, row, layout, cfg, &values, &peer_vals, gap, anomalous);
+        // The baselines skip outliers: judged anomalous, or, while calibrating (not
+        // judged), past the fixed threshold, so they learn from the same kind of
+        // events before and after calibration.
+        let outlier = if calibrating { distance >= cfg.anomaly_threshold } else { anomalous };
+        if anomalous {
+            twin.anomalies += 1;
+        }
+        learn(twin, b, row, layout, cfg, &values, &peer_vals, gap, outlier);
         twin.partition = partition;
         twin.last_offset = offset;
         twin.events += 1;
@@ -414,13 +429,27 @@ fn identity_drift<'l>(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &'
     drift
 }
 
+/// Record a calibration event's distance; with the last one, set the device's own
+/// threshold (conformal: just above the k-th highest, k = ⌊fpr·(n+1)⌋, at least 1).
+fn calibrate(twin: &mut Twin, distance: f64, cfg: &TwinConfig) {
+    let c = twin.calibration.get_or_insert_with(Default::default);
+    c.distances.push(distance as f32);
+    if (c.distances.len() as u64) < cfg.calibration_events {
+        return;
+    }
+    let mut d = std::mem::take(&mut c.distances);
+    d.sort_by(|a, b| b.total_cmp(a));
+    let k = ((cfg.calibration_fpr * (d.len() + 1) as f64).floor() as usize).clamp(1, d.len());
+    c.threshold = Some(d[k - 1].next_up().max(f32::MIN_POSITIVE));
+}
+
 /// Fold one row into the twin. Baselines learn only from events judged normal,
 /// winsorised, so an attack cannot drag the device's notion of normal towards
 /// itself; the rate, latest values, window and properties follow every event.
 #[allow(clippy::too_many_arguments)]
-fn learn(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &Layout, cfg: &TwinConfig, values: &[Option<f64>], peer_vals: &[&str], gap: Option<f64>, anomalous: bool) {
+fn learn(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &Layout, cfg: &TwinConfig, values: &[Option<f64>], peer_vals: &[&str], gap: Option<f64>, outlier: bool) {
     let n_metrics = layout.metrics.len();
-    if !anomalous {
+    if !outlier {
         for (i, v) in values.iter().enumerate() {
             let Some(x) = *v else { continue };
             let bl = &mut twin.baselines[i];
@@ -437,8 +466,6 @@ fn learn(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &Layout, cfg: &
                 twin.peers.push((*p).to_string());
             }
         }
-    } else {
-        twin.anomalies += 1;
     }
     if let Some(g) = gap {
         let inst = 1000.0 / g.max(1.0);

@@ -43,6 +43,15 @@ pub struct TwinConfig {
     /// Weight of a new observation in the short window (recent-behaviour) averages
     /// that feed the feature SQL (`<metric>__win`).
     pub window_alpha: f64,
+    /// Per-device calibration: after warm-up, a device's next `calibration_events`
+    /// events are not judged; their behavioural distances set the device's own
+    /// threshold for `calibration_fpr` (conformally: just above the k-th highest,
+    /// k = ⌊fpr·(n+1)⌋), which then replaces `anomaly_threshold` for it. 0 = off:
+    /// every device is judged against `anomaly_threshold`.
+    pub calibration_events: u64,
+    /// Target false-positive rate of a calibrated device (on behaviour like its
+    /// calibration events).
+    pub calibration_fpr: f64,
 }
 
 impl Default for TwinConfig {
@@ -61,6 +70,8 @@ impl Default for TwinConfig {
             max_twin_bytes: 64 * 1024,
             max_twins: 1_000_000,
             window_alpha: 0.3,
+            calibration_events: 0,
+            calibration_fpr: 0.01,
         }
     }
 }
@@ -93,11 +104,27 @@ impl TwinConfig {
         if self.max_expiries_per_sweep == 0 {
             return bad("max_expiries_per_sweep", "must be at least 1");
         }
+        if !(self.calibration_fpr > 0.0 && self.calibration_fpr < 0.5) {
+            return bad("calibration_fpr", "must be in (0, 0.5)");
+        }
+        if self.calibration_events > 10_000 {
+            return bad("calibration_events", "must be at most 10000 (the distances are kept in the twin until calibrated)");
+        }
         if !(4096..=900 * 1024).contains(&self.max_twin_bytes) {
             return bad("max_twin_bytes", "must be in 4096..=921600 (below the broker's 1 MB message size)");
         }
         Ok(())
     }
+}
+
+/// A device's calibration: the distances of its calibration events until there are
+/// enough, then its own threshold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub distances: Vec<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
 }
 
 /// Exponentially weighted mean and variance of one (transformed) metric.
@@ -200,6 +227,10 @@ pub struct Twin {
     /// Attack class of the latest verdict, when it was judged an attack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class: Option<String>,
+    /// Per-device calibration (`state.calibration_events`): absent without it.
+    /// Boxed: a twin without it pays 8 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Box<Calibration>>,
     /// Response state: open incident, desired and reported state, commands awaiting
     /// acknowledgement (absent until the device was first responded to).
     /// Boxed: most twins never need one, and an absent state costs 8 bytes.
@@ -244,6 +275,7 @@ impl Twin {
             score: None,
             risk: 0.0,
             class: None,
+            calibration: None,
             response: None,
         }
     }
@@ -262,6 +294,7 @@ impl Twin {
             + self.properties.capacity() * 24
             + self.properties.iter().flatten().map(s).sum::<usize>()
             + self.latest.capacity() * std::mem::size_of::<f64>()
+            + self.calibration.as_ref().map_or(0, |c| std::mem::size_of::<Calibration>() + c.distances.capacity() * std::mem::size_of::<f32>())
             + self.baselines.capacity() * std::mem::size_of::<Baseline>()
             + self.window.capacity() * std::mem::size_of::<f32>()
             + self.lstm.capacity() * std::mem::size_of::<f32>()
