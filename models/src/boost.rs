@@ -119,14 +119,7 @@ impl Grow<'_> {
             }
             return me;
         };
-        let codes = &self.codes[f * self.rows..(f + 1) * self.rows];
-        let mut i = 0;
-        for j in 0..idx.len() {
-            if usize::from(codes[idx[j] as usize]) <= bin {
-                idx.swap(i, j);
-                i += 1;
-            }
-        }
+        let i = crate::hist::partition(idx, &self.codes[f * self.rows..(f + 1) * self.rows], bin);
         let (l_idx, r_idx) = idx.split_at_mut(i);
         b.feat[me as usize] = f as u32;
         b.thr[me as usize] = self.bins.edges[f][bin];

@@ -301,15 +301,8 @@ impl Grower<'_> {
             return me;
         };
         g.importance[f] += gain;
-        let codes = &self.codes[f * self.rows..(f + 1) * self.rows];
         // Partition in place: rows going left first.
-        let mut i = 0;
-        for j in 0..idx.len() {
-            if usize::from(codes[idx[j] as usize]) <= b {
-                idx.swap(i, j);
-                i += 1;
-            }
-        }
+        let i = crate::hist::partition(idx, &self.codes[f * self.rows..(f + 1) * self.rows], b);
         let (l_idx, r_idx) = idx.split_at_mut(i);
         g.feat[me] = f as u32;
         g.thr[me] = self.bins.edges[f][b];

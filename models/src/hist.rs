@@ -80,6 +80,19 @@ impl Bins {
     }
 }
 
+/// Reorder `idx` in place so the rows whose code in `column` (one column of
+/// [`Bins::codes`]) is at most `bin` come first; returns how many they are.
+pub fn partition(idx: &mut [u32], column: &[u8], bin: usize) -> usize {
+    let mut i = 0;
+    for j in 0..idx.len() {
+        if usize::from(column[idx[j] as usize]) <= bin {
+            idx.swap(i, j);
+            i += 1;
+        }
+    }
+    i
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -59,6 +59,13 @@ impl FakeSink {
         Arc::new(FakeSink { log: log.clone(), hold: AtomicBool::new(false), refuse: None, held: Mutex::new(Vec::new()) })
     }
 
+    /// A sink that holds every acknowledgement until [`FakeSink::release`].
+    fn holding(log: &Log) -> Arc<FakeSink> {
+        let s = FakeSink::new(log);
+        s.hold.store(true, Ordering::SeqCst);
+        s
+    }
+
     /// Acknowledge everything held so far, in the order it was sent.
     fn release(&self) {
         for (topic, g) in std::mem::take(&mut *self.held.lock().unwrap()) {
@@ -242,11 +249,7 @@ fn without_idle_flush_a_partial_batch_waits_for_linger_or_shutdown() {
 
 #[test]
 fn outputs_are_acknowledged_before_the_changelog_and_the_changelog_before_the_offset() {
-    let mut r = rig(3, true, |log| {
-        let s = FakeSink::new(log);
-        s.hold.store(true, Ordering::SeqCst);
-        s
-    });
+    let mut r = rig(3, true, FakeSink::holding);
     r.own(&[0]);
     let (log, sink, verdicts, changelog) = (r.log.clone(), r.sink.clone(), r.verdicts(), r.changelog());
     let check = Box::new(move || {
@@ -317,11 +320,7 @@ fn revoke_finishes_the_partitions_records_and_waits_for_their_offsets_before_com
 
 #[test]
 fn a_lost_assignment_fails_stop_purges_and_stores_nothing() {
-    let mut r = rig(3, true, |log| {
-        let s = FakeSink::new(log);
-        s.hold.store(true, Ordering::SeqCst);
-        s
-    });
+    let mut r = rig(3, true, FakeSink::holding);
     r.own(&[0]);
     let (log, shared) = (r.log.clone(), r.shared.clone());
     let lose = Box::new(move || {
