@@ -89,9 +89,9 @@ pub(crate) fn model_card_md(a: &Artifact, r: &Report) -> String {
          - Event schema: `{schema}`; features: {nf} from the feature SQL stored in `model.json`\n\
          - Dataset: `{ds}` (SHA-256 `{sha}`), {rows} events\n\
          - Split: {split}: {tr} train / {va} validation / {te} test rows\n\
-         - Members: random forest, SVM, LSTM (burn; stepped per event on the device's twin state), twin behavioural score; \
-         stacked by logistic regression on the validation rows\n\
-         - Decision threshold {thr:.6} for a target false-positive rate of {fpr} (set on validation normal rows)\n\
+         - Members: random forest, gradient-boosted trees, SVM, LSTM (burn; stepped per event on the device's twin state), twin behavioural score; \
+         combined on the validation rows: {combined}\n\
+         - Decision threshold {thr:.6} for a target false-positive rate of {fpr} (set on validation normal rows{law})\n\
          - Label screen: {screen}\n\
          - Trained {created} in {secs:.1} s\n\n\
          ## Held-out test figures (computed by the detector itself)\n\n```\n{table}```\n\n\
@@ -107,6 +107,15 @@ pub(crate) fn model_card_md(a: &Artifact, r: &Report) -> String {
         va = c.validation_rows,
         te = c.test_rows,
         thr = c.threshold,
+        combined = match &a.ensemble.combination {
+            Some(k) if k.chosen == "stack" => "stacked by logistic regression (chosen out of fold over each member alone)".to_string(),
+            Some(k) => format!("the {} member alone (stacking did not beat it out of fold)", k.chosen),
+            None => "stacked by logistic regression".to_string(),
+        },
+        law = a.ensemble.combination.as_ref().map_or(String::new(), |k| {
+            let t = &k.threshold_fpr;
+            format!("; expected FPR on new normal events {:.2} %, {:.0} % interval {:.2}-{:.2} %", 100.0 * t.expected, 100.0 * t.level, 100.0 * t.low, 100.0 * t.high)
+        }),
         fpr = c.target_fpr,
         screen = c.poisoning_screen.as_ref().map_or("not applied".to_string(), |s| s.to_string()),
         created = c.created_utc,
