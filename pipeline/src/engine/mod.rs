@@ -39,7 +39,7 @@ use twinguard_operators::{ChangelogRecord, Detector, Gate, Responder, Responses,
 use twinguard_schemas::respond::{Ack, Alert, Feedback, RESPONSE_VERSION};
 use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
 use twinguard_schemas::dlq::{bound_reason, parse_control, DeadLetter, Source};
-use twinguard_schemas::{Decoder, RawRecord};
+use twinguard_schemas::{Decoder, EventSchema, RawRecord};
 
 use crate::config::Config;
 use crate::kafka::{self, AckGroup, OutRecord, SinkProducer};
@@ -233,7 +233,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
     ev::PipelineStarted { input: &cfg.topics.input, partitions, schema: &schema.id(), model: detector.model_version() }.emit();
     let producer = Arc::new(kafka::create_producer(cfg)?);
     let command_producer = Arc::new(kafka::create_command_producer(cfg)?);
-    let (shared, rx_cl) = Shared::new(cfg, detector, responder, metrics.clone(), stop.clone(), observer, producer, command_producer)?;
+    let (shared, rx_cl) = Shared::new(cfg, &schema, detector, responder, metrics.clone(), stop.clone(), observer, producer, command_producer)?;
     let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(
         kafka::consumer_config(cfg)
             .create_with_context(SourceContext { shared: shared.clone() })
@@ -280,11 +280,13 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
 }
 
 impl Shared {
-    /// The engine's state for `cfg`, writing to `producer` (commands to
-    /// `command_producer`), with the receiving end of the first commit stage.
+    /// The engine's state for `cfg` reading `schema`, writing to `producer`
+    /// (commands to `command_producer`), with the receiving end of the first commit
+    /// stage.
     #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: &Config,
+        schema: &EventSchema,
         detector: Detector,
         responder: Responder,
         metrics: Arc<Metrics>,
@@ -293,7 +295,6 @@ impl Shared {
         producer: Arc<dyn RecordSink>,
         command_producer: Arc<dyn RecordSink>,
     ) -> Result<(Arc<Shared>, Receiver<Job>), PipelineError> {
-        let schema = cfg.event_schema()?;
         let (tx_cl, rx_cl) = sync_channel::<Job>(cfg.batch.max_inflight_batches);
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
@@ -318,7 +319,7 @@ impl Shared {
             core: Mutex::new(Core {
                 op: detector,
                 resp: responder,
-                decoder: Decoder::new(schema, cfg.decode_limits()),
+                decoder: Decoder::new(schema.clone(), cfg.decode_limits()),
                 buffers: BTreeMap::new(),
                 owned: BTreeSet::new(),
                 expected: HashMap::new(),
