@@ -81,9 +81,7 @@ pub fn evaluate(artifact: &Artifact, scores: &Scores, split: &Split, dataset: &s
             // a file the model never saw.
             t
         } else {
-            let normal: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| !y).map(|(&i, _)| get(i)).collect();
-            let attack: Vec<f64> = split.validation.iter().zip(&vy).filter(|(_, &y)| y).map(|(&i, _)| get(i)).collect();
-            metrics::calibrate_threshold(&normal, &attack, target)
+            metrics::calibrate_labelled(split.validation.iter().zip(&vy).map(|(&i, &y)| (get(i), y)), target)
         };
         let ts: Vec<f64> = split.test.iter().map(|&i| get(i)).collect();
         let b = metrics::binary(&ts, &ty, thr);

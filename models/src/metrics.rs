@@ -244,6 +244,13 @@ pub fn calibrate_threshold(normal_scores: &[f64], attack_scores: &[f64], target_
     }
 }
 
+/// [`calibrate_threshold`] on labelled scores (`true` = attack).
+pub fn calibrate_labelled(scores: impl IntoIterator<Item = (f64, bool)>, target_fpr: f64) -> f64 {
+    let (attack, normal): (Vec<(f64, bool)>, Vec<(f64, bool)>) = scores.into_iter().partition(|&(_, y)| y);
+    let strip = |v: Vec<(f64, bool)>| -> Vec<f64> { v.into_iter().map(|(s, _)| s).collect() };
+    calibrate_threshold(&strip(normal), &strip(attack), target_fpr)
+}
+
 fn next_up(x: f64) -> f64 {
     if x.is_nan() || x == f64::INFINITY {
         return x;

@@ -312,11 +312,7 @@ fn stack(ens: &mut Ensemble, prep: &Dataset<'_>, x: &Matrix, split: &Split, opts
     )));
     let member_thresholds = MEMBERS
         .iter()
-        .map(|m| {
-            let normal: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| !y).map(|(s, _)| s.get(m)).collect();
-            let attack: Vec<f64> = vm.iter().zip(&vy).filter(|(_, &y)| y).map(|(s, _)| s.get(m)).collect();
-            (m.to_string(), metrics::calibrate_threshold(&normal, &attack, opts.target_fpr))
-        })
+        .map(|m| (m.to_string(), metrics::calibrate_labelled(vm.iter().zip(&vy).map(|(s, &y)| (s.get(m), y)), opts.target_fpr)))
         .collect();
     ens.combination = Some(Combination { chosen: c.chosen, folds: FOLDS, candidates: c.candidates, threshold_fpr: law, member_thresholds });
     Ok(())
