@@ -32,6 +32,11 @@ use twinguard_schemas::{EventSchema, FieldKind, Role, Transform};
 use crate::response_state::ResponseState;
 use crate::{InvalidSetting, OperatorError};
 
+/// Baselines learn a value at most this many standard deviations from their mean
+/// (winsorised): a normal event's level and spread, a flagged event's spread only
+/// ([`Baseline::widen`](state::Baseline::widen)).
+const WINSOR_SD: f64 = 4.0;
+
 /// Applies events to twins and scores each against its device's own baseline.
 ///
 /// Input: decoded event batches ([`EventSchema::arrow_schema`]). Output: one verdict
@@ -443,19 +448,27 @@ fn calibrate(twin: &mut Twin, distance: f64, cfg: &TwinConfig) {
     c.threshold = Some(d[k - 1].next_up().max(f32::MIN_POSITIVE));
 }
 
-/// Fold one row into the twin. Baselines learn only from events judged normal,
-/// winsorised, so an attack cannot drag the device's notion of normal towards
-/// itself; the rate, latest values, window and properties follow every event.
+/// Fold one row into the twin. Baselines learn their level only from events judged
+/// normal, winsorised, so an attack cannot drag the device's notion of normal
+/// towards itself; a flagged event widens their spread (clipped), so a benign shift
+/// is absorbed instead of flagged for ever. The rate, latest values, window and
+/// properties follow every event.
 #[allow(clippy::too_many_arguments)]
 fn learn(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &Layout, cfg: &TwinConfig, values: &[Option<f64>], peer_vals: &[&str], gap: Option<f64>, outlier: bool) {
     let n_metrics = layout.metrics.len();
-    if !outlier {
+    if outlier {
+        for (i, v) in values.iter().enumerate() {
+            if let Some(x) = *v {
+                twin.baselines[i].widen(x, cfg.ewma_alpha, WINSOR_SD, cfg);
+            }
+        }
+    } else {
         for (i, v) in values.iter().enumerate() {
             let Some(x) = *v else { continue };
             let bl = &mut twin.baselines[i];
             let x = if bl.n >= cfg.warmup_events as u32 {
                 let sd = bl.sd(cfg);
-                x.clamp(bl.mean() - 4.0 * sd, bl.mean() + 4.0 * sd)
+                x.clamp(bl.mean() - WINSOR_SD * sd, bl.mean() + WINSOR_SD * sd)
             } else {
                 x
             };

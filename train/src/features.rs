@@ -169,7 +169,7 @@ mod calibration_tests {
     /// capture order): the fixed distance against the device's own calibrated
     /// threshold. Prints the figures (`--nocapture`, in models/RESULTS.md); fails if
     /// the calibrated device misses its 1 % target by more than a point on the
-    /// benign rows after calibration.
+    /// benign rows after calibration, or the fixed distance runs away (> 3 %).
     #[test]
     fn the_twin_alone_on_wustl_fixed_or_calibrated() {
         let schema = EventSchema::builtin("wustl-flow-vitals/v1").unwrap();
@@ -216,5 +216,8 @@ mod calibration_tests {
         let calibrated = run(TwinConfig { calibration_events: 200, calibration_fpr: 0.01, ..TwinConfig::default() });
         println!("WUSTL, twin alone after warm-up and calibration: fixed distance 6: FPR {:.4} DR {:.4}; calibrated (200 events, 1 %): FPR {:.4} DR {:.4} ({} normal, {} attack rows)", fixed.0, fixed.1, calibrated.0, calibrated.1, calibrated.2, calibrated.3);
         assert!(calibrated.0 <= 0.02, "calibrated FPR {}", calibrated.0);
+        // Before flagged events widened the baselines' spread, the fixed distance ran
+        // away here (FPR 0.56: every benign shift stayed flagged).
+        assert!(fixed.0 <= 0.03, "fixed-distance FPR {}", fixed.0);
     }
 }

@@ -164,6 +164,21 @@ impl Baseline {
         let var = (1.0 - a) * (f64::from(self.var) + a * d * d);
         self.var = if var.is_finite() { var.min(f64::from(f32::MAX)) as f32 } else { f32::MAX };
     }
+    /// Learn an outlier's spread, not its level: the variance takes the deviation
+    /// clipped at `clip` standard deviations, the mean stays. Without this a
+    /// baseline that skips every flagged event only sees the events inside its
+    /// threshold, so its spread shrinks and it flags ever more of the device's
+    /// normal traffic; with it each flagged event can widen the spread by at most
+    /// a factor (1 − α)(1 + α·clip²) on the variance, and cannot move the mean.
+    pub(super) fn widen(&mut self, x: f64, alpha: f64, clip: f64, cfg: &TwinConfig) {
+        if !x.is_finite() {
+            return;
+        }
+        let c = clip * self.sd(cfg);
+        let d = (x - self.mean()).clamp(-c, c);
+        let var = (1.0 - alpha) * (f64::from(self.var) + alpha * d * d);
+        self.var = if var.is_finite() { var.min(f64::from(f32::MAX)) as f32 } else { f32::MAX };
+    }
 }
 
 /// Learned values of one identity field.
