@@ -232,6 +232,32 @@ impl Booster {
         1.0 / (1.0 + (-z).exp())
     }
 
+    /// The booster whose log-odds are the mean of the parts' (federated tree
+    /// bagging: each site boosts on its own rows, the global model averages them;
+    /// Flower's FedXgbBagging appends the trees the same way).
+    pub fn average(parts: &[&Booster]) -> Result<Booster, ModelError> {
+        let first = parts.first().ok_or_else(|| ModelError::Data("no boosters to average".into()))?;
+        if let Some(p) = parts.iter().find(|p| p.n_features != first.n_features) {
+            return Err(ModelError::Data(format!("cannot average a booster of {} features with one of {}", p.n_features, first.n_features)));
+        }
+        let inv = 1.0 / parts.len() as f32;
+        let mut m = Booster { n_features: first.n_features, base: 0.0, roots: vec![], feat: vec![], thr: vec![], left: vec![], right: vec![], value: vec![] };
+        for p in parts {
+            let node0 = m.feat.len() as u32;
+            m.base += inv * p.base;
+            m.roots.extend(p.roots.iter().map(|r| r + node0));
+            for i in 0..p.feat.len() {
+                let leaf = p.feat[i] == LEAF;
+                m.feat.push(p.feat[i]);
+                m.thr.push(p.thr[i]);
+                m.left.push(if leaf { p.left[i] } else { p.left[i] + node0 });
+                m.right.push(if leaf { p.right[i] } else { p.right[i] + node0 });
+                m.value.push(inv * p.value[i]);
+            }
+        }
+        Ok(m)
+    }
+
     /// Trees kept after early stopping.
     pub fn rounds(&self) -> usize {
         self.roots.len()

@@ -24,24 +24,7 @@ pub struct Standardizer {
 impl Standardizer {
     /// Fit on `rows` (row-major, `cols` wide), skipping non-finite values.
     pub fn fit(values: &[f64], cols: usize) -> Standardizer {
-        let mut n = vec![0u64; cols];
-        let mut mean = vec![0.0; cols];
-        let mut m2 = vec![0.0; cols];
-        for row in values.chunks_exact(cols) {
-            for (c, &x) in row.iter().enumerate() {
-                if x.is_finite() {
-                    n[c] += 1;
-                    let d = x - mean[c];
-                    mean[c] += d / n[c] as f64;
-                    m2[c] += d * (x - mean[c]);
-                }
-            }
-        }
-        let sd = (0..cols)
-            .map(|c| if n[c] > 1 { (m2[c] / (n[c] - 1) as f64).sqrt() } else { 0.0 })
-            .map(|s| if s > 1e-9 { s } else { 1.0 })
-            .collect();
-        Standardizer { mean, sd }
+        crate::federated::stats::Moments::of(values, cols).standardizer()
     }
 
     pub fn cols(&self) -> usize {
@@ -126,6 +109,38 @@ impl MemberScores {
     }
 }
 
+/// Sums of one Newton step of the stacker's fit over some rows: gradient and
+/// Hessian of the class-weighted log-loss at the current weights (a weight per
+/// member, then the bias). Sums over disjoint rows add up to the sums over their
+/// union, which is what makes the fit exactly federable: sites send these, the
+/// aggregator adds them and takes the step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewtonSums {
+    pub g: Vec<f64>,
+    /// Row-major `(N+1)×(N+1)`.
+    pub h: Vec<f64>,
+}
+
+impl NewtonSums {
+    pub fn zero() -> NewtonSums {
+        NewtonSums { g: vec![0.0; N + 1], h: vec![0.0; (N + 1) * (N + 1)] }
+    }
+    /// Add another part's sums.
+    pub fn add(&mut self, o: &NewtonSums) {
+        for (a, b) in self.g.iter_mut().zip(&o.g) {
+            *a += b;
+        }
+        for (a, b) in self.h.iter_mut().zip(&o.h) {
+            *a += b;
+        }
+    }
+}
+
+/// Balanced class weights `(attack, normal)` for `pos` attack rows of `total`.
+pub fn class_weights(pos: usize, total: usize) -> (f64, f64) {
+    (total as f64 / (2.0 * pos as f64), total as f64 / (2.0 * (total - pos) as f64))
+}
+
 impl Stacker {
     /// Fit by Newton's method with a small L2 penalty, with balanced class weights
     /// (so a rare attack class still moves the fit).
@@ -134,45 +149,68 @@ impl Stacker {
         if pos == 0 || pos == y.len() {
             return Err(ModelError::Data("the stacking (validation) set needs both normal and attack rows".into()));
         }
-        let wpos = y.len() as f64 / (2.0 * pos as f64);
-        let wneg = y.len() as f64 / (2.0 * (y.len() - pos) as f64);
-        let xs: Vec<[f64; N]> = members.iter().map(MemberScores::inputs).collect();
-        const K: usize = N + 1; // a weight per member + bias
-        let mut w = [0.0f64; K];
+        let cw = class_weights(pos, y.len());
+        let mut w = vec![0.0f64; N + 1];
         for _ in 0..50 {
-            let mut g = [0.0f64; K];
-            let mut h = [[0.0f64; K]; K];
-            for (x, &l) in xs.iter().zip(y) {
-                let mut xb = [1.0; K];
-                xb[..N].copy_from_slice(x);
-                let z: f64 = (0..K).map(|i| w[i] * xb[i]).sum();
-                let p = sigmoid(z);
-                let sw = if l { wpos } else { wneg };
-                let r = sw * (p - f64::from(u8::from(l)));
-                let q = sw * p * (1.0 - p);
-                for i in 0..K {
-                    g[i] += r * xb[i];
-                    for j in 0..K {
-                        h[i][j] += q * xb[i] * xb[j];
-                    }
-                }
-            }
-            for i in 0..N {
-                g[i] += l2 * w[i];
-                h[i][i] += l2;
-            }
-            h[N][N] += 1e-9;
-            let step = solve(h, g).ok_or_else(|| ModelError::Train("stacking regression is singular".into()))?;
-            let mut delta = 0.0f64;
-            for i in 0..K {
-                w[i] -= step[i];
-                delta = delta.max(step[i].abs());
-            }
-            if delta < 1e-8 {
+            let sums = Stacker::newton_sums(members, y, &w, cw);
+            if Stacker::newton_step(&mut w, sums, l2)? < 1e-8 {
                 break;
             }
         }
-        Ok(Stacker { weights: w[..N].to_vec(), bias: w[N] })
+        Ok(Stacker::from_vector(&w))
+    }
+
+    /// The stacker of a weight vector (a weight per member, then the bias).
+    pub fn from_vector(w: &[f64]) -> Stacker {
+        Stacker { weights: w[..N].to_vec(), bias: w[N] }
+    }
+
+    /// Newton sums over these rows at weights `w`, class weights `cw` (attack,
+    /// normal) — from the counts of all the rows the fit is over, not just these.
+    pub fn newton_sums(members: &[MemberScores], y: &[bool], w: &[f64], (wpos, wneg): (f64, f64)) -> NewtonSums {
+        const K: usize = N + 1;
+        let mut g = [0.0f64; K];
+        let mut h = [[0.0f64; K]; K];
+        for (m, &l) in members.iter().zip(y) {
+            let mut xb = [1.0; K];
+            xb[..N].copy_from_slice(&m.inputs());
+            let z: f64 = (0..K).map(|i| w[i] * xb[i]).sum();
+            let p = sigmoid(z);
+            let sw = if l { wpos } else { wneg };
+            let r = sw * (p - f64::from(u8::from(l)));
+            let q = sw * p * (1.0 - p);
+            for i in 0..K {
+                g[i] += r * xb[i];
+                for j in 0..K {
+                    h[i][j] += q * xb[i] * xb[j];
+                }
+            }
+        }
+        NewtonSums { g: g.to_vec(), h: h.iter().flatten().copied().collect() }
+    }
+
+    /// Take one Newton step from summed sums (the L2 penalty on the member
+    /// weights is added here, once); returns the largest change of a weight.
+    pub fn newton_step(w: &mut [f64], sums: NewtonSums, l2: f64) -> Result<f64, ModelError> {
+        const K: usize = N + 1;
+        let mut g = [0.0f64; K];
+        let mut h = [[0.0f64; K]; K];
+        g.copy_from_slice(&sums.g);
+        for (i, row) in h.iter_mut().enumerate() {
+            row.copy_from_slice(&sums.h[i * K..(i + 1) * K]);
+        }
+        for i in 0..N {
+            g[i] += l2 * w[i];
+            h[i][i] += l2;
+        }
+        h[N][N] += 1e-9;
+        let step = solve(h, g).ok_or_else(|| ModelError::Train("stacking regression is singular".into()))?;
+        let mut delta = 0.0f64;
+        for i in 0..K {
+            w[i] -= step[i];
+            delta = delta.max(step[i].abs());
+        }
+        Ok(delta)
     }
 
     /// Attack probability from the members' scores.
@@ -283,6 +321,10 @@ pub struct Ensemble {
     /// false-positive law; absent in artifacts from before it was recorded.
     #[serde(default)]
     pub combination: Option<Combination>,
+    /// A federated model's merged histogram of validation ensemble scores (log-odds
+    /// bins), in place of any site's raw scores: what `recalibrate` reads then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::federated::calibrate::ScoreHistogram>,
 }
 
 /// Scores of one event.
@@ -310,6 +352,10 @@ impl Ensemble {
             return Err(ModelError::Param { name: "target_fpr", why: format!("{target_fpr} is not in (0, 1)") });
         }
         if self.validation_normal.is_empty() {
+            if let Some(h) = &self.calibration {
+                self.threshold = crate::federated::calibrate::sigmoid(h.threshold_for_fpr(target_fpr)?);
+                return Ok(());
+            }
             return Err(ModelError::Artifact("the model stores no validation scores to recalibrate from; retrain it".into()));
         }
         let n: Vec<f64> = self.validation_normal.iter().map(|&x| f64::from(x)).collect();

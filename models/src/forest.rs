@@ -449,6 +449,44 @@ impl Forest {
         }
     }
 
+    /// One forest of all the trees of `parts` (federated pooling): a tree keeps
+    /// its votes, so the pooled forest averages over every tree of every part.
+    /// The parts must agree on classes and features.
+    pub fn merge(parts: &[&Forest]) -> Result<Forest, ModelError> {
+        let first = parts.first().ok_or_else(|| ModelError::Data("no forests to merge".into()))?;
+        let (k, d) = (first.n_classes, first.n_features);
+        if let Some(p) = parts.iter().find(|p| p.n_classes != k || p.n_features != d) {
+            return Err(ModelError::Data(format!(
+                "cannot merge a forest of {} classes × {} features into one of {k} × {d}",
+                p.n_classes, p.n_features
+            )));
+        }
+        let mut m = Forest { n_classes: k, n_features: d, roots: vec![], feat: vec![], thr: vec![], left: vec![], right: vec![], leaf_proba: vec![], importance: vec![0.0; d] };
+        let trees: usize = parts.iter().map(|p| p.roots.len()).sum();
+        for p in parts {
+            let (node0, leaf0) = (m.feat.len() as u32, (m.leaf_proba.len() / k) as u32);
+            m.roots.extend(p.roots.iter().map(|r| r + node0));
+            for i in 0..p.feat.len() {
+                let leaf = p.feat[i] == LEAF;
+                m.feat.push(p.feat[i]);
+                m.thr.push(p.thr[i]);
+                m.left.push(p.left[i] + if leaf { leaf0 } else { node0 });
+                m.right.push(if leaf { p.right[i] } else { p.right[i] + node0 });
+            }
+            m.leaf_proba.extend_from_slice(&p.leaf_proba);
+            let share = p.roots.len() as f32 / trees.max(1) as f32;
+            for (a, b) in m.importance.iter_mut().zip(&p.importance) {
+                *a += share * b;
+            }
+        }
+        Ok(m)
+    }
+
+    /// Number of trees.
+    pub fn trees(&self) -> usize {
+        self.roots.len()
+    }
+
     /// P(class != 0) for every row of `x`.
     pub fn attack_scores(&self, x: &Matrix) -> Vec<f32> {
         let mut out = vec![0f32; self.n_classes];

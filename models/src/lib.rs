@@ -10,6 +10,7 @@ pub mod boost;
 pub mod combine;
 pub mod ensemble;
 pub mod eval;
+pub mod federated;
 pub mod forest;
 pub mod hist;
 pub mod labels;

@@ -118,6 +118,36 @@ fn seeded_net(d_in: usize, hidden: usize, seed: u64, device: &Device) -> Net {
     Net { lstm, head }
 }
 
+/// A `Linear` holding given weights (`[d_in, d_out]` row-major) and bias.
+fn fixed_linear(w: Vec<f32>, d_in: usize, d_out: usize, b: Vec<f32>, device: &Device) -> Linear {
+    Linear {
+        weight: Param::from_tensor(Tensor::<2>::from_data(TensorData::new(w, [d_in, d_out]), device)),
+        bias: Some(Param::from_tensor(Tensor::<1>::from_data(TensorData::new(b, [d_out]), device))),
+    }
+}
+
+/// The burn network holding an exported model's weights (both biases of a gate
+/// go to its input transform, so exporting it again gives the same model).
+fn imported_net(m: &LstmModel, device: &Device) -> Net {
+    let (d, h) = (m.input_dim, m.hidden);
+    let h4 = 4 * h;
+    let gate = |g: usize| {
+        let wi: Vec<f32> = (0..d).flat_map(|k| m.wx[k * h4 + g * h..k * h4 + (g + 1) * h].iter().copied()).collect();
+        let whh: Vec<f32> = (0..h).flat_map(|k| m.wh[k * h4 + g * h..k * h4 + (g + 1) * h].iter().copied()).collect();
+        GateController {
+            input_transform: fixed_linear(wi, d, h, m.b[g * h..(g + 1) * h].to_vec(), device),
+            hidden_transform: fixed_linear(whh, h, h, vec![0.0; h], device),
+        }
+    };
+    let mut lstm = LstmConfig::new(d, h, true).init(device);
+    lstm.input_gate = gate(0);
+    lstm.forget_gate = Some(gate(1));
+    lstm.output_gate = gate(2);
+    lstm.cell_gate = gate(3);
+    let head = fixed_linear(m.head_w.clone(), h, 1, vec![m.head_b], device);
+    Net { lstm, head }
+}
+
 fn to_vec(t: Tensor<2>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().expect("f32 weights")
 }
@@ -182,6 +212,25 @@ impl LstmModel {
         params: &LstmParams,
         progress: &mut dyn FnMut(usize, usize, f32),
     ) -> Result<LstmModel, ModelError> {
+        Self::fit_from(None, x, y, seqs, params, progress)
+    }
+
+    /// [`LstmModel::fit`] starting from `init`'s weights instead of the seeded
+    /// initialisation (a federated round: local epochs from the global model).
+    pub fn fit_from(
+        init: Option<&LstmModel>,
+        x: &Matrix,
+        y: &[bool],
+        seqs: &[Vec<usize>],
+        params: &LstmParams,
+        progress: &mut dyn FnMut(usize, usize, f32),
+    ) -> Result<LstmModel, ModelError> {
+        if let Some(m) = init.filter(|m| m.input_dim != x.cols || m.hidden != params.hidden) {
+            return Err(ModelError::Data(format!(
+                "the starting LSTM has {} inputs × {} hidden units, the fit {} × {}",
+                m.input_dim, m.hidden, x.cols, params.hidden
+            )));
+        }
         if x.cols == 0 {
             return Err(ModelError::Data("empty training set (0 feature columns)".into()));
         }
@@ -223,7 +272,10 @@ impl LstmModel {
         let b = batches.lanes;
 
         let device = train_device();
-        let mut net = seeded_net(d, h, params.seed, &device);
+        let mut net = match init {
+            Some(m) => imported_net(m, &device),
+            None => seeded_net(d, h, params.seed, &device),
+        };
         let mut optim = AdamConfig::new().with_grad_clipping(Some(GradientClippingConfig::Norm(1.0))).init();
 
         for epoch in 1..=params.epochs {
@@ -260,6 +312,32 @@ impl LstmModel {
             progress(epoch, params.epochs, mean);
         }
         Ok(Self::export(&net, d, h))
+    }
+
+    /// The untrained model every fit with `params.seed` starts from (a
+    /// federation's round-0 global LSTM).
+    pub fn initial(input_dim: usize, params: &LstmParams) -> LstmModel {
+        Self::export(&seeded_net(input_dim, params.hidden, params.seed, &train_device()), input_dim, params.hidden)
+    }
+
+    /// All weights as one vector (`wx`, `wh`, `b`, `head_w`, `head_b`): what a
+    /// federation averages.
+    pub fn to_vector(&self) -> Vec<f64> {
+        self.wx.iter().chain(&self.wh).chain(&self.b).chain(&self.head_w).chain([&self.head_b]).map(|&v| f64::from(v)).collect()
+    }
+
+    /// The model of a weight vector laid out as `like`'s [`to_vector`](Self::to_vector).
+    pub fn with_vector(like: &LstmModel, v: &[f64]) -> Result<LstmModel, ModelError> {
+        let n = like.wx.len() + like.wh.len() + like.b.len() + like.head_w.len() + 1;
+        if v.len() != n || v.iter().any(|x| !x.is_finite()) {
+            return Err(ModelError::Data(format!("an LSTM weight vector needs {n} finite values, got {}", v.len())));
+        }
+        let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        let (wx, r) = f.split_at(like.wx.len());
+        let (wh, r) = r.split_at(like.wh.len());
+        let (b, r) = r.split_at(like.b.len());
+        let (head_w, r) = r.split_at(like.head_w.len());
+        Ok(LstmModel { input_dim: like.input_dim, hidden: like.hidden, wx: wx.to_vec(), wh: wh.to_vec(), b: b.to_vec(), head_w: head_w.to_vec(), head_b: r[0] })
     }
 
     /// Length of the per-device state: hidden ++ cell = `2 * hidden`.

@@ -185,6 +185,25 @@ impl Svm {
         (0..x.rows).map(|i| self.decision_row(x.row(i))).collect()
     }
 
+    /// A linear SVM's hyperplane as one vector, `w` then `rho` (what a federation
+    /// averages); `None` for a kernel SVM, whose support vectors are training rows
+    /// and never leave a site.
+    pub fn hyperplane(&self) -> Option<Vec<f64>> {
+        match &self.repr {
+            Repr::Linear { w } => Some(w.iter().map(|&v| f64::from(v)).chain([f64::from(self.rho)]).collect()),
+            Repr::Rbf { .. } => None,
+        }
+    }
+
+    /// The linear SVM of a hyperplane vector (`w` then `rho`, as [`Svm::hyperplane`]).
+    pub fn from_hyperplane(v: &[f64]) -> Result<Svm, ModelError> {
+        if v.len() < 2 || v.iter().any(|x| !x.is_finite()) {
+            return Err(ModelError::Data(format!("a hyperplane needs at least one weight and a finite rho ({} values)", v.len())));
+        }
+        let (w, rho) = v.split_at(v.len() - 1);
+        Ok(Svm { cols: w.len(), rho: rho[0] as f32, n_sv: 0, repr: Repr::Linear { w: w.iter().map(|&x| x as f32).collect() } })
+    }
+
     /// Number of support vectors (training rows with a non-zero dual coefficient).
     pub fn support_vectors(&self) -> usize {
         self.n_sv

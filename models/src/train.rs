@@ -101,7 +101,7 @@ pub struct ScreenReport {
 }
 
 /// Per-row member scores over the whole dataset in stream order.
-fn member_scores(e: &Ensemble, prep: &Dataset<'_>, x: &Matrix, seqs: &[Vec<usize>]) -> Vec<MemberScores> {
+pub(crate) fn member_scores(e: &Ensemble, prep: &Dataset<'_>, x: &Matrix, seqs: &[Vec<usize>]) -> Vec<MemberScores> {
     let n = prep.rows();
     let lstm = e.lstm.score_sequences(x, seqs);
     let mut proba = vec![0.0f32; e.forest.n_classes()];
@@ -120,7 +120,7 @@ fn member_scores(e: &Ensemble, prep: &Dataset<'_>, x: &Matrix, seqs: &[Vec<usize
 }
 
 /// Each device's rows in stream order, restricted to `keep` when given.
-fn sequences(devices: &[String], keep: Option<&[usize]>) -> Vec<Vec<usize>> {
+pub(crate) fn sequences(devices: &[String], keep: Option<&[usize]>) -> Vec<Vec<usize>> {
     let mut by: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     let idx: Box<dyn Iterator<Item = usize>> = match keep {
         Some(k) => Box::new(k.iter().copied()),
@@ -134,7 +134,7 @@ fn sequences(devices: &[String], keep: Option<&[usize]>) -> Vec<Vec<usize>> {
 
 /// Label screen: out-of-fold forests over the training rows; a row whose given
 /// label the other folds find improbable is relabelled in `y_class`.
-fn screen_labels(
+pub(crate) fn screen_labels(
     x: &Matrix,
     split: &Split,
     classes: &[String],
@@ -265,6 +265,7 @@ pub fn fit(
         validation_normal: Vec::new(),
         validation_attack: Vec::new(),
         combination: None,
+        calibration: None,
     };
     stack(&mut ens, prep, &x, split, opts, log)?;
     Ok((ens, screen))

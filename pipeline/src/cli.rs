@@ -161,6 +161,13 @@ pub(crate) enum Command {
         #[arg(long, value_name = "FILE")]
         scores: Option<PathBuf>,
     },
+    /// Federated training: hospitals train together and share model updates,
+    /// never rows. `simulate` runs a whole federation in one process over one
+    /// dataset's rows split into sites (for evaluation and CI).
+    Federate {
+        #[command(subcommand)]
+        role: FederateRole,
+    },
     /// The signed audit trail: create a signing key, or verify the audit topic.
     Audit {
         #[command(subcommand)]
@@ -209,6 +216,89 @@ pub(crate) enum AuditCommand {
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
     },
+}
+
+/// Federation roles.
+#[derive(Subcommand)]
+pub(crate) enum FederateRole {
+    /// A whole federation in one process: the dataset's training and validation
+    /// rows split over --sites sites (per class Dirichlet(--alpha) shares, or
+    /// --periods for one capture in time order), each site training on its own
+    /// rows only; the aggregator pools trees, aggregates hyperplanes and LSTM
+    /// weights with --rule, sums the stacker's Newton steps and the sites' score
+    /// histograms. The test rows belong to no site: the model is evaluated on them
+    /// through the detector, as `twinguard train` does. Writes the model, report,
+    /// plots and federation.json (each site's share and the decision on each of its
+    /// updates) into --out.
+    ///
+    ///   twinguard federate simulate --dataset ../shared/datasets/ciciomt2024/train_sample.csv.gz \
+    ///     --schema ciciomt-flow-window/v1 --split stratified --sites 10 --alpha 0.5 \
+    ///     --poison 3:invert --out out/fed-cic
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SimulateArgs {
+    #[command(flatten)]
+    pub(crate) train: TrainArgs,
+    /// Number of sites (hospitals).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) sites: usize,
+    /// Dirichlet concentration of the per-class shares: small = each site sees few
+    /// classes (non-IID), large = the same mix everywhere.
+    #[arg(long, default_value_t = 0.5, conflicts_with = "periods")]
+    pub(crate) alpha: f64,
+    /// Sites are contiguous periods of the rows instead (one capture, e.g. WUSTL).
+    #[arg(long)]
+    pub(crate) periods: bool,
+    /// Poisoned sites (the last K) and their attack: K:invert, K:targeted,
+    /// K:replace (inverted and boosted ×sites), K:little ("a little is enough").
+    #[arg(long)]
+    pub(crate) poison: Option<String>,
+    /// Rule for vector updates: clip-multi-krum (default), multi-krum, median,
+    /// trimmed-mean, or mean (undefended: nothing is screened).
+    #[arg(long, default_value = "clip-multi-krum")]
+    pub(crate) rule: String,
+    /// LSTM rounds (FedAvg from the global weights).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) lstm_rounds: usize,
+    /// LSTM local epochs per round.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) local_epochs: usize,
+}
+
+impl SimulateArgs {
+    pub(crate) fn plan(&self) -> Result<twinguard_models::federated::simulate::FederationPlan> {
+        use twinguard_models::federated::robust::Rule;
+        use twinguard_models::federated::simulate::{FederationPlan, PoisonKind, Sites};
+        let (poisoned, poison) = match &self.poison {
+            None => (0, PoisonKind::Invert),
+            Some(p) => {
+                let (k, kind) = p.split_once(':').ok_or_else(|| anyhow::anyhow!("--poison `{p}`: expected K:KIND, e.g. 3:invert"))?;
+                let k: usize = k.parse().with_context(|| format!("--poison `{p}`: `{k}` is not a number of sites"))?;
+                (k, PoisonKind::parse(kind)?)
+            }
+        };
+        if self.sites < 2 {
+            anyhow::bail!("--sites must be at least 2");
+        }
+        if poisoned >= self.sites {
+            anyhow::bail!("--poison {poisoned} of --sites {} leaves no honest site", self.sites);
+        }
+        if !self.periods && !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            anyhow::bail!("--alpha must be a positive number");
+        }
+        Ok(FederationPlan {
+            sites: self.sites,
+            split: if self.periods { Sites::Periods } else { Sites::Dirichlet { alpha: self.alpha } },
+            rule: Rule::parse(&self.rule)?,
+            poisoned,
+            poison,
+            lstm_rounds: self.lstm_rounds.max(1),
+            lstm_local_epochs: self.local_epochs.max(1),
+            seed: self.train.seed,
+        })
+    }
 }
 
 #[derive(clap::Args)]

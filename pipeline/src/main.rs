@@ -18,7 +18,7 @@ use twinguard_train::{self as train, ReplayOptions};
 
 mod cli;
 
-use cli::{AuditCommand, Cli, Command, SimArgs};
+use cli::{AuditCommand, Cli, Command, FederateRole, SimArgs};
 
 /// Training's progress on stderr: steps as lines, the running status of a long step
 /// rewritten in place.
@@ -152,6 +152,16 @@ fn real_main(cli: Cli) -> Result<()> {
             if let Some(f) = scores {
                 println!("per-event scores written to {}", f.display());
             }
+            Ok(())
+        }
+        Command::Federate { role: FederateRole::Simulate(args) } => {
+            init_logs("warn");
+            let plan = args.plan()?;
+            let job = args.train.job()?;
+            let (artifact, report, fed) = twinguard_train::run_federate(&job, &plan, &mut print_progress)?;
+            println!("{}", twinguard_train::render(&report));
+            println!("{}", twinguard_train::render_federation(&fed));
+            println!("model {} and federation.json in {}", artifact.version, job.out.display());
             Ok(())
         }
         Command::Audit { command } => audit(command),

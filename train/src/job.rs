@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use twinguard_models::eval::evaluate;
 use twinguard_models::eval::Scores;
 use twinguard_models::labels;
-use twinguard_models::train::{fit, Progress, Split, TrainOptions};
-use twinguard_models::{Artifact, ModelCard, ModelError};
+use twinguard_models::train::{fit, Dataset, Progress, ScreenReport, Split, TrainOptions};
+use twinguard_models::{Artifact, Ensemble, ModelCard, ModelError};
 use twinguard_operators::detect::feature_relevant;
 use twinguard_operators::TwinConfig;
 use twinguard_schemas::EventSchema;
@@ -67,6 +67,24 @@ pub fn train_records(
     started: Instant,
     log: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Artifact, Report), TrainError> {
+    let mut central = |ds: &Dataset<'_>, split: &Split, log: &mut dyn FnMut(Progress<'_>)| fit(ds, split, job.twin.anomaly_threshold, &job.opts, log);
+    train_records_with(job, records, dataset_sha256, started, &mut central, "", log)
+}
+
+/// How a training run fits the ensemble on the prepared rows and their split.
+pub type Fitter<'a> = dyn FnMut(&Dataset<'_>, &Split, &mut dyn FnMut(Progress<'_>)) -> Result<(Ensemble, Option<ScreenReport>), ModelError> + 'a;
+
+/// [`train_records`] with another way to fit (a federation); `version_prefix`
+/// starts the model version (e.g. `fed-`).
+pub fn train_records_with(
+    job: &TrainJob,
+    records: &[(String, Vec<u8>)],
+    dataset_sha256: &str,
+    started: Instant,
+    fitter: &mut Fitter<'_>,
+    version_prefix: &str,
+    log: &mut dyn FnMut(Progress<'_>),
+) -> Result<(Artifact, Report), TrainError> {
     let prep = prepare(&job.schema, &job.twin, &job.feature_sql, records, &mut |d, n| log(Progress::Status(&format!("  features: {d}/{n} events   "))))?;
     log(Progress::StatusEnd);
     log(Progress::Step(&format!("features: {} per event ({} records rejected by the decoder)", prep.cols, prep.rejected)));
@@ -78,7 +96,7 @@ pub fn train_records(
         split.validation.len(),
         split.test.len()
     )));
-    let (ensemble, screen) = fit(&prep.dataset(), &split, job.twin.anomaly_threshold, &job.opts, log)?;
+    let (ensemble, screen) = fitter(&prep.dataset(), &split, log)?;
     let training_seconds = started.elapsed().as_secs_f64();
     let recipe = Recipe { dataset: job.dataset.clone(), split: job.split.clone(), train: job.opts.clone() };
     let mut artifact = Artifact {
@@ -120,7 +138,7 @@ pub fn train_records(
         let bytes = serde_json::to_vec(&artifact.ensemble).expect("serialises");
         format!("{:x}", sha2::Sha256::digest(&bytes))
     };
-    artifact.version = format!("{}-v{}-{}-{}", job.schema.name, job.schema.version, chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), &digest[..8]);
+    artifact.version = format!("{version_prefix}{}-v{}-{}-{}", job.schema.name, job.schema.version, chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), &digest[..8]);
     log(Progress::Step(&format!("trained in {training_seconds:.1} s; evaluating on the test rows through the detector")));
     let scores = score_stream(&job.schema, &job.twin, artifact.clone(), records, &mut |d, n| log(Progress::Status(&format!("  scoring: {d}/{n} events   "))))?;
     log(Progress::StatusEnd);

@@ -1,0 +1,21 @@
+//! Federated training: the math a federation of hospitals needs, with no Kafka and
+//! no clock (transport and roles live in the pipeline).
+//!
+//! A federation trains every member of the ensemble without moving a row:
+//! - [`stats`]: round 0, pooled feature moments, so every site standardises alike;
+//! - [`robust`]: robust rules for vector updates (SVM hyperplanes, LSTM weights,
+//!   stacker weights) and the screen for tree updates (cross-site AUC);
+//! - pooling for the trees ([`Forest::merge`](crate::forest::Forest::merge)) and
+//!   bagging for the boosted member ([`Booster::average`](crate::boost::Booster::average));
+//! - the stacker by summed Newton steps ([`Stacker::newton_sums`](crate::Stacker::newton_sums)),
+//!   the same fit as on the union of the rows;
+//! - [`calibrate`]: the threshold from merged score histograms, so the artifact
+//!   stores no site's scores;
+//! - [`partition`]: how an evaluation splits one dataset into sites;
+//! - [`simulate`]: a whole federation in one process, sites poisoned or not.
+
+pub mod calibrate;
+pub mod partition;
+pub mod robust;
+pub mod simulate;
+pub mod stats;

@@ -1,0 +1,650 @@
+//! A whole federation in one process: the dataset's training and validation rows
+//! split over sites, each site training on its own rows only, the aggregator
+//! combining what they send with a robust rule. The sites' updates are exactly
+//! what would cross the site boundary (moments, trees, hyperplanes, LSTM weight
+//! deltas, Newton sums, score histograms); no row, score or twin is shared.
+//!
+//! Poisoned sites (the last `k`) follow one of the attacks of the evaluation
+//! protocol: their labels inverted, one attack class relabelled normal, model
+//! replacement (inverted labels and the update boosted ×N), or "a little is
+//! enough" (Baruch et al. 2019: colluding sites send the honest mean minus 1.5
+//! standard deviations per coordinate).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::calibrate::{logit, sigmoid, ScoreHistogram};
+use super::robust::{aggregate, screen_by_auc, tolerated, Decision, Rule};
+use super::stats::Moments;
+use super::partition;
+use crate::boost::Booster;
+use crate::ensemble::{class_weights, Combination, FprInterval, MemberScores, NewtonSums, Stacker, MEMBERS};
+use crate::forest::{Forest, ForestParams};
+use crate::lstm::{LstmModel, LstmParams};
+use crate::svm::Svm;
+use crate::train::{member_scores, screen_labels, sequences, Dataset, Progress, Split, TrainOptions};
+use crate::{labels, metrics, Ensemble, Matrix, ModelError};
+
+/// What a poisoned site does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoisonKind {
+    /// Normal rows labelled attack and attack rows normal.
+    Invert,
+    /// The most frequent attack class labelled normal (a targeted flip).
+    Targeted,
+    /// Inverted labels, and every vector update boosted ×(number of sites).
+    Replace,
+    /// "A little is enough": vector updates at the honest mean − 1.5 sd per
+    /// coordinate; trees and histograms as `invert`.
+    Little,
+}
+
+impl PoisonKind {
+    pub const ALL: [PoisonKind; 4] = [PoisonKind::Invert, PoisonKind::Targeted, PoisonKind::Replace, PoisonKind::Little];
+    pub fn name(self) -> &'static str {
+        match self {
+            PoisonKind::Invert => "invert",
+            PoisonKind::Targeted => "targeted",
+            PoisonKind::Replace => "replace",
+            PoisonKind::Little => "little",
+        }
+    }
+    pub fn parse(s: &str) -> Result<PoisonKind, ModelError> {
+        PoisonKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| ModelError::Param {
+            name: "poison",
+            why: format!("`{s}` is not an attack; one of {}", PoisonKind::ALL.map(PoisonKind::name).join(", ")),
+        })
+    }
+}
+
+/// How the rows become sites.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sites {
+    /// Per class, Dirichlet(α) shares over the sites.
+    Dirichlet { alpha: f64 },
+    /// Contiguous periods of the (time-ordered) rows.
+    Periods,
+}
+
+/// A federation's settings (recorded in the model card).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FederationPlan {
+    pub sites: usize,
+    pub split: Sites,
+    /// Rule for the vector members; trees, stacker and histograms are screened
+    /// unless the rule is `mean` (the undefended federation).
+    pub rule: Rule,
+    /// Poisoned sites (the last ones) and their attack.
+    pub poisoned: usize,
+    pub poison: PoisonKind,
+    /// LSTM rounds (FedAvg from the global weights) and local epochs per round.
+    pub lstm_rounds: usize,
+    pub lstm_local_epochs: usize,
+    pub seed: u64,
+}
+
+/// One site's share and status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteSummary {
+    pub site: usize,
+    pub train_rows: usize,
+    pub validation_rows: usize,
+    pub validation_normal: usize,
+    pub poisoned: bool,
+    /// Bytes of each update this site sent, JSON-encoded (a binary encoding
+    /// would send fewer).
+    pub bytes: BTreeMap<String, usize>,
+}
+
+/// What the federation did: per member, the decision on every site's update.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FederationReport {
+    pub plan: FederationPlan,
+    pub tolerated: usize,
+    pub sites: Vec<SiteSummary>,
+    pub decisions: BTreeMap<String, Vec<Decision>>,
+    pub seconds: f64,
+}
+
+impl FederationReport {
+    /// Honest sites some member excluded, and poisoned sites some member accepted.
+    pub fn exclusions(&self) -> (usize, usize) {
+        let poisoned: BTreeSet<usize> = self.sites.iter().filter(|s| s.poisoned).map(|s| s.site).collect();
+        let mut honest_out = BTreeSet::new();
+        let mut poisoned_in = BTreeSet::new();
+        for d in self.decisions.values().flatten() {
+            if !d.accepted && !poisoned.contains(&d.site) {
+                honest_out.insert(d.site);
+            }
+            if d.accepted && poisoned.contains(&d.site) {
+                poisoned_in.insert(d.site);
+            }
+        }
+        (honest_out.len(), poisoned_in.len())
+    }
+}
+
+/// One site's rows and labels (its own copy: a poisoned site's labels are its own).
+struct Site {
+    train: Vec<usize>,
+    validation: Vec<usize>,
+    poisoned: bool,
+}
+
+/// The federation's working state.
+struct Fed<'a> {
+    prep: &'a Dataset<'a>,
+    plan: &'a FederationPlan,
+    opts: &'a TrainOptions,
+    sites: Vec<Site>,
+    /// Labels as each row's site sees them (poisoned sites' rows changed).
+    y: Vec<usize>,
+    classes: Vec<String>,
+    x: Matrix,
+    f: usize,
+    robust: bool,
+    report: FederationReport,
+}
+
+fn bytes<T: Serialize>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(0, |b| b.len())
+}
+
+/// Train the ensemble as a federation of `plan.sites` sites over `split`'s
+/// training and validation rows (the test rows belong to no site).
+pub fn fit_federated(
+    prep: &Dataset<'_>,
+    split: &Split,
+    twin_threshold: f64,
+    opts: &TrainOptions,
+    plan: &FederationPlan,
+    log: &mut dyn FnMut(Progress<'_>),
+) -> Result<(Ensemble, FederationReport), ModelError> {
+    let started = Instant::now();
+    if plan.sites < 2 {
+        return Err(ModelError::Param { name: "sites", why: format!("a federation needs at least 2 sites, got {}", plan.sites) });
+    }
+    if plan.poisoned >= plan.sites {
+        return Err(ModelError::Param { name: "poison", why: format!("{} poisoned sites of {} leaves no honest site", plan.poisoned, plan.sites) });
+    }
+    let set: BTreeSet<&str> = prep.classes.iter().map(String::as_str).filter(|c| *c != labels::NORMAL).collect();
+    let classes: Vec<String> = std::iter::once(labels::NORMAL.to_string()).chain(set.iter().map(|s| s.to_string())).collect();
+    let cidx: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+    let y: Vec<usize> = prep.classes.iter().map(|c| cidx[c.as_str()]).collect();
+    let sites = make_sites(split, &y, plan)?;
+    let summaries = sites
+        .iter()
+        .enumerate()
+        .map(|(i, s)| SiteSummary {
+            site: i,
+            train_rows: s.train.len(),
+            validation_rows: s.validation.len(),
+            validation_normal: s.validation.iter().filter(|&&r| y[r] == 0).count(),
+            poisoned: s.poisoned,
+            bytes: BTreeMap::new(),
+        })
+        .collect();
+    let f = tolerated(plan.sites, plan.sites / 2);
+    let mut fed = Fed {
+        prep,
+        plan,
+        opts,
+        sites,
+        y,
+        classes,
+        x: Matrix::zeros(0, 0),
+        f,
+        robust: plan.rule != Rule::Mean,
+        report: FederationReport { plan: plan.clone(), tolerated: f, sites: summaries, decisions: BTreeMap::new(), seconds: 0.0 },
+    };
+    log(Progress::Step(&format!(
+        "federation: {} sites ({} poisoned: {}), rule {}, f = {f}; train rows per site {:?}",
+        plan.sites,
+        plan.poisoned,
+        plan.poison.name(),
+        plan.rule.name(),
+        fed.sites.iter().map(|s| s.train.len()).collect::<Vec<_>>()
+    )));
+    fed.poison_labels();
+    if opts.screen {
+        fed.screen(log)?;
+    }
+    let standardizer = fed.round_zero();
+    fed.x = standardizer.apply_all(prep.values);
+    let forest = fed.forest(log)?;
+    let boost = fed.boost(log)?;
+    let svm = fed.svm(log)?;
+    let lstm = fed.lstm(log)?;
+    let mut ens = Ensemble {
+        standardizer,
+        forest,
+        svm,
+        lstm,
+        boost: Some(boost),
+        stacker: Stacker { weights: vec![0.0; MEMBERS.len()], bias: 0.0 },
+        twin_feature: prep.names.iter().position(|n| n == "behaviour_distance"),
+        twin_threshold,
+        threshold: 0.5,
+        classes: fed.classes.clone(),
+        validation_normal: Vec::new(),
+        validation_attack: Vec::new(),
+        combination: None,
+        calibration: None,
+    };
+    let all = member_scores(&ens, prep, &fed.x, &sequences(prep.devices, None));
+    ens.stacker = fed.stacker(&all, log)?;
+    fed.threshold(&mut ens, &all, log)?;
+    fed.report.seconds = started.elapsed().as_secs_f64();
+    Ok((ens, fed.report))
+}
+
+/// The stacker fitted by Newton steps on summed per-site sums (what each site
+/// sends per step: gradient and Hessian sums over its validation rows at the
+/// current weights, class weights from the total counts). The same fit as
+/// [`Stacker::fit`] on the union of the parts. Returns it with the step count.
+pub fn federated_stacker(parts: &[(Vec<MemberScores>, Vec<bool>)], l2: f64) -> Result<(Stacker, usize), ModelError> {
+    let (pos, total) = parts.iter().fold((0, 0), |(p, t), (_, y)| (p + y.iter().filter(|&&b| b).count(), t + y.len()));
+    if pos == 0 || pos == total {
+        return Err(ModelError::Data("the sites' validation rows need both normal and attack rows".into()));
+    }
+    let cw = class_weights(pos, total);
+    let mut w = vec![0.0f64; MEMBERS.len() + 1];
+    let mut steps = 0;
+    for _ in 0..50 {
+        let mut sum = NewtonSums::zero();
+        for (m, y) in parts {
+            sum.add(&Stacker::newton_sums(m, y, &w, cw));
+        }
+        steps += 1;
+        if Stacker::newton_step(&mut w, sum, l2)? < 1e-8 {
+            break;
+        }
+    }
+    Ok((Stacker::from_vector(&w), steps))
+}
+
+/// Split the training and validation rows over the sites.
+fn make_sites(split: &Split, y: &[usize], plan: &FederationPlan) -> Result<Vec<Site>, ModelError> {
+    let (train, validation) = match plan.split {
+        Sites::Dirichlet { alpha } => {
+            let class = |r: usize| y[r];
+            (
+                partition::dirichlet(&split.train, &class, plan.sites, alpha, 20, plan.seed)?,
+                partition::dirichlet(&split.validation, &class, plan.sites, alpha, 5, plan.seed ^ 0xFED)?,
+            )
+        }
+        Sites::Periods => (partition::periods(&split.train, plan.sites), partition::periods(&split.validation, plan.sites)),
+    };
+    Ok(train
+        .into_iter()
+        .zip(validation)
+        .enumerate()
+        .map(|(i, (train, validation))| Site { train, validation, poisoned: i >= plan.sites - plan.poisoned })
+        .collect())
+}
+
+/// Binary labels of rows.
+fn binary(y: &[usize], rows: &[usize]) -> Vec<bool> {
+    rows.iter().map(|&r| y[r] != 0).collect()
+}
+
+/// ROC-AUC of scores against labels; `None` with one class only.
+fn auc(scores: &[f64], y: &[bool]) -> Option<f64> {
+    let pos = y.iter().filter(|&&b| b).count();
+    (pos > 0 && pos < y.len()).then(|| metrics::roc_auc(scores, y))
+}
+
+impl Fed<'_> {
+    fn poisoned_sites(&self) -> impl Iterator<Item = &Site> {
+        self.sites.iter().filter(|s| s.poisoned)
+    }
+
+    /// Change the poisoned sites' labels (their own rows only).
+    fn poison_labels(&mut self) {
+        if self.plan.poisoned == 0 {
+            return;
+        }
+        let mut counts = vec![0usize; self.classes.len()];
+        for s in &self.sites {
+            for &r in &s.train {
+                counts[self.y[r]] += 1;
+            }
+        }
+        let top_attack = (1..counts.len()).max_by_key(|&c| counts[c]).unwrap_or(1);
+        let rows: Vec<usize> = self.poisoned_sites().flat_map(|s| s.train.iter().chain(&s.validation).copied()).collect();
+        for r in rows {
+            self.y[r] = match self.plan.poison {
+                PoisonKind::Targeted => if self.y[r] == top_attack { 0 } else { self.y[r] },
+                _ => if self.y[r] == 0 { top_attack } else { 0 },
+            };
+        }
+    }
+
+    /// Each site screens its own training labels (the label screen of `train`).
+    fn screen(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<(), ModelError> {
+        let train_vals: Vec<f64> = self.sites.iter().flat_map(|s| s.train.iter()).flat_map(|&i| self.prep.row(i).iter().copied()).collect();
+        let x = crate::Standardizer::fit(&train_vals, self.prep.cols).apply_all(self.prep.values);
+        for i in 0..self.sites.len() {
+            let split = Split { train: self.sites[i].train.clone(), ..Default::default() };
+            let r = screen_labels(&x, &split, &self.classes, &mut self.y, &BTreeSet::new(), self.opts, &mut |_| {});
+            match r {
+                Ok(r) => log(Progress::Step(&format!("site {i}: label screen relabelled {} rows", r.flagged))),
+                Err(e) => log(Progress::Step(&format!("site {i}: label screen skipped ({e})"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Round 0: every site's feature moments, merged into the global standardiser.
+    fn round_zero(&mut self) -> crate::Standardizer {
+        let parts: Vec<Moments> = self
+            .sites
+            .iter()
+            .map(|s| Moments::of(&s.train.iter().flat_map(|&i| self.prep.row(i).iter().copied()).collect::<Vec<f64>>(), self.prep.cols))
+            .collect();
+        for (i, p) in parts.iter().enumerate() {
+            self.report.sites[i].bytes.insert("moments".into(), bytes(p));
+        }
+        Moments::merge(&parts.iter().collect::<Vec<_>>()).standardizer()
+    }
+
+    /// Cross-site screen of site models (trees, boosters, stackers): every site
+    /// scores every other site's model on its own validation rows (its own labels).
+    fn screen_trees(&self, score: &dyn Fn(usize, usize) -> f64, fitted: &[bool]) -> Vec<Decision> {
+        let n = self.sites.len();
+        let table: Vec<Vec<Option<f64>>> = (0..n)
+            .map(|i| {
+                (0..n)
+                    .map(|j| {
+                        if i == j || !fitted[i] {
+                            return None;
+                        }
+                        let v = &self.sites[j].validation;
+                        let s: Vec<f64> = v.iter().map(|&r| score(i, r)).collect();
+                        auc(&s, &binary(&self.y, v))
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut d = screen_by_auc(&table);
+        for (i, x) in d.iter_mut().enumerate() {
+            if !fitted[i] {
+                x.accepted = false;
+                x.reason = "no model: its training rows hold one class only".into();
+            } else if !self.robust {
+                x.accepted = true;
+                x.reason = format!("rule mean: accepted unscreened (median AUC {:.4})", x.score);
+            }
+        }
+        d
+    }
+
+    fn forest(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<Forest, ModelError> {
+        let t0 = Instant::now();
+        let per = (self.opts.forest.trees / self.sites.len()).max(1);
+        let k = self.classes.len();
+        let mut fits: Vec<Option<Forest>> = Vec::new();
+        for (i, s) in self.sites.iter().enumerate() {
+            let params = ForestParams { trees: per, seed: self.opts.forest.seed ^ (i as u64 + 1).wrapping_mul(0x9E37), ..self.opts.forest.clone() };
+            let ys: Vec<usize> = s.train.iter().map(|&r| self.y[r]).collect();
+            fits.push(Forest::fit(&self.x.select(&s.train), &ys, k, &params, &mut |_, _| {}).ok());
+        }
+        let fitted: Vec<bool> = fits.iter().map(Option::is_some).collect();
+        let mut proba = vec![0f32; k];
+        let x = &self.x;
+        let cell = std::cell::RefCell::new(&mut proba);
+        let score = |i: usize, r: usize| {
+            let mut p = cell.borrow_mut();
+            fits[i].as_ref().expect("fitted").predict_proba_row(x.row(r), &mut p);
+            f64::from(1.0 - p[0])
+        };
+        let d = self.screen_trees(&score, &fitted);
+        for (i, f) in fits.iter().enumerate() {
+            self.report.sites[i].bytes.insert("forest".into(), f.as_ref().map_or(0, bytes));
+        }
+        let kept: Vec<&Forest> = fits.iter().zip(&d).filter(|(_, d)| d.accepted).filter_map(|(f, _)| f.as_ref()).collect();
+        let merged = Forest::merge(&kept).map_err(|_| ModelError::Train("no site's trees were accepted".into()))?;
+        log(Progress::Step(&format!("forest: {} trees pooled from {} of {} sites ({per} each) in {:.1} s", merged.trees(), kept.len(), fits.len(), t0.elapsed().as_secs_f64())));
+        self.report.decisions.insert("rf".into(), d);
+        Ok(merged)
+    }
+
+    fn boost(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<Booster, ModelError> {
+        let t0 = Instant::now();
+        let fits: Vec<Option<Booster>> = self
+            .sites
+            .iter()
+            .map(|s| Booster::fit(&self.x.select(&s.train), &binary(&self.y, &s.train), &self.opts.boost, &mut |_, _| {}).ok())
+            .collect();
+        let fitted: Vec<bool> = fits.iter().map(Option::is_some).collect();
+        let x = &self.x;
+        let score = |i: usize, r: usize| f64::from(fits[i].as_ref().expect("fitted").predict_row(x.row(r)));
+        let d = self.screen_trees(&score, &fitted);
+        for (i, b) in fits.iter().enumerate() {
+            self.report.sites[i].bytes.insert("gbdt".into(), b.as_ref().map_or(0, bytes));
+        }
+        let kept: Vec<&Booster> = fits.iter().zip(&d).filter(|(_, d)| d.accepted).filter_map(|(b, _)| b.as_ref()).collect();
+        let avg = Booster::average(&kept).map_err(|_| ModelError::Train("no site's boosted trees were accepted".into()))?;
+        log(Progress::Step(&format!("boosted trees: {} sites' boosters averaged in {:.1} s", kept.len(), t0.elapsed().as_secs_f64())));
+        self.report.decisions.insert("gbdt".into(), d);
+        Ok(avg)
+    }
+
+    /// Replace the poisoned sites' vectors per the attack: boosted (`replace`)
+    /// or the honest mean − 1.5 sd (`little`). `global` is what a boosted update
+    /// is a delta from.
+    fn poison_vectors(&self, ups: &mut [Option<Vec<f64>>], global: Option<&[f64]>) {
+        let n = self.sites.len() as f64;
+        match self.plan.poison {
+            PoisonKind::Replace => {
+                for (u, s) in ups.iter_mut().zip(&self.sites) {
+                    if let (Some(u), true) = (u.as_mut(), s.poisoned) {
+                        for (k, v) in u.iter_mut().enumerate() {
+                            let g = global.map_or(0.0, |g| g[k]);
+                            *v = g + n * (*v - g);
+                        }
+                    }
+                }
+            }
+            PoisonKind::Little => {
+                let honest: Vec<&Vec<f64>> = ups.iter().zip(&self.sites).filter(|(_, s)| !s.poisoned).filter_map(|(u, _)| u.as_ref()).collect();
+                if honest.is_empty() {
+                    return;
+                }
+                let d = honest[0].len();
+                let m = honest.len() as f64;
+                let mean: Vec<f64> = (0..d).map(|k| honest.iter().map(|u| u[k]).sum::<f64>() / m).collect();
+                let sd: Vec<f64> = (0..d).map(|k| (honest.iter().map(|u| (u[k] - mean[k]).powi(2)).sum::<f64>() / m).sqrt()).collect();
+                let evil: Vec<f64> = (0..d).map(|k| mean[k] - 1.5 * sd[k]).collect();
+                for (u, s) in ups.iter_mut().zip(&self.sites) {
+                    if s.poisoned && u.is_some() {
+                        *u = Some(evil.clone());
+                    }
+                }
+            }
+            PoisonKind::Invert | PoisonKind::Targeted => {}
+        }
+    }
+
+    /// Aggregate the sites' vectors (sites without one are rejected with a reason).
+    fn aggregate_vectors(&self, ups: &[Option<Vec<f64>>], what: &str) -> Result<(Vec<f64>, Vec<Decision>), ModelError> {
+        let idx: Vec<usize> = (0..ups.len()).filter(|&i| ups[i].is_some()).collect();
+        if idx.is_empty() {
+            return Err(ModelError::Train(format!("no site could fit the {what}")));
+        }
+        let vecs: Vec<Vec<f64>> = idx.iter().map(|&i| ups[i].clone().expect("some")).collect();
+        let f = self.f.min(tolerated(vecs.len(), self.f));
+        let a = aggregate(&vecs, self.plan.rule, f)?;
+        let mut decisions: Vec<Decision> = (0..ups.len())
+            .map(|site| Decision { site, accepted: false, score: f64::NAN, reason: "no update: its rows hold one class only".into() })
+            .collect();
+        for (k, mut d) in a.decisions.into_iter().enumerate() {
+            d.site = idx[k];
+            decisions[idx[k]] = d;
+        }
+        Ok((a.value, decisions))
+    }
+
+    fn svm(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<Svm, ModelError> {
+        let t0 = Instant::now();
+        let mut ups: Vec<Option<Vec<f64>>> = self
+            .sites
+            .iter()
+            .map(|s| Svm::fit(&self.x.select(&s.train), &binary(&self.y, &s.train), &self.opts.svm).ok().and_then(|m| m.hyperplane()))
+            .collect();
+        self.poison_vectors(&mut ups, None);
+        for (i, u) in ups.iter().enumerate() {
+            self.report.sites[i].bytes.insert("svm".into(), u.as_ref().map_or(0, bytes));
+        }
+        let (w, d) = self.aggregate_vectors(&ups, "linear SVM")?;
+        log(Progress::Step(&format!("SVM: hyperplanes of {} sites aggregated ({}) in {:.1} s", d.iter().filter(|d| d.accepted).count(), self.plan.rule.name(), t0.elapsed().as_secs_f64())));
+        self.report.decisions.insert("svm".into(), d);
+        Svm::from_hyperplane(&w)
+    }
+
+    /// FedAvg rounds over weight deltas from the global LSTM, robust rule on the
+    /// deltas; the decisions of the last round are reported.
+    fn lstm(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<LstmModel, ModelError> {
+        let t0 = Instant::now();
+        let params = LstmParams { epochs: self.plan.lstm_local_epochs.max(1), ..self.opts.lstm.clone() };
+        let mut global = LstmModel::initial(self.x.cols, &params);
+        let mut last = Vec::new();
+        for round in 1..=self.plan.lstm_rounds.max(1) {
+            let g = global.to_vector();
+            let mut ups: Vec<Option<Vec<f64>>> = Vec::new();
+            for s in &self.sites {
+                let mut yb = vec![false; self.x.rows];
+                for &r in &s.train {
+                    yb[r] = self.y[r] != 0;
+                }
+                let seqs = sequences(self.prep.devices, Some(&s.train));
+                let fit = LstmModel::fit_from(Some(&global), &self.x, &yb, &seqs, &params, &mut |_, _, _| {}).ok();
+                ups.push(fit.map(|m| m.to_vector()));
+            }
+            self.poison_vectors(&mut ups, Some(&g));
+            let deltas: Vec<Option<Vec<f64>>> = ups.iter().map(|u| u.as_ref().map(|u| u.iter().zip(&g).map(|(a, b)| a - b).collect())).collect();
+            let (delta, d) = self.aggregate_vectors(&deltas, "LSTM")?;
+            let next: Vec<f64> = g.iter().zip(&delta).map(|(a, b)| a + b).collect();
+            global = LstmModel::with_vector(&global, &next)?;
+            log(Progress::Status(&format!("  LSTM: round {round}/{}   ", self.plan.lstm_rounds)));
+            for (i, u) in deltas.iter().enumerate() {
+                *self.report.sites[i].bytes.entry("lstm".into()).or_default() += u.as_ref().map_or(0, bytes);
+            }
+            last = d;
+        }
+        log(Progress::StatusEnd);
+        log(Progress::Step(&format!("LSTM: {} rounds of {} local epochs in {:.1} s", self.plan.lstm_rounds, params.epochs, t0.elapsed().as_secs_f64())));
+        self.report.decisions.insert("lstm".into(), last);
+        Ok(global)
+    }
+
+    /// The stacker by summed Newton steps over the sites' validation rows (global
+    /// class weights). Robust: each site also sends its own stacker (6 numbers),
+    /// screened like the trees by its AUC on the other sites' rows; sites that
+    /// fail are left out of the sums.
+    fn stacker(&mut self, all: &[MemberScores], log: &mut dyn FnMut(Progress<'_>)) -> Result<Stacker, ModelError> {
+        let parts: Vec<(Vec<MemberScores>, Vec<bool>)> =
+            self.sites.iter().map(|s| (s.validation.iter().map(|&r| all[r]).collect(), binary(&self.y, &s.validation))).collect();
+        let locals: Vec<Option<Stacker>> = parts.iter().map(|(m, y)| Stacker::fit(m, y, 1e-2).ok()).collect();
+        let fitted: Vec<bool> = locals.iter().map(Option::is_some).collect();
+        let score = |i: usize, r: usize| locals[i].as_ref().expect("fitted").predict(&all[r]);
+        let mut d = self.screen_trees(&score, &fitted);
+        for (x, l) in d.iter_mut().zip(&locals) {
+            if l.is_none() {
+                // Its rows hold one class: no own stacker to screen, its sums count.
+                x.accepted = true;
+                x.reason = "no own stacker to screen (one class only): its sums count".into();
+            }
+        }
+        let keep: Vec<bool> = d.iter().map(|d| d.accepted).collect();
+        let kept: Vec<(Vec<MemberScores>, Vec<bool>)> = parts.into_iter().zip(&keep).filter(|(_, k)| **k).map(|(p, _)| p).collect();
+        let (stacker, steps) = federated_stacker(&kept, 1e-2)?;
+        for i in 0..self.sites.len() {
+            self.report.sites[i].bytes.insert("stacker".into(), steps * bytes(&NewtonSums::zero()));
+        }
+        log(Progress::Step(&format!("stacker: {steps} federated Newton steps over {} sites' validation rows", keep.iter().filter(|&&k| k).count())));
+        self.report.decisions.insert("stacker".into(), d);
+        Ok(stacker)
+    }
+
+    /// The threshold from the sites' merged histograms of validation scores;
+    /// robust: a site whose normal rows score above 0.5 far more often than the
+    /// others' is left out of the merge.
+    fn threshold(&mut self, ens: &mut Ensemble, all: &[MemberScores], log: &mut dyn FnMut(Progress<'_>)) -> Result<(), ModelError> {
+        let target = self.opts.target_fpr;
+        let hist_of = |s: &Site, get: &dyn Fn(&MemberScores) -> f64| {
+            let z: Vec<f64> = s.validation.iter().map(|&r| get(&all[r])).collect();
+            ScoreHistogram::of(&z, &binary(&self.y, &s.validation))
+        };
+        let stack = ens.stacker.clone();
+        let hists: Vec<ScoreHistogram> = self.sites.iter().map(|s| hist_of(s, &|m| logit(stack.predict(m)))).collect();
+        let merge = |keep: &[bool], hs: &[ScoreHistogram]| -> Result<ScoreHistogram, ModelError> {
+            let mut m = ScoreHistogram::default();
+            for (h, _) in hs.iter().zip(keep).filter(|(_, k)| **k) {
+                m.add(h)?;
+            }
+            Ok(m)
+        };
+        let mut keep = vec![true; hists.len()];
+        // The screen's reference is p = 0.5, where the stacker (balanced class
+        // weights) finds both classes equally likely: no site controls it. A
+        // site whose "normal" rows score above it far more often than the others'
+        // (inverted or flipped labels) is left out of the merge.
+        let z0 = 0.0;
+        let local: Vec<Option<f64>> = hists.iter().map(|h| (h.normals() > 0).then(|| h.normals_above(z0) as f64 / h.normals() as f64)).collect();
+        let mut fprs: Vec<f64> = local.iter().flatten().copied().collect();
+        fprs.sort_by(f64::total_cmp);
+        let med = fprs.get(fprs.len() / 2).copied().unwrap_or(0.0);
+        let mut dev: Vec<f64> = fprs.iter().map(|x| (x - med).abs()).collect();
+        dev.sort_by(f64::total_cmp);
+        let bound = (med + 3.0 * dev.get(dev.len() / 2).copied().unwrap_or(0.0)).max(10.0 * target);
+        let mut decisions = Vec::new();
+        for (i, l) in local.iter().enumerate() {
+            let (accepted, reason) = match l {
+                Some(x) if self.robust && *x > bound => (false, format!("{x:.4} of its normal rows score above 0.5, more than {bound:.4} (median + 3 MAD, at least 10 × the target)")),
+                Some(x) => (true, format!("{x:.4} of its normal rows score above 0.5")),
+                None => (true, "no normal validation rows: attack counts only".into()),
+            };
+            keep[i] = accepted;
+            decisions.push(Decision { site: i, accepted, score: l.unwrap_or(f64::NAN), reason });
+        }
+        let merged = merge(&keep, &hists)?;
+        let z = merged.threshold_for_fpr(target)?;
+        ens.threshold = sigmoid(z);
+        let law = {
+            let (above, n) = (merged.normals_above(z) as usize, merged.normals() as usize);
+            let (expected, low, high) = metrics::fpr_interval(above, n, 0.9);
+            FprInterval { normals: n, above, expected, low, high, level: 0.9 }
+        };
+        let mut member_thresholds = BTreeMap::new();
+        for m in MEMBERS {
+            let get = |s: &MemberScores| if m == "svm" { s.svm } else { logit(s.get(m)) };
+            let hs: Vec<ScoreHistogram> = self.sites.iter().map(|s| hist_of(s, &get)).collect();
+            let zt = merge(&keep, &hs)?.threshold_for_fpr(target)?;
+            member_thresholds.insert(m.to_string(), if m == "svm" { zt } else { sigmoid(zt) });
+        }
+        for i in 0..self.sites.len() {
+            self.report.sites[i].bytes.insert("histograms".into(), (1 + MEMBERS.len()) * bytes(&hists[i]));
+        }
+        log(Progress::Step(&format!(
+            "threshold {:.4} for FPR <= {target} from {} sites' merged histograms: {} of {} validation normals above (expected FPR {:.2} %)",
+            ens.threshold,
+            keep.iter().filter(|&&k| k).count(),
+            law.above,
+            law.normals,
+            100.0 * law.expected
+        )));
+        ens.calibration = Some(merged);
+        ens.combination = Some(Combination { chosen: "stack".into(), folds: 0, candidates: Vec::new(), threshold_fpr: law, member_thresholds });
+        self.report.decisions.insert("threshold".into(), decisions);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "simulate_tests.rs"]
+mod tests;
