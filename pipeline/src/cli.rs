@@ -265,6 +265,11 @@ pub(crate) struct SimulateArgs {
     /// LSTM local epochs per round.
     #[arg(long, default_value_t = 3)]
     pub(crate) local_epochs: usize,
+    /// Instead of a federation: every site trains the whole ensemble alone on its
+    /// own rows (the arm a federation must beat), measured on the same test rows;
+    /// writes local.json into --out.
+    #[arg(long)]
+    pub(crate) local_only: bool,
 }
 
 impl SimulateArgs {

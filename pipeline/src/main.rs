@@ -154,18 +154,32 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Federate { role: FederateRole::Simulate(args) } => {
-            init_logs("warn");
+        Command::Federate { role } => federate(role),
+        Command::Audit { command } => audit(command),
+        Command::Schemas { name } => print_schemas(name),
+    }
+}
+
+/// `twinguard federate ...`.
+fn federate(role: FederateRole) -> Result<()> {
+    init_logs("warn");
+    match role {
+        FederateRole::Simulate(args) => {
             let plan = args.plan()?;
+            let local_only = args.local_only;
             let job = args.train.job()?;
+            if local_only {
+                let results = twinguard_train::run_local_only(&job, &plan, &mut print_progress)?;
+                println!("{}", twinguard_train::render_local(&results));
+                println!("local.json written to {}", job.out.display());
+                return Ok(());
+            }
             let (artifact, report, fed) = twinguard_train::run_federate(&job, &plan, &mut print_progress)?;
             println!("{}", twinguard_train::render(&report));
             println!("{}", twinguard_train::render_federation(&fed));
             println!("model {} and federation.json in {}", artifact.version, job.out.display());
             Ok(())
         }
-        Command::Audit { command } => audit(command),
-        Command::Schemas { name } => print_schemas(name),
     }
 }
 

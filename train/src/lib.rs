@@ -24,7 +24,7 @@ pub mod testkit;
 
 pub use dataset::{load, sha256_file, DatasetSpec, ReplayOptions, ReplayStats, OFFLINE_START_MS};
 pub use features::{prepare, score_stream, Prepared, Scores};
-pub use federate::{render_federation, run_federate};
+pub use federate::{render_federation, render_local, run_federate, run_local_only};
 pub use twinguard_models::train::{Progress, ScreenReport, TrainOptions};
 pub use job::{run_eval, run_train, train_records, twin_config_of, write_outputs, write_scores, EvalOptions, Recipe, TrainJob};
 pub use report::{render, ModelReport, Report};

@@ -12,10 +12,14 @@
 //! - [`calibrate`]: the threshold from merged score histograms, so the artifact
 //!   stores no site's scores;
 //! - [`partition`]: how an evaluation splits one dataset into sites;
+//! - [`local`]: each site alone, the arm a federation must beat;
+//! - [`plan`]: a federation's settings and report;
 //! - [`simulate`]: a whole federation in one process, sites poisoned or not.
 
 pub mod calibrate;
+pub mod local;
 pub mod partition;
+pub mod plan;
 pub mod robust;
 pub mod simulate;
 pub mod stats;

@@ -213,7 +213,9 @@ pub fn aggregate(updates: &[Vec<f64>], rule: Rule, f: usize) -> Result<Aggregate
 /// validation rows: `auc[i][j]` is the ROC-AUC of site `i`'s trees on site `j`'s
 /// rows (`None` where `j == i` or site `j` has rows of one class only). A site is
 /// accepted when the median of its AUCs is above 0.5 and not more than 3 median
-/// absolute deviations (at least 0.05) below the median of all sites' medians.
+/// absolute deviations (at least 0.1) below the median of all sites' medians.
+/// When that median is itself at most 0.55 the screen is inconclusive and
+/// accepts every site.
 pub fn screen_by_auc(auc: &[Vec<Option<f64>>]) -> Vec<Decision> {
     let meds: Vec<Option<f64>> = auc
         .iter()
@@ -225,16 +227,22 @@ pub fn screen_by_auc(auc: &[Vec<Option<f64>>]) -> Vec<Decision> {
     let mut all: Vec<f64> = meds.iter().flatten().copied().collect();
     let center = if all.is_empty() { 0.5 } else { median(&mut all) };
     let mut dev: Vec<f64> = meds.iter().flatten().map(|m| (m - center).abs()).collect();
-    // A floor on the spread (0.05, so 0.15 below the median is always tolerated):
+    // A floor on the spread (0.1, so 0.3 below the median is always tolerated):
     // a site whose rows are mostly one class grows weaker trees honestly (0.84
-    // against the others' 0.99 on CICIoMT at α = 0.5) and still adds signal; what
-    // the screen must stop is trees that are no better, or worse, than chance.
-    let mad = if dev.is_empty() { 0.0 } else { median(&mut dev) }.max(0.05);
+    // against the others' 0.99 on CICIoMT at α = 0.5) and still adds signal, the
+    // normal traffic most of all; what the screen must stop is trees that are no
+    // better, or worse, than chance.
+    let mad = if dev.is_empty() { 0.0 } else { median(&mut dev) }.max(0.1);
     let floor = center - 3.0 * mad;
+    // When the sites' models are typically no better than chance on each other's
+    // rows (an LSTM after its first local epochs), the screen cannot tell a bad
+    // site from the rest: it accepts every site and says so, leaving it to the rule.
+    let inconclusive = center <= 0.55;
     meds.iter()
         .enumerate()
         .map(|(site, m)| match m {
             None => Decision { site, accepted: false, score: f64::NAN, reason: "no other site could score its trees".into() },
+            Some(m) if inconclusive => Decision { site, accepted: true, score: *m, reason: format!("median AUC {m:.4}; screen inconclusive (the sites' median {center:.4} is near chance)") },
             Some(m) if *m <= 0.5 => Decision { site, accepted: false, score: *m, reason: format!("median AUC {m:.4} on the other sites' rows is no better than chance") },
             Some(m) if *m < floor => Decision {
                 site,

@@ -1,0 +1,113 @@
+//! A federation's settings and what it reports (the provenance of its model).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::robust::{Decision, Rule};
+use crate::ModelError;
+
+/// What a poisoned site does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoisonKind {
+    /// Normal rows labelled attack and attack rows normal.
+    Invert,
+    /// The most frequent attack class labelled normal (a targeted flip).
+    Targeted,
+    /// Inverted labels, and every vector update boosted ×(number of sites).
+    Replace,
+    /// "A little is enough": vector updates at the honest mean − 1.5 sd per
+    /// coordinate; trees and histograms as `invert`.
+    Little,
+}
+
+impl PoisonKind {
+    pub const ALL: [PoisonKind; 4] = [PoisonKind::Invert, PoisonKind::Targeted, PoisonKind::Replace, PoisonKind::Little];
+    pub fn name(self) -> &'static str {
+        match self {
+            PoisonKind::Invert => "invert",
+            PoisonKind::Targeted => "targeted",
+            PoisonKind::Replace => "replace",
+            PoisonKind::Little => "little",
+        }
+    }
+    pub fn parse(s: &str) -> Result<PoisonKind, ModelError> {
+        PoisonKind::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| ModelError::Param {
+            name: "poison",
+            why: format!("`{s}` is not an attack; one of {}", PoisonKind::ALL.map(PoisonKind::name).join(", ")),
+        })
+    }
+}
+
+/// How the rows become sites.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sites {
+    /// Per class, Dirichlet(α) shares over the sites.
+    Dirichlet { alpha: f64 },
+    /// Contiguous periods of the (time-ordered) rows.
+    Periods,
+}
+
+/// A federation's settings (recorded in the model card).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FederationPlan {
+    pub sites: usize,
+    pub split: Sites,
+    /// Rule for the vector members; trees, stacker and histograms are screened
+    /// unless the rule is `mean` (the undefended federation).
+    pub rule: Rule,
+    /// Poisoned sites (the last ones) and their attack.
+    pub poisoned: usize,
+    pub poison: PoisonKind,
+    /// LSTM rounds (FedAvg from the global weights) and local epochs per round.
+    pub lstm_rounds: usize,
+    pub lstm_local_epochs: usize,
+    pub seed: u64,
+}
+
+/// One site's share and status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteSummary {
+    pub site: usize,
+    pub train_rows: usize,
+    pub validation_rows: usize,
+    pub validation_normal: usize,
+    pub poisoned: bool,
+    /// Bytes of each update this site sent, JSON-encoded (a binary encoding
+    /// would send fewer).
+    pub bytes: BTreeMap<String, usize>,
+}
+
+/// What the federation did: per member, the decision on every site's update.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FederationReport {
+    pub plan: FederationPlan,
+    pub tolerated: usize,
+    /// The class a `targeted` attack relabelled normal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targeted_class: Option<String>,
+    pub sites: Vec<SiteSummary>,
+    pub decisions: BTreeMap<String, Vec<Decision>>,
+    pub seconds: f64,
+}
+
+impl FederationReport {
+    /// Honest sites some member excluded, and poisoned sites some member accepted.
+    pub fn exclusions(&self) -> (usize, usize) {
+        let poisoned: BTreeSet<usize> = self.sites.iter().filter(|s| s.poisoned).map(|s| s.site).collect();
+        let mut honest_out = BTreeSet::new();
+        let mut poisoned_in = BTreeSet::new();
+        for d in self.decisions.values().flatten() {
+            if !d.accepted && !poisoned.contains(&d.site) {
+                honest_out.insert(d.site);
+            }
+            if d.accepted && poisoned.contains(&d.site) {
+                poisoned_in.insert(d.site);
+            }
+        }
+        (honest_out.len(), poisoned_in.len())
+    }
+}
+

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The federated evaluation protocol (models/FEDERATED.md): central against federated
+# arms on CICIoMT2024 and WUSTL-EHMS-2020, clean and with poisoned sites under the
+# default robust rules and undefended (rule mean). Every arm is a
+# `twinguard federate simulate` run, scored with `twinguard eval --scores`, and
+# tabled by benches/peer/federated_table.py.
+#
+#   scripts/federated.sh [ARM...]      (default: every arm; outputs in out/fed/)
+#
+# Arms: cic-central wustl-central cic5-a05 cic5-a01 cic10-a05 wustl5-periods
+#       cic5-a05-local cic5-a01-local wustl5-periods-local (each site alone)
+#       cic10-{invert,targeted,replace,little}-{robust,mean}
+# About 1 minute per arm on 2 cores. Needs the twinguard binary ($TWINGUARD_BIN,
+# else $CARGO_TARGET_DIR/debug/twinguard) and the peer venv (scripts/peer.sh makes it).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=scripts/deps.sh
+. "$here/deps.sh"
+cd "$here/.."
+venv=${PEER_VENV:-$HOME/.cache/twinguard/peer-venv}
+ensure_python_tools "$venv" scikit-learn==1.9.1 pandas==3.1.1 numpy==2.4.6
+target=${CARGO_TARGET_DIR:-$HOME/.cache/twinguard/target}
+bin=${TWINGUARD_BIN:-$target/debug/twinguard}
+C=../shared/datasets/ciciomt2024/train_sample.csv.gz
+W=../shared/datasets/wustl-ehms-2020/train.csv
+cic=(--dataset "$C" --schema ciciomt-flow-window/v1 --split stratified)
+out=out/fed
+mkdir -p "$out"
+arms=("$@")
+[ ${#arms[@]} -gt 0 ] || arms=(cic-central wustl-central cic5-a05 cic5-a01 cic10-a05 wustl5-periods
+    cic5-a05-local cic5-a01-local wustl5-periods-local
+    cic10-invert-robust cic10-invert-mean cic10-targeted-robust cic10-targeted-mean
+    cic10-replace-robust cic10-replace-mean cic10-little-robust cic10-little-mean)
+for arm in "${arms[@]}"; do
+    dir=$out/$arm
+    echo "== $arm" >&2
+    case $arm in
+        cic-central) "$bin" train "${cic[@]}" --out "$dir" ;;
+        wustl-central) "$bin" train --dataset "$W" --out "$dir" ;;
+        cic5-a05) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --out "$dir" ;;
+        cic5-a01) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --out "$dir" ;;
+        cic10-a05) "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --out "$dir" ;;
+        wustl5-periods) "$bin" federate simulate --dataset "$W" --sites 5 --periods --out "$dir" ;;
+        cic5-a05-local) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --local-only --out "$dir" ;;
+        cic5-a01-local) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --local-only --out "$dir" ;;
+        wustl5-periods-local) "$bin" federate simulate --dataset "$W" --sites 5 --periods --local-only --out "$dir" ;;
+        cic10-*-robust|cic10-*-mean)
+            kind=${arm#cic10-}; kind=${kind%-*}
+            rule=clip-multi-krum; [ "${arm##*-}" = mean ] && rule=mean
+            "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "3:$kind" --rule "$rule" --out "$dir" ;;
+        *) echo "unknown arm $arm" >&2; exit 2 ;;
+    esac > "$dir.log" 2>&1 || { tail -20 "$dir.log" >&2; exit 1; }
+    [ -f "$dir/local.json" ] || "$bin" eval --model "$dir" --out "$dir/eval" --scores "$dir/scores.csv" >/dev/null
+done
+runs=()
+for arm in "${arms[@]}"; do runs+=("$arm=$out/$arm"); done
+"$venv/bin/python" benches/peer/federated_table.py "${runs[@]}"
