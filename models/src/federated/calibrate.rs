@@ -119,7 +119,7 @@ mod tests {
         let zt = merged.threshold_for_fpr(0.01).unwrap();
         let t = sigmoid(zt);
         let above = scores.iter().filter(|&&s| logit(s) >= zt).count();
-        assert!(above <= 20 && above >= 15, "{above} normals at or above {t}");
+        assert!((15..=20).contains(&above), "{above} normals at or above {t}");
         assert_eq!(merged.normals_above(zt), above as u64);
         let raw = crate::metrics::threshold_for_fpr(&scores, 0.01);
         assert!((t - raw).abs() < 0.01, "histogram {t} vs raw {raw}");

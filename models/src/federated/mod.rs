@@ -22,4 +22,5 @@ pub mod partition;
 pub mod plan;
 pub mod robust;
 pub mod simulate;
+pub mod stacker;
 pub mod stats;

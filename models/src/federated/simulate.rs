@@ -20,8 +20,9 @@ use super::robust::{aggregate, screen_by_auc, tolerated, Decision, Rule};
 use super::stats::Moments;
 use super::partition;
 pub use super::plan::{FederationPlan, FederationReport, PoisonKind, SiteSummary, Sites};
+pub use super::stacker::federated_stacker;
 use crate::boost::Booster;
-use crate::ensemble::{class_weights, Combination, FprInterval, MemberScores, NewtonSums, Stacker, MEMBERS};
+use crate::ensemble::{Combination, FprInterval, MemberScores, NewtonSums, Stacker, MEMBERS};
 use crate::forest::{Forest, ForestParams};
 use crate::lstm::{LstmModel, LstmParams};
 use crate::svm::Svm;
@@ -145,31 +146,6 @@ pub fn fit_federated(
     fed.threshold(&mut ens, &all, &oof, log)?;
     fed.report.seconds = started.elapsed().as_secs_f64();
     Ok((ens, fed.report))
-}
-
-/// The stacker fitted by Newton steps on summed per-site sums (what each site
-/// sends per step: gradient and Hessian sums over its validation rows at the
-/// current weights, class weights from the total counts). The same fit as
-/// [`Stacker::fit`] on the union of the parts. Returns it with the step count.
-pub fn federated_stacker(parts: &[(Vec<MemberScores>, Vec<bool>)], l2: f64) -> Result<(Stacker, usize), ModelError> {
-    let (pos, total) = parts.iter().fold((0, 0), |(p, t), (_, y)| (p + y.iter().filter(|&&b| b).count(), t + y.len()));
-    if pos == 0 || pos == total {
-        return Err(ModelError::Data("the sites' validation rows need both normal and attack rows".into()));
-    }
-    let cw = class_weights(pos, total);
-    let mut w = vec![0.0f64; MEMBERS.len() + 1];
-    let mut steps = 0;
-    for _ in 0..50 {
-        let mut sum = NewtonSums::zero();
-        for (m, y) in parts {
-            sum.add(&Stacker::newton_sums(m, y, &w, cw));
-        }
-        steps += 1;
-        if Stacker::newton_step(&mut w, sum, l2)? < 1e-8 {
-            break;
-        }
-    }
-    Ok((Stacker::from_vector(&w), steps))
 }
 
 /// Split the training and validation rows over the sites.
@@ -589,8 +565,8 @@ impl Fed<'_> {
             let zt = merge(&keep, &hs)?.threshold_for_fpr(target)?;
             member_thresholds.insert(m.to_string(), if m == "svm" { zt } else { sigmoid(zt) });
         }
-        for i in 0..self.sites.len() {
-            self.report.sites[i].bytes.insert("histograms".into(), (1 + MEMBERS.len()) * bytes(&hists[i]));
+        for (site, h) in self.report.sites.iter_mut().zip(&hists) {
+            site.bytes.insert("histograms".into(), (1 + MEMBERS.len()) * bytes(h));
         }
         log(Progress::Step(&format!(
             "threshold {:.4} for FPR <= {target} from {} sites' merged histograms: {} of {} validation normals above (expected FPR {:.2} %)",
