@@ -10,6 +10,8 @@
 # Arms: cic-central wustl-central cic5-a05 cic5-a01 cic10-a05 wustl5-periods
 #       cic5-a05-local cic5-a01-local wustl5-periods-local (each site alone)
 #       cic10-{invert,targeted,replace,little}-{robust,mean}
+#       cic5-a05-bagging cic5-a01-bagging cic10-a05-bagging wustl5-periods-bagging
+#       cic10-{invert,replace}-bagging (the boosted member by bagging, not cyclic)
 # About 1 minute per arm on 2 cores. Needs the twinguard binary ($TWINGUARD_BIN,
 # else $CARGO_TARGET_DIR/debug/twinguard) and the peer venv (scripts/peer.sh makes it).
 set -euo pipefail
@@ -30,7 +32,9 @@ arms=("$@")
 [ ${#arms[@]} -gt 0 ] || arms=(cic-central wustl-central cic5-a05 cic5-a01 cic10-a05 wustl5-periods
     cic5-a05-local cic5-a01-local wustl5-periods-local
     cic10-invert-robust cic10-invert-mean cic10-targeted-robust cic10-targeted-mean
-    cic10-replace-robust cic10-replace-mean cic10-little-robust cic10-little-mean)
+    cic10-replace-robust cic10-replace-mean cic10-little-robust cic10-little-mean
+    cic5-a05-bagging cic5-a01-bagging cic10-a05-bagging wustl5-periods-bagging
+    cic10-invert-bagging cic10-replace-bagging)
 for arm in "${arms[@]}"; do
     dir=$out/$arm
     echo "== $arm" >&2
@@ -44,6 +48,13 @@ for arm in "${arms[@]}"; do
         cic5-a05-local) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --local-only --out "$dir" ;;
         cic5-a01-local) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --local-only --out "$dir" ;;
         wustl5-periods-local) "$bin" federate simulate --dataset "$W" --sites 5 --periods --local-only --out "$dir" ;;
+        cic5-a05-bagging) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --gbdt bagging --out "$dir" ;;
+        cic5-a01-bagging) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --gbdt bagging --out "$dir" ;;
+        cic10-a05-bagging) "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --gbdt bagging --out "$dir" ;;
+        wustl5-periods-bagging) "$bin" federate simulate --dataset "$W" --sites 5 --periods --gbdt bagging --out "$dir" ;;
+        cic10-*-bagging)
+            kind=${arm#cic10-}; kind=${kind%-*}
+            "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "3:$kind" --gbdt bagging --out "$dir" ;;
         cic10-*-robust|cic10-*-mean)
             kind=${arm#cic10-}; kind=${kind%-*}
             rule=clip-multi-krum; [ "${arm##*-}" = mean ] && rule=mean

@@ -139,6 +139,16 @@ impl Booster {
     /// Fit on `x` (rows × features) with binary labels `y` (true = attack).
     /// `progress(round, rounds)` after each round.
     pub fn fit(x: &Matrix, y: &[bool], p: &BoostParams, progress: &mut dyn FnMut(usize, usize)) -> Result<Booster, ModelError> {
+        Self::fit_from(None, x, y, p, progress)
+    }
+
+    /// [`Booster::fit`] continuing from `init`'s trees (its scores are where the
+    /// new rounds start; at most `p.rounds` trees are added, early-stopped on this
+    /// data's hold-out): a site's turn in cyclic federated boosting.
+    pub fn fit_from(init: Option<&Booster>, x: &Matrix, y: &[bool], p: &BoostParams, progress: &mut dyn FnMut(usize, usize)) -> Result<Booster, ModelError> {
+        if let Some(b) = init.filter(|b| b.n_features != x.cols) {
+            return Err(ModelError::Data(format!("the starting booster has {} features, the rows {}", b.n_features, x.cols)));
+        }
         if x.rows == 0 || x.cols == 0 || y.len() != x.rows {
             return Err(ModelError::Data(format!("boosting needs rows with one label each: {} rows × {} columns, {} labels", x.rows, x.cols, y.len())));
         }
@@ -171,9 +181,14 @@ impl Booster {
         let codes = bins.codes(&xf.data, xf.rows);
         let prior = yf.iter().filter(|&&v| v).count() as f64 / yf.len() as f64;
         let base = (prior / (1.0 - prior)).ln();
-        let mut b = Booster { n_features: x.cols, base: base as f32, roots: Vec::new(), feat: Vec::new(), thr: Vec::new(), left: Vec::new(), right: Vec::new(), value: Vec::new() };
-        let mut raw = vec![f64::from(b.base); xf.rows];
-        let mut raw_held = vec![f64::from(b.base); held_rows.len()];
+        let mut b = match init {
+            Some(b) => b.clone(),
+            None => Booster { n_features: x.cols, base: base as f32, roots: Vec::new(), feat: Vec::new(), thr: Vec::new(), left: Vec::new(), right: Vec::new(), value: Vec::new() },
+        };
+        let start = |row: &[f32]| f64::from(b.base) + b.roots.iter().map(|&r| f64::from(b.tree_value(r as usize, row))).sum::<f64>();
+        let mut raw: Vec<f64> = (0..xf.rows).map(|i| start(xf.row(i))).collect();
+        let mut raw_held: Vec<f64> = held_rows.iter().map(|&i| start(x.row(i))).collect();
+        let first = b.roots.len();
         let (mut g, mut h) = (vec![0.0; xf.rows], vec![0.0; xf.rows]);
         let (mut best_loss, mut best_round, mut best_nodes) = (f64::INFINITY, 0usize, 0usize);
         for round in 0..p.rounds {
@@ -203,7 +218,7 @@ impl Booster {
             }
         }
         if !held_rows.is_empty() && best_round > 0 {
-            b.roots.truncate(best_round);
+            b.roots.truncate(first + best_round);
             for v in [&mut b.left, &mut b.right] {
                 v.truncate(best_nodes);
             }
@@ -256,6 +271,16 @@ impl Booster {
             }
         }
         Ok(m)
+    }
+
+    /// This booster with the leaf values of the trees it has beyond `old`'s
+    /// multiplied by `factor` (the model-replacement attack on cyclic boosting).
+    pub fn boost_new_trees(mut self, old: Option<&Booster>, factor: f32) -> Booster {
+        let first_node = old.map_or(0, |o| o.feat.len());
+        for v in &mut self.value[first_node..] {
+            *v *= factor;
+        }
+        self
     }
 
     /// Trees kept after early stopping.

@@ -259,6 +259,12 @@ pub(crate) struct SimulateArgs {
     /// trimmed-mean, or mean (undefended: nothing is screened).
     #[arg(long, default_value = "clip-multi-krum")]
     pub(crate) rule: String,
+    /// How the boosted member federates: cyclic (the model travels from site to
+    /// site, each adding trees, a turn kept only if it does not lower the model's
+    /// AUC on the other sites' rows) or bagging (each site boosts alone, the
+    /// screened boosters averaged).
+    #[arg(long, value_parser = ["cyclic", "bagging"], default_value = "cyclic")]
+    pub(crate) gbdt: String,
     /// LSTM rounds (FedAvg from the global weights).
     #[arg(long, default_value_t = 5)]
     pub(crate) lstm_rounds: usize,
@@ -299,6 +305,7 @@ impl SimulateArgs {
             rule: Rule::parse(&self.rule)?,
             poisoned,
             poison,
+            gbdt: twinguard_models::federated::plan::GbdtMode::parse(&self.gbdt)?,
             lstm_rounds: self.lstm_rounds.max(1),
             lstm_local_epochs: self.local_epochs.max(1),
             seed: self.train.seed,

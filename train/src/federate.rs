@@ -155,6 +155,7 @@ mod tests {
             rule: Rule::ClipMultiKrum,
             poisoned: 1,
             poison: PoisonKind::Invert,
+            gbdt: twinguard_models::federated::plan::GbdtMode::Cyclic,
             lstm_rounds: 2,
             lstm_local_epochs: 1,
             seed: 3,

@@ -17,6 +17,7 @@
 //! - [`simulate`]: a whole federation in one process, sites poisoned or not.
 
 pub mod calibrate;
+mod cyclic;
 pub mod local;
 pub mod partition;
 pub mod plan;

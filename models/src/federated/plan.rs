@@ -61,10 +61,38 @@ pub struct FederationPlan {
     /// Poisoned sites (the last ones) and their attack.
     pub poisoned: usize,
     pub poison: PoisonKind,
+    /// How the boosted member federates.
+    #[serde(default)]
+    pub gbdt: GbdtMode,
     /// LSTM rounds (FedAvg from the global weights) and local epochs per round.
     pub lstm_rounds: usize,
     pub lstm_local_epochs: usize,
     pub seed: u64,
+}
+
+/// How the boosted member federates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GbdtMode {
+    /// Every site boosts on its own rows; the screened boosters are averaged in
+    /// log-odds (Flower's FedXgbBagging).
+    Bagging,
+    /// The default: the model travels from site to site (two passes); each adds
+    /// trees boosted on its own rows from the current model's scores, kept only
+    /// when they do not lower the model's AUC on the other sites' rows by more than
+    /// 0.01 (Flower's FedXgbCyclic).
+    #[default]
+    Cyclic,
+}
+
+impl GbdtMode {
+    pub fn parse(s: &str) -> Result<GbdtMode, ModelError> {
+        match s {
+            "bagging" => Ok(GbdtMode::Bagging),
+            "cyclic" => Ok(GbdtMode::Cyclic),
+            _ => Err(ModelError::Param { name: "gbdt", why: format!("`{s}` is not a mode; one of bagging, cyclic") }),
+        }
+    }
 }
 
 /// One site's share and status.

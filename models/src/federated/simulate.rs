@@ -19,7 +19,7 @@ use super::calibrate::{logit, sigmoid, ScoreHistogram};
 use super::robust::{aggregate, screen_by_auc, tolerated, Decision, Rule};
 use super::stats::Moments;
 use super::partition;
-pub use super::plan::{FederationPlan, FederationReport, PoisonKind, SiteSummary, Sites};
+pub use super::plan::{FederationPlan, FederationReport, GbdtMode, PoisonKind, SiteSummary, Sites};
 pub use super::stacker::federated_stacker;
 use crate::boost::Booster;
 use crate::ensemble::{Combination, FprInterval, MemberScores, NewtonSums, Stacker, MEMBERS};
@@ -41,21 +41,21 @@ pub(crate) struct Site {
 const OOF_FOLDS: usize = 5;
 
 /// The federation's working state.
-struct Fed<'a> {
-    prep: &'a Dataset<'a>,
-    plan: &'a FederationPlan,
-    opts: &'a TrainOptions,
-    sites: Vec<Site>,
+pub(crate) struct Fed<'a> {
+    pub(crate) prep: &'a Dataset<'a>,
+    pub(crate) plan: &'a FederationPlan,
+    pub(crate) opts: &'a TrainOptions,
+    pub(crate) sites: Vec<Site>,
     /// Labels as each row's site sees them (poisoned sites' rows changed).
-    y: Vec<usize>,
-    classes: Vec<String>,
-    x: Matrix,
-    f: usize,
-    robust: bool,
-    report: FederationReport,
+    pub(crate) y: Vec<usize>,
+    pub(crate) classes: Vec<String>,
+    pub(crate) x: Matrix,
+    pub(crate) f: usize,
+    pub(crate) robust: bool,
+    pub(crate) report: FederationReport,
 }
 
-fn bytes<T: Serialize>(v: &T) -> usize {
+pub(crate) fn bytes<T: Serialize>(v: &T) -> usize {
     serde_json::to_vec(v).map_or(0, |b| b.len())
 }
 
@@ -121,7 +121,10 @@ pub fn fit_federated(
     let standardizer = fed.round_zero();
     fed.x = standardizer.apply_all(prep.values);
     let forest = fed.forest(log)?;
-    let boost = fed.boost(log)?;
+    let boost = match plan.gbdt {
+        GbdtMode::Bagging => fed.boost(log)?,
+        GbdtMode::Cyclic => fed.boost_cyclic(log)?,
+    };
     let svm = fed.svm(log)?;
     let lstm = fed.lstm(log)?;
     let mut ens = Ensemble {
@@ -169,12 +172,12 @@ pub(crate) fn make_sites(split: &Split, y: &[usize], plan: &FederationPlan) -> R
 }
 
 /// Binary labels of rows.
-fn binary(y: &[usize], rows: &[usize]) -> Vec<bool> {
+pub(crate) fn binary(y: &[usize], rows: &[usize]) -> Vec<bool> {
     rows.iter().map(|&r| y[r] != 0).collect()
 }
 
 /// ROC-AUC of scores against labels; `None` with one class only.
-fn auc(scores: &[f64], y: &[bool]) -> Option<f64> {
+pub(crate) fn auc(scores: &[f64], y: &[bool]) -> Option<f64> {
     let pos = y.iter().filter(|&&b| b).count();
     (pos > 0 && pos < y.len()).then(|| metrics::roc_auc(scores, y))
 }

@@ -93,20 +93,22 @@ fn poisoned_sites_are_excluded_and_the_undefended_federation_is_not_spared() {
     let (names, values, classes, devices) = synthetic(5000);
     let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
     let split = Split { train: (0..3000).collect(), validation: (3000..4000).collect(), test: (4000..5000).collect() };
-    let plan = |rule, poisoned| FederationPlan {
+    let plan = |rule, poisoned, gbdt| FederationPlan {
         sites: 10,
         split: Sites::Dirichlet { alpha: 5.0 },
         rule,
         poisoned,
         poison: PoisonKind::Invert,
+        gbdt,
         lstm_rounds: 1,
         lstm_local_epochs: 1,
         seed: 5,
     };
-    let run = |rule, poisoned| {
-        let (ens, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan(rule, poisoned), &mut |_| {}).unwrap();
+    let run_with = |rule, poisoned, gbdt| {
+        let (ens, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan(rule, poisoned, gbdt), &mut |_| {}).unwrap();
         (detection(&ens, &ds, &split.test), rep, ens)
     };
+    let run = |rule, poisoned| run_with(rule, poisoned, GbdtMode::Bagging);
     let (clean, clean_rep, ens) = run(Rule::ClipMultiKrum, 0);
     assert!(clean.0 > 0.9 && clean.1 < 0.06, "clean federation: DR {} FPR {}", clean.0, clean.1);
     assert_eq!(clean_rep.exclusions().0, 0, "a clean round excludes no honest site: {:?}", clean_rep.decisions);
@@ -123,4 +125,10 @@ fn poisoned_sites_are_excluded_and_the_undefended_federation_is_not_spared() {
         assert!(d[7..].iter().all(|d| !d.accepted) && d[..7].iter().all(|d| d.accepted), "{m}: {d:?}");
     }
     assert!(rep.sites.iter().all(|s| s.bytes["forest"] > 0 && s.bytes["lstm"] > 0));
+    // Cyclic boosting: the inverting sites' turns lower the model's AUC on the
+    // others' rows and are refused.
+    let (cyclic, rep, _) = run_with(Rule::ClipMultiKrum, 3, GbdtMode::Cyclic);
+    assert!(cyclic.0 > clean.0 - 0.05, "cyclic robust DR {} vs clean {}", cyclic.0, clean.0);
+    let d = &rep.decisions["gbdt"];
+    assert!(d[7..].iter().all(|d| !d.accepted) && d[..7].iter().all(|d| d.accepted), "{d:?}");
 }
