@@ -345,6 +345,38 @@ pub struct Scratch {
 }
 
 impl Ensemble {
+    /// Fitted members not yet combined: the stacker all zeros and the threshold
+    /// 0.5 until the combination step sets them; the twin member reads the
+    /// `behaviour_distance` feature when `names` has it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn uncombined(
+        standardizer: Standardizer,
+        forest: crate::forest::Forest,
+        svm: crate::svm::Svm,
+        lstm: crate::lstm::LstmModel,
+        boost: Option<crate::boost::Booster>,
+        names: &[String],
+        twin_threshold: f64,
+        classes: Vec<String>,
+    ) -> Ensemble {
+        Ensemble {
+            standardizer,
+            forest,
+            svm,
+            lstm,
+            boost,
+            stacker: Stacker { weights: vec![0.0; MEMBERS.len()], bias: 0.0 },
+            twin_feature: names.iter().position(|n| n == "behaviour_distance"),
+            twin_threshold,
+            threshold: 0.5,
+            classes,
+            validation_normal: Vec::new(),
+            validation_attack: Vec::new(),
+            combination: None,
+            calibration: None,
+        }
+    }
+
     /// Re-derive the decision threshold for `target_fpr` from the stored validation
     /// scores (as training did for its own target). Fails when the model carries none.
     pub fn recalibrate(&mut self, target_fpr: f64) -> Result<(), ModelError> {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::boost::{BoostParams, Booster};
 use crate::combine::combine;
 use crate::ensemble::{Combination, FprInterval};
-use crate::ensemble::{MemberScores, Stacker, Standardizer, MEMBERS};
+use crate::ensemble::{MemberScores, Standardizer, MEMBERS};
 use crate::forest::{Forest, ForestParams};
 use crate::lstm::{LstmModel, LstmParams};
 use crate::metrics;
@@ -180,6 +180,15 @@ pub(crate) fn screen_labels(
     Ok(r)
 }
 
+/// The class list (normal first, then the others sorted) and each row's index in it.
+pub(crate) fn class_index(row_classes: &[String]) -> (Vec<String>, Vec<usize>) {
+    let set: BTreeSet<&str> = row_classes.iter().map(String::as_str).filter(|c| *c != labels::NORMAL).collect();
+    let classes: Vec<String> = std::iter::once(labels::NORMAL.to_string()).chain(set.iter().map(|s| s.to_string())).collect();
+    let cidx: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
+    let y = row_classes.iter().map(|c| cidx[c.as_str()]).collect();
+    (classes, y)
+}
+
 /// Train the ensemble. Returns it with the screen report (if screening ran).
 pub fn fit(
     prep: &Dataset<'_>,
@@ -188,11 +197,7 @@ pub fn fit(
     opts: &TrainOptions,
     log: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Ensemble, Option<ScreenReport>), ModelError> {
-    // Classes: normal first, then the others sorted.
-    let set: BTreeSet<&str> = prep.classes.iter().map(String::as_str).filter(|c| *c != labels::NORMAL).collect();
-    let classes: Vec<String> = std::iter::once(labels::NORMAL.to_string()).chain(set.iter().map(|s| s.to_string())).collect();
-    let cidx: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
-    let mut y_class: Vec<usize> = prep.classes.iter().map(|c| cidx[c.as_str()]).collect();
+    let (classes, mut y_class) = class_index(prep.classes);
 
     // Simulated poisoning of the training labels (experiment only).
     let mut flipped: BTreeSet<usize> = BTreeSet::new();
@@ -250,23 +255,7 @@ pub fn fit(
     log(Progress::StatusEnd);
     log(Progress::Step(&format!("LSTM: {} epochs in {:.1} s", opts.lstm.epochs, t0.elapsed().as_secs_f64())));
 
-    let twin_feature = prep.names.iter().position(|n| n == "behaviour_distance");
-    let mut ens = Ensemble {
-        standardizer,
-        forest,
-        svm,
-        lstm,
-        boost: Some(boost),
-        stacker: Stacker { weights: vec![0.0; MEMBERS.len()], bias: 0.0 },
-        twin_feature,
-        twin_threshold,
-        threshold: 0.5,
-        classes,
-        validation_normal: Vec::new(),
-        validation_attack: Vec::new(),
-        combination: None,
-        calibration: None,
-    };
+    let mut ens = Ensemble::uncombined(standardizer, forest, svm, lstm, Some(boost), prep.names, twin_threshold, classes);
     stack(&mut ens, prep, &x, split, opts, log)?;
     Ok((ens, screen))
 }

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::simulate::{make_sites, FederationPlan};
-use crate::train::{fit, member_scores, sequences, Dataset, Progress, Split, TrainOptions};
+use crate::train::{class_index, fit, member_scores, sequences, Dataset, Progress, Split, TrainOptions};
 use crate::{labels, metrics, ModelError};
 
 /// One site alone: its figures on the test rows, or why it cannot stand alone.
@@ -30,13 +30,7 @@ pub fn dr_at_fpr(scores: &[f64], y: &[bool], max_fpr: f64) -> f64 {
 
 /// Train every site of `plan` alone (no poisoning) and measure it on `split.test`.
 pub fn local_only(prep: &Dataset<'_>, split: &Split, twin_threshold: f64, opts: &TrainOptions, plan: &FederationPlan, log: &mut dyn FnMut(Progress<'_>)) -> Result<Vec<LocalResult>, ModelError> {
-    let classes: Vec<&str> = {
-        let mut c: Vec<&str> = prep.classes.iter().map(String::as_str).collect();
-        c.sort_unstable();
-        c.dedup();
-        c
-    };
-    let y: Vec<usize> = prep.classes.iter().map(|c| if c == labels::NORMAL { 0 } else { 1 + classes.binary_search(&c.as_str()).unwrap_or(0) }).collect();
+    let (_, y) = class_index(prep.classes);
     let sites = make_sites(split, &y, &FederationPlan { poisoned: 0, ..plan.clone() })?;
     let truth: Vec<bool> = split.test.iter().map(|&r| prep.classes[r] != labels::NORMAL).collect();
     let mut out = Vec::new();

@@ -10,7 +10,7 @@
 //! enough" (Baruch et al. 2019: colluding sites send the honest mean minus 1.5
 //! standard deviations per coordinate).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -26,8 +26,8 @@ use crate::ensemble::{Combination, FprInterval, MemberScores, NewtonSums, Stacke
 use crate::forest::{Forest, ForestParams};
 use crate::lstm::{LstmModel, LstmParams};
 use crate::svm::Svm;
-use crate::train::{member_scores, screen_labels, sequences, Dataset, Progress, Split, TrainOptions};
-use crate::{labels, metrics, Ensemble, Matrix, ModelError};
+use crate::train::{class_index, member_scores, screen_labels, sequences, Dataset, Progress, Split, TrainOptions};
+use crate::{metrics, Ensemble, Matrix, ModelError};
 
 /// One site's rows and labels (its own copy: a poisoned site's labels are its own).
 pub(crate) struct Site {
@@ -76,10 +76,7 @@ pub fn fit_federated(
     if plan.poisoned >= plan.sites {
         return Err(ModelError::Param { name: "poison", why: format!("{} poisoned sites of {} leaves no honest site", plan.poisoned, plan.sites) });
     }
-    let set: BTreeSet<&str> = prep.classes.iter().map(String::as_str).filter(|c| *c != labels::NORMAL).collect();
-    let classes: Vec<String> = std::iter::once(labels::NORMAL.to_string()).chain(set.iter().map(|s| s.to_string())).collect();
-    let cidx: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();
-    let y: Vec<usize> = prep.classes.iter().map(|c| cidx[c.as_str()]).collect();
+    let (classes, y) = class_index(prep.classes);
     let sites = make_sites(split, &y, plan)?;
     let summaries = sites
         .iter()
@@ -127,22 +124,7 @@ pub fn fit_federated(
     };
     let svm = fed.svm(log)?;
     let lstm = fed.lstm(log)?;
-    let mut ens = Ensemble {
-        standardizer,
-        forest,
-        svm,
-        lstm,
-        boost: Some(boost),
-        stacker: Stacker { weights: vec![0.0; MEMBERS.len()], bias: 0.0 },
-        twin_feature: prep.names.iter().position(|n| n == "behaviour_distance"),
-        twin_threshold,
-        threshold: 0.5,
-        classes: fed.classes.clone(),
-        validation_normal: Vec::new(),
-        validation_attack: Vec::new(),
-        combination: None,
-        calibration: None,
-    };
+    let mut ens = Ensemble::uncombined(standardizer, forest, svm, lstm, Some(boost), prep.names, twin_threshold, fed.classes.clone());
     let all = member_scores(&ens, prep, &fed.x, &sequences(prep.devices, None));
     let (stacker, oof) = fed.stacker(&all, log)?;
     ens.stacker = stacker;
