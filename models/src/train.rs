@@ -181,7 +181,7 @@ pub(crate) fn screen_labels(
 }
 
 /// The class list (normal first, then the others sorted) and each row's index in it.
-pub(crate) fn class_index(row_classes: &[String]) -> (Vec<String>, Vec<usize>) {
+pub fn class_index(row_classes: &[String]) -> (Vec<String>, Vec<usize>) {
     let set: BTreeSet<&str> = row_classes.iter().map(String::as_str).filter(|c| *c != labels::NORMAL).collect();
     let classes: Vec<String> = std::iter::once(labels::NORMAL.to_string()).chain(set.iter().map(|s| s.to_string())).collect();
     let cidx: HashMap<&str, usize> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i)).collect();

@@ -235,6 +235,77 @@ pub(crate) enum FederateRole {
     ///     --schema ciciomt-flow-window/v1 --split stratified --sites 10 --alpha 0.5 \
     ///     --poison 3:invert --out out/fed-cic
     Simulate(SimulateArgs),
+    /// The aggregator of a federation over Kafka (one per federation; it reads no
+    /// dataset). Runs round 0 and every member's rounds with the sites named in
+    /// the federation file, combines their signed answers with the plan's robust
+    /// rules, writes the model and federation.json into --out, and publishes the
+    /// artifact and the model pointer on the federation's topics. Start the sites
+    /// before or after it: a site replays the run's tasks from the plan topic.
+    ///
+    ///   twinguard federate aggregate --config fed.toml --key aggregator.key \
+    ///     --schema ciciomt-flow-window/v1 --out out/fed-model
+    Aggregate(AggregateArgs),
+    /// One hospital of a federation over Kafka: prepares its own labelled events
+    /// (--dataset, as `twinguard train`), runs the label screen with --screen, and
+    /// answers the aggregator's tasks from its training and validation rows until
+    /// the run ends. Rows, labels, scores and twins never leave it.
+    ///
+    ///   twinguard federate site --config fed.toml --name hospital-a --key a.key \
+    ///     --dataset capture.csv --schema ciciomt-flow-window/v1 --split stratified --out out/site-a
+    Site(SiteArgs),
+}
+
+/// Where a party finds its federation and key.
+#[derive(clap::Args)]
+pub(crate) struct PartyArgs {
+    /// Federation file (TOML): id, brokers, the aggregator's and every site's
+    /// public key, and the [plan]; every party reads the same file (its hash is
+    /// in every message).
+    #[arg(long, short)]
+    pub(crate) config: PathBuf,
+    /// This party's ed25519 signing key (`twinguard audit keygen --out FILE`
+    /// writes one and prints its public key for the federation file).
+    #[arg(long)]
+    pub(crate) key: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct AggregateArgs {
+    #[command(flatten)]
+    pub(crate) party: PartyArgs,
+    /// Event schema of the sites' events (built-in name or schema file).
+    #[arg(long, default_value = "wustl-flow-vitals/v1")]
+    pub(crate) schema: String,
+    /// Feature SQL file (default: the schema's shipped query).
+    #[arg(long, conflicts_with = "variant")]
+    pub(crate) features: Option<PathBuf>,
+    /// A shipped feature variant instead of the default, e.g. `identity`.
+    #[arg(long)]
+    pub(crate) variant: Option<String>,
+    /// Output directory for the model artifact and federation.json.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SiteArgs {
+    #[command(flatten)]
+    pub(crate) party: PartyArgs,
+    /// This site's name in the federation file.
+    #[arg(long)]
+    pub(crate) name: String,
+    /// Evaluation only: take the rows simulated site K of a Dirichlet(--alpha)
+    /// split of --dataset gets (as `federate simulate`), instead of the split's
+    /// training and validation rows.
+    #[arg(long, value_name = "K")]
+    pub(crate) carve: Option<usize>,
+    /// Dirichlet concentration for --carve.
+    #[arg(long, default_value_t = 0.5, requires = "carve")]
+    pub(crate) alpha: f64,
+    #[command(flatten)]
+    pub(crate) train: TrainArgs,
 }
 
 #[derive(clap::Args)]
@@ -308,7 +379,7 @@ impl SimulateArgs {
             gbdt: twinguard_models::federated::plan::GbdtMode::parse(&self.gbdt)?,
             lstm_rounds: self.lstm_rounds.max(1),
             lstm_local_epochs: self.local_epochs.max(1),
-            seed: self.train.seed,
+            seed: self.train.model.seed,
         })
     }
 }
@@ -351,11 +422,6 @@ pub(crate) struct TrainArgs {
     pub(crate) train_frac: f64,
     #[arg(long, default_value_t = 0.2)]
     pub(crate) val_frac: f64,
-    /// Target false-positive rate: the decision threshold is set for it on validation normal rows.
-    #[arg(long, default_value_t = 0.01)]
-    pub(crate) target_fpr: f64,
-    #[arg(long, default_value_t = 42)]
-    pub(crate) seed: u64,
     /// Devices the rows are spread over (round-robin; WUSTL is one monitored patient).
     #[arg(long, default_value_t = 1)]
     pub(crate) devices: usize,
@@ -365,6 +431,58 @@ pub(crate) struct TrainArgs {
     /// Use at most this many rows.
     #[arg(long)]
     pub(crate) limit: Option<usize>,
+    #[command(flatten)]
+    pub(crate) model: ModelArgs,
+    /// Poisoning experiment: flip this fraction of the training labels first.
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) flip_labels: f64,
+    /// Screen the training labels for poisoning (out-of-fold disagreement) and relabel suspects.
+    #[arg(long)]
+    pub(crate) screen: bool,
+}
+
+impl TrainArgs {
+    pub(crate) fn job(self) -> Result<twinguard_train::TrainJob> {
+        use twinguard_train::{DatasetSpec, SplitKind, SplitSpec, TrainJob};
+        let schema = EventSchema::named_or_file(&self.schema)?;
+        let feature_sql = feature_sql(&schema, self.features.as_ref(), self.variant.as_deref())?;
+        if !(self.train_frac > 0.0 && self.val_frac > 0.0 && self.train_frac + self.val_frac < 1.0) {
+            anyhow::bail!("--train-frac and --val-frac must be positive and leave rows for the test set");
+        }
+        if !(0.0..0.5).contains(&self.flip_labels) {
+            anyhow::bail!("--flip-labels must be in [0, 0.5)");
+        }
+        let stratified = self.split == SplitKind::Stratified;
+        Ok(TrainJob {
+            dataset: DatasetSpec {
+                file: self.dataset,
+                schema: schema.id(),
+                devices: self.devices.max(1),
+                interval_ms: self.interval_ms,
+                limit: self.limit,
+                shuffle_seed: stratified.then_some(self.model.seed),
+                device_column: self.device_column,
+                time_column: self.time_column,
+            },
+            schema,
+            feature_sql,
+            twin: twinguard_operators::TwinConfig::default(),
+            split: SplitSpec { kind: self.split, train: self.train_frac, validation: self.val_frac, seed: self.model.seed },
+            opts: self.model.options(self.flip_labels, self.screen)?,
+            out: self.out,
+        })
+    }
+}
+
+/// The models' settings (shared by `train`, `federate simulate`, `federate site`
+/// and `federate aggregate`).
+#[derive(clap::Args)]
+pub(crate) struct ModelArgs {
+    /// Target false-positive rate: the decision threshold is set for it on validation normal rows.
+    #[arg(long, default_value_t = 0.01)]
+    pub(crate) target_fpr: f64,
+    #[arg(long, default_value_t = 42)]
+    pub(crate) seed: u64,
     /// Random-forest trees.
     #[arg(long, default_value_t = 100)]
     pub(crate) trees: usize,
@@ -387,77 +505,50 @@ pub(crate) struct TrainArgs {
     /// LSTM hidden units.
     #[arg(long, default_value_t = 16)]
     pub(crate) lstm_hidden: usize,
-    /// Poisoning experiment: flip this fraction of the training labels first.
-    #[arg(long, default_value_t = 0.0)]
-    pub(crate) flip_labels: f64,
-    /// Screen the training labels for poisoning (out-of-fold disagreement) and relabel suspects.
-    #[arg(long)]
-    pub(crate) screen: bool,
 }
 
-impl TrainArgs {
-    pub(crate) fn job(self) -> Result<twinguard_train::TrainJob> {
-        use twinguard_train::{DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
-        let schema = EventSchema::named_or_file(&self.schema)?;
-        let feature_sql = match (&self.features, &self.variant) {
-            (Some(p), _) => std::fs::read_to_string(p).with_context(|| format!("reading feature SQL {}", p.display()))?,
-            (None, v) => twinguard_schemas::builtin_feature_sql(&schema.id(), v.as_deref())
-                .ok_or_else(|| anyhow::anyhow!("schema `{}` ships no feature SQL{}: pass --features FILE", schema.id(), v.as_ref().map_or(String::new(), |v| format!(" variant `{v}`"))))?
-                .to_string(),
-        };
-        if !(self.train_frac > 0.0 && self.val_frac > 0.0 && self.train_frac + self.val_frac < 1.0) {
-            anyhow::bail!("--train-frac and --val-frac must be positive and leave rows for the test set");
-        }
-        if !(0.0..0.5).contains(&self.flip_labels) {
-            anyhow::bail!("--flip-labels must be in [0, 0.5)");
-        }
+impl ModelArgs {
+    /// The training options these flags give.
+    pub(crate) fn options(&self, flip_labels: f64, screen: bool) -> Result<twinguard_train::TrainOptions> {
         if !(self.target_fpr > 0.0 && self.target_fpr < 1.0) {
             anyhow::bail!("--target-fpr must be in (0, 1)");
         }
-        let stratified = self.split == SplitKind::Stratified;
-        Ok(TrainJob {
-            dataset: DatasetSpec {
-                file: self.dataset,
-                schema: schema.id(),
-                devices: self.devices.max(1),
-                interval_ms: self.interval_ms,
-                limit: self.limit,
-                shuffle_seed: stratified.then_some(self.seed),
-                device_column: self.device_column,
-                time_column: self.time_column,
-            },
-            schema,
-            feature_sql,
-            twin: twinguard_operators::TwinConfig::default(),
-            split: SplitSpec { kind: self.split, train: self.train_frac, validation: self.val_frac, seed: self.seed },
-            opts: TrainOptions {
-                target_fpr: self.target_fpr,
+        Ok(twinguard_train::TrainOptions {
+            target_fpr: self.target_fpr,
+            seed: self.seed,
+            forest: twinguard_models::forest::ForestParams {
+                trees: self.trees,
                 seed: self.seed,
-                forest: twinguard_models::forest::ForestParams {
-                    trees: self.trees,
-                    seed: self.seed,
-                    balanced: self.balanced,
-                    min_samples_leaf: self.min_samples_leaf.max(1),
-                    ..Default::default()
-                },
-                svm: twinguard_models::svm::SvmParams {
-                    max_train_rows: self.svm_rows,
-                    seed: self.seed,
-                    kernel: if self.svm_kernel == "rbf" {
-                        twinguard_models::svm::Kernel::Rbf { gamma: 0.0 }
-                    } else {
-                        twinguard_models::svm::Kernel::Linear
-                    },
-                    ..Default::default()
-                },
-                lstm: twinguard_models::lstm::LstmParams { epochs: self.lstm_epochs, hidden: self.lstm_hidden, seed: self.seed, ..Default::default() },
-                boost: twinguard_models::boost::BoostParams { seed: self.seed, ..Default::default() },
-                flip_labels: self.flip_labels,
-                screen: self.screen,
-                screen_threshold: 0.2,
+                balanced: self.balanced,
+                min_samples_leaf: self.min_samples_leaf.max(1),
+                ..Default::default()
             },
-            out: self.out,
+            svm: twinguard_models::svm::SvmParams {
+                max_train_rows: self.svm_rows,
+                seed: self.seed,
+                kernel: if self.svm_kernel == "rbf" {
+                    twinguard_models::svm::Kernel::Rbf { gamma: 0.0 }
+                } else {
+                    twinguard_models::svm::Kernel::Linear
+                },
+                ..Default::default()
+            },
+            lstm: twinguard_models::lstm::LstmParams { epochs: self.lstm_epochs, hidden: self.lstm_hidden, seed: self.seed, ..Default::default() },
+            boost: twinguard_models::boost::BoostParams { seed: self.seed, ..Default::default() },
+            flip_labels,
+            screen,
+            screen_threshold: 0.2,
         })
+    }
+}
+
+/// The feature SQL of a schema: a file, a shipped variant, or the schema's own.
+pub(crate) fn feature_sql(schema: &EventSchema, features: Option<&PathBuf>, variant: Option<&str>) -> Result<String> {
+    match (features, variant) {
+        (Some(p), _) => std::fs::read_to_string(p).with_context(|| format!("reading feature SQL {}", p.display())),
+        (None, v) => Ok(twinguard_schemas::builtin_feature_sql(&schema.id(), v)
+            .ok_or_else(|| anyhow::anyhow!("schema `{}` ships no feature SQL{}: pass --features FILE", schema.id(), v.map_or(String::new(), |v| format!(" variant `{v}`"))))?
+            .to_string()),
     }
 }
 

@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod detect;
 mod e2e;
+mod federate;
 mod hardening;
 mod rebalance;
 mod replay;

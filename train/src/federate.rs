@@ -40,6 +40,40 @@ pub fn run_federate(job: &TrainJob, plan: &FederationPlan, log: &mut dyn FnMut(P
     Ok((artifact, report, fed))
 }
 
+/// The artifact an aggregator publishes: the federated ensemble with the
+/// federation's report as provenance (plan, every decision, bytes). The card holds
+/// no dataset: the rows stayed at the sites, so `dataset_sha256` is the plan's hash
+/// and there are no test metrics (each site evaluates on its own held-out rows).
+pub fn federation_artifact(
+    schema: &twinguard_schemas::EventSchema,
+    feature_sql: &str,
+    twin: &twinguard_operators::TwinConfig,
+    ensemble: twinguard_models::Ensemble,
+    opts: &twinguard_models::train::TrainOptions,
+    fed: &FederationReport,
+    federation: &str,
+    plan_hash: &str,
+) -> Artifact {
+    let sum = |f: &dyn Fn(&twinguard_models::federated::plan::SiteSummary) -> usize| fed.sites.iter().map(f).sum::<usize>();
+    let card = twinguard_models::ModelCard {
+        dataset: format!("federation `{federation}`: {} sites' own rows (none left their site)", fed.sites.len()),
+        dataset_sha256: plan_hash.to_string(),
+        rows: sum(&|s| s.train_rows + s.validation_rows),
+        split: "each site's own".into(),
+        train_rows: sum(&|s| s.train_rows),
+        validation_rows: sum(&|s| s.validation_rows),
+        test_rows: 0,
+        hyper_parameters: serde_json::json!({ "train": opts, "federation": fed }),
+        target_fpr: opts.target_fpr,
+        threshold: 0.0,
+        test_metrics: serde_json::Value::Null,
+        poisoning_screen: None,
+        created_utc: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        training_seconds: fed.seconds,
+    };
+    crate::job::new_artifact(schema, feature_sql, twin, &fed.features, ensemble, card, "fed-")
+}
+
 /// Every site of `plan` alone ([`local_only`]); writes `local.json` into `job.out`.
 pub fn run_local_only(job: &TrainJob, plan: &FederationPlan, log: &mut dyn FnMut(Progress<'_>)) -> Result<Vec<LocalResult>, TrainError> {
     let records = job.dataset.load(&job.schema)?;

@@ -99,46 +99,23 @@ pub fn train_records_with(
     let (ensemble, screen) = fitter(&prep.dataset(), &split, log)?;
     let training_seconds = started.elapsed().as_secs_f64();
     let recipe = Recipe { dataset: job.dataset.clone(), split: job.split.clone(), train: job.opts.clone() };
-    let mut artifact = Artifact {
-        format: twinguard_models::artifact::ARTIFACT_FORMAT,
-        version: String::new(),
-        schema: job.schema.id(),
-        feature_sql: job.feature_sql.clone(),
-        feature_names: prep.names.clone(),
-        twin_config: feature_relevant(&job.twin),
-        ensemble,
-        schema_definition: None,
-        class_families: Default::default(),
-        card: ModelCard {
-            dataset: job.dataset.file.display().to_string(),
-            dataset_sha256: dataset_sha256.to_string(),
-            rows: prep.rows(),
-            split: job.split.describe(),
-            train_rows: split.train.len(),
-            validation_rows: split.validation.len(),
-            test_rows: split.test.len(),
-            hyper_parameters: serde_json::to_value(&recipe).expect("recipe serialises"),
-            target_fpr: job.opts.target_fpr,
-            threshold: 0.0,
-            test_metrics: serde_json::Value::Null,
-            poisoning_screen: screen.map(|s| serde_json::to_value(s).expect("serialises")),
-            created_utc: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            training_seconds,
-        },
+    let card = ModelCard {
+        dataset: job.dataset.file.display().to_string(),
+        dataset_sha256: dataset_sha256.to_string(),
+        rows: prep.rows(),
+        split: job.split.describe(),
+        train_rows: split.train.len(),
+        validation_rows: split.validation.len(),
+        test_rows: split.test.len(),
+        hyper_parameters: serde_json::to_value(&recipe).expect("recipe serialises"),
+        target_fpr: job.opts.target_fpr,
+        threshold: 0.0,
+        test_metrics: serde_json::Value::Null,
+        poisoning_screen: screen.map(|s| serde_json::to_value(s).expect("serialises")),
+        created_utc: chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        training_seconds,
     };
-    artifact.card.threshold = artifact.ensemble.threshold;
-    if !job.schema.is_builtin() {
-        artifact.schema_definition = Some(job.schema.definition.clone());
-    }
-    if job.schema.labels.is_some() {
-        artifact.class_families = artifact.ensemble.classes.iter().map(|c| (c.clone(), crate::features::family(&job.schema, c))).collect();
-    }
-    let digest = {
-        use sha2::Digest;
-        let bytes = serde_json::to_vec(&artifact.ensemble).expect("serialises");
-        format!("{:x}", sha2::Sha256::digest(&bytes))
-    };
-    artifact.version = format!("{version_prefix}{}-v{}-{}-{}", job.schema.name, job.schema.version, chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), &digest[..8]);
+    let mut artifact = new_artifact(&job.schema, &job.feature_sql, &job.twin, &prep.names, ensemble, card, version_prefix);
     log(Progress::Step(&format!("trained in {training_seconds:.1} s; evaluating on the test rows through the detector")));
     let scores = score_stream(&job.schema, &job.twin, artifact.clone(), records, &mut |d, n| log(Progress::Status(&format!("  scoring: {d}/{n} events   "))))?;
     log(Progress::StatusEnd);
@@ -150,6 +127,46 @@ pub fn train_records_with(
     Ok((artifact, report))
 }
 
+
+/// A model artifact around a fitted ensemble: the schema (its definition when not
+/// built in), feature SQL and names, the twin settings features depend on, the
+/// class families, and a version `<prefix><schema>-v<N>-<UTC time>-<digest>`.
+pub fn new_artifact(
+    schema: &EventSchema,
+    feature_sql: &str,
+    twin: &TwinConfig,
+    names: &[String],
+    ensemble: twinguard_models::Ensemble,
+    mut card: ModelCard,
+    version_prefix: &str,
+) -> Artifact {
+    card.threshold = ensemble.threshold;
+    let mut artifact = Artifact {
+        format: twinguard_models::artifact::ARTIFACT_FORMAT,
+        version: String::new(),
+        schema: schema.id(),
+        feature_sql: feature_sql.to_string(),
+        feature_names: names.to_vec(),
+        twin_config: feature_relevant(twin),
+        ensemble,
+        schema_definition: None,
+        class_families: Default::default(),
+        card,
+    };
+    if !schema.is_builtin() {
+        artifact.schema_definition = Some(schema.definition.clone());
+    }
+    if schema.labels.is_some() {
+        artifact.class_families = artifact.ensemble.classes.iter().map(|c| (c.clone(), crate::features::family(schema, c))).collect();
+    }
+    let digest = {
+        use sha2::Digest;
+        let bytes = serde_json::to_vec(&artifact.ensemble).expect("serialises");
+        format!("{:x}", sha2::Sha256::digest(&bytes))
+    };
+    artifact.version = format!("{version_prefix}{}-v{}-{}-{}", schema.name, schema.version, chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), &digest[..8]);
+    artifact
+}
 
 /// Write `report.json`, `MODEL_CARD.md` and the plots into `dir`.
 pub fn write_outputs(dir: &std::path::Path, a: &Artifact, r: &Report) -> Result<(), TrainError> {

@@ -3,9 +3,9 @@
 
 use std::time::Instant;
 
-use super::plan::PoisonKind;
+use super::aggregate::Aggregator;
+use super::protocol::{Answer, Scorer, Task};
 use super::robust::Decision;
-use super::simulate::{auc, binary, Fed};
 use crate::boost::{BoostParams, Booster};
 use crate::train::Progress;
 use crate::ModelError;
@@ -16,29 +16,28 @@ const PASSES: usize = 2;
 /// validation rows by more than this.
 const MAX_AUC_LOSS: f64 = 0.01;
 
-impl Fed<'_> {
+impl Aggregator<'_> {
     /// The boosted member by cyclic boosting (see [`super::plan::GbdtMode::Cyclic`]).
     pub(crate) fn boost_cyclic(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<Booster, ModelError> {
         let t0 = Instant::now();
-        let n = self.sites.len();
-        let per_turn = BoostParams { rounds: (self.opts.boost.rounds / (n * PASSES)).max(5), ..self.opts.boost.clone() };
+        let n = self.link.sites();
+        let per_turn = BoostParams { rounds: (self.opts.boost.rounds / (self.active.len() * PASSES)).max(5), ..self.opts.boost.clone() };
         let mut model: Option<Booster> = None;
-        let mut decisions: Vec<Decision> = (0..n).map(|site| Decision { site, accepted: true, score: 0.0, reason: String::new() }).collect();
+        let mut decisions: Vec<Decision> = (0..n)
+            .map(|site| {
+                let active = self.active.contains(&site);
+                Decision { site, accepted: active, score: 0.0, reason: if active { String::new() } else { "not taking part in the federation".into() } }
+            })
+            .collect();
         let mut turns = vec![0usize; n];
         for _ in 0..PASSES {
             for i in 0..n {
                 if !decisions[i].accepted {
                     continue;
                 }
-                let s = &self.sites[i];
-                let Ok(next) = Booster::fit_from(model.as_ref(), &self.x.select(&s.train), &binary(&self.y, &s.train), &per_turn, &mut |_, _| {}) else {
-                    continue;
-                };
-                // Model replacement: the poisoned site sends back its trees with
-                // their leaf values boosted ×sites.
-                let next = if s.poisoned && self.plan.poison == PoisonKind::Replace { next.boost_new_trees(model.as_ref(), n as f32) } else { next };
-                let gain = self.median_auc_gain(model.as_ref(), &next, i);
-                *self.report.sites[i].bytes.entry("gbdt".into()).or_default() += super::simulate::bytes(&next);
+                let reply = self.ask_some(&[i], &Task::BoostTurn { model: model.clone(), params: per_turn.clone() })?.swap_remove(i);
+                let Ok(Answer::Booster(next)) = reply else { continue };
+                let gain = self.median_auc_gain(model.as_ref(), &next, i)?;
                 if self.robust && gain < -MAX_AUC_LOSS {
                     decisions[i] = Decision { site: i, accepted: false, score: gain, reason: format!("its trees changed the model's median AUC on the other sites' rows by {gain:+.4}") };
                     continue;
@@ -66,19 +65,20 @@ impl Fed<'_> {
 
     /// Median over the other sites (with both classes) of the AUC change from
     /// `old` (chance when absent) to `new` on their validation rows.
-    fn median_auc_gain(&self, old: Option<&Booster>, new: &Booster, me: usize) -> f64 {
+    fn median_auc_gain(&mut self, old: Option<&Booster>, new: &Booster, me: usize) -> Result<f64, ModelError> {
+        let others: Vec<usize> = self.active.iter().copied().filter(|&j| j != me).collect();
+        let replies = self.ask_some(&others, &Task::Auc(vec![Some(Scorer::Booster(new.clone())), old.cloned().map(Scorer::Booster)]))?;
         let mut gains: Vec<f64> = Vec::new();
-        for s in self.sites.iter().enumerate().filter(|(j, _)| *j != me).map(|(_, s)| s) {
-            let y = binary(&self.y, &s.validation);
-            let score = |b: &Booster| s.validation.iter().map(|&r| f64::from(b.predict_row(self.x.row(r)))).collect::<Vec<f64>>();
-            let Some(a) = auc(&score(new), &y) else { continue };
-            let b = old.map_or(Some(0.5), |o| auc(&score(o), &y)).unwrap_or(0.5);
-            gains.push(a - b);
+        for j in others {
+            let Ok(Answer::Aucs(a)) = &replies[j] else { continue };
+            let Some(Some(a_new)) = a.first() else { continue };
+            let before = if old.is_some() { a.get(1).copied().flatten().unwrap_or(0.5) } else { 0.5 };
+            gains.push(a_new - before);
         }
         if gains.is_empty() {
-            return 0.0;
+            return Ok(0.0);
         }
         gains.sort_by(f64::total_cmp);
-        gains[gains.len() / 2]
+        Ok(gains[gains.len() / 2])
     }
 }

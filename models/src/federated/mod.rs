@@ -1,5 +1,5 @@
 //! Federated training: the math a federation of hospitals needs, with no Kafka and
-//! no clock (transport and roles live in the pipeline).
+//! no clock (the Kafka transport and the roles live in the pipeline).
 //!
 //! A federation trains every member of the ensemble without moving a row:
 //! - [`stats`]: round 0, pooled feature moments, so every site standardises alike;
@@ -14,14 +14,21 @@
 //! - [`partition`]: how an evaluation splits one dataset into sites;
 //! - [`local`]: each site alone, the arm a federation must beat;
 //! - [`plan`]: a federation's settings and report;
+//! - [`protocol`]: what the aggregator asks and the sites answer (all that
+//!   crosses a site's boundary), and the [`protocol::Link`] it travels over;
+//! - [`aggregate`]: the aggregator's rounds over a link;
+//! - [`worker`]: a site answering from its own rows;
 //! - [`simulate`]: a whole federation in one process, sites poisoned or not.
 
+pub mod aggregate;
 pub mod calibrate;
 mod cyclic;
 pub mod local;
 pub mod partition;
 pub mod plan;
+pub mod protocol;
 pub mod robust;
 pub mod simulate;
 pub mod stacker;
 pub mod stats;
+pub mod worker;

@@ -48,6 +48,8 @@ pub enum Sites {
     Dirichlet { alpha: f64 },
     /// Contiguous periods of the (time-ordered) rows.
     Periods,
+    /// Each site's own rows (a federation over Kafka: nothing to split).
+    Own,
 }
 
 /// A federation's settings (recorded in the model card).
@@ -117,6 +119,9 @@ pub struct FederationReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub targeted_class: Option<String>,
     pub sites: Vec<SiteSummary>,
+    /// The federation's feature names (round 0).
+    #[serde(default)]
+    pub features: Vec<String>,
     pub decisions: BTreeMap<String, Vec<Decision>>,
     pub seconds: f64,
 }

@@ -60,9 +60,15 @@ impl Rule {
 pub struct Decision {
     pub site: usize,
     pub accepted: bool,
-    /// The rule's score (Multi-Krum score, distance to the median, median AUC).
+    /// The rule's score (Multi-Krum score, distance to the median, median AUC);
+    /// NaN where there is none (JSON: null, read back as NaN).
+    #[serde(deserialize_with = "nan_if_null")]
     pub score: f64,
     pub reason: String,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// An aggregated vector and the decision on every site.

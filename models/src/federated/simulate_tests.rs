@@ -1,5 +1,10 @@
 use super::*;
 use crate::boost::BoostParams;
+use crate::ensemble::{MemberScores, Stacker};
+use crate::forest::ForestParams;
+use crate::lstm::LstmParams;
+use crate::federated::robust::Rule;
+use crate::train::{member_scores, sequences};
 use crate::svm::SvmParams;
 use rand::{Rng, SeedableRng};
 

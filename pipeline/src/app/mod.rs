@@ -4,6 +4,7 @@
 //! this room; `main.rs` (the CLI) does.
 
 pub mod demo;
+pub mod federate;
 pub mod serve;
 #[cfg(test)]
 mod golden_tests;

@@ -1,0 +1,391 @@
+//! The aggregator: drives a federation's rounds over a [`Link`] and combines what
+//! the sites answer with robust rules. It holds no row, label or score of any
+//! site: only the answers of [`super::protocol`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use super::calibrate::{sigmoid, ScoreHistogram};
+use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary};
+use super::protocol::{expect, Answer, Description, Fold, Link, Reply, Scorer, Task};
+use super::robust::{aggregate, screen_by_auc, tolerated, Decision, Rule};
+use super::stacker::federated_stacker_with;
+use super::stats::Moments;
+use super::worker::OOF_FOLDS;
+use crate::ensemble::{Combination, FprInterval, NewtonSums, Stacker, MEMBERS};
+use crate::forest::{Forest, ForestParams};
+use crate::lstm::{LstmModel, LstmParams};
+use crate::svm::Svm;
+use crate::train::{Progress, TrainOptions};
+use crate::{labels, metrics, Ensemble, ModelError};
+
+/// The aggregator's working state.
+pub(crate) struct Aggregator<'l> {
+    pub(crate) link: &'l mut dyn Link,
+    pub(crate) plan: &'l FederationPlan,
+    pub(crate) opts: &'l TrainOptions,
+    /// Sites taking part (they answered round 0 with the federation's features).
+    pub(crate) active: Vec<usize>,
+    pub(crate) f: usize,
+    pub(crate) robust: bool,
+    pub(crate) report: FederationReport,
+}
+
+/// Run a federation over `link`: round 0, every member, the stacker and the
+/// threshold. Returns the global ensemble and what was decided on every update.
+pub fn federate(link: &mut dyn Link, plan: &FederationPlan, opts: &TrainOptions, twin_threshold: f64, log: &mut dyn FnMut(Progress<'_>)) -> Result<(Ensemble, FederationReport), ModelError> {
+    let started = Instant::now();
+    let n = link.sites();
+    if n < 2 {
+        return Err(ModelError::Param { name: "sites", why: format!("a federation needs at least 2 sites, got {n}") });
+    }
+    let f = tolerated(n, n / 2);
+    let report = FederationReport { plan: plan.clone(), tolerated: f, targeted_class: None, sites: Vec::new(), features: Vec::new(), decisions: BTreeMap::new(), seconds: 0.0 };
+    let mut agg = Aggregator { link, plan, opts, active: (0..n).collect(), f, robust: plan.rule != Rule::Mean, report };
+    let (standardizer, names, classes) = agg.round_zero(log)?;
+    let forest = agg.forest(classes.len(), log)?;
+    let boost = match plan.gbdt {
+        GbdtMode::Bagging => agg.boost(log)?,
+        GbdtMode::Cyclic => agg.boost_cyclic(log)?,
+    };
+    let svm = agg.svm(log)?;
+    let lstm = agg.lstm(standardizer.mean.len(), log)?;
+    let mut ens = Ensemble::uncombined(standardizer, forest, svm, lstm, Some(boost), &names, twin_threshold, classes);
+    agg.ask(&Task::Members(Box::new(ens.clone())))?;
+    let (stacker, folds) = agg.stacker(log)?;
+    ens.stacker = stacker;
+    agg.threshold(&mut ens, folds, log)?;
+    agg.report.seconds = started.elapsed().as_secs_f64();
+    for (s, b) in agg.report.sites.iter_mut().zip(agg.link.bytes()) {
+        s.bytes = b;
+    }
+    Ok((ens, agg.report))
+}
+
+impl Aggregator<'_> {
+    /// Ask every active site; one reply per site of the plan (inactive sites: an error).
+    pub(crate) fn ask(&mut self, task: &Task) -> Result<Vec<Reply>, ModelError> {
+        let active = self.active.clone();
+        self.ask_some(&active, task)
+    }
+
+    /// Ask some sites; one reply per site of the plan (sites not asked: an error).
+    pub(crate) fn ask_some(&mut self, to: &[usize], task: &Task) -> Result<Vec<Reply>, ModelError> {
+        let got = self.link.ask(to, task)?;
+        let mut out: Vec<Reply> = (0..self.link.sites()).map(|_| Err("not taking part in the federation".to_string())).collect();
+        for (&i, r) in to.iter().zip(got) {
+            out[i] = r;
+        }
+        Ok(out)
+    }
+
+    /// Round 0: every site's feature names, classes and moments; the global
+    /// standardiser (the moments' merge equals the fit on the union) and class list.
+    fn round_zero(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<(crate::Standardizer, Vec<String>, Vec<String>), ModelError> {
+        let replies = self.ask(&Task::Describe)?;
+        let descs: Vec<Result<Description, String>> = replies.iter().map(|r| expect(r, "a description", |a| if let Answer::Description(d) = a { Some(d.clone()) } else { None })).collect();
+        // The features most sites have are the federation's; a site with others is left out.
+        let mut votes: BTreeMap<&[String], usize> = BTreeMap::new();
+        for d in descs.iter().flatten() {
+            *votes.entry(&d.names).or_default() += 1;
+        }
+        let names: Vec<String> = votes.iter().max_by_key(|(_, &c)| c).map(|(n, _)| n.to_vec()).ok_or_else(|| ModelError::Train("no site answered round 0".into()))?;
+        let mut decisions = Vec::new();
+        let mut classes: BTreeSet<String> = BTreeSet::new();
+        let mut parts = Vec::new();
+        self.active.clear();
+        for (i, d) in descs.iter().enumerate() {
+            let (accepted, reason) = match d {
+                Err(e) => (false, format!("no description: {e}")),
+                Ok(d) if d.names != names => (false, format!("its {} features are not the federation's {}", d.names.len(), names.len())),
+                Ok(d) => {
+                    classes.extend(d.classes.iter().filter(|c| *c != labels::NORMAL).cloned());
+                    parts.push(&d.moments);
+                    self.active.push(i);
+                    (true, format!("{} training rows", d.train_rows))
+                }
+            };
+            decisions.push(Decision { site: i, accepted, score: f64::NAN, reason });
+            self.report.sites.push(match d {
+                Ok(d) => SiteSummary { site: i, train_rows: d.train_rows, validation_rows: d.validation_rows, validation_normal: d.validation_normal, poisoned: false, bytes: BTreeMap::new() },
+                Err(_) => SiteSummary { site: i, train_rows: 0, validation_rows: 0, validation_normal: 0, poisoned: false, bytes: BTreeMap::new() },
+            });
+        }
+        if self.active.len() < 2 {
+            return Err(ModelError::Train(format!("round 0: {} site(s) can take part; a federation needs 2", self.active.len())));
+        }
+        let standardizer = Moments::merge(&parts).standardizer();
+        let classes: Vec<String> = std::iter::once(labels::NORMAL.to_string()).chain(classes).collect();
+        self.report.decisions.insert("round0".into(), decisions);
+        self.report.features = names.clone();
+        log(Progress::Step(&format!(
+            "federation: {} of {} sites take part, rule {}, f = {}; train rows per site {:?}; {} classes",
+            self.active.len(),
+            self.link.sites(),
+            self.plan.rule.name(),
+            self.f,
+            self.report.sites.iter().map(|s| s.train_rows).collect::<Vec<_>>(),
+            classes.len()
+        )));
+        for (i, r) in self.ask(&Task::Standardise { standardizer: standardizer.clone(), classes: classes.clone() })?.into_iter().enumerate() {
+            if let (Err(e), true) = (r, self.active.contains(&i)) {
+                log(Progress::Step(&format!("site {i} leaves the federation: {e}")));
+                self.active.retain(|&a| a != i);
+            }
+        }
+        Ok((standardizer, names, classes))
+    }
+
+    /// Cross-site screen of site models (trees, boosters, LSTMs, stackers): every
+    /// site scores every other site's model on its own validation rows.
+    pub(crate) fn screen_models(&mut self, models: Vec<Option<Scorer>>) -> Result<Vec<Decision>, ModelError> {
+        let fitted: Vec<bool> = models.iter().map(Option::is_some).collect();
+        let replies = self.ask(&Task::Auc(models))?;
+        let cols: Vec<Option<Vec<Option<f64>>>> = replies.iter().map(|r| expect(r, "AUCs", |a| if let Answer::Aucs(v) = a { Some(v.clone()) } else { None }).ok()).collect();
+        let n = fitted.len();
+        let table: Vec<Vec<Option<f64>>> = (0..n)
+            .map(|i| (0..n).map(|j| if i == j || !fitted[i] { None } else { cols[j].as_ref().and_then(|c| c.get(i).copied().flatten()) }).collect())
+            .collect();
+        let mut d = screen_by_auc(&table);
+        for (i, x) in d.iter_mut().enumerate() {
+            if !fitted[i] {
+                x.accepted = false;
+                x.reason = "no model: its training rows hold one class only".into();
+            } else if !self.robust {
+                x.accepted = true;
+                x.reason = format!("rule mean: accepted unscreened (median AUC {:.4})", x.score);
+            }
+        }
+        Ok(d)
+    }
+
+    /// Replies' models of one kind, `None` where a site has none.
+    fn models<T>(replies: &[Reply], pick: impl Fn(&Answer) -> Option<T>) -> Vec<Option<T>> {
+        replies.iter().map(|r| r.as_ref().ok().and_then(&pick)).collect()
+    }
+
+    fn forest(&mut self, k: usize, log: &mut dyn FnMut(Progress<'_>)) -> Result<Forest, ModelError> {
+        let t0 = Instant::now();
+        let per = (self.opts.forest.trees / self.active.len()).max(1);
+        let params = ForestParams { trees: per, ..self.opts.forest.clone() };
+        let fits = Self::models(&self.ask(&Task::FitForest(params))?, |a| if let Answer::Forest(f) = a { Some(f.clone()) } else { None });
+        let d = self.screen_models(fits.iter().map(|f| f.clone().map(Scorer::Forest)).collect())?;
+        let kept: Vec<&Forest> = fits.iter().zip(&d).filter(|(_, d)| d.accepted).filter_map(|(f, _)| f.as_ref()).filter(|f| f.n_classes() == k).collect();
+        let merged = Forest::merge(&kept).map_err(|_| ModelError::Train("no site's trees were accepted".into()))?;
+        log(Progress::Step(&format!("forest: {} trees pooled from {} of {} sites ({per} each) in {:.1} s", merged.trees(), kept.len(), fits.len(), t0.elapsed().as_secs_f64())));
+        self.report.decisions.insert("rf".into(), d);
+        Ok(merged)
+    }
+
+    fn boost(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<crate::boost::Booster, ModelError> {
+        let t0 = Instant::now();
+        let fits = Self::models(&self.ask(&Task::FitBooster(self.opts.boost.clone()))?, |a| if let Answer::Booster(b) = a { Some(b.clone()) } else { None });
+        let d = self.screen_models(fits.iter().map(|b| b.clone().map(Scorer::Booster)).collect())?;
+        let kept: Vec<&crate::boost::Booster> = fits.iter().zip(&d).filter(|(_, d)| d.accepted).filter_map(|(b, _)| b.as_ref()).collect();
+        let avg = crate::boost::Booster::average(&kept).map_err(|_| ModelError::Train("no site's boosted trees were accepted".into()))?;
+        log(Progress::Step(&format!("boosted trees: {} sites' boosters averaged in {:.1} s", kept.len(), t0.elapsed().as_secs_f64())));
+        self.report.decisions.insert("gbdt".into(), d);
+        Ok(avg)
+    }
+
+    /// Aggregate the sites' vectors (sites without one are rejected with their reason).
+    fn aggregate_vectors(&self, ups: &[Result<Vec<f64>, String>], what: &str) -> Result<(Vec<f64>, Vec<Decision>), ModelError> {
+        let idx: Vec<usize> = (0..ups.len()).filter(|&i| ups[i].is_ok()).collect();
+        if idx.is_empty() {
+            return Err(ModelError::Train(format!("no site could fit the {what}")));
+        }
+        let vecs: Vec<Vec<f64>> = idx.iter().map(|&i| ups[i].clone().expect("ok")).collect();
+        let f = self.f.min(tolerated(vecs.len(), self.f));
+        let a = aggregate(&vecs, self.plan.rule, f)?;
+        let mut decisions: Vec<Decision> = ups
+            .iter()
+            .enumerate()
+            .map(|(site, u)| Decision { site, accepted: false, score: f64::NAN, reason: format!("no update: {}", u.as_ref().err().cloned().unwrap_or_default()) })
+            .collect();
+        for (k, mut d) in a.decisions.into_iter().enumerate() {
+            d.site = idx[k];
+            decisions[idx[k]] = d;
+        }
+        Ok((a.value, decisions))
+    }
+
+    fn vectors(replies: &[Reply]) -> Vec<Result<Vec<f64>, String>> {
+        replies.iter().map(|r| expect(r, "a vector", |a| if let Answer::Vector(v) = a { Some(v.clone()) } else { None })).collect()
+    }
+
+    fn svm(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<Svm, ModelError> {
+        let t0 = Instant::now();
+        let ups = Self::vectors(&self.ask(&Task::FitSvm(self.opts.svm.clone()))?);
+        let (w, d) = self.aggregate_vectors(&ups, "linear SVM")?;
+        log(Progress::Step(&format!("SVM: hyperplanes of {} sites aggregated ({}) in {:.1} s", d.iter().filter(|d| d.accepted).count(), self.plan.rule.name(), t0.elapsed().as_secs_f64())));
+        self.report.decisions.insert("svm".into(), d);
+        Svm::from_hyperplane(&w)
+    }
+
+    /// FedAvg rounds over weight deltas from the global LSTM: every round the
+    /// cross-site screen, then the robust rule on the kept deltas; the decisions of
+    /// the last round are reported.
+    fn lstm(&mut self, cols: usize, log: &mut dyn FnMut(Progress<'_>)) -> Result<LstmModel, ModelError> {
+        let t0 = Instant::now();
+        let params = LstmParams { epochs: self.plan.lstm_local_epochs.max(1), ..self.opts.lstm.clone() };
+        let mut global = LstmModel::initial(cols, &params);
+        let mut last = Vec::new();
+        for round in 1..=self.plan.lstm_rounds.max(1) {
+            let g = global.to_vector();
+            let ups = Self::vectors(&self.ask(&Task::LstmRound { global: global.clone(), params: params.clone() })?);
+            // Cross-site screen first (as for the trees), then the rule on the
+            // deltas of the sites it kept.
+            let models: Vec<Option<Scorer>> = ups.iter().map(|u| u.as_ref().ok().and_then(|u| LstmModel::with_vector(&global, u).ok()).map(Scorer::Lstm)).collect();
+            let screen = self.screen_models(models)?;
+            let deltas: Vec<Result<Vec<f64>, String>> = ups
+                .iter()
+                .zip(&screen)
+                .map(|(u, d)| match u {
+                    Ok(u) if d.accepted => Ok(u.iter().zip(&g).map(|(a, b)| a - b).collect()),
+                    Ok(_) => Err(d.reason.clone()),
+                    Err(e) => Err(e.clone()),
+                })
+                .collect();
+            let (delta, mut d) = self.aggregate_vectors(&deltas, "LSTM")?;
+            for (x, sc) in d.iter_mut().zip(&screen) {
+                if !sc.accepted {
+                    *x = sc.clone();
+                }
+            }
+            let next: Vec<f64> = g.iter().zip(&delta).map(|(a, b)| a + b).collect();
+            global = LstmModel::with_vector(&global, &next)?;
+            log(Progress::Status(&format!("  LSTM: round {round}/{}   ", self.plan.lstm_rounds)));
+            last = d;
+        }
+        log(Progress::StatusEnd);
+        log(Progress::Step(&format!("LSTM: {} rounds of {} local epochs in {:.1} s", self.plan.lstm_rounds, params.epochs, t0.elapsed().as_secs_f64())));
+        self.report.decisions.insert("lstm".into(), last);
+        Ok(global)
+    }
+
+    /// The stacker fitted on the summed Newton sums of the sites `kept` over `fold`.
+    fn federated_fit(&mut self, kept: &[usize], fold: Fold) -> Result<(Stacker, usize), ModelError> {
+        let (mut pos, mut total) = (0, 0);
+        for r in self.ask_some(kept, &Task::Counts(fold))? {
+            if let Ok(Answer::Counts { attack, total: t }) = r {
+                pos += attack;
+                total += t;
+            }
+        }
+        let mut step = |w: &[f64], cw: (f64, f64)| -> Result<NewtonSums, ModelError> {
+            let mut sum = NewtonSums::zero();
+            for r in self.ask_some(kept, &Task::Newton { w: w.to_vec(), class_weights: cw, fold })? {
+                if let Ok(Answer::Sums(s)) = r {
+                    sum.add(&s);
+                }
+            }
+            Ok(sum)
+        };
+        federated_stacker_with(pos, total, &mut step, 1e-2)
+    }
+
+    /// The stacker by summed Newton steps over the sites' validation rows (global
+    /// class weights), and the stackers of the out-of-fold folds. Robust: each site
+    /// also sends its own stacker (6 numbers), screened like the trees by its AUC
+    /// on the other sites' rows; sites that fail are left out of the sums.
+    fn stacker(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<(Stacker, Vec<Stacker>), ModelError> {
+        let replies = self.ask(&Task::FitStacker)?;
+        let locals = Self::models(&replies, |a| if let Answer::Stacker(s) = a { Some(s.clone()) } else { None });
+        let mut d = self.screen_models(locals.iter().map(|s| s.clone().map(Scorer::Stacker)).collect())?;
+        for (i, x) in d.iter_mut().enumerate() {
+            if locals[i].is_none() && self.active.contains(&i) {
+                // Its rows hold one class: no own stacker to screen, its sums count.
+                x.accepted = true;
+                x.reason = "no own stacker to screen (one class only): its sums count".into();
+            }
+        }
+        let kept: Vec<usize> = d.iter().filter(|d| d.accepted).map(|d| d.site).collect();
+        let (stacker, steps) = self.federated_fit(&kept, Fold::All)?;
+        // Out-of-fold scores for the threshold (as central training does): fold
+        // k's rows are scored by the stacker fitted, federated, on the other folds.
+        let mut folds = Vec::with_capacity(OOF_FOLDS);
+        let mut total_steps = steps;
+        for k in 0..OOF_FOLDS {
+            let (s, n) = self.federated_fit(&kept, Fold::Without(k))?;
+            total_steps += n;
+            folds.push(s);
+        }
+        log(Progress::Step(&format!(
+            "stacker: {steps} federated Newton steps over {} sites' validation rows (+ {} for out-of-fold scores)",
+            kept.len(),
+            total_steps - steps
+        )));
+        self.report.decisions.insert("stacker".into(), d);
+        Ok((stacker, folds))
+    }
+
+    /// The threshold from the sites' merged histograms of out-of-fold validation
+    /// scores; robust: a site most of whose normal rows score above 0.5, and far
+    /// more of them than the other sites', is left out of the merge.
+    fn threshold(&mut self, ens: &mut Ensemble, folds: Vec<Stacker>, log: &mut dyn FnMut(Progress<'_>)) -> Result<(), ModelError> {
+        let target = self.opts.target_fpr;
+        let replies = self.ask(&Task::Histograms { folds })?;
+        let hists: Vec<Option<(ScoreHistogram, Vec<ScoreHistogram>)>> =
+            Self::models(&replies, |a| match a {
+                Answer::Histograms { oof, members } if members.len() == MEMBERS.len() => Some((oof.clone(), members.clone())),
+                _ => None,
+            });
+        // The screen's reference is p = 0.5, where the stacker (balanced class
+        // weights) finds both classes equally likely: no site controls it.
+        let local: Vec<Option<f64>> = hists.iter().map(|h| h.as_ref().and_then(|(h, _)| (h.normals() > 0).then(|| h.normals_above(0.0) as f64 / h.normals() as f64))).collect();
+        let mut fprs: Vec<f64> = local.iter().flatten().copied().collect();
+        fprs.sort_by(f64::total_cmp);
+        let med = fprs.get(fprs.len() / 2).copied().unwrap_or(0.0);
+        let mut dev: Vec<f64> = fprs.iter().map(|x| (x - med).abs()).collect();
+        dev.sort_by(f64::total_cmp);
+        // At least one half: a site most of whose normal rows the ensemble calls
+        // attacks. An honest site whose period or mix differs can reach a few
+        // tens of percent (WUSTL's first validation period: 0.1+), and excluding it
+        // loses exactly the normal traffic the threshold must hold on.
+        let bound = (med + 3.0 * dev.get(dev.len() / 2).copied().unwrap_or(0.0)).max(0.5);
+        let mut decisions = Vec::new();
+        for (i, (l, h)) in local.iter().zip(&hists).enumerate() {
+            let (accepted, reason) = match (l, h, &replies[i]) {
+                (_, None, Err(e)) => (false, format!("no histograms: {e}")),
+                (_, None, Ok(_)) => (false, "answered something other than histograms".into()),
+                (Some(x), _, _) if self.robust && *x > bound => (false, format!("{x:.4} of its normal rows score above 0.5, more than {bound:.4} (median + 3 MAD, at least one half)")),
+                (Some(x), _, _) => (true, format!("{x:.4} of its normal rows score above 0.5")),
+                (None, _, _) => (true, "no normal validation rows: attack counts only".into()),
+            };
+            decisions.push(Decision { site: i, accepted, score: l.unwrap_or(f64::NAN), reason });
+        }
+        let kept: Vec<&(ScoreHistogram, Vec<ScoreHistogram>)> = hists.iter().zip(&decisions).filter(|(_, d)| d.accepted).filter_map(|(h, _)| h.as_ref()).collect();
+        let merge = |get: &dyn Fn(&(ScoreHistogram, Vec<ScoreHistogram>)) -> &ScoreHistogram| -> Result<ScoreHistogram, ModelError> {
+            let mut m = ScoreHistogram::default();
+            for h in &kept {
+                m.add(get(h))?;
+            }
+            Ok(m)
+        };
+        let merged = merge(&|h| &h.0)?;
+        let z = merged.threshold_for_fpr(target)?;
+        ens.threshold = sigmoid(z);
+        let law = {
+            let (above, n) = (merged.normals_above(z) as usize, merged.normals() as usize);
+            let (expected, low, high) = metrics::fpr_interval(above, n, 0.9);
+            FprInterval { normals: n, above, expected, low, high, level: 0.9 }
+        };
+        let mut member_thresholds = BTreeMap::new();
+        for (k, m) in MEMBERS.iter().enumerate() {
+            let zt = merge(&|h| &h.1[k])?.threshold_for_fpr(target)?;
+            member_thresholds.insert(m.to_string(), if *m == "svm" { zt } else { sigmoid(zt) });
+        }
+        log(Progress::Step(&format!(
+            "threshold {:.4} for FPR <= {target} from {} sites' merged histograms: {} of {} validation normals above (expected FPR {:.2} %)",
+            ens.threshold,
+            kept.len(),
+            law.above,
+            law.normals,
+            100.0 * law.expected
+        )));
+        ens.calibration = Some(merged);
+        ens.combination = Some(Combination { chosen: "stack".into(), folds: 0, candidates: Vec::new(), threshold_fpr: law, member_thresholds });
+        self.report.decisions.insert("threshold".into(), decisions);
+        Ok(())
+    }
+}

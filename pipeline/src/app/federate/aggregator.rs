@@ -1,0 +1,120 @@
+//! `twinguard federate aggregate`: drives the federation's rounds over Kafka and
+//! publishes the model. It reads no dataset and holds no row.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ed25519_dalek::SigningKey;
+use twinguard_models::federated::aggregate::federate;
+use twinguard_models::federated::plan::{FederationPlan, FederationReport};
+use twinguard_models::federated::protocol::{decode, encode, Link, Reply, Task};
+use twinguard_models::train::{Progress, TrainOptions};
+use twinguard_models::{Artifact, ModelError};
+
+use super::transport::Transport;
+use super::{FederationFile, AGGREGATOR};
+
+/// The aggregator's side of the link: a task is one round on the plan topic; the
+/// addressed sites' answers are awaited on the updates and evaluations topics.
+struct KafkaLink<'t> {
+    t: &'t mut Transport,
+    run: String,
+    seq: u64,
+    names: Vec<String>,
+    timeout: Duration,
+    bytes: Vec<BTreeMap<String, usize>>,
+}
+
+impl Link for KafkaLink<'_> {
+    fn sites(&self) -> usize {
+        self.names.len()
+    }
+
+    fn ask(&mut self, to: &[usize], task: &Task) -> Result<Vec<Reply>, ModelError> {
+        self.seq += 1;
+        let (run, seq) = (self.run.clone(), self.seq);
+        let to_names: Vec<String> = to.iter().map(|&i| self.names[i].clone()).collect();
+        let plan_topic = self.t.topics.plan.clone();
+        self.t.send(&plan_topic, &run, seq, task.kind(), &to_names, &encode(task)).map_err(|e| ModelError::Train(format!("{e:#}")))?;
+        let mut replies: Vec<Option<Reply>> = vec![None; to.len()];
+        let deadline = Instant::now() + self.timeout;
+        while replies.iter().any(Option::is_none) && Instant::now() < deadline {
+            let mut accept = |m: &super::envelope::Meta| {
+                if m.run != run {
+                    Err(format!("run `{}` is not the current run `{run}`", m.run))
+                } else if m.seq != seq {
+                    Err(format!("round {} is not the current round {seq}", m.seq))
+                } else if !to_names.contains(&m.from) {
+                    Err(format!("`{}` was not asked in round {seq}", m.from))
+                } else {
+                    Ok(())
+                }
+            };
+            let got = self.t.receive(deadline.saturating_duration_since(Instant::now()), &mut accept).map_err(|e| ModelError::Train(format!("{e:#}")))?;
+            let Some((_, r)) = got else { break };
+            let k = to_names.iter().position(|n| *n == r.meta.from).expect("accepted senders were asked");
+            if replies[k].is_some() {
+                continue; // a site that restarted answers again: the first answer stands
+            }
+            *self.bytes[to[k]].entry(task.kind().to_string()).or_default() += r.body.len();
+            replies[k] = Some(decode::<Reply>(&r.body).unwrap_or_else(|e| Err(e.to_string())));
+        }
+        Ok(replies.into_iter().map(|r| r.unwrap_or_else(|| Err(format!("no answer within {} s", self.timeout.as_secs())))).collect())
+    }
+
+    fn bytes(&self) -> Vec<BTreeMap<String, usize>> {
+        self.bytes.clone()
+    }
+}
+
+/// What the aggregator needs besides the federation file.
+pub struct AggregateJob {
+    pub fed: FederationFile,
+    pub key: SigningKey,
+    pub schema: twinguard_schemas::EventSchema,
+    pub feature_sql: String,
+    pub opts: TrainOptions,
+    pub plan: FederationPlan,
+    pub out: PathBuf,
+}
+
+/// Run one training of the federation; writes the model and `federation.json`
+/// into `job.out`, publishes the artifact, the model pointer and the end of the run.
+pub fn aggregate(job: AggregateJob, log: &mut dyn FnMut(Progress<'_>)) -> Result<(Artifact, FederationReport)> {
+    let fed = &job.fed;
+    let mut t = Transport::connect(fed, AGGREGATOR, job.key.clone(), &[&fed.topics().updates, &fed.topics().evaluations], false)?;
+    let run = format!("{}-{:08x}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"), rand::random::<u32>());
+    log(Progress::Step(&format!("federation `{}` run {run}: {} sites, plan {}", fed.id, fed.sites.len(), &t.plan[..12])));
+    let names: Vec<String> = fed.sites.iter().map(|s| s.name.clone()).collect();
+    let twin = twinguard_operators::TwinConfig::default();
+    let (ens, report, seq) = {
+        let mut link = KafkaLink { t: &mut t, run: run.clone(), seq: 0, bytes: vec![BTreeMap::new(); names.len()], names: names.clone(), timeout: Duration::from_secs(fed.round_timeout_secs) };
+        let (ens, report) = federate(&mut link, &job.plan, &job.opts, twin.anomaly_threshold, log)?;
+        (ens, report, link.seq)
+    };
+    let artifact = twinguard_train::federate::federation_artifact(&job.schema, &job.feature_sql, &twin, ens, &job.opts, &report, &fed.id, &t.plan);
+    let path = artifact.save(&job.out)?;
+    let fpath = job.out.join("federation.json");
+    std::fs::write(&fpath, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", fpath.display()))?;
+    let body = serde_json::to_vec(&artifact)?;
+    let sha = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(&body))
+    };
+    let topics = t.topics.clone();
+    let bytes = t.send(&topics.artifacts, &run, seq + 1, "artifact", &[], &body)?;
+    let pointer = serde_json::json!({ "version": artifact.version, "sha256": sha, "run": run, "artifact_seq": seq + 1 });
+    t.send(&topics.model, &run, seq + 2, "model", &[], &serde_json::to_vec(&pointer)?)?;
+    t.send(&topics.plan, &run, seq + 3, "finish", &names, &encode(&Task::Finish { version: artifact.version.clone() }))?;
+    log(Progress::Step(&format!(
+        "model {} written to {} and published ({} bytes compressed on `{}`); {} messages refused",
+        artifact.version,
+        path.display(),
+        bytes,
+        topics.artifacts,
+        t.refused
+    )));
+    Ok((artifact, report))
+}

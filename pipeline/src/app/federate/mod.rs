@@ -1,0 +1,203 @@
+//! Federated training over Kafka: `twinguard federate aggregate` ([`aggregator`])
+//! and `twinguard federate site` ([`site`]) run the rounds of
+//! `twinguard_models::federated::aggregate` between processes, each message a
+//! signed, compressed, chunked envelope ([`envelope`]) on the federation's topics:
+//!
+//! | topic | written by | carries |
+//! | --- | --- | --- |
+//! | `<prefix>.plan` | aggregator | tasks (round 0, fits, global models, Newton weights) |
+//! | `<prefix>.updates` | sites | model updates, moments, sums, histograms |
+//! | `<prefix>.evaluations` | sites | cross-site AUCs |
+//! | `<prefix>.artifacts` | aggregator | the published model |
+//! | `<prefix>.model` | aggregator | the global-model pointer (version, digest) |
+//! | `<prefix>.dlq` | both | refused messages, with the reason |
+//!
+//! Every party reads the same federation file ([`FederationFile`]); its digest is
+//! the plan hash every message carries, so a party with another plan is refused.
+
+pub mod aggregator;
+pub mod envelope;
+pub mod site;
+mod transport;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The federation file: who takes part, where they meet, and the plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationFile {
+    /// The federation's name (in every message).
+    pub id: String,
+    /// `bootstrap.servers` of the broker the parties meet on.
+    pub brokers: String,
+    /// Topic names start with this (default `twinguard.fed.<id>`).
+    #[serde(default)]
+    pub topic_prefix: Option<String>,
+    /// How long the aggregator waits for a round's answers (a site silent that
+    /// long is left out of the round, with the reason).
+    #[serde(default = "default_timeout")]
+    pub round_timeout_secs: u64,
+    /// librdkafka properties for every client (`security.protocol`, SASL...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// The aggregator's public key (hex): it signs tasks and artifacts.
+    pub aggregator_key: String,
+    /// The sites, in order (a site's index seeds its forest); their public keys.
+    pub sites: Vec<SiteEntry>,
+    /// How the aggregator combines updates.
+    #[serde(default)]
+    pub plan: PlanSection,
+}
+
+fn default_timeout() -> u64 {
+    1800
+}
+
+/// One site of the federation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteEntry {
+    pub name: String,
+    pub public_key: String,
+}
+
+/// The aggregation plan (the `[plan]` table).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlanSection {
+    /// Rule for vector updates: clip-multi-krum, multi-krum, median, trimmed-mean, mean.
+    pub rule: String,
+    /// Boosted member: cyclic or bagging.
+    pub gbdt: String,
+    pub lstm_rounds: usize,
+    pub local_epochs: usize,
+}
+
+impl Default for PlanSection {
+    fn default() -> Self {
+        PlanSection { rule: "clip-multi-krum".into(), gbdt: "cyclic".into(), lstm_rounds: 5, local_epochs: 3 }
+    }
+}
+
+/// Topic names of a federation.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub plan: String,
+    pub updates: String,
+    pub evaluations: String,
+    pub artifacts: String,
+    pub model: String,
+    pub dlq: String,
+}
+
+/// The name the aggregator signs as.
+pub const AGGREGATOR: &str = "aggregator";
+
+impl FederationFile {
+    /// Read and check a federation file; errors name the file and the field.
+    pub fn load(path: &Path) -> Result<FederationFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading federation file {}", path.display()))?;
+        let f: FederationFile = toml::from_str(&text).with_context(|| format!("federation file {}", path.display()))?;
+        if f.sites.len() < 2 {
+            anyhow::bail!("federation file {}: `sites` lists {} site(s); a federation needs at least 2", path.display(), f.sites.len());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &f.sites {
+            if s.name == AGGREGATOR || s.name.contains(',') || s.name.is_empty() || !seen.insert(&s.name) {
+                anyhow::bail!("federation file {}: site name `{}` is empty, repeated, reserved or holds a comma", path.display(), s.name);
+            }
+        }
+        f.keys().with_context(|| format!("federation file {}", path.display()))?;
+        Ok(f)
+    }
+
+    /// The plan hash: SHA-256 of the file's content as parsed (every party must agree).
+    pub fn plan_hash(&self) -> String {
+        format!("{:x}", Sha256::digest(serde_json::to_vec(self).expect("serialises")))
+    }
+
+    /// Every party's verifying key by name.
+    pub fn keys(&self) -> Result<BTreeMap<String, VerifyingKey>> {
+        let key = |who: &str, hex: &str| -> Result<VerifyingKey> {
+            let bytes = twinguard_operators::audit::parse_key_hex(hex.trim()).map_err(|e| anyhow::anyhow!("public key of `{who}`: {e}"))?;
+            twinguard_operators::audit::verifying_key(bytes).map_err(|e| anyhow::anyhow!("public key of `{who}`: {e}"))
+        };
+        let mut out = BTreeMap::from([(AGGREGATOR.to_string(), key(AGGREGATOR, &self.aggregator_key)?)]);
+        for s in &self.sites {
+            out.insert(s.name.clone(), key(&s.name, &s.public_key)?);
+        }
+        Ok(out)
+    }
+
+    pub fn topics(&self) -> Topics {
+        let p = self.topic_prefix.clone().unwrap_or_else(|| format!("twinguard.fed.{}", self.id));
+        Topics {
+            plan: format!("{p}.plan"),
+            updates: format!("{p}.updates"),
+            evaluations: format!("{p}.evaluations"),
+            artifacts: format!("{p}.artifacts"),
+            model: format!("{p}.model"),
+            dlq: format!("{p}.dlq"),
+        }
+    }
+}
+
+/// A signing key from a file holding its 32-byte seed as hex (`twinguard audit
+/// keygen` writes one), checked against the public key the plan names for `who`.
+pub fn signing_key(path: &PathBuf, who: &str, fed: &FederationFile) -> Result<SigningKey> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading signing key {}", path.display()))?;
+    let seed = twinguard_operators::audit::parse_key_hex(text.trim()).map_err(|e| anyhow::anyhow!("signing key {}: {e}", path.display()))?;
+    let key = SigningKey::from_bytes(&seed);
+    let keys = fed.keys()?;
+    match keys.get(who) {
+        Some(k) if *k == key.verifying_key() => Ok(key),
+        Some(_) => anyhow::bail!("signing key {} is not `{who}`'s: its public key differs from the federation file's", path.display()),
+        None => anyhow::bail!("`{who}` is not in the federation file (sites: {})", fed.sites.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("twinguard-fedfile-{}-{}.toml", std::process::id(), rand::random::<u32>()));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn the_example_federation_file_loads_and_its_plan_hash_is_stable() {
+        let f = FederationFile::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/federation.example.toml"))).unwrap();
+        assert_eq!(f.sites.len(), 2);
+        assert_eq!(f.plan.rule, "clip-multi-krum");
+        assert_eq!(f.topics().dlq, "twinguard.fed.regional-iomt.dlq");
+        assert_eq!(f.plan_hash(), f.clone().plan_hash());
+        let mut g = f.clone();
+        g.plan.rule = "mean".into();
+        assert_ne!(f.plan_hash(), g.plan_hash(), "another plan is another hash");
+    }
+
+    #[test]
+    fn a_bad_federation_file_is_refused_naming_the_fault() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/federation.example.toml")).unwrap();
+        let one_site = text.split("[[sites]]").take(2).collect::<Vec<_>>().join("[[sites]]");
+        let e = format!("{:#}", FederationFile::load(&write(&one_site)).unwrap_err());
+        assert!(e.contains("needs at least 2"), "{e}");
+        let twice = text.replace("hospital-b", "hospital-a");
+        let e = format!("{:#}", FederationFile::load(&write(&twice)).unwrap_err());
+        assert!(e.contains("repeated"), "{e}");
+        let bad_key = text.replace("public_key = \"8e", "public_key = \"zz");
+        let e = format!("{:#}", FederationFile::load(&write(&bad_key)).unwrap_err());
+        assert!(e.contains("public key of `hospital-b`"), "{e}");
+        let typo = text.replace("round_timeout_secs", "round_timeout_sec");
+        let e = format!("{:#}", FederationFile::load(&write(&typo)).unwrap_err());
+        assert!(e.contains("round_timeout_sec"), "{e}");
+    }
+}

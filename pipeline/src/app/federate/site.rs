@@ -1,0 +1,124 @@
+//! `twinguard federate site`: one hospital. It prepares its own labelled events
+//! (the same decoder and feature SQL as `twinguard train`), runs the label screen,
+//! then answers the aggregator's tasks from its own rows until the run ends.
+//! Rows, labels, scores and twins never leave it: only the answers of
+//! `twinguard_models::federated::protocol`.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ed25519_dalek::SigningKey;
+use twinguard_models::federated::protocol::{decode, encode, Reply, Task};
+use twinguard_models::federated::worker::{log_screen, SiteWorker};
+use twinguard_models::train::{class_index, Progress};
+
+use super::transport::Transport;
+use super::{FederationFile, AGGREGATOR};
+
+/// Which of the dataset's rows are this site's.
+pub enum Rows {
+    /// The training and validation rows of the job's split (the test rows stay
+    /// out, for the site's own evaluation).
+    Own,
+    /// For evaluation: the share simulation site `k` would get of a
+    /// `sites`-way split of one dataset (the same rows, so a federation over
+    /// Kafka can be compared with `federate simulate`).
+    Carve { k: usize, plan: twinguard_models::federated::plan::FederationPlan },
+}
+
+/// How the site ended.
+pub struct SiteRun {
+    pub version: String,
+    pub answered: usize,
+}
+
+/// Serve the federation as `name` until the aggregator finishes a run.
+pub fn serve(fed: &FederationFile, name: &str, key: SigningKey, job: &twinguard_train::TrainJob, rows: Rows, log: &mut dyn FnMut(Progress<'_>)) -> Result<SiteRun> {
+    let index = fed.sites.iter().position(|s| s.name == name).with_context(|| format!("`{name}` is not a site of federation `{}`", fed.id))?;
+    let records = job.dataset.load(&job.schema)?;
+    let prep = twinguard_train::prepare(&job.schema, &job.twin, &job.feature_sql, &records, &mut |d, n| log(Progress::Status(&format!("  features: {d}/{n} events   "))))?;
+    log(Progress::StatusEnd);
+    let ds = prep.dataset();
+    let split = job.split.apply(&prep.classes);
+    let (train, validation) = match &rows {
+        Rows::Own => (split.train.clone(), split.validation.clone()),
+        Rows::Carve { k, plan } => twinguard_models::federated::simulate::site_rows(&split, &prep.classes, plan, *k)?,
+    };
+    let (classes, y) = class_index(&prep.classes);
+    log(Progress::Step(&format!("site `{name}` ({index}): {} training and {} validation rows, {} classes, {} features", train.len(), validation.len(), classes.len(), prep.cols)));
+    let fresh = || {
+        let mut w = SiteWorker::new(index, &ds, classes.clone(), y.clone(), train.clone(), validation.clone());
+        if job.opts.screen {
+            log_screen(index, w.screen(&job.opts), &mut |p| eprintln!("{p}"));
+        }
+        w
+    };
+    let mut worker = fresh();
+    let plan_topic = fed.topics().plan;
+    let finished = finished_runs(fed, name, key.clone())?;
+    let mut t = Transport::connect(fed, name, key, &[&plan_topic], true)?;
+    let mut run: Option<String> = None;
+    let mut answered = 0;
+    loop {
+        let mut from_aggregator = |m: &super::envelope::Meta| if m.from == AGGREGATOR { Ok(()) } else { Err(format!("`{}` may not write tasks", m.from)) };
+        let Some((_, msg)) = t.receive(Duration::from_secs(5), &mut from_aggregator)? else { continue };
+        let m = &msg.meta;
+        if finished.contains(&m.run) || !m.to.iter().any(|n| n == name) {
+            continue;
+        }
+        let task: Task = match decode(&msg.body) {
+            Ok(task) => task,
+            Err(e) => {
+                log(Progress::Step(&format!("round {}: undecodable task ({e})", m.seq)));
+                continue;
+            }
+        };
+        if matches!(task, Task::Describe) && run.as_deref() != Some(&m.run) {
+            if run.is_some() {
+                worker = fresh();
+            }
+            run = Some(m.run.clone());
+            log(Progress::Step(&format!("run {} started", m.run)));
+        }
+        if run.as_deref() != Some(&m.run) {
+            continue; // a run this site did not see start
+        }
+        if let Task::Finish { version } = task {
+            log(Progress::Step(&format!("run {} finished: model {version} ({answered} tasks answered)", m.run)));
+            return Ok(SiteRun { version, answered });
+        }
+        let t0 = Instant::now();
+        let reply: Reply = worker.answer(&task);
+        let topic = if task.kind() == "evaluation" { t.topics.evaluations.clone() } else { t.topics.updates.clone() };
+        let bytes = t.send(&topic, &m.run, m.seq, task.kind(), &[], &encode(&reply))?;
+        answered += 1;
+        log(Progress::Step(&format!(
+            "round {}: {} {} in {:.1} s ({bytes} bytes)",
+            m.seq,
+            task.kind(),
+            match &reply {
+                Ok(_) => "answered".to_string(),
+                Err(e) => format!("declined ({e})"),
+            },
+            t0.elapsed().as_secs_f64()
+        )));
+    }
+}
+
+/// Runs already finished on the plan topic (their tasks are not replayed).
+fn finished_runs(fed: &FederationFile, name: &str, key: SigningKey) -> Result<BTreeSet<String>> {
+    let plan_topic = fed.topics().plan;
+    let mut t = Transport::connect(fed, name, key, &[&plan_topic], true)?;
+    let end = t.end_of(&plan_topic)?;
+    let mut done = BTreeSet::new();
+    while t.position(&plan_topic)? < end {
+        let mut any = |_: &super::envelope::Meta| -> Result<(), String> { Ok(()) };
+        if let Some((_, m)) = t.receive(Duration::from_secs(2), &mut any)? {
+            if m.meta.kind == "finish" {
+                done.insert(m.meta.run);
+            }
+        }
+    }
+    Ok(done)
+}

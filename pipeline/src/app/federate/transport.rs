@@ -1,0 +1,179 @@
+//! One party's connection to the federation's topics: send signed envelopes and
+//! wait for them, every acknowledged write confirmed, every refused message
+//! dead-lettered with its reason.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::envelope::{seal, Assembler, Meta, Refusal};
+use super::{FederationFile, Topics};
+
+/// A verified message: its envelope and body.
+pub struct Received {
+    pub meta: Meta,
+    pub body: Vec<u8>,
+}
+
+pub struct Transport {
+    pub fed: FederationFile,
+    pub topics: Topics,
+    pub me: String,
+    pub plan: String,
+    key: SigningKey,
+    keys: BTreeMap<String, VerifyingKey>,
+    producer: FutureProducer,
+    consumer: BaseConsumer,
+    assembler: Assembler,
+    rt: tokio::runtime::Runtime,
+    /// Bytes this party wrote, per kind.
+    pub sent: BTreeMap<String, usize>,
+    /// Messages refused (dead-lettered).
+    pub refused: usize,
+}
+
+fn client(fed: &FederationFile) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &fed.brokers);
+    for (k, v) in &fed.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+impl Transport {
+    /// Connect as `me`, creating the federation's topics where missing, reading
+    /// `read` (from its beginning when `from_start`, else from its current end).
+    pub fn connect(fed: &FederationFile, me: &str, key: SigningKey, read: &[&str], from_start: bool) -> Result<Transport> {
+        let topics = fed.topics();
+        let keys = fed.keys()?;
+        let producer: FutureProducer = client(fed)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.max.bytes", (1024 * 1024).to_string())
+            .create()
+            .context("creating the federation's producer")?;
+        let consumer: BaseConsumer = client(fed).set("group.id", format!("twinguard-fed-{me}")).set("enable.auto.commit", "false").create().context("creating the federation's consumer")?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the transport's runtime")?;
+        let t = Transport { fed: fed.clone(), plan: fed.plan_hash(), me: me.to_string(), topics, key, keys, producer, consumer, assembler: Assembler::default(), rt, sent: BTreeMap::new(), refused: 0 };
+        t.create_topics()?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in read {
+            let offset = if from_start {
+                Offset::Beginning
+            } else {
+                let (_, high) = t.consumer.fetch_watermarks(topic, 0, Duration::from_secs(30)).with_context(|| format!("reading the end of topic `{topic}`"))?;
+                Offset::Offset(high)
+            };
+            tpl.add_partition_offset(topic, 0, offset).context("assigning")?;
+        }
+        t.consumer.assign(&tpl).context("assigning the federation's topics")?;
+        Ok(t)
+    }
+
+    fn create_topics(&self) -> Result<()> {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = client(&self.fed).create().context("creating the admin client")?;
+        let t = &self.topics;
+        let names = [&t.plan, &t.updates, &t.evaluations, &t.artifacts, &t.model, &t.dlq];
+        let new: Vec<NewTopic<'_>> = names.iter().map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(1))).collect();
+        let res = self.rt.block_on(admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))).context("creating the federation's topics")?;
+        for r in res {
+            if let Err((name, code)) = r {
+                if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                    anyhow::bail!("creating topic `{name}`: {code}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The end (high watermark) of a topic's partition.
+    pub fn end_of(&self, topic: &str) -> Result<i64> {
+        Ok(self.consumer.fetch_watermarks(topic, 0, Duration::from_secs(30)).with_context(|| format!("reading the end of topic `{topic}`"))?.1)
+    }
+
+    /// The next offset this party reads of a topic (0 before the first read).
+    pub fn position(&self, topic: &str) -> Result<i64> {
+        let p = self.consumer.position().context("reading the consumer's position")?;
+        Ok(p.find_partition(topic, 0).and_then(|e| e.offset().to_raw()).filter(|&o| o >= 0).unwrap_or(0))
+    }
+
+    /// Seal and write a body to `topic`; returns once the broker acknowledged every chunk.
+    pub fn send(&mut self, topic: &str, run: &str, seq: u64, kind: &str, to: &[String], body: &[u8]) -> Result<usize> {
+        let meta = Meta { federation: self.fed.id.clone(), plan: self.plan.clone(), run: run.into(), seq, from: self.me.clone(), kind: kind.into(), to: to.to_vec(), protocol: twinguard_models::federated::protocol::PROTOCOL };
+        let chunks = seal(&meta, body, &self.key);
+        let mut bytes = 0;
+        for c in &chunks {
+            let mut h = OwnedHeaders::new();
+            for (k, v) in &c.headers {
+                h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+            }
+            bytes += c.payload.len();
+            let rec = FutureRecord::to(topic).key(self.me.as_bytes()).payload(&c.payload).headers(h);
+            self.rt.block_on(self.producer.send(rec, Duration::from_secs(60))).map_err(|(e, _)| anyhow::anyhow!("writing to `{topic}`: {e}"))?;
+        }
+        *self.sent.entry(kind.to_string()).or_default() += bytes;
+        Ok(bytes)
+    }
+
+    /// Write a refused message to the dead-letter topic with its reason.
+    pub fn dead_letter(&mut self, from_topic: &str, headers: &BTreeMap<String, String>, payload: &[u8], reason: &str) -> Result<()> {
+        self.refused += 1;
+        tracing::warn!(topic = from_topic, reason, "federation message refused (dead-lettered)");
+        let mut h = OwnedHeaders::new().insert(Header { key: "tg-reason", value: Some(reason.as_bytes()) }).insert(Header { key: "tg-source-topic", value: Some(from_topic.as_bytes()) });
+        for (k, v) in headers {
+            h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
+        }
+        let dlq = self.topics.dlq.clone();
+        let rec = FutureRecord::to(&dlq).key(self.me.as_bytes()).payload(payload).headers(h);
+        self.rt.block_on(self.producer.send(rec, Duration::from_secs(60))).map_err(|(e, _)| anyhow::anyhow!("writing to `{dlq}`: {e}"))?;
+        Ok(())
+    }
+
+    /// The next verified message of this federation and plan, waiting up to `wait`.
+    /// Messages refused on the way are dead-lettered (and `accept` may refuse more:
+    /// a stale round, a sender not addressed).
+    pub fn receive(&mut self, wait: Duration, accept: &mut dyn FnMut(&Meta) -> Result<(), String>) -> Result<Option<(String, Received)>> {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            let Some(m) = self.consumer.poll(Duration::from_millis(200)) else { continue };
+            let m = m.context("reading the federation's topics")?;
+            let headers: BTreeMap<String, String> = m
+                .headers()
+                .map(|h| h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect())
+                .unwrap_or_default();
+            let topic = m.topic().to_string();
+            let payload = m.payload().unwrap_or_default().to_vec();
+            drop(m);
+            let plan_ok = headers.get("tg-federation") == Some(&self.fed.id) && headers.get("tg-plan") == Some(&self.plan);
+            let proto_ok = headers.get("tg-protocol").map(String::as_str) == Some(&twinguard_models::federated::protocol::PROTOCOL.to_string());
+            if !plan_ok {
+                let reason = format!("federation/plan {:?}/{:?} is not this party's {}/{}", headers.get("tg-federation"), headers.get("tg-plan"), self.fed.id, self.plan);
+                self.dead_letter(&topic, &headers, &payload, &reason)?;
+                continue;
+            }
+            if !proto_ok {
+                self.dead_letter(&topic, &headers, &payload, &format!("protocol {:?} is not {}", headers.get("tg-protocol"), twinguard_models::federated::protocol::PROTOCOL))?;
+                continue;
+            }
+            match self.assembler.push(&headers, &payload, &self.keys) {
+                None => continue,
+                Some(Err(Refusal(reason))) => self.dead_letter(&topic, &headers, &payload, &reason)?,
+                Some(Ok((meta, body))) => match accept(&meta) {
+                    Ok(()) => return Ok(Some((topic, Received { meta, body }))),
+                    Err(reason) => self.dead_letter(&topic, &headers, b"", &reason)?,
+                },
+            }
+        }
+        Ok(None)
+    }
+}
