@@ -169,8 +169,14 @@ impl Aggregator<'_> {
         let per = (self.opts.forest.trees / self.active.len()).max(1);
         let params = ForestParams { trees: per, ..self.opts.forest.clone() };
         let fits = Self::models(&self.ask(&Task::FitForest(params))?, |a| if let Answer::Forest(f) = a { Some(f.clone()) } else { None });
-        let d = self.screen_models(fits.iter().map(|f| f.clone().map(Scorer::Forest)).collect())?;
-        let kept: Vec<&Forest> = fits.iter().zip(&d).filter(|(_, d)| d.accepted).filter_map(|(f, _)| f.as_ref()).filter(|f| f.n_classes() == k).collect();
+        let mut d = self.screen_models(fits.iter().map(|f| f.clone().map(Scorer::Forest)).collect())?;
+        for (x, f) in d.iter_mut().zip(&fits) {
+            if let Some(f) = f.as_ref().filter(|f| f.n_classes() != k) {
+                x.accepted = false;
+                x.reason = format!("its trees predict {} classes, the federation has {k}", f.n_classes());
+            }
+        }
+        let kept: Vec<&Forest> = fits.iter().zip(&d).filter(|(_, d)| d.accepted).filter_map(|(f, _)| f.as_ref()).collect();
         let merged = Forest::merge(&kept).map_err(|_| ModelError::Train("no site's trees were accepted".into()))?;
         log(Progress::Step(&format!("forest: {} trees pooled from {} of {} sites ({per} each) in {:.1} s", merged.trees(), kept.len(), fits.len(), t0.elapsed().as_secs_f64())));
         self.report.decisions.insert("rf".into(), d);

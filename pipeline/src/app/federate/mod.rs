@@ -12,8 +12,9 @@
 //! | `<prefix>.model` | aggregator | the global-model pointer (version, digest) |
 //! | `<prefix>.dlq` | both | refused messages, with the reason |
 //!
-//! Every party reads the same federation file ([`FederationFile`]); its digest is
-//! the plan hash every message carries, so a party with another plan is refused.
+//! Every party reads the same federation file ([`FederationFile`]); the digest of
+//! its shared part (id, keys, sites, plan) is the plan hash every message carries,
+//! so a party with another plan is refused.
 
 pub mod aggregator;
 pub mod envelope;
@@ -117,9 +118,12 @@ impl FederationFile {
         Ok(f)
     }
 
-    /// The plan hash: SHA-256 of the file's content as parsed (every party must agree).
+    /// The plan hash every party must agree on: SHA-256 of the id, topic prefix,
+    /// keys, sites and plan as parsed. Brokers, client properties (each party's
+    /// own credentials) and the round timeout may differ per party.
     pub fn plan_hash(&self) -> String {
-        format!("{:x}", Sha256::digest(serde_json::to_vec(self).expect("serialises")))
+        let shared = serde_json::json!([self.id, self.topic_prefix, self.aggregator_key, self.sites, self.plan]);
+        format!("{:x}", Sha256::digest(serde_json::to_vec(&shared).expect("serialises")))
     }
 
     /// Every party's verifying key by name.
@@ -182,6 +186,10 @@ mod tests {
         let mut g = f.clone();
         g.plan.rule = "mean".into();
         assert_ne!(f.plan_hash(), g.plan_hash(), "another plan is another hash");
+        let mut h = f.clone();
+        h.brokers = "other:9092".into();
+        h.properties.insert("sasl.password".into(), "site-own".into());
+        assert_eq!(f.plan_hash(), h.plan_hash(), "each party's own connection settings are not the plan");
     }
 
     #[test]

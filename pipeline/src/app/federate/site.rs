@@ -60,6 +60,7 @@ pub fn serve(fed: &FederationFile, name: &str, key: SigningKey, job: &twinguard_
     let mut t = Transport::connect(fed, name, key, &[&plan_topic], true)?;
     let mut run: Option<String> = None;
     let mut answered = 0;
+    log(Progress::Step(&format!("waiting for the aggregator's next run on `{plan_topic}` ({} runs already finished there)", finished.len())));
     loop {
         let mut from_aggregator = |m: &super::envelope::Meta| if m.from == AGGREGATOR { Ok(()) } else { Err(format!("`{}` may not write tasks", m.from)) };
         let Some((_, msg)) = t.receive(Duration::from_secs(5), &mut from_aggregator)? else { continue };
@@ -110,6 +111,7 @@ pub fn serve(fed: &FederationFile, name: &str, key: SigningKey, job: &twinguard_
 fn finished_runs(fed: &FederationFile, name: &str, key: SigningKey) -> Result<BTreeSet<String>> {
     let plan_topic = fed.topics().plan;
     let mut t = Transport::connect(fed, name, key, &[&plan_topic], true)?;
+    t.scan_only = true;
     let end = t.end_of(&plan_topic)?;
     let mut done = BTreeSet::new();
     while t.position(&plan_topic)? < end {

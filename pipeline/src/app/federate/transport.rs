@@ -37,6 +37,9 @@ pub struct Transport {
     pub sent: BTreeMap<String, usize>,
     /// Messages refused (dead-lettered).
     pub refused: usize,
+    /// A read-only pass (a site's scan of finished runs): refusals are skipped, not
+    /// dead-lettered again.
+    pub scan_only: bool,
 }
 
 fn client(fed: &FederationFile) -> ClientConfig {
@@ -63,7 +66,7 @@ impl Transport {
             .context("creating the federation's producer")?;
         let consumer: BaseConsumer = client(fed).set("group.id", format!("twinguard-fed-{me}")).set("enable.auto.commit", "false").create().context("creating the federation's consumer")?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the transport's runtime")?;
-        let t = Transport { fed: fed.clone(), plan: fed.plan_hash(), me: me.to_string(), topics, key, keys, producer, consumer, assembler: Assembler::default(), rt, sent: BTreeMap::new(), refused: 0 };
+        let t = Transport { fed: fed.clone(), plan: fed.plan_hash(), me: me.to_string(), topics, key, keys, producer, consumer, assembler: Assembler::default(), rt, sent: BTreeMap::new(), refused: 0, scan_only: false };
         t.create_topics()?;
         let mut tpl = TopicPartitionList::new();
         for topic in read {
@@ -128,6 +131,9 @@ impl Transport {
     /// Write a refused message to the dead-letter topic with its reason.
     pub fn dead_letter(&mut self, from_topic: &str, headers: &BTreeMap<String, String>, payload: &[u8], reason: &str) -> Result<()> {
         self.refused += 1;
+        if self.scan_only {
+            return Ok(());
+        }
         tracing::warn!(topic = from_topic, reason, "federation message refused (dead-lettered)");
         let mut h = OwnedHeaders::new().insert(Header { key: "tg-reason", value: Some(reason.as_bytes()) }).insert(Header { key: "tg-source-topic", value: Some(from_topic.as_bytes()) });
         for (k, v) in headers {
