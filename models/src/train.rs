@@ -102,10 +102,15 @@ pub struct ScreenReport {
 
 /// Per-row member scores over the whole dataset in stream order.
 pub(crate) fn member_scores(e: &Ensemble, prep: &Dataset<'_>, x: &Matrix, seqs: &[Vec<usize>]) -> Vec<MemberScores> {
-    let n = prep.rows();
+    member_scores_of(e, prep, x, seqs, 0..prep.rows())
+}
+
+/// Member scores of `rows`, in their order; the LSTM steps along `seqs` (which
+/// must hold every row of `rows`).
+pub(crate) fn member_scores_of(e: &Ensemble, prep: &Dataset<'_>, x: &Matrix, seqs: &[Vec<usize>], rows: impl IntoIterator<Item = usize>) -> Vec<MemberScores> {
     let lstm = e.lstm.score_sequences(x, seqs);
     let mut proba = vec![0.0f32; e.forest.n_classes()];
-    (0..n)
+    rows.into_iter()
         .map(|i| {
             e.forest.predict_proba_row(x.row(i), &mut proba);
             MemberScores {

@@ -14,7 +14,7 @@ use crate::ensemble::{MemberScores, Stacker, MEMBERS};
 use crate::forest::{Forest, ForestParams};
 use crate::lstm::LstmModel;
 use crate::svm::Svm;
-use crate::train::{screen_labels, sequences, Dataset, Progress, Split, TrainOptions};
+use crate::train::{member_scores_of, screen_labels, sequences, Dataset, Progress, Split, TrainOptions};
 use crate::{metrics, Ensemble, Matrix, ModelError, Standardizer};
 
 /// Folds of each site's validation rows for the out-of-fold stacker scores the
@@ -214,23 +214,8 @@ impl<'a> SiteWorker<'a> {
 
     /// The global members' scores of the validation rows.
     fn member_scores(&self, e: &Ensemble) -> Result<Vec<MemberScores>, String> {
-        let x = self.x()?;
-        let lstm = e.lstm.score_sequences(x, &sequences(self.prep.devices, Some(&self.validation)));
-        let mut proba = vec![0.0f32; e.forest.n_classes()];
-        Ok(self
-            .validation
-            .iter()
-            .map(|&i| {
-                e.forest.predict_proba_row(x.row(i), &mut proba);
-                MemberScores {
-                    rf: f64::from(1.0 - proba[0]),
-                    svm: f64::from(e.svm.decision_row(x.row(i))),
-                    lstm: f64::from(lstm[i]),
-                    twin: e.twin_score(self.prep.row(i)),
-                    gbdt: e.boost.as_ref().map_or(0.5, |b| f64::from(b.predict_row(x.row(i)))),
-                }
-            })
-            .collect())
+        let seqs = sequences(self.prep.devices, Some(&self.validation));
+        Ok(member_scores_of(e, self.prep, self.x()?, &seqs, self.validation.iter().copied()))
     }
 
     /// Out-of-fold ensemble scores and each member's scores, as histograms.
