@@ -36,6 +36,32 @@ pub struct Artifact {
     /// built-in taxonomy of the public datasets, [`crate::labels::family`]).
     #[serde(default)]
     pub class_families: std::collections::BTreeMap<String, String>,
+    /// Where a federation's model came from (absent from a model trained in one place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+/// A federated model's provenance: which federation, run and plan made it, what it
+/// replaces, every site's acceptance per member and round, and who signed it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    pub federation: String,
+    /// The aggregator's run (one training of the federation).
+    pub run: String,
+    /// Rounds (tasks) the run took.
+    pub rounds: u64,
+    /// The version this one follows on the federation's model topic, if any.
+    pub parent: Option<String>,
+    /// SHA-256 of the plan every party shared.
+    pub plan_hash: String,
+    /// The aggregator's ed25519 public key (hex), which signs the artifact's messages.
+    pub aggregator_key: String,
+    /// Per member: each site's acceptance, with the robust rule's score and reason.
+    pub decisions: std::collections::BTreeMap<String, Vec<crate::federated::robust::Decision>>,
+    /// Differential privacy applied to what crossed the sites' boundaries: none
+    /// (null) in this version.
+    pub dp: Option<serde_json::Value>,
 }
 
 /// What the model was trained on and how well it did.
@@ -81,19 +107,19 @@ impl Artifact {
     pub fn load(path: &Path) -> Result<Artifact, ModelError> {
         let file = if path.is_dir() { path.join(ARTIFACT_FILE) } else { path.to_path_buf() };
         let bytes = std::fs::read(&file).map_err(|e| ModelError::Artifact(format!("cannot read {}: {e}", file.display())))?;
-        let a: Artifact = serde_json::from_slice(&bytes)
-            .map_err(|e| ModelError::Artifact(format!("{} is not a twinguard model artifact: {e}", file.display())))?;
+        Artifact::from_json(&bytes, &file.display().to_string())
+    }
+
+    /// Parse an artifact's JSON (`origin` names where it came from in errors), with
+    /// the checks [`load`](Self::load) makes.
+    pub fn from_json(bytes: &[u8], origin: &str) -> Result<Artifact, ModelError> {
+        let a: Artifact = serde_json::from_slice(bytes).map_err(|e| ModelError::Artifact(format!("{origin} is not a twinguard model artifact: {e}")))?;
         if a.format != ARTIFACT_FORMAT {
-            return Err(ModelError::Artifact(format!(
-                "{} has artifact format {}, this build reads {ARTIFACT_FORMAT}",
-                file.display(),
-                a.format
-            )));
+            return Err(ModelError::Artifact(format!("{origin} has artifact format {}, this build reads {ARTIFACT_FORMAT}", a.format)));
         }
         if a.feature_names.len() != a.ensemble.standardizer.cols() {
             return Err(ModelError::Artifact(format!(
-                "{}: {} feature names but the models take {}",
-                file.display(),
+                "{origin}: {} feature names but the models take {}",
                 a.feature_names.len(),
                 a.ensemble.standardizer.cols()
             )));

@@ -20,7 +20,7 @@ pub mod metrics;
 pub mod svm;
 pub mod train;
 
-pub use artifact::{Artifact, ModelCard};
+pub use artifact::{Artifact, ModelCard, Provenance};
 pub use ensemble::{Ensemble, MemberScores, Scored, Scratch, Stacker, Standardizer};
 pub use matrix::Matrix;
 

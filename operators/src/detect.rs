@@ -5,10 +5,17 @@
 //! - Scoring an event steps its device's LSTM state (kept in the twin, so it goes to
 //!   the changelog with the rest of the twin and survives restarts). An event the
 //!   twin skips as a replay is not scored, so no state is stepped twice.
-//! - The verdict of an event depends only on the event and the twin state before it:
-//!   the same events in the same order give the same verdicts, whatever the batch
-//!   boundaries (the stream and `twinguard eval` rely on this).
+//! - The verdict of an event depends only on the event, the twin state before it and
+//!   the model version it is scored with: the same events in the same order give the
+//!   same verdicts, whatever the batch boundaries (the stream and `twinguard eval`
+//!   rely on this).
+//! - Several versions may be loaded at once (a running pipeline switching to a
+//!   published model, partition by partition): [`Detector::detect_as`] scores with
+//!   the one named. A device's LSTM state belongs to the version that stepped it
+//!   (`Twin::lstm_model`): the first event a different version scores starts it from
+//!   zero, so a swap is deterministic however the events are batched.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, BooleanBuilder, Float64Builder, RecordBatch, StringArray, StringBuilder};
@@ -32,7 +39,11 @@ struct Loaded {
 /// Twin, features and ensemble.
 pub struct Detector {
     twin: TwinOperator,
-    model: Option<Loaded>,
+    schema: EventSchema,
+    /// Loaded versions, by version.
+    models: BTreeMap<String, Loaded>,
+    /// The version [`Detector::detect`] scores with (None: the twin alone).
+    default: Option<String>,
     out_schema: SchemaRef,
 }
 
@@ -70,13 +81,26 @@ pub fn detector_verdict_schema() -> SchemaRef {
 impl Detector {
     /// The twin's behavioural detector alone.
     pub fn twin_only(schema: &EventSchema, cfg: TwinConfig) -> Self {
-        Detector { twin: TwinOperator::new(schema, cfg), model: None, out_schema: detector_verdict_schema() }
+        Detector { twin: TwinOperator::new(schema, cfg), schema: schema.clone(), models: BTreeMap::new(), default: None, out_schema: detector_verdict_schema() }
     }
 
     /// Twin plus a trained model. Refused (with the reason) when the model was
     /// trained for another event schema or other twin settings, or its feature SQL
     /// does not plan against this schema.
     pub fn with_model(schema: &EventSchema, cfg: TwinConfig, artifact: Artifact) -> Result<Self, OperatorError> {
+        let mut d = Detector::twin_only(schema, cfg);
+        let version = d.add_model(artifact)?;
+        d.default = Some(version);
+        Ok(d)
+    }
+
+    /// Load another version beside those loaded (a version already loaded is kept
+    /// as it is); returns its version. Refused, with the reason, as [`with_model`](Self::with_model).
+    pub fn add_model(&mut self, artifact: Artifact) -> Result<String, OperatorError> {
+        if self.models.contains_key(&artifact.version) {
+            return Ok(artifact.version);
+        }
+        let schema = &self.schema;
         if artifact.schema != schema.id() {
             return Err(OperatorError::Features(format!(
                 "model {} was trained on schema `{}`, the pipeline reads `{}`",
@@ -85,15 +109,14 @@ impl Detector {
                 schema.id()
             )));
         }
-        let want = feature_relevant(&cfg);
+        let want = feature_relevant(self.twin.config());
         if artifact.twin_config != want {
             return Err(OperatorError::Features(format!(
                 "model {} was trained with twin settings {} but the pipeline's [state] is {}: features would differ; use the model's settings or retrain",
                 artifact.version, artifact.twin_config, want
             )));
         }
-        let twin = TwinOperator::new(schema, cfg);
-        let query = FeatureQuery::new(&artifact.feature_sql, schema.arrow_schema(), twin.context_schema())?;
+        let query = FeatureQuery::new(&artifact.feature_sql, schema.arrow_schema(), self.twin.context_schema())?;
         if query.names() != artifact.feature_names.as_slice() {
             return Err(OperatorError::Features(format!(
                 "model {}: its feature query yields {:?}, the model was trained on {:?}",
@@ -102,7 +125,20 @@ impl Detector {
                 artifact.feature_names
             )));
         }
-        Ok(Detector { twin, model: Some(Loaded { artifact, query, scratch: Scratch::default() }), out_schema: detector_verdict_schema() })
+        let version = artifact.version.clone();
+        self.models.insert(version.clone(), Loaded { artifact, query, scratch: Scratch::default() });
+        Ok(version)
+    }
+
+    /// Whether `version` is loaded.
+    pub fn has_model(&self, version: &str) -> bool {
+        self.models.contains_key(version)
+    }
+
+    /// Unload versions not in `keep` (the default version is always kept).
+    pub fn retain_models(&mut self, keep: &dyn Fn(&str) -> bool) {
+        let default = self.default.clone();
+        self.models.retain(|v, _| keep(v) || default.as_deref() == Some(v.as_str()));
     }
 
     pub fn twin(&self) -> &TwinOperator {
@@ -111,21 +147,33 @@ impl Detector {
     pub fn twin_mut(&mut self) -> &mut TwinOperator {
         &mut self.twin
     }
-    /// The loaded model's version, if any.
+    /// The default model's version (what [`detect`](Self::detect) scores with), if any.
     pub fn model_version(&self) -> Option<&str> {
-        self.model.as_ref().map(|m| m.artifact.version.as_str())
+        self.default.as_deref()
     }
+    /// The default model.
     pub fn artifact(&self) -> Option<&Artifact> {
-        self.model.as_ref().map(|m| &m.artifact)
+        self.default.as_ref().and_then(|v| self.models.get(v)).map(|m| &m.artifact)
+    }
+    /// A loaded version's model.
+    pub fn artifact_of(&self, version: &str) -> Option<&Artifact> {
+        self.models.get(version).map(|m| &m.artifact)
     }
 
-    /// Apply and score one event batch; returns the verdict batch
-    /// ([`detector_verdict_schema`]) and, when a model is loaded, the feature rows.
+    /// Apply and score one event batch with the default model; returns the verdict
+    /// batch ([`detector_verdict_schema`]) and, when a model is loaded, the feature rows.
     pub fn detect(&mut self, batch: &RecordBatch) -> Result<(RecordBatch, Option<FeatureRows>), OperatorError> {
-        let Some(m) = self.model.as_mut() else {
+        let version = self.default.clone();
+        self.detect_as(batch, version.as_deref())
+    }
+
+    /// [`detect`](Self::detect) with the loaded `version` (None: the twin alone).
+    pub fn detect_as(&mut self, batch: &RecordBatch, version: Option<&str>) -> Result<(RecordBatch, Option<FeatureRows>), OperatorError> {
+        let Some(version) = version else {
             let v = self.twin.process_batch(batch.clone())?;
             return Ok((with_model_columns(&v, self.out_schema.clone(), None)?, None));
         };
+        let m = self.models.get_mut(version).ok_or_else(|| OperatorError::Features(format!("model {version} is not loaded")))?;
         let (verdicts, ctx) = self.twin.process_with_context(batch)?;
         let feats = m.query.compute(batch, &ctx)?;
         let n = verdicts.num_rows();
@@ -136,6 +184,14 @@ impl Detector {
         for i in 0..n {
             let device = devices.value(i);
             let twin = store.get_mut(feats.partition[i], device).expect("an applied event's twin exists");
+            if twin.lstm_model.as_deref() != Some(m.artifact.version.as_str()) {
+                // Stepped by another version: its state means nothing to this LSTM.
+                // (No tag: a twin written before tags existed, stepped by this model.)
+                if twin.lstm_model.is_some() {
+                    twin.lstm.clear();
+                }
+                twin.lstm_model = Some(m.artifact.version.clone());
+            }
             let s = ens.score(feats.row(i), &mut twin.lstm, &mut m.scratch);
             cols.version.append_value(&m.artifact.version);
             cols.ensemble.append_value(s.ensemble);

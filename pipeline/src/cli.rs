@@ -212,6 +212,11 @@ pub(crate) enum AuditCommand {
         /// Accept chains whose oldest records were deleted by topic retention.
         #[arg(long)]
         allow_truncated_start: bool,
+        /// Also verify this federation's audit chain (its aggregator's key from
+        /// the file) and that every `model_activated` record names a version and
+        /// digest the federation published.
+        #[arg(long, value_name = "FILE")]
+        federation: Option<PathBuf>,
         /// Give up reading the topic after this long.
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
@@ -253,6 +258,19 @@ pub(crate) enum FederateRole {
     ///   twinguard federate site --config fed.toml --name hospital-a --key a.key \
     ///     --dataset capture.csv --schema ciciomt-flow-window/v1 --split stratified --out out/site-a
     Site(SiteArgs),
+    /// Publish a model trained elsewhere (`twinguard train`, an earlier
+    /// federation) as the federation's current version, signed with the
+    /// aggregator's key; pipelines that follow the federation switch to it.
+    Publish {
+        #[command(flatten)]
+        party: PartyArgs,
+        /// The model (a `twinguard train` output directory or its model.json).
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Point the federation back at the version the current one replaced;
+    /// following pipelines switch back to it at their next batch.
+    Rollback(PartyArgs),
 }
 
 /// Where a party finds its federation and key.

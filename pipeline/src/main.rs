@@ -205,6 +205,22 @@ fn federate(role: FederateRole) -> Result<()> {
             println!("model {} published", artifact.version);
             Ok(())
         }
+        FederateRole::Publish { party, model } => {
+            use twinguard::app::federate::{self as fed, aggregator};
+            let file = fed::FederationFile::load(&party.config)?;
+            let key = fed::signing_key(&party.key, fed::AGGREGATOR, &file)?;
+            let p = aggregator::publish_file(&file, key, &model)?;
+            println!("model {} published on `{}` (SHA-256 {}, replaces {})", p.version, file.topics().model, p.sha256, p.parent.as_deref().unwrap_or("nothing"));
+            Ok(())
+        }
+        FederateRole::Rollback(party) => {
+            use twinguard::app::federate::{self as fed, aggregator};
+            let file = fed::FederationFile::load(&party.config)?;
+            let key = fed::signing_key(&party.key, fed::AGGREGATOR, &file)?;
+            let p = aggregator::rollback(&file, key)?;
+            println!("federation `{}` rolled back from {} to {}", file.id, p.rollback_of.as_deref().unwrap_or("?"), p.version);
+            Ok(())
+        }
         FederateRole::Site(args) => {
             use twinguard::app::federate::{self as fed, site};
             use twinguard_models::federated::{plan::{FederationPlan, GbdtMode, PoisonKind, Sites}, robust::Rule};
@@ -304,7 +320,7 @@ fn audit(command: AuditCommand) -> Result<()> {
             println!("public key: {}", AuditLog::new(seed).public_key_hex());
             Ok(())
         }
-        AuditCommand::Verify { config, topic, public_key, public_key_file, allow_truncated_start, timeout_secs } => {
+        AuditCommand::Verify { config, topic, public_key, public_key_file, allow_truncated_start, federation, timeout_secs } => {
             init_logs("warn");
             let cfg = load_config(config.as_ref())?;
             let topic = topic.unwrap_or_else(|| cfg.topics.audit.clone());
@@ -330,6 +346,14 @@ fn audit(command: AuditCommand) -> Result<()> {
                 }
             }
             println!("audit trail of `{topic}` verified: {total} records in {} chains", chains.len());
+            if let Some(f) = federation {
+                let fed = twinguard::app::federate::FederationFile::load(&f)?;
+                let links = twinguard::app::federate::links::verify(&fed, &chains, std::time::Duration::from_secs(timeout_secs))?;
+                println!(
+                    "federation `{}`: audit chain intact, {} versions published; {} model activations link to them",
+                    fed.id, links.published, links.activations
+                );
+            }
             Ok(())
         }
     }
@@ -355,7 +379,8 @@ fn run_until_signal(cfg: Config, mode: Mode, sql_listen: Option<String>) -> Resu
                 match mode {
                     Mode::Pipeline => {
                         let observer = view.map(|v| twinguard::sql::view::ViewFeed::for_config(v, &cfg)).transpose()?;
-                        twinguard::engine::run_rejoining(&cfg, metrics, stop, observer).map(Some)
+                        let feed = twinguard::app::federate::follow::start(&cfg, stop.clone())?;
+                        twinguard::engine::run_rejoining(&cfg, metrics, stop, observer, feed).map(Some)
                     }
                     Mode::Global => {
                         let view = view.expect("the query-only process serves SQL");

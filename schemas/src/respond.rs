@@ -350,6 +350,13 @@ pub enum AuditKind {
     /// The signing key changed: signed by the OLD key, `body.public_key` names the
     /// new one (hex), which signs every later record of the chain.
     KeyRotation,
+    /// A federation's aggregator published a model version (its own chain, on the
+    /// federation's audit topic): `body` names the version, its artifact's SHA-256,
+    /// the parent version, the run and the plan hash.
+    ModelPublished,
+    /// A pipeline partition switched to a model version from `body.first_offset` on:
+    /// `body` names the version, its artifact's SHA-256 and the version it replaced.
+    ModelActivated,
 }
 
 /// A record of the audit topic. `hash` is the SHA-256 (hex) of the record's

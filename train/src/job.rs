@@ -151,6 +151,7 @@ pub fn new_artifact(
         ensemble,
         schema_definition: None,
         class_families: Default::default(),
+        provenance: None,
         card,
     };
     if !schema.is_builtin() {
@@ -377,6 +378,62 @@ mod tests {
         for (i, (a, b)) in live.iter().zip(&offline.values).enumerate() {
             assert!(a.to_bits() == b.to_bits(), "row {} feature `{}`: stream {a} vs training {b}", i / offline.cols, offline.names[i % offline.cols]);
         }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Two versions in one detector (a pipeline switching to a published model):
+    /// from the switch on, every event carries the new version, and each device's
+    /// first event under it starts the new LSTM from zero state, whatever the
+    /// batching, so the switch is deterministic.
+    #[test]
+    fn a_second_version_scores_from_its_switch_with_each_devices_lstm_started_afresh() {
+        let dir = std::env::temp_dir().join(format!("twinguard-swap-{}", std::process::id()));
+        let mut j = job(dir.clone(), 1200);
+        j.dataset.devices = 4;
+        let (v1, _) = run_train(&j, &mut |_| {}).unwrap();
+        let mut v2 = v1.clone();
+        v2.version = format!("{}-b", v1.version);
+        let records = j.dataset.load(&j.schema).unwrap();
+        let decoder = Decoder::new(j.schema.clone(), DecodeLimits::default());
+        let now = chrono::Utc::now().timestamp_millis();
+        let switch = 700;
+        let run = |seed: u64| {
+            let mut det = Detector::with_model(&j.schema, j.twin.clone(), v1.clone()).unwrap();
+            assert_eq!(det.add_model(v2.clone()).unwrap(), v2.version);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let (mut at, mut out) = (0usize, Vec::new());
+            while at < records.len() {
+                let end = if at < switch { switch } else { records.len() };
+                let n = [1, 5, 64, 333][rng.random_range(0..4)].min(end - at);
+                let raw: Vec<RawRecord<'_>> = (at..at + n)
+                    .map(|i| RawRecord { partition: 0, offset: i as i64, key: Some(records[i].0.as_bytes()), payload: Some(&records[i].1) })
+                    .collect();
+                let version = if at < switch { v1.version.as_str() } else { v2.version.as_str() };
+                let (v, feats) = det.detect_as(&decoder.decode(&raw, now).unwrap().batch, Some(version)).unwrap();
+                let feats = feats.unwrap();
+                out.extend(twinguard_schemas::verdict::verdicts_from_batch(&v, "in").into_iter().enumerate().map(|(i, v)| (v, feats.row(i).to_vec())));
+                at += n;
+            }
+            (out, det)
+        };
+        let (a, det) = run(1);
+        let (b, _) = run(2);
+        assert_eq!(a.len(), records.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(serde_json::to_string(&x.0).unwrap(), serde_json::to_string(&y.0).unwrap(), "batching changed a verdict");
+        }
+        let mut fresh = std::collections::HashSet::new();
+        let mut scratch = twinguard_models::ensemble::Scratch::default();
+        for (i, (v, row)) in a.iter().enumerate() {
+            let want = if i < switch { &v1.version } else { &v2.version };
+            assert_eq!(v.model_version.as_ref(), Some(want), "event {i}");
+            if i >= switch && fresh.insert(v.device_id.clone()) {
+                let from_zero = v2.ensemble.score(row, &mut Vec::new(), &mut scratch).members.lstm;
+                assert_eq!(v.scores.as_ref().unwrap().lstm.to_bits(), from_zero.to_bits(), "device {}: its first v2 event must start from zero state", v.device_id);
+            }
+        }
+        assert_eq!(fresh.len(), 4, "every device was scored after the switch");
+        assert!(det.twin().store().iter().all(|t| t.lstm_model.as_deref() == Some(v2.version.as_str())));
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -231,6 +231,10 @@ pub struct Twin {
     /// event; empty until a model with an LSTM scores this device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lstm: Vec<f32>,
+    /// The model version whose LSTM stepped `lstm`: another version starts the
+    /// state from zero ([`crate::Detector::detect_as`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lstm_model: Option<String>,
     /// Decision score of the device's latest verdict (the ensemble probability with a
     /// model, the behavioural score without); absent before the first verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,6 +291,7 @@ impl Twin {
             baselines: vec![Baseline::default(); n_metrics + DERIVED],
             window: vec![f32::NAN; n_metrics],
             lstm: Vec::new(),
+            lstm_model: None,
             score: None,
             risk: 0.0,
             class: None,
@@ -313,6 +318,7 @@ impl Twin {
             + self.baselines.capacity() * std::mem::size_of::<Baseline>()
             + self.window.capacity() * std::mem::size_of::<f32>()
             + self.lstm.capacity() * std::mem::size_of::<f32>()
+            + self.lstm_model.as_ref().map_or(0, s)
             + self.class.as_ref().map_or(0, s)
             + self.response.as_ref().map_or(0, |r| std::mem::size_of::<ResponseState>() + r.mem_bytes())
     }

@@ -238,7 +238,13 @@ pub struct ModelConfig {
     pub path: Option<PathBuf>,
     /// Re-derive the model's decision threshold for this false-positive rate (from
     /// the validation scores it stores); unset: the threshold it was trained with.
+    /// Applies to `path` only (a federation's threshold comes from its merged histograms).
     pub target_fpr: Option<f64>,
+    /// A federation file (`twinguard federate`): follow its model topic and switch
+    /// each partition to every version its aggregator publishes, at a batch
+    /// boundary, recording the switch durably first. Relative to the config file.
+    /// Before the first version is published: `path`, or the twin alone.
+    pub follow: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -440,7 +446,7 @@ impl Config {
         if let Some(p) = path {
             let base = p.parent().unwrap_or(Path::new("."));
             let a = &mut cfg.audit;
-            for f in [&mut cfg.schema.file, &mut cfg.registry.file, &mut a.signing_key_file, &mut a.previous_signing_key_file, &mut a.public_key_file] {
+            for f in [&mut cfg.schema.file, &mut cfg.registry.file, &mut cfg.model.follow, &mut a.signing_key_file, &mut a.previous_signing_key_file, &mut a.public_key_file] {
                 if let Some(rel) = f.as_ref().filter(|f| f.is_relative()) {
                     *f = Some(base.join(rel));
                 }

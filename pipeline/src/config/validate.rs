@@ -32,6 +32,12 @@ impl Config {
                 return Err(PipelineError::config("topics", format!("`{a}` is used for two roles; every topic must be distinct")));
             }
         }
+        if self.model.follow.is_some() && self.model.target_fpr.is_some() {
+            return Err(PipelineError::config(
+                "model.target_fpr",
+                "applies to `model.path` only: a followed federation's threshold comes from its merged score histograms (no validation scores cross a site's boundary)",
+            ));
+        }
         if self.batch.max_records == 0 {
             return Err(PipelineError::config("batch.max_records", "must be at least 1"));
         }

@@ -12,6 +12,7 @@ impl Shared {
         let span = tracing::info_span!("batch", partition, records = recs.len(), first_offset = recs[0].offset, last_offset = last);
         let _entered = span.enter();
         let consumed = recs.iter().map(|r| r.consumed).min();
+        self.follow(core, partition, recs[0].offset)?;
         let timer = Instant::now();
         let raw: Vec<RawRecord<'_>> = recs
             .iter()
@@ -37,7 +38,7 @@ impl Shared {
             ));
         }
         let skipped_before = core.op.twin().skipped();
-        let (scored, _) = tracing::info_span!("detect", events = valid).in_scope(|| core.op.detect(&decoded.batch))?;
+        let scored = tracing::info_span!("detect", events = valid).in_scope(|| self.detect_routed(core, partition, &decoded.batch))?;
         let mut verdicts: Vec<Verdict> = verdicts_from_batch(&scored, &self.cfg.topics.input);
         ev::StageFinished { stage: "detect", elapsed: timer.elapsed() }.emit();
         let timer = Instant::now();

@@ -93,6 +93,10 @@ struct Core {
     expected: HashMap<i32, i64>,
     /// The same for the acks topic's partitions.
     expected_acks: HashMap<i32, i64>,
+    /// Per owned partition, the model versions it scores with (`model.follow`).
+    routes: HashMap<i32, swap::Route>,
+    /// Published versions the detector refused (reported once).
+    refused: BTreeSet<String>,
 }
 
 /// Check a consumed record's offset against the one expected next on its partition
@@ -142,6 +146,8 @@ struct Shared {
     to_changelog: Mutex<Option<SyncSender<Job>>>,
     /// The SQL tables, when served: fed with twin rows and outputs.
     observer: Option<Arc<dyn StateObserver>>,
+    /// Published model versions to switch to (`model.follow`).
+    feed: Option<Arc<dyn ModelFeed>>,
 }
 
 impl Shared {
@@ -202,9 +208,15 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result
 /// exiting, as a Kafka Streams thread does: the lost run stopped writing first
 /// (fail-stop, queues purged), the new one restores from the changelog and resumes
 /// from the committed offsets. Any other error ends the run.
-pub fn run_rejoining(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, observer: Option<Arc<dyn StateObserver>>) -> Result<RunReport, PipelineError> {
+pub fn run_rejoining(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    observer: Option<Arc<dyn StateObserver>>,
+    feed: Option<Arc<dyn ModelFeed>>,
+) -> Result<RunReport, PipelineError> {
     loop {
-        match run_with(cfg, metrics.clone(), stop.clone(), observer.clone()) {
+        match run_following(cfg, metrics.clone(), stop.clone(), observer.clone(), feed.clone()) {
             Err(PipelineError::AssignmentLost(why)) if !stop.load(Ordering::Relaxed) => {
                 ev::GroupRejoining { reason: &why }.emit(&metrics);
                 std::thread::sleep(Duration::from_secs(1));
@@ -216,6 +228,18 @@ pub fn run_rejoining(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>,
 
 /// [`run`], also telling `observer` (the SQL view) about this instance's twins and outputs.
 pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, observer: Option<Arc<dyn StateObserver>>) -> Result<RunReport, PipelineError> {
+    run_following(cfg, metrics, stop, observer, None)
+}
+
+/// [`run_with`], switching each partition to the model versions `feed` publishes
+/// (see `swap.rs`).
+pub fn run_following(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    observer: Option<Arc<dyn StateObserver>>,
+    feed: Option<Arc<dyn ModelFeed>>,
+) -> Result<RunReport, PipelineError> {
     let schema = cfg.event_schema()?;
     let detector = build::detector(cfg, &schema)?;
     let responder = build::responder(cfg, &schema)?;
@@ -233,7 +257,7 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
     ev::PipelineStarted { input: &cfg.topics.input, partitions, schema: &schema.id(), model: detector.model_version() }.emit();
     let producer = Arc::new(kafka::create_producer(cfg)?);
     let command_producer = Arc::new(kafka::create_command_producer(cfg)?);
-    let (shared, rx_cl) = Shared::new(cfg, &schema, detector, responder, metrics.clone(), stop.clone(), observer, producer, command_producer)?;
+    let (shared, rx_cl) = Shared::new(cfg, &schema, detector, responder, metrics.clone(), stop.clone(), (observer, feed), producer, command_producer)?;
     let consumer: Arc<BaseConsumer<SourceContext>> = Arc::new(
         kafka::consumer_config(cfg)
             .create_with_context(SourceContext { shared: shared.clone() })
@@ -281,8 +305,9 @@ pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, obse
 
 impl Shared {
     /// The engine's state for `cfg` reading `schema`, writing to `producer`
-    /// (commands to `command_producer`), with the receiving end of the first commit
-    /// stage.
+    /// (commands to `command_producer`), telling the observer (SQL view) and
+    /// following the model feed when given, with the receiving end of the first
+    /// commit stage.
     #[allow(clippy::too_many_arguments)]
     fn new(
         cfg: &Config,
@@ -291,7 +316,7 @@ impl Shared {
         responder: Responder,
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
-        observer: Option<Arc<dyn StateObserver>>,
+        (observer, feed): (Option<Arc<dyn StateObserver>>, Option<Arc<dyn ModelFeed>>),
         producer: Arc<dyn RecordSink>,
         command_producer: Arc<dyn RecordSink>,
     ) -> Result<(Arc<Shared>, Receiver<Job>), PipelineError> {
@@ -324,11 +349,14 @@ impl Shared {
                 owned: BTreeSet::new(),
                 expected: HashMap::new(),
                 expected_acks: HashMap::new(),
+                routes: HashMap::new(),
+                refused: BTreeSet::new(),
             }),
             producer,
             command_producer,
             to_changelog: Mutex::new(Some(tx_cl)),
             observer,
+            feed,
         });
         Ok((shared, rx_cl))
     }
@@ -399,11 +427,13 @@ mod loops;
 pub mod observer;
 mod rebalance;
 mod seam;
+pub mod swap;
 
 use batch::*;
 use loops::*;
 use seam::*;
 pub use observer::StateObserver;
+pub use swap::{ModelFeed, Published, ACTIVATIONS_KEY};
 pub use rebalance::{restore_verdict, Restore, SourceContext, QUARANTINED_CHANGELOG};
 
 #[cfg(test)]

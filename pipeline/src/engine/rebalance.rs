@@ -13,12 +13,24 @@ impl Shared {
         for &p in parts {
             core.op.twin_mut().store_mut().drop_partition(p);
             core.op.twin_mut().store_mut().ensure_partition(p);
+            core.routes.remove(&p);
         }
         let op = &mut core.op;
+        let routes = &mut core.routes;
         let cap = self.cfg.state.max_twin_bytes;
         let mut quarantined: Vec<OutRecord> = Vec::new();
         let changelog = self.cfg.topics.changelog.as_str();
         let read = kafka::read_changelog_at(&self.cfg, parts, left(), |p, offset, key, value| {
+            if key == swap::ACTIVATIONS_KEY {
+                // The partition's model activations (`model.follow`), not a twin.
+                let history = match value.map(swap::parse_activations) {
+                    None => Vec::new(),
+                    Some(Ok(a)) => a.history,
+                    Some(Err(reason)) => return Err(PipelineError::Fatal(format!("partition {p} of `{changelog}`, offset {offset}: {reason}"))),
+                };
+                routes.entry(p).or_default().history = history;
+                return Ok(());
+            }
             match restore_verdict(key, value, cap, |k, v| op.twin_mut().restore_record(p, k, v)) {
                 Restore::Done => Ok(()),
                 Restore::Fatal(e) => Err(PipelineError::from(e)),
@@ -148,6 +160,7 @@ impl Shared {
             core.expected_acks.remove(p);
             core.owned.remove(p);
             core.op.twin_mut().store_mut().drop_partition(*p);
+            core.routes.remove(p);
             core.resp.drop_partition(*p);
             self.committed.lock().expect("committed lock").remove(p);
             if let Some(observer) = &self.observer {
@@ -271,6 +284,7 @@ impl ConsumerContext for SourceContext {
         core.owned.extend(parts.iter().copied());
         let resume = resume_offsets(consumer, &s.cfg.topics.input, &fresh, deadline);
         s.check_twins_against_input(&core, consumer, &fresh, deadline);
+        s.set_holds(&mut core, consumer, &fresh, &resume, deadline);
         core.expected.extend(resume);
         ev::PartitionsReady { owned: core.owned.iter().copied().collect(), twins: core.op.twin().store().len() }.emit(&s.metrics);
     }

@@ -176,7 +176,7 @@ fn rig(max_records: usize, flush_when_idle: bool, sink: impl FnOnce(&Log) -> Arc
     let stop = Arc::new(AtomicBool::new(false));
     let detector = build::detector(&cfg, &schema).unwrap();
     let responder = build::responder(&cfg, &schema).unwrap();
-    let (shared, rx) = Shared::new(&cfg, &schema, detector, responder, Arc::new(Metrics::default()), stop.clone(), None, sink.clone(), sink.clone()).unwrap();
+    let (shared, rx) = Shared::new(&cfg, &schema, detector, responder, Arc::new(Metrics::default()), stop.clone(), (None, None), sink.clone(), sink.clone()).unwrap();
     Rig { shared, rx: Some(rx), sink, log, stop }
 }
 

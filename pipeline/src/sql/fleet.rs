@@ -66,11 +66,16 @@ enum Change {
     Remove(Option<String>),
     /// A twin of a format this reader does not know.
     Unsupported,
+    /// Not a twin: a partition's model activations (`model.follow`).
+    NotATwin,
 }
 
 /// One changelog record through the pipeline's restore rule
 /// ([`crate::engine::restore_verdict`]).
 fn changelog_change(key: &str, value: Option<&[u8]>, max_twin_bytes: usize, rows: &RowMaker) -> Change {
+    if key == crate::engine::ACTIVATIONS_KEY {
+        return Change::NotATwin;
+    }
     let Some(v) = value else { return Change::Remove(None) };
     let mut decoded = None;
     let verdict = crate::engine::restore_verdict(key, Some(v), max_twin_bytes, |k, v| {
@@ -177,6 +182,7 @@ pub fn run(cfg: &Config, metrics: Arc<Metrics>, view: Arc<SqlView>, stop: Arc<At
                             twins.push((key, None));
                         }
                         Change::Unsupported => bad("twin", &"unsupported twin format version"),
+                        Change::NotATwin => {}
                     }
                     if behind.get(&p).is_some_and(|end| offset + 1 >= *end) {
                         behind.remove(&p);

@@ -11,8 +11,10 @@ use twinguard_models::federated::aggregate::federate;
 use twinguard_models::federated::plan::{FederationPlan, FederationReport};
 use twinguard_models::federated::protocol::{decode, encode, Link, Reply, Task};
 use twinguard_models::train::{Progress, TrainOptions};
-use twinguard_models::{Artifact, ModelError};
+use twinguard_models::{Artifact, ModelError, Provenance};
+use twinguard_schemas::respond::AuditKind;
 
+use super::follow::{digest, ModelTopics, Pointer};
 use super::transport::Transport;
 use super::{FederationFile, AGGREGATOR};
 
@@ -81,7 +83,7 @@ pub struct AggregateJob {
 }
 
 /// Run one training of the federation; writes the model and `federation.json`
-/// into `job.out`, publishes the artifact, the model pointer and the end of the run.
+/// into `job.out`, publishes the model ([`publish_model`]) and the end of the run.
 pub fn aggregate(job: AggregateJob, log: &mut dyn FnMut(Progress<'_>)) -> Result<(Artifact, FederationReport)> {
     let fed = &job.fed;
     let mut t = Transport::connect(fed, AGGREGATOR, job.key.clone(), &[&fed.topics().updates, &fed.topics().evaluations], false)?;
@@ -94,27 +96,98 @@ pub fn aggregate(job: AggregateJob, log: &mut dyn FnMut(Progress<'_>)) -> Result
         let (ens, report) = federate(&mut link, &job.plan, &job.opts, twin.anomaly_threshold, log)?;
         (ens, report, link.seq)
     };
-    let artifact = twinguard_train::federate::federation_artifact(&job.schema, &job.feature_sql, &twin, ens, &job.opts, &report, &fed.id, &t.plan);
+    let mut artifact = twinguard_train::federate::federation_artifact(&job.schema, &job.feature_sql, &twin, ens, &job.opts, &report, &fed.id, &t.plan);
+    artifact.provenance = Some(provenance(&t, &run, seq, report.decisions.clone()));
     let path = artifact.save(&job.out)?;
     let fpath = job.out.join("federation.json");
     std::fs::write(&fpath, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", fpath.display()))?;
-    let body = serde_json::to_vec(&artifact)?;
-    let sha = {
-        use sha2::Digest;
-        format!("{:x}", sha2::Sha256::digest(&body))
-    };
-    let topics = t.topics.clone();
-    let bytes = t.send(&topics.artifacts, &run, seq + 1, "artifact", &[], &body)?;
-    let pointer = serde_json::json!({ "version": artifact.version, "sha256": sha, "run": run, "artifact_seq": seq + 1 });
-    t.send(&topics.model, &run, seq + 2, "model", &[], &serde_json::to_vec(&pointer)?)?;
-    t.send(&topics.plan, &run, seq + 3, "finish", &names, &encode(&Task::Finish { version: artifact.version.clone() }))?;
+    let (bytes, _) = publish_model(&mut t, &run, seq + 1, &mut artifact)?;
+    // The model.json written above and the published one differ only in `provenance.parent`.
+    artifact.save(&job.out)?;
+    t.send(&t.topics.plan.clone(), &run, seq + 3, "finish", &names, &encode(&Task::Finish { version: artifact.version.clone() }))?;
     log(Progress::Step(&format!(
         "model {} written to {} and published ({} bytes compressed on `{}`); {} messages refused",
         artifact.version,
         path.display(),
         bytes,
-        topics.artifacts,
+        t.topics.artifacts,
         t.refused
     )));
     Ok((artifact, report))
+}
+
+/// A published model's provenance (its parent is set when it is published).
+fn provenance(t: &Transport, run: &str, rounds: u64, decisions: BTreeMap<String, Vec<twinguard_models::federated::robust::Decision>>) -> Provenance {
+    Provenance {
+        federation: t.fed.id.clone(),
+        run: run.to_string(),
+        rounds,
+        parent: None,
+        plan_hash: t.plan.clone(),
+        aggregator_key: t.fed.aggregator_key.trim().to_string(),
+        decisions,
+        dp: None,
+    }
+}
+
+/// Publish `artifact` as the federation's model: the artifact (`seq`), a
+/// `model_published` record on the aggregator's audit chain, then the pointer
+/// (`seq + 1`) — pipelines switch on the pointer, so every version they can run
+/// is in the chain first. Sets `provenance.parent` to the version it replaces.
+/// Returns the compressed bytes of the artifact and the pointer.
+pub fn publish_model(t: &mut Transport, run: &str, seq: u64, artifact: &mut Artifact) -> Result<(usize, Pointer)> {
+    let mut models = ModelTopics::open(&t.fed)?;
+    models.catch_up(Duration::from_secs(120))?;
+    let parent = models.current().map(|p| p.version.clone());
+    if let Some(p) = artifact.provenance.as_mut() {
+        p.parent = parent.clone();
+    }
+    let body = serde_json::to_vec(&*artifact)?;
+    let pointer = Pointer { version: artifact.version.clone(), sha256: digest(&body), run: run.to_string(), parent, rollback_of: None };
+    let topics = t.topics.clone();
+    let bytes = t.send(&topics.artifacts, run, seq, "artifact", &[], &body)?;
+    point(t, seq + 1, &pointer)?;
+    Ok((bytes, pointer))
+}
+
+/// Record `pointer` on the audit chain, then write it to the model topic.
+fn point(t: &mut Transport, seq: u64, pointer: &Pointer) -> Result<()> {
+    let body = serde_json::json!({
+        "federation": t.fed.id, "plan": t.plan, "run": pointer.run, "version": pointer.version,
+        "sha256": pointer.sha256, "parent": pointer.parent, "rollback_of": pointer.rollback_of,
+    });
+    t.append_audit(AuditKind::ModelPublished, body)?;
+    let topics = t.topics.clone();
+    t.send(&topics.model, &pointer.run, seq, "model", &[], &serde_json::to_vec(pointer)?)?;
+    Ok(())
+}
+
+/// `twinguard federate publish`: a model trained elsewhere (`twinguard train`, a
+/// federation's own output) becomes the federation's current version.
+pub fn publish_file(fed: &FederationFile, key: SigningKey, model: &std::path::Path) -> Result<Pointer> {
+    let mut artifact = Artifact::load(model)?;
+    let mut t = Transport::connect(fed, AGGREGATOR, key, &[], false)?;
+    let run = format!("publish-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"));
+    if artifact.provenance.is_none() {
+        artifact.provenance = Some(provenance(&t, &run, 0, BTreeMap::new()));
+    }
+    Ok(publish_model(&mut t, &run, 1, &mut artifact)?.1)
+}
+
+/// `twinguard federate rollback`: point the federation back at the version the
+/// current one replaced (its artifact must still be on the artifacts topic).
+pub fn rollback(fed: &FederationFile, key: SigningKey) -> Result<Pointer> {
+    let mut t = Transport::connect(fed, AGGREGATOR, key, &[], false)?;
+    let mut models = ModelTopics::open(fed)?;
+    models.catch_up(Duration::from_secs(120))?;
+    let current = models.history.last().cloned().with_context(|| format!("nothing was published on `{}`: there is nothing to roll back", t.topics.model))?;
+    let parent = current.parent.clone().with_context(|| format!("version {} has no parent: it was the federation's first", current.version))?;
+    let back = models
+        .pointer_of(&parent)
+        .cloned()
+        .with_context(|| format!("the parent version {parent} has no verified artifact on `{}` (deleted by retention?)", t.topics.artifacts))?;
+    let run = format!("rollback-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"));
+    let pointer = Pointer { version: parent, sha256: back.sha256, run, parent: Some(current.version.clone()), rollback_of: Some(current.version) };
+    point(&mut t, 1, &pointer)?;
+    Ok(pointer)
 }

@@ -11,6 +11,10 @@
 //! | `<prefix>.artifacts` | aggregator | the published model |
 //! | `<prefix>.model` | aggregator | the global-model pointer (version, digest) |
 //! | `<prefix>.dlq` | both | refused messages, with the reason |
+//! | `<prefix>.audit` | aggregator | its signed chain of `model_published` records |
+//!
+//! Pipelines that follow the federation (`model.follow`, [`follow`]) read the
+//! model and artifacts topics and the audit topic; they write none of them.
 //!
 //! Every party reads the same federation file ([`FederationFile`]); the digest of
 //! its shared part (id, keys, sites, plan) is the plan hash every message carries,
@@ -18,6 +22,8 @@
 
 pub mod aggregator;
 pub mod envelope;
+pub mod follow;
+pub mod links;
 pub mod site;
 mod transport;
 
@@ -95,6 +101,8 @@ pub struct Topics {
     pub artifacts: String,
     pub model: String,
     pub dlq: String,
+    /// The aggregator's audit chain (`model_published` records).
+    pub audit: String,
 }
 
 /// The name the aggregator signs as.
@@ -148,6 +156,7 @@ impl FederationFile {
             artifacts: format!("{p}.artifacts"),
             model: format!("{p}.model"),
             dlq: format!("{p}.dlq"),
+            audit: format!("{p}.audit"),
         }
     }
 }

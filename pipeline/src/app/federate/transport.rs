@@ -42,7 +42,26 @@ pub struct Transport {
     pub scan_only: bool,
 }
 
-fn client(fed: &FederationFile) -> ClientConfig {
+/// A message's headers as text.
+pub(super) fn headers_of(m: &impl Message) -> BTreeMap<String, String> {
+    m.headers()
+        .map(|h| h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect())
+        .unwrap_or_default()
+}
+
+/// Refuse a message of another federation, plan or protocol before reassembling it.
+pub(super) fn screen(headers: &BTreeMap<String, String>, federation: &str, plan: &str) -> Result<(), String> {
+    if headers.get("tg-federation").map(String::as_str) != Some(federation) || headers.get("tg-plan").map(String::as_str) != Some(plan) {
+        return Err(format!("federation/plan {:?}/{:?} is not this party's {federation}/{plan}", headers.get("tg-federation"), headers.get("tg-plan")));
+    }
+    let protocol = twinguard_models::federated::protocol::PROTOCOL;
+    if headers.get("tg-protocol").map(String::as_str) != Some(&protocol.to_string()) {
+        return Err(format!("protocol {:?} is not {protocol}", headers.get("tg-protocol")));
+    }
+    Ok(())
+}
+
+pub(super) fn client(fed: &FederationFile) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &fed.brokers);
     for (k, v) in &fed.properties {
@@ -86,7 +105,7 @@ impl Transport {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
         let admin: AdminClient<rdkafka::client::DefaultClientContext> = client(&self.fed).create().context("creating the admin client")?;
         let t = &self.topics;
-        let names = [&t.plan, &t.updates, &t.evaluations, &t.artifacts, &t.model, &t.dlq];
+        let names = [&t.plan, &t.updates, &t.evaluations, &t.artifacts, &t.model, &t.dlq, &t.audit];
         let new: Vec<NewTopic<'_>> = names.iter().map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(1))).collect();
         let res = self.rt.block_on(admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))).context("creating the federation's topics")?;
         for r in res {
@@ -128,6 +147,23 @@ impl Transport {
         Ok(bytes)
     }
 
+    /// Append a record to this party's audit chain (`<prefix>.audit`, one chain,
+    /// signed with its key), continuing from the chain's verified tail; returns
+    /// once the broker acknowledged it.
+    pub fn append_audit(&mut self, kind: twinguard_schemas::respond::AuditKind, body: serde_json::Value) -> Result<()> {
+        let topic = self.topics.audit.clone();
+        let records = read_topic(&self.fed, &topic, Duration::from_secs(60))?;
+        let mut log = twinguard_operators::audit::AuditLog::new(self.key.to_bytes());
+        log.continue_from(0, records.last().map(|(_, b)| b.as_slice()))
+            .map_err(|e| anyhow::anyhow!("the audit chain on `{topic}` cannot be continued: its last record is {e}; run `twinguard audit verify --federation`"))?;
+        let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        for (_, bytes) in log.append_all(0, kind, at, None, body) {
+            let rec = FutureRecord::to(&topic).key(self.me.as_bytes()).payload(&bytes).partition(0);
+            self.rt.block_on(self.producer.send(rec, Duration::from_secs(60))).map_err(|(e, _)| anyhow::anyhow!("writing to `{topic}`: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Write a refused message to the dead-letter topic with its reason.
     pub fn dead_letter(&mut self, from_topic: &str, headers: &BTreeMap<String, String>, payload: &[u8], reason: &str) -> Result<()> {
         self.refused += 1;
@@ -153,22 +189,12 @@ impl Transport {
         while Instant::now() < deadline {
             let Some(m) = self.consumer.poll(Duration::from_millis(200)) else { continue };
             let m = m.context("reading the federation's topics")?;
-            let headers: BTreeMap<String, String> = m
-                .headers()
-                .map(|h| h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())).collect())
-                .unwrap_or_default();
+            let headers = headers_of(&m);
             let topic = m.topic().to_string();
             let payload = m.payload().unwrap_or_default().to_vec();
             drop(m);
-            let plan_ok = headers.get("tg-federation") == Some(&self.fed.id) && headers.get("tg-plan") == Some(&self.plan);
-            let proto_ok = headers.get("tg-protocol").map(String::as_str) == Some(&twinguard_models::federated::protocol::PROTOCOL.to_string());
-            if !plan_ok {
-                let reason = format!("federation/plan {:?}/{:?} is not this party's {}/{}", headers.get("tg-federation"), headers.get("tg-plan"), self.fed.id, self.plan);
+            if let Err(reason) = screen(&headers, &self.fed.id, &self.plan) {
                 self.dead_letter(&topic, &headers, &payload, &reason)?;
-                continue;
-            }
-            if !proto_ok {
-                self.dead_letter(&topic, &headers, &payload, &format!("protocol {:?} is not {}", headers.get("tg-protocol"), twinguard_models::federated::protocol::PROTOCOL))?;
                 continue;
             }
             match self.assembler.push(&headers, &payload, &self.keys) {
@@ -182,4 +208,28 @@ impl Transport {
         }
         Ok(None)
     }
+}
+
+/// Every record of partition 0 of `topic` (offset, value), read to its end.
+pub fn read_topic(fed: &FederationFile, topic: &str, timeout: Duration) -> Result<Vec<(i64, Vec<u8>)>> {
+    let consumer: BaseConsumer = client(fed).set("group.id", format!("twinguard-fed-{}-read", fed.id)).set("enable.auto.commit", "false").create().context("creating a reader")?;
+    let (low, high) = consumer.fetch_watermarks(topic, 0, timeout).with_context(|| format!("reading the end of `{topic}`"))?;
+    let mut out = Vec::new();
+    if high <= low {
+        return Ok(out);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(low)).context("assigning")?;
+    consumer.assign(&tpl).with_context(|| format!("assigning `{topic}`"))?;
+    let deadline = Instant::now() + timeout;
+    while out.last().is_none_or(|(o, _)| *o + 1 < high) {
+        if Instant::now() > deadline {
+            anyhow::bail!("reading `{topic}` to its end took over {} s", timeout.as_secs());
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.with_context(|| format!("reading `{topic}`"))?;
+            out.push((m.offset(), m.payload().unwrap_or_default().to_vec()));
+        }
+    }
+    Ok(out)
 }

@@ -295,3 +295,35 @@ impl StoppedCleanly {
         tracing::info!(twins = self.twins, twin_mem_bytes = self.twin_mem_bytes, "stopped cleanly");
     }
 }
+
+/// A partition switched model version (`model.follow`): the activation record is
+/// durable on the changelog (and in the partition's audit chain) before any event
+/// is scored with it.
+pub struct ModelActivated<'a> {
+    pub partition: i32,
+    pub version: &'a str,
+    pub first_offset: i64,
+    pub replaced: Option<&'a str>,
+}
+
+impl ModelActivated<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        note("ModelActivated");
+        *m.model_version.lock().expect("info lock") = Some(self.version.to_string());
+        tracing::info!(partition = self.partition, version = %self.version, first_offset = self.first_offset, replaced = self.replaced.unwrap_or("none"), "model activated");
+    }
+}
+
+/// A published model version was refused (it does not fit this pipeline, or its
+/// message did not verify); the partitions keep the version they run.
+pub struct ModelRefused<'a> {
+    pub version: &'a str,
+    pub reason: &'a str,
+}
+
+impl ModelRefused<'_> {
+    pub fn emit(&self) {
+        note("ModelRefused");
+        tracing::error!(version = %self.version, reason = %self.reason, "published model refused");
+    }
+}

@@ -1,0 +1,268 @@
+//! The federation's published models, read back: [`ModelTopics`] reads the model
+//! pointer and artifacts topics in order, accepting only what the aggregator's key
+//! signed for this federation and plan, and a pointer only with an artifact of its
+//! digest and version; [`Follower`] serves it to a running pipeline
+//! (`model.follow`) as the engine's [`ModelFeed`]. The aggregator reads the same
+//! way to learn the version it publishes over (`parent`) or rolls back to.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ed25519_dalek::VerifyingKey;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::envelope::{Assembler, Refusal};
+use super::transport::{client, headers_of, screen};
+use super::{FederationFile, Topics, AGGREGATOR};
+use crate::config::Config;
+use crate::engine::{ModelFeed, Published};
+use crate::obs::events::ModelRefused;
+use crate::PipelineError;
+
+/// The global-model pointer (`<prefix>.model`): which version runs now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pointer {
+    pub version: String,
+    /// SHA-256 of the artifact's JSON as published.
+    pub sha256: String,
+    /// The run that published it (or `rollback`, `publish`).
+    pub run: String,
+    /// The version it replaces.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Set when this pointer rolls back from that version to `version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<String>,
+}
+
+/// SHA-256 (hex) of an artifact's published bytes.
+pub fn digest(body: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(body))
+}
+
+/// What the federation's model topics held, read in order.
+pub struct ModelTopics {
+    topics: Topics,
+    federation: String,
+    plan: String,
+    keys: BTreeMap<String, VerifyingKey>,
+    consumer: BaseConsumer,
+    assembler: Assembler,
+    /// Verified artifacts by digest.
+    artifacts: HashMap<String, Arc<Published>>,
+    /// Pointers read before their artifact, with when they were read.
+    pending: Vec<(Pointer, Instant)>,
+    /// Accepted pointers, in order.
+    pub history: Vec<Pointer>,
+    /// Versions accepted, by version.
+    pub versions: HashMap<String, Arc<Published>>,
+    /// Why messages were refused, in order.
+    pub refused: Vec<String>,
+}
+
+impl ModelTopics {
+    /// Read `fed`'s model and artifacts topics from their beginning.
+    pub fn open(fed: &FederationFile) -> Result<ModelTopics> {
+        let topics = fed.topics();
+        let keys: BTreeMap<String, VerifyingKey> = fed.keys()?.into_iter().filter(|(who, _)| who == AGGREGATOR).collect();
+        let consumer: BaseConsumer = client(fed)
+            .set("group.id", format!("twinguard-fed-{}-models", fed.id))
+            .set("enable.auto.commit", "false")
+            .create()
+            .context("creating the model topics' consumer")?;
+        let mut tpl = TopicPartitionList::new();
+        for t in [&topics.artifacts, &topics.model] {
+            tpl.add_partition_offset(t, 0, Offset::Beginning).context("assigning")?;
+        }
+        consumer.assign(&tpl).context("assigning the federation's model topics")?;
+        Ok(ModelTopics {
+            topics,
+            federation: fed.id.clone(),
+            plan: fed.plan_hash(),
+            keys,
+            consumer,
+            assembler: Assembler::default(),
+            artifacts: HashMap::new(),
+            pending: Vec::new(),
+            history: Vec::new(),
+            versions: HashMap::new(),
+            refused: Vec::new(),
+        })
+    }
+
+    /// The version the pointer names now.
+    pub fn current(&self) -> Option<Arc<Published>> {
+        self.history.last().and_then(|p| self.versions.get(&p.version).cloned())
+    }
+
+    /// The accepted pointer of `version` (its digest and parent), if any.
+    pub fn pointer_of(&self, version: &str) -> Option<&Pointer> {
+        self.history.iter().rev().find(|p| p.version == version)
+    }
+
+    fn refuse(&mut self, what: &str, reason: String) {
+        ModelRefused { version: what, reason: &reason }.emit();
+        self.refused.push(format!("{what}: {reason}"));
+    }
+
+    /// Read what arrives within `wait`; returns whether anything was read.
+    pub fn poll(&mut self, wait: Duration) -> Result<bool> {
+        let Some(m) = self.consumer.poll(wait) else {
+            self.expire_pending();
+            return Ok(false);
+        };
+        let m = m.context("reading the federation's model topics")?;
+        let (headers, topic, offset) = (headers_of(&m), m.topic().to_string(), m.offset());
+        let payload = m.payload().unwrap_or_default().to_vec();
+        drop(m);
+        let at = format!("`{topic}` offset {offset}");
+        if let Err(reason) = screen(&headers, &self.federation, &self.plan) {
+            self.refuse(&at, reason);
+            return Ok(true);
+        }
+        match self.assembler.push(&headers, &payload, &self.keys) {
+            None => {}
+            Some(Err(Refusal(reason))) => self.refuse(&at, reason),
+            Some(Ok((meta, body))) => match (topic == self.topics.artifacts, meta.kind.as_str()) {
+                (true, "artifact") => match twinguard_models::Artifact::from_json(&body, &at) {
+                    Ok(a) => {
+                        let sha = digest(&body);
+                        let parent = a.provenance.as_ref().and_then(|p| p.parent.clone());
+                        self.artifacts.insert(sha.clone(), Arc::new(Published { version: a.version.clone(), sha256: sha, parent, artifact: a }));
+                    }
+                    Err(e) => self.refuse(&at, e.to_string()),
+                },
+                (false, "model") => match serde_json::from_slice::<Pointer>(&body) {
+                    Ok(p) => self.pending.push((p, Instant::now())),
+                    Err(e) => self.refuse(&at, format!("not a model pointer: {e}")),
+                },
+                (_, kind) => self.refuse(&at, format!("a `{kind}` message does not belong on `{topic}`")),
+            },
+        }
+        self.resolve();
+        Ok(true)
+    }
+
+    /// Accept pointers whose artifact has arrived.
+    fn resolve(&mut self) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &self.pending[i].0;
+            match self.artifacts.get(&p.sha256).cloned() {
+                None => i += 1,
+                Some(a) => {
+                    let (p, _) = self.pending.remove(i);
+                    if a.version != p.version {
+                        self.refuse(&p.version, format!("the pointer names version {} but its artifact (SHA-256 {}) is {}", p.version, p.sha256, a.version));
+                        continue;
+                    }
+                    self.versions.insert(p.version.clone(), a);
+                    self.history.push(p);
+                }
+            }
+        }
+    }
+
+    /// A pointer whose artifact never came (it was refused, or never written).
+    fn expire_pending(&mut self) {
+        let (old, young): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending).into_iter().partition(|(_, t)| t.elapsed() > Duration::from_secs(60));
+        self.pending = young;
+        for (p, _) in old {
+            self.refuse(&p.version, format!("no verified artifact with SHA-256 {} on `{}`", p.sha256, self.topics.artifacts));
+        }
+    }
+
+    /// Read both topics to the ends they have now (within `timeout`).
+    pub fn catch_up(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut ends = Vec::new();
+        for t in [self.topics.artifacts.clone(), self.topics.model.clone()] {
+            let (_, high) = self.consumer.fetch_watermarks(&t, 0, timeout).with_context(|| format!("reading the end of `{t}`"))?;
+            ends.push((t, high));
+        }
+        loop {
+            let pos = self.consumer.position().context("reading the model topics' position")?;
+            let done = ends.iter().all(|(t, high)| *high == 0 || pos.find_partition(t, 0).and_then(|e| e.offset().to_raw()).is_some_and(|o| o >= *high));
+            if done {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("reading `{}` and `{}` to their ends took over {} s", self.topics.artifacts, self.topics.model, timeout.as_secs());
+            }
+            self.poll(Duration::from_millis(200))?;
+        }
+        // Pointers still waiting now have no artifact before them.
+        for (p, _) in std::mem::take(&mut self.pending) {
+            self.refuse(&p.version, format!("no verified artifact with SHA-256 {} on `{}`", p.sha256, self.topics.artifacts));
+        }
+        Ok(())
+    }
+}
+
+/// What the follower's thread shares with the engine.
+#[derive(Default)]
+struct FeedState {
+    current: Option<Arc<Published>>,
+    versions: HashMap<String, Arc<Published>>,
+}
+
+/// A running pipeline's model feed: a thread reading the federation's model topics.
+pub struct Follower {
+    state: Arc<Mutex<FeedState>>,
+    describe: String,
+}
+
+impl ModelFeed for Follower {
+    fn wanted(&self) -> Option<Arc<Published>> {
+        self.state.lock().expect("feed lock").current.clone()
+    }
+    fn get(&self, version: &str) -> Option<Arc<Published>> {
+        self.state.lock().expect("feed lock").versions.get(version).cloned()
+    }
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+/// Start following `model.follow` (None when unset): reads the model topics to
+/// their ends before returning, so the first batch already sees the newest
+/// version, then follows them on a thread until `stop`.
+pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<Option<Arc<dyn ModelFeed>>, PipelineError> {
+    let Some(path) = &cfg.model.follow else { return Ok(None) };
+    let err = |e: anyhow::Error| PipelineError::config("model.follow", format!("{}: {e:#}", path.display()));
+    let fed = FederationFile::load(path).map_err(err)?;
+    let mut topics = ModelTopics::open(&fed).map_err(err)?;
+    topics.catch_up(Duration::from_secs(cfg.batch.restore_timeout_secs)).map_err(err)?;
+    let state = Arc::new(Mutex::new(FeedState::default()));
+    let publish = |t: &ModelTopics, s: &Mutex<FeedState>| {
+        let mut s = s.lock().expect("feed lock");
+        s.current = t.current();
+        s.versions = t.versions.clone();
+    };
+    publish(&topics, &state);
+    let describe = format!("federation `{}` (`{}`)", fed.id, fed.topics().model);
+    tracing::info!(federation = %fed.id, current = topics.current().map_or("none yet".to_string(), |p| p.version.clone()), "following the federation's model topic");
+    let shared = state.clone();
+    std::thread::Builder::new()
+        .name("tg-follow".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match topics.poll(Duration::from_millis(500)) {
+                    Ok(true) => publish(&topics, &shared),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "reading the federation's model topics");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            }
+        })
+        .map_err(|e| PipelineError::io("starting the model follower", e))?;
+    Ok(Some(Arc::new(Follower { state, describe })))
+}
