@@ -15,3 +15,4 @@ mod replay;
 mod respond;
 mod sql;
 mod sql_security;
+mod swap;

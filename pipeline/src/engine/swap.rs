@@ -3,6 +3,9 @@
 //! which offset it scores with which version, durably, before it uses it.
 //!
 //! Contract:
+//! - When the feed names a new version, every owned partition switches at once:
+//!   the one whose batch is next from that batch's first offset, the others from
+//!   their next unprocessed offset.
 //! - An activation (partition, version, first offset) is written to the changelog
 //!   (key [`ACTIVATIONS_KEY`], the partition's whole recent history in one compacted
 //!   record) and, with an audit key, as `model_activated` to the partition's chain,
@@ -101,14 +104,18 @@ pub fn parse_activations(value: &[u8]) -> Result<Activations, String> {
 }
 
 impl Shared {
-    /// Switch `partition` to the feed's wanted version at `first` (the batch's first
-    /// offset) when it runs another one and may switch there; returns once the
-    /// activation is durable.
+    /// Switch to the feed's wanted version when it differs from what `partition`
+    /// runs: `partition` from `first` (its batch's first offset), and every other
+    /// owned partition from its next unprocessed offset where that is known (the
+    /// others at their next batch), each only where it may switch
+    /// (`hold_until`); returns once the activations are durable. Switching every
+    /// partition at once means a crash cannot leave some partitions to switch later,
+    /// behind a restart's hold, than an uninterrupted run would have.
     pub(super) fn follow(&self, core: &mut Core, partition: i32, first: i64) -> Result<(), PipelineError> {
         let Some(feed) = &self.feed else { return Ok(()) };
         let Some(w) = feed.wanted() else { return Ok(()) };
-        let route = core.routes.entry(partition).or_default();
-        if route.history.last().is_some_and(|a| a.version == w.version) || first < route.hold_until || core.refused.contains(&w.version) {
+        let runs = |core: &Core, p: i32| core.routes.get(&p).and_then(|r| r.history.last()).is_some_and(|a| a.version == w.version);
+        if runs(core, partition) || core.refused.contains(&w.version) {
             return Ok(());
         }
         if let Err(e) = core.op.add_model(w.artifact.clone()) {
@@ -116,34 +123,56 @@ impl Shared {
             core.refused.insert(w.version.clone());
             return Ok(());
         }
-        let route = core.routes.get_mut(&partition).expect("inserted above");
-        let replaced = route.history.last().map(|a| a.version.clone()).or_else(|| core.op.model_version().map(str::to_string));
-        route.history.push(Activation { version: w.version.clone(), sha256: w.sha256.clone(), first_offset: first });
-        let drop = route.history.len().saturating_sub(HISTORY);
-        route.history.drain(..drop);
-        let record = Activations { v: 1, partition, history: route.history.clone() };
-        let mut out = vec![OutRecord {
-            topic: self.cfg.topics.changelog.as_str().into(),
-            partition: Some(partition),
-            key: ACTIVATIONS_KEY.as_bytes().to_vec(),
-            payload: Some(serde_json::to_vec(&record).expect("activations serialise")),
-            headers: Vec::new(),
-            probe: None,
-        }];
-        if let Some(log) = core.resp.audit_mut() {
-            let body = serde_json::json!({
-                "version": w.version, "sha256": w.sha256, "replaced": replaced, "first_offset": first,
-                "input": format!("{}:{partition}", self.cfg.topics.input),
-            });
-            let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            for (_, bytes) in log.append_all(partition, AuditKind::ModelActivated, at, None, body) {
-                out.push(OutRecord { topic: self.audit_topic.clone(), partition: Some(partition), key: Vec::new(), payload: Some(bytes), headers: Vec::new(), probe: None });
+        let mut at: Vec<(i32, i64)> = vec![(partition, first)];
+        for &q in core.owned.iter().filter(|&&q| q != partition) {
+            let buffered = core.buffers.get(&q).and_then(|b| b.records.first()).map(|r| r.offset);
+            let next = match (buffered, core.expected.get(&q)) {
+                (Some(b), Some(&e)) => Some(b.min(e)),
+                (b, e) => b.or(e.copied()),
+            };
+            if let Some(o) = next.filter(|_| !runs(core, q)) {
+                at.push((q, o));
             }
+        }
+        at.retain(|(q, o)| *o >= core.routes.get(q).map_or(0, |r| r.hold_until));
+        if at.is_empty() {
+            return Ok(());
+        }
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        for (q, o) in at {
+            let route = core.routes.entry(q).or_default();
+            let replaced = route.history.last().map(|a| a.version.clone()).or_else(|| core.op.model_version().map(str::to_string));
+            route.history.push(Activation { version: w.version.clone(), sha256: w.sha256.clone(), first_offset: o });
+            let drop = route.history.len().saturating_sub(HISTORY);
+            route.history.drain(..drop);
+            let record = Activations { v: 1, partition: q, history: route.history.clone() };
+            out.push(OutRecord {
+                topic: self.cfg.topics.changelog.as_str().into(),
+                partition: Some(q),
+                key: ACTIVATIONS_KEY.as_bytes().to_vec(),
+                payload: Some(serde_json::to_vec(&record).expect("activations serialise")),
+                headers: Vec::new(),
+                probe: None,
+            });
+            if let Some(log) = core.resp.audit_mut().filter(|l| l.has_chain(q)) {
+                let body = serde_json::json!({
+                    "version": w.version, "sha256": w.sha256, "replaced": replaced, "first_offset": o,
+                    "input": format!("{}:{q}", self.cfg.topics.input),
+                });
+                let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                for (_, bytes) in log.append_all(q, AuditKind::ModelActivated, now, None, body) {
+                    out.push(OutRecord { topic: self.audit_topic.clone(), partition: Some(q), key: Vec::new(), payload: Some(bytes), headers: Vec::new(), probe: None });
+                }
+            }
+            done.push((q, o, replaced));
         }
         let group = AckGroup::new(out.len());
         self.producer.send_all(&out, &group, &self.abort);
-        group.wait(&self.abort).map_err(|e| PipelineError::Fatal(format!("recording the activation of model {} on partition {partition}: {e}", w.version)))?;
-        ev::ModelActivated { partition, version: &w.version, first_offset: first, replaced: replaced.as_deref() }.emit(&self.metrics);
+        group.wait(&self.abort).map_err(|e| PipelineError::Fatal(format!("recording the activation of model {}: {e}", w.version)))?;
+        for (q, o, replaced) in &done {
+            ev::ModelActivated { partition: *q, version: &w.version, first_offset: *o, replaced: replaced.as_deref() }.emit(&self.metrics);
+        }
         failpoint("model_activated");
         Ok(())
     }

@@ -113,6 +113,7 @@ pub struct PartitionsReady {
 impl PartitionsReady {
     pub fn emit(self, m: &Metrics) {
         note("PartitionsReady");
+        tracing::info!(owned = ?self.owned, twins = self.twins, "partitions ready");
         m.set_owned(self.owned);
         m.twins.store(self.twins as i64, Relaxed);
         m.ready.store(1, Relaxed);
