@@ -26,12 +26,14 @@ use twinguard_schemas::verdict::{model_columns, verdict_arrow_schema, MODEL_COLU
 use twinguard_schemas::EventSchema;
 
 use crate::features::{FeatureQuery, FeatureRows};
-use crate::twin::{TwinConfig, TwinOperator};
+use crate::twin::{version_tag, TwinConfig, TwinOperator};
 use crate::OperatorError;
 
 /// A loaded model and the query that feeds it.
 struct Loaded {
     artifact: Artifact,
+    /// [`version_tag`] of its version.
+    tag: u32,
     query: FeatureQuery,
     scratch: Scratch,
 }
@@ -126,7 +128,7 @@ impl Detector {
             )));
         }
         let version = artifact.version.clone();
-        self.models.insert(version.clone(), Loaded { artifact, query, scratch: Scratch::default() });
+        self.models.insert(version.clone(), Loaded { tag: version_tag(&artifact.version), artifact, query, scratch: Scratch::default() });
         Ok(version)
     }
 
@@ -184,13 +186,13 @@ impl Detector {
         for i in 0..n {
             let device = devices.value(i);
             let twin = store.get_mut(feats.partition[i], device).expect("an applied event's twin exists");
-            if twin.lstm_model.as_deref() != Some(m.artifact.version.as_str()) {
+            if twin.lstm_model != m.tag {
                 // Stepped by another version: its state means nothing to this LSTM.
                 // (No tag: a twin written before tags existed, stepped by this model.)
-                if twin.lstm_model.is_some() {
+                if twin.lstm_model != 0 {
                     twin.lstm.clear();
                 }
-                twin.lstm_model = Some(m.artifact.version.clone());
+                twin.lstm_model = m.tag;
             }
             let s = ens.score(feats.row(i), &mut twin.lstm, &mut m.scratch);
             cols.version.append_value(&m.artifact.version);

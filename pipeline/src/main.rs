@@ -246,6 +246,7 @@ fn federate(role: FederateRole) -> Result<()> {
             };
             let run = site::serve(&file, &args.name, key, &job, rows, &mut print_progress)?;
             println!("site {}: run finished with model {} ({} tasks answered)", args.name, run.version, run.answered);
+            println!("the published model on this site's held-out rows:\n{}", twinguard_train::render(&run.report));
             Ok(())
         }
     }

@@ -84,6 +84,12 @@ fn an_aggregator_and_three_sites_federate_over_kafka_as_the_simulation_does() {
         assert!(st.success(), "site failed:\n{}", s.log_text());
         assert!(s.log_text().contains("finished: model fed-"), "{}", s.log_text());
     }
+    // Each site scored the published model on its own held-out rows.
+    for i in 0..SITES {
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(format!("site-{i}/published/report.json"))).unwrap()).unwrap();
+        assert!(r["rows"]["test"].as_u64().unwrap() > 0 && r["rows"]["train"].as_u64() == Some(0), "site {i}: {}", r["rows"]);
+        assert!(r["model_version"].as_str().unwrap().starts_with("fed-"));
+    }
 
     // The published model is the simulation's: same rows per site, same tasks.
     let artifact = twinguard_models::Artifact::load(&out).unwrap();

@@ -433,7 +433,7 @@ mod tests {
             }
         }
         assert_eq!(fresh.len(), 4, "every device was scored after the switch");
-        assert!(det.twin().store().iter().all(|t| t.lstm_model.as_deref() == Some(v2.version.as_str())));
+        assert!(det.twin().store().iter().all(|t| t.lstm_model == twinguard_operators::twin::version_tag(&v2.version)));
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -231,10 +231,12 @@ pub struct Twin {
     /// event; empty until a model with an LSTM scores this device.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lstm: Vec<f32>,
-    /// The model version whose LSTM stepped `lstm`: another version starts the
-    /// state from zero ([`crate::Detector::detect_as`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lstm_model: Option<String>,
+    /// Tag of the model version whose LSTM stepped `lstm` ([`version_tag`]; 0: not
+    /// tagged, a twin written before tags existed): another version starts the state
+    /// from zero ([`crate::Detector::detect_as`]). A 4-byte tag, not the version
+    /// string, keeps the twin within 2 KiB.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lstm_model: u32,
     /// Decision score of the device's latest verdict (the ensemble probability with a
     /// model, the behavioural score without); absent before the first verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,6 +257,16 @@ pub struct Twin {
     /// Boxed: most twins never need one, and an absent state costs 8 bytes.
     #[serde(default, skip_serializing_if = "no_response")]
     pub response: Option<Box<ResponseState>>,
+}
+
+fn is_zero(x: &u32) -> bool {
+    *x == 0
+}
+
+/// The 4-byte tag of a model version (FNV-1a, never 0) a twin's LSTM state carries.
+pub fn version_tag(version: &str) -> u32 {
+    let h = version.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    h.max(1)
 }
 
 pub(super) fn no_response(r: &Option<Box<ResponseState>>) -> bool {
@@ -291,7 +303,7 @@ impl Twin {
             baselines: vec![Baseline::default(); n_metrics + DERIVED],
             window: vec![f32::NAN; n_metrics],
             lstm: Vec::new(),
-            lstm_model: None,
+            lstm_model: 0,
             score: None,
             risk: 0.0,
             class: None,
@@ -318,7 +330,6 @@ impl Twin {
             + self.baselines.capacity() * std::mem::size_of::<Baseline>()
             + self.window.capacity() * std::mem::size_of::<f32>()
             + self.lstm.capacity() * std::mem::size_of::<f32>()
-            + self.lstm_model.as_ref().map_or(0, s)
             + self.class.as_ref().map_or(0, s)
             + self.response.as_ref().map_or(0, |r| std::mem::size_of::<ResponseState>() + r.mem_bytes())
     }

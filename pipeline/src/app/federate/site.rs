@@ -31,6 +31,8 @@ pub enum Rows {
 pub struct SiteRun {
     pub version: String,
     pub answered: usize,
+    /// The published model on this site's held-out (test) rows.
+    pub report: twinguard_train::Report,
 }
 
 /// Serve the federation as `name` until the aggregator finishes a run.
@@ -87,7 +89,8 @@ pub fn serve(fed: &FederationFile, name: &str, key: SigningKey, job: &twinguard_
         }
         if let Task::Finish { version } = task {
             log(Progress::Step(&format!("run {} finished: model {version} ({answered} tasks answered)", m.run)));
-            return Ok(SiteRun { version, answered });
+            let report = evaluate_published(fed, name, &version, job, &records, log)?;
+            return Ok(SiteRun { version, answered, report });
         }
         let t0 = Instant::now();
         let reply: Reply = worker.answer(&task);
@@ -105,6 +108,35 @@ pub fn serve(fed: &FederationFile, name: &str, key: SigningKey, job: &twinguard_
             t0.elapsed().as_secs_f64()
         )));
     }
+}
+
+/// Score the published model on this site's held-out rows, through the detector
+/// as `twinguard eval` does; writes the report, model card and plots into
+/// `<out>/published`. Nothing of it leaves the site.
+fn evaluate_published(
+    fed: &FederationFile,
+    name: &str,
+    version: &str,
+    job: &twinguard_train::TrainJob,
+    records: &[(String, Vec<u8>)],
+    log: &mut dyn FnMut(Progress<'_>),
+) -> Result<twinguard_train::Report> {
+    let mut models = super::follow::ModelTopics::open(fed)?;
+    models.catch_up(Duration::from_secs(120))?;
+    let published = models
+        .versions
+        .get(version)
+        .with_context(|| format!("the run finished with model {version}, but `{}` holds no verified artifact of it", fed.topics().artifacts))?;
+    let artifact = published.artifact.clone();
+    let scores = twinguard_train::score_stream(&job.schema, &job.twin, artifact.clone(), records, &mut |d, n| log(Progress::Status(&format!("  scoring the published model: {d}/{n} events   "))))?;
+    log(Progress::StatusEnd);
+    let test = job.split.apply(&scores.truth).test;
+    let split = twinguard_train::Split { train: Vec::new(), validation: Vec::new(), test };
+    let report = twinguard_models::eval::evaluate(&artifact, &scores, &split, &format!("site `{name}`'s held-out rows of {}", job.dataset.file.display()));
+    let out = job.out.join("published");
+    twinguard_train::write_outputs(&out, &artifact, &report)?;
+    log(Progress::Step(&format!("model {version} on this site's {} held-out rows: report in {}", split.test.len(), out.display())));
+    Ok(report)
 }
 
 /// Runs already finished on the plan topic (their tasks are not replayed).
