@@ -7,6 +7,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use twinguard_schemas::EventSchema;
 
+mod attack;
+pub(crate) use attack::AttackArgs;
+
 /// twinguard: a Kafka-native security pipeline for connected medical devices.
 ///
 /// Device telemetry is decoded into Arrow batches, applied to per-device digital
@@ -161,6 +164,11 @@ pub(crate) enum Command {
         #[arg(long, value_name = "FILE")]
         scores: Option<PathBuf>,
     },
+    /// Constrained evasion: attackers who shape their own traffic (a constraint
+    /// file per attack family) search, through the real detector, for versions of
+    /// the model's attacked test events it lets pass; reports clean and robust
+    /// detection rates per target and family (attack.json).
+    Attack(AttackArgs),
     /// Federated training: hospitals train together and share model updates,
     /// never rows. `simulate` runs a whole federation in one process over one
     /// dataset's rows split into sites (for evaluation and CI).

@@ -154,6 +154,7 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Attack(args) => args.run(),
         Command::Federate { role } => federate(role),
         Command::Audit { command } => audit(command),
         Command::Schemas { name } => print_schemas(name),

@@ -314,6 +314,8 @@ fn enums_match_rust() {
             AuditKind::PolicySuspended,
             AuditKind::PolicyResumed,
             AuditKind::KeyRotation,
+            AuditKind::ModelPublished,
+            AuditKind::ModelActivated,
         ])
     );
     assert_eq!(

@@ -1,0 +1,504 @@
+//! `twinguard attack`: constrained evasion of a trained model by attackers who
+//! shape their own traffic. A constraint file says, per attack family, which raw
+//! event fields the attacker controls and how far (factors of the original value,
+//! absolute bounds, fields that must stay ordered, fields that follow another's
+//! factor); every adversarial event is re-decoded by the schema's decoder, so its
+//! validation holds.
+//!
+//! The attack (A1 of `../shared/FEDERATED.md` §3.4) is a score-based black box
+//! through the real `Detector`: the dataset is streamed through it in order, and at
+//! each attacked test event the device's twin as it stood before the event is
+//! cloned once per candidate (each clone under its own device id), so a whole batch
+//! of candidates is scored in one call, each against exactly the state the real
+//! event meets. A random search keeps the candidate with the lowest score of the
+//! target (the ensemble, or one member against its own threshold) until it falls
+//! below the threshold or the query budget is spent. The stream then goes on with
+//! the original event (threat T1: each event shaped on its own; the twin is not fed
+//! the adversarial events).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use twinguard_models::Artifact;
+use twinguard_operators::{Detector, TwinConfig};
+use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
+use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
+
+use crate::TrainError;
+
+/// One field an attacker may change: its new value is the original times a factor
+/// in `[min_factor, max_factor]`, clamped to `[min, max]`; or, with `follows`, the
+/// original times the factor another knob drew (a derived field recomputed, e.g. a
+/// window's byte sum when every packet is padded).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Knob {
+    pub field: String,
+    #[serde(default = "one")]
+    pub min_factor: f64,
+    #[serde(default = "one")]
+    pub max_factor: f64,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default)]
+    pub follows: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// A family's knobs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FamilyKnobs {
+    pub knobs: Vec<Knob>,
+}
+
+/// Fields kept in ascending order after a change (e.g. min ≤ avg ≤ max).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ordered {
+    pub fields: Vec<String>,
+}
+
+/// A constraint file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraints {
+    /// What the threat model is, in words (reported).
+    pub threat: String,
+    /// Per family (`default` for families not listed); an empty list: nothing can change.
+    pub family: BTreeMap<String, FamilyKnobs>,
+    #[serde(default)]
+    pub ordered: Vec<Ordered>,
+}
+
+impl Constraints {
+    /// Read and check a constraint file against the schema's metric fields.
+    pub fn load(path: &Path, schema: &EventSchema) -> Result<Constraints, TrainError> {
+        let err = |reason: String| TrainError::Config { key: format!("--constraints {}", path.display()), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let c: Constraints = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let metrics: BTreeSet<String> = schema.metric_indices().into_iter().map(|i| schema.fields[i].name.clone()).collect();
+        for (fam, k) in &c.family {
+            let own: BTreeSet<&str> = k.knobs.iter().map(|k| k.field.as_str()).collect();
+            for knob in &k.knobs {
+                if !metrics.contains(&knob.field) {
+                    return Err(err(format!("family `{fam}`: `{}` is not a metric of schema {}", knob.field, schema.id())));
+                }
+                if !(knob.min_factor > 0.0 && knob.min_factor <= knob.max_factor) {
+                    return Err(err(format!("family `{fam}`, `{}`: need 0 < min_factor <= max_factor", knob.field)));
+                }
+                if let Some(f) = knob.follows.as_deref().filter(|f| !own.contains(f)) {
+                    return Err(err(format!("family `{fam}`, `{}` follows `{f}`, which is not one of the family's knobs", knob.field)));
+                }
+            }
+        }
+        for o in &c.ordered {
+            if let Some(f) = o.fields.iter().find(|f| !metrics.contains(*f)) {
+                return Err(err(format!("ordered: `{f}` is not a metric of schema {}", schema.id())));
+            }
+        }
+        if !c.family.contains_key("default") {
+            return Err(err("no `[family.default]` (the knobs of families not listed)".into()));
+        }
+        Ok(c)
+    }
+
+    fn knobs(&self, family: &str) -> &[Knob] {
+        &self.family.get(family).or_else(|| self.family.get("default")).expect("checked at load").knobs
+    }
+}
+
+/// What to attack and how hard.
+#[derive(Debug, Clone)]
+pub struct AttackOptions {
+    pub constraints: Constraints,
+    /// Attacked events (attack rows of the test split, the first ones in a seeded shuffle).
+    pub events: usize,
+    /// Candidates scored per event at most.
+    pub queries: usize,
+    /// Candidates per step (one detector call).
+    pub batch: usize,
+    /// `ensemble` and/or members (`rf`, `svm`, `lstm`, `gbdt`, `twin`), each attacked on its own.
+    pub targets: Vec<String>,
+    pub seed: u64,
+}
+
+/// Detection of the attacked events before and after the attack.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Figures {
+    pub events: usize,
+    pub clean_detected: usize,
+    pub robust_detected: usize,
+    pub clean_dr: f64,
+    pub robust_dr: f64,
+}
+
+impl Figures {
+    fn add(&mut self, clean: bool, robust: bool) {
+        self.events += 1;
+        self.clean_detected += usize::from(clean);
+        self.robust_detected += usize::from(robust);
+        self.clean_dr = self.clean_detected as f64 / self.events as f64;
+        self.robust_dr = self.robust_detected as f64 / self.events as f64;
+    }
+}
+
+/// One target's results.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TargetReport {
+    pub threshold: f64,
+    pub overall: Figures,
+    pub by_family: BTreeMap<String, Figures>,
+    /// Median candidates scored per evaded event.
+    pub median_queries: f64,
+    /// Per changed field, the median relative change of the evading events.
+    pub median_change: BTreeMap<String, f64>,
+}
+
+/// The attack report (`attack.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttackReport {
+    pub model_version: String,
+    pub dataset: String,
+    pub threat: String,
+    pub queries: usize,
+    pub targets: BTreeMap<String, TargetReport>,
+    /// Candidates scored, and those the schema's decoder refused (constraint
+    /// satisfaction: must be 0).
+    pub candidates: usize,
+    pub candidates_refused: usize,
+    pub seconds: f64,
+}
+
+/// The score a target is judged on, and its threshold.
+fn target_of(artifact: &Artifact, name: &str) -> Result<f64, TrainError> {
+    if name == "ensemble" {
+        return Ok(artifact.ensemble.threshold);
+    }
+    artifact
+        .ensemble
+        .combination
+        .as_ref()
+        .and_then(|c| c.member_thresholds.get(name).copied())
+        .ok_or_else(|| TrainError::Config { key: "--targets".into(), reason: format!("model {} stores no threshold for member `{name}` (targets: ensemble, rf, svm, lstm, gbdt, twin)", artifact.version) })
+}
+
+fn score(v: &Verdict, name: &str) -> f64 {
+    let s = v.scores.as_ref().expect("a model scores every event");
+    match name {
+        "ensemble" => s.ensemble,
+        "rf" => s.rf,
+        "svm" => s.svm,
+        "lstm" => s.lstm,
+        "twin" => s.twin,
+        _ => s.gbdt.unwrap_or(0.5),
+    }
+}
+
+/// Values of `knobs` for factors `f` applied to the original `x0`, repaired.
+fn shaped(knobs: &[Knob], x0: &[f64], f: &[f64], ordered: &[Ordered], event: &Map<String, Value>) -> Map<String, Value> {
+    let mut e = event.clone();
+    for (k, knob) in knobs.iter().enumerate() {
+        if x0[k].is_nan() {
+            continue;
+        }
+        let factor = match &knob.follows {
+            Some(lead) => knobs.iter().position(|k| &k.field == lead).map_or(1.0, |j| f[j]),
+            None => f[k],
+        };
+        let mut v = x0[k] * factor;
+        if let Some(lo) = knob.min {
+            v = v.max(lo.min(x0[k]));
+        }
+        if let Some(hi) = knob.max {
+            v = v.min(hi.max(x0[k]));
+        }
+        e.insert(knob.field.clone(), Value::from(v));
+    }
+    for o in ordered {
+        let mut vals: Vec<f64> = o.fields.iter().filter_map(|f| e.get(f).and_then(Value::as_f64)).collect();
+        if vals.len() == o.fields.len() {
+            vals.sort_by(f64::total_cmp);
+            for (f, v) in o.fields.iter().zip(vals) {
+                e.insert(f.clone(), Value::from(v));
+            }
+        }
+    }
+    e
+}
+
+/// Attack `artifact` on `records` (the dataset in stream order; `attacked` the
+/// record indices to attack, with their fine class). `log` gets progress.
+pub fn attack(
+    schema: &EventSchema,
+    twin: &TwinConfig,
+    artifact: &Artifact,
+    records: &[(String, Vec<u8>)],
+    attacked: &BTreeMap<usize, String>,
+    dataset: &str,
+    opts: &AttackOptions,
+    log: &mut dyn FnMut(usize, usize),
+) -> Result<AttackReport, TrainError> {
+    let started = std::time::Instant::now();
+    let thresholds: Vec<(String, f64)> = opts.targets.iter().map(|t| Ok((t.clone(), target_of(artifact, t)?))).collect::<Result<_, TrainError>>()?;
+    let mut det = Detector::with_model(schema, twin.clone(), artifact.clone())?;
+    let decoder = Decoder::new(schema.clone(), DecodeLimits::default());
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let mut reports: BTreeMap<String, TargetReport> = thresholds.iter().map(|(t, thr)| (t.clone(), TargetReport { threshold: *thr, ..Default::default() })).collect();
+    let mut queries: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut changes: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let (mut candidates, mut refused) = (0usize, 0usize);
+    let mut next = 0usize;
+    let feed = |det: &mut Detector, rows: std::ops::Range<usize>| -> Result<(), TrainError> {
+        let rows: Vec<usize> = rows.collect();
+        for chunk in rows.chunks(512) {
+            let raw: Vec<RawRecord<'_>> = chunk.iter().map(|&i| RawRecord { partition: 0, offset: i as i64, key: Some(records[i].0.as_bytes()), payload: Some(&records[i].1) }).collect();
+            det.detect(&decoder.decode(&raw, now)?.batch)?;
+            det.twin_mut().drain_changelog();
+        }
+        Ok(())
+    };
+    for (done, (&i, class)) in attacked.iter().enumerate() {
+        feed(&mut det, next..i)?;
+        next = i + 1;
+        let (device, payload) = &records[i];
+        let event: Map<String, Value> = serde_json::from_slice(payload).map_err(|e| TrainError::Dataset { path: dataset.into(), reason: format!("record {i} is not a JSON event: {e}") })?;
+        let family = artifact.family(class);
+        let knobs = opts.constraints.knobs(&family);
+        let x0: Vec<f64> = knobs.iter().map(|k| event.get(&k.field).and_then(Value::as_f64).unwrap_or(f64::NAN)).collect();
+        let pre = det.twin().store().get(0, device).cloned();
+        // Score candidates (factor vectors), each on its own clone of the device's twin.
+        let mut evaluate = |det: &mut Detector, fs: &[Vec<f64>]| -> Result<Vec<Option<Verdict>>, TrainError> {
+            let events: Vec<(String, Vec<u8>)> = fs
+                .iter()
+                .enumerate()
+                .map(|(c, f)| {
+                    let id = format!("{device}~adv{c}");
+                    let mut e = shaped(knobs, &x0, f, &opts.constraints.ordered, &event);
+                    e.insert("device_id".into(), Value::from(id.clone()));
+                    (id, serde_json::to_vec(&e).expect("serialises"))
+                })
+                .collect();
+            for (id, _) in &events {
+                let clone = pre.clone().map(|mut t| {
+                    t.device_id = id.clone();
+                    t
+                });
+                det.twin_mut().store_mut().restore(0, id, clone);
+            }
+            // Distinct offsets (the feature query joins event and twin on them), each
+            // past the clone's last one: no feature reads the offset itself.
+            let raw: Vec<RawRecord<'_>> = events.iter().enumerate().map(|(c, (id, p))| RawRecord { partition: 0, offset: (i + c) as i64, key: Some(id.as_bytes()), payload: Some(p) }).collect();
+            let out = decoder.decode(&raw, now)?;
+            candidates += events.len();
+            refused += out.rejects.len();
+            let (v, _) = det.detect(&out.batch)?;
+            let mut by_id: BTreeMap<String, Verdict> = verdicts_from_batch(&v, "attack").into_iter().map(|v| (v.device_id.clone(), v)).collect();
+            for (id, _) in &events {
+                det.twin_mut().store_mut().restore(0, id, None);
+            }
+            det.twin_mut().drain_changelog();
+            Ok(events.iter().map(|(id, _)| by_id.remove(id)).collect())
+        };
+        let ones = vec![1.0; knobs.len()];
+        let clean = evaluate(&mut det, std::slice::from_ref(&ones))?.pop().flatten();
+        for (target, thr) in &thresholds {
+            let rep = reports.get_mut(target).expect("one per target");
+            let Some(clean) = &clean else { continue };
+            let clean_score = score(clean, target);
+            let detected = clean_score >= *thr;
+            let (mut best, mut best_f, mut used) = (clean_score, ones.clone(), 1usize);
+            if detected && !knobs.is_empty() {
+                // Corners first: every knob at its bound, then each alone.
+                let mut corners: Vec<Vec<f64>> = vec![knobs.iter().map(|k| k.max_factor).collect(), knobs.iter().map(|k| k.min_factor).collect()];
+                for (k, knob) in knobs.iter().enumerate() {
+                    for b in [knob.min_factor, knob.max_factor] {
+                        let mut f = ones.clone();
+                        f[k] = b;
+                        corners.push(f);
+                    }
+                }
+                let mut queue = corners;
+                while best >= *thr && used < opts.queries {
+                    let n = opts.batch.min(opts.queries - used);
+                    let mut step: Vec<Vec<f64>> = queue.drain(..queue.len().min(n)).collect();
+                    while step.len() < n {
+                        let mut f = best_f.clone();
+                        let mut idx: Vec<usize> = (0..knobs.len()).collect();
+                        idx.shuffle(&mut rng);
+                        for &k in idx.iter().take(rng.random_range(1..=knobs.len())) {
+                            let (lo, hi) = (knobs[k].min_factor, knobs[k].max_factor);
+                            f[k] = if hi > lo { rng.random_range(lo..=hi) } else { lo };
+                        }
+                        step.push(f);
+                    }
+                    let got = evaluate(&mut det, &step)?;
+                    used += step.len();
+                    for (f, v) in step.into_iter().zip(got) {
+                        if let Some(s) = v.map(|v| score(&v, target)).filter(|&s| s < best) {
+                            best = s;
+                            best_f = f;
+                        }
+                    }
+                }
+            }
+            let robust = best >= *thr;
+            rep.overall.add(detected, robust);
+            rep.by_family.entry(family.clone()).or_default().add(detected, robust);
+            if detected && !robust {
+                queries.entry(target.clone()).or_default().push(used);
+                for (k, knob) in knobs.iter().enumerate() {
+                    if (best_f[k] - 1.0).abs() > 1e-12 && !x0[k].is_nan() {
+                        changes.entry(target.clone()).or_default().entry(knob.field.clone()).or_default().push(best_f[k] - 1.0);
+                    }
+                }
+            }
+        }
+        feed(&mut det, i..i + 1)?;
+        log(done + 1, attacked.len());
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    };
+    for (t, rep) in reports.iter_mut() {
+        rep.median_queries = median(queries.remove(t).unwrap_or_default().into_iter().map(|q| q as f64).collect());
+        rep.median_change = changes.remove(t).unwrap_or_default().into_iter().map(|(f, v)| (f, median(v))).collect();
+    }
+    Ok(AttackReport {
+        model_version: artifact.version.clone(),
+        dataset: dataset.to_string(),
+        threat: opts.constraints.threat.clone(),
+        queries: opts.queries,
+        targets: reports,
+        candidates,
+        candidates_refused: refused,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The report as a text table.
+pub fn render(r: &AttackReport) -> String {
+    let mut s = format!("attack on model {} ({}), {} queries per event at most\nthreat: {}\n", r.model_version, r.dataset, r.queries, r.threat);
+    s.push_str(&format!("{:<10} {:<10} {:>7} {:>9} {:>10} {:>9}\n", "target", "family", "events", "clean DR", "robust DR", "queries"));
+    for (t, rep) in &r.targets {
+        let row = |fam: &str, f: &Figures, q: String| format!("{t:<10} {fam:<10} {:>7} {:>9.3} {:>10.3} {q:>9}\n", f.events, f.clean_dr, f.robust_dr);
+        s.push_str(&row("all", &rep.overall, format!("{:.0}", rep.median_queries)));
+        for (fam, f) in &rep.by_family {
+            s.push_str(&row(fam, f, String::new()));
+        }
+    }
+    s.push_str(&format!("{} candidates scored, {} refused by the schema's decoder, {:.1} s\n", r.candidates, r.candidates_refused, r.seconds));
+    s
+}
+
+/// `twinguard attack`: attack `opts.events` attack rows of the model's own test
+/// split (its card's dataset and split), write `attack.json` into `out`.
+pub fn run_attack(artifact: &Artifact, opts: &AttackOptions, out: &Path, log: &mut dyn FnMut(crate::Progress<'_>)) -> Result<AttackReport, TrainError> {
+    let recipe = crate::Recipe::from_card(artifact)?;
+    let schema = crate::job::schema_of(artifact, &recipe)?;
+    let twin = crate::twin_config_of(artifact)?;
+    let records = recipe.dataset.load(&schema)?;
+    let scores = crate::score_stream(&schema, &twin, artifact.clone(), &records, &mut |d, n| log(crate::Progress::Status(&format!("  scoring: {d}/{n} events   "))))?;
+    log(crate::Progress::StatusEnd);
+    let split = recipe.split.apply(&scores.truth);
+    let mut rows: Vec<usize> = split.test.iter().copied().filter(|&k| scores.truth[k] != twinguard_models::labels::NORMAL).collect();
+    rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(opts.seed));
+    rows.truncate(opts.events);
+    let attacked: BTreeMap<usize, String> = rows.iter().map(|&k| (scores.offsets[k] as usize, scores.truth[k].clone())).collect();
+    let name = recipe.dataset.file.display().to_string();
+    let report = attack(&schema, &twin, artifact, &records, &attacked, &name, opts, &mut |d, n| log(crate::Progress::Status(&format!("  attacking: {d}/{n} events   "))))?;
+    log(crate::Progress::StatusEnd);
+    std::fs::create_dir_all(out).map_err(|e| TrainError::Io { path: out.to_path_buf(), reason: e.to_string() })?;
+    let path = out.join("attack.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&report).expect("serialises")).map_err(|e| TrainError::Io { path, reason: e.to_string() })?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::DatasetSpec;
+    use crate::split::{SplitKind, SplitSpec};
+    use crate::{run_train, TrainJob, TrainOptions};
+    use twinguard_models::forest::ForestParams;
+    use twinguard_models::lstm::LstmParams;
+    use twinguard_models::svm::SvmParams;
+
+    fn knob(field: &str, lo: f64, hi: f64) -> Knob {
+        Knob { field: field.into(), min_factor: lo, max_factor: hi, min: None, max: None, follows: None }
+    }
+
+    /// The lab dataset, a small model on it, and its job.
+    fn lab(dir: &Path) -> (Artifact, TrainJob) {
+        let lab = crate::testkit::write_lab_dataset(dir, 2400, 1_760_000_000_000).unwrap();
+        let schema = EventSchema::named_or_file(lab.schema.to_str().unwrap()).unwrap();
+        let job = TrainJob {
+            dataset: DatasetSpec { file: lab.csv.clone(), schema: schema.id(), devices: 1, interval_ms: 0, limit: None, shuffle_seed: None, device_column: Some("device".into()), time_column: Some("ts".into()) },
+            feature_sql: std::fs::read_to_string(&lab.features).unwrap(),
+            schema,
+            twin: TwinConfig::default(),
+            split: SplitSpec { kind: SplitKind::Stratified, train: 0.6, validation: 0.2, seed: 3 },
+            opts: TrainOptions {
+                target_fpr: 0.02,
+                seed: 3,
+                forest: ForestParams { trees: 10, seed: 3, ..Default::default() },
+                svm: SvmParams { max_train_rows: 300, seed: 3, ..Default::default() },
+                lstm: LstmParams { epochs: 1, seed: 3, ..Default::default() },
+                boost: twinguard_models::boost::BoostParams { rounds: 20, seed: 3, ..Default::default() },
+                flip_labels: 0.0,
+                screen: false,
+                screen_threshold: 0.2,
+            },
+            out: dir.join("model"),
+        };
+        (run_train(&job, &mut |_| {}).unwrap().0, job)
+    }
+
+    /// The clones see exactly the state the real events meet (with nothing
+    /// mutable, the attack's clean scores are the stream's and nothing evades);
+    /// with loose knobs floods evade, every candidate still decodes, and the
+    /// evading events changed only what the constraints allow.
+    #[test]
+    fn the_attack_scores_candidates_on_the_real_state_and_keeps_to_its_constraints() {
+        let dir = std::env::temp_dir().join(format!("twinguard-attack-{}", std::process::id()));
+        let (artifact, job) = lab(&dir);
+        let records = job.dataset.load(&job.schema).unwrap();
+        let scores = crate::score_stream(&job.schema, &job.twin, artifact.clone(), &records, &mut |_, _| {}).unwrap();
+        let split = job.split.apply(&scores.truth);
+        let attacked: BTreeMap<usize, String> =
+            split.test.iter().filter(|&&k| scores.truth[k] != "normal").take(80).map(|&k| (scores.offsets[k] as usize, scores.truth[k].clone())).collect();
+        let thr = artifact.ensemble.threshold;
+        let stream_detected = split.test.iter().filter(|&&k| attacked.contains_key(&(scores.offsets[k] as usize)) && scores.ensemble[k] >= thr).count();
+        let constraints = |knobs: Vec<Knob>| Constraints { threat: "test".into(), family: BTreeMap::from([("default".into(), FamilyKnobs { knobs })]), ordered: vec![] };
+        let opts = |c: Constraints| AttackOptions { constraints: c, events: 80, queries: 60, batch: 12, targets: vec!["ensemble".into(), "rf".into()], seed: 1 };
+
+        let fixed = attack(&job.schema, &job.twin, &artifact, &records, &attacked, "lab", &opts(constraints(vec![])), &mut |_, _| {}).unwrap();
+        let e = &fixed.targets["ensemble"].overall;
+        assert_eq!((e.events, e.clean_detected), (attacked.len(), stream_detected), "a clone's clean score must be the stream's");
+        assert!(fixed.targets.values().all(|t| t.overall.robust_detected == t.overall.clean_detected));
+
+        let loose = constraints(vec![knob("pkts", 0.02, 1.0), knob("bytes", 0.02, 1.0), knob("dur", 1.0, 1.5)]);
+        let r = attack(&job.schema, &job.twin, &artifact, &records, &attacked, "lab", &opts(loose), &mut |_, _| {}).unwrap();
+        eprintln!("{}", render(&r));
+        assert_eq!(r.candidates_refused, 0, "every adversarial event passes the decoder");
+        let e = &r.targets["ensemble"];
+        assert_eq!(e.overall.clean_detected, stream_detected);
+        assert!(e.overall.robust_dr < e.overall.clean_dr - 0.3, "loose knobs must let floods evade: {:?}", e.overall);
+        for (field, change) in &e.median_change {
+            let (lo, hi) = if field == "dur" { (0.0, 0.5) } else { (-0.98, 0.0) };
+            assert!((lo - 1e-9..=hi + 1e-9).contains(change), "{field} changed by {change}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
