@@ -7,8 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use twinguard_schemas::EventSchema;
 
-mod attack;
-pub(crate) use attack::AttackArgs;
+pub(crate) use crate::cli_attack::{AdversarialArgs, AttackArgs};
 
 /// twinguard: a Kafka-native security pipeline for connected medical devices.
 ///
@@ -138,7 +137,12 @@ pub(crate) enum Command {
     /// run by DataFusion over each event batch joined with the twin snapshot: the
     /// same query the stream runs. The held-out figures are computed by scoring the
     /// test rows with the detector itself.
-    Train(TrainArgs),
+    Train {
+        #[command(flatten)]
+        args: TrainArgs,
+        #[command(flatten)]
+        adversarial: AdversarialArgs,
+    },
     /// Evaluate a trained model on its dataset's held-out rows (same split as in
     /// training): per model and for the ensemble, detection rate, FPR, precision, F1,
     /// ROC-AUC, PR-AUC, confusion matrix, per-class recall; writes report.json and

@@ -17,6 +17,7 @@ use twinguard_schemas::EventSchema;
 use twinguard_train::{self as train, ReplayOptions};
 
 mod cli;
+mod cli_attack;
 
 use cli::{AuditCommand, Cli, Command, FederateRole, SimArgs};
 
@@ -132,10 +133,13 @@ fn real_main(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Train(args) => {
+        Command::Train { args, adversarial } => {
             init_logs("warn");
             let job = args.job()?;
-            let (artifact, report) = twinguard_train::run_train(&job, &mut print_progress)?;
+            let (artifact, report) = match adversarial.options(&job.schema, job.opts.seed)? {
+                None => twinguard_train::run_train(&job, &mut print_progress)?,
+                Some(adv) => twinguard_train::adversarial::run_adversarial_train(&job, &adv, &mut print_progress)?,
+            };
             println!("{}", twinguard_train::render(&report));
             println!("model {} in {}", artifact.version, job.out.display());
             Ok(())

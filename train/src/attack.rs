@@ -238,6 +238,7 @@ fn shaped(knobs: &[Knob], x0: &[f64], f: &[f64], ordered: &[Ordered], event: &Ma
 
 /// Attack `artifact` on `records` (the dataset in stream order; `attacked` the
 /// record indices to attack, with their fine class). `log` gets progress.
+#[allow(clippy::too_many_arguments)]
 pub fn attack(
     schema: &EventSchema,
     twin: &TwinConfig,
@@ -248,6 +249,33 @@ pub fn attack(
     opts: &AttackOptions,
     log: &mut dyn FnMut(usize, usize),
 ) -> Result<AttackReport, TrainError> {
+    Ok(attack_rows(schema, twin, artifact, records, attacked, dataset, opts, log)?.0)
+}
+
+/// The best adversarial version found for one attacked event (against the first
+/// target), as the feature row the detector computed for it.
+#[derive(Debug, Clone)]
+pub struct Adversarial {
+    pub record: usize,
+    pub class: String,
+    pub row: Vec<f64>,
+    /// It was detected clean and is not after the attack.
+    pub evaded: bool,
+}
+
+/// [`attack`], also returning each attacked event's best adversarial feature row
+/// (adversarial training adds them to the training rows).
+#[allow(clippy::too_many_arguments)]
+pub fn attack_rows(
+    schema: &EventSchema,
+    twin: &TwinConfig,
+    artifact: &Artifact,
+    records: &[(String, Vec<u8>)],
+    attacked: &BTreeMap<usize, String>,
+    dataset: &str,
+    opts: &AttackOptions,
+    log: &mut dyn FnMut(usize, usize),
+) -> Result<(AttackReport, Vec<Adversarial>), TrainError> {
     let started = std::time::Instant::now();
     let thresholds: Vec<(String, f64)> = opts.targets.iter().map(|t| Ok((t.clone(), target_of(artifact, t)?))).collect::<Result<_, TrainError>>()?;
     let mut det = Detector::with_model(schema, twin.clone(), artifact.clone())?;
@@ -258,6 +286,7 @@ pub fn attack(
     let mut queries: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut changes: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     let (mut candidates, mut refused) = (0usize, 0usize);
+    let mut rows: Vec<Adversarial> = Vec::with_capacity(attacked.len());
     let mut next = 0usize;
     let feed = |det: &mut Detector, rows: std::ops::Range<usize>| -> Result<(), TrainError> {
         let rows: Vec<usize> = rows.collect();
@@ -277,82 +306,29 @@ pub fn attack(
         let knobs = opts.constraints.knobs(&family);
         let x0: Vec<f64> = knobs.iter().map(|k| event.get(&k.field).and_then(Value::as_f64).unwrap_or(f64::NAN)).collect();
         let pre = det.twin().store().get(0, device).cloned();
-        // Score candidates (factor vectors), each on its own clone of the device's twin.
-        let mut evaluate = |det: &mut Detector, fs: &[Vec<f64>]| -> Result<Vec<Option<Verdict>>, TrainError> {
-            let events: Vec<(String, Vec<u8>)> = fs
-                .iter()
-                .enumerate()
-                .map(|(c, f)| {
-                    let id = format!("{device}~adv{c}");
-                    let mut e = shaped(knobs, &x0, f, &opts.constraints.ordered, &event);
-                    e.insert("device_id".into(), Value::from(id.clone()));
-                    (id, serde_json::to_vec(&e).expect("serialises"))
-                })
-                .collect();
-            for (id, _) in &events {
-                let clone = pre.clone().map(|mut t| {
-                    t.device_id = id.clone();
-                    t
-                });
-                det.twin_mut().store_mut().restore(0, id, clone);
-            }
-            // Distinct offsets (the feature query joins event and twin on them), each
-            // past the clone's last one: no feature reads the offset itself.
-            let raw: Vec<RawRecord<'_>> = events.iter().enumerate().map(|(c, (id, p))| RawRecord { partition: 0, offset: (i + c) as i64, key: Some(id.as_bytes()), payload: Some(p) }).collect();
-            let out = decoder.decode(&raw, now)?;
-            candidates += events.len();
-            refused += out.rejects.len();
-            let (v, _) = det.detect(&out.batch)?;
-            let mut by_id: BTreeMap<String, Verdict> = verdicts_from_batch(&v, "attack").into_iter().map(|v| (v.device_id.clone(), v)).collect();
-            for (id, _) in &events {
-                det.twin_mut().store_mut().restore(0, id, None);
-            }
-            det.twin_mut().drain_changelog();
-            Ok(events.iter().map(|(id, _)| by_id.remove(id)).collect())
+        let at = Event { index: i, device, event: &event, pre: pre.as_ref(), knobs, x0: &x0, ordered: &opts.constraints.ordered };
+        let mut evaluate = |fs: &[Vec<f64>]| -> Result<Vec<Option<(Verdict, Vec<f64>)>>, TrainError> {
+            let (got, n_refused) = candidates_scored(&mut det, &decoder, now, &at, fs)?;
+            candidates += fs.len();
+            refused += n_refused;
+            Ok(got)
         };
         let ones = vec![1.0; knobs.len()];
-        let clean = evaluate(&mut det, std::slice::from_ref(&ones))?.pop().flatten();
-        for (target, thr) in &thresholds {
+        let clean = evaluate(std::slice::from_ref(&ones))?.pop().flatten();
+        for (t, (target, thr)) in thresholds.iter().enumerate() {
             let rep = reports.get_mut(target).expect("one per target");
-            let Some(clean) = &clean else { continue };
+            let Some((clean, clean_row)) = &clean else { continue };
             let clean_score = score(clean, target);
             let detected = clean_score >= *thr;
-            let (mut best, mut best_f, mut used) = (clean_score, ones.clone(), 1usize);
-            if detected && !knobs.is_empty() {
-                // Corners first: every knob at its bound, then each alone.
-                let mut corners: Vec<Vec<f64>> = vec![knobs.iter().map(|k| k.max_factor).collect(), knobs.iter().map(|k| k.min_factor).collect()];
-                for (k, knob) in knobs.iter().enumerate() {
-                    for b in [knob.min_factor, knob.max_factor] {
-                        let mut f = ones.clone();
-                        f[k] = b;
-                        corners.push(f);
-                    }
-                }
-                let mut queue = corners;
-                while best >= *thr && used < opts.queries {
-                    let n = opts.batch.min(opts.queries - used);
-                    let mut step: Vec<Vec<f64>> = queue.drain(..queue.len().min(n)).collect();
-                    while step.len() < n {
-                        let mut f = best_f.clone();
-                        let mut idx: Vec<usize> = (0..knobs.len()).collect();
-                        idx.shuffle(&mut rng);
-                        for &k in idx.iter().take(rng.random_range(1..=knobs.len())) {
-                            let (lo, hi) = (knobs[k].min_factor, knobs[k].max_factor);
-                            f[k] = if hi > lo { rng.random_range(lo..=hi) } else { lo };
-                        }
-                        step.push(f);
-                    }
-                    let got = evaluate(&mut det, &step)?;
-                    used += step.len();
-                    for (f, v) in step.into_iter().zip(got) {
-                        if let Some(s) = v.map(|v| score(&v, target)).filter(|&s| s < best) {
-                            best = s;
-                            best_f = f;
-                        }
-                    }
-                }
-            }
+            let (best, best_f, best_row, used) = if detected && !knobs.is_empty() {
+                search(knobs, target, *thr, (clean_score, clean_row.clone()), opts, &mut rng, &mut evaluate)?
+            } else {
+                (clean_score, ones.clone(), clean_row.clone(), 1)
+            };
             let robust = best >= *thr;
+            if t == 0 {
+                rows.push(Adversarial { record: i, class: class.clone(), row: best_row, evaded: detected && !robust });
+            }
             rep.overall.add(detected, robust);
             rep.by_family.entry(family.clone()).or_default().add(detected, robust);
             if detected && !robust {
@@ -375,7 +351,7 @@ pub fn attack(
         rep.median_queries = median(queries.remove(t).unwrap_or_default().into_iter().map(|q| q as f64).collect());
         rep.median_change = changes.remove(t).unwrap_or_default().into_iter().map(|(f, v)| (f, median(v))).collect();
     }
-    Ok(AttackReport {
+    let report = AttackReport {
         model_version: artifact.version.clone(),
         dataset: dataset.to_string(),
         threat: opts.constraints.threat.clone(),
@@ -384,7 +360,108 @@ pub fn attack(
         candidates,
         candidates_refused: refused,
         seconds: started.elapsed().as_secs_f64(),
-    })
+    };
+    Ok((report, rows))
+}
+
+/// One attacked event and what the attacker may do to it.
+struct Event<'a> {
+    index: usize,
+    device: &'a str,
+    event: &'a Map<String, Value>,
+    /// The device's twin before the event (None: its first event).
+    pre: Option<&'a twinguard_operators::Twin>,
+    knobs: &'a [Knob],
+    x0: &'a [f64],
+    ordered: &'a [Ordered],
+}
+
+/// Score candidates (factor vectors) for `at`, each on its own clone of the
+/// device's twin under its own device id, in one detector call; the clones are
+/// removed afterwards. Returns each candidate's verdict and feature row (None when
+/// the decoder refused it), and how many the decoder refused.
+fn candidates_scored(det: &mut Detector, decoder: &Decoder, now: i64, at: &Event<'_>, fs: &[Vec<f64>]) -> Result<(Vec<Option<(Verdict, Vec<f64>)>>, usize), TrainError> {
+    let events: Vec<(String, Vec<u8>)> = fs
+        .iter()
+        .enumerate()
+        .map(|(c, f)| {
+            let id = format!("{}~adv{c}", at.device);
+            let mut e = shaped(at.knobs, at.x0, f, at.ordered, at.event);
+            e.insert("device_id".into(), Value::from(id.clone()));
+            (id, serde_json::to_vec(&e).expect("serialises"))
+        })
+        .collect();
+    for (id, _) in &events {
+        let clone = at.pre.cloned().map(|mut t| {
+            t.device_id = id.clone();
+            t
+        });
+        det.twin_mut().store_mut().restore(0, id, clone);
+    }
+    // Distinct offsets (the feature query joins event and twin on them), each past
+    // the clone's last one: no feature reads the offset itself.
+    let raw: Vec<RawRecord<'_>> =
+        events.iter().enumerate().map(|(c, (id, p))| RawRecord { partition: 0, offset: (at.index + c) as i64, key: Some(id.as_bytes()), payload: Some(p) }).collect();
+    let out = decoder.decode(&raw, now)?;
+    let (v, feats) = det.detect(&out.batch)?;
+    let feats = feats.expect("a model computes features");
+    let mut by_id: BTreeMap<String, (Verdict, Vec<f64>)> =
+        verdicts_from_batch(&v, "attack").into_iter().enumerate().map(|(j, v)| (v.device_id.clone(), (v, feats.row(j).to_vec()))).collect();
+    for (id, _) in &events {
+        det.twin_mut().store_mut().restore(0, id, None);
+    }
+    det.twin_mut().drain_changelog();
+    Ok((events.iter().map(|(id, _)| by_id.remove(id)).collect(), out.rejects.len()))
+}
+
+/// Random search for the candidate with the lowest `target` score, from the
+/// corners (every knob at a bound, then each alone), until the score falls below
+/// `thr` or the budget is spent. Returns (best score, its factors, its feature row,
+/// candidates scored).
+#[allow(clippy::type_complexity)]
+fn search(
+    knobs: &[Knob],
+    target: &str,
+    thr: f64,
+    (clean_score, clean_row): (f64, Vec<f64>),
+    opts: &AttackOptions,
+    rng: &mut rand::rngs::StdRng,
+    evaluate: &mut dyn FnMut(&[Vec<f64>]) -> Result<Vec<Option<(Verdict, Vec<f64>)>>, TrainError>,
+) -> Result<(f64, Vec<f64>, Vec<f64>, usize), TrainError> {
+    let ones = vec![1.0; knobs.len()];
+    let (mut best, mut best_f, mut best_row, mut used) = (clean_score, ones.clone(), clean_row, 1usize);
+    let mut queue: Vec<Vec<f64>> = vec![knobs.iter().map(|k| k.max_factor).collect(), knobs.iter().map(|k| k.min_factor).collect()];
+    for (k, knob) in knobs.iter().enumerate() {
+        for b in [knob.min_factor, knob.max_factor] {
+            let mut f = ones.clone();
+            f[k] = b;
+            queue.push(f);
+        }
+    }
+    while best >= thr && used < opts.queries {
+        let n = opts.batch.min(opts.queries - used);
+        let mut step: Vec<Vec<f64>> = queue.drain(..queue.len().min(n)).collect();
+        while step.len() < n {
+            let mut f = best_f.clone();
+            let mut idx: Vec<usize> = (0..knobs.len()).collect();
+            idx.shuffle(rng);
+            for &k in idx.iter().take(rng.random_range(1..=knobs.len())) {
+                let (lo, hi) = (knobs[k].min_factor, knobs[k].max_factor);
+                f[k] = if hi > lo { rng.random_range(lo..=hi) } else { lo };
+            }
+            step.push(f);
+        }
+        let got = evaluate(&step)?;
+        used += step.len();
+        for (f, v) in step.into_iter().zip(got) {
+            if let Some((s, row)) = v.map(|(v, row)| (score(&v, target), row)).filter(|(s, _)| *s < best) {
+                best = s;
+                best_f = f;
+                best_row = row;
+            }
+        }
+    }
+    Ok((best, best_f, best_row, used))
 }
 
 /// The report as a text table.
@@ -426,7 +503,7 @@ pub fn run_attack(artifact: &Artifact, opts: &AttackOptions, out: &Path, log: &m
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dataset::DatasetSpec;
     use crate::split::{SplitKind, SplitSpec};
@@ -435,12 +512,12 @@ mod tests {
     use twinguard_models::lstm::LstmParams;
     use twinguard_models::svm::SvmParams;
 
-    fn knob(field: &str, lo: f64, hi: f64) -> Knob {
+    pub(crate) fn knob(field: &str, lo: f64, hi: f64) -> Knob {
         Knob { field: field.into(), min_factor: lo, max_factor: hi, min: None, max: None, follows: None }
     }
 
     /// The lab dataset, a small model on it, and its job.
-    fn lab(dir: &Path) -> (Artifact, TrainJob) {
+    pub(crate) fn lab(dir: &Path) -> (Artifact, TrainJob) {
         let lab = crate::testkit::write_lab_dataset(dir, 2400, 1_760_000_000_000).unwrap();
         let schema = EventSchema::named_or_file(lab.schema.to_str().unwrap()).unwrap();
         let job = TrainJob {

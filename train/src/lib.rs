@@ -13,6 +13,7 @@
 
 use std::path::PathBuf;
 
+pub mod adversarial;
 pub mod attack;
 pub mod dataset;
 pub mod features;

@@ -51,3 +51,33 @@ impl AttackArgs {
         Ok(())
     }
 }
+
+/// `twinguard train` flags for adversarial training.
+#[derive(clap::Args)]
+pub(crate) struct AdversarialArgs {
+    /// Adversarial training against this constraint file's threat model: after the
+    /// fit, each round attacks training attack rows against the current model and
+    /// adds the adversarial versions, labelled, to the training rows.
+    #[arg(long, value_name = "CONSTRAINTS")]
+    pub(crate) adversarial: Option<PathBuf>,
+    /// Rounds of adversarial training.
+    #[arg(long, default_value_t = 2, requires = "adversarial")]
+    pub(crate) adversarial_rounds: usize,
+    /// Training attack rows attacked per round.
+    #[arg(long, default_value_t = 2000, requires = "adversarial")]
+    pub(crate) adversarial_events: usize,
+    /// Candidates per attacked row.
+    #[arg(long, default_value_t = 100, requires = "adversarial")]
+    pub(crate) adversarial_queries: usize,
+}
+
+impl AdversarialArgs {
+    /// The options, when --adversarial was given.
+    pub(crate) fn options(&self, schema: &twinguard_schemas::EventSchema, seed: u64) -> Result<Option<twinguard_train::adversarial::AdversarialOptions>> {
+        let Some(path) = &self.adversarial else { return Ok(None) };
+        let constraints = twinguard_train::attack::Constraints::load(path, schema)?;
+        anyhow::ensure!(self.adversarial_queries > 0, "--adversarial-queries must be at least 1");
+        let attack = twinguard_train::attack::AttackOptions { constraints, events: self.adversarial_events, queries: self.adversarial_queries, batch: 20, targets: vec!["ensemble".into()], seed };
+        Ok(Some(twinguard_train::adversarial::AdversarialOptions { attack, rounds: self.adversarial_rounds }))
+    }
+}
