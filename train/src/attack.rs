@@ -505,12 +505,7 @@ pub fn run_attack(artifact: &Artifact, opts: &AttackOptions, out: &Path, log: &m
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::dataset::DatasetSpec;
-    use crate::split::{SplitKind, SplitSpec};
-    use crate::{run_train, TrainJob, TrainOptions};
-    use twinguard_models::forest::ForestParams;
-    use twinguard_models::lstm::LstmParams;
-    use twinguard_models::svm::SvmParams;
+    use crate::{run_train, TrainJob};
 
     pub(crate) fn knob(field: &str, lo: f64, hi: f64) -> Knob {
         Knob { field: field.into(), min_factor: lo, max_factor: hi, min: None, max: None, follows: None }
@@ -519,26 +514,7 @@ pub(crate) mod tests {
     /// The lab dataset, a small model on it, and its job.
     pub(crate) fn lab(dir: &Path) -> (Artifact, TrainJob) {
         let lab = crate::testkit::write_lab_dataset(dir, 2400, 1_760_000_000_000).unwrap();
-        let schema = EventSchema::named_or_file(lab.schema.to_str().unwrap()).unwrap();
-        let job = TrainJob {
-            dataset: DatasetSpec { file: lab.csv.clone(), schema: schema.id(), devices: 1, interval_ms: 0, limit: None, shuffle_seed: None, device_column: Some("device".into()), time_column: Some("ts".into()) },
-            feature_sql: std::fs::read_to_string(&lab.features).unwrap(),
-            schema,
-            twin: TwinConfig::default(),
-            split: SplitSpec { kind: SplitKind::Stratified, train: 0.6, validation: 0.2, seed: 3 },
-            opts: TrainOptions {
-                target_fpr: 0.02,
-                seed: 3,
-                forest: ForestParams { trees: 10, seed: 3, ..Default::default() },
-                svm: SvmParams { max_train_rows: 300, seed: 3, ..Default::default() },
-                lstm: LstmParams { epochs: 1, seed: 3, ..Default::default() },
-                boost: twinguard_models::boost::BoostParams { rounds: 20, seed: 3, ..Default::default() },
-                flip_labels: 0.0,
-                screen: false,
-                screen_threshold: 0.2,
-            },
-            out: dir.join("model"),
-        };
+        let job = crate::testkit::lab_job(&lab, 10, dir.join("model"));
         (run_train(&job, &mut |_| {}).unwrap().0, job)
     }
 

@@ -154,35 +154,7 @@ mod tests {
     fn a_smoke_federation_trains_evaluates_and_records_its_decisions() {
         let dir = std::env::temp_dir().join(format!("twinguard-federate-{}", std::process::id()));
         let lab = crate::testkit::write_lab_dataset(&dir, 4000, 1_760_000_000_000).unwrap();
-        let schema = EventSchema::named_or_file(lab.schema.to_str().unwrap()).unwrap();
-        let job = TrainJob {
-            dataset: DatasetSpec {
-                file: lab.csv.clone(),
-                schema: schema.id(),
-                devices: 1,
-                interval_ms: 0,
-                limit: None,
-                shuffle_seed: Some(3),
-                device_column: Some("device".into()),
-                time_column: Some("ts".into()),
-            },
-            feature_sql: std::fs::read_to_string(&lab.features).unwrap(),
-            schema,
-            twin: TwinConfig::default(),
-            split: SplitSpec { kind: SplitKind::Stratified, train: 0.6, validation: 0.2, seed: 3 },
-            opts: TrainOptions {
-                target_fpr: 0.02,
-                seed: 3,
-                forest: ForestParams { trees: 20, seed: 3, ..Default::default() },
-                svm: SvmParams { max_train_rows: 300, seed: 3, ..Default::default() },
-                lstm: LstmParams { epochs: 1, seed: 3, ..Default::default() },
-                boost: twinguard_models::boost::BoostParams { rounds: 20, seed: 3, ..Default::default() },
-                flip_labels: 0.0,
-                screen: false,
-                screen_threshold: 0.2,
-            },
-            out: dir.join("model"),
-        };
+        let job = crate::testkit::lab_job(&lab, 20, dir.join("model"));
         let plan = FederationPlan {
             sites: 5,
             split: Sites::Dirichlet { alpha: 10.0 },

@@ -103,3 +103,38 @@ pub fn write_lab_dataset(dir: &Path, rows: usize, start_ms: i64) -> std::io::Res
     std::fs::write(&out.features, LAB_FEATURES)?;
     Ok(out)
 }
+
+/// A `twinguard train` job on the lab dataset `lab`: a small, quick model
+/// (stratified split and seeds 3, `trees` trees, one LSTM epoch) written to `out`.
+pub fn lab_job(lab: &LabDataset, trees: usize, out: PathBuf) -> crate::TrainJob {
+    use twinguard_models::{boost::BoostParams, forest::ForestParams, lstm::LstmParams, svm::SvmParams};
+    let schema = twinguard_schemas::EventSchema::named_or_file(lab.schema.to_str().expect("utf-8 path")).expect("the lab schema file parses");
+    crate::TrainJob {
+        dataset: crate::DatasetSpec {
+            file: lab.csv.clone(),
+            schema: schema.id(),
+            devices: 1,
+            interval_ms: 0,
+            limit: None,
+            shuffle_seed: Some(3),
+            device_column: Some("device".into()),
+            time_column: Some("ts".into()),
+        },
+        feature_sql: std::fs::read_to_string(&lab.features).expect("the lab feature SQL"),
+        schema,
+        twin: twinguard_operators::TwinConfig::default(),
+        split: crate::SplitSpec { kind: crate::SplitKind::Stratified, train: 0.6, validation: 0.2, seed: 3 },
+        opts: crate::TrainOptions {
+            target_fpr: 0.02,
+            seed: 3,
+            forest: ForestParams { trees, seed: 3, ..Default::default() },
+            svm: SvmParams { max_train_rows: 300, seed: 3, ..Default::default() },
+            lstm: LstmParams { epochs: 1, seed: 3, ..Default::default() },
+            boost: BoostParams { rounds: 20, seed: 3, ..Default::default() },
+            flip_labels: 0.0,
+            screen: false,
+            screen_threshold: 0.2,
+        },
+        out,
+    }
+}
