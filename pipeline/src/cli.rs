@@ -377,6 +377,8 @@ pub(crate) struct SimulateArgs {
     /// writes local.json into --out.
     #[arg(long)]
     pub(crate) local_only: bool,
+    #[command(flatten)]
+    pub(crate) adversarial: AdversarialArgs,
 }
 
 impl SimulateArgs {

@@ -52,18 +52,19 @@ impl AttackArgs {
     }
 }
 
-/// `twinguard train` flags for adversarial training.
+/// `twinguard train` and `federate simulate` flags for adversarial training.
 #[derive(clap::Args)]
 pub(crate) struct AdversarialArgs {
     /// Adversarial training against this constraint file's threat model: after the
     /// fit, each round attacks training attack rows against the current model and
-    /// adds the adversarial versions, labelled, to the training rows.
+    /// adds the adversarial versions, labelled, to the training rows (in a
+    /// federation: each site attacks its own rows against the global model).
     #[arg(long, value_name = "CONSTRAINTS")]
     pub(crate) adversarial: Option<PathBuf>,
     /// Rounds of adversarial training.
     #[arg(long, default_value_t = 2, requires = "adversarial")]
     pub(crate) adversarial_rounds: usize,
-    /// Training attack rows attacked per round.
+    /// Training attack rows attacked per round (in a federation: over all sites).
     #[arg(long, default_value_t = 2000, requires = "adversarial")]
     pub(crate) adversarial_events: usize,
     /// Candidates per attacked row.

@@ -179,7 +179,10 @@ fn federate(role: FederateRole) -> Result<()> {
                 println!("local.json written to {}", job.out.display());
                 return Ok(());
             }
-            let (artifact, report, fed) = twinguard_train::run_federate(&job, &plan, &mut print_progress)?;
+            let (artifact, report, fed) = match args.adversarial.options(&job.schema, job.opts.seed)? {
+                None => twinguard_train::run_federate(&job, &plan, &mut print_progress)?,
+                Some(adv) => twinguard_train::adversarial::run_federate_adversarial(&job, &plan, &adv, &mut print_progress)?,
+            };
             println!("{}", twinguard_train::render(&report));
             println!("{}", twinguard_train::render_federation(&fed));
             println!("model {} and federation.json in {}", artifact.version, job.out.display());

@@ -12,6 +12,8 @@ use std::time::Instant;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
+use twinguard_models::federated::plan::{FederationPlan, FederationReport};
+use twinguard_models::federated::simulate::{fit_federated, fit_federated_with, site_rows};
 use twinguard_models::train::{fit, Dataset, Progress, Split};
 use twinguard_models::{Artifact, ModelError};
 
@@ -45,50 +47,135 @@ pub fn run_adversarial_train(job: &TrainJob, opts: &AdversarialOptions, log: &mu
     let started = Instant::now();
     let records = job.dataset.load(&job.schema)?;
     let sha = sha256_file(&job.dataset.file)?;
-    let mut rounds: Vec<Round> = Vec::new();
-    // The record behind each prepared row (rows are the records the decoder took, in order).
     let record_of = decoded_records(&job.schema, &records)?;
+    let mut rounds: Vec<Round> = Vec::new();
     let mut fitter = |ds: &Dataset<'_>, split: &Split, log: &mut dyn FnMut(Progress<'_>)| {
-        if ds.rows() != record_of.len() {
-            return Err(ModelError::Train(format!("{} prepared rows but {} decoded records", ds.rows(), record_of.len())));
-        }
-        let (mut ensemble, mut screen) = fit(ds, split, job.twin.anomaly_threshold, &job.opts, log)?;
-        let (mut values, mut classes, mut devices) = (ds.values.to_vec(), ds.classes.to_vec(), ds.devices.to_vec());
-        let mut train = split.train.clone();
-        let mut pool: Vec<usize> = split.train.iter().copied().filter(|&k| ds.classes[k] != twinguard_models::labels::NORMAL).collect();
-        pool.shuffle(&mut rand::rngs::StdRng::seed_from_u64(opts.attack.seed));
-        for round in 1..=opts.rounds {
-            let t0 = Instant::now();
-            // A fresh sample each round (the pool cycles when it runs out).
-            let take = opts.attack.events.min(pool.len());
-            let start = ((round - 1) * take) % pool.len().max(1);
-            let attacked: BTreeMap<usize, String> = (0..take).map(|j| pool[(start + j) % pool.len()]).map(|k| (record_of[k], ds.classes[k].clone())).collect();
-            let artifact = new_artifact(&job.schema, &job.feature_sql, &job.twin, ds.names, ensemble.clone(), placeholder_card(job), "adv-");
-            let (_, adv) = attack_rows(&job.schema, &job.twin, &artifact, &records, &attacked, "training rows", &opts.attack, &mut |d, n| {
-                log(Progress::Status(&format!("  adversarial round {round}: attacking {d}/{n} training rows   ")))
-            })
-            .map_err(|e| ModelError::Train(e.to_string()))?;
-            log(Progress::StatusEnd);
-            let evaded = adv.iter().filter(|a| a.evaded).count();
-            for (j, a) in adv.iter().enumerate() {
-                train.push(classes.len());
-                values.extend_from_slice(&a.row);
-                classes.push(a.class.clone());
-                devices.push(format!("adversarial-{round}-{j}"));
-            }
-            let grown = Dataset { names: ds.names, cols: ds.cols, values: &values, classes: &classes, devices: &devices };
-            let split2 = Split { train: train.clone(), validation: split.validation.clone(), test: split.test.clone() };
-            (ensemble, screen) = fit(&grown, &split2, job.twin.anomaly_threshold, &job.opts, log)?;
-            let r = Round { round, attacked: attacked.len(), evaded, rows_added: adv.len(), seconds: t0.elapsed().as_secs_f64() };
-            log(Progress::Step(&format!(
-                "adversarial round {round}: {} of {} attacked training rows evaded the model before it; {} adversarial rows added, refitted in {:.0} s",
-                r.evaded, r.attacked, r.rows_added, r.seconds
-            )));
-            rounds.push(r);
-        }
+        let (first, mut screen) = fit(ds, split, job.twin.anomaly_threshold, &job.opts, log)?;
+        let pools = vec![split.train.clone()];
+        let mut refit = |grown: &Dataset<'_>, extra: &[Vec<usize>], log: &mut dyn FnMut(Progress<'_>)| {
+            let train: Vec<usize> = split.train.iter().chain(&extra[0]).copied().collect();
+            let (e, sc) = fit(grown, &Split { train, validation: split.validation.clone(), test: split.test.clone() }, job.twin.anomaly_threshold, &job.opts, log)?;
+            screen = sc;
+            Ok(e)
+        };
+        let (ensemble, r) = adversarial_rounds(job, opts, &records, &record_of, ds, &pools, first, &mut refit, log)?;
+        rounds = r;
         Ok((ensemble, screen))
     };
     let (mut artifact, report) = train_records_with(job, &records, &sha, started, &mut fitter, "", log)?;
+    record_rounds(&mut artifact, opts, &rounds);
+    artifact.save(&job.out)?;
+    write_outputs(&job.out, &artifact, &report)?;
+    Ok((artifact, report))
+}
+
+/// `federate simulate --adversarial`: federated adversarial training. After each
+/// federated fit, every site attacks its own training attack rows against the
+/// global model and trains on the adversarial versions from then on; rows never
+/// leave their site (in the simulation: they join that site's rows only).
+pub fn run_federate_adversarial(
+    job: &TrainJob,
+    plan: &FederationPlan,
+    opts: &AdversarialOptions,
+    log: &mut dyn FnMut(Progress<'_>),
+) -> Result<(Artifact, Report, FederationReport), TrainError> {
+    let started = Instant::now();
+    let records = job.dataset.load(&job.schema)?;
+    let sha = sha256_file(&job.dataset.file)?;
+    let record_of = decoded_records(&job.schema, &records)?;
+    let mut rounds: Vec<Round> = Vec::new();
+    let mut fed: Option<FederationReport> = None;
+    let mut fitter = |ds: &Dataset<'_>, split: &Split, log: &mut dyn FnMut(Progress<'_>)| {
+        let (first, rep) = fit_federated(ds, split, job.twin.anomaly_threshold, &job.opts, plan, log)?;
+        fed = Some(rep);
+        let pools: Vec<Vec<usize>> = (0..plan.sites).map(|k| site_rows(split, ds.classes, plan, k).map(|(train, _)| train)).collect::<Result<_, _>>()?;
+        let mut refit = |grown: &Dataset<'_>, extra: &[Vec<usize>], log: &mut dyn FnMut(Progress<'_>)| {
+            let (e, rep) = fit_federated_with(grown, split, job.twin.anomaly_threshold, &job.opts, plan, extra, log)?;
+            fed = Some(rep);
+            Ok(e)
+        };
+        let (ensemble, r) = adversarial_rounds(job, opts, &records, &record_of, ds, &pools, first, &mut refit, log)?;
+        rounds = r;
+        Ok((ensemble, None))
+    };
+    let (mut artifact, report) = train_records_with(job, &records, &sha, started, &mut fitter, "fed-", log)?;
+    let fed = fed.expect("the fitter ran");
+    record_rounds(&mut artifact, opts, &rounds);
+    crate::federate::write_federation(job, &mut artifact, &fed)?;
+    write_outputs(&job.out, &artifact, &report)?;
+    Ok((artifact, report, fed))
+}
+
+/// The rounds: each attacks up to `opts.attack.events` training attack rows
+/// (spread evenly over `pools`, one per site, or one for central training) against
+/// the current model, adds their adversarial versions to the dataset, and refits
+/// with `refit` (given the grown dataset and the rows added per pool so far).
+#[allow(clippy::too_many_arguments)]
+fn adversarial_rounds(
+    job: &TrainJob,
+    opts: &AdversarialOptions,
+    records: &[(String, Vec<u8>)],
+    record_of: &[usize],
+    ds: &Dataset<'_>,
+    pools: &[Vec<usize>],
+    mut ensemble: twinguard_models::Ensemble,
+    refit: &mut dyn FnMut(&Dataset<'_>, &[Vec<usize>], &mut dyn FnMut(Progress<'_>)) -> Result<twinguard_models::Ensemble, ModelError>,
+    log: &mut dyn FnMut(Progress<'_>),
+) -> Result<(twinguard_models::Ensemble, Vec<Round>), ModelError> {
+    if ds.rows() != record_of.len() {
+        return Err(ModelError::Train(format!("{} prepared rows but {} decoded records", ds.rows(), record_of.len())));
+    }
+    let (mut values, mut classes, mut devices) = (ds.values.to_vec(), ds.classes.to_vec(), ds.devices.to_vec());
+    let mut extra: Vec<Vec<usize>> = vec![Vec::new(); pools.len()];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.attack.seed);
+    let pools: Vec<Vec<usize>> = pools
+        .iter()
+        .map(|p| {
+            let mut p: Vec<usize> = p.iter().copied().filter(|&k| ds.classes[k] != twinguard_models::labels::NORMAL).collect();
+            p.shuffle(&mut rng);
+            p
+        })
+        .collect();
+    let per_pool = opts.attack.events.div_ceil(pools.len().max(1));
+    let mut rounds = Vec::new();
+    for round in 1..=opts.rounds {
+        let t0 = Instant::now();
+        let artifact = new_artifact(&job.schema, &job.feature_sql, &job.twin, ds.names, ensemble.clone(), placeholder_card(job), "adv-");
+        let (mut attacked_n, mut evaded, mut added) = (0, 0, 0);
+        for (g, pool) in pools.iter().enumerate() {
+            // A fresh sample each round (the pool cycles when it runs out).
+            let take = per_pool.min(pool.len());
+            let start = ((round - 1) * take) % pool.len().max(1);
+            let attacked: BTreeMap<usize, String> = (0..take).map(|j| pool[(start + j) % pool.len()]).map(|k| (record_of[k], ds.classes[k].clone())).collect();
+            let (_, adv) = attack_rows(&job.schema, &job.twin, &artifact, records, &attacked, "training rows", &opts.attack, &mut |d, n| {
+                log(Progress::Status(&format!("  adversarial round {round}, group {g}: attacking {d}/{n} training rows   ")))
+            })
+            .map_err(|e| ModelError::Train(e.to_string()))?;
+            attacked_n += attacked.len();
+            evaded += adv.iter().filter(|a| a.evaded).count();
+            for (j, a) in adv.iter().enumerate() {
+                extra[g].push(classes.len());
+                values.extend_from_slice(&a.row);
+                classes.push(a.class.clone());
+                devices.push(format!("adversarial-{round}-{g}-{j}"));
+                added += 1;
+            }
+        }
+        log(Progress::StatusEnd);
+        let grown = Dataset { names: ds.names, cols: ds.cols, values: &values, classes: &classes, devices: &devices };
+        ensemble = refit(&grown, &extra, log)?;
+        let r = Round { round, attacked: attacked_n, evaded, rows_added: added, seconds: t0.elapsed().as_secs_f64() };
+        log(Progress::Step(&format!(
+            "adversarial round {round}: {} of {} attacked training rows evaded the model before it; {} adversarial rows added, refitted in {:.0} s",
+            r.evaded, r.attacked, r.rows_added, r.seconds
+        )));
+        rounds.push(r);
+    }
+    Ok((ensemble, rounds))
+}
+
+/// The rounds in the card's hyper-parameters (what the model was hardened against).
+fn record_rounds(artifact: &mut Artifact, opts: &AdversarialOptions, rounds: &[Round]) {
     artifact.card.hyper_parameters["adversarial"] = serde_json::json!({
         "threat": opts.attack.constraints.threat,
         "constraints": opts.attack.constraints,
@@ -96,9 +183,6 @@ pub fn run_adversarial_train(job: &TrainJob, opts: &AdversarialOptions, log: &mu
         "events_per_round": opts.attack.events,
         "rounds": rounds,
     });
-    artifact.save(&job.out)?;
-    write_outputs(&job.out, &artifact, &report)?;
-    Ok((artifact, report))
 }
 
 /// Indices of the records the schema's decoder accepts, in order.
@@ -172,6 +256,49 @@ mod tests {
         assert!(clean.detection_rate > 0.9 && clean.fpr < 0.05, "clean detection and FPR (target 0.02) kept: {clean:?}");
         let round = &hardened.card.hyper_parameters["adversarial"]["rounds"][0];
         assert!(round["rows_added"].as_u64() > Some(0) && round["rows_added"] == round["attacked"], "{round}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// In a simulated federation every site attacks its own rows against the
+    /// global model; the hardened federated model wins back detection too.
+    #[test]
+    fn federated_adversarial_training_hardens_the_global_model() {
+        use twinguard_models::federated::plan::{GbdtMode, PoisonKind, Sites};
+        use twinguard_models::federated::robust::Rule;
+        let dir = std::env::temp_dir().join(format!("twinguard-fedadv-{}", std::process::id()));
+        let lab = crate::testkit::write_lab_dataset(&dir, 2400, 1_760_000_000_000).unwrap();
+        let mut job = crate::testkit::lab_job(&lab, 12, dir.join("plain"));
+        let plan = FederationPlan {
+            sites: 3,
+            split: Sites::Dirichlet { alpha: 10.0 },
+            rule: Rule::ClipMultiKrum,
+            poisoned: 0,
+            poison: PoisonKind::Invert,
+            gbdt: GbdtMode::Cyclic,
+            lstm_rounds: 1,
+            lstm_local_epochs: 1,
+            seed: 3,
+        };
+        let (plain, _, _) = crate::run_federate(&job, &plan, &mut |_| {}).unwrap();
+        let constraints = Constraints {
+            threat: "test".into(),
+            family: BTreeMap::from([("default".into(), FamilyKnobs { knobs: vec![knob("pkts", 0.1, 1.0), knob("bytes", 0.1, 1.0)] })]),
+            ordered: vec![],
+        };
+        let attack = AttackOptions { constraints, events: 150, queries: 60, batch: 12, targets: vec!["ensemble".into()], seed: 5 };
+        let before = run_attack(&plain, &attack, &dir.join("a0"), &mut |_| {}).unwrap().targets["ensemble"].overall.clone();
+        job.out = dir.join("hardened");
+        let (hardened, _, fed) = run_federate_adversarial(&job, &plan, &AdversarialOptions { attack: AttackOptions { events: 400, ..attack.clone() }, rounds: 2 }, &mut |_| {}).unwrap();
+        let after = run_attack(&hardened, &attack, &dir.join("a1"), &mut |_| {}).unwrap().targets["ensemble"].overall.clone();
+        eprintln!("federated: before {before:?}\nafter {after:?}");
+        assert_eq!(fed.sites.len(), 3);
+        assert!(hardened.version.starts_with("fed-"));
+        let rounds = hardened.card.hyper_parameters["adversarial"]["rounds"].as_array().unwrap().clone();
+        assert_eq!(rounds.len(), 2);
+        assert!(rounds.iter().all(|r| r["rows_added"].as_u64() > Some(0)));
+        let lost = before.clean_dr - before.robust_dr;
+        assert!(lost > 0.15, "the attack must work on the plain federated model: {before:?}");
+        assert!(after.robust_dr - before.robust_dr >= lost / 2.0, "federated adversarial training must win back at least half: {before:?} -> {after:?}");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -30,14 +30,19 @@ pub fn run_federate(job: &TrainJob, plan: &FederationPlan, log: &mut dyn FnMut(P
     };
     let (mut artifact, report) = train_records_with(job, &records, &sha, started, &mut fitter, "fed-", log)?;
     let fed = fed.expect("the fitter ran");
-    // The plan and the decisions travel with the model (its provenance).
+    write_federation(job, &mut artifact, &fed)?;
+    Ok((artifact, report, fed))
+}
+
+/// The plan and the decisions travel with the model (its provenance): into the
+/// card, the saved model and `federation.json`.
+pub(crate) fn write_federation(job: &TrainJob, artifact: &mut Artifact, fed: &FederationReport) -> Result<(), TrainError> {
     if let serde_json::Value::Object(m) = &mut artifact.card.hyper_parameters {
-        m.insert("federation".into(), serde_json::to_value(&fed).expect("serialises"));
+        m.insert("federation".into(), serde_json::to_value(fed).expect("serialises"));
     }
     artifact.save(&job.out)?;
     let path = job.out.join("federation.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&fed).expect("serialises")).map_err(|e| TrainError::Io { path: path.clone(), reason: e.to_string() })?;
-    Ok((artifact, report, fed))
+    std::fs::write(&path, serde_json::to_vec_pretty(fed).expect("serialises")).map_err(|e| TrainError::Io { path: path.clone(), reason: e.to_string() })
 }
 
 /// The artifact an aggregator publishes: the federated ensemble with the

@@ -104,11 +104,28 @@ pub fn fit_federated(
     plan: &FederationPlan,
     log: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(Ensemble, FederationReport), ModelError> {
+    fit_federated_with(prep, split, twin_threshold, opts, plan, &[], log)
+}
+
+/// [`fit_federated`], site `k` also training on the rows `extra[k]` (rows it made
+/// itself, e.g. its adversarial versions of its own attack rows).
+pub fn fit_federated_with(
+    prep: &Dataset<'_>,
+    split: &Split,
+    twin_threshold: f64,
+    opts: &TrainOptions,
+    plan: &FederationPlan,
+    extra: &[Vec<usize>],
+    log: &mut dyn FnMut(Progress<'_>),
+) -> Result<(Ensemble, FederationReport), ModelError> {
     if plan.poisoned >= plan.sites {
         return Err(ModelError::Param { name: "poison", why: format!("{} poisoned sites of {} leaves no honest site", plan.poisoned, plan.sites) });
     }
     let (classes, y) = class_index(prep.classes);
-    let sites = make_sites(split, &y, plan)?;
+    let mut sites = make_sites(split, &y, plan)?;
+    for (s, e) in sites.iter_mut().zip(extra) {
+        s.train.extend_from_slice(e);
+    }
     let targeted = poison_target(&sites, &y, classes.len());
     let mut workers = Vec::with_capacity(sites.len());
     for (i, s) in sites.iter().enumerate() {
