@@ -181,15 +181,18 @@ impl Detector {
         let n = verdicts.num_rows();
         let devices = ctx.column(0).as_any().downcast_ref::<StringArray>().expect("context device_id");
         let ens = &m.artifact.ensemble;
+        // An untagged state (a twin written before tags existed) was stepped by the
+        // default model.
+        let untagged = self.default.as_deref().map_or(0, version_tag);
         let mut cols = ModelCols::new(n);
         let store = self.twin.store_mut();
         for i in 0..n {
             let device = devices.value(i);
             let twin = store.get_mut(feats.partition[i], device).expect("an applied event's twin exists");
             if twin.lstm_model != m.tag {
-                // Stepped by another version: its state means nothing to this LSTM.
-                // (No tag: a twin written before tags existed, stepped by this model.)
-                if twin.lstm_model != 0 {
+                let stepped_by = if twin.lstm_model == 0 { untagged } else { twin.lstm_model };
+                if stepped_by != m.tag {
+                    // Stepped by another version: its state means nothing to this LSTM.
                     twin.lstm.clear();
                 }
                 twin.lstm_model = m.tag;

@@ -272,8 +272,16 @@ fn print_run_config(cfg: &Config) -> Result<()> {
     let audit = twinguard::engine::build::audit_log(cfg)?;
     // ...and the SQL users' passwords, when the endpoint is on.
     let users = if cfg.sql.listen.is_some() { cfg.sql_users()? } else { Vec::new() };
+    // ...and the federation file a followed model comes from.
+    let follow = match &cfg.model.follow {
+        None => String::new(),
+        Some(f) => {
+            let fed = twinguard::app::federate::FederationFile::load(f).with_context(|| "model.follow".to_string())?;
+            format!(", following federation `{}` on `{}`", fed.id, fed.topics().model)
+        }
+    };
     println!(
-        "configuration OK (schema {}, model {}, {} registered devices, {} response rules, audit {}, sql {}, metrics {})",
+        "configuration OK (schema {}, model {}{follow}, {} registered devices, {} response rules, audit {}, sql {}, metrics {})",
         schema.id(),
         detector.model_version().unwrap_or("none: twin behaviour score only"),
         registry.len(),

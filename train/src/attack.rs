@@ -160,7 +160,8 @@ pub struct TargetReport {
     pub by_family: BTreeMap<String, Figures>,
     /// Median candidates scored per evaded event.
     pub median_queries: f64,
-    /// Per changed field, the median relative change of the evading events.
+    /// Per changed field, the median relative change (new / original − 1) of the
+    /// evading events, as they were sent (after repair).
     pub median_change: BTreeMap<String, f64>,
 }
 
@@ -204,33 +205,41 @@ fn score(v: &Verdict, name: &str) -> f64 {
     }
 }
 
-/// Values of `knobs` for factors `f` applied to the original `x0`, repaired.
+/// The event with `knobs` set by factors `f` of the original values `x0`, repaired:
+/// each clamped to its bounds, then `ordered` groups raised so each field is at
+/// least the one before it (within every field's bounds when the original was
+/// ordered and the group's factors and caps agree), then each `follows` field
+/// scaled by its lead's final ratio (a derived field recomputed).
 fn shaped(knobs: &[Knob], x0: &[f64], f: &[f64], ordered: &[Ordered], event: &Map<String, Value>) -> Map<String, Value> {
     let mut e = event.clone();
+    let clamp = |knob: &Knob, x: f64, v: f64| {
+        let v = knob.min.map_or(v, |lo| v.max(lo.min(x)));
+        knob.max.map_or(v, |hi| v.min(hi.max(x)))
+    };
     for (k, knob) in knobs.iter().enumerate() {
-        if x0[k].is_nan() {
-            continue;
+        if knob.follows.is_none() && !x0[k].is_nan() {
+            e.insert(knob.field.clone(), Value::from(clamp(knob, x0[k], x0[k] * f[k])));
         }
-        let factor = match &knob.follows {
-            Some(lead) => knobs.iter().position(|k| &k.field == lead).map_or(1.0, |j| f[j]),
-            None => f[k],
-        };
-        let mut v = x0[k] * factor;
-        if let Some(lo) = knob.min {
-            v = v.max(lo.min(x0[k]));
-        }
-        if let Some(hi) = knob.max {
-            v = v.min(hi.max(x0[k]));
-        }
-        e.insert(knob.field.clone(), Value::from(v));
     }
     for o in ordered {
-        let mut vals: Vec<f64> = o.fields.iter().filter_map(|f| e.get(f).and_then(Value::as_f64)).collect();
-        if vals.len() == o.fields.len() {
-            vals.sort_by(f64::total_cmp);
-            for (f, v) in o.fields.iter().zip(vals) {
-                e.insert(f.clone(), Value::from(v));
+        let mut floor = f64::NEG_INFINITY;
+        for field in &o.fields {
+            if let Some(v) = e.get(field).and_then(Value::as_f64) {
+                floor = floor.max(v);
+                e.insert(field.clone(), Value::from(floor));
             }
+        }
+    }
+    for (k, knob) in knobs.iter().enumerate() {
+        let Some(lead) = &knob.follows else { continue };
+        let ratio = knobs
+            .iter()
+            .position(|l| &l.field == lead)
+            .filter(|&j| x0[j].is_finite() && x0[j] != 0.0)
+            .and_then(|j| e.get(lead).and_then(Value::as_f64).map(|v| v / x0[j]))
+            .unwrap_or(1.0);
+        if !x0[k].is_nan() {
+            e.insert(knob.field.clone(), Value::from(clamp(knob, x0[k], x0[k] * ratio)));
         }
     }
     e
@@ -333,9 +342,13 @@ pub fn attack_rows(
             rep.by_family.entry(family.clone()).or_default().add(detected, robust);
             if detected && !robust {
                 queries.entry(target.clone()).or_default().push(used);
+                // The changes the evading event really carries (after repair).
+                let final_event = shaped(knobs, &x0, &best_f, &opts.constraints.ordered, &event);
                 for (k, knob) in knobs.iter().enumerate() {
-                    if (best_f[k] - 1.0).abs() > 1e-12 && !x0[k].is_nan() {
-                        changes.entry(target.clone()).or_default().entry(knob.field.clone()).or_default().push(best_f[k] - 1.0);
+                    let now = final_event.get(&knob.field).and_then(Value::as_f64).unwrap_or(f64::NAN);
+                    let change = now / x0[k] - 1.0;
+                    if change.is_finite() && change.abs() > 1e-12 {
+                        changes.entry(target.clone()).or_default().entry(knob.field.clone()).or_default().push(change);
                     }
                 }
             }
@@ -516,6 +529,22 @@ pub(crate) mod tests {
         let lab = crate::testkit::write_lab_dataset(dir, 2400, 1_760_000_000_000).unwrap();
         let job = crate::testkit::lab_job(&lab, 10, dir.join("model"));
         (run_train(&job, &mut |_| {}).unwrap().0, job)
+    }
+
+    /// Repair: ordered fields raised to at least the one before, a follower scaled
+    /// by its lead's final ratio, caps held.
+    #[test]
+    fn shaping_keeps_fields_ordered_derived_fields_consistent_and_caps() {
+        let mut cap = knob("max", 1.0, 2.0);
+        cap.max = Some(1514.0);
+        let knobs = vec![knob("min", 1.0, 2.0), knob("avg", 1.0, 2.0), cap, Knob { follows: Some("avg".into()), ..knob("tot_sum", 1.0, 1.0) }];
+        let event: Map<String, Value> = serde_json::from_str(r#"{"min": 60.0, "avg": 100.0, "max": 1000.0, "tot_sum": 1000.0}"#).unwrap();
+        let x0 = [60.0, 100.0, 1000.0, 1000.0];
+        let ordered = [Ordered { fields: vec!["min".into(), "avg".into(), "max".into()] }];
+        let e = shaped(&knobs, &x0, &[2.0, 1.0, 2.0, 1.0], &ordered, &event);
+        let v = |f: &str| e[f].as_f64().unwrap();
+        assert_eq!((v("min"), v("avg"), v("max")), (120.0, 120.0, 1514.0), "min padded past avg lifts avg; max capped");
+        assert_eq!(v("tot_sum"), 1200.0, "the byte sum follows avg's final ratio (1.2), not its drawn factor (1.0)");
     }
 
     /// The clones see exactly the state the real events meet (with nothing

@@ -118,11 +118,6 @@ impl Shared {
         if runs(core, partition) || core.refused.contains(&w.version) {
             return Ok(());
         }
-        if let Err(e) = core.op.add_model(w.artifact.clone()) {
-            ev::ModelRefused { version: &w.version, reason: &e.to_string() }.emit();
-            core.refused.insert(w.version.clone());
-            return Ok(());
-        }
         let mut at: Vec<(i32, i64)> = vec![(partition, first)];
         for &q in core.owned.iter().filter(|&&q| q != partition) {
             let buffered = core.buffers.get(&q).and_then(|b| b.records.first()).map(|r| r.offset);
@@ -137,6 +132,13 @@ impl Shared {
         at.retain(|(q, o)| *o >= core.routes.get(q).map_or(0, |r| r.hold_until));
         if at.is_empty() {
             return Ok(());
+        }
+        if !core.op.has_model(&w.version) {
+            if let Err(e) = core.op.add_model(w.artifact.clone()) {
+                ev::ModelRefused { version: &w.version, reason: &e.to_string() }.emit();
+                core.refused.insert(w.version.clone());
+                return Ok(());
+            }
         }
         let mut out = Vec::new();
         let mut done = Vec::new();
@@ -233,7 +235,11 @@ impl Shared {
             return;
         }
         for &p in parts {
-            let seen = committed.contains_key(&p) || core.op.twin().store().iter().any(|t| t.partition == p);
+            // Processed before: a committed offset, restored twins, or an activation
+            // history (the committed offsets may not have been read in time).
+            let seen = committed.contains_key(&p)
+                || core.routes.get(&p).is_some_and(|r| !r.history.is_empty())
+                || core.op.twin().store().iter().any(|t| t.partition == p);
             let hold = if !seen {
                 0
             } else {

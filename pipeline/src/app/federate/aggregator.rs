@@ -139,6 +139,13 @@ pub fn publish_model(t: &mut Transport, run: &str, seq: u64, artifact: &mut Arti
     let mut models = ModelTopics::open(&t.fed)?;
     models.catch_up(Duration::from_secs(120))?;
     let parent = models.current().map(|p| p.version.clone());
+    if let Some(existing) = models.versions.get(&artifact.version) {
+        // Published before: point at that artifact again (a new digest for one
+        // version would break every activation record that names the old one).
+        let pointer = Pointer { version: existing.version.clone(), sha256: existing.sha256.clone(), run: run.to_string(), parent, rollback_of: None };
+        point(t, seq + 1, &pointer)?;
+        return Ok((0, pointer));
+    }
     if let Some(p) = artifact.provenance.as_mut() {
         p.parent = parent.clone();
     }
@@ -181,7 +188,9 @@ pub fn rollback(fed: &FederationFile, key: SigningKey) -> Result<Pointer> {
     let mut models = ModelTopics::open(fed)?;
     models.catch_up(Duration::from_secs(120))?;
     let current = models.history.last().cloned().with_context(|| format!("nothing was published on `{}`: there is nothing to roll back", t.topics.model))?;
-    let parent = current.parent.clone().with_context(|| format!("version {} has no parent: it was the federation's first", current.version))?;
+    // The version the current one replaced when it was first published (after a
+    // rollback, the current version's own parent, not the version rolled back from).
+    let parent = models.original_parent(&current.version).with_context(|| format!("version {} has no parent: it was the federation's first", current.version))?;
     let back = models
         .pointer_of(&parent)
         .cloned()

@@ -5,7 +5,7 @@
 //! (`model.follow`) as the engine's [`ModelFeed`]. The aggregator reads the same
 //! way to learn the version it publishes over (`parent`) or rolls back to.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,8 +56,11 @@ pub struct ModelTopics {
     assembler: Assembler,
     /// Verified artifacts by digest.
     artifacts: HashMap<String, Arc<Published>>,
-    /// Pointers read before their artifact, with when they were read.
-    pending: Vec<(Pointer, Instant)>,
+    /// Pointers in model-topic order, waiting for their artifact: the envelope's
+    /// (run, round) and when it was read. Only the front may be accepted.
+    pending: VecDeque<(Pointer, (String, u64), Instant)>,
+    /// Envelopes (run, round) of the pointers accepted: a replayed one is refused.
+    seen: HashSet<(String, u64)>,
     /// Accepted pointers, in order.
     pub history: Vec<Pointer>,
     /// Versions accepted, by version.
@@ -89,7 +92,8 @@ impl ModelTopics {
             consumer,
             assembler: Assembler::default(),
             artifacts: HashMap::new(),
-            pending: Vec::new(),
+            pending: VecDeque::new(),
+            seen: HashSet::new(),
             history: Vec::new(),
             versions: HashMap::new(),
             refused: Vec::new(),
@@ -139,7 +143,7 @@ impl ModelTopics {
                     Err(e) => self.refuse(&at, e.to_string()),
                 },
                 (false, "model") => match serde_json::from_slice::<Pointer>(&body) {
-                    Ok(p) => self.pending.push((p, Instant::now())),
+                    Ok(p) => self.pending.push_back((p, (meta.run.clone(), meta.seq), Instant::now())),
                     Err(e) => self.refuse(&at, format!("not a model pointer: {e}")),
                 },
                 (_, kind) => self.refuse(&at, format!("a `{kind}` message does not belong on `{topic}`")),
@@ -149,19 +153,16 @@ impl ModelTopics {
         Ok(true)
     }
 
-    /// Accept pointers whose artifact has arrived.
+    /// Accept pointers in model-topic order, each once its artifact has arrived: a
+    /// later pointer never overtakes one still waiting (a rollback would be lost).
     fn resolve(&mut self) {
-        let mut i = 0;
-        while i < self.pending.len() {
-            let p = &self.pending[i].0;
-            match self.artifacts.get(&p.sha256).cloned() {
-                None => i += 1,
-                Some(a) => {
-                    let (p, _) = self.pending.remove(i);
-                    if a.version != p.version {
-                        self.refuse(&p.version, format!("the pointer names version {} but its artifact (SHA-256 {}) is {}", p.version, p.sha256, a.version));
-                        continue;
-                    }
+        while let Some((p, id, _)) = self.pending.front().cloned() {
+            let Some(a) = self.artifacts.get(&p.sha256).cloned() else { break };
+            self.pending.pop_front();
+            match self.check(&p, &id, &a) {
+                Err(reason) => self.refuse(&p.version, reason),
+                Ok(()) => {
+                    self.seen.insert(id);
                     self.versions.insert(p.version.clone(), a);
                     self.history.push(p);
                 }
@@ -169,13 +170,36 @@ impl ModelTopics {
         }
     }
 
-    /// A pointer whose artifact never came (it was refused, or never written).
-    fn expire_pending(&mut self) {
-        let (old, young): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending).into_iter().partition(|(_, t)| t.elapsed() > Duration::from_secs(60));
-        self.pending = young;
-        for (p, _) in old {
-            self.refuse(&p.version, format!("no verified artifact with SHA-256 {} on `{}`", p.sha256, self.topics.artifacts));
+    /// A pointer is fresh: its artifact is the version it names, its envelope was
+    /// not accepted before, and it replaces the current version (an old pointer
+    /// replayed onto the topic would move the federation back).
+    fn check(&self, p: &Pointer, id: &(String, u64), a: &Published) -> Result<(), String> {
+        if a.version != p.version {
+            return Err(format!("the pointer names version {} but its artifact (SHA-256 {}) is {}", p.version, p.sha256, a.version));
         }
+        if self.seen.contains(id) {
+            return Err(format!("replayed: the pointer of run {} round {} was accepted before", id.0, id.1));
+        }
+        let current = self.history.last().map(|h| h.version.as_str());
+        if p.parent.as_deref() != current {
+            return Err(format!("stale: it replaces {:?} but the current version is {current:?} (an old pointer replayed?)", p.parent));
+        }
+        Ok(())
+    }
+
+    /// The front pointer, waiting over a minute for its artifact (refused, or never
+    /// written), is refused so the ones behind it can be read.
+    fn expire_pending(&mut self) {
+        while self.pending.front().is_some_and(|(_, _, t)| t.elapsed() > Duration::from_secs(60)) {
+            let (p, _, _) = self.pending.pop_front().expect("front exists");
+            self.refuse(&p.version, format!("no verified artifact with SHA-256 {} on `{}`", p.sha256, self.topics.artifacts));
+            self.resolve();
+        }
+    }
+
+    /// The version `version` replaced when it was first published (not a rollback to it).
+    pub fn original_parent(&self, version: &str) -> Option<String> {
+        self.history.iter().find(|p| p.version == version && p.rollback_of.is_none()).and_then(|p| p.parent.clone())
     }
 
     /// Read both topics to the ends they have now (within `timeout`).
@@ -198,8 +222,9 @@ impl ModelTopics {
             self.poll(Duration::from_millis(200))?;
         }
         // Pointers still waiting now have no artifact before them.
-        for (p, _) in std::mem::take(&mut self.pending) {
+        while let Some((p, _, _)) = self.pending.pop_front() {
             self.refuse(&p.version, format!("no verified artifact with SHA-256 {} on `{}`", p.sha256, self.topics.artifacts));
+            self.resolve();
         }
         Ok(())
     }
@@ -265,4 +290,63 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<Option<Arc<dyn Model
         })
         .map_err(|e| PipelineError::io("starting the model follower", e))?;
     Ok(Some(Arc::new(Follower { state, describe })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small model (the lab dataset's), standing in for every version.
+    fn model() -> twinguard_models::Artifact {
+        let dir = std::env::temp_dir().join(format!("twinguard-follow-{}", std::process::id()));
+        let lab = twinguard_train::testkit::write_lab_dataset(&dir, 600, 1_760_000_000_000).unwrap();
+        let a = twinguard_train::run_train(&twinguard_train::testkit::lab_job(&lab, 3, dir.join("model")), &mut |_| {}).unwrap().0;
+        let _ = std::fs::remove_dir_all(dir);
+        a
+    }
+
+    fn published(model: &twinguard_models::Artifact, version: &str, sha: &str) -> Arc<Published> {
+        let mut artifact = model.clone();
+        artifact.version = version.into();
+        Arc::new(Published { version: version.into(), sha256: sha.into(), parent: None, artifact })
+    }
+
+    fn pointer(version: &str, sha: &str, parent: Option<&str>, rollback_of: Option<&str>) -> Pointer {
+        Pointer { version: version.into(), sha256: sha.into(), run: "r".into(), parent: parent.map(str::to_string), rollback_of: rollback_of.map(str::to_string) }
+    }
+
+    /// Pointers are accepted in topic order (a rollback read before the artifact of
+    /// the version it rolls back from waits for it), once each, and only when they
+    /// replace the current version: an old pointer replayed is refused.
+    #[test]
+    fn pointers_are_taken_in_order_once_and_only_fresh() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/federation.example.toml")).unwrap();
+        let mut fed: FederationFile = toml::from_str(&text).unwrap();
+        fed.brokers = "127.0.0.1:9".into();
+        let mut t = ModelTopics::open(&fed).unwrap();
+        let m = model();
+        t.artifacts.insert("a1".into(), published(&m, "v1", "a1"));
+        let now = Instant::now();
+        t.pending.push_back((pointer("v1", "a1", None, None), ("r".into(), 1), now));
+        t.pending.push_back((pointer("v2", "a2", Some("v1"), None), ("r".into(), 2), now));
+        t.pending.push_back((pointer("v1", "a1", Some("v2"), Some("v2")), ("rb".into(), 1), now));
+        t.resolve();
+        assert_eq!(t.history.len(), 1, "the rollback must wait behind v2's pointer");
+        t.artifacts.insert("a2".into(), published(&m, "v2", "a2"));
+        t.resolve();
+        let order: Vec<&str> = t.history.iter().map(|p| p.version.as_str()).collect();
+        assert_eq!(order, ["v1", "v2", "v1"]);
+        assert_eq!(t.current().unwrap().version, "v1");
+        // v2's pointer replayed: its envelope was seen, and it is stale.
+        t.pending.push_back((pointer("v2", "a2", Some("v1"), None), ("r".into(), 2), now));
+        t.resolve();
+        assert_eq!(t.current().unwrap().version, "v1");
+        assert!(t.refused.last().unwrap().contains("replayed"), "{:?}", t.refused);
+        // A new envelope naming a parent that is not current.
+        t.pending.push_back((pointer("v2", "a2", Some("v0"), None), ("r2".into(), 1), now));
+        t.resolve();
+        assert!(t.refused.last().unwrap().contains("stale"), "{:?}", t.refused);
+        assert_eq!(t.original_parent("v1"), None);
+        assert_eq!(t.original_parent("v2").as_deref(), Some("v1"));
+    }
 }

@@ -106,7 +106,9 @@ impl Transport {
         let admin: AdminClient<rdkafka::client::DefaultClientContext> = client(&self.fed).create().context("creating the admin client")?;
         let t = &self.topics;
         let names = [&t.plan, &t.updates, &t.evaluations, &t.artifacts, &t.model, &t.dlq, &t.audit];
-        let new: Vec<NewTopic<'_>> = names.iter().map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(1))).collect();
+        // Kept for ever: a follower restarting must find every artifact its
+        // partitions activated, and the audit chain its first record.
+        let new: Vec<NewTopic<'_>> = names.iter().map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(1)).set("retention.ms", "-1")).collect();
         let res = self.rt.block_on(admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))).context("creating the federation's topics")?;
         for r in res {
             if let Err((name, code)) = r {
