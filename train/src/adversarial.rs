@@ -230,6 +230,16 @@ mod tests {
     use crate::attack::tests::{knob, lab};
     use crate::attack::{run_attack, Constraints, FamilyKnobs};
 
+    /// The lab's threat: a flood may shrink to a tenth of its packets and bytes.
+    fn shrunk_floods() -> AttackOptions {
+        let constraints = Constraints {
+            threat: "test".into(),
+            family: BTreeMap::from([("default".into(), FamilyKnobs { knobs: vec![knob("pkts", 0.1, 1.0), knob("bytes", 0.1, 1.0)] })]),
+            ordered: vec![],
+        };
+        AttackOptions { constraints, events: 150, queries: 60, batch: 12, targets: vec!["ensemble".into()], seed: 5 }
+    }
+
     /// A flood may shrink to a tenth of its packets and bytes: still far from
     /// normal traffic, but where the plain model never saw an attack. Adversarial
     /// training makes the model detect most of what evaded it, on test rows it
@@ -238,12 +248,7 @@ mod tests {
     fn adversarial_training_recovers_the_attacked_detection_at_its_clean_fpr() {
         let dir = std::env::temp_dir().join(format!("twinguard-advtrain-{}", std::process::id()));
         let (plain, mut job) = lab(&dir.join("plain"));
-        let constraints = Constraints {
-            threat: "test".into(),
-            family: BTreeMap::from([("default".into(), FamilyKnobs { knobs: vec![knob("pkts", 0.1, 1.0), knob("bytes", 0.1, 1.0)] })]),
-            ordered: vec![],
-        };
-        let attack = AttackOptions { constraints, events: 150, queries: 60, batch: 12, targets: vec!["ensemble".into()], seed: 5 };
+        let attack = shrunk_floods();
         let before = run_attack(&plain, &attack, &dir.join("a0"), &mut |_| {}).unwrap().targets["ensemble"].overall.clone();
         job.out = dir.join("hardened");
         let (hardened, report) = run_adversarial_train(&job, &AdversarialOptions { attack: AttackOptions { events: 400, ..attack.clone() }, rounds: 3 }, &mut |_| {}).unwrap();
@@ -280,12 +285,7 @@ mod tests {
             seed: 3,
         };
         let (plain, _, _) = crate::run_federate(&job, &plan, &mut |_| {}).unwrap();
-        let constraints = Constraints {
-            threat: "test".into(),
-            family: BTreeMap::from([("default".into(), FamilyKnobs { knobs: vec![knob("pkts", 0.1, 1.0), knob("bytes", 0.1, 1.0)] })]),
-            ordered: vec![],
-        };
-        let attack = AttackOptions { constraints, events: 150, queries: 60, batch: 12, targets: vec!["ensemble".into()], seed: 5 };
+        let attack = shrunk_floods();
         let before = run_attack(&plain, &attack, &dir.join("a0"), &mut |_| {}).unwrap().targets["ensemble"].overall.clone();
         job.out = dir.join("hardened");
         let (hardened, _, fed) = run_federate_adversarial(&job, &plan, &AdversarialOptions { attack: AttackOptions { events: 400, ..attack.clone() }, rounds: 2 }, &mut |_| {}).unwrap();
