@@ -315,7 +315,7 @@ pub fn attack_rows(
         let knobs = opts.constraints.knobs(&family);
         let x0: Vec<f64> = knobs.iter().map(|k| event.get(&k.field).and_then(Value::as_f64).unwrap_or(f64::NAN)).collect();
         let pre = det.twin().store().get(0, device).cloned();
-        let at = Event { index: i, device, event: &event, pre: pre.as_ref(), knobs, x0: &x0, ordered: &opts.constraints.ordered };
+        let at = Event { index: i, event: &event, pre: pre.as_ref(), knobs, x0: &x0, ordered: &opts.constraints.ordered };
         let mut evaluate = |fs: &[Vec<f64>]| -> Result<Vec<Option<(Verdict, Vec<f64>)>>, TrainError> {
             let (got, n_refused) = candidates_scored(&mut det, &decoder, now, &at, fs)?;
             candidates += fs.len();
@@ -380,7 +380,6 @@ pub fn attack_rows(
 /// One attacked event and what the attacker may do to it.
 struct Event<'a> {
     index: usize,
-    device: &'a str,
     event: &'a Map<String, Value>,
     /// The device's twin before the event (None: its first event).
     pre: Option<&'a twinguard_operators::Twin>,
@@ -398,7 +397,9 @@ fn candidates_scored(det: &mut Detector, decoder: &Decoder, now: i64, at: &Event
         .iter()
         .enumerate()
         .map(|(c, f)| {
-            let id = format!("{}~adv{c}", at.device);
+            // Short whatever the device id's length (ids are capped at 128 bytes);
+            // no feature reads the id, only the twin it names.
+            let id = format!("adv~{}~{c}", at.index);
             let mut e = shaped(at.knobs, at.x0, f, at.ordered, at.event);
             e.insert("device_id".into(), Value::from(id.clone()));
             (id, serde_json::to_vec(&e).expect("serialises"))

@@ -140,15 +140,6 @@ mod tests {
     use super::*;
     use twinguard_models::federated::robust::Rule;
     use twinguard_models::federated::simulate::{PoisonKind, Sites};
-    use twinguard_models::forest::ForestParams;
-    use twinguard_models::lstm::LstmParams;
-    use twinguard_models::svm::SvmParams;
-    use twinguard_models::train::TrainOptions;
-    use twinguard_operators::TwinConfig;
-    use twinguard_schemas::EventSchema;
-
-    use crate::dataset::DatasetSpec;
-    use crate::split::{SplitKind, SplitSpec};
 
     /// The smoke federation: the hand-written lab dataset (files only, device ids
     /// and times from columns) over 4 sites in periods, one of them inverting its
