@@ -137,12 +137,6 @@ impl Detector {
         self.models.contains_key(version)
     }
 
-    /// Unload versions not in `keep` (the default version is always kept).
-    pub fn retain_models(&mut self, keep: &dyn Fn(&str) -> bool) {
-        let default = self.default.clone();
-        self.models.retain(|v, _| keep(v) || default.as_deref() == Some(v.as_str()));
-    }
-
     pub fn twin(&self) -> &TwinOperator {
         &self.twin
     }
@@ -157,11 +151,6 @@ impl Detector {
     pub fn artifact(&self) -> Option<&Artifact> {
         self.default.as_ref().and_then(|v| self.models.get(v)).map(|m| &m.artifact)
     }
-    /// A loaded version's model.
-    pub fn artifact_of(&self, version: &str) -> Option<&Artifact> {
-        self.models.get(version).map(|m| &m.artifact)
-    }
-
     /// Apply and score one event batch with the default model; returns the verdict
     /// batch ([`detector_verdict_schema`]) and, when a model is loaded, the feature rows.
     pub fn detect(&mut self, batch: &RecordBatch) -> Result<(RecordBatch, Option<FeatureRows>), OperatorError> {

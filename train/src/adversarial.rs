@@ -188,19 +188,17 @@ fn record_rounds(artifact: &mut Artifact, opts: &AdversarialOptions, rounds: &[R
 /// Indices of the records the schema's decoder accepts, in order.
 fn decoded_records(schema: &twinguard_schemas::EventSchema, records: &[(String, Vec<u8>)]) -> Result<Vec<usize>, TrainError> {
     use arrow::array::{Array, Int64Array};
-    let decoder = twinguard_schemas::Decoder::new(schema.clone(), twinguard_schemas::DecodeLimits::default());
-    let now = chrono::Utc::now().timestamp_millis();
     let mut out = Vec::with_capacity(records.len());
-    for (b, chunk) in records.chunks(4096).enumerate() {
-        let raw: Vec<twinguard_schemas::RawRecord<'_>> = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, (k, v))| twinguard_schemas::RawRecord { partition: 0, offset: (b * 4096 + i) as i64, key: Some(k.as_bytes()), payload: Some(v) })
-            .collect();
-        let batch = decoder.decode(&raw, now)?.batch;
-        let offsets = batch.column_by_name(twinguard_schemas::fields::SRC_OFFSET).and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned()).expect("decoded batches carry their offsets");
-        out.extend(offsets.iter().flatten().map(|o| o as usize));
-    }
+    crate::features::for_each_batch(
+        schema,
+        records,
+        |batch| {
+            let offsets = batch.column_by_name(twinguard_schemas::fields::SRC_OFFSET).and_then(|c| c.as_any().downcast_ref::<Int64Array>()).expect("decoded batches carry their offsets");
+            out.extend(offsets.iter().flatten().map(|o| o as usize));
+            Ok(())
+        },
+        &mut |_, _| {},
+    )?;
     Ok(out)
 }
 

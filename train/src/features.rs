@@ -20,7 +20,7 @@ const BATCH: usize = 1024;
 
 /// Decode records exactly as the stream does (partition 0, offset = index), in
 /// batches; calls `f` with each decoded batch. Rejected records are counted.
-fn for_each_batch(
+pub(crate) fn for_each_batch(
     schema: &EventSchema,
     records: &[(String, Vec<u8>)],
     mut f: impl FnMut(&arrow::record_batch::RecordBatch) -> Result<(), TrainError>,

@@ -65,7 +65,6 @@ pub struct Activations {
 pub struct Published {
     pub version: String,
     pub sha256: String,
-    pub parent: Option<String>,
     pub artifact: Artifact,
 }
 

@@ -136,8 +136,7 @@ fn provenance(t: &Transport, run: &str, rounds: u64, decisions: BTreeMap<String,
 /// is in the chain first. Sets `provenance.parent` to the version it replaces.
 /// Returns the compressed bytes of the artifact and the pointer.
 pub fn publish_model(t: &mut Transport, run: &str, seq: u64, artifact: &mut Artifact) -> Result<(usize, Pointer)> {
-    let mut models = ModelTopics::open(&t.fed)?;
-    models.catch_up(Duration::from_secs(120))?;
+    let models = ModelTopics::read(&t.fed, Duration::from_secs(120))?;
     let parent = models.current().map(|p| p.version.clone());
     if let Some(existing) = models.versions.get(&artifact.version) {
         // Published before: point at that artifact again (a new digest for one
@@ -185,8 +184,7 @@ pub fn publish_file(fed: &FederationFile, key: SigningKey, model: &std::path::Pa
 /// current one replaced (its artifact must still be on the artifacts topic).
 pub fn rollback(fed: &FederationFile, key: SigningKey) -> Result<Pointer> {
     let mut t = Transport::connect(fed, AGGREGATOR, key, &[], false)?;
-    let mut models = ModelTopics::open(fed)?;
-    models.catch_up(Duration::from_secs(120))?;
+    let models = ModelTopics::read(fed, Duration::from_secs(120))?;
     let current = models.history.last().cloned().with_context(|| format!("nothing was published on `{}`: there is nothing to roll back", t.topics.model))?;
     // The version the current one replaced when it was first published (after a
     // rollback, the current version's own parent, not the version rolled back from).

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::envelope::{Assembler, Refusal};
-use super::transport::{client, headers_of, screen};
+use super::transport::{headers_of, reader, screen};
 use super::{FederationFile, Topics, AGGREGATOR};
 use crate::config::Config;
 use crate::engine::{ModelFeed, Published};
@@ -74,11 +74,7 @@ impl ModelTopics {
     pub fn open(fed: &FederationFile) -> Result<ModelTopics> {
         let topics = fed.topics();
         let keys: BTreeMap<String, VerifyingKey> = fed.keys()?.into_iter().filter(|(who, _)| who == AGGREGATOR).collect();
-        let consumer: BaseConsumer = client(fed)
-            .set("group.id", format!("twinguard-fed-{}-models", fed.id))
-            .set("enable.auto.commit", "false")
-            .create()
-            .context("creating the model topics' consumer")?;
+        let consumer = reader(fed, &format!("{}-models", fed.id))?;
         let mut tpl = TopicPartitionList::new();
         for t in [&topics.artifacts, &topics.model] {
             tpl.add_partition_offset(t, 0, Offset::Beginning).context("assigning")?;
@@ -98,6 +94,13 @@ impl ModelTopics {
             versions: HashMap::new(),
             refused: Vec::new(),
         })
+    }
+
+    /// `fed`'s model topics read to the ends they have now (within `timeout`).
+    pub fn read(fed: &FederationFile, timeout: Duration) -> Result<ModelTopics> {
+        let mut t = ModelTopics::open(fed)?;
+        t.catch_up(timeout)?;
+        Ok(t)
     }
 
     /// The version the pointer names now.
@@ -137,8 +140,7 @@ impl ModelTopics {
                 (true, "artifact") => match twinguard_models::Artifact::from_json(&body, &at) {
                     Ok(a) => {
                         let sha = digest(&body);
-                        let parent = a.provenance.as_ref().and_then(|p| p.parent.clone());
-                        self.artifacts.insert(sha.clone(), Arc::new(Published { version: a.version.clone(), sha256: sha, parent, artifact: a }));
+                        self.artifacts.insert(sha.clone(), Arc::new(Published { version: a.version.clone(), sha256: sha, artifact: a }));
                     }
                     Err(e) => self.refuse(&at, e.to_string()),
                 },
@@ -262,8 +264,7 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<Option<Arc<dyn Model
     let Some(path) = &cfg.model.follow else { return Ok(None) };
     let err = |e: anyhow::Error| PipelineError::config("model.follow", format!("{}: {e:#}", path.display()));
     let fed = FederationFile::load(path).map_err(err)?;
-    let mut topics = ModelTopics::open(&fed).map_err(err)?;
-    topics.catch_up(Duration::from_secs(cfg.batch.restore_timeout_secs)).map_err(err)?;
+    let mut topics = ModelTopics::read(&fed, Duration::from_secs(cfg.batch.restore_timeout_secs)).map_err(err)?;
     let state = Arc::new(Mutex::new(FeedState::default()));
     let publish = |t: &ModelTopics, s: &Mutex<FeedState>| {
         let mut s = s.lock().expect("feed lock");
@@ -308,7 +309,7 @@ mod tests {
     fn published(model: &twinguard_models::Artifact, version: &str, sha: &str) -> Arc<Published> {
         let mut artifact = model.clone();
         artifact.version = version.into();
-        Arc::new(Published { version: version.into(), sha256: sha.into(), parent: None, artifact })
+        Arc::new(Published { version: version.into(), sha256: sha.into(), artifact })
     }
 
     fn pointer(version: &str, sha: &str, parent: Option<&str>, rollback_of: Option<&str>) -> Pointer {

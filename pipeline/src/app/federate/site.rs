@@ -121,8 +121,7 @@ fn evaluate_published(
     records: &[(String, Vec<u8>)],
     log: &mut dyn FnMut(Progress<'_>),
 ) -> Result<twinguard_train::Report> {
-    let mut models = super::follow::ModelTopics::open(fed)?;
-    models.catch_up(Duration::from_secs(120))?;
+    let models = super::follow::ModelTopics::read(fed, Duration::from_secs(120))?;
     let published = models
         .versions
         .get(version)

@@ -61,6 +61,16 @@ pub(super) fn screen(headers: &BTreeMap<String, String>, federation: &str, plan:
     Ok(())
 }
 
+/// A consumer of the federation's topics that reads by assignment and commits
+/// nothing; `purpose` names its group (`twinguard-fed-<purpose>`).
+pub(super) fn reader(fed: &FederationFile, purpose: &str) -> Result<BaseConsumer> {
+    client(fed)
+        .set("group.id", format!("twinguard-fed-{purpose}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .with_context(|| format!("creating the federation's consumer ({purpose})"))
+}
+
 pub(super) fn client(fed: &FederationFile) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &fed.brokers);
@@ -83,7 +93,7 @@ impl Transport {
             .set("message.max.bytes", (1024 * 1024).to_string())
             .create()
             .context("creating the federation's producer")?;
-        let consumer: BaseConsumer = client(fed).set("group.id", format!("twinguard-fed-{me}")).set("enable.auto.commit", "false").create().context("creating the federation's consumer")?;
+        let consumer = reader(fed, me)?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the transport's runtime")?;
         let t = Transport { fed: fed.clone(), plan: fed.plan_hash(), me: me.to_string(), topics, key, keys, producer, consumer, assembler: Assembler::default(), rt, sent: BTreeMap::new(), refused: 0, scan_only: false };
         t.create_topics()?;
@@ -214,7 +224,7 @@ impl Transport {
 
 /// Every record of partition 0 of `topic` (offset, value), read to its end.
 pub fn read_topic(fed: &FederationFile, topic: &str, timeout: Duration) -> Result<Vec<(i64, Vec<u8>)>> {
-    let consumer: BaseConsumer = client(fed).set("group.id", format!("twinguard-fed-{}-read", fed.id)).set("enable.auto.commit", "false").create().context("creating a reader")?;
+    let consumer = reader(fed, &format!("{}-read", fed.id))?;
     let (low, high) = consumer.fetch_watermarks(topic, 0, timeout).with_context(|| format!("reading the end of `{topic}`"))?;
     let mut out = Vec::new();
     if high <= low {
