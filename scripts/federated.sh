@@ -9,9 +9,11 @@
 #
 # Arms: cic-central wustl-central cic5-a05 cic5-a01 cic10-a05 wustl5-periods
 #       cic5-a05-local cic5-a01-local wustl5-periods-local (each site alone)
-#       cic10-{invert,targeted,replace,little}-{robust,mean}
+#       cic10-{invert,targeted,replace,little,fang}-{robust,mean}
 #       cic5-a05-bagging cic5-a01-bagging cic10-a05-bagging wustl5-periods-bagging
 #       cic10-{invert,replace}-bagging (the boosted member by bagging, not cyclic)
+#       cic5-a05-dp-z<Z>-e<E> (differential privacy: noise multiplier Z on the SVM
+#       and LSTM, record-level ε = E on the threshold), e.g. cic5-a05-dp-z1-e1
 # About 1 minute per arm on 2 cores. Needs the twinguard binary ($TWINGUARD_BIN,
 # else $CARGO_TARGET_DIR/debug/twinguard) and the peer venv (scripts/peer.sh makes it).
 set -euo pipefail
@@ -33,8 +35,10 @@ arms=("$@")
     cic5-a05-local cic5-a01-local wustl5-periods-local
     cic10-invert-robust cic10-invert-mean cic10-targeted-robust cic10-targeted-mean
     cic10-replace-robust cic10-replace-mean cic10-little-robust cic10-little-mean
+    cic10-fang-robust cic10-fang-mean
     cic5-a05-bagging cic5-a01-bagging cic10-a05-bagging wustl5-periods-bagging
-    cic10-invert-bagging cic10-replace-bagging)
+    cic10-invert-bagging cic10-replace-bagging
+    cic5-a05-dp-z1-e1 cic5-a05-dp-z1-e4 cic5-a05-dp-z0.5-e10)
 for arm in "${arms[@]}"; do
     dir=$out/$arm
     echo "== $arm" >&2
@@ -52,6 +56,9 @@ for arm in "${arms[@]}"; do
         cic5-a01-bagging) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --gbdt bagging --out "$dir" ;;
         cic10-a05-bagging) "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --gbdt bagging --out "$dir" ;;
         wustl5-periods-bagging) "$bin" federate simulate --dataset "$W" --sites 5 --periods --gbdt bagging --out "$dir" ;;
+        cic5-a05-dp-z*-e*)
+            z=${arm#*-z}; z=${z%%-e*}; e=${arm##*-e}
+            "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --dp-noise "$z" --dp-threshold-epsilon "$e" --out "$dir" ;;
         cic10-*-bagging)
             kind=${arm#cic10-}; kind=${kind%-*}
             "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "3:$kind" --gbdt bagging --out "$dir" ;;

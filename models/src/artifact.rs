@@ -59,9 +59,9 @@ pub struct Provenance {
     pub aggregator_key: String,
     /// Per member: each site's acceptance, with the robust rule's score and reason.
     pub decisions: std::collections::BTreeMap<String, Vec<crate::federated::robust::Decision>>,
-    /// Differential privacy applied to what crossed the sites' boundaries: none
-    /// (null) in this version.
-    pub dp: Option<serde_json::Value>,
+    /// Differential privacy of the published model: ε per member and what was
+    /// published without it; null when the federation ran without DP.
+    pub dp: Option<crate::federated::privacy::PrivacyReport>,
 }
 
 /// What the model was trained on and how well it did.

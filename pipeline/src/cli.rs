@@ -353,7 +353,7 @@ pub(crate) struct SimulateArgs {
     #[arg(long)]
     pub(crate) periods: bool,
     /// Poisoned sites (the last K) and their attack: K:invert, K:targeted,
-    /// K:replace (inverted and boosted ×sites), K:little ("a little is enough").
+    /// K:replace (inverted, boosted ×sites), K:little ("a little is enough"), K:fang.
     #[arg(long)]
     pub(crate) poison: Option<String>,
     /// Rule for vector updates: clip-multi-krum (default), multi-krum, median,
@@ -379,12 +379,13 @@ pub(crate) struct SimulateArgs {
     pub(crate) local_only: bool,
     #[command(flatten)]
     pub(crate) adversarial: AdversarialArgs,
+    #[command(flatten)]
+    pub(crate) dp: crate::cli_attack::DpArgs,
 }
 
 impl SimulateArgs {
     pub(crate) fn plan(&self) -> Result<twinguard_models::federated::simulate::FederationPlan> {
-        use twinguard_models::federated::robust::Rule;
-        use twinguard_models::federated::simulate::{FederationPlan, PoisonKind, Sites};
+        use twinguard_models::federated::{robust::Rule, simulate::{FederationPlan, PoisonKind, Sites}};
         let (poisoned, poison) = match &self.poison {
             None => (0, PoisonKind::Invert),
             Some(p) => {
@@ -393,12 +394,8 @@ impl SimulateArgs {
                 (k, PoisonKind::parse(kind)?)
             }
         };
-        if self.sites < 2 {
-            anyhow::bail!("--sites must be at least 2");
-        }
-        if poisoned >= self.sites {
-            anyhow::bail!("--poison {poisoned} of --sites {} leaves no honest site", self.sites);
-        }
+        anyhow::ensure!(self.sites >= 2, "--sites must be at least 2");
+        anyhow::ensure!(poisoned < self.sites, "--poison {poisoned} of --sites {} leaves no honest site", self.sites);
         if !self.periods && !(self.alpha > 0.0 && self.alpha.is_finite()) {
             anyhow::bail!("--alpha must be a positive number");
         }
@@ -412,6 +409,7 @@ impl SimulateArgs {
             lstm_rounds: self.lstm_rounds.max(1),
             lstm_local_epochs: self.local_epochs.max(1),
             seed: self.train.model.seed,
+            dp: self.dp.plan()?,
         })
     }
 }

@@ -1,4 +1,5 @@
-//! `twinguard attack`: its flags, and the run.
+//! `twinguard attack`: its flags, and the run; the flags of adversarial training
+//! (`train`, `federate simulate`) and of differential privacy (`federate simulate`).
 
 use std::path::PathBuf;
 
@@ -21,6 +22,12 @@ pub(crate) struct AttackArgs {
     /// Candidates scored per event at most (the query budget).
     #[arg(long, default_value_t = 300)]
     pub(crate) queries: usize,
+    /// Searches, each with the query budget, on every detected event (it evades
+    /// when one succeeds): random (A1, from the corners), gradient (A2,
+    /// finite-difference sign steps with momentum), coordinate (A3, one knob at a
+    /// time over a refining grid: the tree members' neighbouring leaves).
+    #[arg(long, value_delimiter = ',', default_value = "random,gradient,coordinate")]
+    pub(crate) methods: Vec<String>,
     /// Candidates scored per detector call.
     #[arg(long, default_value_t = 20)]
     pub(crate) batch: usize,
@@ -43,7 +50,8 @@ impl AttackArgs {
         let schema = twinguard_train::job::schema_of(&artifact, &recipe)?;
         let constraints = twinguard_train::attack::Constraints::load(&self.constraints, &schema)?;
         anyhow::ensure!(self.batch > 0 && self.queries > 0, "--batch and --queries must be at least 1");
-        let opts = twinguard_train::attack::AttackOptions { constraints, events: self.events, queries: self.queries, batch: self.batch, targets: self.targets, seed: self.seed };
+        let methods = self.methods.iter().map(|m| twinguard_train::attack::Method::parse(m)).collect::<Result<Vec<_>, _>>()?;
+        let opts = twinguard_train::attack::AttackOptions { constraints, events: self.events, queries: self.queries, methods, batch: self.batch, targets: self.targets, seed: self.seed };
         let out = self.out.unwrap_or_else(|| if self.model.is_dir() { self.model.clone() } else { self.model.parent().map(PathBuf::from).unwrap_or_default() });
         let report = twinguard_train::attack::run_attack(&artifact, &opts, &out, &mut crate::print_progress)?;
         println!("{}", twinguard_train::attack::render(&report));
@@ -78,7 +86,37 @@ impl AdversarialArgs {
         let Some(path) = &self.adversarial else { return Ok(None) };
         let constraints = twinguard_train::attack::Constraints::load(path, schema)?;
         anyhow::ensure!(self.adversarial_queries > 0, "--adversarial-queries must be at least 1");
-        let attack = twinguard_train::attack::AttackOptions { constraints, events: self.adversarial_events, queries: self.adversarial_queries, batch: 20, targets: vec!["ensemble".into()], seed };
+        let attack = twinguard_train::attack::AttackOptions { constraints, events: self.adversarial_events, queries: self.adversarial_queries, methods: vec![twinguard_train::attack::Method::Random], batch: 20, targets: vec!["ensemble".into()], seed };
         Ok(Some(twinguard_train::adversarial::AdversarialOptions { attack, rounds: self.adversarial_rounds }))
+    }
+}
+
+/// `federate simulate` flags for differential privacy of the published model
+/// (a federation over Kafka: `[plan.dp]` in the federation file).
+#[derive(clap::Args)]
+pub(crate) struct DpArgs {
+    /// Differential privacy: the noise multiplier z of the site-level Gaussian
+    /// mechanism on the SVM and each LSTM round (updates clipped to C, noise
+    /// σ = z·C/m on their aggregate); ε per member goes to federation.json and the
+    /// model card. The trees, the stacker and the standardiser stay non-private.
+    #[arg(long, value_name = "Z")]
+    pub(crate) dp_noise: Option<f64>,
+    /// Record-level ε (δ = 1e-5) of the threshold and its published law.
+    #[arg(long, default_value_t = 1.0, requires = "dp_noise")]
+    pub(crate) dp_threshold_epsilon: f64,
+    /// Clipping norm of a site's SVM hyperplane.
+    #[arg(long, default_value_t = 2.0, requires = "dp_noise")]
+    pub(crate) dp_svm_clip: f64,
+    /// Clipping norm of a site's LSTM change per round.
+    #[arg(long, default_value_t = 1.0, requires = "dp_noise")]
+    pub(crate) dp_lstm_clip: f64,
+}
+
+impl DpArgs {
+    pub(crate) fn plan(&self) -> Result<Option<twinguard_models::federated::privacy::DpPlan>> {
+        let Some(z) = self.dp_noise else { return Ok(None) };
+        let dp = twinguard_models::federated::privacy::DpPlan { noise_multiplier: z, svm_clip: self.dp_svm_clip, lstm_clip: self.dp_lstm_clip, threshold_epsilon: self.dp_threshold_epsilon, delta: 1e-5 };
+        dp.validate()?;
+        Ok(Some(dp))
     }
 }

@@ -206,6 +206,7 @@ fn federate(role: FederateRole) -> Result<()> {
                 lstm_rounds: file.plan.lstm_rounds.max(1),
                 lstm_local_epochs: file.plan.local_epochs.max(1),
                 seed: args.model.seed,
+                dp: file.plan.dp.clone(),
             };
             let job = aggregator::AggregateJob { fed: file, key, schema, feature_sql, opts, plan, out: args.out };
             let (artifact, report) = aggregator::aggregate(job, &mut print_progress)?;
@@ -249,6 +250,7 @@ fn federate(role: FederateRole) -> Result<()> {
                         lstm_rounds: 1,
                         lstm_local_epochs: 1,
                         seed: job.opts.seed,
+                        dp: None,
                     },
                 },
             };

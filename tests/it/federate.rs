@@ -180,6 +180,6 @@ fn simulate(lab: &twinguard_train::testkit::LabDataset, dir: &std::path::Path) -
         },
         out: dir.join("simulated"),
     };
-    let plan = FederationPlan { sites: SITES, split: Sites::Dirichlet { alpha: 10.0 }, rule: Rule::ClipMultiKrum, poisoned: 0, poison: PoisonKind::Invert, gbdt: GbdtMode::Cyclic, lstm_rounds: 2, lstm_local_epochs: 1, seed: 3 };
+    let plan = FederationPlan { sites: SITES, split: Sites::Dirichlet { alpha: 10.0 }, rule: Rule::ClipMultiKrum, poisoned: 0, poison: PoisonKind::Invert, gbdt: GbdtMode::Cyclic, lstm_rounds: 2, lstm_local_epochs: 1, seed: 3, dp: None };
     twinguard_train::run_federate(&job, &plan, &mut |_| {}).unwrap().0
 }

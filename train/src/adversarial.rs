@@ -235,7 +235,7 @@ mod tests {
             family: BTreeMap::from([("default".into(), FamilyKnobs { knobs: vec![knob("pkts", 0.1, 1.0), knob("bytes", 0.1, 1.0)] })]),
             ordered: vec![],
         };
-        AttackOptions { constraints, events: 150, queries: 60, batch: 12, targets: vec!["ensemble".into()], seed: 5 }
+        AttackOptions { constraints, events: 150, queries: 60, methods: vec![crate::attack::Method::Random], batch: 12, targets: vec!["ensemble".into()], seed: 5 }
     }
 
     /// A flood may shrink to a tenth of its packets and bytes: still far from
@@ -281,6 +281,7 @@ mod tests {
             lstm_rounds: 1,
             lstm_local_epochs: 1,
             seed: 3,
+            dp: None,
         };
         let (plain, _, _) = crate::run_federate(&job, &plan, &mut |_| {}).unwrap();
         let attack = shrunk_floods();

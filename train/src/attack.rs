@@ -5,22 +5,23 @@
 //! factor); every adversarial event is re-decoded by the schema's decoder, so its
 //! validation holds.
 //!
-//! The attack (A1 of `../shared/FEDERATED.md` §3.4) is a score-based black box
-//! through the real `Detector`: the dataset is streamed through it in order, and at
-//! each attacked test event the device's twin as it stood before the event is
-//! cloned once per candidate (each clone under its own device id), so a whole batch
-//! of candidates is scored in one call, each against exactly the state the real
-//! event meets. A random search keeps the candidate with the lowest score of the
-//! target (the ensemble, or one member against its own threshold) until it falls
-//! below the threshold or the query budget is spent. The stream then goes on with
-//! the original event (threat T1: each event shaped on its own; the twin is not fed
-//! the adversarial events).
+//! Every attack goes through the real `Detector`: the dataset is streamed through
+//! it in order, and at each attacked test event the device's twin as it stood
+//! before the event is cloned once per candidate (each clone under its own device
+//! id), so a whole batch of candidates is scored in one call, each against exactly
+//! the state the real event meets. Each search of [`search`] (A1 random, A2
+//! gradient, A3 coordinate; `../shared/FEDERATED.md` §3.4) keeps the candidate with
+//! the lowest score of the target (the ensemble, or one member against its own
+//! threshold) until it falls below the threshold or its query budget is spent; an
+//! event is robustly detected only when every search fails (the best attack per
+//! event). The stream then goes on with the original event (threat T1: each event
+//! shaped on its own; the twin is not fed the adversarial events).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use twinguard_models::Artifact;
@@ -29,6 +30,9 @@ use twinguard_schemas::verdict::{verdicts_from_batch, Verdict};
 use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
 
 use crate::TrainError;
+
+pub mod search;
+pub use search::Method;
 
 /// One field an attacker may change: its new value is the original times a factor
 /// in `[min_factor, max_factor]`, clamped to `[min, max]`; or, with `follows`, the
@@ -123,8 +127,10 @@ pub struct AttackOptions {
     pub constraints: Constraints,
     /// Attacked events (attack rows of the test split, the first ones in a seeded shuffle).
     pub events: usize,
-    /// Candidates scored per event at most.
+    /// Candidates scored per event and search at most.
     pub queries: usize,
+    /// The searches run on every detected event (an event evades when one succeeds).
+    pub methods: Vec<Method>,
     /// Candidates per step (one detector call).
     pub batch: usize,
     /// `ensemble` and/or members (`rf`, `svm`, `lstm`, `gbdt`, `twin`), each attacked on its own.
@@ -158,7 +164,10 @@ pub struct TargetReport {
     pub threshold: f64,
     pub overall: Figures,
     pub by_family: BTreeMap<String, Figures>,
-    /// Median candidates scored per evaded event.
+    /// Each search on its own (`random`, `gradient`, `coordinate`).
+    #[serde(default)]
+    pub by_method: BTreeMap<String, Figures>,
+    /// Median candidates scored per evaded event (by the cheapest search that evaded).
     pub median_queries: f64,
     /// Per changed field, the median relative change (new / original − 1) of the
     /// evading events, as they were sent (after repair).
@@ -290,7 +299,6 @@ pub fn attack_rows(
     let mut det = Detector::with_model(schema, twin.clone(), artifact.clone())?;
     let decoder = Decoder::new(schema.clone(), DecodeLimits::default());
     let now = chrono::Utc::now().timestamp_millis();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let mut reports: BTreeMap<String, TargetReport> = thresholds.iter().map(|(t, thr)| (t.clone(), TargetReport { threshold: *thr, ..Default::default() })).collect();
     let mut queries: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut changes: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
@@ -329,11 +337,26 @@ pub fn attack_rows(
             let Some((clean, clean_row)) = &clean else { continue };
             let clean_score = score(clean, target);
             let detected = clean_score >= *thr;
-            let (best, best_f, best_row, used) = if detected && !knobs.is_empty() {
-                search(knobs, target, *thr, (clean_score, clean_row.clone()), opts, &mut rng, &mut evaluate)?
-            } else {
-                (clean_score, ones.clone(), clean_row.clone(), 1)
-            };
+            let clean_found = || search::Found { score: clean_score, factors: ones.clone(), row: clean_row.clone(), used: 1 };
+            let mut found = clean_found();
+            let mut used = usize::MAX;
+            for &m in &opts.methods {
+                let got = if detected && !knobs.is_empty() {
+                    let mut scored = |fs: &[Vec<f64>]| Ok(evaluate(fs)?.into_iter().map(|v| v.map(|(v, row)| (score(&v, target), row))).collect());
+                    let s = search::Search { knobs, free: search::free_knobs(knobs, &x0), thr: *thr, budget: opts.queries, batch: opts.batch, evaluate: &mut scored, best: clean_found() };
+                    s.run(m, opts.seed ^ ((i as u64) << 8) ^ ((t as u64) << 4) ^ m as u64)?
+                } else {
+                    clean_found()
+                };
+                rep.by_method.entry(m.name().to_string()).or_default().add(detected, got.score >= *thr);
+                if got.score < *thr {
+                    used = used.min(got.used);
+                }
+                if got.score < found.score {
+                    found = got;
+                }
+            }
+            let search::Found { score: best, factors: best_f, row: best_row, .. } = found;
             let robust = best >= *thr;
             if t == 0 {
                 rows.push(Adversarial { record: i, class: class.clone(), row: best_row, evaded: detected && !robust });
@@ -428,56 +451,6 @@ fn candidates_scored(det: &mut Detector, decoder: &Decoder, now: i64, at: &Event
     Ok((events.iter().map(|(id, _)| by_id.remove(id)).collect(), out.rejects.len()))
 }
 
-/// Random search for the candidate with the lowest `target` score, from the
-/// corners (every knob at a bound, then each alone), until the score falls below
-/// `thr` or the budget is spent. Returns (best score, its factors, its feature row,
-/// candidates scored).
-#[allow(clippy::type_complexity)]
-fn search(
-    knobs: &[Knob],
-    target: &str,
-    thr: f64,
-    (clean_score, clean_row): (f64, Vec<f64>),
-    opts: &AttackOptions,
-    rng: &mut rand::rngs::StdRng,
-    evaluate: &mut dyn FnMut(&[Vec<f64>]) -> Result<Vec<Option<(Verdict, Vec<f64>)>>, TrainError>,
-) -> Result<(f64, Vec<f64>, Vec<f64>, usize), TrainError> {
-    let ones = vec![1.0; knobs.len()];
-    let (mut best, mut best_f, mut best_row, mut used) = (clean_score, ones.clone(), clean_row, 1usize);
-    let mut queue: Vec<Vec<f64>> = vec![knobs.iter().map(|k| k.max_factor).collect(), knobs.iter().map(|k| k.min_factor).collect()];
-    for (k, knob) in knobs.iter().enumerate() {
-        for b in [knob.min_factor, knob.max_factor] {
-            let mut f = ones.clone();
-            f[k] = b;
-            queue.push(f);
-        }
-    }
-    while best >= thr && used < opts.queries {
-        let n = opts.batch.min(opts.queries - used);
-        let mut step: Vec<Vec<f64>> = queue.drain(..queue.len().min(n)).collect();
-        while step.len() < n {
-            let mut f = best_f.clone();
-            let mut idx: Vec<usize> = (0..knobs.len()).collect();
-            idx.shuffle(rng);
-            for &k in idx.iter().take(rng.random_range(1..=knobs.len())) {
-                let (lo, hi) = (knobs[k].min_factor, knobs[k].max_factor);
-                f[k] = if hi > lo { rng.random_range(lo..=hi) } else { lo };
-            }
-            step.push(f);
-        }
-        let got = evaluate(&step)?;
-        used += step.len();
-        for (f, v) in step.into_iter().zip(got) {
-            if let Some((s, row)) = v.map(|(v, row)| (score(&v, target), row)).filter(|(s, _)| *s < best) {
-                best = s;
-                best_f = f;
-                best_row = row;
-            }
-        }
-    }
-    Ok((best, best_f, best_row, used))
-}
-
 /// The report as a text table.
 pub fn render(r: &AttackReport) -> String {
     let mut s = format!("attack on model {} ({}), {} queries per event at most\nthreat: {}\n", r.model_version, r.dataset, r.queries, r.threat);
@@ -564,7 +537,7 @@ pub(crate) mod tests {
         let thr = artifact.ensemble.threshold;
         let stream_detected = split.test.iter().filter(|&&k| attacked.contains_key(&(scores.offsets[k] as usize)) && scores.ensemble[k] >= thr).count();
         let constraints = |knobs: Vec<Knob>| Constraints { threat: "test".into(), family: BTreeMap::from([("default".into(), FamilyKnobs { knobs })]), ordered: vec![] };
-        let opts = |c: Constraints| AttackOptions { constraints: c, events: 80, queries: 60, batch: 12, targets: vec!["ensemble".into(), "rf".into()], seed: 1 };
+        let opts = |c: Constraints| AttackOptions { constraints: c, events: 80, queries: 60, methods: Method::ALL.to_vec(), batch: 12, targets: vec!["ensemble".into(), "rf".into()], seed: 1 };
 
         let fixed = attack(&job.schema, &job.twin, &artifact, &records, &attacked, "lab", &opts(constraints(vec![])), &mut |_, _| {}).unwrap();
         let e = &fixed.targets["ensemble"].overall;
@@ -578,6 +551,12 @@ pub(crate) mod tests {
         let e = &r.targets["ensemble"];
         assert_eq!(e.overall.clean_detected, stream_detected);
         assert!(e.overall.robust_dr < e.overall.clean_dr - 0.3, "loose knobs must let floods evade: {:?}", e.overall);
+        // An event evades when any search does: the overall robust count is at
+        // most each search's own.
+        for m in Method::ALL {
+            let f = &e.by_method[m.name()];
+            assert!(f.clean_detected == e.overall.clean_detected && f.robust_detected >= e.overall.robust_detected, "{m:?}: {f:?} vs {:?}", e.overall);
+        }
         for (field, change) in &e.median_change {
             let (lo, hi) = if field == "dur" { (0.0, 0.5) } else { (-0.98, 0.0) };
             assert!((lo - 1e-9..=hi + 1e-9).contains(change), "{field} changed by {change}");

@@ -130,6 +130,12 @@ pub fn render_federation(f: &FederationReport) -> String {
         let out_: Vec<String> = ds.iter().filter(|d| !d.accepted).map(|d| d.site.to_string()).collect();
         out.push_str(&format!("{m:<10} kept [{}] excluded [{}]\n", kept.join(" "), out_.join(" ")));
     }
+    if let Some(p) = &f.privacy {
+        for (m, a) in &p.members {
+            out.push_str(&format!("privacy {m:<9} {}-level ε = {:.2} at δ = {:e} ({} release(s); {})\n", a.unit, a.epsilon, a.delta, a.releases, a.mechanism));
+        }
+        out.push_str(&format!("published without DP: {}\n", p.not_private.keys().cloned().collect::<Vec<_>>().join(", ")));
+    }
     let (honest_out, poisoned_in) = f.exclusions();
     out.push_str(&format!("honest sites excluded by some member: {honest_out}; poisoned sites accepted by some member: {poisoned_in}\n"));
     out
@@ -161,6 +167,7 @@ mod tests {
             lstm_rounds: 2,
             lstm_local_epochs: 1,
             seed: 3,
+            dp: None,
         };
         let (artifact, report, fed) = run_federate(&job, &plan, &mut |_| {}).unwrap();
         assert!(artifact.version.starts_with("fed-lab-flows-v1-"), "{}", artifact.version);

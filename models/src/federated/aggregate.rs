@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::calibrate::{sigmoid, ScoreHistogram};
 use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary};
+use super::privacy::{clip, gaussian_aggregate, private_threshold, MemberPrivacy, PrivacyReport};
 use super::protocol::{expect, Answer, Description, Fold, Link, Reply, Scorer, Task};
 use super::robust::{aggregate, screen_by_auc, tolerated, Decision, Rule};
 use super::stacker::federated_stacker_with;
@@ -40,7 +41,11 @@ pub fn federate(link: &mut dyn Link, plan: &FederationPlan, opts: &TrainOptions,
         return Err(ModelError::Param { name: "sites", why: format!("a federation needs at least 2 sites, got {n}") });
     }
     let f = tolerated(n, n / 2);
-    let report = FederationReport { plan: plan.clone(), tolerated: f, targeted_class: None, sites: Vec::new(), features: Vec::new(), decisions: BTreeMap::new(), seconds: 0.0 };
+    if let Some(dp) = &plan.dp {
+        dp.validate()?;
+    }
+    let privacy = plan.dp.as_ref().map(|_| PrivacyReport::new());
+    let report = FederationReport { plan: plan.clone(), tolerated: f, targeted_class: None, sites: Vec::new(), features: Vec::new(), decisions: BTreeMap::new(), privacy, seconds: 0.0 };
     let mut agg = Aggregator { link, plan, opts, active: (0..n).collect(), f, robust: plan.rule != Rule::Mean, report };
     let (standardizer, names, classes) = agg.round_zero(log)?;
     let forest = agg.forest(classes.len(), log)?;
@@ -215,6 +220,38 @@ impl Aggregator<'_> {
         Ok((a.value, decisions))
     }
 
+    /// [`Self::aggregate_vectors`], private when the plan asks for it: every
+    /// update clipped to the member's norm first, the aggregate noised after
+    /// (site-level Gaussian mechanism), the cost added to the member's account.
+    fn private_vectors(&mut self, mut ups: Vec<Result<Vec<f64>, String>>, what: &str, member: &str) -> Result<(Vec<f64>, Vec<Decision>), ModelError> {
+        let Some(dp) = self.plan.dp.clone() else {
+            return self.aggregate_vectors(&ups, what);
+        };
+        let c = if member == "svm" { dp.svm_clip } else { dp.lstm_clip };
+        let clipped = ups.iter_mut().flatten().map(|u| clip(u, c)).filter(|&c| c).count();
+        let (mut value, d) = self.aggregate_vectors(&ups, what)?;
+        let m = d.iter().filter(|d| d.accepted).count().max(1);
+        let (sd, rho) = gaussian_aggregate(&mut value, c, dp.noise_multiplier, m)?;
+        let account = self.report.privacy.get_or_insert_with(PrivacyReport::new).members.entry(member.to_string()).or_insert_with(|| MemberPrivacy {
+            unit: "site".into(),
+            mechanism: format!("updates clipped to L2 norm {c}, aggregated by {}, Gaussian noise z = {}", self.plan.rule.name(), dp.noise_multiplier),
+            releases: 0,
+            noise_sd: None,
+            clipped: 0,
+            aggregated: 0,
+            rho: 0.0,
+            epsilon: 0.0,
+            delta: dp.delta,
+        });
+        account.releases += 1;
+        account.noise_sd = Some(sd);
+        account.clipped += clipped;
+        account.aggregated += m;
+        account.rho += rho;
+        account.epsilon = super::privacy::epsilon(account.rho, dp.delta)?;
+        Ok((value, d))
+    }
+
     fn vectors(replies: &[Reply]) -> Vec<Result<Vec<f64>, String>> {
         replies.iter().map(|r| expect(r, "a vector", |a| if let Answer::Vector(v) = a { Some(v.clone()) } else { None })).collect()
     }
@@ -222,7 +259,7 @@ impl Aggregator<'_> {
     fn svm(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<Svm, ModelError> {
         let t0 = Instant::now();
         let ups = Self::vectors(&self.ask(&Task::FitSvm(self.opts.svm.clone()))?);
-        let (w, d) = self.aggregate_vectors(&ups, "linear SVM")?;
+        let (w, d) = self.private_vectors(ups, "linear SVM", "svm")?;
         log(Progress::Step(&format!("SVM: hyperplanes of {} sites aggregated ({}) in {:.1} s", d.iter().filter(|d| d.accepted).count(), self.plan.rule.name(), t0.elapsed().as_secs_f64())));
         self.report.decisions.insert("svm".into(), d);
         Svm::from_hyperplane(&w)
@@ -252,7 +289,7 @@ impl Aggregator<'_> {
                     Err(e) => Err(e.clone()),
                 })
                 .collect();
-            let (delta, mut d) = self.aggregate_vectors(&deltas, "LSTM")?;
+            let (delta, mut d) = self.private_vectors(deltas, "LSTM", "lstm")?;
             for (x, sc) in d.iter_mut().zip(&screen) {
                 if !sc.accepted {
                     *x = sc.clone();
@@ -369,15 +406,26 @@ impl Aggregator<'_> {
             Ok(m)
         };
         let merged = merge(&|h| &h.0)?;
-        let z = merged.threshold_for_fpr(target)?;
+        let (z, (n, above)) = match &self.plan.dp {
+            None => {
+                let z = merged.threshold_for_fpr(target)?;
+                (z, (merged.normals() as usize, merged.normals_above(z) as usize))
+            }
+            Some(dp) => {
+                // Published: a DP threshold and a noised law; no histogram and no
+                // member thresholds (they would spend the budget again).
+                let (z, (n, above), cost) = private_threshold(&merged, target, dp.threshold_epsilon, dp.delta)?;
+                self.report.privacy.get_or_insert_with(PrivacyReport::new).members.insert("threshold".into(), cost);
+                (z, (n.round() as usize, above.round() as usize))
+            }
+        };
         ens.threshold = sigmoid(z);
         let law = {
-            let (above, n) = (merged.normals_above(z) as usize, merged.normals() as usize);
             let (expected, low, high) = metrics::fpr_interval(above, n, 0.9);
             FprInterval { normals: n, above, expected, low, high, level: 0.9 }
         };
         let mut member_thresholds = BTreeMap::new();
-        for (k, m) in MEMBERS.iter().enumerate() {
+        for (k, m) in MEMBERS.iter().enumerate().filter(|_| self.plan.dp.is_none()) {
             let zt = merge(&|h| &h.1[k])?.threshold_for_fpr(target)?;
             member_thresholds.insert(m.to_string(), if *m == "svm" { zt } else { sigmoid(zt) });
         }
@@ -389,7 +437,7 @@ impl Aggregator<'_> {
             law.normals,
             100.0 * law.expected
         )));
-        ens.calibration = Some(merged);
+        ens.calibration = self.plan.dp.is_none().then_some(merged);
         ens.combination = Some(Combination { chosen: "stack".into(), folds: 0, candidates: Vec::new(), threshold_fpr: law, member_thresholds });
         self.report.decisions.insert("threshold".into(), decisions);
         Ok(())

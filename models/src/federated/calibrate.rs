@@ -37,9 +37,14 @@ fn bin_of(z: f64) -> usize {
 }
 
 /// The lower edge of bin `b` (log-odds), nudged up so that it falls in bin `b`.
-fn lower_edge(b: usize) -> f64 {
+pub(crate) fn lower_edge(b: usize) -> f64 {
     let z = -LOGIT_RANGE + 2.0 * LOGIT_RANGE * b as f64 / BINS as f64;
     if bin_of(z) < b { z.next_up() } else { z }
+}
+
+/// The centre of bin `b` (log-odds).
+pub(crate) fn bin_center(b: usize) -> f64 {
+    -LOGIT_RANGE + 2.0 * LOGIT_RANGE * (b as f64 + 0.5) / BINS as f64
 }
 
 impl Default for ScoreHistogram {

@@ -14,6 +14,7 @@
 //! - [`partition`]: how an evaluation splits one dataset into sites;
 //! - [`local`]: each site alone, the arm a federation must beat;
 //! - [`plan`]: a federation's settings and report;
+//! - [`privacy`]: optional differential privacy of what is published, ε per member;
 //! - [`protocol`]: what the aggregator asks and the sites answer (all that
 //!   crosses a site's boundary), and the [`protocol::Link`] it travels over;
 //! - [`aggregate`]: the aggregator's rounds over a link;
@@ -26,6 +27,7 @@ mod cyclic;
 pub mod local;
 pub mod partition;
 pub mod plan;
+pub mod privacy;
 pub mod protocol;
 pub mod robust;
 pub mod simulate;

@@ -20,16 +20,21 @@ pub enum PoisonKind {
     /// "A little is enough": vector updates at the honest mean − 1.5 sd per
     /// coordinate; trees and histograms as `invert`.
     Little,
+    /// Fang et al. (2020), full knowledge: vector updates at `base − λ·s` (s the
+    /// sign of the honest mean's change), λ as large as the rule still selects;
+    /// trees and histograms as `invert`.
+    Fang,
 }
 
 impl PoisonKind {
-    pub const ALL: [PoisonKind; 4] = [PoisonKind::Invert, PoisonKind::Targeted, PoisonKind::Replace, PoisonKind::Little];
+    pub const ALL: [PoisonKind; 5] = [PoisonKind::Invert, PoisonKind::Targeted, PoisonKind::Replace, PoisonKind::Little, PoisonKind::Fang];
     pub fn name(self) -> &'static str {
         match self {
             PoisonKind::Invert => "invert",
             PoisonKind::Targeted => "targeted",
             PoisonKind::Replace => "replace",
             PoisonKind::Little => "little",
+            PoisonKind::Fang => "fang",
         }
     }
     pub fn parse(s: &str) -> Result<PoisonKind, ModelError> {
@@ -70,6 +75,9 @@ pub struct FederationPlan {
     pub lstm_rounds: usize,
     pub lstm_local_epochs: usize,
     pub seed: u64,
+    /// Differential privacy of what is published (none by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp: Option<super::privacy::DpPlan>,
 }
 
 /// How the boosted member federates.
@@ -123,6 +131,9 @@ pub struct FederationReport {
     #[serde(default)]
     pub features: Vec<String>,
     pub decisions: BTreeMap<String, Vec<Decision>>,
+    /// With differential privacy: ε per member and what was published without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<super::privacy::PrivacyReport>,
     pub seconds: f64,
 }
 

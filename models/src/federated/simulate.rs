@@ -8,8 +8,10 @@
 //! protocol: their labels inverted, one attack class relabelled normal, model
 //! replacement (inverted labels and the update boosted ×N), or "a little is
 //! enough" (Baruch et al. 2019: colluding sites send the honest mean minus 1.5
-//! standard deviations per coordinate; the collusion is the link's, since it
-//! needs the honest sites' updates).
+//! standard deviations per coordinate), or Fang et al.'s (2020) full-knowledge
+//! attack on Krum (the colluding sites go against the honest direction as far as
+//! the rule still selects them). The collusion is the link's, since it needs the
+//! honest sites' updates.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ pub use super::aggregate::federate;
 use super::partition;
 pub use super::plan::{FederationPlan, FederationReport, GbdtMode, PoisonKind, SiteSummary, Sites};
 use super::protocol::{encode, Answer, Link, Reply, Task};
+use super::robust::{aggregate, tolerated, Rule};
 pub use super::stacker::federated_stacker;
 use super::worker::{log_screen, SiteWorker};
 use crate::train::{class_index, Dataset, Progress, Split, TrainOptions};
@@ -33,15 +36,55 @@ pub(crate) struct Site {
 /// The sites of a simulation, answering in turn.
 pub struct InProcess<'a> {
     workers: Vec<SiteWorker<'a>>,
-    /// The poisoned sites collude ("a little is enough").
-    collude: bool,
+    /// How the poisoned sites collude on vector updates (and the rule they know).
+    collude: Option<(PoisonKind, Rule)>,
     bytes: Vec<BTreeMap<String, usize>>,
 }
 
 impl<'a> InProcess<'a> {
-    pub fn new(workers: Vec<SiteWorker<'a>>, collude: bool) -> InProcess<'a> {
+    pub fn new(workers: Vec<SiteWorker<'a>>, collude: Option<(PoisonKind, Rule)>) -> InProcess<'a> {
         let bytes = vec![BTreeMap::new(); workers.len()];
         InProcess { workers, collude, bytes }
+    }
+
+    /// Fang et al.'s attack on Krum with full knowledge: the colluding sites send
+    /// `base − λ·s`, `s` the sign of the honest mean's change from `base` (the
+    /// global LSTM; zero for an SVM hyperplane), λ halved from twice the honest
+    /// updates' largest coordinate change until `rule` (as the aggregator applies
+    /// it) selects every colluding update.
+    fn fang(&self, to: &[usize], task: &Task, rule: Rule, replies: &mut [Reply]) {
+        let poisoned = |i: usize| self.workers[to[i]].poison.is_some();
+        let honest: Vec<&Vec<f64>> = replies.iter().enumerate().filter(|(i, _)| !poisoned(*i)).filter_map(|(_, r)| match r {
+            Ok(Answer::Vector(v)) => Some(v),
+            _ => None,
+        }).collect();
+        let Some(first) = honest.first() else { return };
+        let d = first.len();
+        let base = match task {
+            Task::LstmRound { global, .. } => global.to_vector(),
+            _ => vec![0.0; d],
+        };
+        let deltas: Vec<Vec<f64>> = honest.iter().map(|u| u.iter().zip(&base).map(|(a, b)| a - b).collect()).collect();
+        let mean: Vec<f64> = (0..d).map(|k| deltas.iter().map(|u| u[k]).sum::<f64>() / deltas.len() as f64).collect();
+        let s: Vec<f64> = mean.iter().map(|m| m.signum()).collect();
+        let evil = (0..replies.len()).filter(|&i| poisoned(i) && matches!(replies[i], Ok(Answer::Vector(_)))).count();
+        let n = deltas.len() + evil;
+        let f = tolerated(n, n / 2);
+        let mut lambda = 2.0 * deltas.iter().flatten().fold(0.0f64, |m, x| m.max(x.abs()));
+        for _ in 0..30 {
+            let mut all = deltas.clone();
+            all.extend(std::iter::repeat_n(s.iter().map(|x| -lambda * x).collect::<Vec<f64>>(), evil));
+            match aggregate(&all, rule, f) {
+                Ok(a) if a.decisions[deltas.len()..].iter().all(|d| d.accepted) => break,
+                _ => lambda *= 0.5,
+            }
+        }
+        let crafted: Vec<f64> = base.iter().zip(&s).map(|(b, x)| b - lambda * x).collect();
+        for (i, r) in replies.iter_mut().enumerate() {
+            if poisoned(i) && matches!(r, Ok(Answer::Vector(_))) {
+                *r = Ok(Answer::Vector(crafted.clone()));
+            }
+        }
     }
 
     /// The colluding sites replace their vectors by the honest mean − 1.5 sd.
@@ -78,8 +121,10 @@ impl Link for InProcess<'_> {
             }
             _ => to.iter().map(|&i| self.workers[i].answer(task)).collect(),
         };
-        if self.collude && matches!(task, Task::FitSvm(_) | Task::LstmRound { .. }) {
-            self.little(to, &mut replies);
+        match self.collude {
+            Some((PoisonKind::Little, _)) if matches!(task, Task::FitSvm(_) | Task::LstmRound { .. }) => self.little(to, &mut replies),
+            Some((PoisonKind::Fang, rule)) if matches!(task, Task::FitSvm(_) | Task::LstmRound { .. }) => self.fang(to, task, rule, &mut replies),
+            _ => {}
         }
         for (&i, r) in to.iter().zip(&replies) {
             if let Ok(a) = r {
@@ -147,7 +192,8 @@ pub fn fit_federated_with(
         workers.push(w);
     }
     log(Progress::Step(&format!("simulation: {} sites, {} poisoned ({})", plan.sites, plan.poisoned, plan.poison.name())));
-    let mut link = InProcess::new(workers, plan.poisoned > 0 && plan.poison == PoisonKind::Little);
+    let collude = (plan.poisoned > 0 && matches!(plan.poison, PoisonKind::Little | PoisonKind::Fang)).then_some((plan.poison, plan.rule));
+    let mut link = InProcess::new(workers, collude);
     let (ens, mut report) = federate(&mut link, plan, opts, twin_threshold, log)?;
     for (summary, s) in report.sites.iter_mut().zip(&sites) {
         summary.poisoned = s.poisoned;

@@ -108,6 +108,7 @@ fn poisoned_sites_are_excluded_and_the_undefended_federation_is_not_spared() {
         lstm_rounds: 1,
         lstm_local_epochs: 1,
         seed: 5,
+        dp: None,
     };
     let run_with = |rule, poisoned, gbdt| {
         let (ens, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan(rule, poisoned, gbdt), &mut |_| {}).unwrap();
@@ -136,4 +137,60 @@ fn poisoned_sites_are_excluded_and_the_undefended_federation_is_not_spared() {
     assert!(cyclic.0 > clean.0 - 0.05, "cyclic robust DR {} vs clean {}", cyclic.0, clean.0);
     let d = &rep.decisions["gbdt"];
     assert!(d[7..].iter().all(|d| !d.accepted) && d[..7].iter().all(|d| d.accepted), "{d:?}");
+}
+
+/// With differential privacy the federation still detects, publishes no
+/// histogram and no member threshold, and accounts ε per member: the LSTM's
+/// rounds compose, the threshold stays within its budget, the trees, stacker
+/// and standardiser are listed as not private.
+#[test]
+fn a_private_federation_accounts_epsilon_per_member_and_still_detects() {
+    use crate::federated::privacy::{epsilon, DpPlan};
+    let (names, values, classes, devices) = synthetic(5000);
+    let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
+    let split = Split { train: (0..3000).collect(), validation: (3000..4000).collect(), test: (4000..5000).collect() };
+    let dp = DpPlan { noise_multiplier: 1.0, svm_clip: 1.0, lstm_clip: 1.0, threshold_epsilon: 2.0, delta: 1e-5 };
+    let plan = FederationPlan { sites: 5, split: Sites::Dirichlet { alpha: 5.0 }, rule: Rule::Mean, poisoned: 0, poison: PoisonKind::Invert, gbdt: GbdtMode::Cyclic, lstm_rounds: 3, lstm_local_epochs: 1, seed: 5, dp: Some(dp) };
+    let (ens, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan, &mut |_| {}).unwrap();
+    let (dr, fpr) = detection(&ens, &ds, &split.test);
+    assert!(dr > 0.8 && fpr < 0.1, "private federation: DR {dr} FPR {fpr}");
+    assert!(ens.calibration.is_none() && ens.combination.as_ref().unwrap().member_thresholds.is_empty(), "nothing but the DP threshold is published");
+    let p = rep.privacy.as_ref().expect("a privacy report");
+    let (svm, lstm, thr) = (&p.members["svm"], &p.members["lstm"], &p.members["threshold"]);
+    // z = 1: ρ = 1/2 per release; the LSTM's 3 rounds compose to 3/2.
+    assert!((svm.rho - 0.5).abs() < 1e-9 && svm.releases == 1 && svm.aggregated == 5, "{svm:?}");
+    assert!((lstm.rho - 1.5).abs() < 1e-9 && lstm.releases == 3, "{lstm:?}");
+    assert!((lstm.epsilon - epsilon(1.5, 1e-5).unwrap()).abs() < 1e-9 && lstm.epsilon > svm.epsilon);
+    assert!(thr.epsilon <= 2.0 + 1e-9 && thr.epsilon > 1.5 && thr.unit == "record", "{thr:?}");
+    for m in ["rf", "gbdt", "stacker", "standardiser"] {
+        assert!(p.not_private.contains_key(m), "{m} listed as not private");
+    }
+    // The noise is real: the same plan gives another SVM.
+    let (again, _) = fit_federated(&ds, &split, 6.0, &opts(), &plan, &mut |_| {}).unwrap();
+    assert_ne!(again.svm.hyperplane(), ens.svm.hyperplane());
+}
+
+/// Fang et al.'s full-knowledge attack on Krum: 3 of 10 sites send the SVM
+/// hyperplane and LSTM updates against the honest direction, as far as the rule
+/// still selects them. Undefended (mean) the SVM turns against the attacks; the
+/// default rules keep the federation's detection.
+#[test]
+fn fangs_attack_turns_the_undefended_svm_and_not_the_defended_federation() {
+    let (names, values, classes, devices) = synthetic(5000);
+    let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
+    let split = Split { train: (0..3000).collect(), validation: (3000..4000).collect(), test: (4000..5000).collect() };
+    let plan = |rule| FederationPlan { sites: 10, split: Sites::Dirichlet { alpha: 5.0 }, rule, poisoned: 3, poison: PoisonKind::Fang, gbdt: GbdtMode::Bagging, lstm_rounds: 1, lstm_local_epochs: 1, seed: 5, dp: None };
+    let svm_auc = |ens: &Ensemble| {
+        let x = ens.standardizer.apply_all(ds.values);
+        let all = member_scores(ens, &ds, &x, &sequences(ds.devices, None));
+        let s: Vec<f64> = split.test.iter().map(|&r| all[r].svm).collect();
+        let y: Vec<bool> = split.test.iter().map(|&r| ds.classes[r] != "normal").collect();
+        crate::metrics::roc_auc(&s, &y)
+    };
+    let (undefended, _) = fit_federated(&ds, &split, 6.0, &opts(), &plan(Rule::Mean), &mut |_| {}).unwrap();
+    let (robust, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan(Rule::ClipMultiKrum), &mut |_| {}).unwrap();
+    assert!(svm_auc(&undefended) < 0.5, "undefended SVM AUC {}", svm_auc(&undefended));
+    assert!(svm_auc(&robust) > 0.9, "defended SVM AUC {}: {:?}", svm_auc(&robust), rep.decisions["svm"]);
+    let (dr, fpr) = detection(&robust, &ds, &split.test);
+    assert!(dr > 0.9 && fpr < 0.06, "defended federation: DR {dr} FPR {fpr}");
 }

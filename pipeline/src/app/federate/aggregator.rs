@@ -97,7 +97,7 @@ pub fn aggregate(job: AggregateJob, log: &mut dyn FnMut(Progress<'_>)) -> Result
         (ens, report, link.seq)
     };
     let mut artifact = twinguard_train::federate::federation_artifact(&job.schema, &job.feature_sql, &twin, ens, &job.opts, &report, &fed.id, &t.plan);
-    artifact.provenance = Some(provenance(&t, &run, seq, report.decisions.clone()));
+    artifact.provenance = Some(Provenance { dp: report.privacy.clone(), ..provenance(&t, &run, seq, report.decisions.clone()) });
     let path = artifact.save(&job.out)?;
     let fpath = job.out.join("federation.json");
     std::fs::write(&fpath, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", fpath.display()))?;

@@ -84,11 +84,14 @@ pub struct PlanSection {
     pub gbdt: String,
     pub lstm_rounds: usize,
     pub local_epochs: usize,
+    /// Differential privacy of the published model (`[plan.dp]`: noise_multiplier,
+    /// threshold_epsilon, svm_clip, lstm_clip, delta); none when absent.
+    pub dp: Option<twinguard_models::federated::privacy::DpPlan>,
 }
 
 impl Default for PlanSection {
     fn default() -> Self {
-        PlanSection { rule: "clip-multi-krum".into(), gbdt: "cyclic".into(), lstm_rounds: 5, local_epochs: 3 }
+        PlanSection { rule: "clip-multi-krum".into(), gbdt: "cyclic".into(), lstm_rounds: 5, local_epochs: 3, dp: None }
     }
 }
 
@@ -123,6 +126,9 @@ impl FederationFile {
             }
         }
         f.keys().with_context(|| format!("federation file {}", path.display()))?;
+        if let Some(dp) = &f.plan.dp {
+            dp.validate().with_context(|| format!("federation file {}: [plan.dp]", path.display()))?;
+        }
         Ok(f)
     }
 
