@@ -35,6 +35,13 @@ pub(crate) struct AttackArgs {
     /// members (rf, svm, lstm, gbdt, twin).
     #[arg(long, value_delimiter = ',', default_value = "ensemble,rf,gbdt")]
     pub(crate) targets: Vec<String>,
+    /// Threat T3 ("boiling frog"): attack the test split's attack events in
+    /// stream order, each evasion fed to the device's twin as sent (what passed as
+    /// normal is learned into its baseline). Default T1: a seeded sample, the twin
+    /// fed the original events. (T2, the identity clone, is `clone_identity = true`
+    /// in the constraint file.)
+    #[arg(long)]
+    pub(crate) feed_back: bool,
     #[arg(long, default_value_t = 42)]
     pub(crate) seed: u64,
     /// Where to write attack.json (default: the model directory).
@@ -51,7 +58,7 @@ impl AttackArgs {
         let constraints = twinguard_train::attack::Constraints::load(&self.constraints, &schema)?;
         anyhow::ensure!(self.batch > 0 && self.queries > 0, "--batch and --queries must be at least 1");
         let methods = self.methods.iter().map(|m| twinguard_train::attack::Method::parse(m)).collect::<Result<Vec<_>, _>>()?;
-        let opts = twinguard_train::attack::AttackOptions { constraints, events: self.events, queries: self.queries, methods, batch: self.batch, targets: self.targets, seed: self.seed };
+        let opts = twinguard_train::attack::AttackOptions { constraints, events: self.events, queries: self.queries, methods, feed_back: self.feed_back, batch: self.batch, targets: self.targets, seed: self.seed };
         let out = self.out.unwrap_or_else(|| if self.model.is_dir() { self.model.clone() } else { self.model.parent().map(PathBuf::from).unwrap_or_default() });
         let report = twinguard_train::attack::run_attack(&artifact, &opts, &out, &mut crate::print_progress)?;
         println!("{}", twinguard_train::attack::render(&report));
@@ -86,7 +93,7 @@ impl AdversarialArgs {
         let Some(path) = &self.adversarial else { return Ok(None) };
         let constraints = twinguard_train::attack::Constraints::load(path, schema)?;
         anyhow::ensure!(self.adversarial_queries > 0, "--adversarial-queries must be at least 1");
-        let attack = twinguard_train::attack::AttackOptions { constraints, events: self.adversarial_events, queries: self.adversarial_queries, methods: vec![twinguard_train::attack::Method::Random], batch: 20, targets: vec!["ensemble".into()], seed };
+        let attack = twinguard_train::attack::AttackOptions { constraints, events: self.adversarial_events, queries: self.adversarial_queries, methods: vec![twinguard_train::attack::Method::Random], feed_back: false, batch: 20, targets: vec!["ensemble".into()], seed };
         Ok(Some(twinguard_train::adversarial::AdversarialOptions { attack, rounds: self.adversarial_rounds }))
     }
 }

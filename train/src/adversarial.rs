@@ -234,8 +234,9 @@ mod tests {
             threat: "test".into(),
             family: BTreeMap::from([("default".into(), FamilyKnobs { knobs: vec![knob("pkts", 0.1, 1.0), knob("bytes", 0.1, 1.0)] })]),
             ordered: vec![],
+            clone_identity: false,
         };
-        AttackOptions { constraints, events: 150, queries: 60, methods: vec![crate::attack::Method::Random], batch: 12, targets: vec!["ensemble".into()], seed: 5 }
+        AttackOptions { constraints, events: 150, queries: 60, methods: vec![crate::attack::Method::Random], feed_back: false, batch: 12, targets: vec!["ensemble".into()], seed: 5 }
     }
 
     /// A flood may shrink to a tenth of its packets and bytes: still far from

@@ -31,95 +31,11 @@ use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
 
 use crate::TrainError;
 
+pub mod constraints;
 pub mod search;
+pub use constraints::{Constraints, FamilyKnobs, Knob, Ordered};
+use constraints::shaped;
 pub use search::Method;
-
-/// One field an attacker may change: its new value is the original times a factor
-/// in `[min_factor, max_factor]`, clamped to `[min, max]`; or, with `follows`, the
-/// original times the factor another knob drew (a derived field recomputed, e.g. a
-/// window's byte sum when every packet is padded).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Knob {
-    pub field: String,
-    #[serde(default = "one")]
-    pub min_factor: f64,
-    #[serde(default = "one")]
-    pub max_factor: f64,
-    #[serde(default)]
-    pub min: Option<f64>,
-    #[serde(default)]
-    pub max: Option<f64>,
-    #[serde(default)]
-    pub follows: Option<String>,
-}
-
-fn one() -> f64 {
-    1.0
-}
-
-/// A family's knobs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FamilyKnobs {
-    pub knobs: Vec<Knob>,
-}
-
-/// Fields kept in ascending order after a change (e.g. min ≤ avg ≤ max).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Ordered {
-    pub fields: Vec<String>,
-}
-
-/// A constraint file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Constraints {
-    /// What the threat model is, in words (reported).
-    pub threat: String,
-    /// Per family (`default` for families not listed); an empty list: nothing can change.
-    pub family: BTreeMap<String, FamilyKnobs>,
-    #[serde(default)]
-    pub ordered: Vec<Ordered>,
-}
-
-impl Constraints {
-    /// Read and check a constraint file against the schema's metric fields.
-    pub fn load(path: &Path, schema: &EventSchema) -> Result<Constraints, TrainError> {
-        let err = |reason: String| TrainError::Config { key: format!("--constraints {}", path.display()), reason };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let c: Constraints = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
-        let metrics: BTreeSet<String> = schema.metric_indices().into_iter().map(|i| schema.fields[i].name.clone()).collect();
-        for (fam, k) in &c.family {
-            let own: BTreeSet<&str> = k.knobs.iter().map(|k| k.field.as_str()).collect();
-            for knob in &k.knobs {
-                if !metrics.contains(&knob.field) {
-                    return Err(err(format!("family `{fam}`: `{}` is not a metric of schema {}", knob.field, schema.id())));
-                }
-                if !(knob.min_factor > 0.0 && knob.min_factor <= knob.max_factor) {
-                    return Err(err(format!("family `{fam}`, `{}`: need 0 < min_factor <= max_factor", knob.field)));
-                }
-                if let Some(f) = knob.follows.as_deref().filter(|f| !own.contains(f)) {
-                    return Err(err(format!("family `{fam}`, `{}` follows `{f}`, which is not one of the family's knobs", knob.field)));
-                }
-            }
-        }
-        for o in &c.ordered {
-            if let Some(f) = o.fields.iter().find(|f| !metrics.contains(*f)) {
-                return Err(err(format!("ordered: `{f}` is not a metric of schema {}", schema.id())));
-            }
-        }
-        if !c.family.contains_key("default") {
-            return Err(err("no `[family.default]` (the knobs of families not listed)".into()));
-        }
-        Ok(c)
-    }
-
-    fn knobs(&self, family: &str) -> &[Knob] {
-        &self.family.get(family).or_else(|| self.family.get("default")).expect("checked at load").knobs
-    }
-}
 
 /// What to attack and how hard.
 #[derive(Debug, Clone)]
@@ -131,6 +47,11 @@ pub struct AttackOptions {
     pub queries: usize,
     /// The searches run on every detected event (an event evades when one succeeds).
     pub methods: Vec<Method>,
+    /// Threat T3 ("boiling frog"): the attacked rows are the test split's attack
+    /// rows in stream order (runs of consecutive events), and each event that
+    /// evaded the first target is fed to its device's twin as the attacker sent
+    /// it, so what passed as normal is learned into the baseline.
+    pub feed_back: bool,
     /// Candidates per step (one detector call).
     pub batch: usize,
     /// `ensemble` and/or members (`rf`, `svm`, `lstm`, `gbdt`, `twin`), each attacked on its own.
@@ -180,6 +101,14 @@ pub struct AttackReport {
     pub model_version: String,
     pub dataset: String,
     pub threat: String,
+    /// T2: identities cloned; T3: evasions fed back through the twin.
+    #[serde(default)]
+    pub clone_identity: bool,
+    #[serde(default)]
+    pub feed_back: bool,
+    /// T3: evasions fed to the twin as sent.
+    #[serde(default)]
+    pub fed_back: usize,
     pub queries: usize,
     pub targets: BTreeMap<String, TargetReport>,
     /// Candidates scored, and those the schema's decoder refused (constraint
@@ -212,46 +141,6 @@ fn score(v: &Verdict, name: &str) -> f64 {
         "twin" => s.twin,
         _ => s.gbdt.unwrap_or(0.5),
     }
-}
-
-/// The event with `knobs` set by factors `f` of the original values `x0`, repaired:
-/// each clamped to its bounds, then `ordered` groups raised so each field is at
-/// least the one before it (within every field's bounds when the original was
-/// ordered and the group's factors and caps agree), then each `follows` field
-/// scaled by its lead's final ratio (a derived field recomputed).
-fn shaped(knobs: &[Knob], x0: &[f64], f: &[f64], ordered: &[Ordered], event: &Map<String, Value>) -> Map<String, Value> {
-    let mut e = event.clone();
-    let clamp = |knob: &Knob, x: f64, v: f64| {
-        let v = knob.min.map_or(v, |lo| v.max(lo.min(x)));
-        knob.max.map_or(v, |hi| v.min(hi.max(x)))
-    };
-    for (k, knob) in knobs.iter().enumerate() {
-        if knob.follows.is_none() && !x0[k].is_nan() {
-            e.insert(knob.field.clone(), Value::from(clamp(knob, x0[k], x0[k] * f[k])));
-        }
-    }
-    for o in ordered {
-        let mut floor = f64::NEG_INFINITY;
-        for field in &o.fields {
-            if let Some(v) = e.get(field).and_then(Value::as_f64) {
-                floor = floor.max(v);
-                e.insert(field.clone(), Value::from(floor));
-            }
-        }
-    }
-    for (k, knob) in knobs.iter().enumerate() {
-        let Some(lead) = &knob.follows else { continue };
-        let ratio = knobs
-            .iter()
-            .position(|l| &l.field == lead)
-            .filter(|&j| x0[j].is_finite() && x0[j] != 0.0)
-            .and_then(|j| e.get(lead).and_then(Value::as_f64).map(|v| v / x0[j]))
-            .unwrap_or(1.0);
-        if !x0[k].is_nan() {
-            e.insert(knob.field.clone(), Value::from(clamp(knob, x0[k], x0[k] * ratio)));
-        }
-    }
-    e
 }
 
 /// Attack `artifact` on `records` (the dataset in stream order; `attacked` the
@@ -302,20 +191,21 @@ pub fn attack_rows(
     let mut reports: BTreeMap<String, TargetReport> = thresholds.iter().map(|(t, thr)| (t.clone(), TargetReport { threshold: *thr, ..Default::default() })).collect();
     let mut queries: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut changes: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
-    let (mut candidates, mut refused) = (0usize, 0usize);
+    let (mut candidates, mut refused, mut fed_back) = (0usize, 0usize, 0usize);
     let mut rows: Vec<Adversarial> = Vec::with_capacity(attacked.len());
     let mut next = 0usize;
-    let feed = |det: &mut Detector, rows: std::ops::Range<usize>| -> Result<(), TrainError> {
+    let feed = |det: &mut Detector, rows: std::ops::Range<usize>, sent: Option<&[u8]>| -> Result<(), TrainError> {
         let rows: Vec<usize> = rows.collect();
         for chunk in rows.chunks(512) {
-            let raw: Vec<RawRecord<'_>> = chunk.iter().map(|&i| RawRecord { partition: 0, offset: i as i64, key: Some(records[i].0.as_bytes()), payload: Some(&records[i].1) }).collect();
+            let raw: Vec<RawRecord<'_>> =
+                chunk.iter().map(|&i| RawRecord { partition: 0, offset: i as i64, key: Some(records[i].0.as_bytes()), payload: Some(sent.unwrap_or(&records[i].1)) }).collect();
             det.detect(&decoder.decode(&raw, now)?.batch)?;
             det.twin_mut().drain_changelog();
         }
         Ok(())
     };
     for (done, (&i, class)) in attacked.iter().enumerate() {
-        feed(&mut det, next..i)?;
+        feed(&mut det, next..i, None)?;
         next = i + 1;
         let (device, payload) = &records[i];
         let event: Map<String, Value> = serde_json::from_slice(payload).map_err(|e| TrainError::Dataset { path: dataset.into(), reason: format!("record {i} is not a JSON event: {e}") })?;
@@ -323,21 +213,31 @@ pub fn attack_rows(
         let knobs = opts.constraints.knobs(&family);
         let x0: Vec<f64> = knobs.iter().map(|k| event.get(&k.field).and_then(Value::as_f64).unwrap_or(f64::NAN)).collect();
         let pre = det.twin().store().get(0, device).cloned();
-        let at = Event { index: i, event: &event, pre: pre.as_ref(), knobs, x0: &x0, ordered: &opts.constraints.ordered };
+        let original = Event { index: i, event: &event, pre: pre.as_ref(), knobs, x0: &x0, ordered: &opts.constraints.ordered };
+        let ones = vec![1.0; knobs.len()];
+        let (clean, _) = candidates_scored(&mut det, &decoder, now, &original, std::slice::from_ref(&ones))?;
+        let clean = clean.into_iter().next().flatten();
+        // T2: every candidate carries the identity the device's twin learned.
+        let base = if opts.constraints.clone_identity { with_cloned_identity(schema, &event, pre.as_ref()) } else { event.clone() };
+        let at = Event { event: &base, ..original };
         let mut evaluate = |fs: &[Vec<f64>]| -> Result<Vec<Option<(Verdict, Vec<f64>)>>, TrainError> {
             let (got, n_refused) = candidates_scored(&mut det, &decoder, now, &at, fs)?;
             candidates += fs.len();
             refused += n_refused;
             Ok(got)
         };
-        let ones = vec![1.0; knobs.len()];
-        let clean = evaluate(std::slice::from_ref(&ones))?.pop().flatten();
+        // The identity clone alone, before any shaping (T2's first candidate).
+        let cloned = if opts.constraints.clone_identity { evaluate(std::slice::from_ref(&ones))?.pop().flatten() } else { None };
+        let mut sent: Option<Vec<u8>> = None;
         for (t, (target, thr)) in thresholds.iter().enumerate() {
             let rep = reports.get_mut(target).expect("one per target");
             let Some((clean, clean_row)) = &clean else { continue };
             let clean_score = score(clean, target);
             let detected = clean_score >= *thr;
-            let clean_found = || search::Found { score: clean_score, factors: ones.clone(), row: clean_row.clone(), used: 1 };
+            let clean_found = || match &cloned {
+                Some((v, row)) if score(v, target) < clean_score => search::Found { score: score(v, target), factors: ones.clone(), row: row.clone(), used: 2 },
+                _ => search::Found { score: clean_score, factors: ones.clone(), row: clean_row.clone(), used: 1 },
+            };
             let mut found = clean_found();
             let mut used = usize::MAX;
             for &m in &opts.methods {
@@ -360,13 +260,16 @@ pub fn attack_rows(
             let robust = best >= *thr;
             if t == 0 {
                 rows.push(Adversarial { record: i, class: class.clone(), row: best_row, evaded: detected && !robust });
+                if opts.feed_back && detected && !robust {
+                    sent = Some(serde_json::to_vec(&shaped(knobs, &x0, &best_f, &opts.constraints.ordered, &base)).expect("serialises"));
+                }
             }
             rep.overall.add(detected, robust);
             rep.by_family.entry(family.clone()).or_default().add(detected, robust);
             if detected && !robust {
                 queries.entry(target.clone()).or_default().push(used);
                 // The changes the evading event really carries (after repair).
-                let final_event = shaped(knobs, &x0, &best_f, &opts.constraints.ordered, &event);
+                let final_event = shaped(knobs, &x0, &best_f, &opts.constraints.ordered, &base);
                 for (k, knob) in knobs.iter().enumerate() {
                     let now = final_event.get(&knob.field).and_then(Value::as_f64).unwrap_or(f64::NAN);
                     let change = now / x0[k] - 1.0;
@@ -376,7 +279,9 @@ pub fn attack_rows(
                 }
             }
         }
-        feed(&mut det, i..i + 1)?;
+        // T1: the twin sees the original event; T3: what the attacker sent.
+        fed_back += usize::from(sent.is_some());
+        feed(&mut det, i..i + 1, sent.as_deref())?;
         log(done + 1, attacked.len());
     }
     let median = |mut v: Vec<f64>| {
@@ -391,6 +296,9 @@ pub fn attack_rows(
         model_version: artifact.version.clone(),
         dataset: dataset.to_string(),
         threat: opts.constraints.threat.clone(),
+        clone_identity: opts.constraints.clone_identity,
+        feed_back: opts.feed_back,
+        fed_back,
         queries: opts.queries,
         targets: reports,
         candidates,
@@ -398,6 +306,20 @@ pub fn attack_rows(
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((report, rows))
+}
+
+/// `event` with every identity-role field set to the first value `twin` learned
+/// for it (threat T2: the attacker copies the device's MAC and address); fields
+/// the twin has not bound are left as they were.
+fn with_cloned_identity(schema: &EventSchema, event: &Map<String, Value>, twin: Option<&twinguard_operators::Twin>) -> Map<String, Value> {
+    let mut e = event.clone();
+    let identity: BTreeSet<&str> = schema.fields.iter().filter(|f| f.role == twinguard_schemas::Role::Identity).map(|f| f.name.as_str()).collect();
+    for b in twin.map_or(&[][..], |t| &t.bindings[..]) {
+        if let (true, Some(v)) = (identity.contains(b.field.as_str()), b.values.first()) {
+            e.insert(b.field.clone(), Value::from(v.clone()));
+        }
+    }
+    e
 }
 
 /// One attacked event and what the attacker may do to it.
@@ -477,7 +399,12 @@ pub fn run_attack(artifact: &Artifact, opts: &AttackOptions, out: &Path, log: &m
     log(crate::Progress::StatusEnd);
     let split = recipe.split.apply(&scores.truth);
     let mut rows: Vec<usize> = split.test.iter().copied().filter(|&k| scores.truth[k] != twinguard_models::labels::NORMAL).collect();
-    rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(opts.seed));
+    if opts.feed_back {
+        // T3: runs of consecutive attack events, as the stream meets them.
+        rows.sort_by_key(|&k| scores.offsets[k]);
+    } else {
+        rows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(opts.seed));
+    }
     rows.truncate(opts.events);
     let attacked: BTreeMap<usize, String> = rows.iter().map(|&k| (scores.offsets[k] as usize, scores.truth[k].clone())).collect();
     let name = recipe.dataset.file.display().to_string();
@@ -495,7 +422,7 @@ pub(crate) mod tests {
     use crate::{run_train, TrainJob};
 
     pub(crate) fn knob(field: &str, lo: f64, hi: f64) -> Knob {
-        Knob { field: field.into(), min_factor: lo, max_factor: hi, min: None, max: None, follows: None }
+        Knob { field: field.into(), min_factor: lo, max_factor: hi, min: None, max: None, follows: None, divided_by: None, adds: None }
     }
 
     /// The lab dataset, a small model on it, and its job.
@@ -503,22 +430,6 @@ pub(crate) mod tests {
         let lab = crate::testkit::write_lab_dataset(dir, 2400, 1_760_000_000_000).unwrap();
         let job = crate::testkit::lab_job(&lab, 10, dir.join("model"));
         (run_train(&job, &mut |_| {}).unwrap().0, job)
-    }
-
-    /// Repair: ordered fields raised to at least the one before, a follower scaled
-    /// by its lead's final ratio, caps held.
-    #[test]
-    fn shaping_keeps_fields_ordered_derived_fields_consistent_and_caps() {
-        let mut cap = knob("max", 1.0, 2.0);
-        cap.max = Some(1514.0);
-        let knobs = vec![knob("min", 1.0, 2.0), knob("avg", 1.0, 2.0), cap, Knob { follows: Some("avg".into()), ..knob("tot_sum", 1.0, 1.0) }];
-        let event: Map<String, Value> = serde_json::from_str(r#"{"min": 60.0, "avg": 100.0, "max": 1000.0, "tot_sum": 1000.0}"#).unwrap();
-        let x0 = [60.0, 100.0, 1000.0, 1000.0];
-        let ordered = [Ordered { fields: vec!["min".into(), "avg".into(), "max".into()] }];
-        let e = shaped(&knobs, &x0, &[2.0, 1.0, 2.0, 1.0], &ordered, &event);
-        let v = |f: &str| e[f].as_f64().unwrap();
-        assert_eq!((v("min"), v("avg"), v("max")), (120.0, 120.0, 1514.0), "min padded past avg lifts avg; max capped");
-        assert_eq!(v("tot_sum"), 1200.0, "the byte sum follows avg's final ratio (1.2), not its drawn factor (1.0)");
     }
 
     /// The clones see exactly the state the real events meet (with nothing
@@ -536,8 +447,8 @@ pub(crate) mod tests {
             split.test.iter().filter(|&&k| scores.truth[k] != "normal").take(80).map(|&k| (scores.offsets[k] as usize, scores.truth[k].clone())).collect();
         let thr = artifact.ensemble.threshold;
         let stream_detected = split.test.iter().filter(|&&k| attacked.contains_key(&(scores.offsets[k] as usize)) && scores.ensemble[k] >= thr).count();
-        let constraints = |knobs: Vec<Knob>| Constraints { threat: "test".into(), family: BTreeMap::from([("default".into(), FamilyKnobs { knobs })]), ordered: vec![] };
-        let opts = |c: Constraints| AttackOptions { constraints: c, events: 80, queries: 60, methods: Method::ALL.to_vec(), batch: 12, targets: vec!["ensemble".into(), "rf".into()], seed: 1 };
+        let constraints = |knobs: Vec<Knob>| Constraints { threat: "test".into(), family: BTreeMap::from([("default".into(), FamilyKnobs { knobs })]), ordered: vec![], clone_identity: false };
+        let opts = |c: Constraints| AttackOptions { constraints: c, events: 80, queries: 60, methods: Method::ALL.to_vec(), feed_back: false, batch: 12, targets: vec!["ensemble".into(), "rf".into()], seed: 1 };
 
         let fixed = attack(&job.schema, &job.twin, &artifact, &records, &attacked, "lab", &opts(constraints(vec![])), &mut |_, _| {}).unwrap();
         let e = &fixed.targets["ensemble"].overall;
@@ -561,6 +472,56 @@ pub(crate) mod tests {
             let (lo, hi) = if field == "dur" { (0.0, 0.5) } else { (-0.98, 0.0) };
             assert!((lo - 1e-9..=hi + 1e-9).contains(change), "{field} changed by {change}");
         }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// T2 and T3 on a lab capture with spoofed flows (normal volumes from the
+    /// attacker's own MAC) and the twin's identity drift among the features:
+    /// shaping alone cannot hide a spoofed flow, cloning the MAC the device's twin
+    /// learned hides it; T3 attacks in stream order and feeds every evasion back
+    /// to the twin as sent.
+    #[test]
+    fn cloning_the_learned_identity_defeats_identity_drift_and_evasions_feed_back() {
+        let dir = std::env::temp_dir().join(format!("twinguard-attack-t2-{}", std::process::id()));
+        let lab = crate::testkit::write_lab_dataset(&dir, 2400, 1_760_000_000_000).unwrap();
+        let csv = std::fs::read_to_string(&lab.csv).unwrap();
+        let mut out = String::new();
+        for (k, line) in csv.lines().enumerate() {
+            let f: Vec<&str> = line.split(',').collect();
+            // The "floods" become spoofed flows: normal volumes, the attacker's MAC
+            // (WUSTL's spoofing: the MAC is the signal); every other row carries its
+            // device's own MAC.
+            match (k, f[5]) {
+                (0, _) => out.push_str(&format!("{line},mac\n")),
+                (_, "flood") => out.push_str(&format!("{},{},27.00,11000.0,1.0000,flood,ee:ee:ee:ee:ee:ee\n", f[0], f[1])),
+                _ => out.push_str(&format!("{line},mac-of-{}\n", f[0])),
+            }
+        }
+        std::fs::write(&lab.csv, out).unwrap();
+        let schema = crate::testkit::LAB_SCHEMA.replace("[[fields]]\nname = \"label\"", "[[fields]]\nname = \"mac\"\ntype = \"string\"\nrole = \"identity\"\nsource_column = \"mac\"\n\n[[fields]]\nname = \"label\"");
+        assert!(schema.contains("role = \"identity\""), "the MAC field is declared");
+        std::fs::write(&lab.schema, schema).unwrap();
+        std::fs::write(&lab.features, crate::testkit::LAB_FEATURES.replace("  t.behaviour_distance AS behaviour_distance", "  t.behaviour_distance AS behaviour_distance,\n  t.drift_count AS identity_drift")).unwrap();
+        let mut job = crate::testkit::lab_job(&lab, 10, dir.join("model"));
+        // In the file's time order: each device's warm-up (where the twin learns
+        // its MACs) holds no flood, so the attacker's MAC is drift.
+        job.dataset.shuffle_seed = None;
+        let artifact = run_train(&job, &mut |_| {}).unwrap().0;
+        let shrink = vec![knob("pkts", 0.02, 1.0), knob("bytes", 0.02, 1.0), knob("dur", 1.0, 1.5)];
+        let constraints = |clone_identity| Constraints { threat: "test".into(), family: BTreeMap::from([("default".into(), FamilyKnobs { knobs: shrink.clone() })]), ordered: vec![], clone_identity };
+        let opts = |c: Constraints, feed_back| AttackOptions { constraints: c, events: 60, queries: 40, methods: vec![Method::Random], feed_back, batch: 10, targets: vec!["ensemble".into(), "twin".into()], seed: 2 };
+        let t1 = run_attack(&artifact, &opts(constraints(false), false), &dir.join("t1"), &mut |_| {}).unwrap();
+        let t2 = run_attack(&artifact, &opts(constraints(true), false), &dir.join("t2"), &mut |_| {}).unwrap();
+        for t in ["ensemble", "twin"] {
+            eprintln!("{t}: T1 {:?}\nT2 {:?}", t1.targets[t].overall, t2.targets[t].overall);
+        }
+        let (a, b) = (&t1.targets["ensemble"].overall, &t2.targets["ensemble"].overall);
+        assert_eq!(a.clean_detected, b.clean_detected, "the clean events are the same");
+        assert!(a.clean_dr > 0.9 && b.robust_dr < a.robust_dr - 0.2, "T2 {} vs T1 {}", b.robust_dr, a.robust_dr);
+        assert!(t2.clone_identity && t2.candidates_refused == 0);
+        let t3 = run_attack(&artifact, &opts(constraints(true), true), &dir.join("t3"), &mut |_| {}).unwrap();
+        let c = &t3.targets["ensemble"].overall;
+        assert!(t3.feed_back && t3.fed_back > 0 && t3.fed_back == c.clean_detected - c.robust_detected, "{} fed back, {c:?}", t3.fed_back);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

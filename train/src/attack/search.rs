@@ -129,7 +129,7 @@ impl Search<'_, '_> {
     fn random(&mut self, rng: &mut rand::rngs::StdRng) -> Result<(), TrainError> {
         let zero = vec![0.0; self.knobs.len()];
         let mut queue: Vec<Vec<f64>> = vec![self.knobs.iter().map(|k| k.max_factor.ln()).collect(), self.knobs.iter().map(|k| k.min_factor.ln()).collect()];
-        for k in 0..self.knobs.len() {
+        for k in self.free.clone() {
             for b in [self.bounds(k).0, self.bounds(k).1] {
                 let mut u = zero.clone();
                 u[k] = b;
@@ -253,7 +253,7 @@ impl Search<'_, '_> {
 /// The knobs an attacker can move on this event: a range, no `follows`, and an
 /// original value a factor changes.
 pub(crate) fn free_knobs(knobs: &[Knob], x0: &[f64]) -> Vec<usize> {
-    (0..knobs.len()).filter(|&k| knobs[k].follows.is_none() && knobs[k].max_factor > knobs[k].min_factor && x0[k].is_finite() && x0[k] != 0.0).collect()
+    (0..knobs.len()).filter(|&k| !knobs[k].derived() && knobs[k].max_factor > knobs[k].min_factor && x0[k].is_finite() && x0[k] != 0.0).collect()
 }
 
 #[cfg(test)]
