@@ -336,6 +336,8 @@ pub(crate) struct SiteArgs {
     pub(crate) alpha: f64,
     #[command(flatten)]
     pub(crate) train: TrainArgs,
+    #[command(flatten)]
+    pub(crate) adversarial: AdversarialArgs,
 }
 
 #[derive(clap::Args)]

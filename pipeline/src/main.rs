@@ -254,8 +254,9 @@ fn federate(role: FederateRole) -> Result<()> {
                     },
                 },
             };
-            let run = site::serve(&file, &args.name, key, &job, rows, &mut print_progress)?;
-            println!("site {}: run finished with model {} ({} tasks answered)", args.name, run.version, run.answered);
+            let adversarial = args.adversarial.options(&job.schema, job.opts.seed)?;
+            let run = site::serve(&file, &args.name, key, &job, rows, adversarial.as_ref(), &mut print_progress)?;
+            println!("site {}: {} run(s) finished, the last with model {} ({} tasks answered)", args.name, run.runs, run.version, run.answered);
             println!("the published model on this site's held-out rows:\n{}", twinguard_train::render(&run.report));
             Ok(())
         }

@@ -2,7 +2,9 @@
 //! each site carving the rows `federate simulate` would give it, so the model
 //! published over the broker can be checked against the one-process simulation
 //! of the same plan. A forged task on the plan topic is dead-lettered by the
-//! sites with its reason, and never answered.
+//! sites with its reason, and never answered. Then adversarial training over
+//! Kafka: each site attacks its own training rows against the published model and
+//! serves a second run on its grown rows.
 
 use std::time::Duration;
 
@@ -49,6 +51,11 @@ fn an_aggregator_and_three_sites_federate_over_kafka_as_the_simulation_does() {
     let fed = dir.join("fed.toml");
     std::fs::write(&fed, &toml).unwrap();
     let (csv, schema, sql) = (lab.csv.to_str().unwrap(), lab.schema.to_str().unwrap(), lab.features.to_str().unwrap());
+    // Adversarial training over Kafka: after the first run every site attacks its
+    // own training floods against the published model and trains on their shrunk
+    // versions in a second run.
+    let threat = dir.join("lab-threat.toml");
+    std::fs::write(&threat, "threat = \"floods shrink\"\n[family.default]\nknobs = [{ field = \"pkts\", min_factor = 0.05, max_factor = 1.0 }, { field = \"bytes\", min_factor = 0.05, max_factor = 1.0 }]\n").unwrap();
 
     // The sites first: they create the topics and wait for a run.
     let mut sites: Vec<PipelineProc> = (0..SITES)
@@ -57,7 +64,7 @@ fn an_aggregator_and_three_sites_federate_over_kafka_as_the_simulation_does() {
             let mut args = vec![
                 "federate", "site", "--config", fed.to_str().unwrap(), "--name", &name, "--key", &site_keys[i], "--carve", &carve, "--alpha", "10",
                 "--dataset", csv, "--schema", schema, "--features", sql, "--device-column", "device", "--time-column", "ts", "--split", "stratified", "--out",
-                out.to_str().unwrap(),
+                out.to_str().unwrap(), "--adversarial", threat.to_str().unwrap(), "--adversarial-rounds", "1", "--adversarial-events", "40", "--adversarial-queries", "20",
             ]
             .into_iter()
             .map(str::to_string)
@@ -80,15 +87,32 @@ fn an_aggregator_and_three_sites_federate_over_kafka_as_the_simulation_does() {
     let st = agg.wait_exit(Duration::from_secs(900));
     assert!(st.success(), "aggregator failed:\n{}", agg.log_text());
     for s in &mut sites {
+        s.wait_log(&["finished: model fed-"]);
+        s.wait_log(&["adversarial round 1:"]);
+    }
+    // The second run: the sites' rows now hold their adversarial floods.
+    let out2 = dir.join("model-2");
+    let mut args2: Vec<&str> = vec!["federate", "aggregate", "--config", fed.to_str().unwrap(), "--key", &agg_key, "--schema", schema, "--features", sql, "--out", out2.to_str().unwrap()];
+    args2.extend(MODEL);
+    let mut agg2 = PipelineProc::spawn(&dir, "aggregator-2", &args2, &[]);
+    assert!(agg2.wait_exit(Duration::from_secs(900)).success(), "second aggregator run failed:\n{}", agg2.log_text());
+    for s in &mut sites {
         let st = s.wait_exit(Duration::from_secs(120));
         assert!(st.success(), "site failed:\n{}", s.log_text());
-        assert!(s.log_text().contains("finished: model fed-"), "{}", s.log_text());
+        assert_eq!(s.log_text().matches("finished: model fed-").count(), 2, "{}", s.log_text());
+    }
+    let (first, second) = (twinguard_models::Artifact::load(&out).unwrap(), twinguard_models::Artifact::load(&out2).unwrap());
+    assert_eq!(second.provenance.as_ref().and_then(|p| p.parent.clone()), Some(first.version.clone()), "run 2 replaces run 1's model");
+    let grown: twinguard_models::federated::plan::FederationReport = serde_json::from_slice(&std::fs::read(out2.join("federation.json")).unwrap()).unwrap();
+    let before: twinguard_models::federated::plan::FederationReport = serde_json::from_slice(&std::fs::read(out.join("federation.json")).unwrap()).unwrap();
+    for (a, b) in grown.sites.iter().zip(&before.sites) {
+        assert!(a.train_rows > b.train_rows, "site {}: {} training rows in run 2, {} in run 1", a.site, a.train_rows, b.train_rows);
     }
     // Each site scored the published model on its own held-out rows.
     for i in 0..SITES {
         let r: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(format!("site-{i}/published/report.json"))).unwrap()).unwrap();
         assert!(r["rows"]["test"].as_u64().unwrap() > 0 && r["rows"]["train"].as_u64() == Some(0), "site {i}: {}", r["rows"]);
-        assert!(r["model_version"].as_str().unwrap().starts_with("fed-"));
+        assert_eq!(r["model_version"].as_str(), Some(second.version.as_str()));
     }
 
     // The published model is the simulation's: same rows per site, same tasks.

@@ -47,7 +47,6 @@ pub fn run_adversarial_train(job: &TrainJob, opts: &AdversarialOptions, log: &mu
     let started = Instant::now();
     let records = job.dataset.load(&job.schema)?;
     let sha = sha256_file(&job.dataset.file)?;
-    let record_of = decoded_records(&job.schema, &records)?;
     let mut rounds: Vec<Round> = Vec::new();
     let mut fitter = |ds: &Dataset<'_>, split: &Split, log: &mut dyn FnMut(Progress<'_>)| {
         let (first, mut screen) = fit(ds, split, job.twin.anomaly_threshold, &job.opts, log)?;
@@ -58,7 +57,7 @@ pub fn run_adversarial_train(job: &TrainJob, opts: &AdversarialOptions, log: &mu
             screen = sc;
             Ok(e)
         };
-        let (ensemble, r) = adversarial_rounds(job, opts, &records, &record_of, ds, &pools, first, &mut refit, log)?;
+        let (ensemble, r) = adversarial_rounds(job, opts, &records, ds, &pools, first, &mut refit, log)?;
         rounds = r;
         Ok((ensemble, screen))
     };
@@ -82,7 +81,6 @@ pub fn run_federate_adversarial(
     let started = Instant::now();
     let records = job.dataset.load(&job.schema)?;
     let sha = sha256_file(&job.dataset.file)?;
-    let record_of = decoded_records(&job.schema, &records)?;
     let mut rounds: Vec<Round> = Vec::new();
     let mut fed: Option<FederationReport> = None;
     let mut fitter = |ds: &Dataset<'_>, split: &Split, log: &mut dyn FnMut(Progress<'_>)| {
@@ -94,7 +92,7 @@ pub fn run_federate_adversarial(
             fed = Some(rep);
             Ok(e)
         };
-        let (ensemble, r) = adversarial_rounds(job, opts, &records, &record_of, ds, &pools, first, &mut refit, log)?;
+        let (ensemble, r) = adversarial_rounds(job, opts, &records, ds, &pools, first, &mut refit, log)?;
         rounds = r;
         Ok((ensemble, None))
     };
@@ -106,72 +104,104 @@ pub fn run_federate_adversarial(
     Ok((artifact, report, fed))
 }
 
-/// The rounds: each attacks up to `opts.attack.events` training attack rows
-/// (spread evenly over `pools`, one per site, or one for central training) against
-/// the current model, adds their adversarial versions to the dataset, and refits
-/// with `refit` (given the grown dataset and the rows added per pool so far).
+/// A dataset growing with adversarial rows: the attack pools (training attack
+/// rows, one pool per site, or one for central training) and the rows added to
+/// each so far. A `federate site` over Kafka keeps one between its runs.
+pub struct Adversary<'a> {
+    job: &'a TrainJob,
+    opts: &'a AdversarialOptions,
+    records: &'a [(String, Vec<u8>)],
+    record_of: Vec<usize>,
+    names: &'a [String],
+    cols: usize,
+    values: Vec<f64>,
+    classes: Vec<String>,
+    devices: Vec<String>,
+    pools: Vec<Vec<usize>>,
+    /// Per pool, the rows added (indices into the grown dataset).
+    pub extra: Vec<Vec<usize>>,
+    pub rounds: Vec<Round>,
+}
+
+impl<'a> Adversary<'a> {
+    /// Over `ds` (the prepared `records`), attacking the attack rows of `pools`.
+    pub fn new(job: &'a TrainJob, opts: &'a AdversarialOptions, records: &'a [(String, Vec<u8>)], ds: &Dataset<'a>, pools: &[Vec<usize>]) -> Result<Adversary<'a>, TrainError> {
+        let record_of = decoded_records(&job.schema, records)?;
+        if ds.rows() != record_of.len() {
+            return Err(TrainError::Model(ModelError::Train(format!("{} prepared rows but {} decoded records", ds.rows(), record_of.len()))));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(opts.attack.seed);
+        let pools: Vec<Vec<usize>> = pools
+            .iter()
+            .map(|p| {
+                let mut p: Vec<usize> = p.iter().copied().filter(|&k| ds.classes[k] != twinguard_models::labels::NORMAL).collect();
+                p.shuffle(&mut rng);
+                p
+            })
+            .collect();
+        let extra = vec![Vec::new(); pools.len()];
+        Ok(Adversary { job, opts, records, record_of, names: ds.names, cols: ds.cols, values: ds.values.to_vec(), classes: ds.classes.to_vec(), devices: ds.devices.to_vec(), pools, extra, rounds: Vec::new() })
+    }
+
+    /// The dataset with every adversarial row added so far.
+    pub fn dataset(&self) -> Dataset<'_> {
+        Dataset { names: self.names, cols: self.cols, values: &self.values, classes: &self.classes, devices: &self.devices }
+    }
+
+    /// One round against `ensemble`: up to `opts.attack.events` attack rows (spread
+    /// evenly over the pools, a fresh sample each round) attacked, the best
+    /// adversarial version of each added to its pool's rows.
+    pub fn round(&mut self, ensemble: &twinguard_models::Ensemble, log: &mut dyn FnMut(Progress<'_>)) -> Result<Round, TrainError> {
+        let t0 = Instant::now();
+        let round = self.rounds.len() + 1;
+        let artifact = new_artifact(&self.job.schema, &self.job.feature_sql, &self.job.twin, self.names, ensemble.clone(), placeholder_card(self.job), "adv-");
+        let per_pool = self.opts.attack.events.div_ceil(self.pools.len().max(1));
+        let (mut attacked_n, mut evaded, mut added) = (0, 0, 0);
+        for (g, pool) in self.pools.iter().enumerate() {
+            // A fresh sample each round (the pool cycles when it runs out).
+            let take = per_pool.min(pool.len());
+            let start = ((round - 1) * take) % pool.len().max(1);
+            let attacked: BTreeMap<usize, String> = (0..take).map(|j| pool[(start + j) % pool.len()]).map(|k| (self.record_of[k], self.classes[k].clone())).collect();
+            let (_, adv) = attack_rows(&self.job.schema, &self.job.twin, &artifact, self.records, &attacked, "training rows", &self.opts.attack, &mut |d, n| {
+                log(Progress::Status(&format!("  adversarial round {round}, group {g}: attacking {d}/{n} training rows   ")))
+            })?;
+            attacked_n += attacked.len();
+            evaded += adv.iter().filter(|a| a.evaded).count();
+            for (j, a) in adv.iter().enumerate() {
+                self.extra[g].push(self.classes.len());
+                self.values.extend_from_slice(&a.row);
+                self.classes.push(a.class.clone());
+                self.devices.push(format!("adversarial-{round}-{g}-{j}"));
+                added += 1;
+            }
+        }
+        log(Progress::StatusEnd);
+        let r = Round { round, attacked: attacked_n, evaded, rows_added: added, seconds: t0.elapsed().as_secs_f64() };
+        log(Progress::Step(&format!("adversarial round {round}: {} of {} attacked training rows evaded the model; {} adversarial rows added", r.evaded, r.attacked, r.rows_added)));
+        self.rounds.push(r.clone());
+        Ok(r)
+    }
+}
+
+/// The rounds: each grows the dataset against the current model and refits with
+/// `refit` (given the grown dataset and the rows added per pool so far).
 #[allow(clippy::too_many_arguments)]
 fn adversarial_rounds(
     job: &TrainJob,
     opts: &AdversarialOptions,
     records: &[(String, Vec<u8>)],
-    record_of: &[usize],
     ds: &Dataset<'_>,
     pools: &[Vec<usize>],
     mut ensemble: twinguard_models::Ensemble,
     refit: &mut dyn FnMut(&Dataset<'_>, &[Vec<usize>], &mut dyn FnMut(Progress<'_>)) -> Result<twinguard_models::Ensemble, ModelError>,
     log: &mut dyn FnMut(Progress<'_>),
 ) -> Result<(twinguard_models::Ensemble, Vec<Round>), ModelError> {
-    if ds.rows() != record_of.len() {
-        return Err(ModelError::Train(format!("{} prepared rows but {} decoded records", ds.rows(), record_of.len())));
+    let mut adv = Adversary::new(job, opts, records, ds, pools).map_err(|e| ModelError::Train(e.to_string()))?;
+    for _ in 0..opts.rounds {
+        adv.round(&ensemble, log).map_err(|e| ModelError::Train(e.to_string()))?;
+        ensemble = refit(&adv.dataset(), &adv.extra, log)?;
     }
-    let (mut values, mut classes, mut devices) = (ds.values.to_vec(), ds.classes.to_vec(), ds.devices.to_vec());
-    let mut extra: Vec<Vec<usize>> = vec![Vec::new(); pools.len()];
-    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.attack.seed);
-    let pools: Vec<Vec<usize>> = pools
-        .iter()
-        .map(|p| {
-            let mut p: Vec<usize> = p.iter().copied().filter(|&k| ds.classes[k] != twinguard_models::labels::NORMAL).collect();
-            p.shuffle(&mut rng);
-            p
-        })
-        .collect();
-    let per_pool = opts.attack.events.div_ceil(pools.len().max(1));
-    let mut rounds = Vec::new();
-    for round in 1..=opts.rounds {
-        let t0 = Instant::now();
-        let artifact = new_artifact(&job.schema, &job.feature_sql, &job.twin, ds.names, ensemble.clone(), placeholder_card(job), "adv-");
-        let (mut attacked_n, mut evaded, mut added) = (0, 0, 0);
-        for (g, pool) in pools.iter().enumerate() {
-            // A fresh sample each round (the pool cycles when it runs out).
-            let take = per_pool.min(pool.len());
-            let start = ((round - 1) * take) % pool.len().max(1);
-            let attacked: BTreeMap<usize, String> = (0..take).map(|j| pool[(start + j) % pool.len()]).map(|k| (record_of[k], ds.classes[k].clone())).collect();
-            let (_, adv) = attack_rows(&job.schema, &job.twin, &artifact, records, &attacked, "training rows", &opts.attack, &mut |d, n| {
-                log(Progress::Status(&format!("  adversarial round {round}, group {g}: attacking {d}/{n} training rows   ")))
-            })
-            .map_err(|e| ModelError::Train(e.to_string()))?;
-            attacked_n += attacked.len();
-            evaded += adv.iter().filter(|a| a.evaded).count();
-            for (j, a) in adv.iter().enumerate() {
-                extra[g].push(classes.len());
-                values.extend_from_slice(&a.row);
-                classes.push(a.class.clone());
-                devices.push(format!("adversarial-{round}-{g}-{j}"));
-                added += 1;
-            }
-        }
-        log(Progress::StatusEnd);
-        let grown = Dataset { names: ds.names, cols: ds.cols, values: &values, classes: &classes, devices: &devices };
-        ensemble = refit(&grown, &extra, log)?;
-        let r = Round { round, attacked: attacked_n, evaded, rows_added: added, seconds: t0.elapsed().as_secs_f64() };
-        log(Progress::Step(&format!(
-            "adversarial round {round}: {} of {} attacked training rows evaded the model before it; {} adversarial rows added, refitted in {:.0} s",
-            r.evaded, r.attacked, r.rows_added, r.seconds
-        )));
-        rounds.push(r);
-    }
-    Ok((ensemble, rounds))
+    Ok((ensemble, adv.rounds))
 }
 
 /// The rounds in the card's hyper-parameters (what the model was hardened against).

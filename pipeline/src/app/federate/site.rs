@@ -1,6 +1,7 @@
 //! `twinguard federate site`: one hospital. It prepares its own labelled events
 //! (the same decoder and feature SQL as `twinguard train`), runs the label screen,
-//! then answers the aggregator's tasks from its own rows until the run ends.
+//! then answers the aggregator's tasks from its own rows until the run ends (with
+//! adversarial training, one run more per round, its rows grown in between).
 //! Rows, labels, scores and twins never leave it: only the answers of
 //! `twinguard_models::federated::protocol`.
 
@@ -33,10 +34,23 @@ pub struct SiteRun {
     pub answered: usize,
     /// The published model on this site's held-out (test) rows.
     pub report: twinguard_train::Report,
+    /// Runs served (1 + adversarial rounds).
+    pub runs: usize,
 }
 
-/// Serve the federation as `name` until the aggregator finishes a run.
-pub fn serve(fed: &FederationFile, name: &str, key: SigningKey, job: &twinguard_train::TrainJob, rows: Rows, log: &mut dyn FnMut(Progress<'_>)) -> Result<SiteRun> {
+/// Serve the federation as `name` until the aggregator finishes a run; with
+/// `adversarial`, one run more per round: after each run the site attacks its own
+/// training attack rows against the published model and trains on their
+/// adversarial versions in the next run (they never leave the site).
+pub fn serve(
+    fed: &FederationFile,
+    name: &str,
+    key: SigningKey,
+    job: &twinguard_train::TrainJob,
+    rows: Rows,
+    adversarial: Option<&twinguard_train::adversarial::AdversarialOptions>,
+    log: &mut dyn FnMut(Progress<'_>),
+) -> Result<SiteRun> {
     let index = fed.sites.iter().position(|s| s.name == name).with_context(|| format!("`{name}` is not a site of federation `{}`", fed.id))?;
     let records = job.dataset.load(&job.schema)?;
     let prep = twinguard_train::prepare(&job.schema, &job.twin, &job.feature_sql, &records, &mut |d, n| log(Progress::Status(&format!("  features: {d}/{n} events   "))))?;
@@ -47,27 +61,49 @@ pub fn serve(fed: &FederationFile, name: &str, key: SigningKey, job: &twinguard_
         Rows::Own => (split.train.clone(), split.validation.clone()),
         Rows::Carve { k, plan } => twinguard_models::federated::simulate::site_rows(&split, &prep.classes, plan, *k)?,
     };
-    let (classes, y) = class_index(&prep.classes);
-    log(Progress::Step(&format!("site `{name}` ({index}): {} training and {} validation rows, {} classes, {} features", train.len(), validation.len(), classes.len(), prep.cols)));
-    let fresh = || {
-        let mut w = SiteWorker::new(index, &ds, classes.clone(), y.clone(), train.clone(), validation.clone());
-        if job.opts.screen {
-            log_screen(index, w.screen(&job.opts), &mut |p| eprintln!("{p}"));
-        }
-        w
-    };
-    let mut worker = fresh();
+    log(Progress::Step(&format!("site `{name}` ({index}): {} training and {} validation rows, {} features", train.len(), validation.len(), prep.cols)));
+    let mut adversary = adversarial.map(|o| twinguard_train::adversarial::Adversary::new(job, o, &records, &ds, std::slice::from_ref(&train))).transpose()?;
+    let runs = 1 + adversarial.map_or(0, |o| o.rounds);
     let plan_topic = fed.topics().plan;
-    let finished = finished_runs(fed, name, key.clone())?;
+    let mut done = finished_runs(fed, name, key.clone())?;
     let mut t = Transport::connect(fed, name, key, &[&plan_topic], true)?;
+    log(Progress::Step(&format!("waiting for the aggregator's next run on `{plan_topic}` ({} runs already finished there)", done.len())));
+    let mut last = None;
+    for k in 0..runs {
+        let grown = adversary.as_ref().map(|a| a.dataset());
+        let ds_k = grown.as_ref().unwrap_or(&ds);
+        let train_k: Vec<usize> = train.iter().chain(adversary.as_ref().map_or(&[][..], |a| &a.extra[0][..])).copied().collect();
+        let (classes, y) = class_index(ds_k.classes);
+        let worker = || {
+            let mut w = SiteWorker::new(index, ds_k, classes.clone(), y.clone(), train_k.clone(), validation.clone());
+            if job.opts.screen {
+                log_screen(index, w.screen(&job.opts), &mut |p| eprintln!("{p}"));
+            }
+            w
+        };
+        let (run, version, answered) = answer_run(&mut t, &done, name, &worker, log)?;
+        done.insert(run);
+        let (artifact, report) = evaluate_published(fed, name, &version, job, &records, log)?;
+        if let (Some(a), true) = (adversary.as_mut(), k + 1 < runs) {
+            a.round(&artifact.ensemble, log)?;
+        }
+        last = Some(SiteRun { version, answered, report, runs: k + 1 });
+    }
+    Ok(last.expect("at least one run"))
+}
+
+/// Answer one run's tasks (the next run on the plan topic not in `done`) with a
+/// fresh worker for it; returns the run, its published version and the tasks
+/// answered.
+fn answer_run<'d>(t: &mut Transport, done: &BTreeSet<String>, name: &str, fresh: &dyn Fn() -> SiteWorker<'d>, log: &mut dyn FnMut(Progress<'_>)) -> Result<(String, String, usize)> {
+    let mut worker: Option<SiteWorker<'d>> = None;
     let mut run: Option<String> = None;
     let mut answered = 0;
-    log(Progress::Step(&format!("waiting for the aggregator's next run on `{plan_topic}` ({} runs already finished there)", finished.len())));
     loop {
         let mut from_aggregator = |m: &super::envelope::Meta| if m.from == AGGREGATOR { Ok(()) } else { Err(format!("`{}` may not write tasks", m.from)) };
         let Some((_, msg)) = t.receive(Duration::from_secs(5), &mut from_aggregator)? else { continue };
         let m = &msg.meta;
-        if finished.contains(&m.run) || !m.to.iter().any(|n| n == name) {
+        if done.contains(&m.run) || !m.to.iter().any(|n| n == name) {
             continue;
         }
         let task: Task = match decode(&msg.body) {
@@ -78,22 +114,19 @@ pub fn serve(fed: &FederationFile, name: &str, key: SigningKey, job: &twinguard_
             }
         };
         if matches!(task, Task::Describe) && run.as_deref() != Some(&m.run) {
-            if run.is_some() {
-                worker = fresh();
-            }
+            worker = Some(fresh());
             run = Some(m.run.clone());
             log(Progress::Step(&format!("run {} started", m.run)));
         }
-        if run.as_deref() != Some(&m.run) {
+        let (Some(w), true) = (worker.as_mut(), run.as_deref() == Some(&m.run)) else {
             continue; // a run this site did not see start
-        }
+        };
         if let Task::Finish { version } = task {
             log(Progress::Step(&format!("run {} finished: model {version} ({answered} tasks answered)", m.run)));
-            let report = evaluate_published(fed, name, &version, job, &records, log)?;
-            return Ok(SiteRun { version, answered, report });
+            return Ok((m.run.clone(), version, answered));
         }
         let t0 = Instant::now();
-        let reply: Reply = worker.answer(&task);
+        let reply: Reply = w.answer(&task);
         let topic = if task.kind() == "evaluation" { t.topics.evaluations.clone() } else { t.topics.updates.clone() };
         let bytes = t.send(&topic, &m.run, m.seq, task.kind(), &[], &encode(&reply))?;
         answered += 1;
@@ -120,7 +153,7 @@ fn evaluate_published(
     job: &twinguard_train::TrainJob,
     records: &[(String, Vec<u8>)],
     log: &mut dyn FnMut(Progress<'_>),
-) -> Result<twinguard_train::Report> {
+) -> Result<(twinguard_models::Artifact, twinguard_train::Report)> {
     let models = super::follow::ModelTopics::read(fed, Duration::from_secs(120))?;
     let published = models
         .versions
@@ -135,7 +168,7 @@ fn evaluate_published(
     let out = job.out.join("published");
     twinguard_train::write_outputs(&out, &artifact, &report)?;
     log(Progress::Step(&format!("model {version} on this site's {} held-out rows: report in {}", split.test.len(), out.display())));
-    Ok(report)
+    Ok((artifact, report))
 }
 
 /// Runs already finished on the plan topic (their tasks are not replayed).
