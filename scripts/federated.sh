@@ -14,6 +14,7 @@
 #       cic10-{invert,replace}-bagging (the boosted member by bagging, not cyclic)
 #       cic5-a05-dp-z<Z>-e<E> (differential privacy: noise multiplier Z on the SVM
 #       and LSTM, record-level ε = E on the threshold), e.g. cic5-a05-dp-z1-e1
+#       cic-central-s<N> cic5-a05-s<N> (seed N: split, sites and models reseeded)
 # About 1 minute per arm on 2 cores. Needs the twinguard binary ($TWINGUARD_BIN,
 # else $CARGO_TARGET_DIR/debug/twinguard) and the peer venv (scripts/peer.sh makes it).
 set -euo pipefail
@@ -56,6 +57,8 @@ for arm in "${arms[@]}"; do
         cic5-a01-bagging) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --gbdt bagging --out "$dir" ;;
         cic10-a05-bagging) "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --gbdt bagging --out "$dir" ;;
         wustl5-periods-bagging) "$bin" federate simulate --dataset "$W" --sites 5 --periods --gbdt bagging --out "$dir" ;;
+        cic-central-s*) "$bin" train "${cic[@]}" --seed "${arm##*-s}" --out "$dir" ;;
+        cic5-a05-s*) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --seed "${arm##*-s}" --out "$dir" ;;
         cic5-a05-dp-z*-e*)
             z=${arm#*-z}; z=${z%%-e*}; e=${arm##*-e}
             "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --dp-noise "$z" --dp-threshold-epsilon "$e" --out "$dir" ;;

@@ -85,7 +85,9 @@ pub struct PlanSection {
     pub lstm_rounds: usize,
     pub local_epochs: usize,
     /// Differential privacy of the published model (`[plan.dp]`: noise_multiplier,
-    /// threshold_epsilon, svm_clip, lstm_clip, delta); none when absent.
+    /// threshold_epsilon, svm_clip, lstm_clip, delta); none when absent (and then
+    /// not in the plan hash, which stays what it was before this option).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dp: Option<twinguard_models::federated::privacy::DpPlan>,
 }
 
@@ -222,5 +224,13 @@ mod tests {
         let typo = text.replace("round_timeout_secs", "round_timeout_sec");
         let e = format!("{:#}", FederationFile::load(&write(&typo)).unwrap_err());
         assert!(e.contains("round_timeout_sec"), "{e}");
+        // Differential privacy: a plan with it loads (and hashes differently); a
+        // noise multiplier of 0 is refused, naming the table and the key.
+        let dp = format!("{text}\n[plan.dp]\nnoise_multiplier = 1.0\nthreshold_epsilon = 2.0\n");
+        let f = FederationFile::load(&write(&dp)).unwrap();
+        assert_eq!(f.plan.dp.as_ref().map(|d| (d.noise_multiplier, d.lstm_clip)), Some((1.0, 1.0)));
+        assert_ne!(f.plan_hash(), FederationFile::load(&write(&text)).unwrap().plan_hash());
+        let e = format!("{:#}", FederationFile::load(&write(&dp.replace("noise_multiplier = 1.0", "noise_multiplier = 0.0"))).unwrap_err());
+        assert!(e.contains("[plan.dp]") && e.contains("dp.noise_multiplier"), "{e}");
     }
 }
