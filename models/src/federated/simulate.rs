@@ -47,17 +47,35 @@ impl<'a> InProcess<'a> {
         InProcess { workers, collude, bytes }
     }
 
+    /// The honest sites' vectors among the replies of `to`.
+    fn honest_vectors<'r>(&self, to: &[usize], replies: &'r [Reply]) -> Vec<&'r Vec<f64>> {
+        replies
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.workers[to[*i]].poison.is_none())
+            .filter_map(|(_, r)| match r {
+                Ok(Answer::Vector(v)) => Some(v),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every poisoned site that answered a vector sends `crafted` instead.
+    fn send_crafted(&self, to: &[usize], replies: &mut [Reply], crafted: Vec<f64>) {
+        for (i, r) in replies.iter_mut().enumerate() {
+            if self.workers[to[i]].poison.is_some() && matches!(r, Ok(Answer::Vector(_))) {
+                *r = Ok(Answer::Vector(crafted.clone()));
+            }
+        }
+    }
+
     /// Fang et al.'s attack on Krum with full knowledge: the colluding sites send
     /// `base − λ·s`, `s` the sign of the honest mean's change from `base` (the
     /// global LSTM; zero for an SVM hyperplane), λ halved from twice the honest
     /// updates' largest coordinate change until `rule` (as the aggregator applies
     /// it) selects every colluding update.
     fn fang(&self, to: &[usize], task: &Task, rule: Rule, replies: &mut [Reply]) {
-        let poisoned = |i: usize| self.workers[to[i]].poison.is_some();
-        let honest: Vec<&Vec<f64>> = replies.iter().enumerate().filter(|(i, _)| !poisoned(*i)).filter_map(|(_, r)| match r {
-            Ok(Answer::Vector(v)) => Some(v),
-            _ => None,
-        }).collect();
+        let honest = self.honest_vectors(to, replies);
         let Some(first) = honest.first() else { return };
         let d = first.len();
         let base = match task {
@@ -67,7 +85,7 @@ impl<'a> InProcess<'a> {
         let deltas: Vec<Vec<f64>> = honest.iter().map(|u| u.iter().zip(&base).map(|(a, b)| a - b).collect()).collect();
         let mean: Vec<f64> = (0..d).map(|k| deltas.iter().map(|u| u[k]).sum::<f64>() / deltas.len() as f64).collect();
         let s: Vec<f64> = mean.iter().map(|m| m.signum()).collect();
-        let evil = (0..replies.len()).filter(|&i| poisoned(i) && matches!(replies[i], Ok(Answer::Vector(_)))).count();
+        let evil = (0..replies.len()).filter(|&i| self.workers[to[i]].poison.is_some() && matches!(replies[i], Ok(Answer::Vector(_)))).count();
         let n = deltas.len() + evil;
         let f = tolerated(n, n / 2);
         let mut lambda = 2.0 * deltas.iter().flatten().fold(0.0f64, |m, x| m.max(x.abs()));
@@ -80,30 +98,18 @@ impl<'a> InProcess<'a> {
             }
         }
         let crafted: Vec<f64> = base.iter().zip(&s).map(|(b, x)| b - lambda * x).collect();
-        for (i, r) in replies.iter_mut().enumerate() {
-            if poisoned(i) && matches!(r, Ok(Answer::Vector(_))) {
-                *r = Ok(Answer::Vector(crafted.clone()));
-            }
-        }
+        self.send_crafted(to, replies, crafted);
     }
 
     /// The colluding sites replace their vectors by the honest mean − 1.5 sd.
     fn little(&self, to: &[usize], replies: &mut [Reply]) {
-        let poisoned = |i: usize| self.workers[to[i]].poison.is_some();
-        let honest: Vec<&Vec<f64>> = replies.iter().enumerate().filter(|(i, _)| !poisoned(*i)).filter_map(|(_, r)| match r {
-            Ok(Answer::Vector(v)) => Some(v),
-            _ => None,
-        }).collect();
+        let honest = self.honest_vectors(to, replies);
         let Some(first) = honest.first() else { return };
         let (d, m) = (first.len(), honest.len() as f64);
         let mean: Vec<f64> = (0..d).map(|k| honest.iter().map(|u| u[k]).sum::<f64>() / m).collect();
         let sd: Vec<f64> = (0..d).map(|k| (honest.iter().map(|u| (u[k] - mean[k]).powi(2)).sum::<f64>() / m).sqrt()).collect();
         let evil: Vec<f64> = (0..d).map(|k| mean[k] - 1.5 * sd[k]).collect();
-        for (i, r) in replies.iter_mut().enumerate() {
-            if poisoned(i) && matches!(r, Ok(Answer::Vector(_))) {
-                *r = Ok(Answer::Vector(evil.clone()));
-            }
-        }
+        self.send_crafted(to, replies, evil);
     }
 }
 
