@@ -15,6 +15,8 @@
 #       cic5-a05-dp-z<Z>-e<E> (differential privacy: noise multiplier Z on the SVM
 #       and LSTM, record-level ε = E on the threshold), e.g. cic5-a05-dp-z1-e1
 #       cic-central-s<N> cic5-a05-s<N> (seed N: split, sites and models reseeded)
+#       cic5-alpha<A> (5 sites, Dirichlet α = A), cic10-<kind>-k<K>-{robust,mean}
+#       (K of 10 sites poisoned)
 # About 1 minute per arm on 2 cores. Needs the twinguard binary ($TWINGUARD_BIN,
 # else $CARGO_TARGET_DIR/debug/twinguard) and the peer venv (scripts/peer.sh makes it).
 set -euo pipefail
@@ -59,6 +61,11 @@ for arm in "${arms[@]}"; do
         wustl5-periods-bagging) "$bin" federate simulate --dataset "$W" --sites 5 --periods --gbdt bagging --out "$dir" ;;
         cic-central-s*) "$bin" train "${cic[@]}" --seed "${arm##*-s}" --out "$dir" ;;
         cic5-a05-s*) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --seed "${arm##*-s}" --out "$dir" ;;
+        cic5-alpha*) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha "${arm#cic5-alpha}" --out "$dir" ;;
+        cic10-*-k*-robust|cic10-*-k*-mean)
+            kind=${arm#cic10-}; kind=${kind%%-k*}; k=${arm##*-k}; k=${k%-*}
+            rule=clip-multi-krum; [ "${arm##*-}" = mean ] && rule=mean
+            "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "$k:$kind" --rule "$rule" --out "$dir" ;;
         cic5-a05-dp-z*-e*)
             z=${arm#*-z}; z=${z%%-e*}; e=${arm##*-e}
             "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --dp-noise "$z" --dp-threshold-epsilon "$e" --out "$dir" ;;

@@ -90,6 +90,12 @@ pub struct TargetReport {
     pub by_method: BTreeMap<String, Figures>,
     /// Median candidates scored per evaded event (by the cheapest search that evaded).
     pub median_queries: f64,
+    /// Candidates scored until each evaded event first evaded (by the cheapest
+    /// search), ascending: the robust DR at any smaller budget `b` is
+    /// `(robust_detected + #{q > b}) / events` (every search is a prefix of
+    /// itself with a larger budget).
+    #[serde(default)]
+    pub evasion_queries: Vec<usize>,
     /// Per changed field, the median relative change (new / original − 1) of the
     /// evading events, as they were sent (after repair).
     pub median_change: BTreeMap<String, f64>,
@@ -289,7 +295,10 @@ pub fn attack_rows(
         if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
     };
     for (t, rep) in reports.iter_mut() {
-        rep.median_queries = median(queries.remove(t).unwrap_or_default().into_iter().map(|q| q as f64).collect());
+        let mut q = queries.remove(t).unwrap_or_default();
+        q.sort_unstable();
+        rep.median_queries = median(q.iter().map(|&q| q as f64).collect());
+        rep.evasion_queries = q;
         rep.median_change = changes.remove(t).unwrap_or_default().into_iter().map(|(f, v)| (f, median(v))).collect();
     }
     let report = AttackReport {
