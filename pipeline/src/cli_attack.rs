@@ -85,23 +85,16 @@ pub(crate) struct AdversarialArgs {
     /// Candidates per attacked row.
     #[arg(long, default_value_t = 100, requires = "adversarial")]
     pub(crate) adversarial_queries: usize,
-    /// `train` only: also attack the validation split's attack rows and add their
-    /// adversarial versions to the validation (stacking) rows, so the stacker learns
-    /// which members hold under attack (the threshold is still set on the clean
-    /// validation normals). --adversarial-events are then split between the two.
-    #[arg(long, requires = "adversarial")]
-    pub(crate) adversarial_validation: bool,
 }
 
 impl AdversarialArgs {
-    /// The options, when --adversarial was given (`central`: `twinguard train`).
-    pub(crate) fn options(&self, schema: &twinguard_schemas::EventSchema, seed: u64, central: bool) -> Result<Option<twinguard_train::adversarial::AdversarialOptions>> {
+    /// The options, when --adversarial was given.
+    pub(crate) fn options(&self, schema: &twinguard_schemas::EventSchema, seed: u64) -> Result<Option<twinguard_train::adversarial::AdversarialOptions>> {
         let Some(path) = &self.adversarial else { return Ok(None) };
-        anyhow::ensure!(central || !self.adversarial_validation, "--adversarial-validation is for `twinguard train` only (a federation's stacker is fitted on the sites' clean validation rows)");
         let constraints = twinguard_train::attack::Constraints::load(path, schema)?;
         anyhow::ensure!(self.adversarial_queries > 0, "--adversarial-queries must be at least 1");
         let attack = twinguard_train::attack::AttackOptions { constraints, events: self.adversarial_events, queries: self.adversarial_queries, methods: vec![twinguard_train::attack::Method::Random], feed_back: false, batch: 20, targets: vec!["ensemble".into()], seed };
-        Ok(Some(twinguard_train::adversarial::AdversarialOptions { attack, rounds: self.adversarial_rounds, validation: self.adversarial_validation }))
+        Ok(Some(twinguard_train::adversarial::AdversarialOptions { attack, rounds: self.adversarial_rounds }))
     }
 }
 

@@ -136,7 +136,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Train { args, adversarial } => {
             init_logs("warn");
             let job = args.job()?;
-            let (artifact, report) = match adversarial.options(&job.schema, job.opts.seed, true)? {
+            let (artifact, report) = match adversarial.options(&job.schema, job.opts.seed)? {
                 None => twinguard_train::run_train(&job, &mut print_progress)?,
                 Some(adv) => twinguard_train::adversarial::run_adversarial_train(&job, &adv, &mut print_progress)?,
             };
@@ -179,7 +179,7 @@ fn federate(role: FederateRole) -> Result<()> {
                 println!("local.json written to {}", job.out.display());
                 return Ok(());
             }
-            let (artifact, report, fed) = match args.adversarial.options(&job.schema, job.opts.seed, false)? {
+            let (artifact, report, fed) = match args.adversarial.options(&job.schema, job.opts.seed)? {
                 None => twinguard_train::run_federate(&job, &plan, &mut print_progress)?,
                 Some(adv) => twinguard_train::adversarial::run_federate_adversarial(&job, &plan, &adv, &mut print_progress)?,
             };
@@ -254,7 +254,7 @@ fn federate(role: FederateRole) -> Result<()> {
                     },
                 },
             };
-            let adversarial = args.adversarial.options(&job.schema, job.opts.seed, false)?;
+            let adversarial = args.adversarial.options(&job.schema, job.opts.seed)?;
             let run = site::serve(&file, &args.name, key, &job, rows, adversarial.as_ref(), &mut print_progress)?;
             println!("site {}: {} run(s) finished, the last with model {} ({} tasks answered)", args.name, run.runs, run.version, run.answered);
             println!("the published model on this site's held-out rows:\n{}", twinguard_train::render(&run.report));

@@ -28,11 +28,6 @@ pub struct AdversarialOptions {
     /// the one attacked.
     pub attack: AttackOptions,
     pub rounds: usize,
-    /// Central training: also attack the validation split's attack rows and add
-    /// their adversarial versions to the validation (stacking) rows, so the
-    /// combiner learns which members hold under attack. The threshold is still set
-    /// on the validation normals, which are never touched.
-    pub validation: bool,
 }
 
 /// One round, for the model card.
@@ -55,14 +50,10 @@ pub fn run_adversarial_train(job: &TrainJob, opts: &AdversarialOptions, log: &mu
     let mut rounds: Vec<Round> = Vec::new();
     let mut fitter = |ds: &Dataset<'_>, split: &Split, log: &mut dyn FnMut(Progress<'_>)| {
         let (first, mut screen) = fit(ds, split, job.twin.anomaly_threshold, &job.opts, log)?;
-        let mut pools = vec![split.train.clone()];
-        if opts.validation {
-            pools.push(split.validation.clone());
-        }
+        let pools = vec![split.train.clone()];
         let mut refit = |grown: &Dataset<'_>, extra: &[Vec<usize>], log: &mut dyn FnMut(Progress<'_>)| {
             let train: Vec<usize> = split.train.iter().chain(&extra[0]).copied().collect();
-            let validation: Vec<usize> = split.validation.iter().chain(extra.get(1).into_iter().flatten()).copied().collect();
-            let (e, sc) = fit(grown, &Split { train, validation, test: split.test.clone() }, job.twin.anomaly_threshold, &job.opts, log)?;
+            let (e, sc) = fit(grown, &Split { train, validation: split.validation.clone(), test: split.test.clone() }, job.twin.anomaly_threshold, &job.opts, log)?;
             screen = sc;
             Ok(e)
         };
@@ -289,7 +280,7 @@ mod tests {
         let attack = shrunk_floods();
         let before = run_attack(&plain, &attack, &dir.join("a0"), &mut |_| {}).unwrap().targets["ensemble"].overall.clone();
         job.out = dir.join("hardened");
-        let (hardened, report) = run_adversarial_train(&job, &AdversarialOptions { attack: AttackOptions { events: 400, ..attack.clone() }, rounds: 3, validation: false }, &mut |_| {}).unwrap();
+        let (hardened, report) = run_adversarial_train(&job, &AdversarialOptions { attack: AttackOptions { events: 400, ..attack.clone() }, rounds: 3 }, &mut |_| {}).unwrap();
         let after = run_attack(&hardened, &attack, &dir.join("a1"), &mut |_| {}).unwrap().targets["ensemble"].overall.clone();
         eprintln!("before {before:?}\nafter {after:?}");
         let lost = before.clean_dr - before.robust_dr;
@@ -327,7 +318,7 @@ mod tests {
         let attack = shrunk_floods();
         let before = run_attack(&plain, &attack, &dir.join("a0"), &mut |_| {}).unwrap().targets["ensemble"].overall.clone();
         job.out = dir.join("hardened");
-        let (hardened, _, fed) = run_federate_adversarial(&job, &plan, &AdversarialOptions { attack: AttackOptions { events: 400, ..attack.clone() }, rounds: 2, validation: false }, &mut |_| {}).unwrap();
+        let (hardened, _, fed) = run_federate_adversarial(&job, &plan, &AdversarialOptions { attack: AttackOptions { events: 400, ..attack.clone() }, rounds: 2 }, &mut |_| {}).unwrap();
         let after = run_attack(&hardened, &attack, &dir.join("a1"), &mut |_| {}).unwrap().targets["ensemble"].overall.clone();
         eprintln!("federated: before {before:?}\nafter {after:?}");
         assert_eq!(fed.sites.len(), 3);
