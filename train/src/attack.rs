@@ -384,13 +384,16 @@ fn candidates_scored(det: &mut Detector, decoder: &Decoder, now: i64, at: &Event
 
 /// The report as a text table.
 pub fn render(r: &AttackReport) -> String {
-    let mut s = format!("attack on model {} ({}), {} queries per event at most\nthreat: {}\n", r.model_version, r.dataset, r.queries, r.threat);
+    let mut s = format!("attack on model {} ({}), {} queries per event and search at most\nthreat: {}{}\n", r.model_version, r.dataset, r.queries, r.threat, if r.feed_back { format!(" + T3: {} evasions fed back to the twins", r.fed_back) } else { String::new() });
     s.push_str(&format!("{:<10} {:<10} {:>7} {:>9} {:>10} {:>9}\n", "target", "family", "events", "clean DR", "robust DR", "queries"));
     for (t, rep) in &r.targets {
         let row = |fam: &str, f: &Figures, q: String| format!("{t:<10} {fam:<10} {:>7} {:>9.3} {:>10.3} {q:>9}\n", f.events, f.clean_dr, f.robust_dr);
         s.push_str(&row("all", &rep.overall, format!("{:.0}", rep.median_queries)));
         for (fam, f) in &rep.by_family {
             s.push_str(&row(fam, f, String::new()));
+        }
+        for (m, f) in &rep.by_method {
+            s.push_str(&row(&format!("[{m}]"), f, String::new()));
         }
     }
     s.push_str(&format!("{} candidates scored, {} refused by the schema's decoder, {:.1} s\n", r.candidates, r.candidates_refused, r.seconds));
