@@ -98,6 +98,9 @@ impl Artifact {
         let path = dir.join(ARTIFACT_FILE);
         let tmp = dir.join(format!(".{ARTIFACT_FILE}.tmp"));
         let bytes = serde_json::to_vec(self).map_err(|e| ModelError::Artifact(e.to_string()))?;
+        // What is written must load back (JSON has no NaN or infinity: serde writes
+        // them as null, which no f64 reads).
+        Artifact::from_json(&bytes, "the model to write").map_err(|e| ModelError::Artifact(format!("refusing to write {}: {e}", path.display())))?;
         std::fs::write(&tmp, bytes).map_err(|e| ModelError::Artifact(format!("cannot write {}: {e}", tmp.display())))?;
         std::fs::rename(&tmp, &path).map_err(|e| ModelError::Artifact(format!("cannot write {}: {e}", path.display())))?;
         Ok(path)

@@ -426,8 +426,12 @@ impl Aggregator<'_> {
         };
         let mut member_thresholds = BTreeMap::new();
         for (k, m) in MEMBERS.iter().enumerate().filter(|_| self.plan.dp.is_none()) {
-            let zt = merge(&|h| &h.1[k])?.threshold_for_fpr(target)?;
-            member_thresholds.insert(m.to_string(), if *m == "svm" { zt } else { sigmoid(zt) });
+            match member_threshold(&merge(&|h| &h.1[k])?, m, target)? {
+                Some(t) => {
+                    member_thresholds.insert(m.to_string(), t);
+                }
+                None => log(Progress::Step(&format!("{m}: no threshold holds FPR <= {target} on the merged histograms; the model stores none for it"))),
+            }
         }
         log(Progress::Step(&format!(
             "threshold {:.4} for FPR <= {target} from {} sites' merged histograms: {} of {} validation normals above (expected FPR {:.2} %)",
@@ -441,5 +445,31 @@ impl Aggregator<'_> {
         ens.combination = Some(Combination { chosen: "stack".into(), folds: 0, candidates: Vec::new(), threshold_fpr: law, member_thresholds });
         self.report.decisions.insert("threshold".into(), decisions);
         Ok(())
+    }
+}
+
+/// A member's threshold for `target` from its merged histogram: a probability, or
+/// the SVM's margin as it is; None when no threshold holds the target (the top
+/// bin alone holds more normals than it allows: an SVM margin of +∞, which JSON
+/// cannot carry, so the model would not load back).
+fn member_threshold(h: &ScoreHistogram, member: &str, target: f64) -> Result<Option<f64>, ModelError> {
+    let z = h.threshold_for_fpr(target)?;
+    let t = if member == "svm" { z } else { sigmoid(z) };
+    Ok(t.is_finite().then_some(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_no_threshold_holds_has_none_rather_than_an_infinite_one() {
+        // Every normal in the top bin: no threshold leaves ≤ 1 % of them above.
+        let h = ScoreHistogram::of(&[30.0; 50], &[false; 50]);
+        assert_eq!(member_threshold(&h, "svm", 0.01).unwrap(), None);
+        assert_eq!(member_threshold(&h, "rf", 0.01).unwrap(), Some(1.0));
+        let spread: Vec<f64> = (0..200).map(|i| -4.0 + i as f64 * 0.04).collect();
+        let t = member_threshold(&ScoreHistogram::of(&spread, &[false; 200]), "svm", 0.05).unwrap().unwrap();
+        assert!((3.5..4.0).contains(&t), "{t}");
     }
 }

@@ -190,6 +190,10 @@ fn fangs_attack_turns_the_undefended_svm_and_not_the_defended_federation() {
     let (undefended, _) = fit_federated(&ds, &split, 6.0, &opts(), &plan(Rule::Mean), &mut |_| {}).unwrap();
     let (robust, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan(Rule::ClipMultiKrum), &mut |_| {}).unwrap();
     assert!(svm_auc(&undefended) < 0.5, "undefended SVM AUC {}", svm_auc(&undefended));
+    // A member no threshold holds the target for is left out of the model, never
+    // written as a non-finite number (JSON null: a model that would not load back).
+    let thresholds = &undefended.combination.as_ref().unwrap().member_thresholds;
+    assert!(thresholds.values().all(|t| t.is_finite()), "{thresholds:?}");
     assert!(svm_auc(&robust) > 0.9, "defended SVM AUC {}: {:?}", svm_auc(&robust), rep.decisions["svm"]);
     let (dr, fpr) = detection(&robust, &ds, &split.test);
     assert!(dr > 0.9 && fpr < 0.06, "defended federation: DR {dr} FPR {fpr}");
