@@ -244,24 +244,14 @@ pub fn attack_rows(
                 Some((v, row)) if score(v, target) < clean_score => search::Found { score: score(v, target), factors: ones.clone(), row: row.clone(), used: 2 },
                 _ => search::Found { score: clean_score, factors: ones.clone(), row: clean_row.clone(), used: 1 },
             };
-            let mut found = clean_found();
-            let mut used = usize::MAX;
-            for &m in &opts.methods {
-                let got = if detected && !knobs.is_empty() {
-                    let mut scored = |fs: &[Vec<f64>]| Ok(evaluate(fs)?.into_iter().map(|v| v.map(|(v, row)| (score(&v, target), row))).collect());
-                    let s = search::Search { knobs, free: search::free_knobs(knobs, &x0), thr: *thr, budget: opts.queries, batch: opts.batch, evaluate: &mut scored, best: clean_found() };
-                    s.run(m, opts.seed ^ ((i as u64) << 8) ^ ((t as u64) << 4) ^ m as u64)?
-                } else {
-                    clean_found()
-                };
-                rep.by_method.entry(m.name().to_string()).or_default().add(detected, got.score >= *thr);
-                if got.score < *thr {
-                    used = used.min(got.used);
-                }
-                if got.score < found.score {
-                    found = got;
-                }
-            }
+            let seed = opts.seed ^ ((i as u64) << 8) ^ ((t as u64) << 4);
+            let (found, used) = if detected && !knobs.is_empty() {
+                let mut scored = |fs: &[Vec<f64>]| Ok(evaluate(fs)?.into_iter().map(|v| v.map(|(v, row)| (score(&v, target), row))).collect());
+                best_of(opts, knobs, &x0, *thr, &clean_found, seed, &mut scored, rep)?
+            } else {
+                opts.methods.iter().for_each(|m| rep.by_method.entry(m.name().to_string()).or_default().add(detected, detected));
+                (clean_found(), usize::MAX)
+            };
             let search::Found { score: best, factors: best_f, row: best_row, .. } = found;
             let robust = best >= *thr;
             if t == 0 {
@@ -274,15 +264,7 @@ pub fn attack_rows(
             rep.by_family.entry(family.clone()).or_default().add(detected, robust);
             if detected && !robust {
                 queries.entry(target.clone()).or_default().push(used);
-                // The changes the evading event really carries (after repair).
-                let final_event = shaped(knobs, &x0, &best_f, &opts.constraints.ordered, &base);
-                for (k, knob) in knobs.iter().enumerate() {
-                    let now = final_event.get(&knob.field).and_then(Value::as_f64).unwrap_or(f64::NAN);
-                    let change = now / x0[k] - 1.0;
-                    if change.is_finite() && change.abs() > 1e-12 {
-                        changes.entry(target.clone()).or_default().entry(knob.field.clone()).or_default().push(change);
-                    }
-                }
+                record_changes(&shaped(knobs, &x0, &best_f, &opts.constraints.ordered, &base), knobs, &x0, changes.entry(target.clone()).or_default());
             }
         }
         // T1: the twin sees the original event; T3: what the attacker sent.
@@ -315,6 +297,46 @@ pub fn attack_rows(
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((report, rows))
+}
+
+/// The relative changes (new / original − 1) an evading event really carries
+/// after repair, per changed field.
+fn record_changes(sent: &Map<String, Value>, knobs: &[Knob], x0: &[f64], into: &mut BTreeMap<String, Vec<f64>>) {
+    for (k, knob) in knobs.iter().enumerate() {
+        let change = sent.get(&knob.field).and_then(Value::as_f64).unwrap_or(f64::NAN) / x0[k] - 1.0;
+        if change.is_finite() && change.abs() > 1e-12 {
+            into.entry(knob.field.clone()).or_default().push(change);
+        }
+    }
+}
+
+/// Every search of `opts.methods` against one target from `start` (each with the
+/// whole budget, each counted in `rep.by_method`); the lowest-scoring candidate any
+/// found, and the fewest candidates a search needed to evade (`usize::MAX`: none).
+#[allow(clippy::too_many_arguments)]
+fn best_of(
+    opts: &AttackOptions,
+    knobs: &[Knob],
+    x0: &[f64],
+    thr: f64,
+    start: &dyn Fn() -> search::Found,
+    seed: u64,
+    scored: &mut search::Evaluate<'_>,
+    rep: &mut TargetReport,
+) -> Result<(search::Found, usize), TrainError> {
+    let (mut found, mut used) = (start(), usize::MAX);
+    for &m in &opts.methods {
+        let s = search::Search { knobs, free: search::free_knobs(knobs, x0), thr, budget: opts.queries, batch: opts.batch, evaluate: &mut *scored, best: start() };
+        let got = s.run(m, seed ^ m as u64)?;
+        rep.by_method.entry(m.name().to_string()).or_default().add(true, got.score >= thr);
+        if got.score < thr {
+            used = used.min(got.used);
+        }
+        if got.score < found.score {
+            found = got;
+        }
+    }
+    Ok((found, used))
 }
 
 /// `event` with every identity-role field set to the first value `twin` learned
