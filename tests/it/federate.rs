@@ -74,9 +74,10 @@ fn an_aggregator_and_three_sites_federate_over_kafka_as_the_simulation_does() {
             PipelineProc::spawn(&dir, &name, &refs, &[])
         })
         .collect();
-    // A forged task: signed by a key that is not the aggregator's.
+    // A forged task: signed by a key that is not the aggregator's. Sent once every
+    // site reads the plan topic (the sites create the topics, with one partition).
     for s in &mut sites {
-        s.wait_log(&["training and", "validation rows"]);
+        s.wait_log(&["waiting for the aggregator's next run"]);
     }
     forge_task(&broker.bootstrap, &toml);
 

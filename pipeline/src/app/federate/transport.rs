@@ -127,6 +127,20 @@ impl Transport {
                 }
             }
         }
+        // Every party reads partition 0 only, in order: a topic that already
+        // existed with more partitions (created by hand, or auto-created by a
+        // producer that came first) would leave the others' messages unseen and the
+        // federation waiting for answers that never come.
+        let md = self.consumer.fetch_metadata(None, Duration::from_secs(30)).context("reading the federation topics' metadata")?;
+        for t in md.topics().iter().filter(|t| names.iter().any(|n| n.as_str() == t.name())) {
+            if t.partitions().len() != 1 {
+                anyhow::bail!(
+                    "federation topic `{}` has {} partitions; every federation topic must have exactly one (delete it, or give the federation another topic_prefix)",
+                    t.name(),
+                    t.partitions().len()
+                );
+            }
+        }
         Ok(())
     }
 
