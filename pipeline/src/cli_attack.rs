@@ -112,17 +112,17 @@ pub(crate) struct DpArgs {
     #[arg(long, default_value_t = 1.0, requires = "dp_noise")]
     pub(crate) dp_threshold_epsilon: f64,
     /// Clipping norm of a site's SVM hyperplane.
-    #[arg(long, default_value_t = 2.0, requires = "dp_noise")]
+    #[arg(long, default_value_t = twinguard_models::federated::privacy::DEFAULT_SVM_CLIP, requires = "dp_noise")]
     pub(crate) dp_svm_clip: f64,
     /// Clipping norm of a site's LSTM change per round.
-    #[arg(long, default_value_t = 1.0, requires = "dp_noise")]
+    #[arg(long, default_value_t = twinguard_models::federated::privacy::DEFAULT_LSTM_CLIP, requires = "dp_noise")]
     pub(crate) dp_lstm_clip: f64,
 }
 
 impl DpArgs {
     pub(crate) fn plan(&self) -> Result<Option<twinguard_models::federated::privacy::DpPlan>> {
         let Some(z) = self.dp_noise else { return Ok(None) };
-        let dp = twinguard_models::federated::privacy::DpPlan { noise_multiplier: z, svm_clip: self.dp_svm_clip, lstm_clip: self.dp_lstm_clip, threshold_epsilon: self.dp_threshold_epsilon, delta: 1e-5 };
+        let dp = twinguard_models::federated::privacy::DpPlan { noise_multiplier: z, svm_clip: self.dp_svm_clip, lstm_clip: self.dp_lstm_clip, threshold_epsilon: self.dp_threshold_epsilon, delta: twinguard_models::federated::privacy::DEFAULT_DELTA };
         dp.validate()?;
         Ok(Some(dp))
     }

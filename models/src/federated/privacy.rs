@@ -55,21 +55,22 @@ pub struct DpPlan {
     pub delta: f64,
 }
 
+/// Defaults of the clipping norms and δ (the federation file's and the CLI's).
+pub const DEFAULT_SVM_CLIP: f64 = 2.0;
+pub const DEFAULT_LSTM_CLIP: f64 = 1.0;
+pub const DEFAULT_DELTA: f64 = 1e-5;
+
 fn default_svm_clip() -> f64 {
-    2.0
+    DEFAULT_SVM_CLIP
 }
 fn default_lstm_clip() -> f64 {
-    1.0
+    DEFAULT_LSTM_CLIP
 }
 fn default_delta() -> f64 {
-    1e-5
+    DEFAULT_DELTA
 }
 
 impl DpPlan {
-    pub fn new(noise_multiplier: f64, threshold_epsilon: f64) -> DpPlan {
-        DpPlan { noise_multiplier, svm_clip: default_svm_clip(), lstm_clip: default_lstm_clip(), threshold_epsilon, delta: default_delta() }
-    }
-
     pub fn validate(&self) -> Result<(), ModelError> {
         let positive = |name: &'static str, v: f64| {
             if v > 0.0 && v.is_finite() { Ok(()) } else { Err(ModelError::Param { name, why: format!("{v} must be a positive number") }) }
@@ -162,12 +163,18 @@ pub fn clip(u: &mut [f64], c: f64) -> bool {
 /// The site-level Gaussian mechanism on an aggregate of `m` updates clipped to
 /// `c`: `N(0, (zc/m)²)` added per coordinate. Returns the noise's σ and ρ.
 pub fn gaussian_aggregate(agg: &mut Vec<f64>, c: f64, z: f64, m: usize) -> Result<(f64, f64), ModelError> {
-    let (sens, sd) = (c / m as f64, z * c / m as f64);
+    let sd = z * c / m as f64;
+    Ok((sd, gaussian(agg, sd, c / m as f64)?))
+}
+
+/// N(0, sd²) added to every coordinate of `v` (opendp's Gaussian mechanism);
+/// returns the ρ of the release at L2 sensitivity `sensitivity`.
+fn gaussian(v: &mut Vec<f64>, sd: f64, sensitivity: f64) -> Result<f64, ModelError> {
     let meas = make_gaussian::<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence>(VectorDomain::new(AtomDomain::new_non_nan()), L2Distance::default(), sd, None)
         .map_err(|e| dp_err("gaussian", e))?;
-    let rho = meas.map(&sens).map_err(|e| dp_err("ρ", e))?;
-    *agg = meas.invoke(agg).map_err(|e| dp_err("noise", e))?;
-    Ok((sd, rho))
+    let rho = meas.map(&sensitivity).map_err(|e| dp_err("ρ", e))?;
+    *v = meas.invoke(v).map_err(|e| dp_err("noise", e))?;
+    Ok(rho)
 }
 
 /// Candidates of the DP threshold: every `STRIDE`-th bin's lower edge within
@@ -209,13 +216,7 @@ pub fn private_threshold(h: &ScoreHistogram, target_fpr: f64, eps: f64, delta: f
     // One row added or removed moves (normals, above) by at most (1, 1): L2 √2.
     let sd = (2.0f64 / (2.0 * rho_law)).sqrt();
     let mut law = vec![values.len() as f64, above];
-    let (_, rho_l) = {
-        let meas = make_gaussian::<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence>(VectorDomain::new(AtomDomain::new_non_nan()), L2Distance::default(), sd, None)
-            .map_err(|e| dp_err("gaussian", e))?;
-        let r = meas.map(&std::f64::consts::SQRT_2).map_err(|e| dp_err("ρ", e))?;
-        law = meas.invoke(&law).map_err(|e| dp_err("noise", e))?;
-        (sd, r)
-    };
+    let rho_l = gaussian(&mut law, sd, std::f64::consts::SQRT_2)?;
     let spent = m.map(&1).map_err(|e| dp_err("quantile ρ", e))? + rho_l;
     let report = MemberPrivacy {
         unit: "record".into(),
