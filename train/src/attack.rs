@@ -254,17 +254,17 @@ pub fn attack_rows(
             };
             let search::Found { score: best, factors: best_f, row: best_row, .. } = found;
             let robust = best >= *thr;
+            // The evading event as the attacker sends it (after repair).
+            let evading = (detected && !robust).then(|| shaped(knobs, &x0, &best_f, &opts.constraints.ordered, &base));
             if t == 0 {
-                rows.push(Adversarial { record: i, class: class.clone(), row: best_row, evaded: detected && !robust });
-                if opts.feed_back && detected && !robust {
-                    sent = Some(serde_json::to_vec(&shaped(knobs, &x0, &best_f, &opts.constraints.ordered, &base)).expect("serialises"));
-                }
+                rows.push(Adversarial { record: i, class: class.clone(), row: best_row, evaded: evading.is_some() });
+                sent = evading.as_ref().filter(|_| opts.feed_back).map(|e| serde_json::to_vec(e).expect("serialises"));
             }
             rep.overall.add(detected, robust);
             rep.by_family.entry(family.clone()).or_default().add(detected, robust);
-            if detected && !robust {
+            if let Some(e) = &evading {
                 queries.entry(target.clone()).or_default().push(used);
-                record_changes(&shaped(knobs, &x0, &best_f, &opts.constraints.ordered, &base), knobs, &x0, changes.entry(target.clone()).or_default());
+                record_changes(e, knobs, &x0, changes.entry(target.clone()).or_default());
             }
         }
         // T1: the twin sees the original event; T3: what the attacker sent.
