@@ -190,23 +190,19 @@ fn federate(role: FederateRole) -> Result<()> {
         }
         FederateRole::Aggregate(args) => {
             use twinguard::app::federate::{self as fed, aggregator};
-            use twinguard_models::federated::{plan::{FederationPlan, GbdtMode, PoisonKind, Sites}, robust::Rule};
+            use twinguard_models::federated::{plan::{FederationPlan, GbdtMode, Sites}, robust::Rule};
             let file = fed::FederationFile::load(&args.party.config)?;
             let key = fed::signing_key(&args.party.key, fed::AGGREGATOR, &file)?;
             let schema = EventSchema::named_or_file(&args.schema)?;
             let feature_sql = cli::feature_sql(&schema, args.features.as_ref(), args.variant.as_deref())?;
             let opts = args.model.options(0.0, false)?;
             let plan = FederationPlan {
-                sites: file.sites.len(),
-                split: Sites::Own,
                 rule: Rule::parse(&file.plan.rule).with_context(|| format!("{}: [plan] rule", args.party.config.display()))?,
-                poisoned: 0,
-                poison: PoisonKind::Invert,
                 gbdt: GbdtMode::parse(&file.plan.gbdt).with_context(|| format!("{}: [plan] gbdt", args.party.config.display()))?,
                 lstm_rounds: file.plan.lstm_rounds.max(1),
                 lstm_local_epochs: file.plan.local_epochs.max(1),
-                seed: args.model.seed,
                 dp: file.plan.dp.clone(),
+                ..FederationPlan::clean(file.sites.len(), Sites::Own, args.model.seed)
             };
             let job = aggregator::AggregateJob { fed: file, key, schema, feature_sql, opts, plan, out: args.out };
             let (artifact, report) = aggregator::aggregate(job, &mut print_progress)?;
@@ -232,7 +228,7 @@ fn federate(role: FederateRole) -> Result<()> {
         }
         FederateRole::Site(args) => {
             use twinguard::app::federate::{self as fed, site};
-            use twinguard_models::federated::{plan::{FederationPlan, GbdtMode, PoisonKind, Sites}, robust::Rule};
+            use twinguard_models::federated::plan::{FederationPlan, Sites};
             let file = fed::FederationFile::load(&args.party.config)?;
             let key = fed::signing_key(&args.party.key, &args.name, &file)?;
             let job = args.train.job()?;
@@ -240,18 +236,8 @@ fn federate(role: FederateRole) -> Result<()> {
                 None => site::Rows::Own,
                 Some(k) => site::Rows::Carve {
                     k,
-                    plan: FederationPlan {
-                        sites: file.sites.len(),
-                        split: Sites::Dirichlet { alpha: args.alpha },
-                        rule: Rule::ClipMultiKrum,
-                        poisoned: 0,
-                        poison: PoisonKind::Invert,
-                        gbdt: GbdtMode::Cyclic,
-                        lstm_rounds: 1,
-                        lstm_local_epochs: 1,
-                        seed: job.opts.seed,
-                        dp: None,
-                    },
+                    // Only the split, the site count and the seed decide the rows.
+                    plan: FederationPlan::clean(file.sites.len(), Sites::Dirichlet { alpha: args.alpha }, job.opts.seed),
                 },
             };
             let adversarial = args.adversarial.options(&job.schema, job.opts.seed)?;

@@ -174,8 +174,7 @@ fn forge_task(bootstrap: &str, toml: &str) {
 
 /// `federate simulate` of the same plan in this process.
 fn simulate(lab: &twinguard_train::testkit::LabDataset, dir: &std::path::Path) -> twinguard_models::Artifact {
-    use twinguard_models::federated::plan::{FederationPlan, GbdtMode, PoisonKind, Sites};
-    use twinguard_models::federated::robust::Rule;
+    use twinguard_models::federated::plan::{FederationPlan, Sites};
     let schema = twinguard_schemas::EventSchema::named_or_file(lab.schema.to_str().unwrap()).unwrap();
     let job = twinguard_train::TrainJob {
         dataset: twinguard_train::DatasetSpec {
@@ -205,6 +204,6 @@ fn simulate(lab: &twinguard_train::testkit::LabDataset, dir: &std::path::Path) -
         },
         out: dir.join("simulated"),
     };
-    let plan = FederationPlan { sites: SITES, split: Sites::Dirichlet { alpha: 10.0 }, rule: Rule::ClipMultiKrum, poisoned: 0, poison: PoisonKind::Invert, gbdt: GbdtMode::Cyclic, lstm_rounds: 2, lstm_local_epochs: 1, seed: 3, dp: None };
+    let plan = FederationPlan { lstm_rounds: 2, lstm_local_epochs: 1, ..FederationPlan::clean(SITES, Sites::Dirichlet { alpha: 10.0 }, 3) };
     twinguard_train::run_federate(&job, &plan, &mut |_| {}).unwrap().0
 }

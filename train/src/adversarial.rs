@@ -298,23 +298,11 @@ mod tests {
     /// global model; the hardened federated model wins back detection too.
     #[test]
     fn federated_adversarial_training_hardens_the_global_model() {
-        use twinguard_models::federated::plan::{GbdtMode, PoisonKind, Sites};
-        use twinguard_models::federated::robust::Rule;
+        use twinguard_models::federated::plan::Sites;
         let dir = std::env::temp_dir().join(format!("twinguard-fedadv-{}", std::process::id()));
         let lab = crate::testkit::write_lab_dataset(&dir, 2400, 1_760_000_000_000).unwrap();
         let mut job = crate::testkit::lab_job(&lab, 12, dir.join("plain"));
-        let plan = FederationPlan {
-            sites: 3,
-            split: Sites::Dirichlet { alpha: 10.0 },
-            rule: Rule::ClipMultiKrum,
-            poisoned: 0,
-            poison: PoisonKind::Invert,
-            gbdt: GbdtMode::Cyclic,
-            lstm_rounds: 1,
-            lstm_local_epochs: 1,
-            seed: 3,
-            dp: None,
-        };
+        let plan = FederationPlan { lstm_rounds: 1, lstm_local_epochs: 1, ..FederationPlan::clean(3, Sites::Dirichlet { alpha: 10.0 }, 3) };
         let (plain, _, _) = crate::run_federate(&job, &plan, &mut |_| {}).unwrap();
         let attack = shrunk_floods();
         let before = run_attack(&plain, &attack, &dir.join("a0"), &mut |_| {}).unwrap().targets["ensemble"].overall.clone();

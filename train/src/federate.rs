@@ -144,8 +144,7 @@ pub fn render_federation(f: &FederationReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use twinguard_models::federated::robust::Rule;
-    use twinguard_models::federated::simulate::{PoisonKind, Sites};
+    use twinguard_models::federated::simulate::Sites;
 
     /// The smoke federation: the hand-written lab dataset (files only, device ids
     /// and times from columns) over 4 sites in periods, one of them inverting its
@@ -157,18 +156,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("twinguard-federate-{}", std::process::id()));
         let lab = crate::testkit::write_lab_dataset(&dir, 4000, 1_760_000_000_000).unwrap();
         let job = crate::testkit::lab_job(&lab, 20, dir.join("model"));
-        let plan = FederationPlan {
-            sites: 5,
-            split: Sites::Dirichlet { alpha: 10.0 },
-            rule: Rule::ClipMultiKrum,
-            poisoned: 1,
-            poison: PoisonKind::Invert,
-            gbdt: twinguard_models::federated::plan::GbdtMode::Cyclic,
-            lstm_rounds: 2,
-            lstm_local_epochs: 1,
-            seed: 3,
-            dp: None,
-        };
+        let plan = FederationPlan { poisoned: 1, lstm_rounds: 2, lstm_local_epochs: 1, ..FederationPlan::clean(5, Sites::Dirichlet { alpha: 10.0 }, 3) };
         let (artifact, report, fed) = run_federate(&job, &plan, &mut |_| {}).unwrap();
         assert!(artifact.version.starts_with("fed-lab-flows-v1-"), "{}", artifact.version);
         let e = &report.models["ensemble"].at_threshold;

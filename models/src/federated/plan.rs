@@ -80,6 +80,15 @@ pub struct FederationPlan {
     pub dp: Option<super::privacy::DpPlan>,
 }
 
+impl FederationPlan {
+    /// A clean federation of `sites` split by `split` under the defaults (rule
+    /// clip-multi-krum, cyclic boosting, 5 LSTM rounds of 3 local epochs, no
+    /// poisoned site, no differential privacy): the base others change a field of.
+    pub fn clean(sites: usize, split: Sites, seed: u64) -> FederationPlan {
+        FederationPlan { sites, split, rule: Rule::ClipMultiKrum, poisoned: 0, poison: PoisonKind::Invert, gbdt: GbdtMode::Cyclic, lstm_rounds: 5, lstm_local_epochs: 3, seed, dp: None }
+    }
+}
+
 /// How the boosted member federates.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -98,18 +98,7 @@ fn poisoned_sites_are_excluded_and_the_undefended_federation_is_not_spared() {
     let (names, values, classes, devices) = synthetic(5000);
     let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
     let split = Split { train: (0..3000).collect(), validation: (3000..4000).collect(), test: (4000..5000).collect() };
-    let plan = |rule, poisoned, gbdt| FederationPlan {
-        sites: 10,
-        split: Sites::Dirichlet { alpha: 5.0 },
-        rule,
-        poisoned,
-        poison: PoisonKind::Invert,
-        gbdt,
-        lstm_rounds: 1,
-        lstm_local_epochs: 1,
-        seed: 5,
-        dp: None,
-    };
+    let plan = |rule, poisoned, gbdt| FederationPlan { rule, poisoned, gbdt, lstm_rounds: 1, lstm_local_epochs: 1, ..FederationPlan::clean(10, Sites::Dirichlet { alpha: 5.0 }, 5) };
     let run_with = |rule, poisoned, gbdt| {
         let (ens, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan(rule, poisoned, gbdt), &mut |_| {}).unwrap();
         (detection(&ens, &ds, &split.test), rep, ens)
@@ -150,7 +139,7 @@ fn a_private_federation_accounts_epsilon_per_member_and_still_detects() {
     let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
     let split = Split { train: (0..3000).collect(), validation: (3000..4000).collect(), test: (4000..5000).collect() };
     let dp = DpPlan { noise_multiplier: 1.0, svm_clip: 1.0, lstm_clip: 1.0, threshold_epsilon: 2.0, delta: 1e-5 };
-    let plan = FederationPlan { sites: 5, split: Sites::Dirichlet { alpha: 5.0 }, rule: Rule::Mean, poisoned: 0, poison: PoisonKind::Invert, gbdt: GbdtMode::Cyclic, lstm_rounds: 3, lstm_local_epochs: 1, seed: 5, dp: Some(dp) };
+    let plan = FederationPlan { rule: Rule::Mean, lstm_rounds: 3, lstm_local_epochs: 1, dp: Some(dp), ..FederationPlan::clean(5, Sites::Dirichlet { alpha: 5.0 }, 5) };
     let (ens, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan, &mut |_| {}).unwrap();
     let (dr, fpr) = detection(&ens, &ds, &split.test);
     assert!(dr > 0.8 && fpr < 0.1, "private federation: DR {dr} FPR {fpr}");
@@ -179,7 +168,7 @@ fn fangs_attack_turns_the_undefended_svm_and_not_the_defended_federation() {
     let (names, values, classes, devices) = synthetic(5000);
     let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
     let split = Split { train: (0..3000).collect(), validation: (3000..4000).collect(), test: (4000..5000).collect() };
-    let plan = |rule| FederationPlan { sites: 10, split: Sites::Dirichlet { alpha: 5.0 }, rule, poisoned: 3, poison: PoisonKind::Fang, gbdt: GbdtMode::Bagging, lstm_rounds: 1, lstm_local_epochs: 1, seed: 5, dp: None };
+    let plan = |rule| FederationPlan { rule, poisoned: 3, poison: PoisonKind::Fang, gbdt: GbdtMode::Bagging, lstm_rounds: 1, lstm_local_epochs: 1, ..FederationPlan::clean(10, Sites::Dirichlet { alpha: 5.0 }, 5) };
     let svm_auc = |ens: &Ensemble| {
         let x = ens.standardizer.apply_all(ds.values);
         let all = member_scores(ens, &ds, &x, &sequences(ds.devices, None));
