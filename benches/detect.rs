@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use twinguard_train::{self as train, DatasetSpec, SplitKind, SplitSpec, TrainJob, TrainOptions};
-use twinguard_models::ensemble::Scratch;
+use twinguard_models::ensemble::{Prepared, Scratch};
 use twinguard_operators::features::FeatureQuery;
 use twinguard_operators::{TwinConfig, TwinOperator};
 use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
@@ -99,10 +99,29 @@ fn benches(c: &mut Criterion) {
         let mut state = vec![0.0f32; e.lstm.state_len()];
         b.iter(|| (0..BATCH).map(|i| e.lstm.step(x.row(i), &mut state)).sum::<f32>())
     });
+    g.bench_function("random_forest_batch/tree by tree over the batch", |b| {
+        let mut p = vec![0.0f32; BATCH * e.forest.n_classes()];
+        b.iter(|| { e.forest.predict_proba_rows(&x.data, &mut p); p[0] })
+    });
+    if let Some(boost) = &e.boost {
+        g.bench_function("gbdt_batch/tree by tree over the batch", |b| {
+            let mut p = vec![0.0f32; BATCH];
+            b.iter(|| { boost.predict_rows(&x.data, &mut p); p[0] })
+        });
+    }
     g.bench_function("ensemble/standardise + rf + gbdt + svm + lstm step + twin + stacking", |b| {
         let mut s = Scratch::default();
         let mut state = Vec::new();
         b.iter(|| (0..BATCH).map(|i| e.score(feats.row(i), &mut state, &mut s).ensemble).sum::<f64>())
+    });
+    // What the pipeline runs: the batch's stateless work once, then per event.
+    g.bench_function("ensemble_batch/prepare the batch + per event svm + lstm step + twin + stacking", |b| {
+        let mut p = Prepared::default();
+        let mut state = Vec::new();
+        b.iter(|| {
+            e.prepare(&feats.values, &mut p);
+            (0..BATCH).map(|i| e.score_prepared(i, feats.row(i), &mut state, &p).ensemble).sum::<f64>()
+        })
     });
     g.finish();
     let _ = std::fs::remove_dir_all(out);

@@ -344,6 +344,16 @@ pub struct Scratch {
     proba: Vec<f32>,
 }
 
+/// A batch's stateless work, done once for all its events: the standardised rows,
+/// the forest's class probabilities and the booster's scores (see
+/// [`Ensemble::prepare`]); reused from batch to batch.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    rows: Vec<f32>,
+    proba: Vec<f32>,
+    gbdt: Vec<f32>,
+}
+
 impl Ensemble {
     /// Fitted members not yet combined: the stacker all zeros and the threshold
     /// 0.5 until the combination step sets them; the twin member reads the
@@ -414,15 +424,48 @@ impl Ensemble {
         self.standardizer.apply(raw, &mut s.row);
         s.proba.resize(self.forest.n_classes(), 0.0);
         self.forest.predict_proba_row(&s.row, &mut s.proba);
-        let rf = f64::from(1.0 - s.proba[0]);
-        let class = (1..s.proba.len()).max_by(|&a, &b| s.proba[a].total_cmp(&s.proba[b])).unwrap_or(0);
-        let svm = f64::from(self.svm.decision_row(&s.row));
+        let gbdt = self.boost.as_ref().map_or(0.5, |b| f64::from(b.predict_row(&s.row)));
+        self.finish(raw, &s.row, &s.proba, gbdt, state)
+    }
+
+    /// The stateless part of [`score`](Self::score) for a batch of raw rows
+    /// (row-major): standardised once, the trees walked tree by tree over all the
+    /// rows (a tree's nodes stay in cache). Then [`score_prepared`](Self::score_prepared)
+    /// per event, in order, gives the same bits as `score`.
+    pub fn prepare(&self, raw: &[f64], p: &mut Prepared) {
+        let cols = self.standardizer.cols();
+        let n = raw.len() / cols.max(1);
+        p.rows.resize(n * cols, 0.0);
+        for (r, o) in raw.chunks_exact(cols).zip(p.rows.chunks_exact_mut(cols)) {
+            self.standardizer.apply(r, o);
+        }
+        p.proba.resize(n * self.forest.n_classes(), 0.0);
+        self.forest.predict_proba_rows(&p.rows, &mut p.proba);
+        p.gbdt.resize(n, 0.5);
+        match &self.boost {
+            Some(b) => b.predict_rows(&p.rows, &mut p.gbdt),
+            None => p.gbdt.fill(0.5),
+        }
+    }
+
+    /// Score event `i` of a [`prepare`](Self::prepare)d batch (`raw`: its raw row);
+    /// steps the device's LSTM `state`.
+    pub fn score_prepared(&self, i: usize, raw: &[f64], state: &mut Vec<f32>, p: &Prepared) -> Scored {
+        let (c, k) = (self.standardizer.cols(), self.forest.n_classes());
+        let gbdt = if self.boost.is_some() { f64::from(p.gbdt[i]) } else { 0.5 };
+        self.finish(raw, &p.rows[i * c..(i + 1) * c], &p.proba[i * k..(i + 1) * k], gbdt, state)
+    }
+
+    /// The per-event rest: SVM, one LSTM step, the twin member, stacking.
+    fn finish(&self, raw: &[f64], row: &[f32], proba: &[f32], gbdt: f64, state: &mut Vec<f32>) -> Scored {
+        let rf = f64::from(1.0 - proba[0]);
+        let class = (1..proba.len()).max_by(|&a, &b| proba[a].total_cmp(&proba[b])).unwrap_or(0);
+        let svm = f64::from(self.svm.decision_row(row));
         if state.len() != self.lstm.state_len() {
             state.clear();
             state.resize(self.lstm.state_len(), 0.0);
         }
-        let lstm = f64::from(self.lstm.step(&s.row, state));
-        let gbdt = self.boost.as_ref().map_or(0.5, |b| f64::from(b.predict_row(&s.row)));
+        let lstm = f64::from(self.lstm.step(row, state));
         let members = MemberScores { rf, svm, lstm, twin: self.twin_score(raw), gbdt };
         let ensemble = self.stacker.predict(&members);
         Scored { members, ensemble, attack: ensemble >= self.threshold, class }

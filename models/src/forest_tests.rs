@@ -45,6 +45,13 @@ fn learns_and_generalises() {
     }
     let acc = correct as f64 / xt.rows as f64;
     assert!(acc > 0.93, "accuracy {acc}");
+    // Tree by tree over a batch: the same bits as row by row.
+    let mut batch = vec![0f32; xt.rows * 3];
+    f.predict_proba_rows(&xt.data, &mut batch);
+    for i in 0..xt.rows {
+        f.predict_proba_row(xt.row(i), &mut p);
+        assert_eq!(p.map(f32::to_bits).to_vec(), batch[i * 3..i * 3 + 3].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "row {i}");
+    }
     let s = f.attack_scores(&xt);
     let auc_ok = (0..xt.rows).filter(|&i| (s[i] > 0.5) == (yt[i] != 0)).count() as f64 / xt.rows as f64;
     assert!(auc_ok > 0.93, "attack accuracy {auc_ok}");

@@ -21,7 +21,7 @@ pub mod svm;
 pub mod train;
 
 pub use artifact::{Artifact, ModelCard, Provenance};
-pub use ensemble::{Ensemble, MemberScores, Scored, Scratch, Stacker, Standardizer};
+pub use ensemble::{Ensemble, MemberScores, Prepared, Scored, Scratch, Stacker, Standardizer};
 pub use matrix::Matrix;
 
 /// Errors of model training, loading and scoring.

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, BooleanBuilder, Float64Builder, RecordBatch, StringArray, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use twinguard_models::ensemble::Scratch;
+use twinguard_models::ensemble::Prepared;
 use twinguard_models::Artifact;
 use twinguard_schemas::verdict::{model_columns, verdict_arrow_schema, MODEL_COLUMNS};
 use twinguard_schemas::EventSchema;
@@ -35,7 +35,7 @@ struct Loaded {
     /// [`version_tag`] of its version.
     tag: u32,
     query: FeatureQuery,
-    scratch: Scratch,
+    prepared: Prepared,
 }
 
 /// Twin, features and ensemble.
@@ -128,7 +128,7 @@ impl Detector {
             )));
         }
         let version = artifact.version.clone();
-        self.models.insert(version.clone(), Loaded { tag: version_tag(&artifact.version), artifact, query, scratch: Scratch::default() });
+        self.models.insert(version.clone(), Loaded { tag: version_tag(&artifact.version), artifact, query, prepared: Prepared::default() });
         Ok(version)
     }
 
@@ -173,6 +173,7 @@ impl Detector {
         // An untagged state (a twin written before tags existed) was stepped by the
         // default model.
         let untagged = self.default.as_deref().map_or(0, version_tag);
+        ens.prepare(&feats.values, &mut m.prepared);
         let mut cols = ModelCols::new(n);
         let store = self.twin.store_mut();
         for i in 0..n {
@@ -186,7 +187,7 @@ impl Detector {
                 }
                 twin.lstm_model = m.tag;
             }
-            let s = ens.score(feats.row(i), &mut twin.lstm, &mut m.scratch);
+            let s = ens.score_prepared(i, feats.row(i), &mut twin.lstm, &m.prepared);
             cols.version.append_value(&m.artifact.version);
             cols.ensemble.append_value(s.ensemble);
             cols.threshold.append_value(ens.threshold);

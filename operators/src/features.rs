@@ -10,14 +10,17 @@
 //! - A NULL or non-finite feature becomes NaN; the models' standardiser maps it to
 //!   the training mean.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arrow::array::{Array, ArrayRef, Int32Array, Int64Array, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, SchemaRef};
-use datafusion::datasource::MemTable;
-use datafusion::logical_expr::LogicalPlan;
-use datafusion::physical_plan::collect;
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::physical_plan::execution_plan::reset_plan_states;
+use datafusion::physical_plan::memory::MemoryStream;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::{SessionConfig, SessionContext};
 use twinguard_schemas::fields;
 
@@ -51,9 +54,10 @@ impl FeatureRows {
 
 /// Runs one feature query with DataFusion, batch after batch.
 ///
-/// The query is parsed, analysed and optimised once, against two in-memory tables
-/// whose contents are swapped for every batch; each batch then costs only physical
-/// planning and execution.
+/// The query is parsed, analysed, optimised and physically planned once, against
+/// two input tables that read a slot when executed; each batch puts its rows in the
+/// slots, resets the plan's per-run state (a join's build side) and executes it.
+/// Dynamic filters are off: a plan that uses them cannot be re-executed.
 pub struct FeatureQuery {
     rt: tokio::runtime::Runtime,
     ctx: SessionContext,
@@ -61,10 +65,29 @@ pub struct FeatureQuery {
     names: Vec<String>,
     events_schema: SchemaRef,
     twin_schema: SchemaRef,
-    events_table: Arc<MemTable>,
-    twin_table: Arc<MemTable>,
-    plan: LogicalPlan,
+    events_slot: Arc<Mutex<Option<RecordBatch>>>,
+    twin_slot: Arc<Mutex<Option<RecordBatch>>>,
+    plan: Arc<dyn ExecutionPlan>,
     out_schema: SchemaRef,
+}
+
+/// One input table of the feature query: yields the batch in its slot, if any.
+#[derive(Debug)]
+struct Slot {
+    schema: SchemaRef,
+    batch: Arc<Mutex<Option<RecordBatch>>>,
+}
+
+impl PartitionStream for Slot {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batch = self.batch.lock().expect("slot lock").clone();
+        let stream = MemoryStream::try_new(batch.into_iter().collect(), self.schema.clone(), None)
+            .expect("a memory stream without a projection always builds");
+        Box::pin(stream)
+    }
 }
 
 impl FeatureQuery {
@@ -75,16 +98,21 @@ impl FeatureQuery {
             .build()
             .map_err(|e| OperatorError::Features(format!("cannot start the query runtime: {e}")))?;
         // One partition: a batch is small, and the work stays on the caller's thread.
-        let ctx = SessionContext::new_with_config(SessionConfig::new().with_target_partitions(1));
+        let mut config = SessionConfig::new().with_target_partitions(1);
+        config.options_mut().optimizer.enable_dynamic_filter_pushdown = false;
+        let ctx = SessionContext::new_with_config(config);
         let df_err = |e: datafusion::error::DataFusionError| OperatorError::Features(e.to_string());
-        let events_table = Arc::new(MemTable::try_new(events_schema.clone(), vec![Vec::new()]).map_err(df_err)?);
-        let twin_table = Arc::new(MemTable::try_new(twin_schema.clone(), vec![Vec::new()]).map_err(df_err)?);
-        ctx.register_table(EVENTS_TABLE, events_table.clone()).map_err(df_err)?;
-        ctx.register_table(TWIN_TABLE, twin_table.clone()).map_err(df_err)?;
+        let events_slot = Arc::new(Mutex::new(None));
+        let twin_slot = Arc::new(Mutex::new(None));
+        for (name, schema, slot) in [(EVENTS_TABLE, &events_schema, &events_slot), (TWIN_TABLE, &twin_schema, &twin_slot)] {
+            let part: Arc<dyn PartitionStream> = Arc::new(Slot { schema: schema.clone(), batch: slot.clone() });
+            let table = StreamingTable::try_new(schema.clone(), vec![part]).map_err(df_err)?;
+            ctx.register_table(name, Arc::new(table)).map_err(df_err)?;
+        }
         let (plan, out_schema) = rt.block_on(async {
             let df = ctx.sql(sql).await.map_err(df_err)?;
             let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-            Ok::<_, OperatorError>((df.into_optimized_plan().map_err(df_err)?, schema))
+            Ok::<_, OperatorError>((df.create_physical_plan().await.map_err(df_err)?, schema))
         })?;
         let mut q = FeatureQuery {
             rt,
@@ -93,8 +121,8 @@ impl FeatureQuery {
             names: Vec::new(),
             events_schema: events_schema.clone(),
             twin_schema: twin_schema.clone(),
-            events_table,
-            twin_table,
+            events_slot,
+            twin_slot,
             plan,
             out_schema,
         };
@@ -134,20 +162,15 @@ impl FeatureQuery {
 
     fn run(&mut self, events: RecordBatch, twin: RecordBatch) -> Result<(SchemaRef, Vec<RecordBatch>), OperatorError> {
         let df_err = |e: datafusion::error::DataFusionError| OperatorError::Features(e.to_string());
-        let (ctx, plan) = (&self.ctx, &self.plan);
-        let (ev, tw) = (&self.events_table, &self.twin_table);
-        let batches = self.rt.block_on(async move {
-            *ev.batches[0].write().await = vec![events];
-            *tw.batches[0].write().await = vec![twin];
-            let state = ctx.state();
-            let physical = state.query_planner().create_physical_plan(plan, &state).await.map_err(df_err)?;
-            let out = collect(physical, ctx.task_ctx()).await.map_err(df_err);
-            // Do not keep the batch alive until the next call.
-            ev.batches[0].write().await.clear();
-            tw.batches[0].write().await.clear();
-            out
-        })?;
-        Ok((self.out_schema.clone(), batches))
+        *self.events_slot.lock().expect("slot lock") = Some(events);
+        *self.twin_slot.lock().expect("slot lock") = Some(twin);
+        let plan = reset_plan_states(self.plan.clone()).map_err(df_err);
+        let task = self.ctx.task_ctx();
+        let out = plan.and_then(|plan| self.rt.block_on(collect(plan, task)).map_err(df_err));
+        // Do not keep the batch alive until the next call.
+        self.events_slot.lock().expect("slot lock").take();
+        self.twin_slot.lock().expect("slot lock").take();
+        Ok((self.out_schema.clone(), out?))
     }
 
     /// Compute the feature vectors of `events` (an event batch) given `twin` (its
