@@ -386,7 +386,7 @@ fn run_until_signal(cfg: Config, mode: Mode, sql_listen: Option<String>) -> Resu
                     Mode::Pipeline => {
                         let observer = view.map(|v| twinguard::sql::view::ViewFeed::for_config(v, &cfg)).transpose()?;
                         let feed = twinguard::app::federate::follow::start(&cfg, stop.clone())?;
-                        twinguard::engine::run_rejoining(&cfg, metrics, stop, observer, feed).map(Some)
+                        twinguard::engine::run_workers(&cfg, metrics, stop, observer, feed).map(Some)
                     }
                     Mode::Global => {
                         let view = view.expect("the query-only process serves SQL");

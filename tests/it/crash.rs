@@ -1,6 +1,7 @@
 //! Crash: SIGKILL the pipeline mid-stream, restart it → the twins equal those of an
 //! uninterrupted run, every valid event has a verdict, and duplicates are only exact
-//! repeats (same key, same bytes) of the same source coordinates.
+//! repeats (same key, same bytes) of the same source coordinates. Once with one
+//! stream worker, once with two (`engine.workers`: each its own group member).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -11,7 +12,17 @@ use crate::harness::*;
 
 #[test]
 fn kill_9_mid_stream_then_restart_loses_nothing() {
-    let Setup { dir, broker: _broker, mut cfg } = Setup::new("crash");
+    kill_9_then_restart("crash", 1);
+}
+
+#[test]
+fn kill_9_of_two_workers_then_restart_with_two_loses_nothing() {
+    kill_9_then_restart("crash-workers", 2);
+}
+
+fn kill_9_then_restart(name: &str, workers: usize) {
+    let Setup { dir, broker: _broker, mut cfg } = Setup::new(name);
+    cfg.engine.workers = Some(workers);
     // Small batches: many commit points, so the kill lands between and inside them.
     cfg.batch.max_records = 50;
     let recs = sim_records(30, 20_000, 5, 0.01);
@@ -21,6 +32,9 @@ fn kill_9_mid_stream_then_restart_loses_nothing() {
     let path = write_config(&dir, "pipeline", &cfg);
 
     let mut p = PipelineProc::start(&dir, "first", &path);
+    if workers > 1 {
+        p.wait_log(&["starting stream workers", &format!("workers={workers}")]);
+    }
     let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
     verdicts.until("a third of the verdicts", |r| r.len() >= valid.len() / 3);
     p.kill9();
@@ -62,7 +76,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing() {
         assert!(copies.iter().all(|x| x == &copies[0]), "duplicates of {c:?} must be exact repeats");
         duplicated += usize::from(copies.len() > 1);
     }
-    eprintln!("crash test: {at_kill} verdicts before the kill, {duplicated} events re-emitted after it");
+    eprintln!("crash test ({workers} workers): {at_kill} verdicts before the kill, {duplicated} events re-emitted after it");
 
     let expected = reference_twins(&cfg, &recs, &coords);
     let got = changelog_twins(&cfg);

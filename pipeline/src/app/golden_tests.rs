@@ -154,9 +154,8 @@ fn golden_sql_status_row() {
     set(&m.alerts_out, 9);
     set(&m.commands_out, 4);
     set(&m.dlq_out, 34);
-    m.twins.store(42, Ordering::Relaxed);
-    m.twin_mem_bytes.store(123_456, Ordering::Relaxed);
-    m.ready.store(1, Ordering::Relaxed);
+    m.set_twins(42, Some(123_456));
+    m.set_ready(true);
     m.set_owned(vec![0, 2, 4]);
     m.set_lag(BTreeMap::from([(0, 12), (2, 0), (4, 3)]));
     *m.schema_id.lock().unwrap() = "wustl-flow-vitals/v1".into();

@@ -25,6 +25,8 @@ pub const ENV_PREFIX: &str = "TWINGUARD__";
 pub struct Config {
     pub kafka: KafkaConfig,
     pub topics: TopicsConfig,
+    /// Stream workers of this instance.
+    pub engine: EngineConfig,
     pub batch: BatchConfig,
     pub schema: SchemaConfig,
     pub decode: DecodeConfig,
@@ -342,6 +344,28 @@ impl Default for TopicsConfig {
             partitions: 6,
             replication: 1,
         }
+    }
+}
+
+/// How an instance spreads its partitions over threads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Stream workers (like Kafka Streams' `num.stream.threads`): each is a member
+    /// of the consumer group with its own consumer, producers, batches, twins and
+    /// detector, so the group spreads the partitions over them and every
+    /// per-partition guarantee holds as between instances. Unset: the cores
+    /// available to this process.
+    pub workers: Option<usize>,
+}
+
+/// The most stream workers one instance runs.
+pub const MAX_WORKERS: usize = 256;
+
+impl EngineConfig {
+    /// The workers to run: the setting, else the cores available (at least 1).
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS))
     }
 }
 

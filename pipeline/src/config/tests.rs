@@ -194,3 +194,14 @@ fn batches_close_when_idle_unless_configured_otherwise() {
     let e = Config::load(None, vec![("TWINGUARD__BATCH__FLUSH_WHEN_IDLE".into(), "sometimes".into())]).unwrap_err();
     assert!(e.to_string().contains("batch.flush_when_idle"), "{e}");
 }
+
+#[test]
+fn engine_workers_default_to_the_cores_and_refuse_zero() {
+    let p = write("[engine]\nworkers = 0\n");
+    let e = Config::load(Some(&p.0), Vec::new()).unwrap_err().to_string();
+    assert!(e.contains("engine.workers") && e.contains("got 0"), "{e}");
+    let p = write("[engine]\nworkers = 3\n");
+    assert_eq!(Config::load(Some(&p.0), Vec::new()).unwrap().engine.workers(), 3);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(Config::default().engine.workers(), cores.min(MAX_WORKERS));
+}

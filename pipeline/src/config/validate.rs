@@ -41,6 +41,11 @@ impl Config {
         if self.batch.max_records == 0 {
             return Err(PipelineError::config("batch.max_records", "must be at least 1"));
         }
+        if let Some(n) = self.engine.workers {
+            if n == 0 || n > super::MAX_WORKERS {
+                return Err(PipelineError::config("engine.workers", format!("must be 1..={}, got {n}", super::MAX_WORKERS)));
+            }
+        }
         if self.batch.max_inflight_batches == 0 {
             return Err(PipelineError::config("batch.max_inflight_batches", "must be at least 1"));
         }

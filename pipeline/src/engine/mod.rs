@@ -226,6 +226,69 @@ pub fn run_rejoining(
     }
 }
 
+/// [`run_rejoining`] on `engine.workers` stream workers (threads `tg-worker-N`),
+/// like Kafka Streams' `num.stream.threads`: each is its own group member with its
+/// own consumer, producers, batches, twins, detector and commit stages, so the
+/// group spreads the partitions over them and every per-partition invariant holds
+/// as it does between instances. They share the metrics (counters summed, gauges
+/// combined per worker), the SQL view and the model feed. The first worker to fail
+/// stops the others (gracefully: they flush and commit); its error is the result.
+pub fn run_workers(
+    cfg: &Config,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    observer: Option<Arc<dyn StateObserver>>,
+    feed: Option<Arc<dyn ModelFeed>>,
+) -> Result<RunReport, PipelineError> {
+    let n = cfg.engine.workers();
+    metrics.expect_workers(n);
+    if n == 1 {
+        return run_rejoining(cfg, metrics, stop, observer, feed);
+    }
+    ev::WorkersStarting { workers: n }.emit();
+    let handles = (0..n)
+        .map(|id| {
+            let (cfg, metrics, stop, observer, feed) = (cfg.clone(), metrics.clone(), stop.clone(), observer.clone(), feed.clone());
+            std::thread::Builder::new()
+                .name(format!("tg-worker-{id}"))
+                .spawn(move || {
+                    crate::obs::set_worker(id);
+                    let _span = tracing::info_span!("worker", id).entered();
+                    let r = run_rejoining(&cfg, metrics, stop.clone(), observer, feed);
+                    if r.is_err() {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    r
+                })
+                .map_err(|e| PipelineError::io("starting a stream worker", e))
+        })
+        .collect::<Result<Vec<_>, _>>();
+    let handles = match handles {
+        Ok(h) => h,
+        Err(e) => {
+            stop.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+    };
+    let mut total = RunReport::default();
+    let mut first_err = None;
+    for h in handles {
+        match h.join().unwrap_or_else(|_| Err(PipelineError::Fatal("a stream worker panicked".into()))) {
+            Ok(r) => {
+                total.twins += r.twins;
+                total.twin_mem_bytes += r.twin_mem_bytes;
+                total.reconciled.0 += r.reconciled.0;
+                total.reconciled.1 += r.reconciled.1;
+            }
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(total), Err)
+}
+
 /// [`run`], also telling `observer` (the SQL view) about this instance's twins and outputs.
 pub fn run_with(cfg: &Config, metrics: Arc<Metrics>, stop: Arc<AtomicBool>, observer: Option<Arc<dyn StateObserver>>) -> Result<RunReport, PipelineError> {
     run_following(cfg, metrics, stop, observer, None)

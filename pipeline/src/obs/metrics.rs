@@ -3,7 +3,8 @@
 //! table read. The events in [`crate::obs::events`] write them (a few call sites
 //! still add to them directly).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
@@ -15,7 +16,33 @@ use twinguard_schemas::RejectCode;
 /// Response times kept for the quantiles the metrics report.
 const RESPONSE_SAMPLES: usize = 100_000;
 
+thread_local! {
+    /// The stream worker the current thread belongs to (`engine.workers`).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks the calling thread as stream worker `id`: the gauges it sets (owned
+/// partitions, lag, twins, memory, readiness, heartbeat) are its own, and the
+/// instance's figures combine every worker's. Threads never marked are worker 0.
+pub fn set_worker(id: usize) {
+    WORKER.with(|w| w.set(id));
+}
+
+/// One stream worker's own gauges.
+#[derive(Debug, Default, Clone)]
+struct WorkerGauges {
+    owned: Vec<i32>,
+    lag: BTreeMap<i32, i64>,
+    twins: i64,
+    mem: i64,
+    ready: bool,
+    beat: i64,
+}
+
 /// Counters and gauges of one pipeline instance. Cheap to read at any time.
+/// Counters are shared by the stream workers; the gauges each worker sets are
+/// kept per worker and combined (sums, the union of partitions, ready when every
+/// worker is, the oldest heartbeat so that one stalled worker fails `/healthz`).
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub records_in: AtomicU64,
@@ -92,6 +119,8 @@ pub struct Metrics {
     pub stall_limit_ms: AtomicI64,
     /// Set when the pipeline stops on a fatal error.
     pub failed: Mutex<Option<String>>,
+    /// Per stream worker: the gauges it set (combined into the fields above).
+    workers: Mutex<BTreeMap<usize, WorkerGauges>>,
     /// SQL logins refused: a wrong password or unknown user (checked), or an
     /// address backed off after failed logins (not checked); see [`SqlLoginFailed`](crate::obs::events::SqlLoginFailed).
     pub sql_failed_logins: AtomicU64,
@@ -114,9 +143,48 @@ impl Metrics {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Relaxed)
     }
-    /// The partitions this process owns (input) or reads (changelog, `twinguard sql`).
+    /// Change this thread's worker's gauges, then recompute the instance's.
+    fn worker_set(&self, f: impl FnOnce(&mut WorkerGauges)) {
+        let mut w = self.workers.lock().expect("workers lock");
+        f(w.entry(WORKER.with(Cell::get)).or_default());
+        let owned: BTreeSet<i32> = w.values().flat_map(|g| g.owned.iter().copied()).collect();
+        *self.owned.lock().expect("owned lock") = owned.into_iter().collect();
+        *self.lag.lock().expect("lag lock") = w.values().flat_map(|g| g.lag.iter().map(|(p, l)| (*p, *l))).collect();
+        self.twins.store(w.values().map(|g| g.twins).sum(), Relaxed);
+        self.twin_mem_bytes.store(w.values().map(|g| g.mem).sum(), Relaxed);
+        self.ready.store(i64::from(w.values().all(|g| g.ready)), Relaxed);
+        self.heartbeat_ms.store(w.values().map(|g| g.beat).min().unwrap_or(0), Relaxed);
+    }
+    /// An instance of `n` stream workers: not ready until each of them is.
+    pub fn expect_workers(&self, n: usize) {
+        let mut w = self.workers.lock().expect("workers lock");
+        for id in 0..n {
+            w.entry(id).or_default();
+        }
+        drop(w);
+        self.worker_set(|_| {});
+    }
+    /// The partitions this worker owns (input) or reads (changelog, `twinguard sql`).
     pub fn set_owned(&self, parts: Vec<i32>) {
-        *self.owned.lock().expect("owned lock") = parts;
+        self.worker_set(|g| g.owned = parts);
+    }
+    /// This worker's twins and their memory (`None`: unchanged).
+    pub fn set_twins(&self, twins: usize, mem_bytes: Option<usize>) {
+        self.worker_set(|g| {
+            g.twins = twins as i64;
+            if let Some(b) = mem_bytes {
+                g.mem = b as i64;
+            }
+        });
+    }
+    /// This worker is ready (its partitions assigned and restored) or not.
+    pub fn set_ready(&self, ready: bool) {
+        self.worker_set(|g| g.ready = ready);
+    }
+    /// This worker made progress now (liveness).
+    pub fn beat(&self) {
+        let now = chrono::Utc::now().timestamp_millis();
+        self.worker_set(|g| g.beat = now);
     }
     pub fn owned(&self) -> Vec<i32> {
         self.owned.lock().expect("owned lock").clone()
@@ -124,9 +192,9 @@ impl Metrics {
     pub fn partitions_owned(&self) -> i64 {
         self.owned.lock().expect("owned lock").len() as i64
     }
-    /// Replace the per-partition lag figures.
+    /// Replace this worker's per-partition lag figures.
     pub fn set_lag(&self, lag: BTreeMap<i32, i64>) {
-        *self.lag.lock().expect("lag lock") = lag;
+        self.worker_set(|g| g.lag = lag);
     }
     pub fn lag(&self) -> BTreeMap<i32, i64> {
         self.lag.lock().expect("lag lock").clone()
@@ -162,5 +230,50 @@ impl Metrics {
     /// The recorded command response times (ms), oldest first.
     pub fn response_times(&self) -> Vec<f64> {
         self.response_ms.lock().expect("response lock").iter().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two stream workers set their own gauges; the instance's combine them.
+    #[test]
+    fn workers_gauges_combine() {
+        let m = std::sync::Arc::new(Metrics::default());
+        m.expect_workers(2);
+        let on = |id: usize, f: fn(&Metrics)| {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                set_worker(id);
+                f(&m);
+            })
+            .join()
+            .unwrap();
+        };
+        on(0, |m| {
+            m.set_owned(vec![0, 2]);
+            m.set_twins(10, Some(1000));
+            m.set_ready(true);
+            m.set_lag(BTreeMap::from([(0, 5), (2, 1)]));
+        });
+        assert_eq!(m.ready.load(Relaxed), 0, "not ready while worker 1 is not");
+        on(1, |m| {
+            m.set_owned(vec![1, 3]);
+            m.set_twins(7, Some(700));
+            m.set_ready(true);
+            m.set_lag(BTreeMap::from([(1, 2)]));
+        });
+        assert_eq!(m.ready.load(Relaxed), 1);
+        assert_eq!(m.owned(), vec![0, 1, 2, 3]);
+        assert_eq!((m.twins.load(Relaxed), m.twin_mem_bytes.load(Relaxed)), (17, 1700));
+        assert_eq!(m.lag(), BTreeMap::from([(0, 5), (1, 2), (2, 1)]));
+        // The oldest heartbeat counts: a stalled worker is not hidden by a busy one.
+        on(0, |m| m.beat());
+        assert_eq!(m.heartbeat_ms.load(Relaxed), 0, "worker 1 has not turned yet");
+        on(1, |m| m.beat());
+        assert!(m.heartbeat_ms.load(Relaxed) > 0);
+        on(1, |m| m.set_owned(vec![]));
+        assert_eq!(m.owned(), vec![0, 2]);
     }
 }

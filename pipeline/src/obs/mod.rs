@@ -15,4 +15,4 @@ pub mod instruments;
 pub mod metrics;
 
 pub use instruments::Instruments;
-pub use metrics::Metrics;
+pub use metrics::{set_worker, Metrics};

@@ -88,6 +88,9 @@ impl Broker {
         c.topics.feedback = format!("{name}.feedback");
         c.topics.audit = format!("{name}.audit");
         c.topics.partitions = 4;
+        // One stream worker unless a test asks for more: the tests' expectations of
+        // which member owns what are per worker.
+        c.engine.workers = Some(1);
         c.batch.max_records = 200;
         c.batch.max_linger_ms = 10;
         // Tests run side by side: any free port (the log line names it).

@@ -28,6 +28,18 @@ impl PipelineConfigured<'_> {
     }
 }
 
+/// The instance starts its stream workers (`engine.workers` > 1).
+pub struct WorkersStarting {
+    pub workers: usize,
+}
+
+impl WorkersStarting {
+    pub fn emit(&self) {
+        note("WorkersStarting");
+        tracing::info!(workers = self.workers, "starting stream workers: each joins the group and owns its own partitions");
+    }
+}
+
 /// The pipeline starts consuming (the brokers answered, the topics exist).
 pub struct PipelineStarted<'a> {
     pub input: &'a str,
@@ -64,7 +76,7 @@ pub struct Heartbeat;
 impl Heartbeat {
     pub fn emit(&self, m: &Metrics) {
         note("Heartbeat");
-        m.heartbeat_ms.store(chrono::Utc::now().timestamp_millis(), Relaxed);
+        m.beat();
     }
 }
 
@@ -115,8 +127,8 @@ impl PartitionsReady {
         note("PartitionsReady");
         tracing::info!(owned = ?self.owned, twins = self.twins, "partitions ready");
         m.set_owned(self.owned);
-        m.twins.store(self.twins as i64, Relaxed);
-        m.ready.store(1, Relaxed);
+        m.set_twins(self.twins, None);
+        m.set_ready(true);
     }
 }
 
@@ -129,7 +141,7 @@ impl PartitionsReleased {
     pub fn emit(self, m: &Metrics) {
         note("PartitionsReleased");
         m.set_owned(self.owned);
-        m.ready.store(0, Relaxed);
+        m.set_ready(false);
     }
 }
 
@@ -146,7 +158,7 @@ impl GroupRejoining<'_> {
         // Healthy again (the old run wrote nothing after the loss); ready once the
         // new assignment is restored.
         m.failed.lock().expect("failed lock").take();
-        m.ready.store(0, Relaxed);
+        m.set_ready(false);
     }
 }
 

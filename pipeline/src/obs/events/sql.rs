@@ -123,7 +123,7 @@ impl FleetReady {
     pub fn emit(&self, m: &Metrics) {
         note("FleetReady");
         tracing::info!(twins = self.twins, millis = self.millis, view_rows = self.view_rows, view_bytes = self.view_bytes, "every twin materialised; ready");
-        m.ready.store(1, Relaxed);
+        m.set_ready(true);
     }
 }
 

@@ -206,7 +206,7 @@ pub struct TwinsCounted {
 impl TwinsCounted {
     pub fn emit(&self, m: &Metrics) {
         note("TwinsCounted");
-        m.twins.store(self.twins as i64, Relaxed);
+        m.set_twins(self.twins, None);
     }
 }
 
@@ -241,8 +241,7 @@ impl StateSampled {
             partitions = m.partitions_owned(),
             "status"
         );
-        m.twins.store(self.twins as i64, Relaxed);
-        m.twin_mem_bytes.store(self.mem_bytes as i64, Relaxed);
+        m.set_twins(self.twins, Some(self.mem_bytes));
         m.twins_expired.fetch_add(self.expired as u64, Relaxed);
     }
 }
