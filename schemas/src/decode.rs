@@ -226,13 +226,18 @@ impl Decoder {
         // One pass over the bytes: the values of known keys land in their slots,
         // unknown keys are skipped without building anything.
         let mut slots: Vec<Option<Value>> = vec![None; FIRST_FIELD_SLOT + self.schema.fields.len()];
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let parsed = ObjectSeed { index: &self.index, slots: &mut slots }
-            .deserialize(&mut de)
-            .and_then(|r| de.end().map(|()| r))
-            .map_err(|e| classify_json_error(bytes, &e))?;
-        if let Err(kind) = parsed {
-            return Err((RejectCode::NotObject, format!("expected a JSON object, got {kind}")));
+        // The common record through the fast scanner (`decode_fast.rs`); anything
+        // else, and every reason for a reject, through serde_json.
+        if !crate::decode_fast::object(bytes, &self.index, &mut slots) {
+            slots.iter_mut().for_each(|s| *s = None);
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let parsed = ObjectSeed { index: &self.index, slots: &mut slots }
+                .deserialize(&mut de)
+                .and_then(|r| de.end().map(|()| r))
+                .map_err(|e| classify_json_error(bytes, &e))?;
+            if let Err(kind) = parsed {
+                return Err((RejectCode::NotObject, format!("expected a JSON object, got {kind}")));
+            }
         }
         if let Some(claim) = &slots[SLOT_SCHEMA] {
             let ok = matches!(claim, Value::String(s) if *s == self.id || *s == self.schema.name);
@@ -330,9 +335,9 @@ impl ColBuilder {
 /// Parses a JSON object, putting the values of known keys into their slots (last
 /// occurrence wins, as in a JSON map) and skipping unknown ones. A JSON value that is
 /// not an object yields `Ok(Err(kind))`.
-struct ObjectSeed<'a> {
-    index: &'a HashMap<String, usize>,
-    slots: &'a mut Vec<Option<Value>>,
+pub(crate) struct ObjectSeed<'a> {
+    pub(crate) index: &'a HashMap<String, usize>,
+    pub(crate) slots: &'a mut Vec<Option<Value>>,
 }
 
 impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {

@@ -9,6 +9,7 @@
 //! handed, and knows nothing of Kafka, tokio or DataFusion.
 
 pub mod decode;
+mod decode_fast;
 pub mod dlq;
 pub mod encode;
 pub mod event;

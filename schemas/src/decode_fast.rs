@@ -1,0 +1,137 @@
+//! The decoder's fast path: a strict scanner for the common record — one flat JSON
+//! object whose strings have no escapes — that fills the same slots, with the same
+//! values, as the serde_json path, and parses numbers with lexical-core (correctly
+//! rounded, like serde_json's `float_roundtrip`, and several times faster).
+//!
+//! It never rejects: on anything it does not handle exactly (an escape, a nested
+//! value, a number out of f64's range, any syntax error) it answers `false`, and
+//! the caller decodes the record with serde_json, which gives the reason. So a
+//! record it accepts is one serde_json accepts with the same values; the property
+//! test in `tests.rs` checks that on generated records.
+
+use std::collections::HashMap;
+
+use serde_json::{Number, Value};
+
+/// Fill `slots` (indexed through `index`) from `bytes` when it is a flat JSON
+/// object this path handles; `false` (slots left in any state) otherwise.
+pub(crate) fn object(bytes: &[u8], index: &HashMap<String, usize>, slots: &mut [Option<Value>]) -> bool {
+    let Ok(text) = std::str::from_utf8(bytes) else { return false };
+    let b = text.as_bytes();
+    let mut i = ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return false;
+    }
+    i = ws(b, i + 1);
+    if b.get(i) == Some(&b'}') {
+        return ws(b, i + 1) == b.len();
+    }
+    loop {
+        let Some((key, after)) = string(text, i) else { return false };
+        i = ws(b, after);
+        if b.get(i) != Some(&b':') {
+            return false;
+        }
+        i = ws(b, i + 1);
+        let Some((value, after)) = scalar(text, i) else { return false };
+        if let Some(&slot) = index.get(key) {
+            slots[slot] = Some(value);
+        }
+        i = ws(b, after);
+        match b.get(i) {
+            Some(b',') => i = ws(b, i + 1),
+            Some(b'}') => return ws(b, i + 1) == b.len(),
+            _ => return false,
+        }
+    }
+}
+
+fn ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// A string without escapes or control characters starting at `i` (the quote):
+/// its contents and the index after the closing quote.
+fn string(text: &str, i: usize) -> Option<(&str, usize)> {
+    let b = text.as_bytes();
+    if b.get(i) != Some(&b'"') {
+        return None;
+    }
+    let start = i + 1;
+    let len = b[start..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+    let end = start + len;
+    (b[end] == b'"').then(|| (&text[start..end], end + 1))
+}
+
+/// A string, number, `true`, `false` or `null` at `i`, as serde_json's `Value`.
+fn scalar(text: &str, i: usize) -> Option<(Value, usize)> {
+    let b = text.as_bytes();
+    match *b.get(i)? {
+        b'"' => string(text, i).map(|(s, end)| (Value::String(s.to_string()), end)),
+        b't' if b[i..].starts_with(b"true") => Some((Value::Bool(true), i + 4)),
+        b'f' if b[i..].starts_with(b"false") => Some((Value::Bool(false), i + 5)),
+        b'n' if b[i..].starts_with(b"null") => Some((Value::Null, i + 4)),
+        b'-' | b'0'..=b'9' => number(b, i),
+        _ => None,
+    }
+}
+
+/// A JSON number at `i` (strict grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`),
+/// as serde_json represents it: an integer as u64, or as i64 when negative
+/// (`-0` and negatives below i64's range as f64), an integer beyond u64 or any
+/// fraction or exponent as f64.
+fn number(b: &[u8], i: usize) -> Option<(Value, usize)> {
+    let digits = |mut j: usize| {
+        let s = j;
+        while matches!(b.get(j), Some(b'0'..=b'9')) {
+            j += 1;
+        }
+        (j > s).then_some(j)
+    };
+    let negative = b[i] == b'-';
+    let int_start = i + usize::from(negative);
+    let int_end = digits(int_start)?;
+    if b[int_start] == b'0' && int_end > int_start + 1 {
+        return None; // a leading zero
+    }
+    let mut end = int_end;
+    let mut integer = true;
+    if b.get(end) == Some(&b'.') {
+        end = digits(end + 1)?;
+        integer = false;
+    }
+    if matches!(b.get(end), Some(b'e' | b'E')) {
+        let mut j = end + 1;
+        if matches!(b.get(j), Some(b'+' | b'-')) {
+            j += 1;
+        }
+        end = digits(j)?;
+        integer = false;
+    }
+    let float = || {
+        let x: f64 = lexical_core::parse(&b[i..end]).ok()?;
+        // Out of f64's range: serde_json refuses it; let it say so.
+        Number::from_f64(x).filter(|_| x.is_finite())
+    };
+    let n = if integer {
+        // serde_json's integer rules, so the same literal gives the same Number.
+        match std::str::from_utf8(&b[int_start..int_end]).ok()?.parse::<u64>() {
+            Ok(sig) if !negative => Number::from(sig),
+            Ok(sig) => {
+                let neg = (sig as i64).wrapping_neg();
+                if neg >= 0 { Number::from_f64(-(sig as f64))? } else { Number::from(neg) }
+            }
+            Err(_) => float()?,
+        }
+    } else {
+        float()?
+    };
+    Some((Value::Number(n), end))
+}
+
+#[cfg(test)]
+#[path = "decode_fast_tests.rs"]
+mod tests;
