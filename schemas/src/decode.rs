@@ -181,9 +181,11 @@ impl Decoder {
             .collect();
         let mut rejects = Vec::new();
         let mut row: Vec<Cell> = Vec::with_capacity(self.schema.fields.len());
+        // One slot per known key, reused record after record (no allocation each).
+        let mut slots: Vec<Option<Value>> = vec![None; FIRST_FIELD_SLOT + self.schema.fields.len()];
         for (index, rec) in records.iter().enumerate() {
             row.clear();
-            match self.validate(rec, now_ms, &mut row) {
+            match self.validate(rec, now_ms, &mut slots, &mut row) {
                 Ok((device, t)) => {
                     dev.append_value(&device);
                     time.append_value(t);
@@ -211,8 +213,10 @@ impl Decoder {
         &self,
         rec: &RawRecord<'_>,
         now_ms: i64,
+        slots: &mut Vec<Option<Value>>,
         row: &mut Vec<Cell>,
     ) -> Result<(String, i64), (RejectCode, String)> {
+        slots.iter_mut().for_each(|s| *s = None);
         let bytes = match rec.payload {
             None | Some([]) => return Err((RejectCode::Empty, "record has no value".into())),
             Some(b) => b,
@@ -225,13 +229,12 @@ impl Decoder {
         }
         // One pass over the bytes: the values of known keys land in their slots,
         // unknown keys are skipped without building anything.
-        let mut slots: Vec<Option<Value>> = vec![None; FIRST_FIELD_SLOT + self.schema.fields.len()];
         // The common record through the fast scanner (`decode_fast.rs`); anything
         // else, and every reason for a reject, through serde_json.
-        if !crate::decode_fast::object(bytes, &self.index, &mut slots) {
+        if !crate::decode_fast::object(bytes, &self.index, slots) {
             slots.iter_mut().for_each(|s| *s = None);
             let mut de = serde_json::Deserializer::from_slice(bytes);
-            let parsed = ObjectSeed { index: &self.index, slots: &mut slots }
+            let parsed = ObjectSeed { index: &self.index, slots }
                 .deserialize(&mut de)
                 .and_then(|r| de.end().map(|()| r))
                 .map_err(|e| classify_json_error(bytes, &e))?;
@@ -300,7 +303,7 @@ impl Decoder {
             ));
         }
         for (i, f) in self.schema.fields.iter().enumerate() {
-            row.push(cell(f, slots[FIRST_FIELD_SLOT + i].as_ref())?);
+            row.push(cell(f, slots[FIRST_FIELD_SLOT + i].take())?);
         }
         Ok((device, t))
     }
@@ -411,7 +414,7 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
 
 /// One declared field's value as a cell, checked against its declaration (type,
 /// range, length; a PHI value is never quoted in the reason).
-fn cell(f: &FieldDef, v: Option<&Value>) -> Result<Cell, (RejectCode, String)> {
+fn cell(f: &FieldDef, v: Option<Value>) -> Result<Cell, (RejectCode, String)> {
     Ok(match v {
         None | Some(Value::Null) if f.required => {
             return Err((RejectCode::MissingField, format!("missing required field `{}`", f.name)))
@@ -441,11 +444,11 @@ fn cell(f: &FieldDef, v: Option<&Value>) -> Result<Cell, (RejectCode, String)> {
                     format!("field `{}` is {} bytes, its max_len is {}", f.name, s.len(), f.max_len()),
                 ))
             }
-            (FieldKind::String, Value::String(s)) => Cell::S(s.to_string()),
+            (FieldKind::String, Value::String(s)) => Cell::S(s),
             (kind, other) => {
                 return Err((
                     RejectCode::WrongType,
-                    format!("field `{}` must be {}, got {}", f.name, kind_name(kind), kind_of(other)),
+                    format!("field `{}` must be {}, got {}", f.name, kind_name(kind), kind_of(&other)),
                 ))
             }
         },
