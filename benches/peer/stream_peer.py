@@ -83,17 +83,23 @@ def train(args):
     print(json.dumps({"trained_rows": len(rows), "trees": args.trees, "fit_seconds": round(time.time() - t, 2)}))
 
 
-def stream(args):
+def clients(args):
+    """The consumer (manual commits, from the start) and the idempotent producer."""
     from confluent_kafka import Consumer, Producer
 
-    with open(args.model, "rb") as f:
-        rf = pickle.load(f)
     common = {"bootstrap.servers": args.bootstrap, "log_level": 3}
     c = Consumer(dict(common, **{"group.id": args.group, "enable.auto.commit": False,
                                  "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10}))
     p = Producer(dict(common, **{"enable.idempotence": True, "acks": "all", "linger.ms": 5,
                                  "queue.buffering.max.messages": 1000000}))
     c.subscribe([args.input])
+    return c, p
+
+
+def stream(args):
+    with open(args.model, "rb") as f:
+        rf = pickle.load(f)
+    c, p = clients(args)
     base = Baselines()
     done, started = 0, time.time()
 
@@ -135,14 +141,7 @@ def stream(args):
 
 def passthrough(args):
     """The ceiling: consume, produce each record unchanged, flush and commit per batch."""
-    from confluent_kafka import Consumer, Producer
-
-    common = {"bootstrap.servers": args.bootstrap, "log_level": 3}
-    c = Consumer(dict(common, **{"group.id": args.group, "enable.auto.commit": False,
-                                 "auto.offset.reset": "earliest", "fetch.wait.max.ms": 10}))
-    p = Producer(dict(common, **{"enable.idempotence": True, "acks": "all", "linger.ms": 5,
-                                 "queue.buffering.max.messages": 1000000}))
-    c.subscribe([args.input])
+    c, p = clients(args)
     done, started = 0, time.time()
     while done < args.events:
         msgs = c.consume(args.batch, 0.5)

@@ -47,14 +47,26 @@ fn survivor_takes_over_partitions_with_twins_restored() {
     verdicts.until("verdicts for everything", |r| verdicts_by_coords(r).len() >= valid.len());
     a.stop();
 
-    let expected = reference_twins(&cfg, &recs, &coords);
-    let got = changelog_twins(&cfg);
+    // b's devices continued from b's state: their event counts span both halves.
+    let by = assert_twins_and_verdicts(&cfg, &recs, &coords, &verdicts);
+    assert!(by.keys().any(|(p, _)| b_parts.contains(p)));
+}
+
+/// The final twins equal an uninterrupted run's, and a re-emitted verdict is an
+/// exact repeat; returns the verdicts by input coordinates.
+fn assert_twins_and_verdicts(
+    cfg: &twinguard::config::Config,
+    recs: &[twinguard::tools::sim::SimRecord],
+    coords: &[(i32, i64)],
+    verdicts: &Reader,
+) -> std::collections::HashMap<(i32, i64), Vec<(Vec<u8>, Vec<u8>)>> {
+    let expected = reference_twins(cfg, recs, coords);
+    let got = changelog_twins(cfg);
     assert_eq!(got.len(), expected.len());
     assert_twins_equal(&expected, &got);
-    // b's devices continued from b's state: their event counts span both halves.
     let by = verdicts_by_coords(&verdicts.records);
     assert!(by.values().all(|c| c.iter().all(|x| x == &c[0])), "duplicates only as exact repeats");
-    assert!(by.keys().any(|(p, _)| b_parts.contains(p)));
+    by
 }
 
 /// Per stream worker of a process (`worker{id=N}` in its log), the input
@@ -137,11 +149,5 @@ fn instances_of_two_workers_split_and_take_over_partitions() {
     coords.extend(produce(&cfg, second));
     verdicts.until("verdicts for everything", |r| verdicts_by_coords(r).len() >= recs.len());
     a.stop();
-
-    let expected = reference_twins(&cfg, &recs, &coords);
-    let got = changelog_twins(&cfg);
-    assert_eq!(got.len(), expected.len());
-    assert_twins_equal(&expected, &got);
-    let by = verdicts_by_coords(&verdicts.records);
-    assert!(by.values().all(|c| c.iter().all(|x| x == &c[0])), "duplicates only as exact repeats");
+    assert_twins_and_verdicts(&cfg, &recs, &coords, &verdicts);
 }
