@@ -9,11 +9,18 @@
 //! memory per twin (glibc malloc, this machine), and the apply rate; then the
 //! changelog size per twin and the restore time.
 //!
+//! Then SQL over the twins of `TWINGUARD_SCALE_SQL` devices (default 1,000,000): the
+//! operator's twins handed to the SQL view as a restore hands them, the time until
+//! the view publishes them all, its Arrow size, and the latency of two queries
+//! through the same DataFusion session the SQL endpoint serves.
+//!
 //! Run (outside CI): `cargo bench --workspace --profile dev --bench scale`
 //! (`TWINGUARD_SCALE_TWINS=10000,100000,1000000` sets the sizes, `TWINGUARD_SCALE_RESTORE`
 //! the restored twins, default 100000).
 
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use twinguard::tools::sim::{SimConfig, Simulator};
 use twinguard_operators::{TwinConfig, TwinOperator};
@@ -104,4 +111,54 @@ fn main() {
             fresh.store().len() as f64 / secs
         );
     }
+    for n in sizes("TWINGUARD_SCALE_SQL", "1000000") {
+        sql_over(&schema, &dec, n);
+    }
+}
+
+/// The twins of `n` devices in the SQL view: publication time, size, query latency.
+fn sql_over(schema: &EventSchema, dec: &Decoder, n: usize) {
+    let (op, _, _) = build(schema, dec, n, false);
+    let mut cfg = twinguard::config::Config::default();
+    cfg.schema.name = Some(schema.id());
+    let view = twinguard::sql::view::SqlView::new(cfg.sql.recent_rows);
+    let feed = twinguard::sql::view::ViewFeed::for_config(view.clone(), &cfg).expect("view feed");
+    let metrics = Arc::new(twinguard::Metrics::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let twins: Vec<_> = op.store().iter().collect();
+    for chunk in twins.chunks(CHUNK) {
+        feed.restored(chunk);
+    }
+    let status = twinguard::app::serve::status_fn(twinguard::app::serve::Mode::Pipeline, metrics.clone());
+    let refresher = view.spawn_refresher(Duration::from_millis(100), status, metrics, stop.clone()).expect("refresher");
+    while view.twins_rows() < twins.len() as u64 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let published = started.elapsed().as_secs_f64();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ctx = twinguard::sql::server::session_context(&view, 4 << 30).expect("session");
+    let timed = |q: &str| {
+        let mut ms: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                rt.block_on(async { ctx.sql(q).await.unwrap().collect().await.unwrap() });
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        ms[2]
+    };
+    let count = timed("select count(*), max(risk) from twins");
+    let top = timed("select device_id, risk from twins order by risk desc limit 10");
+    println!(
+        "sql: {} twins published in {:.1} s ({:.0} MiB of Arrow); median of 5: count + max {:.1} ms, top 10 by risk {:.1} ms",
+        view.twins_rows(),
+        published,
+        view.twins_bytes() as f64 / (1 << 20) as f64,
+        count,
+        top
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = refresher.join();
 }
