@@ -422,6 +422,17 @@ impl Forest {
         self.feat.len()
     }
 
+    /// The leaf `row` reaches from the tree at `root` (its node index).
+    fn leaf(&self, root: u32, row: &[f32]) -> usize {
+        let mut n = root as usize;
+        let mut f = self.feat[n];
+        while f != LEAF {
+            n = if row[f as usize] <= self.thr[n] { self.left[n] } else { self.right[n] } as usize;
+            f = self.feat[n];
+        }
+        n
+    }
+
     /// Class probabilities for one row: the mean over trees of the class distribution
     /// of the leaf the row falls into. Writes `n_classes` values into `out`.
     ///
@@ -432,13 +443,7 @@ impl Forest {
         out.fill(0.0);
         let k = self.n_classes;
         for &root in &self.roots {
-            let mut n = root as usize;
-            let mut f = self.feat[n];
-            while f != LEAF {
-                n = if row[f as usize] <= self.thr[n] { self.left[n] } else { self.right[n] } as usize;
-                f = self.feat[n];
-            }
-            let l = self.left[n] as usize * k;
+            let l = self.left[self.leaf(root, row)] as usize * k;
             for (o, p) in out.iter_mut().zip(&self.leaf_proba[l..l + k]) {
                 *o += p;
             }
@@ -461,13 +466,7 @@ impl Forest {
         out.fill(0.0);
         for &root in &self.roots {
             for (row, o) in rows.chunks_exact(f).zip(out.chunks_exact_mut(k)) {
-                let mut n = root as usize;
-                let mut feat = self.feat[n];
-                while feat != LEAF {
-                    n = if row[feat as usize] <= self.thr[n] { self.left[n] } else { self.right[n] } as usize;
-                    feat = self.feat[n];
-                }
-                let l = self.left[n] as usize * k;
+                let l = self.left[self.leaf(root, row)] as usize * k;
                 for (o, p) in o.iter_mut().zip(&self.leaf_proba[l..l + k]) {
                     *o += p;
                 }

@@ -216,7 +216,7 @@ impl Decoder {
         slots: &mut Vec<Option<Value>>,
         row: &mut Vec<Cell>,
     ) -> Result<(String, i64), (RejectCode, String)> {
-        slots.iter_mut().for_each(|s| *s = None);
+        slots.fill(None);
         let bytes = match rec.payload {
             None | Some([]) => return Err((RejectCode::Empty, "record has no value".into())),
             Some(b) => b,
@@ -232,7 +232,7 @@ impl Decoder {
         // The common record through the fast scanner (`decode_fast.rs`); anything
         // else, and every reason for a reject, through serde_json.
         if !crate::decode_fast::object(bytes, &self.index, slots) {
-            slots.iter_mut().for_each(|s| *s = None);
+            slots.fill(None);
             let mut de = serde_json::Deserializer::from_slice(bytes);
             let parsed = ObjectSeed { index: &self.index, slots }
                 .deserialize(&mut de)

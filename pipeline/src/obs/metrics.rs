@@ -143,48 +143,62 @@ impl Metrics {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Relaxed)
     }
-    /// Change this thread's worker's gauges, then recompute the instance's.
-    fn worker_set(&self, f: impl FnOnce(&mut WorkerGauges)) {
+    /// Change this thread's worker's gauges with `f`, then recompute from every
+    /// worker's the instance gauge it touched with `combine` (only that one: the
+    /// heartbeat is set on every turn of the core loop).
+    fn worker_set(&self, f: impl FnOnce(&mut WorkerGauges), combine: impl FnOnce(&Self, &BTreeMap<usize, WorkerGauges>)) {
         let mut w = self.workers.lock().expect("workers lock");
         f(w.entry(WORKER.with(Cell::get)).or_default());
-        let owned: BTreeSet<i32> = w.values().flat_map(|g| g.owned.iter().copied()).collect();
-        *self.owned.lock().expect("owned lock") = owned.into_iter().collect();
-        *self.lag.lock().expect("lag lock") = w.values().flat_map(|g| g.lag.iter().map(|(p, l)| (*p, *l))).collect();
-        self.twins.store(w.values().map(|g| g.twins).sum(), Relaxed);
-        self.twin_mem_bytes.store(w.values().map(|g| g.mem).sum(), Relaxed);
+        combine(self, &w);
+    }
+    fn combine_ready(&self, w: &BTreeMap<usize, WorkerGauges>) {
         self.ready.store(i64::from(w.values().all(|g| g.ready)), Relaxed);
+    }
+    fn combine_beat(&self, w: &BTreeMap<usize, WorkerGauges>) {
         self.heartbeat_ms.store(w.values().map(|g| g.beat).min().unwrap_or(0), Relaxed);
     }
-    /// An instance of `n` stream workers: not ready until each of them is.
+    /// An instance of `n` stream workers: not ready, and not beating, until each of them is.
     pub fn expect_workers(&self, n: usize) {
         let mut w = self.workers.lock().expect("workers lock");
         for id in 0..n {
             w.entry(id).or_default();
         }
-        drop(w);
-        self.worker_set(|_| {});
+        self.combine_ready(&w);
+        self.combine_beat(&w);
     }
     /// The partitions this worker owns (input) or reads (changelog, `twinguard sql`).
     pub fn set_owned(&self, parts: Vec<i32>) {
-        self.worker_set(|g| g.owned = parts);
+        self.worker_set(
+            |g| g.owned = parts,
+            |m, w| {
+                let owned: BTreeSet<i32> = w.values().flat_map(|g| g.owned.iter().copied()).collect();
+                *m.owned.lock().expect("owned lock") = owned.into_iter().collect();
+            },
+        );
     }
     /// This worker's twins and their memory (`None`: unchanged).
     pub fn set_twins(&self, twins: usize, mem_bytes: Option<usize>) {
-        self.worker_set(|g| {
-            g.twins = twins as i64;
-            if let Some(b) = mem_bytes {
-                g.mem = b as i64;
-            }
-        });
+        self.worker_set(
+            |g| {
+                g.twins = twins as i64;
+                if let Some(b) = mem_bytes {
+                    g.mem = b as i64;
+                }
+            },
+            |m, w| {
+                m.twins.store(w.values().map(|g| g.twins).sum(), Relaxed);
+                m.twin_mem_bytes.store(w.values().map(|g| g.mem).sum(), Relaxed);
+            },
+        );
     }
     /// This worker is ready (its partitions assigned and restored) or not.
     pub fn set_ready(&self, ready: bool) {
-        self.worker_set(|g| g.ready = ready);
+        self.worker_set(|g| g.ready = ready, Self::combine_ready);
     }
     /// This worker made progress now (liveness).
     pub fn beat(&self) {
         let now = chrono::Utc::now().timestamp_millis();
-        self.worker_set(|g| g.beat = now);
+        self.worker_set(|g| g.beat = now, Self::combine_beat);
     }
     pub fn owned(&self) -> Vec<i32> {
         self.owned.lock().expect("owned lock").clone()
@@ -194,7 +208,10 @@ impl Metrics {
     }
     /// Replace this worker's per-partition lag figures.
     pub fn set_lag(&self, lag: BTreeMap<i32, i64>) {
-        self.worker_set(|g| g.lag = lag);
+        self.worker_set(
+            |g| g.lag = lag,
+            |m, w| *m.lag.lock().expect("lag lock") = w.values().flat_map(|g| g.lag.iter().map(|(p, l)| (*p, *l))).collect(),
+        );
     }
     pub fn lag(&self) -> BTreeMap<i32, i64> {
         self.lag.lock().expect("lag lock").clone()
