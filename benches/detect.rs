@@ -7,7 +7,8 @@
 //! The model is trained first on the WUSTL training split with the default
 //! `twinguard train` settings (its training time is printed).
 //!
-//! Run: `cargo bench -p twinguard --bench detect` (results in benches/RESULTS.md).
+//! Run: `cargo bench -p twinguard --bench detect` (results in benches/RESULTS.md);
+//! `TWINGUARD_BENCH_MODEL=DIR` scores with the model in `DIR` instead of training one.
 
 use std::path::Path;
 use std::time::Instant;
@@ -53,14 +54,22 @@ fn benches(c: &mut Criterion) {
         },
         out: out.clone(),
     };
-    let t0 = Instant::now();
-    let (artifact, _) = train::run_train(&job, &mut |p| match p {
-        train::Progress::Step(m) => eprintln!("{m}"),
-        train::Progress::Status(m) => eprint!("\r{m}"),
-        train::Progress::StatusEnd => eprintln!(),
-    })
-    .unwrap();
-    eprintln!("training + held-out scoring took {:.1} s", t0.elapsed().as_secs_f64());
+    // `TWINGUARD_BENCH_MODEL=DIR`: score with a model trained before (its
+    // `model.json`) instead of training one here (3–4 minutes).
+    let artifact = match std::env::var_os("TWINGUARD_BENCH_MODEL") {
+        Some(dir) => twinguard_models::artifact::Artifact::load(Path::new(&dir)).unwrap(),
+        None => {
+            let t0 = Instant::now();
+            let (artifact, _) = train::run_train(&job, &mut |p| match p {
+                train::Progress::Step(m) => eprintln!("{m}"),
+                train::Progress::Status(m) => eprint!("\r{m}"),
+                train::Progress::StatusEnd => eprintln!(),
+            })
+            .unwrap();
+            eprintln!("training + held-out scoring took {:.1} s", t0.elapsed().as_secs_f64());
+            artifact
+        }
+    };
     let e = &artifact.ensemble;
 
     // Events 4096..5120 after 4096 events of warm twins; their twin snapshot.

@@ -7,16 +7,20 @@
 //! leaf value −G/(H+λ) × learning rate. Early stopping on a seeded, stratified
 //! slice of the training rows (10 %, as scikit-learn does above 10,000 rows): the
 //! model keeps the rounds up to its best held-out log-loss. Deterministic for a
-//! seed. Scored per event from flat arrays (`x <= thr` goes left, NaN goes right).
+//! seed. Stored as flat arrays (`x <= thr` goes left, NaN goes right), scored
+//! through their scoring layout (`walk.rs`).
 //!
 //! Why written here rather than taken from a crate: see ARCHITECTURE.md
 //! ("Models"): the candidates were compared there.
+
+use std::sync::OnceLock;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::hist::Bins;
+use crate::walk::{Flat, Walk};
 use crate::{Matrix, ModelError};
 
 const LEAF: u32 = u32::MAX;
@@ -58,6 +62,10 @@ pub struct Booster {
     left: Vec<u32>,
     right: Vec<u32>,
     value: Vec<f32>,
+    /// The scoring layout, built on first use (never stored); a leaf's payload
+    /// is the bits of its value.
+    #[serde(skip)]
+    walk: OnceLock<Walk>,
 }
 
 struct Grow<'a> {
@@ -183,7 +191,7 @@ impl Booster {
         let base = (prior / (1.0 - prior)).ln();
         let mut b = match init {
             Some(b) => b.clone(),
-            None => Booster { n_features: x.cols, base: base as f32, roots: Vec::new(), feat: Vec::new(), thr: Vec::new(), left: Vec::new(), right: Vec::new(), value: Vec::new() },
+            None => Booster { n_features: x.cols, base: base as f32, roots: Vec::new(), feat: Vec::new(), thr: Vec::new(), left: Vec::new(), right: Vec::new(), value: Vec::new(), walk: OnceLock::new() },
         };
         let start = |row: &[f32]| f64::from(b.base) + b.roots.iter().map(|&r| f64::from(b.tree_value(r as usize, row))).sum::<f64>();
         let mut raw: Vec<f64> = (0..xf.rows).map(|i| start(xf.row(i))).collect();
@@ -229,6 +237,9 @@ impl Booster {
         Ok(b)
     }
 
+    /// The value of the leaf `row` reaches in the tree at `root`, over the stored
+    /// arrays: for training, while trees are still being added (scoring uses
+    /// [`walk`](Self::walk)).
     fn tree_value(&self, root: usize, row: &[f32]) -> f32 {
         let mut n = root;
         let mut f = self.feat[n];
@@ -239,26 +250,35 @@ impl Booster {
         self.value[n]
     }
 
+    /// The trees in their scoring layout (built once the booster is complete).
+    fn walk(&self) -> &Walk {
+        self.walk.get_or_init(|| {
+            let flat = Flat { roots: &self.roots, feat: &self.feat, thr: &self.thr, left: &self.left, right: &self.right };
+            Walk::build(&flat, |n| self.value[n].to_bits())
+        })
+    }
+
     /// P(attack) of one standardised row. Panics when its length is not the
     /// booster's feature count.
     pub fn predict_row(&self, row: &[f32]) -> f32 {
         assert_eq!(row.len(), self.n_features, "row length does not match the booster's features");
-        let z: f32 = self.base + self.roots.iter().map(|&r| self.tree_value(r as usize, row)).sum::<f32>();
+        let walk = self.walk();
+        let z: f32 = self.base + (0..walk.trees()).map(|t| f32::from_bits(walk.leaf(t, row))).sum::<f32>();
         1.0 / (1.0 + (-z).exp())
     }
 
     /// [`predict_row`](Self::predict_row) for `n` rows at once (`rows` row-major,
-    /// `out` n long), tree by tree (the tree's nodes stay in cache); the same sum
+    /// `out` n long), tree by tree (the tree's nodes stay in cache), several rows
+    /// side by side; the same sum
     /// in the same order as row by row, so the same bits.
     pub fn predict_rows(&self, rows: &[f32], out: &mut [f32]) {
         let f = self.n_features;
         assert_eq!(rows.len(), out.len() * f, "rows do not match the booster's features and the output");
         // `Sum` for f32 folds from -0.0: start there so the bits match predict_row.
         out.fill(-0.0);
-        for &root in &self.roots {
-            for (row, o) in rows.chunks_exact(f).zip(out.iter_mut()) {
-                *o += self.tree_value(root as usize, row);
-            }
+        let walk = self.walk();
+        for tree in 0..walk.trees() {
+            walk.each_leaf(tree, rows, f, |i, leaf| out[i] += f32::from_bits(leaf));
         }
         for o in out.iter_mut() {
             *o = 1.0 / (1.0 + (-(self.base + *o)).exp());
@@ -274,7 +294,7 @@ impl Booster {
             return Err(ModelError::Data(format!("cannot average a booster of {} features with one of {}", p.n_features, first.n_features)));
         }
         let inv = 1.0 / parts.len() as f32;
-        let mut m = Booster { n_features: first.n_features, base: 0.0, roots: vec![], feat: vec![], thr: vec![], left: vec![], right: vec![], value: vec![] };
+        let mut m = Booster { n_features: first.n_features, base: 0.0, roots: vec![], feat: vec![], thr: vec![], left: vec![], right: vec![], value: vec![], walk: OnceLock::new() };
         for p in parts {
             let node0 = m.feat.len() as u32;
             m.base += inv * p.base;
@@ -298,6 +318,7 @@ impl Booster {
         for v in &mut self.value[first_node..] {
             *v *= factor;
         }
+        self.walk = OnceLock::new();
         self
     }
 

@@ -19,7 +19,7 @@
 //! is ~300 lines, deterministic for a seed whatever the thread count (trees are
 //! seeded by index and assembled in order), and shares its binning with the
 //! gradient-boosted member.
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hist::Bins;
 use crate::{Matrix, ModelError};
+use crate::walk::{Flat, Walk};
 
 const LEAF: u32 = u32::MAX;
 
@@ -100,6 +101,9 @@ pub struct Forest {
     right: Vec<u32>,
     leaf_proba: Vec<f32>,
     importance: Vec<f32>,
+    /// The scoring layout, built on first use (never stored).
+    #[serde(skip)]
+    walk: OnceLock<Walk>,
 }
 
 fn param_err(name: &'static str, why: impl Into<String>) -> ModelError {
@@ -381,6 +385,7 @@ impl Forest {
             right: Vec::new(),
             leaf_proba: Vec::new(),
             importance: vec![0.0; x.cols],
+            walk: OnceLock::new(),
         };
         let mut importance = vec![0f64; x.cols];
         for (t, g) in grown.into_iter().enumerate() {
@@ -422,15 +427,12 @@ impl Forest {
         self.feat.len()
     }
 
-    /// The leaf `row` reaches from the tree at `root` (its node index).
-    fn leaf(&self, root: u32, row: &[f32]) -> usize {
-        let mut n = root as usize;
-        let mut f = self.feat[n];
-        while f != LEAF {
-            n = if row[f as usize] <= self.thr[n] { self.left[n] } else { self.right[n] } as usize;
-            f = self.feat[n];
-        }
-        n
+    /// The trees in their scoring layout; a leaf's payload is its leaf number.
+    fn walk(&self) -> &Walk {
+        self.walk.get_or_init(|| {
+            let flat = Flat { roots: &self.roots, feat: &self.feat, thr: &self.thr, left: &self.left, right: &self.right };
+            Walk::build(&flat, |n| self.left[n])
+        })
     }
 
     /// Class probabilities for one row: the mean over trees of the class distribution
@@ -442,8 +444,9 @@ impl Forest {
         assert_eq!(out.len(), self.n_classes, "output length does not match the forest's classes");
         out.fill(0.0);
         let k = self.n_classes;
-        for &root in &self.roots {
-            let l = self.left[self.leaf(root, row)] as usize * k;
+        let walk = self.walk();
+        for tree in 0..walk.trees() {
+            let l = walk.leaf(tree, row) as usize * k;
             for (o, p) in out.iter_mut().zip(&self.leaf_proba[l..l + k]) {
                 *o += p;
             }
@@ -456,7 +459,7 @@ impl Forest {
 
     /// [`predict_proba_row`](Self::predict_proba_row) for `n` rows at once (`rows`
     /// row-major, `out` n × classes), tree by tree: one tree's nodes stay in cache
-    /// while every row walks it. Same sums in the same order as row by row, so the
+    /// while every row walks it, several rows side by side. Same sums in the same order as row by row, so the
     /// same bits.
     pub fn predict_proba_rows(&self, rows: &[f32], out: &mut [f32]) {
         let (f, k) = (self.n_features, self.n_classes);
@@ -464,13 +467,14 @@ impl Forest {
         let n = rows.len() / f.max(1);
         assert_eq!(out.len(), n * k, "output length does not match rows × classes");
         out.fill(0.0);
-        for &root in &self.roots {
-            for (row, o) in rows.chunks_exact(f).zip(out.chunks_exact_mut(k)) {
-                let l = self.left[self.leaf(root, row)] as usize * k;
-                for (o, p) in o.iter_mut().zip(&self.leaf_proba[l..l + k]) {
+        let walk = self.walk();
+        for tree in 0..walk.trees() {
+            walk.each_leaf(tree, rows, f, |i, leaf| {
+                let l = leaf as usize * k;
+                for (o, p) in out[i * k..(i + 1) * k].iter_mut().zip(&self.leaf_proba[l..l + k]) {
                     *o += p;
                 }
-            }
+            });
         }
         let inv = 1.0 / self.roots.len() as f32;
         for o in out.iter_mut() {
@@ -490,7 +494,7 @@ impl Forest {
                 p.n_classes, p.n_features
             )));
         }
-        let mut m = Forest { n_classes: k, n_features: d, roots: vec![], feat: vec![], thr: vec![], left: vec![], right: vec![], leaf_proba: vec![], importance: vec![0.0; d] };
+        let mut m = Forest { n_classes: k, n_features: d, roots: vec![], feat: vec![], thr: vec![], left: vec![], right: vec![], leaf_proba: vec![], importance: vec![0.0; d], walk: OnceLock::new() };
         let trees: usize = parts.iter().map(|p| p.roots.len()).sum();
         for p in parts {
             let (node0, leaf0) = (m.feat.len() as u32, (m.leaf_proba.len() / k) as u32);

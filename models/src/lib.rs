@@ -19,6 +19,7 @@ pub mod matrix;
 pub mod metrics;
 pub mod svm;
 pub mod train;
+mod walk;
 
 pub use artifact::{Artifact, ModelCard, Provenance};
 pub use ensemble::{Ensemble, MemberScores, Prepared, Scored, Scratch, Stacker, Standardizer};

@@ -174,7 +174,7 @@ mod calibration_tests {
     fn the_twin_alone_on_wustl_fixed_or_calibrated() {
         let schema = EventSchema::builtin("wustl-flow-vitals/v1").unwrap();
         let spec = crate::DatasetSpec {
-            file: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets/wustl-ehms-2020/train.csv"),
+            file: std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../shared/datasets/wustl-ehms-2020/train.csv"),
             schema: schema.id(),
             devices: 1,
             interval_ms: 100,

@@ -19,7 +19,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use twinguard_schemas::testing::{decode_records, expect_file, golden_float as num};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,7 +51,7 @@ const NOW_MS: i64 = 1_800_000_000_000;
 const WARMUP_EVENTS: u64 = 3;
 
 fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden")
+    std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("golden")
 }
 
 #[test]
