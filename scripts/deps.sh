@@ -88,3 +88,20 @@ ensure_tansu() {
   rm -rf "$tmp"
   tansu --version
 }
+
+# The target directory is shared by every clone on the machine, but cargo records a
+# workspace crate's sources by absolute path: after another clone built there, a
+# build here may check that clone's files, find nothing newer and reuse its binaries
+# (measured: a test binary compiled in another clone ran here, with that clone's
+# paths). So when the last clone to build there was another one, our own five crates
+# are cleaned (the dependencies stay; ours rebuild in ~3-6 min).
+ensure_own_crates_built_here() {
+  local marker="$CARGO_TARGET_DIR/.twinguard-clone" here
+  here=$(pwd -P)
+  if [ -f "$marker" ] && [ "$(cat "$marker")" != "$here" ]; then
+    echo "==> the target dir was last built from $(cat "$marker"): rebuilding twinguard's own crates for $here"
+    cargo clean --locked -p twinguard -p twinguard-schemas -p twinguard-models -p twinguard-operators -p twinguard-train
+  fi
+  mkdir -p "$CARGO_TARGET_DIR"
+  echo "$here" >"$marker"
+}

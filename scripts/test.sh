@@ -24,6 +24,7 @@ command -v psql >/dev/null || ensure_debian_packages postgresql-client
 command -v openssl >/dev/null || ensure_debian_packages openssl
 
 ensure_tansu
+ensure_own_crates_built_here
 
 step "building and running every test (target: $CARGO_TARGET_DIR)"
 cargo test --workspace --locked "$@"

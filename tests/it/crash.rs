@@ -36,7 +36,10 @@ fn kill_9_then_restart(name: &str, workers: usize) {
         p.wait_log(&["starting stream workers", &format!("workers={workers}")]);
     }
     let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
-    verdicts.until("a third of the verdicts", |r| r.len() >= valid.len() / 3);
+    // Kill early: the whole stream takes the pipeline under a second, and the
+    // reader sees verdicts only after a poll, so "a third done" could already be
+    // all of it by the time the signal lands.
+    verdicts.until("the first verdicts", |r| r.len() >= 200);
     p.kill9();
     verdicts.drain_to_end(&cfg, &cfg.topics.verdicts);
     let at_kill = verdicts_by_coords(&verdicts.records).len();
