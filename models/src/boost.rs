@@ -190,7 +190,8 @@ impl Booster {
         let prior = yf.iter().filter(|&&v| v).count() as f64 / yf.len() as f64;
         let base = (prior / (1.0 - prior)).ln();
         let mut b = match init {
-            Some(b) => b.clone(),
+            // Trees are appended below: the clone must not keep `init`'s layout.
+            Some(b) => Booster { walk: OnceLock::new(), ..b.clone() },
             None => Booster { n_features: x.cols, base: base as f32, roots: Vec::new(), feat: Vec::new(), thr: Vec::new(), left: Vec::new(), right: Vec::new(), value: Vec::new(), walk: OnceLock::new() },
         };
         let start = |row: &[f32]| f64::from(b.base) + b.roots.iter().map(|&r| f64::from(b.tree_value(r as usize, row))).sum::<f64>();
@@ -269,8 +270,8 @@ impl Booster {
 
     /// [`predict_row`](Self::predict_row) for `n` rows at once (`rows` row-major,
     /// `out` n long), tree by tree (the tree's nodes stay in cache), several rows
-    /// side by side; the same sum
-    /// in the same order as row by row, so the same bits.
+    /// side by side; the same sum in the same order as row by row, so the same
+    /// bits.
     pub fn predict_rows(&self, rows: &[f32], out: &mut [f32]) {
         let f = self.n_features;
         assert_eq!(rows.len(), out.len() * f, "rows do not match the booster's features and the output");
@@ -373,6 +374,19 @@ mod tests {
         assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
         let c: Booster = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
         assert_eq!(a.predict_row(x.row(7)), c.predict_row(x.row(7)));
+    }
+
+    #[test]
+    fn boosting_on_from_a_scored_booster_scores_every_tree() {
+        let (x, y) = data(800, 3);
+        let a = Booster::fit(&x, &y, &BoostParams { rounds: 10, ..BoostParams::default() }, &mut |_, _| {}).unwrap();
+        a.predict_row(x.row(0)); // builds a's scoring layout
+        let b = Booster::fit_from(Some(&a), &x, &y, &BoostParams { rounds: 10, ..BoostParams::default() }, &mut |_, _| {}).unwrap();
+        assert!(b.rounds() > a.rounds(), "no trees were added");
+        for i in 0..50 {
+            let z = b.base + b.roots.iter().map(|&r| b.tree_value(r as usize, x.row(i))).sum::<f32>();
+            assert_eq!(b.predict_row(x.row(i)).to_bits(), (1.0 / (1.0 + (-z).exp())).to_bits(), "row {i}");
+        }
     }
 
     #[test]

@@ -26,8 +26,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::hist::Bins;
-use crate::{Matrix, ModelError};
 use crate::walk::{Flat, Walk};
+use crate::{Matrix, ModelError};
 
 const LEAF: u32 = u32::MAX;
 
@@ -459,8 +459,8 @@ impl Forest {
 
     /// [`predict_proba_row`](Self::predict_proba_row) for `n` rows at once (`rows`
     /// row-major, `out` n × classes), tree by tree: one tree's nodes stay in cache
-    /// while every row walks it, several rows side by side. Same sums in the same order as row by row, so the
-    /// same bits.
+    /// while every row walks it, several rows side by side. Same sums in the same
+    /// order as row by row, so the same bits.
     pub fn predict_proba_rows(&self, rows: &[f32], out: &mut [f32]) {
         let (f, k) = (self.n_features, self.n_classes);
         assert_eq!(rows.len() % f.max(1), 0, "rows do not match the forest's features");
