@@ -25,7 +25,7 @@ fn kill_9_then_restart(name: &str, workers: usize) {
     cfg.engine.workers = Some(workers);
     // Small batches: many commit points, so the kill lands between and inside them.
     cfg.batch.max_records = 50;
-    let recs = sim_records(30, 20_000, 5, 0.01);
+    let recs = sim_records(30, 60_000, 5, 0.01);
     let coords = produce(&cfg, &recs);
     let valid: HashSet<(i32, i64)> =
         recs.iter().zip(&coords).filter(|(r, _)| !matches!(r.truth, Truth::Malformed(_))).map(|(_, c)| *c).collect();
@@ -36,9 +36,9 @@ fn kill_9_then_restart(name: &str, workers: usize) {
         p.wait_log(&["starting stream workers", &format!("workers={workers}")]);
     }
     let mut verdicts = Reader::new(&cfg, &cfg.topics.verdicts);
-    // Kill early: the whole stream takes the pipeline under a second, and the
-    // reader sees verdicts only after a poll, so "a third done" could already be
-    // all of it by the time the signal lands.
+    // Kill early, on a long stream: 20,000 events took the pipeline about a second,
+    // and the reader sees verdicts only after a poll, so "a third done" (and once
+    // even "200 done") was already all of it by the time the signal landed.
     verdicts.until("the first verdicts", |r| r.len() >= 200);
     p.kill9();
     verdicts.drain_to_end(&cfg, &cfg.topics.verdicts);
