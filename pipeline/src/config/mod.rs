@@ -348,7 +348,7 @@ impl Default for TopicsConfig {
 }
 
 /// How an instance spreads its partitions over threads.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Stream workers (like Kafka Streams' `num.stream.threads`): each is a member
@@ -357,6 +357,17 @@ pub struct EngineConfig {
     /// per-partition guarantee holds as between instances. Unset: the cores
     /// available to this process.
     pub workers: Option<usize>,
+    /// How long a stopping worker waits to leave the consumer group (final commit,
+    /// unsubscribe, close) before it stops without it: outputs and offsets are
+    /// stored by then, and the group notices the member gone after its session
+    /// timeout instead. librdkafka does not bound these steps itself.
+    pub close_timeout_secs: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { workers: None, close_timeout_secs: 30 }
+    }
 }
 
 /// The most stream workers one instance runs.

@@ -46,6 +46,9 @@ impl Config {
                 return Err(PipelineError::config("engine.workers", format!("must be 1..={}, got {n}", super::MAX_WORKERS)));
             }
         }
+        if self.engine.close_timeout_secs == 0 {
+            return Err(PipelineError::config("engine.close_timeout_secs", "must be at least 1"));
+        }
         if self.batch.max_inflight_batches == 0 {
             return Err(PipelineError::config("batch.max_inflight_batches", "must be at least 1"));
         }

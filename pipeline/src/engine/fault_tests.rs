@@ -222,3 +222,51 @@ fn oversized_and_undecodable_changelog_records_are_quarantined() {
     assert!(matches!(engine::restore_verdict("dev", Some(b"{}"), 4096, foreign), engine::Restore::Fatal(_)));
     assert!(matches!(engine::restore_verdict("dev", None, 4096, |_, _| Ok(())), engine::Restore::Done), "a tombstone restores");
 }
+
+/// A broker that stops answering while a worker leaves the group (a close hang
+/// was seen against tansu): the worker stops within `engine.close_timeout_secs`
+/// naming the step it was stuck in, instead of waiting on librdkafka, whose
+/// synchronous commit and close are not bounded.
+#[test]
+fn leaving_the_group_is_bounded_when_the_broker_stops_answering() {
+    let mock = MockCluster::new(1).unwrap();
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = mock.bootstrap_servers();
+    cfg.kafka.group_id = "close".into();
+    cfg.topics.create = false;
+    cfg.batch.max_records = 40;
+    cfg.engine.close_timeout_secs = 2;
+    for (t, _) in cfg.topics.all() {
+        mock.create_topic(t, 2, 1).unwrap();
+    }
+    let mut sc = SimConfig::new(4, 120, 9);
+    sc.malformed_rate = 0.0;
+    let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
+    let n = produce::produce_all(&cfg, &cfg.topics.input, recs, None, |_, _| {}).unwrap().len() as u64;
+    let metrics = Arc::new(Metrics::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
+        std::thread::spawn(move || engine::run(&cfg, metrics, stop))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while metrics.verdicts_out.load(Ordering::Relaxed) < n || metrics.offsets_stored.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "{} of {n} verdicts", metrics.verdicts_out.load(Ordering::Relaxed));
+        assert!(!handle.is_finished(), "pipeline stopped early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every answer from the broker now takes ten minutes.
+    mock.broker_round_trip_time(1, Duration::from_secs(600)).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    // Unbounded, the final commit alone would wait out socket.timeout.ms (60 s)
+    // and the close after it longer still.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while !handle.is_finished() {
+        assert!(Instant::now() < deadline, "the worker did not stop: leaving the group is not bounded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = handle.join().unwrap().unwrap();
+    assert_eq!(report.close_timed_out, Some("the final commit"), "{report:?}");
+    assert_eq!(report.twins, 4, "the report is taken before the close drops the partitions");
+    std::mem::forget(mock); // the left-behind close still talks to it
+}

@@ -1,7 +1,8 @@
 //! The streaming spine: source → decode → twin update → verdicts/DLQ → sink, with
 //! offsets stored only after every output derived from them is acknowledged.
 //!
-//! Threads (all owned and joined; no detached work):
+//! Threads (all owned and joined; the one exception is a close that outlives
+//! `engine.close_timeout_secs`, see `close.rs`):
 //! - the **core** thread (the caller of [`run`]): polls the consumer (rebalance
 //!   callbacks run here too), closes per-partition micro-batches by size or linger
 //!   time, decodes, applies them to the twins and hands verdicts and dead letters to
@@ -144,6 +145,8 @@ struct Shared {
     /// bulk of verdicts, audit and changelog records (response time).
     command_producer: Arc<dyn RecordSink>,
     to_changelog: Mutex<Option<SyncSender<Job>>>,
+    /// Where leaving the group at the end of the run is (`close.rs`).
+    closing: close::Closing,
     /// The SQL tables, when served: fed with twin rows and outputs.
     observer: Option<Arc<dyn StateObserver>>,
     /// Published model versions to switch to (`model.follow`).
@@ -194,6 +197,10 @@ pub struct RunReport {
     pub twin_mem_bytes: usize,
     /// (twins whose desired state equals their reported state, twins with a desired state).
     pub reconciled: (usize, usize),
+    /// Leaving the consumer group did not finish within `engine.close_timeout_secs`:
+    /// the step it was stuck in (see `close.rs`). Outputs and offsets were stored
+    /// before; the group notices the member gone after its session timeout.
+    pub close_timed_out: Option<&'static str>,
 }
 
 /// Run the pipeline until `stop` is set (graceful: buffered records are processed,
@@ -279,6 +286,7 @@ pub fn run_workers(
                 total.twin_mem_bytes += r.twin_mem_bytes;
                 total.reconciled.0 += r.reconciled.0;
                 total.reconciled.1 += r.reconciled.1;
+                total.close_timed_out = total.close_timed_out.or(r.close_timed_out);
             }
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
@@ -353,15 +361,8 @@ pub fn run_following(
     let source = Arc::new(KafkaSource { consumer: consumer.clone(), input: cfg.topics.input.clone(), acks: cfg.topics.acks.clone() });
     drive(&shared, rx_cl, source)?;
     let _ = control.join();
-    if !shared.failed() {
-        match consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::error::RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => ev::CommitFailed { when: "final", error: &e.to_string() }.emit(),
-        }
-    }
-    consumer.unsubscribe();
-    let report = shared.report();
-    drop(consumer);
+    let mut report = shared.report();
+    close::leave_group(&shared, consumer, &mut report);
     shared.outcome()?;
     Ok(report)
 }
@@ -418,6 +419,7 @@ impl Shared {
             producer,
             command_producer,
             to_changelog: Mutex::new(Some(tx_cl)),
+            closing: close::Closing::default(),
             observer,
             feed,
         });
@@ -432,6 +434,7 @@ impl Shared {
             twins: core.op.twin().store().len(),
             twin_mem_bytes: core.op.twin().store().mem_bytes(),
             reconciled: (commanded.iter().filter(|t| t.response().delta().is_empty()).count(), commanded.len()),
+            close_timed_out: None,
         }
     }
 
@@ -486,6 +489,7 @@ fn drive(shared: &Arc<Shared>, rx_cl: Receiver<Job>, source: Arc<dyn RecordSourc
 
 mod batch;
 pub mod build;
+mod close;
 mod loops;
 pub mod observer;
 mod rebalance;

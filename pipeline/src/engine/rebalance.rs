@@ -142,15 +142,22 @@ impl Shared {
             self.producer.purge();
             self.command_producer.purge();
         } else {
+            self.closing.during("the revoke callback: flushing");
             let mut core = self.core.lock().expect("core lock");
             if let Err(e) = self.flush(&mut core, Some(parts)) {
                 self.fail(format!("flushing revoked partitions: {e}"));
             }
         }
+        self.closing.during("the revoke callback: waiting for outputs");
         self.drain(parts);
-        if let Err(e) = commit() {
-            ev::CommitFailed { when: "on revoke", error: &e }.emit();
+        // Closing after a final commit that succeeded: nothing was stored since.
+        if !self.closing.committed() {
+            self.closing.during("the revoke callback: committing");
+            if let Err(e) = commit() {
+                ev::CommitFailed { when: "on revoke", error: &e }.emit();
+            }
         }
+        self.closing.during("the revoke callback: dropping the partitions' twins");
         // The twins go with the partition: whoever owns it next (this instance
         // included) restores them from the changelog, which now holds all of them.
         let mut core = self.core.lock().expect("core lock");

@@ -284,6 +284,25 @@ impl StartsSuspended {
     }
 }
 
+/// Leaving the consumer group at the end of a run (final commit, unsubscribe,
+/// close) did not finish within `engine.close_timeout_secs`; the worker went on
+/// without it.
+pub struct CloseTimedOut {
+    pub step: &'static str,
+    pub secs: u64,
+}
+
+impl CloseTimedOut {
+    pub fn emit(&self) {
+        note("CloseTimedOut");
+        tracing::warn!(
+            step = self.step,
+            after_secs = self.secs,
+            "leaving the consumer group did not finish in time; stopping without it (outputs and offsets were stored before; the group notices this member gone after session.timeout.ms)"
+        );
+    }
+}
+
 /// SIGINT or SIGTERM: the process stops after its in-flight batches.
 pub struct StopRequested {
     pub signal: &'static str,
