@@ -6,7 +6,9 @@
 //!
 //! Reports per N: twins, the store's own accounting (`mem_bytes`, what the
 //! `twin_mem_bytes` metric shows) per twin, the growth of the process's resident
-//! memory per twin (glibc malloc, this machine), and the apply rate; then the
+//! memory per twin (glibc malloc, this machine) while the twins are built (from
+//! after the simulator set up its N devices: ~0.5 KB each, which a pipeline does
+//! not hold), and the apply rate; then the
 //! changelog size per twin and the restore time.
 //!
 //! Then SQL over the twins of `TWINGUARD_SCALE_SQL` devices (default 1,000,000): the
@@ -39,8 +41,10 @@ fn sizes(var: &str, default: &str) -> Vec<usize> {
 }
 
 /// An operator holding the twins of `n` simulated devices, the newest changelog
-/// record of each (what compaction keeps) when asked, and the seconds it took.
-fn build(schema: &EventSchema, dec: &Decoder, n: usize, keep_changelog: bool) -> (TwinOperator, Vec<twinguard_operators::ChangelogRecord>, f64) {
+/// record of each (what compaction keeps) when asked, the seconds it took, and the
+/// growth of resident memory (KiB) while the twins were built: measured from after
+/// the simulator set up its `n` devices, which a pipeline does not hold.
+fn build(schema: &EventSchema, dec: &Decoder, n: usize, keep_changelog: bool) -> (TwinOperator, Vec<twinguard_operators::ChangelogRecord>, f64, u64) {
     // Four events per device on average: nearly every device gets a twin.
     let mut sc = SimConfig::new(n, 4 * n, 17);
     sc.start_ms = 1_750_000_000_000;
@@ -50,6 +54,7 @@ fn build(schema: &EventSchema, dec: &Decoder, n: usize, keep_changelog: bool) ->
     let mut op = TwinOperator::new(schema, cfg);
     let mut changelog = std::collections::BTreeMap::new();
     let mut sim = Simulator::new(sc);
+    let rss0 = rss_kib();
     let started = Instant::now();
     let mut offset = 0i64;
     loop {
@@ -71,7 +76,8 @@ fn build(schema: &EventSchema, dec: &Decoder, n: usize, keep_changelog: bool) ->
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    (op, changelog.into_values().collect(), secs)
+    let grown = rss_kib().saturating_sub(rss0);
+    (op, changelog.into_values().collect(), secs, grown)
 }
 
 fn main() {
@@ -80,9 +86,7 @@ fn main() {
     println!("| twins | store mem_bytes per twin | resident memory growth | per twin | apply rate |");
     println!("| --- | --- | --- | --- | --- |");
     for n in sizes("TWINGUARD_SCALE_TWINS", "10000,100000,1000000") {
-        let before = rss_kib();
-        let (op, _, secs) = build(&schema, &dec, n, false);
-        let grown = rss_kib().saturating_sub(before);
+        let (op, _, secs, grown) = build(&schema, &dec, n, false);
         let twins = op.store().len();
         println!(
             "| {twins} | {} B | {:.1} MiB | {} B | {:.0} events/s |",
@@ -94,7 +98,7 @@ fn main() {
         drop(op);
     }
     for n in sizes("TWINGUARD_SCALE_RESTORE", "100000") {
-        let (_, records, _) = build(&schema, &dec, n, true);
+        let (_, records, _, _) = build(&schema, &dec, n, true);
         let bytes: usize = records.iter().map(|r| r.value.as_ref().map_or(0, Vec::len)).sum();
         let mut fresh = TwinOperator::new(&schema, TwinConfig { max_twins: n.max(1), ..TwinConfig::default() });
         let started = Instant::now();
@@ -118,7 +122,7 @@ fn main() {
 
 /// The twins of `n` devices in the SQL view: publication time, size, query latency.
 fn sql_over(schema: &EventSchema, dec: &Decoder, n: usize) {
-    let (op, _, _) = build(schema, dec, n, false);
+    let (op, _, _, _) = build(schema, dec, n, false);
     let mut cfg = twinguard::config::Config::default();
     cfg.schema.name = Some(schema.id());
     let view = twinguard::sql::view::SqlView::new(cfg.sql.recent_rows);

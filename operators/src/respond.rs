@@ -445,7 +445,7 @@ impl Responder {
         let mut due: Vec<(i32, String)> = Vec::new();
         for t in twins.store().iter() {
             if t.response().pending.iter().any(|c| c.expires_ms <= now_ms) {
-                due.push((t.partition, t.device_id.clone()));
+                due.push((t.partition, t.device_id.to_string()));
             }
         }
         due.sort();
@@ -476,7 +476,7 @@ impl Responder {
             v: RESPONSE_VERSION,
             alert_id: format!("command:{}", cmd.command_id),
             kind: AlertKind::CommandUnacknowledged,
-            device_id: twin.device_id.clone(),
+            device_id: twin.device_id.to_string(),
             device_type: r.device_type.clone(),
             criticality: r.criticality,
             event_time: fmt_ms(now_ms),

@@ -118,7 +118,7 @@ impl TwinOperator {
             t.risk = if t.score.is_none() { x } else { t.risk + RISK_ALPHA * (x - t.risk) };
             t.score = Some(x);
             if t.class.as_deref() != class {
-                t.class = class.map(str::to_string);
+                t.class = class.map(Str::from);
             }
             self.dirty.insert((partition, device.to_string()));
         }
@@ -192,7 +192,7 @@ impl TwinOperator {
         let mut out = Vec::with_capacity(self.dirty.len() + self.tombstones.len());
         let cap = self.cfg.max_twin_bytes;
         for (p, key) in std::mem::take(&mut self.dirty) {
-            let Some(t) = self.store.partitions.get_mut(&p).and_then(|m| m.get_mut(&key)) else { continue };
+            let Some(t) = self.store.partitions.get_mut(&p).and_then(|m| m.get_mut(key.as_str())) else { continue };
             let mut bytes = t.encode();
             if bytes.len() > cap {
                 t.shed(cap);
@@ -240,7 +240,7 @@ impl TwinOperator {
             let mid = seen.len() / 2;
             let median = *seen.select_nth_unstable(mid).1;
             let cutoff = median.min(now_ms).saturating_sub(ttl.saturating_mul(2));
-            idle.extend(map.iter().filter(|(_, t)| t.last_seen_ms < cutoff && removable(*p, t)).map(|(k, t)| (t.last_seen_ms, *p, k.clone())));
+            idle.extend(map.iter().filter(|(_, t)| t.last_seen_ms < cutoff && removable(*p, t)).map(|(k, t)| (t.last_seen_ms, *p, k.to_string())));
         }
         idle.sort();
         let capped = idle.len().saturating_sub(self.cfg.max_expiries_per_sweep);
@@ -248,7 +248,7 @@ impl TwinOperator {
         let mut removed = 0;
         for (_, p, k) in idle {
             if let Some(m) = self.store.partitions.get_mut(&p) {
-                m.remove(&k);
+                m.remove(k.as_str());
             }
             self.dirty.remove(&(p, k.clone()));
             self.tombstones.push((p, k));
@@ -261,12 +261,12 @@ impl TwinOperator {
                 .store
                 .iter()
                 .filter(|t| removable(t.partition, t))
-                .map(|t| (t.last_seen_ms, t.partition, t.device_id.clone()))
+                .map(|t| (t.last_seen_ms, t.partition, t.device_id.to_string()))
                 .collect();
             all.sort();
             for (_, p, k) in all.into_iter().take(total - self.cfg.max_twins) {
                 if let Some(m) = self.store.partitions.get_mut(&p) {
-                    m.remove(&k);
+                    m.remove(k.as_str());
                 }
                 self.dirty.remove(&(p, k.clone()));
                 self.tombstones.push((p, k));
@@ -287,8 +287,8 @@ impl TwinOperator {
         let map = self.store.partitions.entry(partition).or_default();
         let twin = match map.get_mut(device) {
             Some(tw) => tw,
-            None => map.entry(device.to_string()).or_insert_with(|| {
-                Twin::new(&self.schema_id, device, partition, t, n_metrics, layout.properties.len())
+            None => map.entry(device.into()).or_insert_with(|| {
+                Box::new(Twin::new(&self.schema_id, device, partition, t, n_metrics, layout.properties.len()))
             }),
         };
         if twin.partition == partition && offset <= twin.last_offset {
@@ -301,7 +301,7 @@ impl TwinOperator {
             // if the sweep had removed its twin. The sweep never removes a twin with
             // commands awaiting acknowledgement; such a twin keeps its response state.
             let response = twin.response.take().filter(|r| !r.pending.is_empty());
-            *twin = Twin::new(&self.schema_id, device, partition, t, n_metrics, layout.properties.len());
+            **twin = Twin::new(&self.schema_id, device, partition, t, n_metrics, layout.properties.len());
             twin.response = response;
             self.resets += 1;
         }
@@ -408,12 +408,17 @@ fn identity_drift<'l>(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &'
                 let bd = match twin.bindings.iter_mut().position(|bd| bd.field == *name) {
                     Some(i) => &mut twin.bindings[i],
                     None => {
-                        twin.bindings.push(Binding { field: name.clone(), values: Vec::new() });
+                        // Exact growth here and below: these lists are short, filled
+                        // once, and kept for the device's life (a doubling Vec would
+                        // hold room for 4 where 1 is typical).
+                        twin.bindings.reserve_exact(1);
+                        twin.bindings.push(Binding { field: name.as_str().into(), values: Vec::new() });
                         twin.bindings.last_mut().expect("just pushed")
                     }
                 };
                 if bd.values.len() < cfg.max_bindings_per_field {
-                    bd.values.push(v.to_string());
+                    bd.values.reserve_exact(1);
+                    bd.values.push(v.into());
                 }
             } else {
                 drift.push(name);
@@ -426,7 +431,7 @@ fn identity_drift<'l>(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &'
             continue;
         }
         match &twin.firmware {
-            None => twin.firmware = Some(a.value(row).to_string()),
+            None => twin.firmware = Some(a.value(row).into()),
             Some(h) if h != a.value(row) => drift.push("firmware_hash"),
             Some(_) => {}
         }
@@ -476,7 +481,8 @@ fn learn(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &Layout, cfg: &
         }
         for p in peer_vals {
             if !twin.peers.iter().any(|k| k == p) && twin.peers.len() < cfg.max_peers {
-                twin.peers.push((*p).to_string());
+                twin.peers.reserve_exact(1);
+                twin.peers.push((*p).into());
             }
         }
     }
@@ -504,9 +510,10 @@ fn learn(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &Layout, cfg: &
             continue;
         }
         twin.properties[i] = Some(match kind {
-            FieldKind::String => a.as_any().downcast_ref::<StringArray>().expect("utf8").value(row).to_string(),
-            FieldKind::I64 => a.as_any().downcast_ref::<Int64Array>().expect("i64").value(row).to_string(),
-            FieldKind::F64 => a.as_any().downcast_ref::<Float64Array>().expect("f64").value(row).to_string(),
+            FieldKind::String => a.as_any().downcast_ref::<StringArray>().expect("utf8").value(row).into(),
+            // Display's text (as `to_string` gives), without a heap string.
+            FieldKind::I64 => compact_str::format_compact!("{}", a.as_any().downcast_ref::<Int64Array>().expect("i64").value(row)),
+            FieldKind::F64 => compact_str::format_compact!("{}", a.as_any().downcast_ref::<Float64Array>().expect("f64").value(row)),
         });
     }
 }

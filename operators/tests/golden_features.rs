@@ -14,7 +14,7 @@
 //! ```
 #![cfg(feature = "scoring")]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use twinguard_schemas::testing::{decode_records, expect_file, golden_float as num};
 

@@ -363,7 +363,7 @@ pub fn reference_twins(cfg: &Config, recs: &[SimRecord], coords: &[(i32, i64)]) 
             op.note_verdict(v.source.partition, &v.device_id, v.score, v.attack_class.as_deref());
         }
     }
-    op.store().iter().map(|t| (t.device_id.clone(), t.encode())).collect()
+    op.store().iter().map(|t| (t.device_id.to_string(), t.encode())).collect()
 }
 
 /// Latest changelog value per key.

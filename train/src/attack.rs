@@ -347,7 +347,7 @@ fn with_cloned_identity(schema: &EventSchema, event: &Map<String, Value>, twin: 
     let identity: BTreeSet<&str> = schema.fields.iter().filter(|f| f.role == twinguard_schemas::Role::Identity).map(|f| f.name.as_str()).collect();
     for b in twin.map_or(&[][..], |t| &t.bindings[..]) {
         if let (true, Some(v)) = (identity.contains(b.field.as_str()), b.values.first()) {
-            e.insert(b.field.clone(), Value::from(v.clone()));
+            e.insert(b.field.to_string(), Value::from(v.as_str()));
         }
     }
     e
@@ -383,7 +383,7 @@ fn candidates_scored(det: &mut Detector, decoder: &Decoder, now: i64, at: &Event
         .collect();
     for (id, _) in &events {
         let clone = at.pre.cloned().map(|mut t| {
-            t.device_id = id.clone();
+            t.device_id = id.as_str().into();
             t
         });
         det.twin_mut().store_mut().restore(0, id, clone);

@@ -181,11 +181,26 @@ impl Baseline {
     }
 }
 
+/// A twin's strings (identifiers, addresses, property values, names): up to 24
+/// bytes in place, longer ones on the heap. Most are short (a MAC address, an IP,
+/// a device id, the schema's name), so a twin holds a handful of allocations
+/// instead of one per string; the changelog encoding is a JSON string either way.
+pub type Str = compact_str::CompactString;
+
+/// Heap bytes a [`Str`] holds (none when it fits in place).
+fn heap(s: &Str) -> usize {
+    if s.is_heap_allocated() {
+        s.capacity()
+    } else {
+        0
+    }
+}
+
 /// Learned values of one identity field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Binding {
-    pub field: String,
-    pub values: Vec<String>,
+    pub field: Str,
+    pub values: Vec<Str>,
 }
 
 /// Weight of the newest verdict in a twin's [`Twin::risk`].
@@ -197,8 +212,8 @@ pub struct Twin {
     /// Changelog encoding version.
     pub v: u32,
     /// Event schema (`name/vN`) the twin's vectors are laid out for.
-    pub schema: String,
-    pub device_id: String,
+    pub schema: Str,
+    pub device_id: Str,
     /// Source partition and offset of the last applied event.
     pub partition: i32,
     pub last_offset: i64,
@@ -211,11 +226,11 @@ pub struct Twin {
     /// Identity bindings as learned during warm-up.
     pub bindings: Vec<Binding>,
     /// Communication peers seen in normal behaviour (bounded).
-    pub peers: Vec<String>,
+    pub peers: Vec<Str>,
     /// Firmware hash as first reported.
-    pub firmware: Option<String>,
+    pub firmware: Option<Str>,
     /// Latest reported properties, aligned with the schema's property fields.
-    pub properties: Vec<Option<String>>,
+    pub properties: Vec<Option<Str>>,
     /// Latest reported metric values (raw), aligned with the schema's metrics; NaN
     /// = never reported (null in the changelog).
     #[serde(with = "nan_as_null")]
@@ -247,7 +262,7 @@ pub struct Twin {
     pub risk: f32,
     /// Attack class of the latest verdict, when it was judged an attack.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub class: Option<String>,
+    pub class: Option<Str>,
     /// Per-device calibration (`state.calibration_events`): absent without it.
     /// Boxed: a twin without it pays 8 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,8 +301,8 @@ impl Twin {
     pub(super) fn new(schema: &str, device_id: &str, partition: i32, t: i64, n_metrics: usize, n_props: usize) -> Self {
         Twin {
             v: TWIN_FORMAT_VERSION,
-            schema: schema.to_string(),
-            device_id: device_id.to_string(),
+            schema: schema.into(),
+            device_id: device_id.into(),
             partition,
             last_offset: -1,
             first_seen_ms: t,
@@ -312,25 +327,25 @@ impl Twin {
         }
     }
 
-    /// Approximate heap + inline bytes held by this twin.
+    /// Approximate heap + inline bytes held by this twin (its map slot and the
+    /// allocator's own overhead not included).
     pub fn mem_bytes(&self) -> usize {
-        let s = |x: &String| x.capacity();
         std::mem::size_of::<Self>()
-            + s(&self.schema)
-            + s(&self.device_id)
+            + heap(&self.schema)
+            + heap(&self.device_id)
             + self.bindings.capacity() * std::mem::size_of::<Binding>()
-            + self.bindings.iter().map(|b| s(&b.field) + b.values.capacity() * 24 + b.values.iter().map(s).sum::<usize>()).sum::<usize>()
-            + self.peers.capacity() * 24
-            + self.peers.iter().map(s).sum::<usize>()
-            + self.firmware.as_ref().map_or(0, s)
-            + self.properties.capacity() * 24
-            + self.properties.iter().flatten().map(s).sum::<usize>()
+            + self.bindings.iter().map(|b| heap(&b.field) + b.values.capacity() * std::mem::size_of::<Str>() + b.values.iter().map(heap).sum::<usize>()).sum::<usize>()
+            + self.peers.capacity() * std::mem::size_of::<Str>()
+            + self.peers.iter().map(heap).sum::<usize>()
+            + self.firmware.as_ref().map_or(0, heap)
+            + self.properties.capacity() * std::mem::size_of::<Option<Str>>()
+            + self.properties.iter().flatten().map(heap).sum::<usize>()
             + self.latest.capacity() * std::mem::size_of::<f64>()
             + self.calibration.as_ref().map_or(0, |c| std::mem::size_of::<Calibration>() + c.distances.capacity() * std::mem::size_of::<f32>())
             + self.baselines.capacity() * std::mem::size_of::<Baseline>()
             + self.window.capacity() * std::mem::size_of::<f32>()
             + self.lstm.capacity() * std::mem::size_of::<f32>()
-            + self.class.as_ref().map_or(0, s)
+            + self.class.as_ref().map_or(0, heap)
             + self.response.as_ref().map_or(0, |r| std::mem::size_of::<ResponseState>() + r.mem_bytes())
     }
 
@@ -369,8 +384,18 @@ impl Twin {
 
     /// Parse a changelog value.
     pub fn decode(key: &str, bytes: &[u8]) -> Result<Twin, OperatorError> {
-        let t: Twin = serde_json::from_slice(bytes)
+        let mut t: Twin = serde_json::from_slice(bytes)
             .map_err(|e| OperatorError::Undecodable { key: twinguard_schemas::dlq::clip(key, 128).into_owned(), reason: e.to_string() })?;
+        // Parsed lists grow by doubling: keep only what the twin holds (a restore
+        // brings back every twin of a partition at once).
+        t.bindings.shrink_to_fit();
+        t.bindings.iter_mut().for_each(|b| b.values.shrink_to_fit());
+        t.peers.shrink_to_fit();
+        t.properties.shrink_to_fit();
+        t.latest.shrink_to_fit();
+        t.baselines.shrink_to_fit();
+        t.window.shrink_to_fit();
+        t.lstm.shrink_to_fit();
         if t.v != TWIN_FORMAT_VERSION {
             return Err(OperatorError::Restore { key: key.into(), reason: format!("format v{} unsupported", t.v) });
         }

@@ -25,7 +25,10 @@ pub struct ChangelogRecord {
 /// Twins of the partitions this instance owns.
 #[derive(Debug, Default)]
 pub struct TwinStore {
-    pub(super) partitions: HashMap<i32, HashMap<String, Twin>>,
+    /// Keyed by device id; each twin boxed, so a slot of the map is 32 bytes
+    /// whatever the twin's size (a map grows by doubling: unboxed, the empty half
+    /// after a growth would cost a whole twin per slot).
+    pub(super) partitions: HashMap<i32, HashMap<Str, Box<Twin>>>,
 }
 
 impl TwinStore {
@@ -36,17 +39,17 @@ impl TwinStore {
         self.len() == 0
     }
     pub fn get(&self, partition: i32, device: &str) -> Option<&Twin> {
-        self.partitions.get(&partition)?.get(device)
+        self.partitions.get(&partition)?.get(device).map(|t| &**t)
     }
     /// Mutable access for the operators that keep per-device state inside the twin
     /// (the LSTM's recurrent state). The caller MUST only touch a twin whose event
     /// it is processing in the same batch (it is then already marked for the changelog).
     pub fn get_mut(&mut self, partition: i32, device: &str) -> Option<&mut Twin> {
-        self.partitions.get_mut(&partition)?.get_mut(device)
+        self.partitions.get_mut(&partition)?.get_mut(device).map(|t| &mut **t)
     }
     /// Every twin, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &Twin> {
-        self.partitions.values().flat_map(HashMap::values)
+        self.partitions.values().flat_map(HashMap::values).map(|t| &**t)
     }
     pub fn partitions(&self) -> BTreeSet<i32> {
         self.partitions.keys().copied().collect()
@@ -64,7 +67,7 @@ impl TwinStore {
         let map = self.partitions.entry(partition).or_default();
         match twin {
             Some(t) => {
-                map.insert(key.to_string(), t);
+                map.insert(key.into(), Box::new(t));
             }
             None => {
                 map.remove(key);

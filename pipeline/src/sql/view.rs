@@ -58,7 +58,7 @@ impl StateObserver for ViewFeed {
     }
 
     fn restored(&self, twins: &[&Twin]) {
-        self.view.push_twins(None, twins.iter().map(|t| (t.device_id.clone(), Some(self.rows.row(t).into()))).collect());
+        self.view.push_twins(None, twins.iter().map(|t| (t.device_id.to_string(), Some(self.rows.row(t).into()))).collect());
     }
 
     fn partition_dropped(&self, partition: i32) {

@@ -66,11 +66,11 @@ impl RowMaker {
             }
         }
         let identity: serde_json::Map<String, serde_json::Value> =
-            t.bindings.iter().map(|b| (b.field.clone(), serde_json::json!(b.values))).collect();
+            t.bindings.iter().map(|b| (b.field.to_string(), serde_json::json!(b.values))).collect();
         TwinRow {
-            device_id: t.device_id.clone(),
+            device_id: t.device_id.to_string(),
             partition: t.partition,
-            schema: t.schema.clone(),
+            schema: t.schema.to_string(),
             device_type: r.device_type.clone(),
             criticality: r.criticality.map(|c| c.as_str().to_string()),
             first_seen_ms: t.first_seen_ms,
@@ -80,8 +80,8 @@ impl RowMaker {
             rate_per_s: t.rate_per_s,
             score: t.score.map(f64::from),
             risk: f64::from(t.risk),
-            class: t.class.clone(),
-            firmware: r.reported.get("firmware_hash").cloned().or_else(|| t.firmware.clone()),
+            class: t.class.as_ref().map(ToString::to_string),
+            firmware: r.reported.get("firmware_hash").cloned().or_else(|| t.firmware.as_ref().map(ToString::to_string)),
             reported: json(&r.reported),
             desired: json(&r.desired),
             in_sync: delta.is_empty(),

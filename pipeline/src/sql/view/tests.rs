@@ -211,7 +211,7 @@ fn realistic_fleet(n: usize) -> (Arc<RowMaker>, Vec<Twin>) {
     let twins = (0..n)
         .map(|i| {
             let mut t = tmpl.clone();
-            t.device_id = format!("c6c-{i:07}");
+            t.device_id = format!("c6c-{i:07}").into();
             t.partition = (i % 4) as i32;
             t
         })
@@ -245,9 +245,9 @@ fn sql_view_memory_measure() {
     let mut batch = Vec::new();
     for i in 0..n {
         let mut t = one[0].clone();
-        t.device_id = format!("c6c-{i:07}");
+        t.device_id = format!("c6c-{i:07}").into();
         t.partition = (i % 4) as i32;
-        batch.push((t.device_id.clone(), Some(StagedTwin::from(maker.row(&t)))));
+        batch.push((t.device_id.to_string(), Some(StagedTwin::from(maker.row(&t)))));
         if batch.len() == 2000 {
             view.push_twins(None, std::mem::take(&mut batch));
         }
@@ -268,9 +268,9 @@ fn sql_view_memory_measure() {
     let t1 = Instant::now();
     for i in 0..n {
         let mut t = one[0].clone();
-        t.device_id = format!("c6c-{i:07}");
+        t.device_id = format!("c6c-{i:07}").into();
         t.events += 1;
-        batch.push((t.device_id.clone(), Some(StagedTwin::from(maker.row(&t)))));
+        batch.push((t.device_id.to_string(), Some(StagedTwin::from(maker.row(&t)))));
         if batch.len() == 2000 {
             view.push_twins(None, std::mem::take(&mut batch));
         }
