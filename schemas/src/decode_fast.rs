@@ -9,13 +9,11 @@
 //! record it accepts is one serde_json accepts with the same values; the property
 //! test in `tests.rs` checks that on generated records.
 
-use std::collections::HashMap;
-
 use serde_json::{Number, Value};
 
 /// Fill `slots` (indexed through `index`) from `bytes` when it is a flat JSON
 /// object this path handles; `false` (slots left in any state) otherwise.
-pub(crate) fn object(bytes: &[u8], index: &HashMap<String, usize>, slots: &mut [Option<Value>]) -> bool {
+pub(crate) fn object(bytes: &[u8], index: &crate::decode::KeyIndex, slots: &mut [Option<Value>]) -> bool {
     let Ok(text) = std::str::from_utf8(bytes) else { return false };
     let b = text.as_bytes();
     let mut i = ws(b, 0);
