@@ -133,14 +133,8 @@ pub struct Decoder {
     limits: DecodeLimits,
     id: String,
     /// JSON key → slot (see `SLOT_*`, then `FIRST_FIELD_SLOT + field index`).
-    index: KeyIndex,
+    index: crate::decode_fast::KeyIndex,
 }
-
-/// The schema's JSON keys and their slots, looked up ~40 times a record. Fx
-/// hashing (rustc's: a multiply per word) instead of SipHash: the keys are the
-/// schema's, fixed at start, so no record can choose what collides with what, and
-/// SipHash's protection against crafted keys buys nothing here.
-pub(crate) type KeyIndex = rustc_hash::FxHashMap<String, usize>;
 
 const SLOT_SCHEMA: usize = 0;
 const SLOT_DEVICE: usize = 1;
@@ -151,7 +145,7 @@ impl Decoder {
     pub fn new(schema: EventSchema, limits: DecodeLimits) -> Self {
         let arrow = schema.arrow_schema();
         let id = schema.id();
-        let mut index: KeyIndex = schema.fields.iter().enumerate().map(|(i, f)| (f.name.clone(), FIRST_FIELD_SLOT + i)).collect();
+        let mut index: crate::decode_fast::KeyIndex = schema.fields.iter().enumerate().map(|(i, f)| (f.name.clone(), FIRST_FIELD_SLOT + i)).collect();
         index.insert(fields::SCHEMA.into(), SLOT_SCHEMA);
         index.insert(fields::DEVICE_ID.into(), SLOT_DEVICE);
         index.insert(fields::EVENT_TIME.into(), SLOT_TIME);
@@ -344,7 +338,7 @@ impl ColBuilder {
 /// occurrence wins, as in a JSON map) and skipping unknown ones. A JSON value that is
 /// not an object yields `Ok(Err(kind))`.
 pub(crate) struct ObjectSeed<'a> {
-    pub(crate) index: &'a KeyIndex,
+    pub(crate) index: &'a crate::decode_fast::KeyIndex,
     pub(crate) slots: &'a mut Vec<Option<Value>>,
 }
 

@@ -11,9 +11,15 @@
 
 use serde_json::{Number, Value};
 
+/// The schema's JSON keys and their slots, looked up ~40 times a record. Fx
+/// hashing (rustc's: a multiply per word) instead of SipHash: the keys are the
+/// schema's, fixed at start, so no record can choose what collides with what, and
+/// SipHash's protection against crafted keys buys nothing here.
+pub(crate) type KeyIndex = rustc_hash::FxHashMap<String, usize>;
+
 /// Fill `slots` (indexed through `index`) from `bytes` when it is a flat JSON
 /// object this path handles; `false` (slots left in any state) otherwise.
-pub(crate) fn object(bytes: &[u8], index: &crate::decode::KeyIndex, slots: &mut [Option<Value>]) -> bool {
+pub(crate) fn object(bytes: &[u8], index: &KeyIndex, slots: &mut [Option<Value>]) -> bool {
     let Ok(text) = std::str::from_utf8(bytes) else { return false };
     let b = text.as_bytes();
     let mut i = ws(b, 0);

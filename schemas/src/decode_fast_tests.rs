@@ -7,7 +7,7 @@ use serde::de::DeserializeSeed;
 
 const KEYS: [&str; 4] = ["a", "b", "device_id", "unknown"];
 
-fn index() -> crate::decode::KeyIndex {
+fn index() -> KeyIndex {
     KEYS[..3].iter().enumerate().map(|(i, k)| (k.to_string(), i)).collect()
 }
 

@@ -133,19 +133,28 @@ fn an_unreachable_broker_is_waited_for_not_an_exit() {
 /// The engine reports through its events (the only route to metrics and logs):
 /// a run over good and malformed records emits the main ones, and this run's
 /// `Metrics` add up (every record is a verdict or a dead letter).
-#[test]
-fn the_engine_reports_through_its_events() {
+/// A running pipeline on a fresh mock cluster (2-partition topics, batches of
+/// 40) over `devices` simulated devices' `events` events (`malformed` of them
+/// malformed): the cluster, the configuration (`tweak`ed), the records produced,
+/// the metrics, the stop flag and the run's thread.
+#[allow(clippy::type_complexity)]
+fn running(
+    group: &str,
+    (devices, events, seed, malformed): (usize, usize, u64, f64),
+    tweak: impl FnOnce(&mut Config),
+) -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, Config, u64, Arc<Metrics>, Arc<AtomicBool>, std::thread::JoinHandle<Result<engine::RunReport, PipelineError>>) {
     let mock = MockCluster::new(1).unwrap();
     let mut cfg = Config::default();
     cfg.kafka.brokers = mock.bootstrap_servers();
-    cfg.kafka.group_id = "events".into();
+    cfg.kafka.group_id = group.into();
     cfg.topics.create = false;
     cfg.batch.max_records = 40;
+    tweak(&mut cfg);
     for (t, _) in cfg.topics.all() {
         mock.create_topic(t, 2, 1).unwrap();
     }
-    let mut sc = SimConfig::new(6, 300, 5);
-    sc.malformed_rate = 0.05;
+    let mut sc = SimConfig::new(devices, events, seed);
+    sc.malformed_rate = malformed;
     let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
     let n = produce::produce_all(&cfg, &cfg.topics.input, recs, None, |_, _| {}).unwrap().len() as u64;
     let metrics = Arc::new(Metrics::default());
@@ -154,15 +163,28 @@ fn the_engine_reports_through_its_events() {
         let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
         std::thread::spawn(move || engine::run(&cfg, metrics, stop))
     };
+    (mock, cfg, n, metrics, stop, handle)
+}
+
+/// Wait until every one of the `n` records got a verdict or a dead letter and an
+/// offset was stored.
+fn wait_answered<T>(metrics: &Metrics, n: u64, handle: &std::thread::JoinHandle<T>) {
     let deadline = Instant::now() + Duration::from_secs(120);
     let answered = |m: &Metrics| m.verdicts_out.load(Ordering::Relaxed) + m.dlq_out.load(Ordering::Relaxed);
-    while answered(&metrics) < n || metrics.offsets_stored.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "{} of {n} records answered", answered(&metrics));
+    while answered(metrics) < n || metrics.offsets_stored.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "{} of {n} records answered", answered(metrics));
         assert!(!handle.is_finished(), "pipeline stopped early");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn the_engine_reports_through_its_events() {
+    let (_mock, cfg, n, metrics, stop, handle) = running("events", (6, 300, 5, 0.05), |_| {});
+    wait_answered(&metrics, n, &handle);
     stop.store(true, Ordering::Relaxed);
     handle.join().unwrap().unwrap();
+    let answered = |m: &Metrics| m.verdicts_out.load(Ordering::Relaxed) + m.dlq_out.load(Ordering::Relaxed);
     let m = &metrics;
     assert_eq!(m.records_in.load(Ordering::Relaxed), n);
     assert_eq!(answered(m), n, "one verdict or one dead letter per record");
@@ -229,32 +251,8 @@ fn oversized_and_undecodable_changelog_records_are_quarantined() {
 /// synchronous commit and close are not bounded.
 #[test]
 fn leaving_the_group_is_bounded_when_the_broker_stops_answering() {
-    let mock = MockCluster::new(1).unwrap();
-    let mut cfg = Config::default();
-    cfg.kafka.brokers = mock.bootstrap_servers();
-    cfg.kafka.group_id = "close".into();
-    cfg.topics.create = false;
-    cfg.batch.max_records = 40;
-    cfg.engine.close_timeout_secs = 2;
-    for (t, _) in cfg.topics.all() {
-        mock.create_topic(t, 2, 1).unwrap();
-    }
-    let mut sc = SimConfig::new(4, 120, 9);
-    sc.malformed_rate = 0.0;
-    let recs: Vec<(String, Vec<u8>)> = Simulator::new(sc).map(|r| (r.key, r.payload)).collect();
-    let n = produce::produce_all(&cfg, &cfg.topics.input, recs, None, |_, _| {}).unwrap().len() as u64;
-    let metrics = Arc::new(Metrics::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let handle = {
-        let (cfg, metrics, stop) = (cfg.clone(), metrics.clone(), stop.clone());
-        std::thread::spawn(move || engine::run(&cfg, metrics, stop))
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while metrics.verdicts_out.load(Ordering::Relaxed) < n || metrics.offsets_stored.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "{} of {n} verdicts", metrics.verdicts_out.load(Ordering::Relaxed));
-        assert!(!handle.is_finished(), "pipeline stopped early");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mock, _cfg, n, metrics, stop, handle) = running("close", (4, 120, 9, 0.0), |c| c.engine.close_timeout_secs = 2);
+    wait_answered(&metrics, n, &handle);
     // Every answer from the broker now takes ten minutes.
     mock.broker_round_trip_time(1, Duration::from_secs(600)).unwrap();
     stop.store(true, Ordering::Relaxed);
