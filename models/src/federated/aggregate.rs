@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::calibrate::{sigmoid, ScoreHistogram};
 use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary};
-use super::privacy::{clip, gaussian_aggregate, private_threshold, MemberPrivacy, PrivacyReport};
+use super::privacy::{clip, dp_threshold_caution, gaussian_aggregate, private_threshold, MemberPrivacy, PrivacyReport};
 use super::protocol::{expect, Answer, Description, Fold, Link, Reply, Scorer, Task};
 use super::robust::{aggregate, screen_by_auc, tolerated, Decision, Rule};
 use super::stacker::federated_stacker_with;
@@ -414,6 +414,9 @@ impl Aggregator<'_> {
             Some(dp) => {
                 // Published: a DP threshold and a noised law; no histogram and no
                 // member thresholds (they would spend the budget again).
+                if let Some(caution) = dp_threshold_caution(merged.normals(), target) {
+                    log(Progress::Step(&caution));
+                }
                 let (z, (n, above), cost) = private_threshold(&merged, target, dp.threshold_epsilon, dp.delta)?;
                 self.report.privacy.get_or_insert_with(PrivacyReport::new).members.insert("threshold".into(), cost);
                 (z, (n.round() as usize, above.round() as usize))
