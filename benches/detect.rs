@@ -28,7 +28,7 @@ fn benches(c: &mut Criterion) {
     let out = std::env::temp_dir().join(format!("twinguard-bench-model-{}", std::process::id()));
     let job = TrainJob {
         dataset: DatasetSpec {
-            file: Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../shared/datasets/wustl-ehms-2020/train.csv"),
+            file: twinguard_schemas::testing::manifest_dir().join("../../shared/datasets/wustl-ehms-2020/train.csv"),
             schema: schema.id(),
             devices: 1,
             interval_ms: 100,

@@ -410,7 +410,7 @@ pub fn seeds_audit_verify() -> Vec<Vec<u8>> {
 
 #[cfg(test)]
 pub(crate) fn replay(target: &str, check: fn(&[u8]), seeds: Vec<Vec<u8>>) {
-    let corpus = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../fuzz/corpus");
+    let corpus = twinguard_schemas::testing::manifest_dir().join("../fuzz/corpus");
     twinguard_schemas::testing::replay_corpus(&corpus, target, check, seeds);
 }
 

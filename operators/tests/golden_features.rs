@@ -41,7 +41,7 @@ fn twin_config() -> TwinConfig {
 }
 
 fn features_dir() -> PathBuf {
-    let dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../schemas/features");
+    let dir = twinguard_schemas::testing::manifest_dir().join("../schemas/features");
     dir.canonicalize().unwrap_or(dir)
 }
 

@@ -26,7 +26,7 @@ const ROOMS: &[(&str, &[&str])] = &[
 const TEST_ONLY: &[&str] = &["tools"];
 
 fn workspace() -> PathBuf {
-    std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("..")
+    twinguard_schemas::testing::manifest_dir().join("..")
 }
 
 fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {

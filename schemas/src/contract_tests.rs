@@ -350,7 +350,7 @@ fn schema_nodes<'a>(node: &'a Value, path: String, out: &mut Vec<(String, &'a Va
 
 #[test]
 fn contract_files_are_well_formed() {
-    let dir = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("contracts");
+    let dir = crate::testing::manifest_dir().join("contracts");
     let mut on_disk = BTreeSet::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();

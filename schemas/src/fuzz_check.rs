@@ -311,7 +311,7 @@ pub fn seeds_control() -> Vec<Vec<u8>> {
 
 #[cfg(test)]
 pub(crate) fn replay(target: &str, check: fn(&[u8]), seeds: Vec<Vec<u8>>) {
-    let corpus = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../fuzz/corpus");
+    let corpus = crate::testing::manifest_dir().join("../fuzz/corpus");
     crate::testing::replay_corpus(&corpus, target, check, seeds);
 }
 

@@ -2,11 +2,19 @@
 //! expected-output ("golden") files compared or regenerated with `UPDATE_EXPECT=1`,
 //! the replay of the committed fuzz corpora, and the fuzz targets' seed writer.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use arrow::record_batch::RecordBatch;
 
 use crate::Decoder;
+
+/// The directory of the package under test, read when the test runs. Not
+/// `env!("CARGO_MANIFEST_DIR")`: that is fixed when the test binary is compiled,
+/// and with the target directory shared between clones (scripts/deps.sh) a
+/// binary built in one clone would read another clone's files.
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR is set by cargo when it runs tests and benches"))
+}
 
 /// Compare `actual` with the file at `path`; with `UPDATE_EXPECT` set (not `0`),
 /// rewrite the file instead. `what` names what produced `actual` ("the query

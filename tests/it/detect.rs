@@ -26,7 +26,7 @@ fn twinguard(args: &[&str], extra: &[&Path]) -> String {
 #[test]
 fn pipeline_scores_match_offline_eval_across_a_restart() {
     let Setup { dir, broker: _broker, mut cfg } = Setup::new("detect");
-    let csv = Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../shared/datasets/wustl-ehms-2020/train.csv");
+    let csv = twinguard_schemas::testing::manifest_dir().join("../../shared/datasets/wustl-ehms-2020/train.csv");
     let model = dir.join("model");
     let limit = ROWS.to_string();
     let out = twinguard(

@@ -9,7 +9,7 @@ use crate::harness::*;
 fn replayed_wustl_rows_each_get_a_labelled_verdict() {
     let Setup { dir, broker: _broker, cfg } = Setup::new("replay");
     let path = write_config(&dir, "pipeline", &cfg);
-    let csv = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../shared/datasets/wustl-ehms-2020/train.csv");
+    let csv = twinguard_schemas::testing::manifest_dir().join("../../shared/datasets/wustl-ehms-2020/train.csv");
     let out = Command::new(env!("CARGO_BIN_EXE_twinguard"))
         .args(["replay", "--config"])
         .arg(&path)

@@ -281,7 +281,7 @@ fn psql_queries_metrics_and_probes_on_a_running_pipeline() {
     assert!(sum(&samples, "twinguard_operator_latency_seconds_count", &[("operator", "detect")]) > 0.0);
     assert_eq!(types.get("twinguard_e2e_latency_seconds").map(String::as_str), Some("histogram"));
     // Every metric the Grafana dashboard charts is exposed.
-    let dash = std::fs::read_to_string(std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../compose/grafana/dashboards/twinguard.json")).unwrap();
+    let dash = std::fs::read_to_string(twinguard_schemas::testing::manifest_dir().join("../compose/grafana/dashboards/twinguard.json")).unwrap();
     let mut charted = BTreeSet::new();
     for (i, _) in dash.match_indices("twinguard_") {
         let name: String = dash[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();

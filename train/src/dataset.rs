@@ -249,7 +249,7 @@ mod tests {
     use twinguard_schemas::{DecodeLimits, Decoder, RawRecord, RejectCode};
 
     fn dataset(rel: &str) -> PathBuf {
-        Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../shared/datasets").join(rel)
+        twinguard_schemas::testing::manifest_dir().join("../../shared/datasets").join(rel)
     }
 
     fn decode(schema: &EventSchema, recs: &[(String, Vec<u8>)]) -> (usize, Vec<twinguard_schemas::Reject>) {

@@ -174,7 +174,7 @@ mod calibration_tests {
     fn the_twin_alone_on_wustl_fixed_or_calibrated() {
         let schema = EventSchema::builtin("wustl-flow-vitals/v1").unwrap();
         let spec = crate::DatasetSpec {
-            file: std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../shared/datasets/wustl-ehms-2020/train.csv"),
+            file: twinguard_schemas::testing::manifest_dir().join("../../shared/datasets/wustl-ehms-2020/train.csv"),
             schema: schema.id(),
             devices: 1,
             interval_ms: 100,

@@ -315,7 +315,7 @@ mod tests {
     use twinguard_models::svm::SvmParams;
 
     fn wustl() -> PathBuf {
-        std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../../shared/datasets/wustl-ehms-2020/train.csv")
+        twinguard_schemas::testing::manifest_dir().join("../../shared/datasets/wustl-ehms-2020/train.csv")
     }
 
     fn job(out: PathBuf, rows: usize) -> TrainJob {

@@ -196,6 +196,11 @@ fn heap(s: &Str) -> usize {
     }
 }
 
+/// Bytes a list of [`Str`]s holds: its slots and the strings on the heap.
+fn strs(v: &Vec<Str>) -> usize {
+    v.capacity() * std::mem::size_of::<Str>() + v.iter().map(heap).sum::<usize>()
+}
+
 /// Learned values of one identity field.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Binding {
@@ -334,9 +339,8 @@ impl Twin {
             + heap(&self.schema)
             + heap(&self.device_id)
             + self.bindings.capacity() * std::mem::size_of::<Binding>()
-            + self.bindings.iter().map(|b| heap(&b.field) + b.values.capacity() * std::mem::size_of::<Str>() + b.values.iter().map(heap).sum::<usize>()).sum::<usize>()
-            + self.peers.capacity() * std::mem::size_of::<Str>()
-            + self.peers.iter().map(heap).sum::<usize>()
+            + self.bindings.iter().map(|b| heap(&b.field) + strs(&b.values)).sum::<usize>()
+            + strs(&self.peers)
             + self.firmware.as_ref().map_or(0, heap)
             + self.properties.capacity() * std::mem::size_of::<Option<Str>>()
             + self.properties.iter().flatten().map(heap).sum::<usize>()

@@ -51,7 +51,7 @@ const NOW_MS: i64 = 1_800_000_000_000;
 const WARMUP_EVENTS: u64 = 3;
 
 fn golden_dir() -> PathBuf {
-    std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("golden")
+    twinguard_schemas::testing::manifest_dir().join("golden")
 }
 
 #[test]

@@ -25,7 +25,7 @@ mod tempfile_path {
 
 #[test]
 fn example_config_loads_and_matches_defaults() {
-    let p = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("twinguard.example.toml");
+    let p = twinguard_schemas::testing::manifest_dir().join("twinguard.example.toml");
     let c = Config::load(Some(&p), Vec::new()).unwrap();
     let d = Config::default();
     assert_eq!(c.topics.input, d.topics.input);

@@ -321,7 +321,7 @@ mod tests {
     /// replace the current version: an old pointer replayed is refused.
     #[test]
     fn pointers_are_taken_in_order_once_and_only_fresh() {
-        let text = std::fs::read_to_string(std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("federation.example.toml")).unwrap();
+        let text = std::fs::read_to_string(twinguard_schemas::testing::manifest_dir().join("federation.example.toml")).unwrap();
         let mut fed: FederationFile = toml::from_str(&text).unwrap();
         fed.brokers = "127.0.0.1:9".into();
         let mut t = ModelTopics::open(&fed).unwrap();

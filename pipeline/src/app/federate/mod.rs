@@ -195,7 +195,7 @@ mod tests {
 
     #[test]
     fn the_example_federation_file_loads_and_its_plan_hash_is_stable() {
-        let f = FederationFile::load(&std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("federation.example.toml")).unwrap();
+        let f = FederationFile::load(&twinguard_schemas::testing::manifest_dir().join("federation.example.toml")).unwrap();
         assert_eq!(f.sites.len(), 2);
         assert_eq!(f.plan.rule, "clip-multi-krum");
         assert_eq!(f.topics().dlq, "twinguard.fed.regional-iomt.dlq");
@@ -211,7 +211,7 @@ mod tests {
 
     #[test]
     fn a_bad_federation_file_is_refused_naming_the_fault() {
-        let text = std::fs::read_to_string(std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo")).join("federation.example.toml")).unwrap();
+        let text = std::fs::read_to_string(twinguard_schemas::testing::manifest_dir().join("federation.example.toml")).unwrap();
         let one_site = text.split("[[sites]]").take(2).collect::<Vec<_>>().join("[[sites]]");
         let e = format!("{:#}", FederationFile::load(&write(&one_site)).unwrap_err());
         assert!(e.contains("needs at least 2"), "{e}");
