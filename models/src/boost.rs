@@ -278,9 +278,7 @@ impl Booster {
         // `Sum` for f32 folds from -0.0: start there so the bits match predict_row.
         out.fill(-0.0);
         let walk = self.walk();
-        for tree in 0..walk.trees() {
-            walk.each_leaf(tree, rows, f, |i, leaf| out[i] += f32::from_bits(leaf));
-        }
+        walk.every_leaf(rows, f, |i, leaf| out[i] += f32::from_bits(leaf));
         for o in out.iter_mut() {
             *o = 1.0 / (1.0 + (-(self.base + *o)).exp());
         }

@@ -33,9 +33,7 @@ impl Standardizer {
 
     /// Standardise one row into `out`.
     pub fn apply(&self, row: &[f64], out: &mut [f32]) {
-        for (c, (&x, o)) in row.iter().zip(out.iter_mut()).enumerate() {
-            *o = if x.is_finite() { ((x - self.mean[c]) / self.sd[c]).clamp(-CLIP, CLIP) as f32 } else { 0.0 };
-        }
+        crate::vector::standardize(row, &self.mean, &self.sd, CLIP, out);
     }
 
     /// Standardise many rows.

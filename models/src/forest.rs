@@ -468,14 +468,12 @@ impl Forest {
         assert_eq!(out.len(), n * k, "output length does not match rows × classes");
         out.fill(0.0);
         let walk = self.walk();
-        for tree in 0..walk.trees() {
-            walk.each_leaf(tree, rows, f, |i, leaf| {
-                let l = leaf as usize * k;
-                for (o, p) in out[i * k..(i + 1) * k].iter_mut().zip(&self.leaf_proba[l..l + k]) {
-                    *o += p;
-                }
-            });
-        }
+        walk.every_leaf(rows, f, |i, leaf| {
+            let l = leaf as usize * k;
+            for (o, p) in out[i * k..(i + 1) * k].iter_mut().zip(&self.leaf_proba[l..l + k]) {
+                *o += p;
+            }
+        });
         let inv = 1.0 / self.roots.len() as f32;
         for o in out.iter_mut() {
             *o *= inv;

@@ -15,10 +15,12 @@ pub mod forest;
 pub mod hist;
 pub mod labels;
 pub mod lstm;
+mod lstm_step;
 pub mod matrix;
 pub mod metrics;
 pub mod svm;
 pub mod train;
+mod vector;
 mod walk;
 
 pub use artifact::{Artifact, ModelCard, Provenance};

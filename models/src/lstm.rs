@@ -24,6 +24,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::lstm_step::{Packed, PackedCell};
 use crate::{Matrix, ModelError};
 
 /// Hyper-parameters of [`LstmModel::fit`].
@@ -66,6 +67,9 @@ pub struct LstmModel {
     b: Vec<f32>,
     head_w: Vec<f32>,
     head_b: f32,
+    /// `b`, `wx` and `wh` laid out for [`step`](Self::step), built on first use.
+    #[serde(skip)]
+    packed: PackedCell,
 }
 
 /// burn network: LSTM + linear head.
@@ -155,10 +159,6 @@ fn to_vec1(t: Tensor<1>) -> Vec<f32> {
     t.into_data().try_to_vec::<f32>().expect("f32 weights")
 }
 
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
-
 impl LstmModel {
     fn export(net: &Net, input_dim: usize, hidden: usize) -> LstmModel {
         let h4 = 4 * hidden;
@@ -186,7 +186,7 @@ impl LstmModel {
         }
         let head_w = to_vec(net.head.weight.val());
         let head_b = net.head.bias.as_ref().map(|p| to_vec1(p.val())[0]).unwrap_or(0.0);
-        LstmModel { input_dim, hidden, wx, wh, b, head_w, head_b }
+        LstmModel { input_dim, hidden, wx, wh, b, head_w, head_b, packed: PackedCell::default() }
     }
 
     /// Trains on device event sequences. `seqs[s]` lists row indices of `x` for one
@@ -337,7 +337,7 @@ impl LstmModel {
         let (wh, r) = r.split_at(like.wh.len());
         let (b, r) = r.split_at(like.b.len());
         let (head_w, r) = r.split_at(like.head_w.len());
-        Ok(LstmModel { input_dim: like.input_dim, hidden: like.hidden, wx: wx.to_vec(), wh: wh.to_vec(), b: b.to_vec(), head_w: head_w.to_vec(), head_b: r[0] })
+        Ok(LstmModel { input_dim: like.input_dim, hidden: like.hidden, wx: wx.to_vec(), wh: wh.to_vec(), b: b.to_vec(), head_w: head_w.to_vec(), head_b: r[0], packed: PackedCell::default() })
     }
 
     /// Length of the per-device state: hidden ++ cell = `2 * hidden`.
@@ -357,43 +357,8 @@ impl LstmModel {
     pub fn step(&self, row: &[f32], state: &mut [f32]) -> f32 {
         assert_eq!(row.len(), self.input_dim, "row length does not match the LSTM input");
         assert_eq!(state.len(), 2 * self.hidden, "state length is not 2 * hidden");
-        let (hn, h4) = (self.hidden, 4 * self.hidden);
-        let mut stack = [0f32; 256];
-        let mut heap = Vec::new();
-        let z: &mut [f32] = if h4 <= stack.len() {
-            &mut stack[..h4]
-        } else {
-            heap.resize(h4, 0.0);
-            &mut heap
-        };
-        z.copy_from_slice(&self.b);
-        for (&v, w) in row.iter().zip(self.wx.chunks_exact(h4)) {
-            if v != 0.0 {
-                for (zz, &ww) in z.iter_mut().zip(w) {
-                    *zz += v * ww;
-                }
-            }
-        }
-        let (hs, cs) = state.split_at_mut(hn);
-        for (&v, w) in hs.iter().zip(self.wh.chunks_exact(h4)) {
-            if v != 0.0 {
-                for (zz, &ww) in z.iter_mut().zip(w) {
-                    *zz += v * ww;
-                }
-            }
-        }
-        let mut logit = self.head_b;
-        for j in 0..hn {
-            let i = sigmoid(z[j]);
-            let f = sigmoid(z[hn + j]);
-            let o = sigmoid(z[2 * hn + j]);
-            let g = z[3 * hn + j].tanh();
-            let c = f * cs[j] + i * g;
-            cs[j] = c;
-            hs[j] = o * c.tanh();
-            logit += hs[j] * self.head_w[j];
-        }
-        sigmoid(logit)
+        let packed = self.packed.get_or_init(|| Packed::new(&self.b, &self.wx, &self.wh, self.input_dim, self.hidden));
+        packed.step(row, state, &self.head_w, self.head_b)
     }
 
     /// Scores each sequence from a zero state by [`LstmModel::step`] (the streaming code
