@@ -119,13 +119,6 @@ pub struct DecodeOutput {
     pub rejects: Vec<Reject>,
 }
 
-enum Cell {
-    Null,
-    F(f64),
-    I(i64),
-    S(String),
-}
-
 /// Decodes JSON events of one schema into Arrow batches.
 pub struct Decoder {
     schema: EventSchema,
@@ -179,19 +172,18 @@ impl Decoder {
             })
             .collect();
         let mut rejects = Vec::new();
-        let mut row: Vec<Cell> = Vec::with_capacity(self.schema.fields.len());
         // One slot per known key, reused record after record (no allocation each).
         let mut slots: Vec<Option<Value>> = vec![None; FIRST_FIELD_SLOT + self.schema.fields.len()];
         for (index, rec) in records.iter().enumerate() {
-            row.clear();
-            match self.validate(rec, now_ms, &mut slots, &mut row) {
+            match self.validate(rec, now_ms, &mut slots) {
                 Ok((device, t)) => {
                     dev.append_value(&device);
                     time.append_value(t);
                     part.append_value(rec.partition);
                     off.append_value(rec.offset);
-                    for (b, cell) in cols.iter_mut().zip(row.drain(..)) {
-                        b.append(cell);
+                    // Every field's value checked in its slot: append from there.
+                    for (b, v) in cols.iter_mut().zip(&slots[FIRST_FIELD_SLOT..]) {
+                        b.append(v);
                     }
                 }
                 Err((code, reason)) => rejects.push(Reject { index, code, reason: crate::dlq::bound_reason(&reason).into_owned() }),
@@ -213,7 +205,6 @@ impl Decoder {
         rec: &RawRecord<'_>,
         now_ms: i64,
         slots: &mut Vec<Option<Value>>,
-        row: &mut Vec<Cell>,
     ) -> Result<(String, i64), (RejectCode, String)> {
         slots.fill(None);
         let bytes = match rec.payload {
@@ -301,8 +292,8 @@ impl Decoder {
                 ),
             ));
         }
-        for (i, f) in self.schema.fields.iter().enumerate() {
-            row.push(cell(f, slots[FIRST_FIELD_SLOT + i].take())?);
+        for (f, v) in self.schema.fields.iter().zip(&slots[FIRST_FIELD_SLOT..]) {
+            check_cell(f, v)?;
         }
         Ok((device, t))
     }
@@ -315,11 +306,13 @@ enum ColBuilder {
 }
 
 impl ColBuilder {
-    fn append(&mut self, cell: Cell) {
-        match (self, cell) {
-            (ColBuilder::F(b), Cell::F(x)) => b.append_value(x),
-            (ColBuilder::I(b), Cell::I(x)) => b.append_value(x),
-            (ColBuilder::S(b), Cell::S(x)) => b.append_value(x),
+    /// Append a value [`check_cell`] accepted for this column's field (null when
+    /// absent).
+    fn append(&mut self, v: &Option<Value>) {
+        match (self, v) {
+            (ColBuilder::F(b), Some(Value::Number(n))) => b.append_value(n.as_f64().unwrap_or(f64::NAN)),
+            (ColBuilder::I(b), Some(Value::Number(n))) => b.append_option(n.as_i64()),
+            (ColBuilder::S(b), Some(Value::String(x))) => b.append_value(x),
             (ColBuilder::F(b), _) => b.append_null(),
             (ColBuilder::I(b), _) => b.append_null(),
             (ColBuilder::S(b), _) => b.append_null(),
@@ -413,20 +406,20 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
 
 /// One declared field's value as a cell, checked against its declaration (type,
 /// range, length; a PHI value is never quoted in the reason).
-fn cell(f: &FieldDef, v: Option<Value>) -> Result<Cell, (RejectCode, String)> {
-    Ok(match v {
-        None | Some(Value::Null) if f.required => {
-            return Err((RejectCode::MissingField, format!("missing required field `{}`", f.name)))
-        }
-        None | Some(Value::Null) => Cell::Null,
+/// Check a field's value where it lies (its slot): present when required, of the
+/// field's kind, finite, within its range and length. The value stays in the slot
+/// for [`ColBuilder::append`].
+fn check_cell(f: &FieldDef, v: &Option<Value>) -> Result<(), (RejectCode, String)> {
+    match v {
+        None | Some(Value::Null) if f.required => Err((RejectCode::MissingField, format!("missing required field `{}`", f.name))),
+        None | Some(Value::Null) => Ok(()),
         Some(v) => match (f.kind, v) {
             (FieldKind::F64, Value::Number(num)) => {
                 let x = num.as_f64().unwrap_or(f64::NAN);
                 if !x.is_finite() {
                     return Err((RejectCode::NonFinite, format!("field `{}` is not finite", f.name)));
                 }
-                check_range(f, x)?;
-                Cell::F(x)
+                check_range(f, x)
             }
             (FieldKind::I64, Value::Number(num)) => {
                 let Some(x) = num.as_i64() else {
@@ -434,24 +427,19 @@ fn cell(f: &FieldDef, v: Option<Value>) -> Result<Cell, (RejectCode, String)> {
                     let got = if f.phi { "a number that is not an integer (PHI, value withheld)".to_string() } else { num.to_string() };
                     return Err((RejectCode::WrongType, format!("field `{}` must be an integer, got {got}", f.name)));
                 };
-                check_range(f, x as f64)?;
-                Cell::I(x)
+                check_range(f, x as f64)
             }
-            (FieldKind::String, Value::String(s)) if s.len() > f.max_len() => {
-                return Err((
-                    RejectCode::OutOfRange,
-                    format!("field `{}` is {} bytes, its max_len is {}", f.name, s.len(), f.max_len()),
-                ))
-            }
-            (FieldKind::String, Value::String(s)) => Cell::S(s),
-            (kind, other) => {
-                return Err((
-                    RejectCode::WrongType,
-                    format!("field `{}` must be {}, got {}", f.name, kind_name(kind), kind_of(&other)),
-                ))
-            }
+            (FieldKind::String, Value::String(s)) if s.len() > f.max_len() => Err((
+                RejectCode::OutOfRange,
+                format!("field `{}` is {} bytes, its max_len is {}", f.name, s.len(), f.max_len()),
+            )),
+            (FieldKind::String, Value::String(_)) => Ok(()),
+            (kind, other) => Err((
+                RejectCode::WrongType,
+                format!("field `{}` must be {}, got {}", f.name, kind_name(kind), kind_of(other)),
+            )),
         },
-    })
+    }
 }
 
 /// A value outside its field's bounds. The reason never quotes the value of a PHI
