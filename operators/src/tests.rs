@@ -375,3 +375,37 @@ fn a_benign_level_shift_is_absorbed_not_flagged_for_ever() {
     let twin = op.store().get(0, "b1").unwrap();
     assert!((twin.anomalies as usize) < 20, "{} events flagged", twin.anomalies);
 }
+
+#[test]
+fn the_largest_z_scores_come_first_as_a_full_sort_puts_them() {
+    let mut seed = 5u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed >> 33
+    };
+    for trial in 0..400 {
+        let n = (next() % 40) as usize;
+        // Ties in magnitude (±), zeros and NaN, so the index tie-break decides.
+        let zs: Vec<(f64, usize)> = (0..n)
+            .map(|i| {
+                let z = match next() % 7 {
+                    0 => f64::NAN,
+                    1 => 0.0,
+                    2 => -2.5,
+                    3 => 2.5,
+                    _ => (next() % 1000) as f64 / 100.0 - 5.0,
+                };
+                (z, i)
+            })
+            .collect();
+        let mut full = zs.clone();
+        full.sort_by(|a, b| b.0.abs().total_cmp(&a.0.abs()).then(a.1.cmp(&b.1)));
+        for k in [0, 1, 3, 5, n / 2, n] {
+            let k = k.min(n);
+            let mut got = zs.clone();
+            crate::twin::largest_first(&mut got, k);
+            let bits = |v: &[(f64, usize)]| v.iter().map(|(z, i)| (z.to_bits(), *i)).collect::<Vec<_>>();
+            assert_eq!(bits(&got[..k]), bits(&full[..k]), "trial {trial}, n {n}, k {k}");
+        }
+    }
+}

@@ -339,8 +339,8 @@ impl TwinOperator {
             };
             zs.push((z, i));
         }
-        zs.sort_by(|a, b| b.0.abs().total_cmp(&a.0.abs()).then(a.1.cmp(&b.1)));
         let k = zs.len().min(cfg.top_k);
+        largest_first(&mut zs, k);
         let mut distance =
             if k == 0 { 0.0 } else { (zs[..k].iter().map(|(z, _)| z * z).sum::<f64>() / k as f64).sqrt() };
 
@@ -437,6 +437,21 @@ fn identity_drift<'l>(twin: &mut Twin, b: &BatchCols<'_>, row: usize, layout: &'
         }
     }
     drift
+}
+
+/// Puts the `k` z-scores of largest magnitude first, largest first (ties by feature
+/// index: a total order, so the same prefix, bit for bit, as sorting them all).
+/// Selecting them and sorting only those: a full stable sort of the ~36 scores per
+/// event was a fifth of the twin stage's time (perf, the `twin` bench).
+pub(crate) fn largest_first(zs: &mut [(f64, usize)], k: usize) {
+    let order = |a: &(f64, usize), b: &(f64, usize)| b.0.abs().total_cmp(&a.0.abs()).then(a.1.cmp(&b.1));
+    if k == 0 {
+        return;
+    }
+    if k < zs.len() {
+        zs.select_nth_unstable_by(k - 1, order);
+    }
+    zs[..k].sort_unstable_by(order);
 }
 
 /// Record a calibration event's distance; with the last one, set the device's own
