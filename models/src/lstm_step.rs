@@ -108,7 +108,8 @@ const TANH: u8 = 2;
 /// `dst` = `F` ([`EXP`], [`SIGMOID`] or [`TANH`]) of every vector of `src`. (A
 /// constant, not a function value: a call through `Fn` goes through a shim compiled
 /// without the dispatched target features, and the intrinsics behind it are then
-/// not inlined — measured 2.5× slower.)
+/// not inlined: with closures and function values the step ran 2.7–3.3× slower
+/// than the scalar one.)
 #[inline(always)]
 fn map<S: Simd, const F: u8>(src: &[Block], dst: &mut [Block]) {
     for (s, d) in src.iter().zip(dst.iter_mut()) {
