@@ -404,11 +404,10 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
     }
 }
 
-/// One declared field's value as a cell, checked against its declaration (type,
-/// range, length; a PHI value is never quoted in the reason).
-/// Check a field's value where it lies (its slot): present when required, of the
-/// field's kind, finite, within its range and length. The value stays in the slot
-/// for [`ColBuilder::append`].
+/// Check a declared field's value where it lies (its slot) against its declaration:
+/// present when required, of the field's kind, finite, within its range and length
+/// (a PHI value is never quoted in the reason). The value stays in the slot for
+/// [`ColBuilder::append`].
 fn check_cell(f: &FieldDef, v: &Option<Value>) -> Result<(), (RejectCode, String)> {
     match v {
         None | Some(Value::Null) if f.required => Err((RejectCode::MissingField, format!("missing required field `{}`", f.name))),
