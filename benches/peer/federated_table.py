@@ -6,7 +6,8 @@ threshold, ROC-AUC, the best test DR at test FPR <= 1 % and <= 1.5 % (read off t
 test ROC: how models compare at a matched FPR, never an operating figure), the
 recall of one class (--class, e.g. the class a targeted flip relabelled), and for
 a federation: honest sites excluded by some member, poisoned sites accepted by
-some member, KiB sent per site (median). Used by scripts/federated.sh.
+some member (round 0's feature moments, taken from every site with the
+federation's features, do not count), KiB sent per site (median). Used by scripts/federated.sh.
 """
 import argparse
 import json
@@ -53,11 +54,11 @@ def row(name, d, klass):
         fed = json.load(open(f))
         poisoned = {x["site"] for x in fed["sites"] if x["poisoned"]}
         honest_out, poisoned_in = set(), set()
-        for ds in fed["decisions"].values():
+        for member, ds in fed["decisions"].items():
             for x in ds:
                 if not x["accepted"] and x["site"] not in poisoned:
                     honest_out.add(x["site"])
-                if x["accepted"] and x["site"] in poisoned:
+                if x["accepted"] and x["site"] in poisoned and member != "round0":
                     poisoned_in.add(x["site"])
         kib = np.median([sum(x["bytes"].values()) / 1024 for x in fed["sites"]])
         out += [str(len(honest_out)), str(len(poisoned_in)), f"{kib:.0f}"]

@@ -105,12 +105,16 @@ pub(crate) struct DpArgs {
     /// Differential privacy: the noise multiplier z of the site-level Gaussian
     /// mechanism on the SVM and each LSTM round (updates clipped to C, noise
     /// σ = z·C/m on their aggregate); ε per member goes to federation.json and the
-    /// model card. The trees, the stacker and the standardiser stay non-private.
+    /// model card. The trees, the stacker and the class list stay non-private.
     #[arg(long, value_name = "Z")]
     pub(crate) dp_noise: Option<f64>,
     /// Record-level ε (δ = 1e-5) of the threshold and its published law.
     #[arg(long, default_value_t = 1.0, requires = "dp_noise")]
     pub(crate) dp_threshold_epsilon: f64,
+    /// Record-level ε (δ = 1e-5) of the standardiser (noisy per-feature counts
+    /// over a fixed grid instead of the sites' exact moments).
+    #[arg(long, default_value_t = twinguard_models::federated::privacy::DEFAULT_MOMENTS_EPSILON, requires = "dp_noise")]
+    pub(crate) dp_moments_epsilon: f64,
     /// Clipping norm of a site's SVM hyperplane.
     #[arg(long, default_value_t = twinguard_models::federated::privacy::DEFAULT_SVM_CLIP, requires = "dp_noise")]
     pub(crate) dp_svm_clip: f64,
@@ -122,7 +126,7 @@ pub(crate) struct DpArgs {
 impl DpArgs {
     pub(crate) fn plan(&self) -> Result<Option<twinguard_models::federated::privacy::DpPlan>> {
         let Some(z) = self.dp_noise else { return Ok(None) };
-        let dp = twinguard_models::federated::privacy::DpPlan { noise_multiplier: z, svm_clip: self.dp_svm_clip, lstm_clip: self.dp_lstm_clip, threshold_epsilon: self.dp_threshold_epsilon, delta: twinguard_models::federated::privacy::DEFAULT_DELTA };
+        let dp = twinguard_models::federated::privacy::DpPlan { noise_multiplier: z, svm_clip: self.dp_svm_clip, lstm_clip: self.dp_lstm_clip, threshold_epsilon: self.dp_threshold_epsilon, moments_epsilon: self.dp_moments_epsilon, delta: twinguard_models::federated::privacy::DEFAULT_DELTA };
         dp.validate()?;
         Ok(Some(dp))
     }

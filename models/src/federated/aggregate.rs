@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use super::calibrate::{sigmoid, ScoreHistogram};
 use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary};
-use super::privacy::{clip, dp_threshold_caution, gaussian_aggregate, private_threshold, MemberPrivacy, PrivacyReport};
+use super::privacy::{clip, dp_threshold_caution, gaussian_aggregate, private_standardizer, private_threshold, MemberPrivacy, PrivacyReport};
 use super::protocol::{expect, Answer, Description, Fold, Link, Reply, Scorer, Task};
-use super::robust::{aggregate, screen_by_auc, tolerated, Decision, Rule};
+use super::robust::{aggregate, screen_by_auc, screen_by_class, tolerated, Decision, Rule};
 use super::stacker::federated_stacker_with;
-use super::stats::Moments;
+use super::stats::{Grid, Moments};
 use super::worker::OOF_FOLDS;
 use crate::ensemble::{Combination, FprInterval, NewtonSums, Stacker, MEMBERS};
 use crate::forest::{Forest, ForestParams};
@@ -25,8 +25,14 @@ pub(crate) struct Aggregator<'l> {
     pub(crate) link: &'l mut dyn Link,
     pub(crate) plan: &'l FederationPlan,
     pub(crate) opts: &'l TrainOptions,
-    /// Sites taking part (they answered round 0 with the federation's features).
+    /// Sites taking part (they answered round 0 with the federation's features,
+    /// and have not been expelled).
     pub(crate) active: Vec<usize>,
+    /// Sites expelled from the rest of the federation, and why (the forest
+    /// screen found their labels inverted or an attack class relabelled).
+    pub(crate) expelled: BTreeMap<usize, String>,
+    /// The federation's classes (normal first), from round 0.
+    pub(crate) classes: Vec<String>,
     pub(crate) f: usize,
     pub(crate) robust: bool,
     pub(crate) report: FederationReport,
@@ -46,7 +52,7 @@ pub fn federate(link: &mut dyn Link, plan: &FederationPlan, opts: &TrainOptions,
     }
     let privacy = plan.dp.as_ref().map(|_| PrivacyReport::new());
     let report = FederationReport { plan: plan.clone(), tolerated: f, targeted_class: None, sites: Vec::new(), features: Vec::new(), decisions: BTreeMap::new(), privacy, seconds: 0.0 };
-    let mut agg = Aggregator { link, plan, opts, active: (0..n).collect(), f, robust: plan.rule != Rule::Mean, report };
+    let mut agg = Aggregator { link, plan, opts, active: (0..n).collect(), expelled: BTreeMap::new(), classes: Vec::new(), f, robust: plan.rule != Rule::Mean, report };
     let (standardizer, names, classes) = agg.round_zero(log)?;
     let forest = agg.forest(classes.len(), log)?;
     let boost = match plan.gbdt {
@@ -77,11 +83,19 @@ impl Aggregator<'_> {
     /// Ask some sites; one reply per site of the plan (sites not asked: an error).
     pub(crate) fn ask_some(&mut self, to: &[usize], task: &Task) -> Result<Vec<Reply>, ModelError> {
         let got = self.link.ask(to, task)?;
-        let mut out: Vec<Reply> = (0..self.link.sites()).map(|_| Err("not taking part in the federation".to_string())).collect();
+        let mut out: Vec<Reply> = (0..self.link.sites()).map(|i| Err(self.absent(i))).collect();
         for (&i, r) in to.iter().zip(got) {
             out[i] = r;
         }
         Ok(out)
+    }
+
+    /// Why site `i` is not asked.
+    pub(crate) fn absent(&self, i: usize) -> String {
+        match self.expelled.get(&i) {
+            Some(why) => format!("expelled at the forest screen: {why}"),
+            None => "not taking part in the federation".to_string(),
+        }
     }
 
     /// Round 0: every site's feature names, classes and moments; the global
@@ -105,7 +119,7 @@ impl Aggregator<'_> {
                 Ok(d) if d.names != names => (false, format!("its {} features are not the federation's {}", d.names.len(), names.len())),
                 Ok(d) => {
                     classes.extend(d.classes.iter().filter(|c| *c != labels::NORMAL).cloned());
-                    parts.push(&d.moments);
+                    parts.push((&d.moments, &d.grid));
                     self.active.push(i);
                     (true, format!("{} training rows", d.train_rows))
                 }
@@ -119,8 +133,19 @@ impl Aggregator<'_> {
         if self.active.len() < 2 {
             return Err(ModelError::Train(format!("round 0: {} site(s) can take part; a federation needs 2", self.active.len())));
         }
-        let standardizer = Moments::merge(&parts).standardizer();
+        let standardizer = match &self.plan.dp {
+            None => Moments::merge(&parts.iter().map(|p| p.0).collect::<Vec<_>>()).standardizer(),
+            Some(dp) => {
+                // Record-level DP: from the noisy sum of the sites' grid counts,
+                // never from their exact moments.
+                let dense = Grid::merge(&parts.iter().map(|p| p.1).collect::<Vec<_>>(), names.len()).map_err(|e| ModelError::Data(format!("round 0: a site's grid counts: {e}")))?;
+                let (s, cost) = private_standardizer(&dense, dp.moments_epsilon, dp.delta)?;
+                self.report.privacy.get_or_insert_with(PrivacyReport::new).members.insert("standardiser".into(), cost);
+                s
+            }
+        };
         let classes: Vec<String> = std::iter::once(labels::NORMAL.to_string()).chain(classes).collect();
+        self.classes = classes.clone();
         self.report.decisions.insert("round0".into(), decisions);
         self.report.features = names.clone();
         log(Progress::Step(&format!(
@@ -144,24 +169,41 @@ impl Aggregator<'_> {
     /// Cross-site screen of site models (trees, boosters, LSTMs, stackers): every
     /// site scores every other site's model on its own validation rows.
     pub(crate) fn screen_models(&mut self, models: Vec<Option<Scorer>>) -> Result<Vec<Decision>, ModelError> {
+        Ok(self.screen_models_why(models)?.0)
+    }
+
+    /// [`Self::screen_models`], and per site the evidence that its labels are
+    /// wrong (its model no better than chance on the other sites' rows, or
+    /// below it on an attack class: [`screen_by_class`]).
+    fn screen_models_why(&mut self, models: Vec<Option<Scorer>>) -> Result<(Vec<Decision>, Vec<Option<String>>), ModelError> {
         let fitted: Vec<bool> = models.iter().map(Option::is_some).collect();
         let replies = self.ask(&Task::Auc(models))?;
-        let cols: Vec<Option<Vec<Option<f64>>>> = replies.iter().map(|r| expect(r, "AUCs", |a| if let Answer::Aucs(v) = a { Some(v.clone()) } else { None }).ok()).collect();
+        let cols: Vec<Option<(Vec<Option<f64>>, Vec<Vec<Option<f64>>>)>> =
+            replies.iter().map(|r| expect(r, "AUCs", |a| if let Answer::Aucs { all, by_class } = a { Some((all.clone(), by_class.clone())) } else { None }).ok()).collect();
         let n = fitted.len();
-        let table: Vec<Vec<Option<f64>>> = (0..n)
-            .map(|i| (0..n).map(|j| if i == j || !fitted[i] { None } else { cols[j].as_ref().and_then(|c| c.get(i).copied().flatten()) }).collect())
-            .collect();
+        let cell = |i: usize, j: usize| if i == j || !fitted[i] { None } else { cols[j].as_ref() };
+        let table: Vec<Vec<Option<f64>>> = (0..n).map(|i| (0..n).map(|j| cell(i, j).and_then(|c| c.0.get(i).copied().flatten())).collect()).collect();
+        let by_class: Vec<Vec<Vec<Option<f64>>>> =
+            (0..n).map(|i| (0..n).map(|j| cell(i, j).and_then(|c| c.1.get(i).cloned()).unwrap_or_default()).collect()).collect();
         let mut d = screen_by_auc(&table);
+        let flags = screen_by_class(&by_class, &self.classes);
+        let mut wrong = vec![None; n];
         for (i, x) in d.iter_mut().enumerate() {
             if !fitted[i] {
                 x.accepted = false;
-                x.reason = "no model: its training rows hold one class only".into();
+                x.reason = if self.active.contains(&i) { "no model: its training rows hold one class only".into() } else { self.absent(i) };
             } else if !self.robust {
                 x.accepted = true;
                 x.reason = format!("rule mean: accepted unscreened (median AUC {:.4})", x.score);
+            } else if let Some(why) = &flags[i] {
+                x.accepted = false;
+                x.reason = why.clone();
+                wrong[i] = Some(why.clone());
+            } else if !x.accepted && x.score <= 0.5 {
+                wrong[i] = Some(x.reason.clone());
             }
         }
-        Ok(d)
+        Ok((d, wrong))
     }
 
     /// Replies' models of one kind, `None` where a site has none.
@@ -174,11 +216,22 @@ impl Aggregator<'_> {
         let per = (self.opts.forest.trees / self.active.len()).max(1);
         let params = ForestParams { trees: per, ..self.opts.forest.clone() };
         let fits = Self::models(&self.ask(&Task::FitForest(params))?, |a| if let Answer::Forest(f) = a { Some(f.clone()) } else { None });
-        let mut d = self.screen_models(fits.iter().map(|f| f.clone().map(Scorer::Forest)).collect())?;
+        let (mut d, wrong) = self.screen_models_why(fits.iter().map(|f| f.clone().map(Scorer::Forest)).collect())?;
         for (x, f) in d.iter_mut().zip(&fits) {
             if let Some(f) = f.as_ref().filter(|f| f.n_classes() != k) {
                 x.accepted = false;
                 x.reason = format!("its trees predict {} classes, the federation has {k}", f.n_classes());
+            }
+        }
+        // A site whose trees show its labels inverted, or an attack class
+        // relabelled as normal, trained everything else on those labels too: it
+        // leaves the federation (its boosting turns, hyperplane, LSTM updates,
+        // stacker sums and score histograms would carry the same labels).
+        for (i, why) in wrong.into_iter().enumerate() {
+            if let Some(why) = why.filter(|_| self.active.len() > 2) {
+                log(Progress::Step(&format!("site {i} is expelled from the federation: {why}")));
+                self.active.retain(|&a| a != i);
+                self.expelled.insert(i, why);
             }
         }
         let kept: Vec<&Forest> = fits.iter().zip(&d).filter(|(_, d)| d.accepted).filter_map(|(f, _)| f.as_ref()).collect();

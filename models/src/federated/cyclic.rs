@@ -26,7 +26,7 @@ impl Aggregator<'_> {
         let mut decisions: Vec<Decision> = (0..n)
             .map(|site| {
                 let active = self.active.contains(&site);
-                Decision { site, accepted: active, score: 0.0, reason: if active { String::new() } else { "not taking part in the federation".into() } }
+                Decision { site, accepted: active, score: 0.0, reason: if active { String::new() } else { self.absent(site) } }
             })
             .collect();
         let mut turns = vec![0usize; n];
@@ -70,7 +70,7 @@ impl Aggregator<'_> {
         let replies = self.ask_some(&others, &Task::Auc(vec![Some(Scorer::Booster(new.clone())), old.cloned().map(Scorer::Booster)]))?;
         let mut gains: Vec<f64> = Vec::new();
         for j in others {
-            let Ok(Answer::Aucs(a)) = &replies[j] else { continue };
+            let Ok(Answer::Aucs { all: a, .. }) = &replies[j] else { continue };
             let Some(Some(a_new)) = a.first() else { continue };
             let before = if old.is_some() { a.get(1).copied().flatten().unwrap_or(0.5) } else { 0.5 };
             gains.push(a_new - before);

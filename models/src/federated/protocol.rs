@@ -11,7 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::calibrate::ScoreHistogram;
-use super::stats::Moments;
+use super::stats::{Grid, Moments};
 use crate::boost::{BoostParams, Booster};
 use crate::ensemble::{NewtonSums, Stacker};
 use crate::forest::{Forest, ForestParams};
@@ -20,7 +20,10 @@ use crate::svm::SvmParams;
 use crate::{Ensemble, ModelError, Standardizer};
 
 /// Version of the protocol's messages; a message of another version is refused.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
+
+/// Rows of a class, and normal rows, a site needs to report that class's AUC.
+pub const MIN_CLASS_ROWS: usize = 5;
 
 /// Which of a site's validation rows a stacker step or count covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +62,8 @@ pub enum Task {
     FitSvm(SvmParams),
     /// Local LSTM epochs from `global`; answer the updated weights.
     LstmRound { global: LstmModel, params: LstmParams },
-    /// AUC of each model on the site's validation rows (`None`: skip).
+    /// AUC of each model on the site's validation rows (`None`: skip), overall
+    /// and per attack class.
     Auc(Vec<Option<Scorer>>),
     /// The global members: the site scores its validation rows with them.
     Members(Box<Ensemble>),
@@ -102,6 +106,10 @@ pub struct Description {
     /// The classes of the site's rows (normal first).
     pub classes: Vec<String>,
     pub moments: Moments,
+    /// Per feature, its training rows' counts over the fixed grid (for a
+    /// differentially private standardiser).
+    #[serde(default)]
+    pub grid: Grid,
     pub train_rows: usize,
     pub validation_rows: usize,
     pub validation_normal: usize,
@@ -115,7 +123,11 @@ pub enum Answer {
     Forest(Forest),
     Booster(Booster),
     Vector(Vec<f64>),
-    Aucs(Vec<Option<f64>>),
+    /// Per model of a [`Task::Auc`]: its ROC-AUC on the site's validation rows
+    /// (`all`), and per federation class `c` on the rows of class `c` against
+    /// the normal rows (`by_class[m][c]`; `None` for normal, and where the site
+    /// has fewer than [`MIN_CLASS_ROWS`] of either).
+    Aucs { all: Vec<Option<f64>>, by_class: Vec<Vec<Option<f64>>> },
     Stacker(Stacker),
     Counts { attack: usize, total: usize },
     Sums(NewtonSums),

@@ -90,3 +90,70 @@ fn the_tree_screen_drops_sites_whose_trees_fail_elsewhere() {
     let flat: Vec<Vec<Option<f64>>> = (0..5).map(|i| (0..5).map(|j| (i != j).then_some(0.45 + 0.02 * i as f64)).collect()).collect();
     assert!(screen_by_auc(&flat).iter().all(|x| x.accepted && x.reason.contains("inconclusive")));
 }
+
+/// Ten unit-norm updates (clipping leaves them as they are) in 11 dimensions: eight
+/// honest sites near `u`, each off along its own axis by 0.1, and two sites off
+/// along their own axes by `far` (honest and normal-heavy, or `u` inverted).
+fn heterogeneous_round(far: f64, invert: bool) -> Vec<Vec<f64>> {
+    (0..10)
+        .map(|i| {
+            let mut v = vec![0.0; 11];
+            v[10] = if invert && i >= 8 { -1.0 } else { 1.0 };
+            v[i] = if i < 8 { 0.1 } else { far };
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter().map(|x| x / n).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn clip_multi_krum_keeps_honest_sites_within_twice_the_median_score_and_drops_far_ones() {
+    // The two far sites score ~1.5 × the median (cic10-a05's SVM: 1.8 ×), beyond
+    // 3 MAD of it: a clean round still excludes none (plain Multi-Krum drops both).
+    let ups = heterogeneous_round(0.1 * 2f64.sqrt(), false);
+    let scores = krum_scores(&ups.iter().map(Vec::as_slice).collect::<Vec<_>>(), 3);
+    let med = scores[0];
+    assert!(scores[..8].iter().all(|s| (s - med).abs() < 1e-9 * med) && scores[8] > 1.3 * med && scores[8] < 2.0 * med, "{scores:?}");
+    let a = aggregate(&ups, Rule::ClipMultiKrum, 3).unwrap();
+    assert!(a.decisions.iter().all(|d| d.accepted), "{:?}", a.decisions);
+    let plain = aggregate(&ups, Rule::MultiKrum, 3).unwrap();
+    assert!(plain.decisions[8..].iter().all(|d| !d.accepted), "plain Multi-Krum keeps n − f = 7 (ties: 8): {:?}", plain.decisions);
+    // Sites more than twice the median away, or inverted, stay out.
+    for ups in [heterogeneous_round(0.3, false), heterogeneous_round(0.1, true)] {
+        let a = aggregate(&ups, Rule::ClipMultiKrum, 3).unwrap();
+        assert!(a.decisions[..8].iter().all(|d| d.accepted) && a.decisions[8..].iter().all(|d| !d.accepted), "{:?}", a.decisions);
+    }
+}
+
+#[test]
+fn the_class_screen_flags_a_relabelled_class_and_spares_weak_and_unseen_ones() {
+    let classes: Vec<String> = ["normal", "DoS", "Recon", "Rare"].iter().map(|s| s.to_string()).collect();
+    // auc[i][j][c]: sites 0–5 honest (0.95), site 6 weak everywhere (0.6), site 7
+    // never saw Recon (0.5 there), sites 8–9 relabelled DoS normal (0.1 on DoS).
+    // Only site 0 holds "Rare" rows (one evaluator: never judged).
+    let auc: Vec<Vec<Vec<Option<f64>>>> = (0..10)
+        .map(|i| {
+            (0..10)
+                .map(|j| {
+                    if i == j {
+                        return Vec::new();
+                    }
+                    let base = if i == 6 { 0.6 } else { 0.95 };
+                    let dos = if i >= 8 { 0.1 } else { base };
+                    let recon = if i == 7 { 0.5 } else { base };
+                    vec![None, Some(dos), Some(recon), (j == 0).then_some(0.05)]
+                })
+                .collect()
+        })
+        .collect();
+    let flags = screen_by_class(&auc, &classes);
+    assert!(flags[..8].iter().all(Option::is_none), "{flags:?}");
+    assert!(flags[8..].iter().all(|f| f.as_ref().is_some_and(|f| f.contains("ranks DoS below normal") && f.contains("9 other sites"))), "{flags:?}");
+    // Too few evaluating sites for a class: not judged. Below chance but close to
+    // the other sites (all near chance): not flagged.
+    let few: Vec<Vec<Vec<Option<f64>>>> = auc.iter().map(|r| r.iter().take(3).cloned().chain((3..10).map(|_| Vec::new())).collect()).collect();
+    let few_flags = screen_by_class(&few, &classes);
+    assert!(few_flags.iter().all(Option::is_none) || few_flags[8..].iter().all(Option::is_some), "{few_flags:?}");
+    let flat: Vec<Vec<Vec<Option<f64>>>> = (0..6).map(|i| (0..6).map(|j| if i == j { Vec::new() } else { vec![None, Some(0.45 + 0.01 * i as f64)] }).collect()).collect();
+    assert!(screen_by_class(&flat, &classes[..2]).iter().all(Option::is_none));
+}

@@ -112,20 +112,54 @@ fn poisoned_sites_are_excluded_and_the_undefended_federation_is_not_spared() {
     let (robust, rep, _) = run(Rule::ClipMultiKrum, 3);
     assert!(robust.0 > clean.0 - 0.05, "robust DR {} vs clean {}", robust.0, clean.0);
     assert!(undefended.0 < robust.0 - 0.2 || undefended.1 > robust.1 + 0.2, "undefended DR {} FPR {}", undefended.0, undefended.1);
-    // Every poisoned site is excluded from every member but the LSTM, whose
-    // one-epoch deltas from inverted labels are not yet far from the honest ones
-    // (Multi-Krum drops one of the three here).
-    for m in ["rf", "gbdt", "svm", "stacker", "threshold"] {
+    // Every poisoned site is excluded from every member: its trees are no better
+    // than chance on the others' rows, so it is expelled after the forest screen
+    // and asked nothing more.
+    for m in ["rf", "gbdt", "svm", "lstm", "stacker", "threshold"] {
         let d = &rep.decisions[m];
         assert!(d[7..].iter().all(|d| !d.accepted) && d[..7].iter().all(|d| d.accepted), "{m}: {d:?}");
+        assert!(m == "rf" || d[7..].iter().all(|d| d.reason.contains("expelled")), "{m}: {d:?}");
     }
-    assert!(rep.sites.iter().all(|s| s.bytes["forest"] > 0 && s.bytes["lstm"] > 0));
-    // Cyclic boosting: the inverting sites' turns lower the model's AUC on the
-    // others' rows and are refused.
+    assert!(rep.sites.iter().all(|s| s.bytes["forest"] > 0));
+    assert!(rep.sites[..7].iter().all(|s| s.bytes["lstm"] > 0) && rep.sites[7..].iter().all(|s| !s.bytes.contains_key("lstm")), "expelled sites are asked nothing more");
+    // Cyclic boosting: the inverting sites never get a turn.
     let (cyclic, rep, _) = run_with(Rule::ClipMultiKrum, 3, GbdtMode::Cyclic);
     assert!(cyclic.0 > clean.0 - 0.05, "cyclic robust DR {} vs clean {}", cyclic.0, clean.0);
     let d = &rep.decisions["gbdt"];
     assert!(d[7..].iter().all(|d| !d.accepted) && d[..7].iter().all(|d| d.accepted), "{d:?}");
+}
+
+/// The targeted flip: 3 of 10 sites label every row of the most frequent attack
+/// class (DoS) normal. Their trees rank DoS below normal traffic at the other
+/// sites: the default rules expel them after the forest screen and DoS is still
+/// detected; undefended, their "normal" DoS rows lift the threshold over DoS.
+#[test]
+fn sites_that_relabel_an_attack_class_normal_are_expelled_and_the_class_is_still_detected() {
+    let (names, values, classes, devices) = synthetic(5000);
+    let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
+    let split = Split { train: (0..3000).collect(), validation: (3000..4000).collect(), test: (4000..5000).collect() };
+    let plan = |rule| FederationPlan { rule, poisoned: 3, poison: PoisonKind::Targeted, lstm_rounds: 1, lstm_local_epochs: 1, ..FederationPlan::clean(10, Sites::Dirichlet { alpha: 5.0 }, 5) };
+    let recall = |ens: &Ensemble| {
+        let x = ens.standardizer.apply_all(ds.values);
+        let all = member_scores(ens, &ds, &x, &sequences(ds.devices, None));
+        let dos: Vec<usize> = split.test.iter().copied().filter(|&r| ds.classes[r] == "DoS").collect();
+        dos.iter().filter(|&&r| ens.stacker.predict(&all[r]) >= ens.threshold).count() as f64 / dos.len() as f64
+    };
+    let (robust, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan(Rule::ClipMultiKrum), &mut |_| {}).unwrap();
+    let (undefended, _) = fit_federated(&ds, &split, 6.0, &opts(), &plan(Rule::Mean), &mut |_| {}).unwrap();
+    assert_eq!(rep.targeted_class.as_deref(), Some("DoS"));
+    let (r, u) = (recall(&robust), recall(&undefended));
+    eprintln!("DoS recall: defended {r}, undefended {u}");
+    assert!(r > 0.9, "defended DoS recall {r}");
+    let rf = &rep.decisions["rf"];
+    assert!(rf[7..].iter().all(|d| !d.accepted && d.reason.contains("ranks DoS below normal")) && rf[..7].iter().all(|d| d.accepted), "{rf:?}");
+    for m in ["gbdt", "svm", "lstm", "stacker", "threshold"] {
+        let d = &rep.decisions[m];
+        assert!(d[7..].iter().all(|d| !d.accepted && d.reason.contains("expelled")) && d[..7].iter().all(|d| d.accepted), "{m}: {d:?}");
+    }
+    let (dr, fpr) = detection(&robust, &ds, &split.test);
+    assert!(dr > 0.9 && fpr < 0.06, "defended federation: DR {dr} FPR {fpr}");
+    assert!(u < r - 0.3, "undefended DoS recall {u} against defended {r}");
 }
 
 /// With differential privacy the federation still detects, publishes no
@@ -143,7 +177,7 @@ fn a_private_federation_accounts_epsilon_per_member_and_still_detects() {
     // in utility to be drawn now and then (DR 0.28 once in CI, 0.81 once in 40
     // runs); here 40 of 40 runs gave DR 0.960–0.965.
     let split = Split { train: (0..3000).collect(), validation: (3000..7000).collect(), test: (7000..8000).collect() };
-    let dp = DpPlan { noise_multiplier: 1.0, svm_clip: 1.0, lstm_clip: 1.0, threshold_epsilon: 2.0, delta: 1e-5 };
+    let dp = DpPlan { noise_multiplier: 1.0, svm_clip: 1.0, lstm_clip: 1.0, threshold_epsilon: 2.0, moments_epsilon: 1.0, delta: 1e-5 };
     let plan = FederationPlan { rule: Rule::Mean, lstm_rounds: 3, lstm_local_epochs: 1, dp: Some(dp), ..FederationPlan::clean(5, Sites::Dirichlet { alpha: 5.0 }, 5) };
     let (ens, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan, &mut |_| {}).unwrap();
     let (dr, fpr) = detection(&ens, &ds, &split.test);
@@ -156,9 +190,19 @@ fn a_private_federation_accounts_epsilon_per_member_and_still_detects() {
     assert!((lstm.rho - 1.5).abs() < 1e-9 && lstm.releases == 3, "{lstm:?}");
     assert!((lstm.epsilon - epsilon(1.5, 1e-5).unwrap()).abs() < 1e-9 && lstm.epsilon > svm.epsilon);
     assert!(thr.epsilon <= 2.0 + 1e-9 && thr.epsilon > 1.5 && thr.unit == "record", "{thr:?}");
-    for m in ["rf", "gbdt", "stacker", "standardiser"] {
+    for m in ["rf", "gbdt", "stacker", "classes", "provenance"] {
         assert!(p.not_private.contains_key(m), "{m} listed as not private");
     }
+    // The standardiser: record-level, from noisy grid counts, within its budget
+    // and near the exact one (8 features, 1,200 training rows a site).
+    let st = &p.members["standardiser"];
+    assert!(st.unit == "record" && st.epsilon <= 1.0 + 1e-9 && st.epsilon > 0.9, "{st:?}");
+    let train_rows: Vec<f64> = split.train.iter().flat_map(|&r| values[r * 8..r * 8 + 8].iter().copied()).collect();
+    let exact = crate::Standardizer::fit(&train_rows, 8);
+    for c in 0..8 {
+        assert!((ens.standardizer.mean[c] - exact.mean[c]).abs() < 0.25 * exact.sd[c] && (ens.standardizer.sd[c] / exact.sd[c] - 1.0).abs() < 0.35, "feature {c}: {:?} vs {:?}", (ens.standardizer.mean[c], ens.standardizer.sd[c]), (exact.mean[c], exact.sd[c]));
+    }
+    assert_ne!(ens.standardizer, exact);
     // The noise is real: the same plan gives another SVM.
     let (again, _) = fit_federated(&ds, &split, 6.0, &opts(), &plan, &mut |_| {}).unwrap();
     assert_ne!(again.svm.hyperplane(), ens.svm.hyperplane());

@@ -1,5 +1,8 @@
 //! Round 0: per-feature moments merged across sites (Chan et al.'s parallel
-//! update), so the global standardiser equals the one fitted on the union.
+//! update), so the global standardiser equals the one fitted on the union; and
+//! per-feature counts over a fixed grid (the same for every site and every
+//! dataset, so it reveals nothing by itself), from which a differentially
+//! private standardiser is derived when the plan asks for one.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +65,94 @@ impl Moments {
     }
 }
 
+/// Grid bins per decade of |x|, and the decades covered (1e-6 to 1e12); values
+/// nearer 0 than 1e-6 share the zero bin, those beyond 1e12 the outermost bins.
+const PER_DECADE: f64 = 4.0;
+const SMALLEST: f64 = 1e-6;
+const SIDE: usize = 72;
+/// Bins of the grid: `SIDE` negative, zero, `SIDE` positive.
+pub const GRID_BINS: usize = 2 * SIDE + 1;
+
+/// The grid bin of a finite value.
+pub fn grid_bin(x: f64) -> usize {
+    let a = x.abs();
+    if a < SMALLEST {
+        return SIDE;
+    }
+    let k = ((PER_DECADE * (a / SMALLEST).log10()).floor() as usize).min(SIDE - 1);
+    if x > 0.0 { SIDE + 1 + k } else { SIDE - 1 - k }
+}
+
+/// The value a grid bin stands for: its geometric centre (0 for the zero bin).
+pub fn grid_center(b: usize) -> f64 {
+    if b == SIDE {
+        return 0.0;
+    }
+    let k = if b > SIDE { b - SIDE - 1 } else { SIDE - 1 - b };
+    let v = SMALLEST * 10f64.powf((k as f64 + 0.5) / PER_DECADE);
+    if b > SIDE { v } else { -v }
+}
+
+/// Per feature, the rows in each grid bin (only the bins holding any: a site
+/// sends a few dozen pairs a feature). Non-finite values are not counted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Grid {
+    pub counts: Vec<Vec<(u16, u64)>>,
+}
+
+impl Grid {
+    /// The grid counts of `values` (row-major, `cols` wide).
+    pub fn of(values: &[f64], cols: usize) -> Grid {
+        let mut dense = vec![vec![0u64; GRID_BINS]; cols];
+        for row in values.chunks_exact(cols) {
+            for (c, &x) in row.iter().enumerate() {
+                if x.is_finite() {
+                    dense[c][grid_bin(x)] += 1;
+                }
+            }
+        }
+        Grid { counts: dense.iter().map(|d| d.iter().enumerate().filter(|(_, &n)| n > 0).map(|(b, &n)| (b as u16, n)).collect()).collect() }
+    }
+
+    /// The sum of the parts' counts, dense (`cols` × [`GRID_BINS`]); a bin out
+    /// of range or a part with another width is an error naming the part.
+    pub fn merge(parts: &[&Grid], cols: usize) -> Result<Vec<Vec<f64>>, String> {
+        let mut dense = vec![vec![0.0; GRID_BINS]; cols];
+        for (i, p) in parts.iter().enumerate() {
+            if p.counts.len() != cols {
+                return Err(format!("part {i} has grid counts for {} features, not {cols}", p.counts.len()));
+            }
+            for (d, feature) in dense.iter_mut().zip(&p.counts) {
+                for &(b, n) in feature {
+                    *d.get_mut(usize::from(b)).ok_or_else(|| format!("part {i} counts grid bin {b} (of {GRID_BINS})"))? += n as f64;
+                }
+            }
+        }
+        Ok(dense)
+    }
+}
+
+/// The standardiser of (noisy) grid counts, one row of [`GRID_BINS`] per
+/// feature: bins under `floor` are taken as empty (noise in bins no row is in),
+/// the rest stand at their centres. A feature with nothing left keeps (0, 1).
+pub fn grid_standardizer(dense: &[Vec<f64>], floor: f64) -> Standardizer {
+    let (mut mean, mut sd) = (Vec::with_capacity(dense.len()), Vec::with_capacity(dense.len()));
+    for d in dense {
+        let kept = || d.iter().enumerate().filter(|(_, &n)| n >= floor && n > 0.0);
+        let n: f64 = kept().map(|(_, &n)| n).sum();
+        if n < 2.0 {
+            mean.push(0.0);
+            sd.push(1.0);
+            continue;
+        }
+        let m = kept().map(|(b, &c)| c * grid_center(b)).sum::<f64>() / n;
+        let v = kept().map(|(b, &c)| c * (grid_center(b) - m).powi(2)).sum::<f64>() / (n - 1.0);
+        mean.push(m);
+        sd.push(if v.sqrt() > 1e-9 { v.sqrt() } else { 1.0 });
+    }
+    Standardizer { mean, sd }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +170,54 @@ mod tests {
             assert!((merged.mean[c] - central.mean[c]).abs() < 1e-9 * central.mean[c].abs().max(1.0));
             assert!((merged.sd[c] - central.sd[c]).abs() < 1e-9 * central.sd[c]);
         }
+    }
+
+    #[test]
+    fn the_grid_bins_every_value_where_its_centre_stands_and_merges_sparse_counts() {
+        for &x in &[0.0, 1e-7, -1e-7, 1e-6, 3.7, -3.7, 12345.0, -0.02, 1e11, 1e30, -1e30] {
+            let b = grid_bin(x);
+            assert!(b < GRID_BINS, "{x}");
+            let c = grid_center(b);
+            if x.abs() < 1e-6 {
+                assert_eq!(c, 0.0);
+            } else if x.abs() < 1e12 {
+                // Within a quarter decade, on the same side.
+                assert!(c.signum() == x.signum() && (c / x).abs().log10().abs() <= 0.25 + 1e-12, "{x} -> {c}");
+            } else {
+                assert_eq!(b, if x > 0.0 { GRID_BINS - 1 } else { 0 });
+            }
+        }
+        let values = [1.0, f64::NAN, 2.0, 5.0, 1.0, -3.0];
+        let g = Grid::of(&values, 2);
+        assert_eq!(g.counts[0], vec![(grid_bin(1.0) as u16, 2), (grid_bin(2.0) as u16, 1)]);
+        assert_eq!(g.counts[1], vec![(grid_bin(-3.0) as u16, 1), (grid_bin(5.0) as u16, 1)]);
+        let dense = Grid::merge(&[&g, &g], 2).unwrap();
+        assert_eq!(dense[0][grid_bin(1.0)], 4.0);
+        assert!(Grid::merge(&[&g], 3).unwrap_err().contains("part 0"));
+        let bad = Grid { counts: vec![vec![(GRID_BINS as u16, 1)], vec![]] };
+        assert!(Grid::merge(&[&g, &bad], 2).unwrap_err().contains("part 1"));
+    }
+
+    #[test]
+    fn the_grid_standardiser_is_near_the_exact_one_and_ignores_bins_under_the_floor() {
+        // A skewed feature (bytes: 10..10^4, log-uniform) and a signed one.
+        let rows = 20_000;
+        let values: Vec<f64> = (0..rows).flat_map(|i| {
+            let u = ((i * 7919) % rows) as f64 / rows as f64;
+            [10f64.powf(1.0 + 3.0 * u), (u - 0.3) * 40.0]
+        }).collect();
+        let exact = Standardizer::fit(&values, 2);
+        let dense = Grid::merge(&[&Grid::of(&values, 2)], 2).unwrap();
+        let g = grid_standardizer(&dense, 0.0);
+        for c in 0..2 {
+            assert!((g.mean[c] - exact.mean[c]).abs() < 0.1 * exact.sd[c], "mean {c}: {} vs {}", g.mean[c], exact.mean[c]);
+            assert!((g.sd[c] / exact.sd[c] - 1.0).abs() < 0.15, "sd {c}: {} vs {}", g.sd[c], exact.sd[c]);
+        }
+        // A stray count far out (noise in an empty bin) is ignored under the floor.
+        let mut noisy = dense.clone();
+        noisy[0][GRID_BINS - 1] = 30.0;
+        assert_eq!(grid_standardizer(&noisy, 50.0), grid_standardizer(&dense, 50.0));
+        assert_ne!(grid_standardizer(&noisy, 0.0), grid_standardizer(&dense, 0.0));
+        assert_eq!(grid_standardizer(&[vec![0.0; GRID_BINS]], 1.0), Standardizer { mean: vec![0.0], sd: vec![1.0] });
     }
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use super::calibrate::{logit, ScoreHistogram};
 use super::plan::PoisonKind;
-use super::protocol::{Answer, Description, Fold, Reply, Scorer, Task};
-use super::stats::Moments;
+use super::protocol::{Answer, Description, Fold, Reply, Scorer, Task, MIN_CLASS_ROWS};
+use super::stats::{Grid, Moments};
 use crate::boost::Booster;
 use crate::ensemble::{MemberScores, Stacker, MEMBERS};
 use crate::forest::{Forest, ForestParams};
@@ -145,7 +145,7 @@ impl<'a> SiteWorker<'a> {
                 let m = LstmModel::fit_from(Some(global), x, &yb, &seqs, params, &mut |_, _, _| {}).map_err(err)?;
                 Ok(Answer::Vector(self.replace(m.to_vector(), Some(&global.to_vector()))))
             }
-            Task::Auc(models) => self.aucs(models).map(Answer::Aucs),
+            Task::Auc(models) => self.aucs(models).map(|(all, by_class)| Answer::Aucs { all, by_class }),
             Task::Members(ens) => {
                 self.members = Some(self.member_scores(ens)?);
                 Ok(Answer::Ack)
@@ -170,6 +170,7 @@ impl<'a> SiteWorker<'a> {
             names: self.prep.names.to_vec(),
             classes: self.classes.clone(),
             moments: Moments::of(&vals, self.prep.cols),
+            grid: Grid::of(&vals, self.prep.cols),
             train_rows: self.train.len(),
             validation_rows: self.validation.len(),
             validation_normal: self.validation.iter().filter(|&&r| self.y[r] == 0).count(),
@@ -182,13 +183,15 @@ impl<'a> SiteWorker<'a> {
         Ok((rows.iter().map(|&i| all[i]).collect(), rows.iter().map(|&i| self.y[self.validation[i]] != 0).collect()))
     }
 
-    /// AUC of every model on the validation rows.
-    fn aucs(&self, models: &[Option<Scorer>]) -> Result<Vec<Option<f64>>, String> {
+    /// AUC of every model on the validation rows, overall and per class (the
+    /// rows of class `c` against the normal rows; see [`Answer::Aucs`]).
+    #[allow(clippy::type_complexity)]
+    fn aucs(&self, models: &[Option<Scorer>]) -> Result<(Vec<Option<f64>>, Vec<Vec<Option<f64>>>), String> {
         let x = self.x()?;
         let y = binary(&self.y, &self.validation);
         let seqs = sequences(self.prep.devices, Some(&self.validation));
         let mut proba = Vec::new();
-        let mut out = Vec::with_capacity(models.len());
+        let (mut all, mut by_class) = (Vec::with_capacity(models.len()), Vec::with_capacity(models.len()));
         for m in models {
             let scores: Option<Vec<f64>> = match m {
                 None => None,
@@ -207,9 +210,37 @@ impl<'a> SiteWorker<'a> {
                 Some(Scorer::Stacker(s)) if s.weights.len() == MEMBERS.len() => Some(self.members()?.iter().map(|m| s.predict(m)).collect()),
                 Some(Scorer::Stacker(_)) => None,
             };
-            out.push(scores.and_then(|s| auc(&s, &y)));
+            by_class.push(scores.as_ref().map(|s| self.class_aucs(s)).unwrap_or_default());
+            all.push(scores.and_then(|s| auc(&s, &y)));
         }
-        Ok(out)
+        Ok((all, by_class))
+    }
+
+    /// Per class `c`: the AUC of `scores` (one per validation row) on the rows of
+    /// class `c` against the normal rows, where the site has enough of both.
+    fn class_aucs(&self, scores: &[f64]) -> Vec<Option<f64>> {
+        let classes = self.classes.len();
+        let mut count = vec![0usize; classes];
+        for &r in &self.validation {
+            count[self.y[r].min(classes - 1)] += 1;
+        }
+        let (mut s, mut y) = (Vec::new(), Vec::new());
+        (0..classes)
+            .map(|c| {
+                if c == 0 || count[c] < MIN_CLASS_ROWS || count[0] < MIN_CLASS_ROWS {
+                    return None;
+                }
+                s.clear();
+                y.clear();
+                for (&r, &v) in self.validation.iter().zip(scores) {
+                    if self.y[r] == 0 || self.y[r] == c {
+                        s.push(v);
+                        y.push(self.y[r] == c);
+                    }
+                }
+                auc(&s, &y)
+            })
+            .collect()
     }
 
     /// The global members' scores of the validation rows.
