@@ -51,6 +51,7 @@ fn benches(c: &mut Criterion) {
             flip_labels: 0.0,
             screen: false,
             screen_threshold: 0.2,
+            combine: Default::default(),
         },
         out: out.clone(),
     };

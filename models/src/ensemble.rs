@@ -55,11 +55,21 @@ pub const MEMBERS: [&str; 5] = ["rf", "svm", "lstm", "twin", "gbdt"];
 /// Number of members ([`MEMBERS`]).
 const N: usize = MEMBERS.len();
 
-/// Logistic regression over the members' (transformed) scores.
+/// Logistic regression over the members' (transformed) scores; or, with `any`,
+/// the "any member" combination.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stacker {
     pub weights: Vec<f64>,
     pub bias: f64,
+    /// The "any member" combination when not empty (`train --combine any`): per
+    /// member (in [`MEMBERS`] order) the stacking input (log-odds; the SVM's
+    /// margin) at which its own threshold sits, `None` for a member left out. The
+    /// score is σ(max over members of input − offset): an event is as suspicious
+    /// as its most suspicious member, each measured against its own threshold, so
+    /// evading it means evading every member at once. `weights` and `bias` are
+    /// then unused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub any: Vec<Option<f64>>,
 }
 
 fn logit(p: f64) -> f64 {
@@ -160,7 +170,7 @@ impl Stacker {
 
     /// The stacker of a weight vector (a weight per member, then the bias).
     pub fn from_vector(w: &[f64]) -> Stacker {
-        Stacker { weights: w[..N].to_vec(), bias: w[N] }
+        Stacker { weights: w[..N].to_vec(), bias: w[N], any: Vec::new() }
     }
 
     /// Newton sums over these rows at weights `w`, class weights `cw` (attack,
@@ -214,7 +224,16 @@ impl Stacker {
     /// Attack probability from the members' scores.
     pub fn predict(&self, m: &MemberScores) -> f64 {
         let x = m.inputs();
+        if !self.any.is_empty() {
+            let z = self.any.iter().zip(x).filter_map(|(o, v)| o.map(|o| v - o)).fold(f64::NEG_INFINITY, f64::max);
+            return sigmoid(z);
+        }
         sigmoid(self.bias + self.weights.iter().zip(x).map(|(w, v)| w * v).sum::<f64>())
+    }
+
+    /// The "any member" combination over the members with an offset (see `any`).
+    pub fn any_member(offsets: Vec<Option<f64>>) -> Stacker {
+        Stacker { weights: vec![0.0; N], bias: 0.0, any: offsets }
     }
 }
 
@@ -373,7 +392,7 @@ impl Ensemble {
             svm,
             lstm,
             boost,
-            stacker: Stacker { weights: vec![0.0; MEMBERS.len()], bias: 0.0 },
+            stacker: Stacker { weights: vec![0.0; MEMBERS.len()], bias: 0.0, any: Vec::new() },
             twin_feature: names.iter().position(|n| n == "behaviour_distance"),
             twin_threshold,
             threshold: 0.5,

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::boost::{BoostParams, Booster};
-use crate::combine::combine;
+use crate::combine::{combine, CombineMode};
 use crate::ensemble::{Combination, FprInterval};
 use crate::ensemble::{MemberScores, Standardizer, MEMBERS};
 use crate::forest::{Forest, ForestParams};
@@ -87,6 +87,9 @@ pub struct TrainOptions {
     /// A training row is suspect when the out-of-fold probability of its given
     /// (binary) label is below this.
     pub screen_threshold: f64,
+    /// How the members are combined (`--combine`; recipes stored before it existed: auto).
+    #[serde(default)]
+    pub combine: CombineMode,
 }
 
 /// What the label screen found.
@@ -274,7 +277,7 @@ fn stack(ens: &mut Ensemble, prep: &Dataset<'_>, x: &Matrix, split: &Split, opts
     let all = member_scores(ens, prep, x, &sequences(prep.devices, None));
     let vm: Vec<MemberScores> = split.validation.iter().map(|&i| all[i]).collect();
     let vy: Vec<bool> = split.validation.iter().map(|&i| prep.classes[i] != labels::NORMAL).collect();
-    let c = combine(&vm, &vy, opts.target_fpr, FOLDS, 1e-2)?;
+    let c = combine(&vm, &vy, opts.target_fpr, FOLDS, 1e-2, opts.combine)?;
     ens.stacker = c.stacker;
     let normal_val: Vec<f64> = c.scores.iter().zip(&vy).filter(|(_, &y)| !y).map(|(s, _)| *s).collect();
     let attack_val: Vec<f64> = c.scores.iter().zip(&vy).filter(|(_, &y)| y).map(|(s, _)| *s).collect();
@@ -292,6 +295,9 @@ fn stack(ens: &mut Ensemble, prep: &Dataset<'_>, x: &Matrix, split: &Split, opts
     let w = &ens.stacker.weights;
     log(Progress::Step(&if c.chosen == "stack" {
         format!("ensemble: stacked, weights rf {:.2}, svm {:.2}, lstm {:.2}, twin {:.2}, gbdt {:.2}", w[0], w[1], w[2], w[3], w[4])
+    } else if c.chosen == "any" {
+        let used: Vec<&str> = MEMBERS.iter().zip(&ens.stacker.any).filter(|(_, o)| o.is_some()).map(|(m, _)| *m).collect();
+        format!("ensemble: any member ({}), each against its own threshold (--combine any)", used.join(", "))
     } else {
         format!("ensemble: the {} member alone (stacking did not beat it out of fold)", c.chosen)
     }));

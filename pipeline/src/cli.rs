@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use twinguard_schemas::EventSchema;
 
 pub(crate) use crate::cli_attack::{AdversarialArgs, AttackArgs};
+pub(crate) use crate::cli_model::ModelArgs;
 
 /// twinguard: a Kafka-native security pipeline for connected medical devices.
 ///
@@ -502,74 +503,6 @@ impl TrainArgs {
             split: SplitSpec { kind: self.split, train: self.train_frac, validation: self.val_frac, seed: self.model.seed },
             opts: self.model.options(self.flip_labels, self.screen)?,
             out: self.out,
-        })
-    }
-}
-
-/// The models' settings (shared by `train`, `federate simulate`, `federate site`
-/// and `federate aggregate`).
-#[derive(clap::Args)]
-pub(crate) struct ModelArgs {
-    /// Target false-positive rate: the decision threshold is set for it on validation normal rows.
-    #[arg(long, default_value_t = 0.01)]
-    pub(crate) target_fpr: f64,
-    #[arg(long, default_value_t = 42)]
-    pub(crate) seed: u64,
-    /// Random-forest trees.
-    #[arg(long, default_value_t = 100)]
-    pub(crate) trees: usize,
-    /// Weight the forest's classes inversely to their frequency.
-    #[arg(long)]
-    pub(crate) balanced: bool,
-    /// Smallest number of training rows in a forest leaf.
-    #[arg(long, default_value_t = 1)]
-    pub(crate) min_samples_leaf: usize,
-    /// SVM kernel: linear (default; cheap to score) or rbf (γ = 1/features; costs
-    /// support vectors × features per event).
-    #[arg(long, value_parser = ["linear", "rbf"], default_value = "linear")]
-    pub(crate) svm_kernel: String,
-    /// Largest SVM training sample (stratified subsample).
-    #[arg(long, default_value_t = 3000)]
-    pub(crate) svm_rows: usize,
-    /// LSTM training epochs.
-    #[arg(long, default_value_t = 15)]
-    pub(crate) lstm_epochs: usize,
-    /// LSTM hidden units.
-    #[arg(long, default_value_t = 16)]
-    pub(crate) lstm_hidden: usize,
-}
-
-impl ModelArgs {
-    /// The training options these flags give.
-    pub(crate) fn options(&self, flip_labels: f64, screen: bool) -> Result<twinguard_train::TrainOptions> {
-        if !(self.target_fpr > 0.0 && self.target_fpr < 1.0) {
-            anyhow::bail!("--target-fpr must be in (0, 1)");
-        }
-        Ok(twinguard_train::TrainOptions {
-            target_fpr: self.target_fpr,
-            seed: self.seed,
-            forest: twinguard_models::forest::ForestParams {
-                trees: self.trees,
-                seed: self.seed,
-                balanced: self.balanced,
-                min_samples_leaf: self.min_samples_leaf.max(1),
-                ..Default::default()
-            },
-            svm: twinguard_models::svm::SvmParams {
-                max_train_rows: self.svm_rows,
-                seed: self.seed,
-                kernel: if self.svm_kernel == "rbf" {
-                    twinguard_models::svm::Kernel::Rbf { gamma: 0.0 }
-                } else {
-                    twinguard_models::svm::Kernel::Linear
-                },
-                ..Default::default()
-            },
-            lstm: twinguard_models::lstm::LstmParams { epochs: self.lstm_epochs, hidden: self.lstm_hidden, seed: self.seed, ..Default::default() },
-            boost: twinguard_models::boost::BoostParams { seed: self.seed, ..Default::default() },
-            flip_labels,
-            screen,
-            screen_threshold: 0.2,
         })
     }
 }

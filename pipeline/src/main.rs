@@ -18,6 +18,7 @@ use twinguard_train::{self as train, ReplayOptions};
 
 mod cli;
 mod cli_attack;
+mod cli_model;
 
 use cli::{AuditCommand, Cli, Command, FederateRole, SimArgs};
 

@@ -201,6 +201,7 @@ fn simulate(lab: &twinguard_train::testkit::LabDataset, dir: &std::path::Path) -
             flip_labels: 0.0,
             screen: false,
             screen_threshold: 0.2,
+            combine: Default::default(),
         },
         out: dir.join("simulated"),
     };

@@ -336,6 +336,7 @@ mod tests {
                 flip_labels: 0.0,
                 screen: false,
                 screen_threshold: 0.2,
+                combine: Default::default(),
             },
             out,
         }

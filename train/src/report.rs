@@ -21,7 +21,7 @@ pub fn render(r: &Report) -> String {
     }
     if let (Some(c), Some(e)) = (&r.combination, r.models.get("ensemble")) {
         let t = &c.threshold_fpr;
-        let how = if c.chosen == "stack" { "stacked members".to_string() } else { format!("the {} member alone (stacking did not beat it out of fold)", c.chosen) };
+        let how = if c.chosen == "stack" { "stacked members".to_string() } else { combined_by(&c.chosen) };
         let _ = writeln!(
             s,
             "ensemble = {how}; target FPR {:.2} %: test FPR {:.2} % (validation: {} of {} normals above, expected {:.2} %, {:.0} % interval {:.2}-{:.2} %)",
@@ -109,7 +109,7 @@ pub(crate) fn model_card_md(a: &Artifact, r: &Report) -> String {
         thr = c.threshold,
         combined = match &a.ensemble.combination {
             Some(k) if k.chosen == "stack" => "stacked by logistic regression (chosen out of fold over each member alone)".to_string(),
-            Some(k) => format!("the {} member alone (stacking did not beat it out of fold)", k.chosen),
+            Some(k) => combined_by(&k.chosen),
             None => "stacked by logistic regression".to_string(),
         },
         law = a.ensemble.combination.as_ref().map_or(String::new(), |k| {
@@ -123,4 +123,13 @@ pub(crate) fn model_card_md(a: &Artifact, r: &Report) -> String {
         table = render(r),
         hyper = serde_json::to_string_pretty(&c.hyper_parameters).unwrap_or_default(),
     )
+}
+
+/// How a combination other than the stacker scores: "any" member, or one alone.
+fn combined_by(chosen: &str) -> String {
+    if chosen == "any" {
+        "any member, each against its own threshold (--combine any)".to_string()
+    } else {
+        format!("the {chosen} member alone (stacking did not beat it out of fold)")
+    }
 }

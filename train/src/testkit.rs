@@ -134,6 +134,7 @@ pub fn lab_job(lab: &LabDataset, trees: usize, out: PathBuf) -> crate::TrainJob 
             flip_labels: 0.0,
             screen: false,
             screen_threshold: 0.2,
+            combine: Default::default(),
         },
         out,
     }

@@ -9,7 +9,7 @@ use super::calibrate::{sigmoid, ScoreHistogram};
 use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary};
 use super::privacy::{clip, dp_threshold_caution, gaussian_aggregate, private_standardizer, private_threshold, MemberPrivacy, PrivacyReport};
 use super::protocol::{expect, Answer, Description, Fold, Link, Reply, Scorer, Task};
-use super::robust::{aggregate, screen_by_auc, screen_by_class, tolerated, Decision, Rule};
+use super::robust::{aggregate, screen_by_auc, screen_by_class, tolerated, Decision, Rule, WRONG_LABELS_AUC};
 use super::stacker::federated_stacker_with;
 use super::stats::{Grid, Moments};
 use super::worker::OOF_FOLDS;
@@ -47,6 +47,9 @@ pub fn federate(link: &mut dyn Link, plan: &FederationPlan, opts: &TrainOptions,
         return Err(ModelError::Param { name: "sites", why: format!("a federation needs at least 2 sites, got {n}") });
     }
     let f = tolerated(n, n / 2);
+    if opts.combine != crate::combine::CombineMode::Auto {
+        return Err(ModelError::Param { name: "combine", why: "a federation combines its members with the federated stacker; --combine any is for central training".into() });
+    }
     if let Some(dp) = &plan.dp {
         dp.validate()?;
     }
@@ -173,8 +176,12 @@ impl Aggregator<'_> {
     }
 
     /// [`Self::screen_models`], and per site the evidence that its labels are
-    /// wrong (its model no better than chance on the other sites' rows, or
-    /// below it on an attack class: [`screen_by_class`]).
+    /// wrong: its model's median AUC on the other sites' rows under
+    /// [`WRONG_LABELS_AUC`] (inverted), or a model the overall screen accepts
+    /// that ranks one attack class no higher than normal traffic, far below the
+    /// other sites' ([`screen_by_class`]: that class relabelled). Trees that are
+    /// merely no better than chance (0.5: a site of one class) are rejected, not
+    /// taken as evidence.
     fn screen_models_why(&mut self, models: Vec<Option<Scorer>>) -> Result<(Vec<Decision>, Vec<Option<String>>), ModelError> {
         let fitted: Vec<bool> = models.iter().map(Option::is_some).collect();
         let replies = self.ask(&Task::Auc(models))?;
@@ -195,11 +202,12 @@ impl Aggregator<'_> {
             } else if !self.robust {
                 x.accepted = true;
                 x.reason = format!("rule mean: accepted unscreened (median AUC {:.4})", x.score);
-            } else if let Some(why) = &flags[i] {
+            } else if let Some(why) = flags[i].as_ref().filter(|_| x.accepted) {
+                // Sound on the rest, below chance on one class: that class relabelled.
                 x.accepted = false;
                 x.reason = why.clone();
                 wrong[i] = Some(why.clone());
-            } else if !x.accepted && x.score <= 0.5 {
+            } else if !x.accepted && x.score < WRONG_LABELS_AUC {
                 wrong[i] = Some(x.reason.clone());
             }
         }

@@ -266,13 +266,21 @@ pub fn screen_by_auc(auc: &[Vec<Option<f64>>]) -> Vec<Decision> {
 /// Evaluating sites a class needs before a site's models are judged on it.
 pub const MIN_CLASS_EVALUATORS: usize = 3;
 
+/// An overall median AUC below this is evidence of inverted labels, not just a
+/// weak model: a site's trees rank attacks clearly *below* normal traffic.
+/// Trees that learned nothing score 0.5 (an honest site of one class only:
+/// CICIoMT at α = 0.1), an honest weak site 0.55–0.65; inverted labels gave
+/// 0.01–0.11 (`cic10-invert`).
+pub const WRONG_LABELS_AUC: f64 = 0.35;
+
 /// The per-class screen: `auc[i][j][c]` is the AUC of site `i`'s model on site
 /// `j`'s rows of class `c` against its normal rows (`None` where `j == i` or site
 /// `j` has too few of either). A site is flagged on class `c` when the median of
 /// its AUCs there (over at least [`MIN_CLASS_EVALUATORS`] sites) is below 0.5 —
-/// its model ranks that attack *below* the normal traffic of the sites that
-/// hold it — and more than 3 median absolute deviations (at least 0.1) below
-/// the median over all sites. That is what a site that relabelled an attack
+/// its model ranks that attack no higher than the normal traffic of the sites
+/// that hold it — and more than 3 median absolute deviations (at least 0.1)
+/// below the median over all sites (the caller takes it as evidence only for a
+/// site whose model is otherwise sound: one relabelled class). That is what a site that relabelled an attack
 /// class as normal looks like (the targeted flip); an honest site that never
 /// saw the class ranks it near or above chance. Returns, per site, why it is
 /// flagged (the worst class), or `None`.

@@ -129,7 +129,8 @@ fn clip_multi_krum_keeps_honest_sites_within_twice_the_median_score_and_drops_fa
 fn the_class_screen_flags_a_relabelled_class_and_spares_weak_and_unseen_ones() {
     let classes: Vec<String> = ["normal", "DoS", "Recon", "Rare"].iter().map(|s| s.to_string()).collect();
     // auc[i][j][c]: sites 0–5 honest (0.95), site 6 weak everywhere (0.6), site 7
-    // never saw Recon (0.5 there), sites 8–9 relabelled DoS normal (0.1 on DoS).
+    // never saw Recon (its trees tie it with normal: 0.5), sites 8–9 relabelled
+    // DoS normal (0.1 on DoS).
     // Only site 0 holds "Rare" rows (one evaluator: never judged).
     let auc: Vec<Vec<Vec<Option<f64>>>> = (0..10)
         .map(|i| {

@@ -70,6 +70,7 @@ fn opts() -> TrainOptions {
         flip_labels: 0.0,
         screen: false,
         screen_threshold: 0.1,
+        combine: Default::default(),
     }
 }
 
@@ -235,4 +236,25 @@ fn fangs_attack_turns_the_undefended_svm_and_not_the_defended_federation() {
     assert!(svm_auc(&robust) > 0.9, "defended SVM AUC {}: {:?}", svm_auc(&robust), rep.decisions["svm"]);
     let (dr, fpr) = detection(&robust, &ds, &split.test);
     assert!(dr > 0.9 && fpr < 0.06, "defended federation: DR {dr} FPR {fpr}");
+}
+
+/// Very non-IID sites (α = 0.03): a site whose rows are nearly all of one class
+/// grows trees that score everything alike (site 3: AUC 0.5 on the others'
+/// rows). That is a weak site, not wrong labels: its trees are rejected but it is
+/// not expelled, and the federation keeps its rows (expelling such a site on
+/// CICIoMT at α = 0.1 left no normal validation rows at all).
+#[test]
+fn a_site_of_one_class_is_not_expelled_for_trees_that_learned_nothing() {
+    let (names, values, classes, devices) = synthetic(5000);
+    let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
+    let split = Split { train: (0..3000).collect(), validation: (3000..4000).collect(), test: (4000..5000).collect() };
+    let plan = FederationPlan { gbdt: GbdtMode::Bagging, lstm_rounds: 1, lstm_local_epochs: 1, ..FederationPlan::clean(5, Sites::Dirichlet { alpha: 0.03 }, 5) };
+    let (ens, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan, &mut |_| {}).unwrap();
+    let rf = &rep.decisions["rf"][3];
+    assert!(!rf.accepted && rf.score == 0.5, "the case needs a site whose trees learned nothing: {rf:?}");
+    assert!(rep.decisions.values().flatten().all(|d| !d.reason.contains("expelled")), "{:?}", rep.decisions);
+    // Sites this skewed cost detection (0.72 here against 0.96 at α = 5), but the
+    // federation still detects and calibrates.
+    let (dr, fpr) = detection(&ens, &ds, &split.test);
+    assert!(dr > 0.5 && fpr < 0.1, "DR {dr} FPR {fpr}");
 }

@@ -81,6 +81,7 @@ pub fn train_demo_model(opts: &DemoOptions, seed: u64) -> Result<std::path::Path
             flip_labels: 0.0,
             screen: false,
             screen_threshold: 0.2,
+            combine: Default::default(),
         },
         out: out.clone(),
     };
