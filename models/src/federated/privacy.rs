@@ -121,6 +121,14 @@ pub struct MemberPrivacy {
     pub delta: f64,
 }
 
+impl MemberPrivacy {
+    /// A record-level release: `releases` mechanisms, the last Gaussian with σ
+    /// `sd`, ρ `rho` in all, ε at `delta`.
+    fn record(mechanism: String, releases: usize, sd: f64, rho: f64, delta: f64) -> Result<MemberPrivacy, ModelError> {
+        Ok(MemberPrivacy { unit: "record".into(), mechanism, releases, noise_sd: Some(sd), clipped: 0, aggregated: 0, rho, epsilon: epsilon(rho, delta)?, delta })
+    }
+}
+
 /// Per member, what its publication costs; and what is published without DP.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyReport {
@@ -210,17 +218,8 @@ pub fn private_standardizer(dense: &[Vec<f64>], eps: f64, delta: f64) -> Result<
     let mut flat: Vec<f64> = dense.iter().flatten().copied().collect();
     let spent = gaussian(&mut flat, sd, sensitivity)?;
     let noisy: Vec<Vec<f64>> = flat.chunks(super::stats::GRID_BINS).map(<[f64]>::to_vec).collect();
-    let report = MemberPrivacy {
-        unit: "record".into(),
-        mechanism: format!("Gaussian noise (σ {sd:.1}) on every feature's counts over a fixed {}-bin log grid; bins under {GRID_FLOOR_SD}σ taken as empty", super::stats::GRID_BINS),
-        releases: 1,
-        noise_sd: Some(sd),
-        clipped: 0,
-        aggregated: 0,
-        rho: spent,
-        epsilon: epsilon(spent, delta)?,
-        delta,
-    };
+    let mechanism = format!("Gaussian noise (σ {sd:.1}) on every feature's counts over a fixed {}-bin log grid; bins under {GRID_FLOOR_SD}σ taken as empty", super::stats::GRID_BINS);
+    let report = MemberPrivacy::record(mechanism, 1, sd, spent, delta)?;
     Ok((super::stats::grid_standardizer(&noisy, GRID_FLOOR_SD * sd), report))
 }
 
@@ -282,17 +281,8 @@ pub fn private_threshold(h: &ScoreHistogram, target_fpr: f64, eps: f64, delta: f
     let mut law = vec![values.len() as f64, above];
     let rho_l = gaussian(&mut law, sd, std::f64::consts::SQRT_2)?;
     let spent = m.map(&1).map_err(|e| dp_err("quantile ρ", e))? + rho_l;
-    let report = MemberPrivacy {
-        unit: "record".into(),
-        mechanism: format!("exponential-mechanism quantile over {} candidates (scale {scale:.2}) + Gaussian law (σ {sd:.2})", candidates.len()),
-        releases: 2,
-        noise_sd: Some(sd),
-        clipped: 0,
-        aggregated: 0,
-        rho: spent,
-        epsilon: epsilon(spent, delta)?,
-        delta,
-    };
+    let mechanism = format!("exponential-mechanism quantile over {} candidates (scale {scale:.2}) + Gaussian law (σ {sd:.2})", candidates.len());
+    let report = MemberPrivacy::record(mechanism, 2, sd, spent, delta)?;
     Ok((z, (law[0].max(1.0), law[1].clamp(0.0, law[0].max(1.0))), report))
 }
 

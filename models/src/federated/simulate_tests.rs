@@ -258,3 +258,13 @@ fn a_site_of_one_class_is_not_expelled_for_trees_that_learned_nothing() {
     let (dr, fpr) = detection(&ens, &ds, &split.test);
     assert!(dr > 0.5 && fpr < 0.1, "DR {dr} FPR {fpr}");
 }
+
+#[test]
+fn a_federation_refuses_the_any_member_combination_by_name() {
+    let (names, values, classes, devices) = synthetic(600);
+    let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
+    let split = Split { train: (0..360).collect(), validation: (360..480).collect(), test: (480..600).collect() };
+    let opts = TrainOptions { combine: crate::combine::CombineMode::Any, ..opts() };
+    let e = fit_federated(&ds, &split, 6.0, &opts, &FederationPlan::clean(3, Sites::Dirichlet { alpha: 5.0 }, 5), &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("combine") && e.contains("central training"), "{e}");
+}
