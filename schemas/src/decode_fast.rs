@@ -87,48 +87,80 @@ fn scalar(text: &str, i: usize) -> Option<(Value, usize)> {
 /// as serde_json represents it: an integer as u64, or as i64 when negative
 /// (`-0` and negatives below i64's range as f64), an integer beyond u64 or any
 /// fraction or exponent as f64.
+///
+/// The digits are read once: up to 19 of them accumulate into a u64 as they are
+/// checked. A float whose digits fit 2^53 and whose power of ten is within
+/// ±22 is `m × 10^e` or `m / 10^-e` in one IEEE operation on two exact values:
+/// correctly rounded (Clinger's fast path), as lexical-core and serde_json give
+/// it. Anything else goes to lexical-core.
 fn number(b: &[u8], i: usize) -> Option<(Value, usize)> {
-    let digits = |mut j: usize| {
+    // Digits from `j`: (end, their value while it fits 19 digits, how many).
+    let digits = |mut j: usize, mut m: u64, mut n: usize| {
         let s = j;
-        while matches!(b.get(j), Some(b'0'..=b'9')) {
+        while let Some(&c @ b'0'..=b'9') = b.get(j) {
+            if n < 19 {
+                m = m * 10 + u64::from(c - b'0');
+            }
+            n += 1;
             j += 1;
         }
-        (j > s).then_some(j)
+        (j > s).then_some((j, m, n))
     };
     let negative = b[i] == b'-';
     let int_start = i + usize::from(negative);
-    let int_end = digits(int_start)?;
+    let (int_end, mut mant, mut count) = digits(int_start, 0, 0)?;
     if b[int_start] == b'0' && int_end > int_start + 1 {
         return None; // a leading zero
     }
     let mut end = int_end;
     let mut integer = true;
+    let mut exp10: i64 = 0;
     if b.get(end) == Some(&b'.') {
-        end = digits(end + 1)?;
-        integer = false;
+        let (e, m, n) = digits(end + 1, mant, count)?;
+        exp10 -= (e - end - 1) as i64;
+        (end, mant, count, integer) = (e, m, n, false);
     }
     if matches!(b.get(end), Some(b'e' | b'E')) {
         let mut j = end + 1;
+        let minus = b.get(j) == Some(&b'-');
         if matches!(b.get(j), Some(b'+' | b'-')) {
             j += 1;
         }
-        end = digits(j)?;
-        integer = false;
+        let (e, x, n) = digits(j, 0, 0)?;
+        // Beyond 19 exponent digits the fast path is out of reach anyway.
+        let x = if n > 18 { i64::MAX / 2 } else { x as i64 };
+        exp10 = exp10.saturating_add(if minus { -x } else { x });
+        (end, integer) = (e, false);
     }
+    let exact = count <= 19;
     let float = || {
-        let x: f64 = lexical_core::parse(&b[i..end]).ok()?;
+        const POW10: [f64; 23] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22];
+        let x: f64 = if exact && mant <= 1 << 53 && (-22..=22).contains(&exp10) {
+            let m = mant as f64;
+            let x = if exp10 >= 0 { m * POW10[exp10 as usize] } else { m / POW10[(-exp10) as usize] };
+            if negative { -x } else { x }
+        } else {
+            lexical_core::parse(&b[i..end]).ok()?
+        };
         // Out of f64's range: serde_json refuses it; let it say so.
         Number::from_f64(x).filter(|_| x.is_finite())
     };
     let n = if integer {
         // serde_json's integer rules, so the same literal gives the same Number.
-        match std::str::from_utf8(&b[int_start..int_end]).ok()?.parse::<u64>() {
-            Ok(sig) if !negative => Number::from(sig),
-            Ok(sig) => {
+        match exact.then_some(mant) {
+            Some(sig) if !negative => Number::from(sig),
+            Some(sig) => {
                 let neg = (sig as i64).wrapping_neg();
                 if neg >= 0 { Number::from_f64(-(sig as f64))? } else { Number::from(neg) }
             }
-            Err(_) => float()?,
+            None => match std::str::from_utf8(&b[int_start..int_end]).ok()?.parse::<u64>() {
+                Ok(sig) if !negative => Number::from(sig),
+                Ok(sig) => {
+                    let neg = (sig as i64).wrapping_neg();
+                    if neg >= 0 { Number::from_f64(-(sig as f64))? } else { Number::from(neg) }
+                }
+                Err(_) => float()?,
+            },
         }
     } else {
         float()?

@@ -57,6 +57,40 @@ proptest! {
     }
 }
 
+proptest! {
+    /// Decimals of up to 22 digits with a point anywhere and powers of ten
+    /// around the fast path's ±22 bound (and 2^53's): the one-pass parse gives
+    /// serde_json's bits.
+    #[test]
+    fn numbers_read_in_one_pass_have_serde_jsons_bits(neg in any::<bool>(), digits in "[1-9][0-9]{0,21}", point in 0usize..23, exp in -30i32..30, e_form in any::<bool>()) {
+        let mut d = digits.clone();
+        if point > 0 && point < d.len() {
+            d.insert(point, '.');
+        }
+        let lit = format!("{}{d}{}", if neg { "-" } else { "" }, if e_form { format!("e{exp}") } else { String::new() });
+        let text = format!("{{\"a\": {lit}}}");
+        let mut slots = vec![None; 3];
+        prop_assert!(object(text.as_bytes(), &index(), &mut slots), "{}", text);
+        prop_assert_eq!(shown(&slots), shown(&by_serde(text.as_bytes()).unwrap()), "{}", text);
+    }
+}
+
+#[test]
+fn the_fast_paths_edges_round_like_serde() {
+    // 2^53 and 2^53 + 1 (not exact: lexical), 10^22 and 10^23, halfway cases,
+    // 19 and 20 digits, -0 forms, i64's edge.
+    for lit in [
+        "9007199254740992", "9007199254740993", "9007199254740993.0", "9007199254740992e22", "9007199254740992e-22", "1e22", "1e23",
+        "1e-22", "1e-23", "0.1", "0.3", "2.5", "1.0000000000000002", "9999999999999999999", "99999999999999999999", "9999999999999999999.0",
+        "-0", "-0.0", "-0e3", "0.000000000000000000001", "-9223372036854775808", "-9223372036854775809", "123.456e-7", "4.9e-324",
+    ] {
+        let text = format!("{{\"a\": {lit}}}");
+        let mut slots = vec![None; 3];
+        assert!(object(text.as_bytes(), &index(), &mut slots), "{text}");
+        assert_eq!(shown(&slots), shown(&by_serde(text.as_bytes()).unwrap()), "{text}");
+    }
+}
+
 #[test]
 fn takes_the_common_record_and_leaves_the_rest_to_serde() {
     let index = index();
