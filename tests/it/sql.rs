@@ -370,9 +370,7 @@ fn query_only_process_serves_every_twin_of_two_instances() {
     let expected: BTreeSet<String> = reference_twins(&cfg, &recs, &coords).into_keys().collect();
 
     // Each instance serves only the twins of its own partitions...
-    // An instance between assignments owns none: psql prints an empty line, which
-    // `query` drops (no row); that is "none yet", not an error.
-    let parts = |addr: &str| query(addr, "select partitions from status").first().cloned().unwrap_or_default();
+    let parts = |addr: &str| query(addr, "select partitions from status").first().cloned().unwrap_or_default(); // none between assignments: no row
     let deadline = Instant::now() + WAIT;
     while parts(&sql_a).is_empty() || parts(&sql_b).is_empty() || parts(&sql_a).split(',').count() + parts(&sql_b).split(',').count() != 4 {
         assert!(Instant::now() < deadline, "instances own all 4 partitions: a={} b={}", parts(&sql_a), parts(&sql_b));
