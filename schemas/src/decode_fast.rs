@@ -147,20 +147,15 @@ fn number(b: &[u8], i: usize) -> Option<(Value, usize)> {
     };
     let n = if integer {
         // serde_json's integer rules, so the same literal gives the same Number.
-        match exact.then_some(mant) {
+        // Up to 19 digits are in `mant`; longer ones are parsed (they may still fit u64).
+        let sig = if exact { Some(mant) } else { std::str::from_utf8(&b[int_start..int_end]).ok()?.parse::<u64>().ok() };
+        match sig {
             Some(sig) if !negative => Number::from(sig),
             Some(sig) => {
                 let neg = (sig as i64).wrapping_neg();
                 if neg >= 0 { Number::from_f64(-(sig as f64))? } else { Number::from(neg) }
             }
-            None => match std::str::from_utf8(&b[int_start..int_end]).ok()?.parse::<u64>() {
-                Ok(sig) if !negative => Number::from(sig),
-                Ok(sig) => {
-                    let neg = (sig as i64).wrapping_neg();
-                    if neg >= 0 { Number::from_f64(-(sig as f64))? } else { Number::from(neg) }
-                }
-                Err(_) => float()?,
-            },
+            None => float()?,
         }
     } else {
         float()?

@@ -280,10 +280,10 @@ pub const WRONG_LABELS_AUC: f64 = 0.35;
 /// its model ranks that attack no higher than the normal traffic of the sites
 /// that hold it — and more than 3 median absolute deviations (at least 0.1)
 /// below the median over all sites (the caller takes it as evidence only for a
-/// site whose model is otherwise sound: one relabelled class). That is what a site that relabelled an attack
-/// class as normal looks like (the targeted flip); an honest site that never
-/// saw the class ranks it near or above chance. Returns, per site, why it is
-/// flagged (the worst class), or `None`.
+/// site whose model is otherwise sound: one relabelled class). That is what a
+/// site that relabelled an attack class as normal looks like (the targeted
+/// flip); an honest site that never saw the class ranks it near or above chance.
+/// Returns, per site, why it is flagged (the worst class), or `None`.
 pub fn screen_by_class(auc: &[Vec<Vec<Option<f64>>>], classes: &[String]) -> Vec<Option<String>> {
     let n = auc.len();
     let mut worst: Vec<Option<(f64, String)>> = vec![None; n];
