@@ -17,6 +17,8 @@
 #       cic-central-s<N> cic5-a05-s<N> (seed N: split, sites and models reseeded)
 #       cic5-alpha<A> (5 sites, Dirichlet α = A), cic10-<kind>-k<K>-{robust,mean}
 #       (K of 10 sites poisoned)
+#       <arm>-any: that arm with `--combine any` (each member against its own
+#       threshold, the most suspicious decides), e.g. cic5-a05-any
 # About 1 minute per arm on 2 cores. Needs the twinguard binary ($TWINGUARD_BIN,
 # else $CARGO_TARGET_DIR/debug/twinguard) and the peer venv (scripts/peer.sh makes it).
 set -euo pipefail
@@ -45,37 +47,40 @@ arms=("$@")
 for arm in "${arms[@]}"; do
     dir=$out/$arm
     echo "== $arm" >&2
-    case $arm in
-        cic-central) "$bin" train "${cic[@]}" --out "$dir" ;;
-        wustl-central) "$bin" train --dataset "$W" --out "$dir" ;;
-        cic5-a05) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --out "$dir" ;;
-        cic5-a01) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --out "$dir" ;;
-        cic10-a05) "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --out "$dir" ;;
-        wustl5-periods) "$bin" federate simulate --dataset "$W" --sites 5 --periods --out "$dir" ;;
-        cic5-a05-local) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --local-only --out "$dir" ;;
-        cic5-a01-local) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --local-only --out "$dir" ;;
-        wustl5-periods-local) "$bin" federate simulate --dataset "$W" --sites 5 --periods --local-only --out "$dir" ;;
-        cic5-a05-bagging) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --gbdt bagging --out "$dir" ;;
-        cic5-a01-bagging) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --gbdt bagging --out "$dir" ;;
-        cic10-a05-bagging) "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --gbdt bagging --out "$dir" ;;
-        wustl5-periods-bagging) "$bin" federate simulate --dataset "$W" --sites 5 --periods --gbdt bagging --out "$dir" ;;
-        cic-central-s*) "$bin" train "${cic[@]}" --seed "${arm##*-s}" --out "$dir" ;;
-        cic5-a05-s*) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --seed "${arm##*-s}" --out "$dir" ;;
-        cic5-alpha*) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha "${arm#cic5-alpha}" --out "$dir" ;;
+    extra=()
+    base=$arm
+    if [ "${arm%-any}" != "$arm" ]; then extra=(--combine any); base=${arm%-any}; fi
+    case $base in
+        cic-central) "$bin" train "${cic[@]}" "${extra[@]}" --out "$dir" ;;
+        wustl-central) "$bin" train --dataset "$W" "${extra[@]}" --out "$dir" ;;
+        cic5-a05) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 "${extra[@]}" --out "$dir" ;;
+        cic5-a01) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 "${extra[@]}" --out "$dir" ;;
+        cic10-a05) "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 "${extra[@]}" --out "$dir" ;;
+        wustl5-periods) "$bin" federate simulate --dataset "$W" --sites 5 --periods "${extra[@]}" --out "$dir" ;;
+        cic5-a05-local) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --local-only "${extra[@]}" --out "$dir" ;;
+        cic5-a01-local) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --local-only "${extra[@]}" --out "$dir" ;;
+        wustl5-periods-local) "$bin" federate simulate --dataset "$W" --sites 5 --periods --local-only "${extra[@]}" --out "$dir" ;;
+        cic5-a05-bagging) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --gbdt bagging "${extra[@]}" --out "$dir" ;;
+        cic5-a01-bagging) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.1 --gbdt bagging "${extra[@]}" --out "$dir" ;;
+        cic10-a05-bagging) "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --gbdt bagging "${extra[@]}" --out "$dir" ;;
+        wustl5-periods-bagging) "$bin" federate simulate --dataset "$W" --sites 5 --periods --gbdt bagging "${extra[@]}" --out "$dir" ;;
+        cic-central-s*) "$bin" train "${cic[@]}" --seed "${base##*-s}" "${extra[@]}" --out "$dir" ;;
+        cic5-a05-s*) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --seed "${base##*-s}" "${extra[@]}" --out "$dir" ;;
+        cic5-alpha*) "$bin" federate simulate "${cic[@]}" --sites 5 --alpha "${base#cic5-alpha}" "${extra[@]}" --out "$dir" ;;
         cic10-*-k*-robust|cic10-*-k*-mean)
-            kind=${arm#cic10-}; kind=${kind%%-k*}; k=${arm##*-k}; k=${k%-*}
-            rule=clip-multi-krum; [ "${arm##*-}" = mean ] && rule=mean
-            "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "$k:$kind" --rule "$rule" --out "$dir" ;;
+            kind=${base#cic10-}; kind=${kind%%-k*}; k=${base##*-k}; k=${k%-*}
+            rule=clip-multi-krum; [ "${base##*-}" = mean ] && rule=mean
+            "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "$k:$kind" --rule "$rule" "${extra[@]}" --out "$dir" ;;
         cic5-a05-dp-z*-e*)
-            z=${arm#*-z}; z=${z%%-e*}; e=${arm##*-e}
-            "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --dp-noise "$z" --dp-threshold-epsilon "$e" --out "$dir" ;;
+            z=${base#*-z}; z=${z%%-e*}; e=${base##*-e}
+            "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --dp-noise "$z" --dp-threshold-epsilon "$e" "${extra[@]}" --out "$dir" ;;
         cic10-*-bagging)
-            kind=${arm#cic10-}; kind=${kind%-*}
-            "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "3:$kind" --gbdt bagging --out "$dir" ;;
+            kind=${base#cic10-}; kind=${kind%-*}
+            "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "3:$kind" --gbdt bagging "${extra[@]}" --out "$dir" ;;
         cic10-*-robust|cic10-*-mean)
-            kind=${arm#cic10-}; kind=${kind%-*}
-            rule=clip-multi-krum; [ "${arm##*-}" = mean ] && rule=mean
-            "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "3:$kind" --rule "$rule" --out "$dir" ;;
+            kind=${base#cic10-}; kind=${kind%-*}
+            rule=clip-multi-krum; [ "${base##*-}" = mean ] && rule=mean
+            "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "3:$kind" --rule "$rule" "${extra[@]}" --out "$dir" ;;
         *) echo "unknown arm $arm" >&2; exit 2 ;;
     esac > "$dir.log" 2>&1 || { tail -20 "$dir.log" >&2; exit 1; }
     [ -f "$dir/local.json" ] || "$bin" eval --model "$dir" --out "$dir/eval" --scores "$dir/scores.csv" >/dev/null

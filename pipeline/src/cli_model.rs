@@ -37,8 +37,9 @@ pub(crate) struct ModelArgs {
     /// How the members' scores become the ensemble's: auto (the stacker, or the
     /// best member alone when stacking does not beat it out of fold) or any (each
     /// member against its own threshold, the most suspicious decides: an attacker
-    /// must evade every member at once; a little less clean detection). Central
-    /// training only.
+    /// must evade every member at once; a little less clean detection). In a
+    /// federation the members' thresholds come from merged per-member histograms
+    /// (not with --dp-noise).
     #[arg(long, value_parser = ["auto", "any"], default_value = "auto")]
     pub(crate) combine: String,
 }

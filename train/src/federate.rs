@@ -132,7 +132,11 @@ pub fn render_federation(f: &FederationReport) -> String {
     }
     if let Some(p) = &f.privacy {
         for (m, a) in &p.members {
-            out.push_str(&format!("privacy {m:<9} {}-level ε = {:.2} at δ = {:e} ({} release(s); {})\n", a.unit, a.epsilon, a.delta, a.releases, a.mechanism));
+            if a.releases == 0 {
+                out.push_str(&format!("privacy {m:<9} ε = 0 ({})\n", a.mechanism));
+            } else {
+                out.push_str(&format!("privacy {m:<9} {}-level ε = {:.2} at δ = {:e} ({} release(s); {})\n", a.unit, a.epsilon, a.delta, a.releases, a.mechanism));
+            }
         }
         out.push_str(&format!("published without DP: {}\n", p.not_private.keys().cloned().collect::<Vec<_>>().join(", ")));
     }

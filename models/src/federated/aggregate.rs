@@ -7,13 +7,13 @@ use std::time::Instant;
 
 use super::calibrate::{sigmoid, ScoreHistogram};
 use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary};
-use super::privacy::{clip, dp_threshold_caution, gaussian_aggregate, private_standardizer, private_threshold, MemberPrivacy, PrivacyReport};
+use super::privacy::{clip, dp_threshold_caution, fixed_stacker, gaussian_aggregate, private_classes, private_standardizer, private_threshold, MemberPrivacy, PrivacyReport};
 use super::protocol::{expect, Answer, Description, Fold, Link, Reply, Scorer, Task};
 use super::robust::{aggregate, screen_by_auc, screen_by_class, tolerated, Decision, Rule, WRONG_LABELS_AUC};
 use super::stacker::federated_stacker_with;
 use super::stats::{Grid, Moments};
 use super::worker::OOF_FOLDS;
-use crate::ensemble::{Combination, FprInterval, NewtonSums, Stacker, MEMBERS};
+use crate::ensemble::{Candidate, Combination, FprInterval, NewtonSums, Stacker, MEMBERS};
 use crate::forest::{Forest, ForestParams};
 use crate::lstm::{LstmModel, LstmParams};
 use crate::svm::Svm;
@@ -47,8 +47,12 @@ pub fn federate(link: &mut dyn Link, plan: &FederationPlan, opts: &TrainOptions,
         return Err(ModelError::Param { name: "sites", why: format!("a federation needs at least 2 sites, got {n}") });
     }
     let f = tolerated(n, n / 2);
-    if opts.combine != crate::combine::CombineMode::Auto {
-        return Err(ModelError::Param { name: "combine", why: "a federation combines its members with the federated stacker; --combine any is for central training".into() });
+    let any = opts.combine == crate::combine::CombineMode::Any;
+    if any && plan.dp.is_some() {
+        return Err(ModelError::Param {
+            name: "combine",
+            why: "--combine any is not built with differential privacy: its per-member histograms would spend the privacy budget again (use the stacker)".into(),
+        });
     }
     if let Some(dp) = &plan.dp {
         dp.validate()?;
@@ -66,9 +70,14 @@ pub fn federate(link: &mut dyn Link, plan: &FederationPlan, opts: &TrainOptions,
     let lstm = agg.lstm(standardizer.mean.len(), log)?;
     let mut ens = Ensemble::uncombined(standardizer, forest, svm, lstm, Some(boost), &names, twin_threshold, classes);
     agg.ask(&Task::Members(Box::new(ens.clone())))?;
-    let (stacker, folds) = agg.stacker(log)?;
+    let (stacker, folds, candidates) = if any {
+        agg.any_member(log)?
+    } else {
+        let (stacker, folds) = agg.stacker(log)?;
+        (stacker, folds, Vec::new())
+    };
     ens.stacker = stacker;
-    agg.threshold(&mut ens, folds, log)?;
+    agg.threshold(&mut ens, folds, candidates, log)?;
     agg.report.seconds = started.elapsed().as_secs_f64();
     for (s, b) in agg.report.sites.iter_mut().zip(agg.link.bytes()) {
         s.bytes = b;
@@ -114,6 +123,7 @@ impl Aggregator<'_> {
         let names: Vec<String> = votes.iter().max_by_key(|(_, &c)| c).map(|(n, _)| n.to_vec()).ok_or_else(|| ModelError::Train("no site answered round 0".into()))?;
         let mut decisions = Vec::new();
         let mut classes: BTreeSet<String> = BTreeSet::new();
+        let mut class_rows: BTreeMap<String, u64> = BTreeMap::new();
         let mut parts = Vec::new();
         self.active.clear();
         for (i, d) in descs.iter().enumerate() {
@@ -122,6 +132,9 @@ impl Aggregator<'_> {
                 Ok(d) if d.names != names => (false, format!("its {} features are not the federation's {}", d.names.len(), names.len())),
                 Ok(d) => {
                     classes.extend(d.classes.iter().filter(|c| *c != labels::NORMAL).cloned());
+                    for (c, n) in d.classes.iter().zip(d.class_rows.iter().chain(std::iter::repeat(&0))).filter(|(c, _)| *c != labels::NORMAL) {
+                        *class_rows.entry(c.clone()).or_default() += n;
+                    }
                     parts.push((&d.moments, &d.grid));
                     self.active.push(i);
                     (true, format!("{} training rows", d.train_rows))
@@ -147,7 +160,19 @@ impl Aggregator<'_> {
                 s
             }
         };
-        let classes: Vec<String> = std::iter::once(labels::NORMAL.to_string()).chain(classes).collect();
+        let classes: Vec<String> = match &self.plan.dp {
+            None => std::iter::once(labels::NORMAL.to_string()).chain(classes).collect(),
+            Some(dp) => {
+                // Record-level DP: a class is published only when its noisy row
+                // count clears the bar; the others' rows stay out of training.
+                let (kept, cost) = private_classes(&class_rows, dp.classes_epsilon, dp.delta)?;
+                if kept.len() < class_rows.len() {
+                    log(Progress::Step(&format!("class list: {} of {} attack classes too rare to publish privately; their rows are left out at the sites that hold them", class_rows.len() - kept.len(), class_rows.len())));
+                }
+                self.report.privacy.get_or_insert_with(PrivacyReport::new).members.insert("classes".into(), cost);
+                std::iter::once(labels::NORMAL.to_string()).chain(kept).collect()
+            }
+        };
         self.classes = classes.clone();
         self.report.decisions.insert("round0".into(), decisions);
         self.report.features = names.clone();
@@ -284,7 +309,7 @@ impl Aggregator<'_> {
     /// [`Self::aggregate_vectors`], private when the plan asks for it: every
     /// update clipped to the member's norm first, the aggregate noised after
     /// (site-level Gaussian mechanism), the cost added to the member's account.
-    fn private_vectors(&mut self, mut ups: Vec<Result<Vec<f64>, String>>, what: &str, member: &str) -> Result<(Vec<f64>, Vec<Decision>), ModelError> {
+    pub(crate) fn private_vectors(&mut self, mut ups: Vec<Result<Vec<f64>, String>>, what: &str, member: &str) -> Result<(Vec<f64>, Vec<Decision>), ModelError> {
         let Some(dp) = self.plan.dp.clone() else {
             return self.aggregate_vectors(&ups, what);
         };
@@ -391,8 +416,16 @@ impl Aggregator<'_> {
     /// The stacker by summed Newton steps over the sites' validation rows (global
     /// class weights), and the stackers of the out-of-fold folds. Robust: each site
     /// also sends its own stacker (6 numbers), screened like the trees by its AUC
-    /// on the other sites' rows; sites that fail are left out of the sums.
+    /// on the other sites' rows; sites that fail are left out of the sums. With
+    /// differential privacy it is not fitted at all ([`fixed_stacker`]).
     fn stacker(&mut self, log: &mut dyn FnMut(Progress<'_>)) -> Result<(Stacker, Vec<Stacker>), ModelError> {
+        if self.plan.dp.is_some() {
+            let fixed = fixed_stacker();
+            let cost = MemberPrivacy { unit: "none".into(), mechanism: "fixed in advance, fitted on no row: the mean of the forest's and the boosted trees' log-odds".into(), releases: 0, noise_sd: None, clipped: 0, aggregated: 0, rho: 0.0, epsilon: 0.0, delta: 0.0 };
+            self.report.privacy.get_or_insert_with(PrivacyReport::new).members.insert("stacker".into(), cost);
+            log(Progress::Step("stacker: fixed (private federation): the mean of the two tree members' log-odds"));
+            return Ok((fixed.clone(), vec![fixed; OOF_FOLDS]));
+        }
         let replies = self.ask(&Task::FitStacker)?;
         let locals = Self::models(&replies, |a| if let Answer::Stacker(s) = a { Some(s.clone()) } else { None });
         let mut d = self.screen_models(locals.iter().map(|s| s.clone().map(Scorer::Stacker)).collect())?;
@@ -424,9 +457,10 @@ impl Aggregator<'_> {
     }
 
     /// The threshold from the sites' merged histograms of out-of-fold validation
-    /// scores; robust: a site most of whose normal rows score above 0.5, and far
-    /// more of them than the other sites', is left out of the merge.
-    fn threshold(&mut self, ens: &mut Ensemble, folds: Vec<Stacker>, log: &mut dyn FnMut(Progress<'_>)) -> Result<(), ModelError> {
+    /// scores (of the stacker, or of the "any member" combination with its
+    /// members' `candidates`); robust: a site most of whose normal rows score
+    /// above 0.5, and far more of them than the other sites', is left out of the merge.
+    fn threshold(&mut self, ens: &mut Ensemble, folds: Vec<Stacker>, candidates: Vec<Candidate>, log: &mut dyn FnMut(Progress<'_>)) -> Result<(), ModelError> {
         let target = self.opts.target_fpr;
         let replies = self.ask(&Task::Histograms { folds })?;
         let hists: Vec<Option<(ScoreHistogram, Vec<ScoreHistogram>)>> =
@@ -506,7 +540,9 @@ impl Aggregator<'_> {
             100.0 * law.expected
         )));
         ens.calibration = self.plan.dp.is_none().then_some(merged);
-        ens.combination = Some(Combination { chosen: "stack".into(), folds: 0, candidates: Vec::new(), threshold_fpr: law, member_thresholds });
+        let chosen = if ens.stacker.any.is_empty() { "stack" } else { "any" };
+        let folds = if candidates.is_empty() { 0 } else { OOF_FOLDS };
+        ens.combination = Some(Combination { chosen: chosen.into(), folds, candidates, threshold_fpr: law, member_thresholds });
         self.report.decisions.insert("threshold".into(), decisions);
         Ok(())
     }

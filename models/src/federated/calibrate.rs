@@ -87,6 +87,15 @@ impl ScoreHistogram {
         self.normal[bin_of(threshold)..].iter().sum()
     }
 
+    pub fn attacks(&self) -> u64 {
+        self.attack.iter().sum()
+    }
+
+    /// Attack counts in `threshold`'s bin (log-odds) and above.
+    pub fn attacks_above(&self, threshold: f64) -> u64 {
+        self.attack[bin_of(threshold)..].iter().sum()
+    }
+
     /// The lowest bin edge (log-odds) with at most k = ⌊fpr·(n+1)⌋ normal scores
     /// in the bins at or above it (a score in the edge's own bin counts as above:
     /// conservative by at most one bin's width, 0.016 in log-odds). Above every

@@ -9,6 +9,8 @@
 //!   bagging for the boosted member ([`Booster::average`](crate::boost::Booster::average));
 //! - the stacker by summed Newton steps ([`Stacker::newton_sums`](crate::Stacker::newton_sums)),
 //!   the same fit as on the union of the rows;
+//! - [`any`]: the "any member" combination (`--combine any`) from merged
+//!   per-member histograms, in place of the stacker;
 //! - [`calibrate`]: the threshold from merged score histograms, so the artifact
 //!   stores no site's scores;
 //! - [`partition`]: how an evaluation splits one dataset into sites;
@@ -22,6 +24,7 @@
 //! - [`simulate`]: a whole federation in one process, sites poisoned or not.
 
 pub mod aggregate;
+pub mod any;
 pub mod calibrate;
 mod cyclic;
 pub mod local;

@@ -20,7 +20,7 @@ use crate::svm::SvmParams;
 use crate::{Ensemble, ModelError, Standardizer};
 
 /// Version of the protocol's messages; a message of another version is refused.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// Rows of a class, and normal rows, a site needs to report that class's AUC.
 pub const MIN_CLASS_ROWS: usize = 5;
@@ -76,6 +76,10 @@ pub enum Task {
     /// Histograms of the out-of-fold ensemble scores (row `i` scored by
     /// `folds[i % folds.len()]`, in log-odds) and of each member's scores.
     Histograms { folds: Vec<Stacker> },
+    /// Histograms of each member's stacking input (log-odds; the SVM's margin, as
+    /// [`crate::ensemble::MemberScores::inputs`]) per out-of-fold fold: what the
+    /// "any member" combination's offsets are set on.
+    MemberHistograms,
     /// The federation is over; `version` is the published model.
     Finish { version: String },
 }
@@ -93,7 +97,7 @@ impl Task {
             Task::Auc(_) => "evaluation",
             Task::Members(_) => "members",
             Task::FitStacker | Task::Counts(_) | Task::Newton { .. } => "stacker",
-            Task::Histograms { .. } => "histograms",
+            Task::Histograms { .. } | Task::MemberHistograms => "histograms",
             Task::Finish { .. } => "finish",
         }
     }
@@ -105,6 +109,9 @@ pub struct Description {
     pub names: Vec<String>,
     /// The classes of the site's rows (normal first).
     pub classes: Vec<String>,
+    /// Training rows per class of `classes` (what a private class list is drawn from).
+    #[serde(default)]
+    pub class_rows: Vec<u64>,
     pub moments: Moments,
     /// Per feature, its training rows' counts over the fixed grid (for a
     /// differentially private standardiser).
@@ -132,6 +139,9 @@ pub enum Answer {
     Counts { attack: usize, total: usize },
     Sums(NewtonSums),
     Histograms { oof: ScoreHistogram, members: Vec<ScoreHistogram> },
+    /// Per fold (row `i` of the validation rows is in fold `i % OOF_FOLDS`), per
+    /// member in [`crate::ensemble::MEMBERS`] order: its inputs' histogram.
+    MemberHistograms(Vec<Vec<ScoreHistogram>>),
 }
 
 /// A site's reply: its answer, or why it has none (its rows hold one class, a

@@ -1,8 +1,9 @@
 use super::*;
 use crate::boost::BoostParams;
-use crate::ensemble::{MemberScores, Stacker};
+use crate::ensemble::{MemberScores, Stacker, MEMBERS};
 use crate::forest::ForestParams;
 use crate::lstm::LstmParams;
+use crate::federated::privacy::DpPlan;
 use crate::federated::robust::Rule;
 use crate::train::{member_scores, sequences};
 use crate::svm::SvmParams;
@@ -170,7 +171,12 @@ fn sites_that_relabel_an_attack_class_normal_are_expelled_and_the_class_is_still
 #[test]
 fn a_private_federation_accounts_epsilon_per_member_and_still_detects() {
     use crate::federated::privacy::{epsilon, DpPlan};
-    let (names, values, classes, devices) = synthetic(8000);
+    let (names, values, mut classes, devices) = synthetic(8000);
+    // Three training rows of a class no other row has: the private class list
+    // must not publish it (its rows are left out at their sites).
+    for r in [10, 20, 30] {
+        classes[r] = "Backdoor".into();
+    }
     let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
     // 4,000 validation rows (2,400 normal): the DP quantile's rank error is a few
     // rows whatever their number, so with the 1,000 of the other tests (12 normals
@@ -178,7 +184,7 @@ fn a_private_federation_accounts_epsilon_per_member_and_still_detects() {
     // in utility to be drawn now and then (DR 0.28 once in CI, 0.81 once in 40
     // runs); here 40 of 40 runs gave DR 0.960–0.965.
     let split = Split { train: (0..3000).collect(), validation: (3000..7000).collect(), test: (7000..8000).collect() };
-    let dp = DpPlan { noise_multiplier: 1.0, svm_clip: 1.0, lstm_clip: 1.0, threshold_epsilon: 2.0, moments_epsilon: 1.0, delta: 1e-5 };
+    let dp = DpPlan { noise_multiplier: 1.0, svm_clip: 1.0, lstm_clip: 1.0, threshold_epsilon: 2.0, moments_epsilon: 1.0, classes_epsilon: 1.0, delta: 1e-5 };
     let plan = FederationPlan { rule: Rule::Mean, lstm_rounds: 3, lstm_local_epochs: 1, dp: Some(dp), ..FederationPlan::clean(5, Sites::Dirichlet { alpha: 5.0 }, 5) };
     let (ens, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan, &mut |_| {}).unwrap();
     let (dr, fpr) = detection(&ens, &ds, &split.test);
@@ -191,9 +197,17 @@ fn a_private_federation_accounts_epsilon_per_member_and_still_detects() {
     assert!((lstm.rho - 1.5).abs() < 1e-9 && lstm.releases == 3, "{lstm:?}");
     assert!((lstm.epsilon - epsilon(1.5, 1e-5).unwrap()).abs() < 1e-9 && lstm.epsilon > svm.epsilon);
     assert!(thr.epsilon <= 2.0 + 1e-9 && thr.epsilon > 1.5 && thr.unit == "record", "{thr:?}");
-    for m in ["rf", "gbdt", "stacker", "classes", "provenance"] {
+    for m in ["rf", "gbdt", "provenance"] {
         assert!(p.not_private.contains_key(m), "{m} listed as not private");
     }
+    // The class list: record-level, without the class of three rows.
+    let cl = &p.members["classes"];
+    assert!(cl.unit == "record" && cl.epsilon <= 1.0 + 1e-9 && !p.not_private.contains_key("classes"), "{cl:?}");
+    assert_eq!(ens.classes, vec!["normal", "DoS", "Recon", "Spoofing"]);
+    // The stacker: fitted on no row, so it costs nothing.
+    let stk = &p.members["stacker"];
+    assert!(!p.not_private.contains_key("stacker") && stk.unit == "none" && stk.epsilon == 0.0, "{stk:?}");
+    assert_eq!(ens.stacker, crate::federated::privacy::fixed_stacker());
     // The standardiser: record-level, from noisy grid counts, within its budget
     // and near the exact one (8 features, 1,200 training rows a site).
     let st = &p.members["standardiser"];
@@ -259,12 +273,42 @@ fn a_site_of_one_class_is_not_expelled_for_trees_that_learned_nothing() {
     assert!(dr > 0.5 && fpr < 0.1, "DR {dr} FPR {fpr}");
 }
 
+/// `--combine any` in a federation: the offsets come from merged per-member
+/// histograms, and match what central training's "any member" sets on the
+/// union of the sites' validation rows scored by the same members (within a
+/// histogram bin or two); the threshold holds and the ensemble detects.
 #[test]
-fn a_federation_refuses_the_any_member_combination_by_name() {
-    let (names, values, classes, devices) = synthetic(600);
+fn a_federation_combines_any_member_as_central_training_does_on_the_same_scores() {
+    let (names, values, classes, devices) = synthetic(3000);
     let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
-    let split = Split { train: (0..360).collect(), validation: (360..480).collect(), test: (480..600).collect() };
+    let split = Split { train: (0..1800).collect(), validation: (1800..2400).collect(), test: (2400..3000).collect() };
     let opts = TrainOptions { combine: crate::combine::CombineMode::Any, ..opts() };
-    let e = fit_federated(&ds, &split, 6.0, &opts, &FederationPlan::clean(3, Sites::Dirichlet { alpha: 5.0 }, 5), &mut |_| {}).unwrap_err().to_string();
-    assert!(e.contains("combine") && e.contains("central training"), "{e}");
+    let plan = FederationPlan { gbdt: GbdtMode::Bagging, lstm_rounds: 1, lstm_local_epochs: 1, ..FederationPlan::clean(3, Sites::Dirichlet { alpha: 5.0 }, 5) };
+    let (ens, rep) = fit_federated(&ds, &split, 6.0, &opts, &plan, &mut |_| {}).unwrap();
+    let c = ens.combination.as_ref().unwrap();
+    assert_eq!((c.chosen.as_str(), c.candidates.len()), ("any", MEMBERS.len()), "{c:?}");
+    assert!(rep.decisions["any"].iter().all(|d| d.accepted), "{:?}", rep.decisions["any"]);
+    assert!(!ens.stacker.any.is_empty() && ens.stacker.any.iter().any(Option::is_some));
+    // Central "any" on the same members' scores of the validation rows: the
+    // row-wise members (forest, boosted trees, SVM) score each row as a site does.
+    let x = ens.standardizer.apply_all(ds.values);
+    let all = member_scores(&ens, &ds, &x, &sequences(ds.devices, None));
+    let m: Vec<MemberScores> = split.validation.iter().map(|&r| all[r]).collect();
+    let y: Vec<bool> = split.validation.iter().map(|&r| classes[r] != "normal").collect();
+    let central = crate::combine::combine(&m, &y, opts.target_fpr, 5, 1e-2, crate::combine::CombineMode::Any).unwrap();
+    let mut compared = 0;
+    for name in ["rf", "gbdt", "svm"] {
+        let k = MEMBERS.iter().position(|x| *x == name).unwrap();
+        if let (Some(f), Some(c)) = (ens.stacker.any[k], central.stacker.any[k]) {
+            assert!((f - c).abs() < 0.05, "{name}: offset {f} from histograms vs {c} from the rows");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 1, "{:?} vs {:?}", ens.stacker.any, central.stacker.any);
+    let (dr, fpr) = detection(&ens, &ds, &split.test);
+    assert!(dr > 0.8 && fpr < 0.1, "DR {dr} FPR {fpr}");
+    // With differential privacy it is refused by name (its histograms would spend the budget again).
+    let dp = DpPlan { noise_multiplier: 1.0, svm_clip: 1.0, lstm_clip: 1.0, threshold_epsilon: 2.0, moments_epsilon: 1.0, classes_epsilon: 1.0, delta: 1e-5 };
+    let e = fit_federated(&ds, &split, 6.0, &opts, &FederationPlan { dp: Some(dp), ..plan }, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("combine") && e.contains("differential privacy"), "{e}");
 }

@@ -69,18 +69,22 @@ impl<'a> SiteWorker<'a> {
     }
 
     /// Take the federation's class list and the rows standardised with its
-    /// standardiser (the simulation computes them once for all its sites).
-    pub(crate) fn set_standardised(&mut self, x: Arc<Matrix>, classes: &[String]) -> Result<(), String> {
-        let mut map = Vec::with_capacity(self.classes.len());
-        for c in &self.classes {
-            map.push(classes.iter().position(|g| g == c).ok_or_else(|| format!("class `{c}` of this site is not in the federation's class list"))?);
-        }
+    /// standardiser (the simulation computes them once for all its sites). Rows
+    /// of a class the list lacks (a private class list leaves out classes too
+    /// rare to publish) are left out of the site's training and validation rows;
+    /// returns how many.
+    pub(crate) fn set_standardised(&mut self, x: Arc<Matrix>, classes: &[String]) -> Result<usize, String> {
+        let map: Vec<Option<usize>> = self.classes.iter().map(|c| classes.iter().position(|g| g == c)).collect();
+        let before = self.train.len() + self.validation.len();
+        self.train.retain(|&r| map[self.y[r]].is_some());
+        self.validation.retain(|&r| map[self.y[r]].is_some());
+        let dropped = before - self.train.len() - self.validation.len();
         for &r in self.train.iter().chain(&self.validation) {
-            self.y[r] = map[self.y[r]];
+            self.y[r] = map[self.y[r]].expect("kept rows map");
         }
         self.classes = classes.to_vec();
         self.x = Some(x);
-        Ok(())
+        Ok(dropped)
     }
 
     /// The site's raw feature values (row-major).
@@ -117,7 +121,7 @@ impl<'a> SiteWorker<'a> {
             Task::Describe => Ok(Answer::Description(self.describe())),
             Task::Standardise { standardizer, classes } => {
                 let x = Arc::new(standardizer.apply_all(self.prep.values));
-                self.set_standardised(x, classes).map(|()| Answer::Ack)
+                self.set_standardised(x, classes).map(|_| Answer::Ack)
             }
             Task::FitForest(p) => {
                 let params = ForestParams { seed: p.seed ^ (self.site as u64 + 1).wrapping_mul(0x9E37), ..p.clone() };
@@ -160,6 +164,7 @@ impl<'a> SiteWorker<'a> {
                 Ok(Answer::Sums(Stacker::newton_sums(&m, &y, w, *class_weights)))
             }
             Task::Histograms { folds } => self.histograms(folds),
+            Task::MemberHistograms => self.member_histograms(),
             Task::Finish { .. } => Ok(Answer::Ack),
         }
     }
@@ -169,6 +174,7 @@ impl<'a> SiteWorker<'a> {
         Description {
             names: self.prep.names.to_vec(),
             classes: self.classes.clone(),
+            class_rows: (0..self.classes.len()).map(|c| self.train.iter().filter(|&&r| self.y[r] == c).count() as u64).collect(),
             moments: Moments::of(&vals, self.prep.cols),
             grid: Grid::of(&vals, self.prep.cols),
             train_rows: self.train.len(),
@@ -265,6 +271,23 @@ impl<'a> SiteWorker<'a> {
             })
             .collect();
         Ok(Answer::Histograms { oof: ScoreHistogram::of(&z, &y), members })
+    }
+
+    /// Each member's stacking inputs of the validation rows, as histograms per
+    /// out-of-fold fold ([`Task::MemberHistograms`]).
+    fn member_histograms(&self) -> Reply {
+        let all = self.members()?;
+        let y = binary(&self.y, &self.validation);
+        let folds = (0..OOF_FOLDS)
+            .map(|k| {
+                let rows: Vec<usize> = (0..all.len()).filter(|i| i % OOF_FOLDS == k).collect();
+                let labels: Vec<bool> = rows.iter().map(|&i| y[i]).collect();
+                (0..MEMBERS.len())
+                    .map(|m| ScoreHistogram::of(&rows.iter().map(|&i| all[i].inputs()[m]).collect::<Vec<_>>(), &labels))
+                    .collect()
+            })
+            .collect();
+        Ok(Answer::MemberHistograms(folds))
     }
 }
 
