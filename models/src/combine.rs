@@ -164,7 +164,7 @@ fn any_member(members: &[MemberScores], y: &[bool], fold: &[usize], folds: usize
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
@@ -228,11 +228,10 @@ mod tests {
         assert!(e.contains("5 normal and 5 attack"), "{e}");
     }
 
-    #[test]
-    fn any_member_catches_what_each_member_alone_misses_and_leaves_weak_members_out() {
-        // Attacks of two kinds: the forest sees the first, the LSTM the second; the
-        // SVM is noise. Normals: every member noise.
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    /// 4,000 rows: attacks of two kinds, the forest sees the first, the LSTM the
+    /// second; the other members are noise. Normals: every member noise.
+    pub(crate) fn two_attack_kinds(seed: u64) -> (Vec<MemberScores>, Vec<bool>) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let (mut m, mut y) = (Vec::new(), Vec::new());
         for i in 0..4000 {
             let kind = i % 4; // 0, 1: normal; 2: forest's attack; 3: LSTM's attack
@@ -245,6 +244,12 @@ mod tests {
             m.push(MemberScores { rf, svm: noise(&mut rng) * 4.0 - 2.0, lstm, twin: noise(&mut rng), gbdt: noise(&mut rng) });
             y.push(kind >= 2);
         }
+        (m, y)
+    }
+
+    #[test]
+    fn any_member_catches_what_each_member_alone_misses_and_leaves_weak_members_out() {
+        let (m, y) = two_attack_kinds(5);
         let auto = combine(&m, &y, 0.01, 5, 1e-2, CombineMode::Auto).unwrap();
         let any = combine(&m, &y, 0.01, 5, 1e-2, CombineMode::Any).unwrap();
         assert_eq!(any.chosen, "any");

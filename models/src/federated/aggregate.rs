@@ -471,16 +471,7 @@ impl Aggregator<'_> {
         // The screen's reference is p = 0.5, where the stacker (balanced class
         // weights) finds both classes equally likely: no site controls it.
         let local: Vec<Option<f64>> = hists.iter().map(|h| h.as_ref().and_then(|(h, _)| (h.normals() > 0).then(|| h.normals_above(0.0) as f64 / h.normals() as f64))).collect();
-        let mut fprs: Vec<f64> = local.iter().flatten().copied().collect();
-        fprs.sort_by(f64::total_cmp);
-        let med = fprs.get(fprs.len() / 2).copied().unwrap_or(0.0);
-        let mut dev: Vec<f64> = fprs.iter().map(|x| (x - med).abs()).collect();
-        dev.sort_by(f64::total_cmp);
-        // At least one half: a site most of whose normal rows the ensemble calls
-        // attacks. An honest site whose period or mix differs can reach a few
-        // tens of percent (WUSTL's first validation period: 0.1+), and excluding it
-        // loses exactly the normal traffic the threshold must hold on.
-        let bound = (med + 3.0 * dev.get(dev.len() / 2).copied().unwrap_or(0.0)).max(0.5);
+        let bound = flagged_bound(local.iter().flatten().copied());
         let mut decisions = Vec::new();
         for (i, (l, h)) in local.iter().zip(&hists).enumerate() {
             let (accepted, reason) = match (l, h, &replies[i]) {
@@ -546,6 +537,21 @@ impl Aggregator<'_> {
         self.report.decisions.insert("threshold".into(), decisions);
         Ok(())
     }
+}
+
+/// The bound of the histogram screens on the fraction of a site's normal rows
+/// flagged: median + 3 MAD over the sites, and at least one half — a site most of
+/// whose normal rows are called attacks. An honest site whose period or mix
+/// differs can reach a few tens of percent (WUSTL's first validation period:
+/// 0.1+), and excluding it loses exactly the normal traffic the threshold must
+/// hold on.
+pub(crate) fn flagged_bound(fractions: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = fractions.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    let med = v.get(v.len() / 2).copied().unwrap_or(0.0);
+    let mut dev: Vec<f64> = v.iter().map(|x| (x - med).abs()).collect();
+    dev.sort_by(f64::total_cmp);
+    (med + 3.0 * dev.get(dev.len() / 2).copied().unwrap_or(0.0)).max(0.5)
 }
 
 /// A member's threshold for `target` from its merged histogram: a probability, or

@@ -20,8 +20,8 @@
 //! more than the other sites'); expelled sites are not asked. The counts weigh
 //! a site by its rows, as the threshold's histograms do.
 
-use super::aggregate::Aggregator;
-use super::calibrate::ScoreHistogram;
+use super::aggregate::{flagged_bound, Aggregator};
+use super::calibrate::{ScoreHistogram, BINS};
 use super::protocol::{expect, Answer, Task};
 use super::robust::Decision;
 use super::worker::OOF_FOLDS;
@@ -47,6 +47,7 @@ impl Aggregator<'_> {
                 Ok(h) if h.len() != OOF_FOLDS || h.iter().any(|f| f.len() != MEMBERS.len()) => {
                     (false, format!("{} folds of {} members' histograms, not {OOF_FOLDS} of {}", h.len(), h.first().map_or(0, Vec::len), MEMBERS.len()))
                 }
+                Ok(h) if h.iter().flatten().any(|x| x.normal.len() != BINS || x.attack.len() != BINS) => (false, format!("histograms not of {BINS} bins")),
                 Ok(h) => {
                     // Every member's counts must add up to the rows the site declared in round 0.
                     let counts: Vec<(u64, u64)> = (0..MEMBERS.len()).map(|m| h.iter().fold((0, 0), |(n, t), f| (n + f[m].normals(), t + f[m].normals() + f[m].attacks()))).collect();
@@ -110,12 +111,7 @@ fn screen_member_histograms(hists: &[Option<Vec<Vec<ScoreHistogram>>>], any: &St
                 (n > 0).then(|| above as f64 / n as f64)
             })
             .collect();
-        let mut v: Vec<f64> = frac.iter().flatten().copied().collect();
-        v.sort_by(f64::total_cmp);
-        let med = v.get(v.len() / 2).copied().unwrap_or(0.0);
-        let mut dev: Vec<f64> = v.iter().map(|x| (x - med).abs()).collect();
-        dev.sort_by(f64::total_cmp);
-        let bound = (med + 3.0 * dev.get(dev.len() / 2).copied().unwrap_or(0.0)).max(0.5);
+        let bound = flagged_bound(frac.iter().flatten().copied());
         for (i, f) in frac.iter().enumerate() {
             if let Some(f) = f.filter(|f| *f > bound) {
                 if flagged.iter().all(|(j, _)| *j != i) {
@@ -169,7 +165,6 @@ pub fn any_offsets(merged: &[Vec<ScoreHistogram>], target: f64) -> Result<AnyMem
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ensemble::MemberScores;
     use rand::{Rng, SeedableRng};
 
     #[test]
@@ -178,19 +173,7 @@ mod tests {
         // the other, the rest is noise. Split over 3 "sites" and 5 folds as the
         // workers do, the histogram version must use the same members, and put
         // each offset within a bin or two of the central one (bins are 0.016 wide).
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let (mut m, mut y) = (Vec::new(), Vec::new());
-        for i in 0..4000 {
-            let kind = i % 4;
-            let noise = |rng: &mut rand::rngs::StdRng| rng.random::<f64>() * 0.6 + 0.01;
-            let (rf, lstm) = match kind {
-                2 => ((noise(&mut rng) + 0.6).min(0.999), noise(&mut rng)),
-                3 => (noise(&mut rng), (noise(&mut rng) + 0.6).min(0.999)),
-                _ => (noise(&mut rng), noise(&mut rng)),
-            };
-            m.push(MemberScores { rf, svm: noise(&mut rng) * 4.0 - 2.0, lstm, twin: noise(&mut rng), gbdt: noise(&mut rng) });
-            y.push(kind >= 2);
-        }
+        let (m, y) = crate::combine::tests::two_attack_kinds(5);
         let central = crate::combine::combine(&m, &y, 0.01, 5, 1e-2, crate::combine::CombineMode::Any).unwrap();
         let mut merged = vec![vec![ScoreHistogram::default(); MEMBERS.len()]; OOF_FOLDS];
         for site in 0..3 {
