@@ -39,6 +39,9 @@ pub struct SiteWorker<'a> {
     /// model-replacement update is boosted ×sites).
     pub poison: Option<PoisonKind>,
     pub sites: usize,
+    /// Rows left out at [`Task::Standardise`]: of classes the federation's
+    /// (private) class list does not publish.
+    left_out: usize,
 }
 
 /// Binary labels of rows.
@@ -56,7 +59,7 @@ impl<'a> SiteWorker<'a> {
     /// A site over `prep`'s rows `train` and `validation`, labelled `y` (indices
     /// into `classes`, normal first).
     pub fn new(site: usize, prep: &'a Dataset<'a>, classes: Vec<String>, y: Vec<usize>, train: Vec<usize>, validation: Vec<usize>) -> SiteWorker<'a> {
-        SiteWorker { site, prep, classes, y, train, validation, x: None, members: None, poison: None, sites: 0 }
+        SiteWorker { site, prep, classes, y, train, validation, x: None, members: None, poison: None, sites: 0, left_out: 0 }
     }
 
     /// The label screen of `train`, on the site's own training rows with its own
@@ -79,12 +82,19 @@ impl<'a> SiteWorker<'a> {
         self.train.retain(|&r| map[self.y[r]].is_some());
         self.validation.retain(|&r| map[self.y[r]].is_some());
         let dropped = before - self.train.len() - self.validation.len();
+        self.left_out = dropped;
         for &r in self.train.iter().chain(&self.validation) {
             self.y[r] = map[self.y[r]].expect("kept rows map");
         }
         self.classes = classes.to_vec();
         self.x = Some(x);
         Ok(dropped)
+    }
+
+    /// Rows this site leaves out because the federation's class list lacks their
+    /// class (a private class list leaves out classes too rare to publish).
+    pub fn left_out(&self) -> usize {
+        self.left_out
     }
 
     /// The site's raw feature values (row-major).

@@ -127,6 +127,9 @@ fn answer_run<'d>(t: &mut Transport, done: &BTreeSet<String>, name: &str, fresh:
         }
         let t0 = Instant::now();
         let reply: Reply = w.answer(&task);
+        if matches!(task, Task::Standardise { .. }) && w.left_out() > 0 {
+            log(Progress::Step(&format!("{} of this site's rows are of classes the federation's private class list does not publish: they are left out of its training and validation", w.left_out())));
+        }
         let topic = if task.kind() == "evaluation" { t.topics.evaluations.clone() } else { t.topics.updates.clone() };
         let bytes = t.send(&topic, &m.run, m.seq, task.kind(), &[], &encode(&reply))?;
         answered += 1;
