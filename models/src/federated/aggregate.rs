@@ -309,7 +309,7 @@ impl Aggregator<'_> {
     /// [`Self::aggregate_vectors`], private when the plan asks for it: every
     /// update clipped to the member's norm first, the aggregate noised after
     /// (site-level Gaussian mechanism), the cost added to the member's account.
-    pub(crate) fn private_vectors(&mut self, mut ups: Vec<Result<Vec<f64>, String>>, what: &str, member: &str) -> Result<(Vec<f64>, Vec<Decision>), ModelError> {
+    fn private_vectors(&mut self, mut ups: Vec<Result<Vec<f64>, String>>, what: &str, member: &str) -> Result<(Vec<f64>, Vec<Decision>), ModelError> {
         let Some(dp) = self.plan.dp.clone() else {
             return self.aggregate_vectors(&ups, what);
         };

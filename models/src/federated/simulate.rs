@@ -123,7 +123,7 @@ impl Link for InProcess<'_> {
             // The standardised rows once for all sites (they share the dataset).
             Task::Standardise { standardizer, classes } if !to.is_empty() => {
                 let x = Arc::new(standardizer.apply_all(self.workers[to[0]].prep_values()));
-                to.iter().map(|&i| self.workers[i].set_standardised(x.clone(), classes).map(|_| Answer::Ack)).collect()
+                to.iter().map(|&i| self.workers[i].set_standardised(x.clone(), classes).map(|()| Answer::Ack)).collect()
             }
             _ => to.iter().map(|&i| self.workers[i].answer(task)).collect(),
         };

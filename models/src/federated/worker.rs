@@ -74,21 +74,20 @@ impl<'a> SiteWorker<'a> {
     /// Take the federation's class list and the rows standardised with its
     /// standardiser (the simulation computes them once for all its sites). Rows
     /// of a class the list lacks (a private class list leaves out classes too
-    /// rare to publish) are left out of the site's training and validation rows;
-    /// returns how many.
-    pub(crate) fn set_standardised(&mut self, x: Arc<Matrix>, classes: &[String]) -> Result<usize, String> {
+    /// rare to publish) are left out of the site's training and validation rows
+    /// ([`Self::left_out`] says how many).
+    pub(crate) fn set_standardised(&mut self, x: Arc<Matrix>, classes: &[String]) -> Result<(), String> {
         let map: Vec<Option<usize>> = self.classes.iter().map(|c| classes.iter().position(|g| g == c)).collect();
         let before = self.train.len() + self.validation.len();
         self.train.retain(|&r| map[self.y[r]].is_some());
         self.validation.retain(|&r| map[self.y[r]].is_some());
-        let dropped = before - self.train.len() - self.validation.len();
-        self.left_out = dropped;
+        self.left_out = before - self.train.len() - self.validation.len();
         for &r in self.train.iter().chain(&self.validation) {
             self.y[r] = map[self.y[r]].expect("kept rows map");
         }
         self.classes = classes.to_vec();
         self.x = Some(x);
-        Ok(dropped)
+        Ok(())
     }
 
     /// Rows this site leaves out because the federation's class list lacks their
@@ -131,7 +130,7 @@ impl<'a> SiteWorker<'a> {
             Task::Describe => Ok(Answer::Description(self.describe())),
             Task::Standardise { standardizer, classes } => {
                 let x = Arc::new(standardizer.apply_all(self.prep.values));
-                self.set_standardised(x, classes).map(|_| Answer::Ack)
+                self.set_standardised(x, classes).map(|()| Answer::Ack)
             }
             Task::FitForest(p) => {
                 let params = ForestParams { seed: p.seed ^ (self.site as u64 + 1).wrapping_mul(0x9E37), ..p.clone() };
