@@ -13,7 +13,10 @@
 #       cic5-a05-bagging cic5-a01-bagging cic10-a05-bagging wustl5-periods-bagging
 #       cic10-{invert,replace}-bagging (the boosted member by bagging, not cyclic)
 #       cic5-a05-dp-z<Z>-e<E> (differential privacy: noise multiplier Z on the SVM
-#       and LSTM, record-level ε = E on the threshold), e.g. cic5-a05-dp-z1-e1
+#       and LSTM, record-level ε = E on the threshold), e.g. cic5-a05-dp-z1-e1;
+#       a suffix -t<T> sets the trees' record-level ε (default 1), e.g. cic5-a05-dp-z1-e4-t4
+#       cic10-<kind>-dp (3 of 10 sites poisoned in a private federation: z 1,
+#       threshold ε 4, trees ε 1)
 #       cic-central-s<N> cic5-a05-s<N> (seed N: split, sites and models reseeded)
 #       cic5-alpha<A> (5 sites, Dirichlet α = A), cic10-<kind>-k<K>-{robust,mean}
 #       (K of 10 sites poisoned)
@@ -72,8 +75,12 @@ for arm in "${arms[@]}"; do
             rule=clip-multi-krum; [ "${base##*-}" = mean ] && rule=mean
             "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "$k:$kind" --rule "$rule" "${extra[@]}" --out "$dir" ;;
         cic5-a05-dp-z*-e*)
-            z=${base#*-z}; z=${z%%-e*}; e=${base##*-e}
-            "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --dp-noise "$z" --dp-threshold-epsilon "$e" "${extra[@]}" --out "$dir" ;;
+            z=${base#*-z}; z=${z%%-e*}; e=${base#*-e}; e=${e%%-t*}; t=1
+            case $base in *-t*) t=${base##*-t} ;; esac
+            "$bin" federate simulate "${cic[@]}" --sites 5 --alpha 0.5 --dp-noise "$z" --dp-threshold-epsilon "$e" --dp-trees-epsilon "$t" "${extra[@]}" --out "$dir" ;;
+        cic10-*-dp)
+            kind=${base#cic10-}; kind=${kind%-dp}
+            "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "3:$kind" --dp-noise 1 --dp-threshold-epsilon 4 "${extra[@]}" --out "$dir" ;;
         cic10-*-bagging)
             kind=${base#cic10-}; kind=${kind%-*}
             "$bin" federate simulate "${cic[@]}" --sites 10 --alpha 0.5 --poison "3:$kind" --gbdt bagging "${extra[@]}" --out "$dir" ;;

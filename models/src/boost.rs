@@ -321,6 +321,22 @@ impl Booster {
         self
     }
 
+    /// A booster of trees given in flat form (a leaf: `feat` `u32::MAX`, its
+    /// value in `value`; 0 for internal nodes), with base log-odds `base`.
+    pub(crate) fn from_flat(n_features: usize, base: f32, trees: Flat<'_>, value: Vec<f32>) -> Booster {
+        Booster {
+            n_features,
+            base,
+            roots: trees.roots.to_vec(),
+            feat: trees.feat.to_vec(),
+            thr: trees.thr.to_vec(),
+            left: trees.left.to_vec(),
+            right: trees.right.to_vec(),
+            value,
+            walk: OnceLock::new(),
+        }
+    }
+
     /// Trees kept after early stopping.
     pub fn rounds(&self) -> usize {
         self.roots.len()

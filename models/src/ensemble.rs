@@ -11,7 +11,7 @@ use crate::ModelError;
 
 /// Largest |z| a standardised feature may take (tames heavy tails and keeps every
 /// model's input in a sane range).
-const CLIP: f64 = 8.0;
+pub(crate) const CLIP: f64 = 8.0;
 
 /// Per-feature centring and scaling fitted on training rows. NaN (missing) maps to 0
 /// (the training mean).

@@ -513,6 +513,24 @@ impl Forest {
         Ok(m)
     }
 
+    /// A forest of trees given in flat form (see [`Forest`]; a leaf's `left` is
+    /// its leaf number into `leaf_proba`), e.g. trees whose shape was drawn
+    /// without rows and whose leaves come from the federation's noisy counts.
+    pub(crate) fn from_flat(n_classes: usize, n_features: usize, trees: crate::walk::Flat<'_>, leaf_proba: Vec<f32>) -> Forest {
+        Forest {
+            n_classes,
+            n_features,
+            roots: trees.roots.to_vec(),
+            feat: trees.feat.to_vec(),
+            thr: trees.thr.to_vec(),
+            left: trees.left.to_vec(),
+            right: trees.right.to_vec(),
+            leaf_proba,
+            importance: vec![0.0; n_features],
+            walk: OnceLock::new(),
+        }
+    }
+
     /// Number of trees.
     pub fn trees(&self) -> usize {
         self.roots.len()

@@ -119,6 +119,10 @@ pub(crate) struct DpArgs {
     /// rare to publish are left out), with --dp-noise.
     #[arg(long, default_value_t = twinguard_models::federated::privacy::DEFAULT_CLASSES_EPSILON, requires = "dp_noise")]
     pub(crate) dp_classes_epsilon: f64,
+    /// Record-level ε of each tree member (forest, boosted trees): trees shaped
+    /// without rows, leaves from the sites' summed counts with noise.
+    #[arg(long, default_value_t = twinguard_models::federated::privacy::DEFAULT_TREES_EPSILON, requires = "dp_noise")]
+    pub(crate) dp_trees_epsilon: f64,
     /// Clipping norm of a site's SVM hyperplane.
     #[arg(long, default_value_t = twinguard_models::federated::privacy::DEFAULT_SVM_CLIP, requires = "dp_noise")]
     pub(crate) dp_svm_clip: f64,
@@ -130,7 +134,7 @@ pub(crate) struct DpArgs {
 impl DpArgs {
     pub(crate) fn plan(&self) -> Result<Option<twinguard_models::federated::privacy::DpPlan>> {
         let Some(z) = self.dp_noise else { return Ok(None) };
-        let dp = twinguard_models::federated::privacy::DpPlan { noise_multiplier: z, svm_clip: self.dp_svm_clip, lstm_clip: self.dp_lstm_clip, threshold_epsilon: self.dp_threshold_epsilon, moments_epsilon: self.dp_moments_epsilon, classes_epsilon: self.dp_classes_epsilon, delta: twinguard_models::federated::privacy::DEFAULT_DELTA };
+        let dp = twinguard_models::federated::privacy::DpPlan { noise_multiplier: z, svm_clip: self.dp_svm_clip, lstm_clip: self.dp_lstm_clip, threshold_epsilon: self.dp_threshold_epsilon, moments_epsilon: self.dp_moments_epsilon, classes_epsilon: self.dp_classes_epsilon, trees_epsilon: self.dp_trees_epsilon, delta: twinguard_models::federated::privacy::DEFAULT_DELTA };
         dp.validate()?;
         Ok(Some(dp))
     }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::calibrate::{sigmoid, ScoreHistogram};
 use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary};
+use super::private_trees::Cuts;
 use super::privacy::{clip, dp_threshold_caution, fixed_stacker, gaussian_aggregate, private_classes, private_standardizer, private_threshold, MemberPrivacy, PrivacyReport};
 use super::protocol::{expect, Answer, Description, Fold, Link, Reply, Scorer, Task};
 use super::robust::{aggregate, screen_by_auc, screen_by_class, tolerated, Decision, Rule, WRONG_LABELS_AUC};
@@ -36,6 +37,8 @@ pub(crate) struct Aggregator<'l> {
     pub(crate) f: usize,
     pub(crate) robust: bool,
     pub(crate) report: FederationReport,
+    /// Where private trees may cut (round 0, with DP only).
+    cuts: Option<Cuts>,
 }
 
 /// Run a federation over `link`: round 0, every member, the stacker and the
@@ -59,12 +62,12 @@ pub fn federate(link: &mut dyn Link, plan: &FederationPlan, opts: &TrainOptions,
     }
     let privacy = plan.dp.as_ref().map(|_| PrivacyReport::new());
     let report = FederationReport { plan: plan.clone(), tolerated: f, targeted_class: None, sites: Vec::new(), features: Vec::new(), decisions: BTreeMap::new(), privacy, seconds: 0.0 };
-    let mut agg = Aggregator { link, plan, opts, active: (0..n).collect(), expelled: BTreeMap::new(), classes: Vec::new(), f, robust: plan.rule != Rule::Mean, report };
+    let mut agg = Aggregator { link, plan, opts, active: (0..n).collect(), expelled: BTreeMap::new(), classes: Vec::new(), f, robust: plan.rule != Rule::Mean, report, cuts: None };
     let (standardizer, names, classes) = agg.round_zero(log)?;
-    let forest = agg.forest(classes.len(), log)?;
-    let boost = match plan.gbdt {
-        GbdtMode::Bagging => agg.boost(log)?,
-        GbdtMode::Cyclic => agg.boost_cyclic(log)?,
+    // With DP the trees are drawn without rows and filled with noisy sums.
+    let (forest, boost) = match agg.cuts.take() {
+        Some(cuts) => (agg.private_forest(&cuts, classes.len(), log)?, agg.private_boost(&cuts, log)?),
+        None => (agg.forest(classes.len(), log)?, if plan.gbdt == GbdtMode::Bagging { agg.boost(log)? } else { agg.boost_cyclic(log)? }),
     };
     let svm = agg.svm(log)?;
     let lstm = agg.lstm(standardizer.mean.len(), log)?;
@@ -155,8 +158,9 @@ impl Aggregator<'_> {
                 // Record-level DP: from the noisy sum of the sites' grid counts,
                 // never from their exact moments.
                 let dense = Grid::merge(&parts.iter().map(|p| p.1).collect::<Vec<_>>(), names.len()).map_err(|e| ModelError::Data(format!("round 0: a site's grid counts: {e}")))?;
-                let (s, cost) = private_standardizer(&dense, dp.moments_epsilon, dp.delta)?;
+                let (s, cost, noisy) = private_standardizer(&dense, dp.moments_epsilon, dp.delta)?;
                 self.report.privacy.get_or_insert_with(PrivacyReport::new).members.insert("standardiser".into(), cost);
+                self.cuts = Some(Cuts::of(&noisy, &s));
                 s
             }
         };

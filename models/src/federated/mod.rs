@@ -31,6 +31,8 @@ pub mod local;
 pub mod partition;
 pub mod plan;
 pub mod privacy;
+mod private_fit;
+pub mod private_trees;
 pub mod protocol;
 pub mod robust;
 pub mod simulate;

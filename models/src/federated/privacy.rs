@@ -31,9 +31,11 @@
 //!   class are summed, Gaussian noise is added to every count, and a class is
 //!   published only when its noisy count clears a bar a class of one row clears
 //!   with probability ≤ δ/2 ([`private_classes`]).
-//! - **not private**: the trees (forest, boosted; leaves are counts of rows)
-//!   and the per-site screen decisions in the provenance. They are listed
-//!   in the report with the reason, never left out silently.
+//! - **record-level** on the trees (forest and boosted): shapes drawn before
+//!   any row is seen, leaves from the sites' summed counts or gradient sums
+//!   with Gaussian noise ([`super::private_trees`]).
+//! - **not private**: the per-site screen decisions in the provenance. They
+//!   are listed in the report with the reason, never left out silently.
 
 use std::collections::BTreeMap;
 
@@ -71,6 +73,10 @@ pub struct DpPlan {
     /// Record-level ε of the class list (noisy per-class row counts), at `delta`.
     #[serde(default = "default_classes_epsilon")]
     pub classes_epsilon: f64,
+    /// Record-level ε of each tree member (the forest's leaf counts, the boosted
+    /// trees' gradient sums), at `delta`.
+    #[serde(default = "default_trees_epsilon")]
+    pub trees_epsilon: f64,
     #[serde(default = "default_delta")]
     pub delta: f64,
 }
@@ -81,6 +87,7 @@ pub const DEFAULT_LSTM_CLIP: f64 = 1.0;
 pub const DEFAULT_DELTA: f64 = 1e-5;
 pub const DEFAULT_MOMENTS_EPSILON: f64 = 1.0;
 pub const DEFAULT_CLASSES_EPSILON: f64 = 1.0;
+pub const DEFAULT_TREES_EPSILON: f64 = 1.0;
 
 fn default_svm_clip() -> f64 {
     DEFAULT_SVM_CLIP
@@ -90,6 +97,9 @@ fn default_lstm_clip() -> f64 {
 }
 fn default_classes_epsilon() -> f64 {
     DEFAULT_CLASSES_EPSILON
+}
+fn default_trees_epsilon() -> f64 {
+    DEFAULT_TREES_EPSILON
 }
 fn default_moments_epsilon() -> f64 {
     DEFAULT_MOMENTS_EPSILON
@@ -109,6 +119,7 @@ impl DpPlan {
         positive("dp.threshold_epsilon", self.threshold_epsilon)?;
         positive("dp.moments_epsilon", self.moments_epsilon)?;
         positive("dp.classes_epsilon", self.classes_epsilon)?;
+        positive("dp.trees_epsilon", self.trees_epsilon)?;
         if !(self.delta > 0.0 && self.delta < 1e-2) {
             return Err(ModelError::Param { name: "dp.delta", why: format!("{} is not in (0, 0.01)", self.delta) });
         }
@@ -140,7 +151,7 @@ pub struct MemberPrivacy {
 impl MemberPrivacy {
     /// A record-level release: `releases` mechanisms, the last Gaussian with σ
     /// `sd`, ρ `rho` in all, ε at `delta`.
-    fn record(mechanism: String, releases: usize, sd: f64, rho: f64, delta: f64) -> Result<MemberPrivacy, ModelError> {
+    pub(crate) fn record(mechanism: String, releases: usize, sd: f64, rho: f64, delta: f64) -> Result<MemberPrivacy, ModelError> {
         Ok(MemberPrivacy { unit: "record".into(), mechanism, releases, noise_sd: Some(sd), clipped: 0, aggregated: 0, rho, epsilon: epsilon(rho, delta)?, delta })
     }
 }
@@ -154,11 +165,10 @@ pub struct PrivacyReport {
 
 impl PrivacyReport {
     pub fn new() -> PrivacyReport {
-        let not_private = [
-            ("rf", "tree leaves are counts of the sites' rows; thresholds snapped to the shared grid, no formal DP"),
-            ("gbdt", "boosted trees' leaves are sums over the sites' rows; no formal DP"),
-            ("provenance", "per-site screen decisions and their scores (AUCs on the sites' validation rows, fractions of their normal rows)"),
-        ];
+        let not_private = [(
+            "provenance",
+            "per-site screen decisions and their scores (AUCs on the sites' validation rows, fractions of their normal rows, the tree screen's agreement shares)",
+        )];
         PrivacyReport { members: BTreeMap::new(), not_private: not_private.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
     }
 }
@@ -206,7 +216,7 @@ pub fn gaussian_aggregate(agg: &mut Vec<f64>, c: f64, z: f64, m: usize) -> Resul
 
 /// N(0, sd²) added to every coordinate of `v` (opendp's Gaussian mechanism);
 /// returns the ρ of the release at L2 sensitivity `sensitivity`.
-fn gaussian(v: &mut Vec<f64>, sd: f64, sensitivity: f64) -> Result<f64, ModelError> {
+pub(crate) fn gaussian(v: &mut Vec<f64>, sd: f64, sensitivity: f64) -> Result<f64, ModelError> {
     let meas = make_gaussian::<VectorDomain<AtomDomain<f64>>, L2Distance<f64>, ZeroConcentratedDivergence>(VectorDomain::new(AtomDomain::new_non_nan()), L2Distance::default(), sd, None)
         .map_err(|e| dp_err("gaussian", e))?;
     let rho = meas.map(&sensitivity).map_err(|e| dp_err("ρ", e))?;
@@ -224,17 +234,20 @@ const GRID_FLOOR_SD: f64 = 5.0;
 /// √(2ρ) for ε at `delta`; then [`grid_standardizer`](super::stats::grid_standardizer)
 /// with bins under 5σ taken as empty (rows in sparse tail bins are lost to the
 /// estimate: the scale of a heavy-tailed feature comes out smaller).
-pub fn private_standardizer(dense: &[Vec<f64>], eps: f64, delta: f64) -> Result<(crate::Standardizer, MemberPrivacy), ModelError> {
+/// Also returns the noisy counts with bins under the floor set to 0 (what the
+/// private trees draw their cuts from: post-processing, no further cost).
+pub fn private_standardizer(dense: &[Vec<f64>], eps: f64, delta: f64) -> Result<(crate::Standardizer, MemberPrivacy, Vec<Vec<f64>>), ModelError> {
     let cols = dense.len();
     let rho = rho_for_epsilon(eps, delta)?;
     let sensitivity = (cols.max(1) as f64).sqrt();
     let sd = sensitivity / (2.0 * rho).sqrt();
     let mut flat: Vec<f64> = dense.iter().flatten().copied().collect();
     let spent = gaussian(&mut flat, sd, sensitivity)?;
-    let noisy: Vec<Vec<f64>> = flat.chunks(super::stats::GRID_BINS).map(<[f64]>::to_vec).collect();
+    let floor = GRID_FLOOR_SD * sd;
+    let noisy: Vec<Vec<f64>> = flat.chunks(super::stats::GRID_BINS).map(|c| c.iter().map(|&n| if n >= floor { n } else { 0.0 }).collect()).collect();
     let mechanism = format!("Gaussian noise (σ {sd:.1}) on every feature's counts over a fixed {}-bin log grid; bins under {GRID_FLOOR_SD}σ taken as empty", super::stats::GRID_BINS);
     let report = MemberPrivacy::record(mechanism, 1, sd, spent, delta)?;
-    Ok((super::stats::grid_standardizer(&noisy, GRID_FLOOR_SD * sd), report))
+    Ok((super::stats::grid_standardizer(&noisy, floor), report, noisy))
 }
 
 /// The stacker of a private federation: the mean of the forest's and the

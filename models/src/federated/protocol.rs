@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::calibrate::ScoreHistogram;
+use super::private_trees::Shapes;
 use super::stats::{Grid, Moments};
 use crate::boost::{BoostParams, Booster};
 use crate::ensemble::{NewtonSums, Stacker};
@@ -20,7 +21,7 @@ use crate::svm::SvmParams;
 use crate::{Ensemble, ModelError, Standardizer};
 
 /// Version of the protocol's messages; a message of another version is refused.
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 
 /// Rows of a class, and normal rows, a site needs to report that class's AUC.
 pub const MIN_CLASS_ROWS: usize = 5;
@@ -80,6 +81,12 @@ pub enum Task {
     /// [`crate::ensemble::MemberScores::inputs`]) per out-of-fold fold: what the
     /// "any member" combination's offsets are set on.
     MemberHistograms,
+    /// Class counts of the site's training rows in the leaves of trees drawn
+    /// without rows (the private forest).
+    LeafCounts(Shapes),
+    /// Log-loss gradient and Hessian sums of the site's training rows at
+    /// `model`'s scores in the leaves of `shapes` (a private boosting round).
+    LeafGradients { shapes: Shapes, model: Option<Booster> },
     /// The federation is over; `version` is the published model.
     Finish { version: String },
 }
@@ -90,8 +97,8 @@ impl Task {
         match self {
             Task::Describe => "describe",
             Task::Standardise { .. } => "standardise",
-            Task::FitForest(_) => "forest",
-            Task::FitBooster(_) | Task::BoostTurn { .. } => "gbdt",
+            Task::FitForest(_) | Task::LeafCounts(_) => "forest",
+            Task::FitBooster(_) | Task::BoostTurn { .. } | Task::LeafGradients { .. } => "gbdt",
             Task::FitSvm(_) => "svm",
             Task::LstmRound { .. } => "lstm",
             Task::Auc(_) => "evaluation",
@@ -142,6 +149,10 @@ pub enum Answer {
     /// Per fold (row `i` of the validation rows is in fold `i % OOF_FOLDS`), per
     /// member in [`crate::ensemble::MEMBERS`] order: its inputs' histogram.
     MemberHistograms(Vec<Vec<ScoreHistogram>>),
+    /// Per tree of a [`Task::LeafCounts`], its non-zero `(leaf · classes + class, rows)` cells.
+    LeafCounts(Vec<Vec<(u32, u32)>>),
+    /// Per tree and leaf of a [`Task::LeafGradients`], (Σg, Σ4h).
+    LeafSums(Vec<f64>),
 }
 
 /// A site's reply: its answer, or why it has none (its rows hold one class, a

@@ -93,6 +93,20 @@ pub fn grid_center(b: usize) -> f64 {
     if b > SIDE { v } else { -v }
 }
 
+/// The lowest value of a grid bin (bin `b` holds values from its lower edge up
+/// to the next bin's): bins ascend with the value, so a value is below
+/// `grid_lower_edge(b)` exactly when its bin is below `b` (a value on a
+/// negative bin's edge counts in the bin below).
+pub fn grid_lower_edge(b: usize) -> f64 {
+    if b > SIDE {
+        SMALLEST * 10f64.powf((b - SIDE - 1) as f64 / PER_DECADE)
+    } else if b == SIDE {
+        -SMALLEST
+    } else {
+        -SMALLEST * 10f64.powf((SIDE - b) as f64 / PER_DECADE)
+    }
+}
+
 /// Per feature, the rows in each grid bin (only the bins holding any: a site
 /// sends a few dozen pairs a feature). Non-finite values are not counted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -156,6 +170,18 @@ pub fn grid_standardizer(dense: &[Vec<f64>], floor: f64) -> Standardizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_is_below_a_bins_lower_edge_when_its_bin_is_below() {
+        let mut x = -3e12;
+        while x < 3e12 {
+            for b in 1..GRID_BINS {
+                assert_eq!(x < grid_lower_edge(b), grid_bin(x) < b, "{x} bin {} edge {b} {}", grid_bin(x), grid_lower_edge(b));
+            }
+            x = if x.abs() < 1e-7 { 1.1e-7 } else if x < 0.0 { x / 1.37 } else { x * 1.37 };
+        }
+        assert!((1..GRID_BINS).all(|b| grid_lower_edge(b - 1) < grid_lower_edge(b)));
+    }
 
     #[test]
     fn merged_moments_give_the_standardiser_of_the_union() {

@@ -174,6 +174,20 @@ impl<'a> SiteWorker<'a> {
             }
             Task::Histograms { folds } => self.histograms(folds),
             Task::MemberHistograms => self.member_histograms(),
+            Task::LeafCounts(shapes) => {
+                let mut counts = super::private_trees::leaf_counts(shapes, self.x()?, &self.train, &self.y, self.classes.len())?;
+                if self.poison == Some(PoisonKind::Replace) {
+                    counts.iter_mut().flatten().for_each(|c| c.1 = c.1.saturating_mul(self.sites as u32));
+                }
+                Ok(Answer::LeafCounts(counts))
+            }
+            Task::LeafGradients { shapes, model } => {
+                let mut sums = super::private_trees::leaf_gradients(shapes, model.as_ref(), self.x()?, &self.train, &binary(&self.y, &self.train))?;
+                if self.poison == Some(PoisonKind::Replace) {
+                    sums.iter_mut().for_each(|v| *v *= self.sites as f64);
+                }
+                Ok(Answer::LeafSums(sums))
+            }
             Task::Finish { .. } => Ok(Answer::Ack),
         }
     }

@@ -85,7 +85,7 @@ pub struct PlanSection {
     pub lstm_rounds: usize,
     pub local_epochs: usize,
     /// Differential privacy of the published model (`[plan.dp]`: noise_multiplier,
-    /// threshold_epsilon, moments_epsilon, classes_epsilon, svm_clip, lstm_clip, delta); none when absent (and then
+    /// threshold_epsilon, moments_epsilon, classes_epsilon, trees_epsilon, svm_clip, lstm_clip, delta); none when absent (and then
     /// not in the plan hash, which stays what it was before this option).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dp: Option<twinguard_models::federated::privacy::DpPlan>,
