@@ -20,6 +20,7 @@
 #       cic-central-s<N> cic5-a05-s<N> (seed N: split, sites and models reseeded)
 #       cic5-alpha<A> (5 sites, Dirichlet α = A), cic10-<kind>-k<K>-{robust,mean}
 #       (K of 10 sites poisoned)
+#       <arm>-lr<N>: that arm with N LSTM rounds (default 5), e.g. cic5-a05-lr15
 #       <arm>-any: that arm with `--combine any` (each member against its own
 #       threshold, the most suspicious decides), e.g. cic5-a05-any
 # About 1 minute per arm on 2 cores. Needs the twinguard binary ($TWINGUARD_BIN,
@@ -53,6 +54,7 @@ for arm in "${arms[@]}"; do
     extra=()
     base=$arm
     if [ "${arm%-any}" != "$arm" ]; then extra=(--combine any); base=${arm%-any}; fi
+    case $base in *-lr[0-9]*) extra+=(--lstm-rounds "${base##*-lr}"); base=${base%-lr*} ;; esac
     case $base in
         cic-central) "$bin" train "${cic[@]}" "${extra[@]}" --out "$dir" ;;
         wustl-central) "$bin" train --dataset "$W" "${extra[@]}" --out "$dir" ;;
