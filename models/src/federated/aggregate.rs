@@ -51,12 +51,6 @@ pub fn federate(link: &mut dyn Link, plan: &FederationPlan, opts: &TrainOptions,
     }
     let f = tolerated(n, n / 2);
     let any = opts.combine == crate::combine::CombineMode::Any;
-    if any && plan.dp.is_some() {
-        return Err(ModelError::Param {
-            name: "combine",
-            why: "--combine any is not built with differential privacy: its per-member histograms would spend the privacy budget again (use the stacker)".into(),
-        });
-    }
     if let Some(dp) = &plan.dp {
         dp.validate()?;
     }
@@ -507,7 +501,9 @@ impl Aggregator<'_> {
                 if let Some(caution) = dp_threshold_caution(merged.normals(), target) {
                     log(Progress::Step(&caution));
                 }
-                let (z, (n, above), cost) = private_threshold(&merged, target, dp.threshold_epsilon, dp.delta)?;
+                // "Any member" spent two thirds of the budget on its offsets.
+                let eps = if ens.stacker.any.is_empty() { dp.threshold_epsilon } else { dp.threshold_epsilon / 3.0 };
+                let (z, (n, above), cost) = private_threshold(&merged, target, eps, dp.delta)?;
                 self.report.privacy.get_or_insert_with(PrivacyReport::new).members.insert("threshold".into(), cost);
                 (z, (n.round() as usize, above.round() as usize))
             }

@@ -13,6 +13,9 @@
 //! other folds) then score the out-of-fold histograms the ensemble's threshold is
 //! set on ([`Task::Histograms`], the same robust merge as for the stacker).
 //!
+//! With differential privacy the members are fixed (the forest and the boosted
+//! trees) and each offset is a DP quantile ([`Aggregator::private_offsets`]).
+//!
 //! What crosses a site's boundary: 5 folds × 5 members × 2 × 2,000 bin counts,
 //! no score of any row. Robust: a site whose counts do not add up to the
 //! validation rows it declared in round 0 is left out, and, as the threshold's
@@ -75,11 +78,43 @@ impl Aggregator<'_> {
                 out = any_offsets(&merge(&hists)?, self.opts.target_fpr)?;
             }
         }
+        if let Some(dp) = self.plan.dp.clone() {
+            out = self.private_offsets(&merge(&hists)?, dp.threshold_epsilon / 3.0, dp.delta)?;
+        }
         let used: Vec<&str> = MEMBERS.iter().zip(&out.0.any).filter(|(_, o)| o.is_some()).map(|(m, _)| *m).collect();
         let dr: Vec<String> = out.2.iter().map(|c| format!("{} {:.3}", c.name, c.detection_rate)).collect();
         log(Progress::Step(&format!("any member: {} used (out-of-fold detection at the target: {})", used.join(", "), dr.join(", "))));
         self.report.decisions.insert("any".into(), decisions);
         Ok(out)
+    }
+}
+
+impl Aggregator<'_> {
+    /// A private federation's "any member": the two tree members (the ones that
+    /// keep their detection under DP, as [`super::privacy::fixed_stacker`]
+    /// takes), fixed in advance, each offset a record-level DP threshold of its
+    /// merged normal inputs (over all folds) at `eps` each; no member's
+    /// out-of-fold rate is published. The ensemble's own DP threshold takes the
+    /// last third of the threshold's budget.
+    fn private_offsets(&mut self, merged: &[Vec<ScoreHistogram>], eps: f64, delta: f64) -> Result<AnyMember, ModelError> {
+        let mut offsets = vec![None; MEMBERS.len()];
+        let (mut rho, mut sd) = (0.0, 0.0);
+        for name in ["rf", "gbdt"] {
+            let m = MEMBERS.iter().position(|x| *x == name).expect("a member");
+            let mut all = ScoreHistogram::default();
+            for fold in merged {
+                all.add(&fold[m])?;
+            }
+            let (z, _, cost) = super::privacy::private_threshold(&all, self.opts.target_fpr, eps, delta)?;
+            offsets[m] = Some(z);
+            rho += cost.rho;
+            sd = cost.noise_sd.unwrap_or(0.0);
+        }
+        let mechanism = format!("the forest's and the boosted trees' offsets: each a two-stage DP quantile of its merged normal inputs at ε {eps:.2}");
+        let cost = super::privacy::MemberPrivacy::record(mechanism, 6, sd, rho, delta)?;
+        self.report.privacy.get_or_insert_with(super::privacy::PrivacyReport::new).members.insert("any offsets".into(), cost);
+        let any = Stacker::any_member(offsets);
+        Ok((any.clone(), vec![any; OOF_FOLDS], Vec::new()))
     }
 }
 
