@@ -197,6 +197,9 @@ impl Aggregator<'_> {
                     Err(e) => refused[i] = Some(e),
                 }
             }
+            if to.iter().all(|&i| refused[i].is_some()) {
+                return Err(ModelError::Train(format!("private boosting, round {round}: no site's gradient sums were accepted")));
+            }
             spent += gaussian(&mut sum, sd, sensitivity)?;
             let lambda = sd.max(self.opts.boost.l2);
             let values: Vec<f32> = sum.chunks(2).map(|c| (-c[0] / (c[1].max(0.0) / 4.0 + lambda) * BOOST_RATE / BOOST_TREES as f64) as f32).collect();
