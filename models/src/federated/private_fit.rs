@@ -47,8 +47,12 @@ impl Aggregator<'_> {
         p.not_private.remove(member);
     }
 
-    /// Screen the sites' dense sums (robust rules only): expel sites whose
-    /// agreement share is far under the others'. Returns the decisions.
+    /// Screen the sites' dense counts (robust rules only; the module doc of
+    /// [`super::private_trees`]): expel a site whose labels rank against the
+    /// other sites' rows in the same leaves (AUC far under the median), or whose
+    /// normal rows sit among the others' rows of one attack class far more than
+    /// the median site's. Sites without counts keep their `reasons`. Returns
+    /// the decisions.
     fn screen_counts(&mut self, dense: &mut [Option<Vec<f64>>], reasons: &[String], leaves: &[u32], k: usize, log: &mut dyn FnMut(Progress<'_>)) -> Vec<Decision> {
         let shares = agreement(dense, leaves, k);
         let (median, mad) = spread(shares.iter().flatten().copied());
