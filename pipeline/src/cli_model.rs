@@ -39,7 +39,8 @@ pub(crate) struct ModelArgs {
     /// member against its own threshold, the most suspicious decides: an attacker
     /// must evade every member at once; a little less clean detection). In a
     /// federation the members' thresholds come from merged per-member histograms
-    /// (not with --dp-noise).
+    /// (with --dp-noise: the forest and the boosted trees, each threshold a DP
+    /// quantile).
     #[arg(long, value_parser = ["auto", "any"], default_value = "auto")]
     pub(crate) combine: String,
 }

@@ -10,7 +10,7 @@ use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary};
 use super::private_trees::Cuts;
 use super::privacy::{clip, dp_threshold_caution, fixed_stacker, gaussian_aggregate, private_classes, private_standardizer, private_threshold, MemberPrivacy, PrivacyReport};
 use super::protocol::{expect, Answer, Description, Fold, Link, Reply, Scorer, Task};
-use super::robust::{aggregate, screen_by_auc, screen_by_class, tolerated, Decision, Rule, WRONG_LABELS_AUC};
+use super::robust::{aggregate, spread, screen_by_auc, screen_by_class, tolerated, Decision, Rule, WRONG_LABELS_AUC};
 use super::stacker::federated_stacker_with;
 use super::stats::{Grid, Moments};
 use super::worker::OOF_FOLDS;
@@ -546,12 +546,8 @@ impl Aggregator<'_> {
 /// 0.1+), and excluding it loses exactly the normal traffic the threshold must
 /// hold on.
 pub(crate) fn flagged_bound(fractions: impl IntoIterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = fractions.into_iter().collect();
-    v.sort_by(f64::total_cmp);
-    let med = v.get(v.len() / 2).copied().unwrap_or(0.0);
-    let mut dev: Vec<f64> = v.iter().map(|x| (x - med).abs()).collect();
-    dev.sort_by(f64::total_cmp);
-    (med + 3.0 * dev.get(dev.len() / 2).copied().unwrap_or(0.0)).max(0.5)
+    let (med, mad) = spread(fractions);
+    (med + 3.0 * mad).max(0.5)
 }
 
 /// A member's threshold for `target` from its merged histogram: a probability, or

@@ -101,11 +101,7 @@ impl Aggregator<'_> {
         let (mut rho, mut sd) = (0.0, 0.0);
         for name in ["rf", "gbdt"] {
             let m = MEMBERS.iter().position(|x| *x == name).expect("a member");
-            let mut all = ScoreHistogram::default();
-            for fold in merged {
-                all.add(&fold[m])?;
-            }
-            let (z, _, cost) = super::privacy::private_threshold(&all, self.opts.target_fpr, eps, delta)?;
+            let (z, _, cost) = super::privacy::private_threshold(&summed(merged, m, None)?, self.opts.target_fpr, eps, delta)?;
             offsets[m] = Some(z);
             rho += cost.rho;
             sd = cost.noise_sd.unwrap_or(0.0);
@@ -116,6 +112,15 @@ impl Aggregator<'_> {
         let any = Stacker::any_member(offsets);
         Ok((any.clone(), vec![any; OOF_FOLDS], Vec::new()))
     }
+}
+
+/// Member `m`'s histogram over the folds of `merged` but `skip`.
+fn summed(merged: &[Vec<ScoreHistogram>], m: usize, skip: Option<usize>) -> Result<ScoreHistogram, ModelError> {
+    let mut h = ScoreHistogram::default();
+    for (_, f) in merged.iter().enumerate().filter(|(k, _)| Some(*k) != skip) {
+        h.add(&f[m])?;
+    }
+    Ok(h)
 }
 
 /// The sites' histograms added up, fold by fold and member by member.
@@ -163,13 +168,7 @@ fn screen_member_histograms(hists: &[Option<Vec<Vec<ScoreHistogram>>>], any: &St
 /// `target` or the folds hold no normal rows.
 pub fn any_offsets(merged: &[Vec<ScoreHistogram>], target: f64) -> Result<AnyMember, ModelError> {
     let folds = merged.len();
-    let sum = |m: usize, skip: Option<usize>| -> Result<ScoreHistogram, ModelError> {
-        let mut h = ScoreHistogram::default();
-        for (_, f) in merged.iter().enumerate().filter(|(k, _)| Some(*k) != skip) {
-            h.add(&f[m])?;
-        }
-        Ok(h)
-    };
+    let sum = |m: usize, skip: Option<usize>| summed(merged, m, skip);
     // Each member's threshold with fold k held out, and its out-of-fold counts.
     let mut without: Vec<Vec<Option<f64>>> = vec![vec![None; MEMBERS.len()]; folds];
     let mut candidates = Vec::with_capacity(MEMBERS.len());

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use super::aggregate::Aggregator;
 use super::privacy::{gaussian, rho_for_epsilon, MemberPrivacy, PrivacyReport};
-use super::private_trees::{agreement, dense_counts, depth_for, normal_among, spread, Cuts, Shapes, BOOST_DEPTH, BOOST_RATE, BOOST_ROUNDS, BOOST_TREES, CLASS_FLOOR, CLASS_MARGIN, FOREST_DEPTH, LEAF, SCREEN_MARGIN};
+use super::private_trees::{agreement, dense_counts, depth_for, normal_among, Cuts, Shapes, BOOST_DEPTH, BOOST_RATE, BOOST_ROUNDS, BOOST_TREES, CLASS_FLOOR, CLASS_MARGIN, FOREST_DEPTH, LEAF, SCREEN_MARGIN};
 use super::protocol::{Answer, Task};
-use super::robust::Decision;
+use super::robust::{spread, Decision};
 use crate::boost::Booster;
 use crate::forest::Forest;
 use crate::train::Progress;
@@ -25,18 +25,16 @@ fn leaf_offsets(leaves: &[u32]) -> Vec<u32> {
 fn append_booster(parts: &mut (Vec<u32>, Vec<u32>, Vec<f32>, Vec<u32>, Vec<u32>, Vec<f32>), s: &Shapes, values: &[f32]) {
     let node0 = parts.1.len() as u32;
     let offsets = leaf_offsets(&s.leaves);
+    // A leaf's `left` becomes its number among all the shapes' leaves.
+    let (left, right) = s.flat(|t, l| offsets[t] + l);
     parts.0.extend(s.roots.iter().map(|r| r + node0));
-    let mut t = 0;
     for i in 0..s.feat.len() {
-        while t + 1 < s.roots.len() && i >= s.roots[t + 1] as usize {
-            t += 1;
-        }
         let leaf = s.feat[i] == LEAF;
         parts.1.push(s.feat[i]);
         parts.2.push(s.thr[i]);
-        parts.3.push(if leaf { 0 } else { s.left[i] + node0 });
-        parts.4.push(if leaf { 0 } else { s.right[i] + node0 });
-        parts.5.push(if leaf { values[(offsets[t] + s.left[i]) as usize] } else { 0.0 });
+        parts.3.push(if leaf { 0 } else { left[i] + node0 });
+        parts.4.push(if leaf { 0 } else { right[i] + node0 });
+        parts.5.push(if leaf { values[left[i] as usize] } else { 0.0 });
     }
 }
 

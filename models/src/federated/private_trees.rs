@@ -374,16 +374,6 @@ pub(crate) fn normal_among(dense: &[Option<Vec<f64>>], k: usize) -> Vec<Option<V
         .collect()
 }
 
-/// Median and median absolute deviation of `v` (0, 0 when empty).
-pub(crate) fn spread(v: impl Iterator<Item = f64>) -> (f64, f64) {
-    let mut v: Vec<f64> = v.collect();
-    v.sort_by(f64::total_cmp);
-    let median = v.get(v.len() / 2).copied().unwrap_or(0.0);
-    let mut dev: Vec<f64> = v.iter().map(|x| (x - median).abs()).collect();
-    dev.sort_by(f64::total_cmp);
-    (median, dev.get(dev.len() / 2).copied().unwrap_or(0.0))
-}
-
 /// The dense counts of a site's answer, or why it is refused: cells in range,
 /// the same rows in every tree, no more than it declared in round 0.
 pub(crate) fn dense_counts(reply: &Answer, leaves: &[u32], k: usize, declared: usize) -> Result<Vec<f64>, String> {

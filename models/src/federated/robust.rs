@@ -98,6 +98,18 @@ fn median(v: &mut [f64]) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) }
 }
 
+/// The upper median of `v` and the upper median of the absolute deviations
+/// from it (0, 0 when empty): the centre and spread the histogram and count
+/// screens bound a site's score by.
+pub(crate) fn spread(v: impl IntoIterator<Item = f64>) -> (f64, f64) {
+    let mut v: Vec<f64> = v.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    let median = v.get(v.len() / 2).copied().unwrap_or(0.0);
+    let mut dev: Vec<f64> = v.iter().map(|x| (x - median).abs()).collect();
+    dev.sort_by(f64::total_cmp);
+    (median, dev.get(dev.len() / 2).copied().unwrap_or(0.0))
+}
+
 fn mean_of(updates: &[&[f64]]) -> Vec<f64> {
     let d = updates[0].len();
     let mut m = vec![0.0; d];
