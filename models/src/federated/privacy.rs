@@ -383,13 +383,21 @@ mod tests {
     #[test]
     fn the_private_class_list_keeps_common_classes_and_never_a_class_of_one_row() {
         let counts: BTreeMap<String, u64> = [("DoS", 500), ("Recon", 60), ("One", 1), ("Few", 3)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        for _ in 0..200 {
+        // σ 4.20 and τ 21.7 at ε = 1, δ = 1e-5 (measured over a million draws:
+        // opendp's noise has that σ): 60 rows clear τ but for a 9-σ draw; 3 rows
+        // pass it on a 4.5-σ draw (4e-6 a draw), 1 row on a 4.9-σ one. A class
+        // of one row published is the rule's δ/2, so a run may see it once: the
+        // test allows one of 50 draws (two come once in ~10⁸ runs, which an
+        // "every draw" assertion did not: CI drew it once in ~10³).
+        let mut published: BTreeMap<String, usize> = BTreeMap::new();
+        for _ in 0..50 {
             let (kept, cost) = private_classes(&counts, 1.0, 1e-5).unwrap();
-            // σ ≈ 4.8, τ ≈ 24.7 at ε = 1, δ = 1e-5: 60 rows clear it but for a
-            // 7-σ draw, 1 or 3 rows only past a 4.9-σ one.
-            assert_eq!(kept, vec!["DoS".to_string(), "Recon".to_string()], "{cost:?}");
             assert!(cost.unit == "record" && cost.delta == 1e-5 && cost.epsilon <= 1.0 + 1e-9 && cost.epsilon > 0.9, "{cost:?}");
+            assert!(cost.noise_sd.is_some_and(|sd| (sd - 4.2).abs() < 0.05), "{cost:?}");
+            kept.into_iter().for_each(|k| *published.entry(k).or_default() += 1);
         }
+        let n = |k: &str| published.get(k).copied().unwrap_or(0);
+        assert!(n("DoS") == 50 && n("Recon") >= 49 && n("One") <= 1 && n("Few") <= 1, "{published:?}");
         // A larger ε lowers the bar (a smaller σ).
         let (kept, _) = private_classes(&counts, 50.0, 1e-5).unwrap();
         assert!(kept.contains(&"Few".to_string()) || kept.len() == 2, "{kept:?}");
@@ -447,8 +455,10 @@ mod tests {
             two += usize::from(private_threshold(&h, 0.01, 4.0, 1e-5).unwrap().0 > top + 0.3);
         }
         eprintln!("0.3 log-odds past every normal: one stage {one} of 200, two stages {two} of 200");
-        // Measured (2026-12-07): one stage 33–48 of 200, two stages 6.
-        assert!(two <= 20 && one >= 20 && two < one, "one stage {one}, two stages {two} of 200");
+        // Measured (2026-12-07): one stage 33–48 of 200, two stages 6. The
+        // bounds sit 4 binomial σ out (one stage under 12 or two stages over
+        // 20 is ~3e-5 a run): a bound at 2.5 σ would fail one CI run in ~200.
+        assert!(two <= 20 && one >= 12 && two < one, "one stage {one}, two stages {two} of 200");
     }
 
     #[test]
