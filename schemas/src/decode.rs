@@ -181,12 +181,17 @@ impl Decoder {
                     time.append_value(t);
                     part.append_value(rec.partition);
                     off.append_value(rec.offset);
-                    // Every field's value checked in its slot: append from there.
-                    for (b, v) in cols.iter_mut().zip(&slots[FIRST_FIELD_SLOT..]) {
-                        b.append(v);
+                    // Every field's value checked in its slot: append from there,
+                    // leaving the slots empty for the next record.
+                    for (b, v) in cols.iter_mut().zip(&mut slots[FIRST_FIELD_SLOT..]) {
+                        b.append(v.take());
                     }
+                    (slots[SLOT_SCHEMA], slots[SLOT_TIME]) = (None, None);
                 }
-                Err((code, reason)) => rejects.push(Reject { index, code, reason: crate::dlq::bound_reason(&reason).into_owned() }),
+                Err((code, reason)) => {
+                    slots.fill(None);
+                    rejects.push(Reject { index, code, reason: crate::dlq::bound_reason(&reason).into_owned() })
+                }
             }
         }
         let mut arrays: Vec<ArrayRef> = vec![
@@ -206,7 +211,8 @@ impl Decoder {
         now_ms: i64,
         slots: &mut Vec<Option<Value>>,
     ) -> Result<(String, i64), (RejectCode, String)> {
-        slots.fill(None);
+        // `slots` come empty: a record's values are taken as they are appended,
+        // and the caller empties them after a reject (tested: `tests.rs`).
         let bytes = match rec.payload {
             None | Some([]) => return Err((RejectCode::Empty, "record has no value".into())),
             Some(b) => b,
@@ -308,11 +314,11 @@ enum ColBuilder {
 impl ColBuilder {
     /// Append a value [`check_cell`] accepted for this column's field (null when
     /// absent).
-    fn append(&mut self, v: &Option<Value>) {
+    fn append(&mut self, v: Option<Value>) {
         match (self, v) {
             (ColBuilder::F(b), Some(Value::Number(n))) => b.append_value(n.as_f64().unwrap_or(f64::NAN)),
             (ColBuilder::I(b), Some(Value::Number(n))) => b.append_option(n.as_i64()),
-            (ColBuilder::S(b), Some(Value::String(x))) => b.append_value(x),
+            (ColBuilder::S(b), Some(Value::String(x))) => b.append_value(&x),
             (ColBuilder::F(b), _) => b.append_null(),
             (ColBuilder::I(b), _) => b.append_null(),
             (ColBuilder::S(b), _) => b.append_null(),
@@ -350,7 +356,7 @@ impl<'de> Visitor<'de> for ObjectSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
             match self.index.get(k.as_ref()) {
-                Some(&slot) => self.slots[slot] = Some(map.next_value::<Value>()?),
+                Some(slot) => self.slots[slot] = Some(map.next_value::<Value>()?),
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -463,9 +469,13 @@ fn check_range(f: &crate::FieldDef, x: f64) -> Result<(), (RejectCode, String)> 
 /// Parse an event time: RFC 3339 string or integer milliseconds since the epoch.
 pub fn parse_time(v: &Value) -> Result<i64, (RejectCode, String)> {
     match v {
-        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
-            .map(|d| d.timestamp_millis())
-            .map_err(|e| (RejectCode::BadTimestamp, format!("event_time {:?} is not RFC 3339: {e}", crate::dlq::clip(s, 64)))),
+        // The common form without chrono's general parser (the same millisecond).
+        Value::String(s) => match crate::decode_fast::rfc3339_utc_ms(s) {
+            Some(ms) => Ok(ms),
+            None => chrono::DateTime::parse_from_rfc3339(s)
+                .map(|d| d.timestamp_millis())
+                .map_err(|e| (RejectCode::BadTimestamp, format!("event_time {:?} is not RFC 3339: {e}", crate::dlq::clip(s, 64)))),
+        },
         Value::Number(n) => n.as_i64().ok_or_else(|| {
             (RejectCode::BadTimestamp, format!("event_time {n} is not an integer of milliseconds"))
         }),

@@ -11,11 +11,7 @@
 
 use serde_json::{Number, Value};
 
-/// The schema's JSON keys and their slots, looked up ~40 times a record. Fx
-/// hashing (rustc's: a multiply per word) instead of SipHash: the keys are the
-/// schema's, fixed at start, so no record can choose what collides with what, and
-/// SipHash's protection against crafted keys buys nothing here.
-pub(crate) type KeyIndex = rustc_hash::FxHashMap<String, usize>;
+pub(crate) use crate::key_index::KeyIndex;
 
 /// Fill `slots` (indexed through `index`) from `bytes` when it is a flat JSON
 /// object this path handles; `false` (slots left in any state) otherwise.
@@ -38,7 +34,7 @@ pub(crate) fn object(bytes: &[u8], index: &KeyIndex, slots: &mut [Option<Value>]
         }
         i = ws(b, i + 1);
         let Some((value, after)) = scalar(text, i) else { return false };
-        if let Some(&slot) = index.get(key) {
+        if let Some(slot) = index.get(key) {
             slots[slot] = Some(value);
         }
         i = ws(b, after);
@@ -57,16 +53,41 @@ fn ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// The bytes of `w` (8, little-endian) that end a plain string — a quote, a
+/// backslash or a control character (below 0x20) — flagged in their high bits.
+/// The lowest flag is exact (a borrow only runs upward from a flagged byte), so
+/// its position is the first such byte; flags above it may be false.
+#[inline]
+fn stops(w: u64) -> u64 {
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\'))) | (w.wrapping_sub(ONES * 0x20) & !w & HIGHS)
+}
+
 /// A string without escapes or control characters starting at `i` (the quote):
-/// its contents and the index after the closing quote.
+/// its contents and the index after the closing quote. Scanned 8 bytes at a time
+/// ([`stops`]), the last few one by one.
 fn string(text: &str, i: usize) -> Option<(&str, usize)> {
     let b = text.as_bytes();
     if b.get(i) != Some(&b'"') {
         return None;
     }
     let start = i + 1;
-    let len = b[start..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-    let end = start + len;
+    let mut j = start;
+    let end = loop {
+        match b.get(j..j + 8) {
+            Some(chunk) => {
+                let m = stops(u64::from_le_bytes(chunk.try_into().expect("8 bytes")));
+                if m != 0 {
+                    break j + (m.trailing_zeros() / 8) as usize;
+                }
+                j += 8;
+            }
+            None => break j + b[j..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?,
+        }
+    };
     (b[end] == b'"').then(|| (&text[start..end], end + 1))
 }
 
@@ -161,6 +182,44 @@ fn number(b: &[u8], i: usize) -> Option<(Value, usize)> {
         float()?
     };
     Some((Value::Number(n), end))
+}
+
+/// An event time in the form `fmt_ms` writes and most producers send,
+/// `YYYY-MM-DDTHH:MM:SS[.f…]Z` (1 to 9 fraction digits), as epoch milliseconds:
+/// the value chrono's `parse_from_rfc3339` gives it (the fraction truncated to
+/// milliseconds), without chrono's general parser. `None` for any other form
+/// (an offset, a lower-case `t` or `z`, a space, a leap second, an invalid date,
+/// more fraction digits): the caller asks chrono, which also words the reason.
+pub(crate) fn rfc3339_utc_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let fixed = b.len() >= 20 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T' && b[13] == b':' && b[16] == b':' && b[b.len() - 1] == b'Z';
+    if !fixed {
+        return None;
+    }
+    let num = |d: &[u8]| d.iter().try_fold(0i64, |a, &c| c.is_ascii_digit().then(|| a * 10 + i64::from(c - b'0')));
+    let (y, mo, d) = (num(&b[0..4])?, num(&b[5..7])?, num(&b[8..10])?);
+    let (h, mi, sec) = (num(&b[11..13])?, num(&b[14..16])?, num(&b[17..19])?);
+    let ms = match &b[19..b.len() - 1] {
+        [] => 0,
+        [b'.', digits @ ..] if (1..=9).contains(&digits.len()) => {
+            num(digits)?;
+            num(&digits[..digits.len().min(3)])? * [100, 10, 1][digits.len().min(3) - 1]
+        }
+        _ => return None,
+    };
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if !(1..=12).contains(&mo) || d < 1 || d > month_days[(mo - 1) as usize] || h > 23 || mi > 59 || sec > 59 {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (years 0–9999 here):
+    // the year taken to start in March, so the leap day is the year's last.
+    let ym = if mo <= 2 { y - 1 } else { y };
+    let era = ym.div_euclid(400);
+    let yoe = ym - era * 400;
+    let doy = (153 * ((mo + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    Some((((days * 24 + h) * 60 + mi) * 60 + sec) * 1000 + ms)
 }
 
 #[cfg(test)]

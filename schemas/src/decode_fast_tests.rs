@@ -101,3 +101,55 @@ fn takes_the_common_record_and_leaves_the_rest_to_serde() {
         assert!(!object(other, &index, &mut vec![None; 3]), "{}", String::from_utf8_lossy(other));
     }
 }
+
+/// chrono's reading of an RFC 3339 time, in epoch milliseconds.
+fn by_chrono(s: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(s).ok().map(|d| d.timestamp_millis())
+}
+
+proptest! {
+    /// Every time the fast reader takes, chrono reads as the same millisecond;
+    /// every time `fmt_ms` writes, the fast reader takes.
+    #[test]
+    fn event_times_read_fast_are_chronos(y in 0u32..10_000, mo in 0u32..14, d in 0u32..33, h in 0u32..25, mi in 0u32..61, s in 0u32..62, frac in "(\\.[0-9]{0,11})?", tail in prop::sample::select(vec!["Z", "z", "+00:00", "+01:30", ""])) {
+        let text = format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{frac}{tail}");
+        if let Some(ms) = rfc3339_utc_ms(&text) {
+            prop_assert_eq!(Some(ms), by_chrono(&text), "{}", text);
+        }
+    }
+
+    #[test]
+    fn every_time_fmt_ms_writes_is_read_fast(ms in -62_135_596_800_000i64..253_402_300_799_999) {
+        let text = crate::decode::fmt_ms(ms);
+        prop_assert_eq!(rfc3339_utc_ms(&text), Some(ms), "{}", text);
+    }
+}
+
+#[test]
+fn event_time_edges_read_fast_as_chrono_reads_them_or_go_to_chrono() {
+    for t in [
+        "1970-01-01T00:00:00Z", "1969-12-31T23:59:59.999Z", "2000-02-29T12:00:00.5Z", "1900-02-28T23:59:59.123456789Z", "2024-12-31T23:59:59.1Z",
+        "0000-01-01T00:00:00Z", "9999-12-31T23:59:59.999Z", "2026-03-01T00:00:00.000001Z",
+    ] {
+        assert_eq!(rfc3339_utc_ms(t), by_chrono(t), "{t}");
+        assert!(rfc3339_utc_ms(t).is_some(), "{t}");
+    }
+    // Left to chrono: a leap second, an offset, a lower-case separator, an
+    // impossible date, a fraction of ten digits or none after the point.
+    for t in ["2016-12-31T23:59:60Z", "2026-01-01T00:00:00+01:00", "2026-01-01t00:00:00Z", "1900-02-29T00:00:00Z", "2026-01-01T00:00:00.0123456789Z", "2026-01-01T00:00:00.Z", "2026-1-01T00:00:00Z"] {
+        assert_eq!(rfc3339_utc_ms(t), None, "{t}");
+    }
+}
+
+proptest! {
+    /// The string scan 8 bytes at a time ends where a byte-by-byte scan does: at
+    /// the first quote, backslash or control character, wherever it lies in a word
+    /// (non-ASCII text and bytes just past the stops included).
+    #[test]
+    fn strings_scanned_by_words_end_where_bytes_do(body in prop::collection::vec(prop::sample::select(vec!['a', 'é', '"', '\\', '\t', '\u{1f}', ' ', '!', '#', '[', '\u{7f}', '\u{80}', '1']), 0..40)) {
+        let text: String = std::iter::once('"').chain(body).collect();
+        let b = text.as_bytes();
+        let by_bytes = b[1..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).and_then(|n| (b[1 + n] == b'"').then(|| (&text[1..1 + n], 2 + n)));
+        prop_assert_eq!(string(&text, 0), by_bytes, "{:?}", text);
+    }
+}

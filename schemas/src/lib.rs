@@ -14,6 +14,7 @@ pub mod dlq;
 pub mod encode;
 pub mod event;
 pub mod fields;
+mod key_index;
 /// Fuzz-target properties (`fuzz/`), replayed over the committed corpora by the tests.
 #[cfg(any(test, fuzzing))]
 pub mod fuzz_check;

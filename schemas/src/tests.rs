@@ -112,6 +112,29 @@ fn a_bad_record_does_not_disturb_its_neighbours() {
     assert_eq!(offs.values().to_vec(), vec![0, 2, 3, 5, 6, 8, 9]);
 }
 
+/// The decoder reuses one row of slots: a record rejected after its values were
+/// read (its key names another device) leaves none of them to the next record.
+#[test]
+fn a_rejected_records_values_never_reach_the_next_record() {
+    let dec = Decoder::new(schema(), DecodeLimits::default());
+    let with_mac = serde_json::to_vec(&valid_event("d")).unwrap();
+    let mut bare = valid_event("d");
+    bare.remove("src_mac");
+    let bare = serde_json::to_vec(&bare).unwrap();
+    for first in [&with_mac[..], &with_mac[..with_mac.len() - 1]] {
+        let recs = [
+            RawRecord { partition: 0, offset: 0, key: Some(b"other"), payload: Some(first) },
+            RawRecord { partition: 0, offset: 1, key: Some(b"d"), payload: Some(&bare) },
+            RawRecord { partition: 0, offset: 2, key: Some(b"d"), payload: Some(&with_mac) },
+            RawRecord { partition: 0, offset: 3, key: Some(b"d"), payload: Some(&bare) },
+        ];
+        let out = dec.decode(&recs, NOW).unwrap();
+        assert_eq!((out.batch.num_rows(), out.rejects.len()), (3, 1), "{:?}", out.rejects);
+        let mac = out.batch.column_by_name("src_mac").unwrap();
+        assert!(mac.is_null(0) && !mac.is_null(1) && mac.is_null(2), "{mac:?}");
+    }
+}
+
 fn arb_event(s: EventSchema) -> impl Strategy<Value = Map<String, Value>> {
     let n = s.fields.len();
     (
