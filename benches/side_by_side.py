@@ -15,7 +15,8 @@ machine noise spreads over all of them.
 Response time (`--loads`): for each load a fresh input topic and a fresh pipeline;
 once it is ready, `twinguard simulate --rate R` writes R events/s for --seconds; the
 pipeline's own histograms (Prometheus /metrics) give event appended -> command
-acknowledged by the broker (`twinguard_response_time_seconds`) and event appended ->
+acknowledged by the broker (`twinguard_response_time_seconds`), the part of it after
+the pipeline read the event (`twinguard_response_in_pipeline_seconds`) and event appended ->
 verdict acknowledged (`twinguard_e2e_latency_seconds`, the oldest event of each
 batch); quantiles interpolate within the histogram's buckets, and the share of
 commands acknowledged within 50 ms is exact (50 ms is a bucket bound). `half`
@@ -130,7 +131,9 @@ class Bench:
     def start_twinguard(self, t, group, workers):
         port = free_port()
         cfg = self.pipeline_cfg(t, group, port, workers)
-        p = Proc(self.a.out, group, ["run", "--config", cfg], http_port=port, log_level="warn")
+        # SBS_RUST_LOG, e.g. `warn,twinguard::obs::events::stream=debug`: each command's
+        # event and acknowledgement times in the pipeline's log.
+        p = Proc(self.a.out, group, ["run", "--config", cfg], http_port=port, log_level=os.environ.get("SBS_RUST_LOG", "warn"))
         if self.a.pin:
             # Proc starts the binary itself: pin every thread it has, and so every later one.
             subprocess.run(["taskset", "-a", "-p", "-c", "1", str(p.pid)], stdout=subprocess.DEVNULL, check=True)
@@ -205,7 +208,9 @@ class Bench:
         p.term()
         row = {"load": rate, "workers": workers, "events": events, "generated_rate": round(events / gen_s),
                "all_answered": ok is True,
-               "response": hist(m, "twinguard_response_time_seconds"), "verdict": hist(m, "twinguard_e2e_latency_seconds")}
+               "response": hist(m, "twinguard_response_time_seconds"),
+               "response_in_pipeline": hist(m, "twinguard_response_in_pipeline_seconds"),
+               "verdict": hist(m, "twinguard_e2e_latency_seconds")}
         log(f"{name}: {row}")
         self.results["loads"].append(row)
         self.save()

@@ -23,7 +23,7 @@ out=$root/out/side-by-side
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) out=$2; shift 2 ;;
+    --out) out=$(realpath -m "$2"); shift 2 ;;  # absolute: the configs it writes name files under it
     *) args+=("$1"); shift ;;
   esac
 done

@@ -280,6 +280,12 @@ fn psql_queries_metrics_and_probes_on_a_running_pipeline() {
     assert_eq!(sum(&samples, "twinguard_input_gap_records_total", &[]), 0.0, "no input gap in a clean run");
     assert!(sum(&samples, "twinguard_operator_latency_seconds_count", &[("operator", "detect")]) > 0.0);
     assert_eq!(types.get("twinguard_e2e_latency_seconds").map(String::as_str), Some("histogram"));
+    // Every command's response time, and the part of it after the pipeline read
+    // the event (never longer).
+    let responses = sum(&samples, "twinguard_response_time_seconds_count", &[]);
+    assert!(commands.is_empty() || responses > 0.0, "{} commands, no response time", commands.len());
+    assert_eq!(sum(&samples, "twinguard_response_in_pipeline_seconds_count", &[]), responses);
+    assert!(sum(&samples, "twinguard_response_in_pipeline_seconds_sum", &[]) <= sum(&samples, "twinguard_response_time_seconds_sum", &[]) + 1e-3 * responses);
     // Every metric the Grafana dashboard charts is exposed.
     let dash = std::fs::read_to_string(twinguard_schemas::testing::manifest_dir().join("../compose/grafana/dashboards/twinguard.json")).unwrap();
     let mut charted = BTreeSet::new();

@@ -72,10 +72,10 @@ impl Shared {
                 probe: None,
             });
         }
-        let command_ts: Vec<Option<i64>> = if resp.commands.is_empty() {
+        let command_ts: Vec<Option<(i64, Instant)>> = if resp.commands.is_empty() {
             Vec::new()
         } else {
-            let ts: HashMap<i64, i64> = recs.iter().filter_map(|r| r.ts.map(|t| (r.offset, t))).collect();
+            let ts: HashMap<i64, (i64, Instant)> = recs.iter().filter_map(|r| r.ts.map(|t| (r.offset, (t, r.consumed)))).collect();
             resp.commands.iter().map(|(_, off)| off.and_then(|o| ts.get(&o).copied())).collect()
         };
         let shown = self.emit_responses(resp, &mut outputs);
@@ -172,7 +172,7 @@ impl Shared {
         next_offset: Option<i64>,
         outputs: Vec<OutRecord>,
         changelog: Vec<ChangelogRecord>,
-        command_ts: Vec<Option<i64>>,
+        command_ts: Vec<Option<(i64, Instant)>>,
         oldest_ts: Option<i64>,
     ) -> Result<(), PipelineError> {
         let phase1 = AckGroup::new(outputs.len());

@@ -141,10 +141,11 @@ pub(super) fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job
             // acknowledged by the broker (the probe's delivery report).
             let now = chrono::Utc::now().timestamp_millis();
             let mut gate = s.gate.lock().expect("gate lock");
-            for (ts, probe) in &job.commands {
-                let (Some(ts), Some(acked)) = (ts, probe.acked_at_ms()) else { continue };
+            for (origin, probe) in &job.commands {
+                let (Some((ts, consumed)), Some(acked)) = (origin, probe.acked_at_ms()) else { continue };
                 let ms = (acked - ts).max(0) as f64;
-                ev::ResponseTimeObserved { millis: ms }.emit(&s.metrics);
+                let consumed_ms = now - i64::try_from(consumed.elapsed().as_millis()).unwrap_or(i64::MAX).min(now);
+                ev::ResponseTimeObserved { event_ms: *ts, consumed_ms, acked_ms: acked }.emit(&s.metrics);
                 if let Some(t) = gate.observe_response_ms(ms, now) {
                     ev::GateChanged { transition: &t }.emit(&s.metrics);
                 }

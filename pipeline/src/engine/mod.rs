@@ -75,8 +75,9 @@ struct Job {
     /// Append time of the batch's oldest event (end-to-end latency).
     oldest_ts: Option<i64>,
     /// Per command in `phase1`: the input timestamp of the event that caused it and
-    /// the probe that learns when the broker acknowledged it (response time).
-    commands: Vec<(Option<i64>, Arc<AckGroup>)>,
+    /// when that event was consumed, and the probe that learns when the broker
+    /// acknowledged the command (response time).
+    commands: Vec<(Option<(i64, Instant)>, Arc<AckGroup>)>,
 }
 
 /// State touched by the core loop and the rebalance callbacks (same thread; the

@@ -14,6 +14,7 @@ pub struct Instruments {
     pub operator_latency: Histogram<f64>,
     pub e2e_latency: Histogram<f64>,
     pub response_time: Histogram<f64>,
+    pub response_in_pipeline: Histogram<f64>,
     pub score: Histogram<f64>,
     pub sql_freshness: Histogram<f64>,
     pub verdicts: Counter<u64>,
@@ -46,6 +47,12 @@ impl Instruments {
                 .f64_histogram("twinguard.response.time")
                 .with_unit("s")
                 .with_description("Event appended to the input topic -> its command acknowledged by the broker")
+                .with_boundaries(secs.clone())
+                .build(),
+            response_in_pipeline: m
+                .f64_histogram("twinguard.response.in_pipeline")
+                .with_unit("s")
+                .with_description("Event consumed by the pipeline -> its command acknowledged by the broker (the response time less the producer's, the broker's and the fetch's wait before it)")
                 .with_boundaries(secs.clone())
                 .build(),
             sql_freshness: m

@@ -347,14 +347,24 @@ impl AuditUnchained {
     }
 }
 
-/// A command's response time: its triggering event appended -> the command sent.
+/// A command's response time: its triggering event appended -> the command
+/// acknowledged by the broker; with when the pipeline consumed the event (all
+/// epoch ms; `consumed_ms` from this process's monotonic clock, to a millisecond).
 pub struct ResponseTimeObserved {
-    pub millis: f64,
+    pub event_ms: i64,
+    pub consumed_ms: i64,
+    pub acked_ms: i64,
 }
 
 impl ResponseTimeObserved {
     pub fn emit(&self, m: &Metrics) {
         note("ResponseTimeObserved");
-        m.record_response_ms(self.millis);
+        let millis = (self.acked_ms - self.event_ms).max(0) as f64;
+        // Per command, for finding where a slow one waited (RUST_LOG=…=debug): before
+        // the pipeline read the event (producer, broker, fetch) or after.
+        let (before, after) = (self.consumed_ms - self.event_ms, (self.acked_ms - self.consumed_ms).max(0));
+        tracing::debug!(event_ms = self.event_ms, acked_ms = self.acked_ms, millis, before_consumed_ms = before, consumed_to_acked_ms = after, "command response time");
+        crate::obs::Instruments::get().response_in_pipeline.record(after as f64 / 1000.0, &[]);
+        m.record_response_ms(millis);
     }
 }
