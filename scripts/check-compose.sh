@@ -499,7 +499,8 @@ if prov is not None:
 # Dashboard metric names: exactly those twinguard exposes (brief of issue 5).
 COUNTERS = ["records_in_total", "records_out_total", "dlq_total", "verdicts_total", "alerts_total", "commands_total"]
 GAUGES = ["consumer_lag", "twins", "twin_memory_bytes", "gate_suspended", "ready"]
-HISTOGRAMS = ["batch_records", "operator_latency_seconds", "e2e_latency_seconds", "response_time_seconds", "score"]
+HISTOGRAMS = ["batch_records", "operator_latency_seconds", "e2e_latency_seconds", "response_time_seconds",
+              "response_in_pipeline_seconds", "score"]
 EXPOSED = {f"twinguard_{n}" for n in COUNTERS + GAUGES} | {
     f"twinguard_{h}{s}" for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 REQUIRED = {"twinguard_records_in_total", "twinguard_records_out_total", "twinguard_consumer_lag",
