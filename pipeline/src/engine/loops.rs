@@ -143,10 +143,10 @@ pub(super) fn changelog_stage(s: &Shared, rx: Receiver<Job>, tx: SyncSender<(Job
             let mut gate = s.gate.lock().expect("gate lock");
             for (origin, probe) in &job.commands {
                 let (Some((ts, consumed)), Some(acked)) = (origin, probe.acked_at_ms()) else { continue };
-                let ms = (acked - ts).max(0) as f64;
                 let consumed_ms = now - i64::try_from(consumed.elapsed().as_millis()).unwrap_or(i64::MAX).min(now);
-                ev::ResponseTimeObserved { event_ms: *ts, consumed_ms, acked_ms: acked }.emit(&s.metrics);
-                if let Some(t) = gate.observe_response_ms(ms, now) {
+                let observed = ev::ResponseTimeObserved { event_ms: *ts, consumed_ms, acked_ms: acked };
+                observed.emit(&s.metrics);
+                if let Some(t) = gate.observe_response_ms(observed.millis(), now) {
                     ev::GateChanged { transition: &t }.emit(&s.metrics);
                 }
             }

@@ -357,9 +357,14 @@ pub struct ResponseTimeObserved {
 }
 
 impl ResponseTimeObserved {
+    /// The response time in ms (what the histogram and the gate's bound take).
+    pub fn millis(&self) -> f64 {
+        (self.acked_ms - self.event_ms).max(0) as f64
+    }
+
     pub fn emit(&self, m: &Metrics) {
         note("ResponseTimeObserved");
-        let millis = (self.acked_ms - self.event_ms).max(0) as f64;
+        let millis = self.millis();
         // Per command, for finding where a slow one waited (RUST_LOG=…=debug): before
         // the pipeline read the event (producer, broker, fetch) or after.
         let (before, after) = (self.consumed_ms - self.event_ms, (self.acked_ms - self.consumed_ms).max(0));
