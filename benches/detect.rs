@@ -1,5 +1,5 @@
 //! Criterion benches of the detectors, on batches of 1,024 WUSTL-EHMS-2020 events:
-//! the feature SQL (DataFusion, events ⋈ twin snapshot), each model alone, and the
+//! the feature SQL (DataFusion, events ⋈ twin snapshot; also on a batch of 64, as at low load), each model alone, and the
 //! whole ensemble (standardise + RF + SVM + one LSTM step + twin score + stacking).
 //! One thread: criterion runs on the calling thread; DataFusion is configured with
 //! one partition.
@@ -21,6 +21,7 @@ use twinguard_operators::{TwinConfig, TwinOperator};
 use twinguard_schemas::{DecodeLimits, Decoder, EventSchema, RawRecord};
 
 const BATCH: usize = 1024;
+const SMALL: usize = 64;
 
 fn benches(c: &mut Criterion) {
     let schema = EventSchema::builtin("wustl-flow-vitals/v1").unwrap();
@@ -87,10 +88,15 @@ fn benches(c: &mut Criterion) {
     let mut query = FeatureQuery::new(&sql, schema.arrow_schema(), twin.context_schema()).unwrap();
     let feats = query.compute(&events, &ctx).unwrap();
     let x = e.standardizer.apply_all(&feats.values);
+    // A small batch, as `flush_when_idle` closes them at low load: the next 64 events.
+    let small = dec.decode(&raw(5 * BATCH, 5 * BATCH + SMALL), now).unwrap().batch;
+    let (_, small_ctx) = twin.process_with_context(&small).unwrap();
 
     let mut g = c.benchmark_group("features");
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function(format!("datafusion_sql/{BATCH} events, {} features", feats.cols), |b| b.iter(|| query.compute(&events, &ctx).unwrap()));
+    g.throughput(Throughput::Elements(SMALL as u64));
+    g.bench_function(format!("datafusion_sql/{SMALL} events, {} features", feats.cols), |b| b.iter(|| query.compute(&small, &small_ctx).unwrap()));
     g.finish();
 
     let mut g = c.benchmark_group("models");
