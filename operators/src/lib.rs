@@ -93,3 +93,5 @@ pub enum OperatorError {
 
 #[cfg(test)]
 mod tests;
+#[cfg(all(test, feature = "scoring"))]
+mod features_tests;
