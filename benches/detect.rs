@@ -1,8 +1,8 @@
 //! Criterion benches of the detectors, on batches of 1,024 WUSTL-EHMS-2020 events:
-//! the feature SQL (DataFusion, events ⋈ twin snapshot; also on a batch of 64, as at low load), each model alone, and the
-//! whole ensemble (standardise + RF + SVM + one LSTM step + twin score + stacking).
-//! One thread: criterion runs on the calling thread; DataFusion is configured with
-//! one partition.
+//! the feature SQL (DataFusion, events ⋈ twin snapshot; also on a batch of 64, as
+//! at low load), each model alone, and the whole ensemble (standardise + RF + SVM +
+//! one LSTM step + twin score + stacking). One thread: criterion runs on the
+//! calling thread; DataFusion is configured with one partition.
 //!
 //! The model is trained first on the WUSTL training split with the default
 //! `twinguard train` settings (its training time is printed).

@@ -63,7 +63,7 @@ impl FeatureRows {
 /// The plan's top projection (the feature expressions) is not executed as an
 /// operator: its expressions are evaluated here on each batch its input yields.
 /// The operator would, per execution, format every expression into a metrics
-/// name and count the output's memory, ~45 % of a small batch's cost
+/// name and count the output's memory: about a third of a small batch's cost
 /// (benches/RESULTS.md, "Feature SQL: buffers sized to the batch").
 pub struct FeatureQuery {
     rt: tokio::runtime::Runtime,
@@ -202,7 +202,7 @@ impl FeatureQuery {
         // The join coalesces its output into buffers of the session's batch size
         // (8,192 rows by default), allocated afresh per execution for every column:
         // sized to this batch instead (a power of two, at most 2,048 rows), they cost
-        // 1.3 ms per 1,024 events instead of 3.7, and 64 events ~0.3 ms instead of 1.0
+        // 1.3 ms per 1,024 events instead of 3.7, and 0.5 ms per 64 instead of 1.0
         // (benches/RESULTS.md, "Feature SQL: buffers sized to the batch").
         let slot = (rows / MIN_OUTPUT_ROWS).trailing_zeros() as usize;
         let task = self.tasks[slot]
@@ -280,4 +280,3 @@ impl FeatureQuery {
         Ok(out)
     }
 }
-
