@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the main job: `twinguard demo` on the embedded broker. Installs the build's
-# Debian packages if missing; the first build takes ~20 minutes on 2 cores (DataFusion,
+# Debian packages if missing; the first build takes 20–22 minutes on 2 cores (DataFusion,
 # burn, linfa; benches/RESULTS.md "Newcomer path"), later runs start in seconds. Extra
 # arguments go to `twinguard demo` (see --help).
 set -euo pipefail
