@@ -190,6 +190,15 @@ pub fn fpr_interval(above: usize, n: usize, level: f64) -> (f64, f64, f64) {
     (mean, beta_quantile(above + 1, n - above, tail), beta_quantile(above + 1, n - above, 1.0 - tail))
 }
 
+/// P(X ≥ x) for X ~ Binomial(n, p).
+pub fn binomial_sf(x: u64, n: u64, p: f64) -> f64 {
+    match x {
+        0 => 1.0,
+        x if x > n => 0.0,
+        x => beta_cdf(x as usize, (n - x + 1) as usize, p),
+    }
+}
+
 /// P(Beta(a, b) ≤ x) for integers a, b ≥ 1: P(Binomial(a+b−1, x) ≥ a).
 fn beta_cdf(a: usize, b: usize, x: f64) -> f64 {
     if x <= 0.0 {
@@ -360,6 +369,17 @@ mod tests {
         }
         let mean = fpr / f64::from(draws);
         assert!(mean <= 0.0105 && mean > 0.007, "mean test FPR {mean}");
+    }
+
+    #[test]
+    fn binomial_tail() {
+        assert_eq!(binomial_sf(0, 10, 0.1), 1.0);
+        assert_eq!(binomial_sf(11, 10, 0.1), 0.0);
+        assert!((binomial_sf(1, 10, 0.1) - (1.0 - 0.9f64.powi(10))).abs() < 1e-12);
+        assert!((binomial_sf(10, 10, 0.1) - 1e-10).abs() < 1e-20);
+        // 12 of 379 where 1 % is expected (3.8): about 4e-4.
+        let p = binomial_sf(12, 379, 0.01);
+        assert!((2e-4..8e-4).contains(&p), "{p}");
     }
 
     #[test]

@@ -369,6 +369,12 @@ pub(crate) struct SimulateArgs {
     /// screened boosters averaged).
     #[arg(long, value_parser = ["cyclic", "bagging"], default_value = "cyclic")]
     pub(crate) gbdt: String,
+    /// Whose false-positive rate the threshold holds: every-site (the target on
+    /// each site's own validation rows too, where a site has enough normal rows to
+    /// judge alone, up to the f sites whose own thresholds are highest) or pooled
+    /// (on all sites' rows taken together only).
+    #[arg(long, value_parser = ["every-site", "pooled"], default_value = "every-site")]
+    pub(crate) threshold: String,
     /// LSTM rounds (FedAvg from the global weights).
     #[arg(long, default_value_t = 5)]
     pub(crate) lstm_rounds: usize,
@@ -413,6 +419,7 @@ impl SimulateArgs {
             lstm_local_epochs: self.local_epochs.max(1),
             seed: self.train.model.seed,
             dp: self.dp.plan()?,
+            threshold: twinguard_models::federated::plan::ThresholdRule::parse(&self.threshold)?,
         })
     }
 }

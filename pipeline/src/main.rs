@@ -191,7 +191,7 @@ fn federate(role: FederateRole) -> Result<()> {
         }
         FederateRole::Aggregate(args) => {
             use twinguard::app::federate::{self as fed, aggregator};
-            use twinguard_models::federated::{plan::{FederationPlan, GbdtMode, Sites}, robust::Rule};
+            use twinguard_models::federated::{plan::{FederationPlan, GbdtMode, Sites, ThresholdRule}, robust::Rule};
             let file = fed::FederationFile::load(&args.party.config)?;
             let key = fed::signing_key(&args.party.key, fed::AGGREGATOR, &file)?;
             let schema = EventSchema::named_or_file(&args.schema)?;
@@ -203,6 +203,7 @@ fn federate(role: FederateRole) -> Result<()> {
                 lstm_rounds: file.plan.lstm_rounds.max(1),
                 lstm_local_epochs: file.plan.local_epochs.max(1),
                 dp: file.plan.dp.clone(),
+                threshold: ThresholdRule::parse(file.plan.threshold.as_deref().unwrap_or("every-site")).with_context(|| format!("{}: [plan] threshold", args.party.config.display()))?,
                 ..FederationPlan::clean(file.sites.len(), Sites::Own, args.model.seed)
             };
             let job = aggregator::AggregateJob { fed: file, key, schema, feature_sql, opts, plan, out: args.out };

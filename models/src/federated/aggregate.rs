@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use super::calibrate::{sigmoid, ScoreHistogram};
-use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary};
+use super::calibrate::{every_site_threshold, sigmoid, EverySite, ScoreHistogram};
+use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary, ThresholdRule};
 use super::private_trees::Cuts;
 use super::privacy::{clip, dp_threshold_caution, fixed_stacker, gaussian_aggregate, private_classes, private_standardizer, private_threshold, MemberPrivacy, PrivacyReport};
 use super::protocol::{expect, Answer, Description, Fold, Link, Reply, Scorer, Task};
@@ -481,7 +481,8 @@ impl Aggregator<'_> {
             };
             decisions.push(Decision { site: i, accepted, score: l.unwrap_or(f64::NAN), reason });
         }
-        let kept: Vec<&(ScoreHistogram, Vec<ScoreHistogram>)> = hists.iter().zip(&decisions).filter(|(_, d)| d.accepted).filter_map(|(h, _)| h.as_ref()).collect();
+        let kept_sites: Vec<usize> = (0..hists.len()).filter(|&i| decisions[i].accepted && hists[i].is_some()).collect();
+        let kept: Vec<&(ScoreHistogram, Vec<ScoreHistogram>)> = kept_sites.iter().filter_map(|&i| hists[i].as_ref()).collect();
         let merge = |get: &dyn Fn(&(ScoreHistogram, Vec<ScoreHistogram>)) -> &ScoreHistogram| -> Result<ScoreHistogram, ModelError> {
             let mut m = ScoreHistogram::default();
             for h in &kept {
@@ -492,8 +493,16 @@ impl Aggregator<'_> {
         let merged = merge(&|h| &h.0)?;
         let (z, (n, above)) = match &self.plan.dp {
             None => {
-                let z = merged.threshold_for_fpr(target)?;
-                (z, (merged.normals() as usize, merged.normals_above(z) as usize))
+                let pooled = merged.threshold_for_fpr(target)?;
+                let e = self.site_rule(pooled, &kept.iter().map(|h| &h.0).collect::<Vec<_>>(), target);
+                for (j, (&i, h)) in kept_sites.iter().zip(&kept).enumerate().filter(|_| self.plan.threshold == ThresholdRule::EverySite) {
+                    decisions[i].reason += &e.note(j, h.0.normals(), target);
+                }
+                if let Some(site) = e.set_by {
+                    let dr = |z: f64| merged.attacks_above(z) as f64 / merged.attacks().max(1) as f64;
+                    log(Progress::Step(&format!("threshold: site {}'s normal rows run above FPR {target} at the pooled {:.4}; its own {:.4} taken (validation DR {:.4} -> {:.4})", kept_sites[site], sigmoid(pooled), sigmoid(e.z), dr(pooled), dr(e.z))));
+                }
+                (e.z, (merged.normals() as usize, merged.normals_above(e.z) as usize))
             }
             Some(dp) => {
                 // Published: a DP threshold and a noised law; no histogram and no
@@ -515,7 +524,8 @@ impl Aggregator<'_> {
         };
         let mut member_thresholds = BTreeMap::new();
         for (k, m) in MEMBERS.iter().enumerate().filter(|_| self.plan.dp.is_none()) {
-            match member_threshold(&merge(&|h| &h.1[k])?, m, target)? {
+            let pooled = merge(&|h| &h.1[k])?.threshold_for_fpr(target)?;
+            match member_threshold(self.site_rule(pooled, &kept.iter().map(|h| &h.1[k]).collect::<Vec<_>>(), target).z, m) {
                 Some(t) => {
                     member_thresholds.insert(m.to_string(), t);
                 }
@@ -537,6 +547,15 @@ impl Aggregator<'_> {
         self.report.decisions.insert("threshold".into(), decisions);
         Ok(())
     }
+
+    /// `pooled`, or under the plan's every-site rule the threshold that also holds
+    /// the target on each site's own histogram in `own` ([`every_site_threshold`]).
+    fn site_rule(&self, pooled: f64, own: &[&ScoreHistogram], target: f64) -> EverySite {
+        match self.plan.threshold {
+            ThresholdRule::EverySite => every_site_threshold(pooled, own, target),
+            ThresholdRule::Pooled => EverySite { z: pooled, p: vec![None; own.len()], own: vec![None; own.len()], set_by: None },
+        }
+    }
 }
 
 /// The bound of the histogram screens on the fraction of a site's normal rows
@@ -550,14 +569,13 @@ pub(crate) fn flagged_bound(fractions: impl IntoIterator<Item = f64>) -> f64 {
     (med + 3.0 * mad).max(0.5)
 }
 
-/// A member's threshold for `target` from its merged histogram: a probability, or
-/// the SVM's margin as it is; None when no threshold holds the target (the top
-/// bin alone holds more normals than it allows: an SVM margin of +∞, which JSON
-/// cannot carry, so the model would not load back).
-fn member_threshold(h: &ScoreHistogram, member: &str, target: f64) -> Result<Option<f64>, ModelError> {
-    let z = h.threshold_for_fpr(target)?;
+/// A member's threshold from `z`, its threshold on the histograms' scale: a
+/// probability, or the SVM's margin as it is; None when no threshold holds the
+/// target (the top bin alone holds more normals than it allows: an SVM margin of
+/// +∞, which JSON cannot carry, so the model would not load back).
+fn member_threshold(z: f64, member: &str) -> Option<f64> {
     let t = if member == "svm" { z } else { sigmoid(z) };
-    Ok(t.is_finite().then_some(t))
+    t.is_finite().then_some(t)
 }
 
 #[cfg(test)]
@@ -568,10 +586,11 @@ mod tests {
     fn a_member_no_threshold_holds_has_none_rather_than_an_infinite_one() {
         // Every normal in the top bin: no threshold leaves ≤ 1 % of them above.
         let h = ScoreHistogram::of(&[30.0; 50], &[false; 50]);
-        assert_eq!(member_threshold(&h, "svm", 0.01).unwrap(), None);
-        assert_eq!(member_threshold(&h, "rf", 0.01).unwrap(), Some(1.0));
+        let z = h.threshold_for_fpr(0.01).unwrap();
+        assert_eq!(member_threshold(z, "svm"), None);
+        assert_eq!(member_threshold(z, "rf"), Some(1.0));
         let spread: Vec<f64> = (0..200).map(|i| -4.0 + i as f64 * 0.04).collect();
-        let t = member_threshold(&ScoreHistogram::of(&spread, &[false; 200]), "svm", 0.05).unwrap().unwrap();
+        let t = member_threshold(ScoreHistogram::of(&spread, &[false; 200]).threshold_for_fpr(0.05).unwrap(), "svm").unwrap();
         assert!((3.5..4.0).contains(&t), "{t}");
     }
 }

@@ -116,6 +116,74 @@ impl ScoreHistogram {
     }
 }
 
+/// The fewest normal rows on which a site's own conformal threshold for `target`
+/// leaves a normal row above it (k = ⌊target·(n+1)⌋ ≥ 1): 99 at 1 %.
+pub fn judging_normals(target: f64) -> u64 {
+    ((1.0 / target).ceil() as u64).saturating_sub(1).max(1)
+}
+
+/// How sure the aggregator must be that a site's normal traffic runs above the
+/// target at the pooled threshold before it raises the threshold for that site:
+/// a one-sided binomial test at this level, divided among the sites that can
+/// judge alone (Bonferroni), so sites whose scores differ only by sampling lift it
+/// in at most 5 % of federations.
+pub const SITE_EVIDENCE: f64 = 0.05;
+
+/// A threshold that holds the target on every site's own rows, and what set it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EverySite {
+    /// The threshold (log-odds, or an SVM margin).
+    pub z: f64,
+    /// Per site: P(this many or more of its normal rows at or above the pooled
+    /// threshold | its FPR there is the target); None where its normal rows are
+    /// too few to judge alone ([`judging_normals`]).
+    pub p: Vec<Option<f64>>,
+    /// Per site: its own threshold for the target, where the test says its
+    /// traffic runs above the target at the pooled threshold.
+    pub own: Vec<Option<f64>>,
+    /// The site whose own threshold was taken; None when the pooled one was.
+    pub set_by: Option<usize>,
+}
+
+impl EverySite {
+    /// What the rule found at the `j`-th site given it (with `normals` normal
+    /// rows), for that site's decision.
+    pub fn note(&self, j: usize, normals: u64, target: f64) -> String {
+        match (self.p[j], self.own[j]) {
+            (Some(p), Some(z)) => format!("; its {normals} normal rows run above FPR {target} at the pooled threshold (p = {p:.2e}): its own threshold {:.4}", sigmoid(z)),
+            (Some(p), None) => format!("; its {normals} normal rows hold FPR {target} at the pooled threshold (p = {p:.2})"),
+            _ => format!("; {normals} normal rows: too few to judge FPR {target} alone"),
+        }
+    }
+}
+
+/// The threshold for `target` that holds it on the pooled histogram and on each
+/// site's own (`sites`, in site order) where the site's normal rows show it is
+/// needed: a site that can judge alone and whose normal rows at the pooled
+/// threshold are significantly more than the target allows ([`SITE_EVIDENCE`])
+/// gets its own conformal threshold; the highest of those is taken when it is
+/// above the pooled one. A site that differs (another period, another mix of
+/// devices) then keeps its false-positive rate; one that differs only by
+/// sampling moves nothing.
+pub fn every_site_threshold(pooled: f64, sites: &[&ScoreHistogram], target: f64) -> EverySite {
+    let min = judging_normals(target);
+    let judging = sites.iter().filter(|h| h.normals() >= min).count().max(1);
+    let p: Vec<Option<f64>> = sites.iter().map(|h| (h.normals() >= min).then(|| crate::metrics::binomial_sf(h.normals_above(pooled), h.normals(), target))).collect();
+    let own: Vec<Option<f64>> = sites
+        .iter()
+        .zip(&p)
+        .map(|(h, p)| match p {
+            Some(p) if *p <= SITE_EVIDENCE / judging as f64 => h.threshold_for_fpr(target).ok().filter(|z| z.is_finite()),
+            _ => None,
+        })
+        .collect();
+    let top = own.iter().enumerate().filter_map(|(i, z)| z.map(|z| (z, i))).max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+    match top {
+        Some((z, site)) if z > pooled => EverySite { z, p, own, set_by: Some(site) },
+        _ => EverySite { z: pooled, p, own, set_by: None },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +206,43 @@ mod tests {
         let raw = crate::metrics::threshold_for_fpr(&scores, 0.01);
         assert!((t - raw).abs() < 0.01, "histogram {t} vs raw {raw}");
         assert!(ScoreHistogram::default().threshold_for_fpr(0.01).is_err());
+    }
+
+    #[test]
+    fn every_site_holds_the_target_where_a_sites_traffic_differs_and_not_for_sampling_noise() {
+        // Sites 0, 1 and 4 draw from one law (site 4: 120 normals, its own 1 %
+        // threshold above the pooled one by sampling alone); site 2's normal traffic
+        // scores higher (another period); site 3 has 50 normals (too few to judge
+        // alone at 1 %).
+        let site = |n: usize, shift: f64| -> ScoreHistogram {
+            let z: Vec<f64> = (0..n).map(|i| -4.0 + 6.0 * ((i * 7919 % n) as f64 + 0.5) / n as f64 + shift).collect();
+            ScoreHistogram::of(&z, &vec![false; n])
+        };
+        let hs = [site(400, 0.0), site(400, 0.0), site(400, 1.5), site(50, 0.5), site(120, 0.1)];
+        let refs: Vec<&ScoreHistogram> = hs.iter().collect();
+        let mut pooled = ScoreHistogram::default();
+        hs.iter().for_each(|h| pooled.add(h).unwrap());
+        let zp = pooled.threshold_for_fpr(0.01).unwrap();
+        // Pooled, the shifted site runs at over twice the target.
+        assert!(hs[2].normals_above(zp) >= 10, "{}", hs[2].normals_above(zp));
+        let e = every_site_threshold(zp, &refs, 0.01);
+        assert_eq!(e.set_by, Some(2));
+        assert!(e.p[2].unwrap() < 0.01 && e.p[3].is_none(), "{:?}", e.p);
+        for h in &hs[..3] {
+            assert!(h.normals_above(e.z) <= 4, "{} of 400 above", h.normals_above(e.z));
+        }
+        assert!(e.own[4].is_none(), "{:?}", e.p);
+        // Without the shifted site: the small site's own threshold is above the
+        // pooled one by sampling alone, and lifts nothing.
+        let same: Vec<&ScoreHistogram> = [&hs[0], &hs[1], &hs[4]].into();
+        let mut pooled = ScoreHistogram::default();
+        same.iter().for_each(|h| pooled.add(h).unwrap());
+        let zp = pooled.threshold_for_fpr(0.01).unwrap();
+        assert!(hs[4].threshold_for_fpr(0.01).unwrap() > zp, "the noise case is not exercised");
+        let e = every_site_threshold(zp, &same, 0.01);
+        assert_eq!((e.set_by, e.z), (None, zp));
+        assert!(e.p[2].unwrap() > 0.1, "{:?}", e.p);
+        assert_eq!(judging_normals(0.01), 99);
+        assert_eq!(judging_normals(0.05), 19);
     }
 }

@@ -78,6 +78,10 @@ pub struct FederationPlan {
     /// Differential privacy of what is published (none by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dp: Option<super::privacy::DpPlan>,
+    /// Whose false-positive rate the threshold holds (a plan recorded before this
+    /// field existed was calibrated on the pooled histograms).
+    #[serde(default = "ThresholdRule::recorded_before")]
+    pub threshold: ThresholdRule,
 }
 
 impl FederationPlan {
@@ -85,7 +89,36 @@ impl FederationPlan {
     /// clip-multi-krum, cyclic boosting, 5 LSTM rounds of 3 local epochs, no
     /// poisoned site, no differential privacy): the base others change a field of.
     pub fn clean(sites: usize, split: Sites, seed: u64) -> FederationPlan {
-        FederationPlan { sites, split, rule: Rule::ClipMultiKrum, poisoned: 0, poison: PoisonKind::Invert, gbdt: GbdtMode::Cyclic, lstm_rounds: 5, lstm_local_epochs: 3, seed, dp: None }
+        FederationPlan { sites, split, rule: Rule::ClipMultiKrum, poisoned: 0, poison: PoisonKind::Invert, gbdt: GbdtMode::Cyclic, lstm_rounds: 5, lstm_local_epochs: 3, seed, dp: None, threshold: ThresholdRule::EverySite }
+    }
+}
+
+/// Whose false-positive rate the federation's threshold holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ThresholdRule {
+    /// The target on the sites' validation rows taken together: a site whose
+    /// normal traffic scores higher than the others' (another period, another
+    /// mix of devices) can run far above it.
+    Pooled,
+    /// The default: also the target on the own validation rows of each site whose
+    /// normal rows show, by a binomial test, that they run above it at the pooled
+    /// threshold (`calibrate::every_site_threshold`). Never below the pooled
+    /// threshold. A private federation uses the pooled one.
+    #[default]
+    EverySite,
+}
+
+impl ThresholdRule {
+    fn recorded_before() -> ThresholdRule {
+        ThresholdRule::Pooled
+    }
+    pub fn parse(s: &str) -> Result<ThresholdRule, ModelError> {
+        match s {
+            "pooled" => Ok(ThresholdRule::Pooled),
+            "every-site" => Ok(ThresholdRule::EverySite),
+            _ => Err(ModelError::Param { name: "threshold", why: format!("`{s}` is not a rule; one of every-site, pooled") }),
+        }
     }
 }
 

@@ -89,11 +89,15 @@ pub struct PlanSection {
     /// not in the plan hash, which stays what it was before this option).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dp: Option<twinguard_models::federated::privacy::DpPlan>,
+    /// Whose false-positive rate the threshold holds: every-site (when absent) or
+    /// pooled; absent, not in the plan hash (as before this option).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<String>,
 }
 
 impl Default for PlanSection {
     fn default() -> Self {
-        PlanSection { rule: "clip-multi-krum".into(), gbdt: "cyclic".into(), lstm_rounds: 5, local_epochs: 3, dp: None }
+        PlanSection { rule: "clip-multi-krum".into(), gbdt: "cyclic".into(), lstm_rounds: 5, local_epochs: 3, dp: None, threshold: None }
     }
 }
 
@@ -130,6 +134,9 @@ impl FederationFile {
         f.keys().with_context(|| format!("federation file {}", path.display()))?;
         if let Some(dp) = &f.plan.dp {
             dp.validate().with_context(|| format!("federation file {}: [plan.dp]", path.display()))?;
+        }
+        if let Some(t) = &f.plan.threshold {
+            twinguard_models::federated::plan::ThresholdRule::parse(t).with_context(|| format!("federation file {}: [plan] threshold", path.display()))?;
         }
         Ok(f)
     }
@@ -224,6 +231,12 @@ mod tests {
         let typo = text.replace("round_timeout_secs", "round_timeout_sec");
         let e = format!("{:#}", FederationFile::load(&write(&typo)).unwrap_err());
         assert!(e.contains("round_timeout_sec"), "{e}");
+        // The threshold rule: pooled loads and is another plan; an unknown one is
+        // refused, naming the key.
+        let pooled = text.replace("local_epochs = 3\n", "local_epochs = 3\nthreshold = \"pooled\"\n");
+        assert_ne!(FederationFile::load(&write(&pooled)).unwrap().plan_hash(), FederationFile::load(&write(&text)).unwrap().plan_hash());
+        let e = format!("{:#}", FederationFile::load(&write(&pooled.replace("\"pooled\"", "\"median\""))).unwrap_err());
+        assert!(e.contains("[plan] threshold") && e.contains("`median` is not a rule"), "{e}");
         // Differential privacy: a plan with it loads (and hashes differently); a
         // noise multiplier of 0 is refused, naming the table and the key.
         let dp = format!("{text}\n[plan.dp]\nnoise_multiplier = 1.0\nthreshold_epsilon = 2.0\n");
