@@ -500,7 +500,9 @@ impl Aggregator<'_> {
                 }
                 if let Some(site) = e.set_by {
                     let dr = |z: f64| merged.attacks_above(z) as f64 / merged.attacks().max(1) as f64;
-                    log(Progress::Step(&format!("threshold: site {}'s normal rows run above FPR {target} at the pooled {:.4}; its own {:.4} taken (validation DR {:.4} -> {:.4})", kept_sites[site], sigmoid(pooled), sigmoid(e.z), dr(pooled), dr(e.z))));
+                    let own = e.own[site].unwrap_or(e.z);
+                    let how = if e.z < own { format!("raised towards its own {:.4} as far as the lift budget allows: {:.4}", sigmoid(own), sigmoid(e.z)) } else { format!("its own {:.4} taken", sigmoid(e.z)) };
+                    log(Progress::Step(&format!("threshold: site {}'s normal rows run above FPR {target} at the pooled {:.4}; {how} (validation DR {:.4} -> {:.4})", kept_sites[site], sigmoid(pooled), dr(pooled), dr(e.z))));
                 }
                 (e.z, (merged.normals() as usize, merged.normals_above(e.z) as usize))
             }

@@ -139,7 +139,8 @@ pub struct EverySite {
     /// too few to judge alone ([`judging_normals`]).
     pub p: Vec<Option<f64>>,
     /// Per site: its own threshold for the target, where the test says its
-    /// traffic runs above the target at the pooled threshold.
+    /// traffic runs above the target at the pooled threshold (the lift it gets
+    /// may stop below it: [`LIFT_BUDGET`]).
     pub own: Vec<Option<f64>>,
     /// The site whose own threshold was taken; None when the pooled one was.
     pub set_by: Option<usize>,
@@ -161,10 +162,11 @@ impl EverySite {
 /// site's own (`sites`, in site order) where the site's normal rows show it is
 /// needed: a site that can judge alone and whose normal rows at the pooled
 /// threshold are significantly more than the target allows ([`SITE_EVIDENCE`])
-/// gets its own conformal threshold; the highest of those is taken when it is
-/// above the pooled one. A site that differs (another period, another mix of
-/// devices) then keeps its false-positive rate; one that differs only by
-/// sampling moves nothing.
+/// gets its own conformal threshold, as far as the other sites' detection allows
+/// ([`LIFT_BUDGET`]); the highest of those is taken when above the pooled one. A
+/// site that differs (another period, another mix of devices) then keeps its
+/// false-positive rate, or as much of it as one point of the others' detection
+/// buys; one that differs only by sampling moves nothing.
 pub fn every_site_threshold(pooled: f64, sites: &[&ScoreHistogram], target: f64) -> EverySite {
     let min = judging_normals(target);
     let judging = sites.iter().filter(|h| h.normals() >= min).count().max(1);
@@ -177,11 +179,55 @@ pub fn every_site_threshold(pooled: f64, sites: &[&ScoreHistogram], target: f64)
             _ => None,
         })
         .collect();
-    let top = own.iter().enumerate().filter_map(|(i, z)| z.map(|z| (z, i))).max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
-    match top {
+    let lifts = own.iter().enumerate().filter_map(|(s, z)| z.filter(|&z| z > pooled).map(|z| (lift_within_budget(sites, s, pooled, z), s)));
+    match lifts.max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1))) {
         Some((z, site)) if z > pooled => EverySite { z, p, own, set_by: Some(site) },
         _ => EverySite { z: pooled, p, own, set_by: None },
     }
+}
+
+/// The most detection one site's lift may cost the others: 1 point of the median
+/// other site's validation DR (the bar for what a defence may cost in
+/// clean DR). It bounds what a site that lies about its normal scores can take;
+/// an honest site whose traffic differs gets as much of its own threshold as
+/// that allows.
+pub const LIFT_BUDGET: f64 = 0.01;
+
+/// Attack rows a site needs for its detection rate to price a lift.
+pub const PRICING_ATTACKS: u64 = 20;
+
+/// The median, over the sites other than `s` with [`PRICING_ATTACKS`], of the
+/// share of their attack rows at or above `pooled` but not at or above `z`;
+/// None when no other site can price.
+pub fn lift_price(sites: &[&ScoreHistogram], s: usize, pooled: f64, z: f64) -> Option<f64> {
+    let mut costs: Vec<f64> = (0..sites.len())
+        .filter(|&j| j != s && sites[j].attacks() >= PRICING_ATTACKS)
+        .map(|j| sites[j].attacks_above(pooled).saturating_sub(sites[j].attacks_above(z)) as f64 / sites[j].attacks() as f64)
+        .collect();
+    costs.sort_by(f64::total_cmp);
+    let m = costs.len();
+    (m > 0).then(|| if m % 2 == 1 { costs[m / 2] } else { (costs[m / 2 - 1] + costs[m / 2]) / 2.0 })
+}
+
+/// The highest threshold from `pooled` up to site `s`'s own `z` whose
+/// [`lift_price`] stays within [`LIFT_BUDGET`] (bin edges in between; `pooled`
+/// when no other site can price a lift).
+fn lift_within_budget(sites: &[&ScoreHistogram], s: usize, pooled: f64, z: f64) -> f64 {
+    let fits = |t: f64| lift_price(sites, s, pooled, t).is_some_and(|c| c <= LIFT_BUDGET);
+    if fits(z) {
+        return z;
+    }
+    // The price only grows with the threshold: bisect the bins between.
+    let (mut lo, mut hi) = (bin_of(pooled), bin_of(z));
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fits(lower_edge(mid)) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    if lo == bin_of(pooled) { pooled } else { lower_edge(lo) }
 }
 
 #[cfg(test)]
@@ -208,21 +254,30 @@ mod tests {
         assert!(ScoreHistogram::default().threshold_for_fpr(0.01).is_err());
     }
 
+    /// `n` normal scores spread evenly over [−4, 2] + `shift` and 100 attack
+    /// scores over [5, 11] (log-odds).
+    fn site(n: usize, shift: f64) -> ScoreHistogram {
+        let mut z: Vec<f64> = (0..n).map(|i| -4.0 + 6.0 * ((i * 7919 % n) as f64 + 0.5) / n as f64 + shift).collect();
+        z.extend((0..100).map(|i| 5.0 + 0.06 * i as f64));
+        let attack: Vec<bool> = (0..n + 100).map(|i| i >= n).collect();
+        ScoreHistogram::of(&z, &attack)
+    }
+
+    fn pooled(hs: &[&ScoreHistogram]) -> f64 {
+        let mut m = ScoreHistogram::default();
+        hs.iter().for_each(|h| m.add(h).unwrap());
+        m.threshold_for_fpr(0.01).unwrap()
+    }
+
     #[test]
     fn every_site_holds_the_target_where_a_sites_traffic_differs_and_not_for_sampling_noise() {
         // Sites 0, 1 and 4 draw from one law (site 4: 120 normals, its own 1 %
         // threshold above the pooled one by sampling alone); site 2's normal traffic
         // scores higher (another period); site 3 has 50 normals (too few to judge
         // alone at 1 %).
-        let site = |n: usize, shift: f64| -> ScoreHistogram {
-            let z: Vec<f64> = (0..n).map(|i| -4.0 + 6.0 * ((i * 7919 % n) as f64 + 0.5) / n as f64 + shift).collect();
-            ScoreHistogram::of(&z, &vec![false; n])
-        };
         let hs = [site(400, 0.0), site(400, 0.0), site(400, 1.5), site(50, 0.5), site(120, 0.1)];
         let refs: Vec<&ScoreHistogram> = hs.iter().collect();
-        let mut pooled = ScoreHistogram::default();
-        hs.iter().for_each(|h| pooled.add(h).unwrap());
-        let zp = pooled.threshold_for_fpr(0.01).unwrap();
+        let zp = pooled(&refs);
         // Pooled, the shifted site runs at over twice the target.
         assert!(hs[2].normals_above(zp) >= 10, "{}", hs[2].normals_above(zp));
         let e = every_site_threshold(zp, &refs, 0.01);
@@ -231,18 +286,41 @@ mod tests {
         for h in &hs[..3] {
             assert!(h.normals_above(e.z) <= 4, "{} of 400 above", h.normals_above(e.z));
         }
+        assert_eq!(lift_price(&refs, 2, zp, e.z), Some(0.0), "the attacks all score above both");
         assert!(e.own[4].is_none(), "{:?}", e.p);
         // Without the shifted site: the small site's own threshold is above the
         // pooled one by sampling alone, and lifts nothing.
         let same: Vec<&ScoreHistogram> = [&hs[0], &hs[1], &hs[4]].into();
-        let mut pooled = ScoreHistogram::default();
-        same.iter().for_each(|h| pooled.add(h).unwrap());
-        let zp = pooled.threshold_for_fpr(0.01).unwrap();
+        let zp = pooled(&same);
         assert!(hs[4].threshold_for_fpr(0.01).unwrap() > zp, "the noise case is not exercised");
         let e = every_site_threshold(zp, &same, 0.01);
         assert_eq!((e.set_by, e.z), (None, zp));
         assert!(e.p[2].unwrap() > 0.1, "{:?}", e.p);
         assert_eq!(judging_normals(0.01), 99);
         assert_eq!(judging_normals(0.05), 19);
+    }
+
+    #[test]
+    fn a_site_that_claims_high_scoring_normal_rows_takes_at_most_the_lift_budget() {
+        // Site 3 reports 120 normal rows, 5 of them scoring above every attack: its
+        // own threshold would detect nothing anywhere.
+        let mut liar = site(115, 0.0);
+        liar.add(&ScoreHistogram::of(&[14.0; 5], &[false; 5])).unwrap();
+        let hs = [site(400, 0.0), site(400, 0.0), site(400, 0.0), liar];
+        let refs: Vec<&ScoreHistogram> = hs.iter().collect();
+        let zp = pooled(&refs);
+        let e = every_site_threshold(zp, &refs, 0.01);
+        assert_eq!(e.set_by, Some(3));
+        assert!(e.own[3].unwrap() > 13.0 && e.z < 6.0, "own {:?}, taken {}", e.own[3], e.z);
+        for h in &hs[..3] {
+            let kept = h.attacks_above(e.z) as f64 / h.attacks_above(zp) as f64;
+            assert!((1.0 - LIFT_BUDGET..1.0).contains(&kept), "{kept} of the detected attacks kept");
+        }
+        // Nobody else can price a lift (too few attack rows): no lift at all.
+        let bare = |n| ScoreHistogram::of(&(0..n).map(|i| -4.0 + 6.0 * i as f64 / n as f64).collect::<Vec<_>>(), &vec![false; n]);
+        let (a, b) = (bare(400), bare(400));
+        let refs = [&a, &b, &hs[3]];
+        let zp = pooled(&refs);
+        assert_eq!(every_site_threshold(zp, &refs, 0.01).z, zp);
     }
 }

@@ -373,13 +373,14 @@ fn a_federation_combines_any_member_as_central_training_does_on_the_same_scores(
 /// Sites as periods; in the first site's validation period and in the first test
 /// rows the normal traffic has drifted (feature 1, towards DoS). Calibrated on
 /// the pooled histograms that site runs far above the target on new rows of the
-/// same drift; the every-site rule finds it by its own histogram and holds it.
+/// same drift; the every-site rule finds it by its own histogram and lifts the
+/// threshold for it as far as one point of the other sites' detection allows.
 #[test]
-fn a_site_whose_normal_traffic_drifted_keeps_its_false_positive_rate() {
+fn a_site_whose_normal_traffic_drifted_gets_a_lift_the_others_can_afford() {
     let (names, mut values, classes, devices) = synthetic(5000);
     for r in (3000..3200).chain(4000..4200) {
         if classes[r] == "normal" {
-            values[r * 8 + 1] += 0.9;
+            values[r * 8 + 1] += 0.6;
         }
     }
     let ds = Dataset { names: &names, cols: 8, values: &values, classes: &classes, devices: &devices };
@@ -387,18 +388,17 @@ fn a_site_whose_normal_traffic_drifted_keeps_its_false_positive_rate() {
     let plan = |threshold| FederationPlan { threshold, gbdt: GbdtMode::Bagging, lstm_rounds: 1, lstm_local_epochs: 1, ..FederationPlan::clean(5, Sites::Periods, 5) };
     let (pooled, _) = fit_federated(&ds, &split, 6.0, &opts(), &plan(ThresholdRule::Pooled), &mut |_| {}).unwrap();
     let (every, rep) = fit_federated(&ds, &split, 6.0, &opts(), &plan(ThresholdRule::EverySite), &mut |_| {}).unwrap();
-    let drifted: Vec<usize> = (4000..4200).filter(|&r| classes[r] == "normal").collect();
-    let (_, fpr_pooled) = detection(&pooled, &ds, &drifted);
-    let (_, fpr_every) = detection(&every, &ds, &drifted);
     let d = &rep.decisions["threshold"];
     assert!(d[0].reason.contains("run above"), "{}", d[0].reason);
     assert!(d[1..].iter().all(|d| d.reason.contains("hold FPR")), "{d:?}");
-    assert!(fpr_pooled > 0.06, "pooled: {fpr_pooled} on the drifted site's new normal rows");
-    assert!(fpr_every <= 0.04 && every.threshold > pooled.threshold, "every site: {fpr_every} at {} (pooled {})", every.threshold, pooled.threshold);
-    // The price is paid by every site: one threshold for all, raised for one
-    // (here DR 0.87 → 0.65 on the rows that did not drift; WUSTL's periods: 1.5
-    // points, models/FEDERATED.md).
+    let drifted: Vec<usize> = (4000..4200).filter(|&r| classes[r] == "normal").collect();
+    let ((_, fpr_pooled), (_, fpr_every)) = (detection(&pooled, &ds, &drifted), detection(&every, &ds, &drifted));
+    assert!(fpr_pooled > 0.06 && fpr_every < fpr_pooled - 0.01, "drifted site's new normal rows: {fpr_every} (pooled {fpr_pooled})");
+    // The others pay about the budget (1 point of validation DR) on their new
+    // rows: here the drifted site's FPR 0.100 -> 0.083, the others' DR 0.894 ->
+    // 0.875. With a drift of 0.9 its normal rows score among the attacks and the
+    // budget buys it nothing (8.3 % either way).
     let rest: Vec<usize> = (4200..5000).collect();
     let ((dr_p, _), (dr_e, _)) = (detection(&pooled, &ds, &rest), detection(&every, &ds, &rest));
-    assert!(dr_e < dr_p, "DR {dr_e} vs {dr_p}");
+    assert!(every.threshold > pooled.threshold && dr_e >= dr_p - 0.03, "DR {dr_e} vs {dr_p}");
 }
