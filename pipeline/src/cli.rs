@@ -369,10 +369,11 @@ pub(crate) struct SimulateArgs {
     /// screened boosters averaged).
     #[arg(long, value_parser = ["cyclic", "bagging"], default_value = "cyclic")]
     pub(crate) gbdt: String,
-    /// Whose false-positive rate the threshold holds: every-site (the target on
-    /// each site's own validation rows too, where a site has enough normal rows to
-    /// judge alone, up to the f sites whose own thresholds are highest) or pooled
-    /// (on all sites' rows taken together only).
+    /// Whose false-positive rate the threshold holds: every-site (also the target
+    /// on the own validation rows of each site whose normal rows show, by a
+    /// binomial test, that they run above it at the pooled threshold; such a lift
+    /// costs the other sites at most 1 point of validation DR) or pooled (on all
+    /// sites' rows taken together only).
     #[arg(long, value_parser = ["every-site", "pooled"], default_value = "every-site")]
     pub(crate) threshold: String,
     /// LSTM rounds (FedAvg from the global weights).
