@@ -9,7 +9,8 @@
 #
 # Arms: cic-central wustl-central cic5-a05 cic5-a01 cic10-a05 wustl5-periods
 #       cic5-a05-local cic5-a01-local wustl5-periods-local (each site alone)
-#       cic10-{invert,targeted,replace,little,fang}-{robust,mean}
+#       cic10-{invert,targeted,replace,little,fang,inflate}-{robust,mean}
+#       (inflate: honest models, score histograms that claim high-scoring normal rows)
 #       cic5-a05-bagging cic5-a01-bagging cic10-a05-bagging wustl5-periods-bagging
 #       cic10-{invert,replace}-bagging (the boosted member by bagging, not cyclic)
 #       cic5-a05-dp-z<Z>-e<E> (differential privacy: noise multiplier Z on the SVM

@@ -356,7 +356,8 @@ pub(crate) struct SimulateArgs {
     #[arg(long)]
     pub(crate) periods: bool,
     /// Poisoned sites (the last K) and their attack: K:invert, K:targeted,
-    /// K:replace (inverted, boosted ×sites), K:little ("a little is enough"), K:fang.
+    /// K:replace (inverted, boosted ×sites), K:little ("a little is enough"), K:fang,
+    /// K:inflate (honest models, score histograms claiming high-scoring normal rows).
     #[arg(long)]
     pub(crate) poison: Option<String>,
     /// Rule for vector updates: clip-multi-krum (default), multi-krum, median,

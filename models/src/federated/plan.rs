@@ -24,10 +24,15 @@ pub enum PoisonKind {
     /// sign of the honest mean's change), λ as large as the rule still selects;
     /// trees and histograms as `invert`.
     Fang,
+    /// Honest labels and models, lying score histograms: ten times its normal
+    /// rows claimed besides its own, a tenth of them at the top of the scale, to
+    /// raise the threshold (the histogram screen passes it: most of its claimed
+    /// normal rows score low).
+    Inflate,
 }
 
 impl PoisonKind {
-    pub const ALL: [PoisonKind; 5] = [PoisonKind::Invert, PoisonKind::Targeted, PoisonKind::Replace, PoisonKind::Little, PoisonKind::Fang];
+    pub const ALL: [PoisonKind; 6] = [PoisonKind::Invert, PoisonKind::Targeted, PoisonKind::Replace, PoisonKind::Little, PoisonKind::Fang, PoisonKind::Inflate];
     pub fn name(self) -> &'static str {
         match self {
             PoisonKind::Invert => "invert",
@@ -35,6 +40,7 @@ impl PoisonKind {
             PoisonKind::Replace => "replace",
             PoisonKind::Little => "little",
             PoisonKind::Fang => "fang",
+            PoisonKind::Inflate => "inflate",
         }
     }
     pub fn parse(s: &str) -> Result<PoisonKind, ModelError> {

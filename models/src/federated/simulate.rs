@@ -181,7 +181,7 @@ pub fn fit_federated_with(
     let mut workers = Vec::with_capacity(sites.len());
     for (i, s) in sites.iter().enumerate() {
         let mut own = y.clone();
-        if s.poisoned {
+        if s.poisoned && plan.poison != PoisonKind::Inflate {
             for &r in s.train.iter().chain(&s.validation) {
                 own[r] = match plan.poison {
                     PoisonKind::Targeted => if own[r] == targeted { 0 } else { own[r] },

@@ -172,7 +172,7 @@ impl<'a> SiteWorker<'a> {
                 let (m, y) = self.fold_of(*fold)?;
                 Ok(Answer::Sums(Stacker::newton_sums(&m, &y, w, *class_weights)))
             }
-            Task::Histograms { folds } => self.histograms(folds),
+            Task::Histograms { folds } => self.histograms(folds).map(|a| self.inflated(a)),
             Task::MemberHistograms => self.member_histograms(),
             Task::LeafCounts(shapes) => {
                 let mut counts = super::private_trees::leaf_counts(shapes, self.x()?, &self.train, &self.y, self.classes.len())?;
@@ -279,6 +279,22 @@ impl<'a> SiteWorker<'a> {
     }
 
     /// Out-of-fold ensemble scores and each member's scores, as histograms.
+    /// What an `inflate` poisoner sends instead of its histograms: ten times its
+    /// normal rows claimed besides its own, a tenth of them in the top bin.
+    fn inflated(&self, a: Answer) -> Answer {
+        match (self.poison, a) {
+            (Some(PoisonKind::Inflate), Answer::Histograms { mut oof, members }) => {
+                let n = oof.normals().max(1);
+                oof.normal[0] += 9 * n;
+                if let Some(top) = oof.normal.last_mut() {
+                    *top += n;
+                }
+                Answer::Histograms { oof, members }
+            }
+            (_, a) => a,
+        }
+    }
+
     fn histograms(&self, folds: &[Stacker]) -> Reply {
         let all = self.members()?;
         if folds.is_empty() {
