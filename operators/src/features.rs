@@ -79,7 +79,6 @@ pub struct FeatureQuery {
     /// The top projection's expressions over `plan`'s output, or `None` if the
     /// plan's output columns are the features as they are.
     exprs: Option<Vec<Arc<dyn PhysicalExpr>>>,
-    out_schema: SchemaRef,
     /// One task context per output batch size (16, 32, ..., 2,048 rows), made on first use.
     tasks: [Option<Arc<TaskContext>>; OUTPUT_SIZES],
 }
@@ -148,12 +147,11 @@ impl FeatureQuery {
             twin_slot,
             plan,
             exprs,
-            out_schema,
             tasks: Default::default(),
         };
         // Execute once on empty inputs: a query that plans but cannot run fails here.
         q.run(RecordBatch::new_empty(events_schema), RecordBatch::new_empty(twin_schema))?;
-        let schema = q.out_schema.clone();
+        let schema = out_schema;
         let cols: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
         if cols.len() < 3 || cols[0] != fields::SRC_PARTITION || cols[1] != fields::SRC_OFFSET {
             return Err(OperatorError::Features(format!(

@@ -204,9 +204,7 @@ pub fn lift_price(sites: &[&ScoreHistogram], s: usize, pooled: f64, z: f64) -> O
         .filter(|&j| j != s && sites[j].attacks() >= PRICING_ATTACKS)
         .map(|j| sites[j].attacks_above(pooled).saturating_sub(sites[j].attacks_above(z)) as f64 / sites[j].attacks() as f64)
         .collect();
-    costs.sort_by(f64::total_cmp);
-    let m = costs.len();
-    (m > 0).then(|| if m % 2 == 1 { costs[m / 2] } else { (costs[m / 2 - 1] + costs[m / 2]) / 2.0 })
+    (!costs.is_empty()).then(|| super::robust::median(&mut costs))
 }
 
 /// The highest threshold from `pooled` up to site `s`'s own `z` whose
