@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::forest::Forest;
 use crate::lstm::LstmModel;
 use crate::svm::Svm;
+pub use crate::metrics::FprInterval;
 use crate::ModelError;
 
 /// Largest |z| a standardised feature may take (tames heavy tails and keeps every
@@ -285,28 +286,13 @@ pub struct Combination {
     /// validation rows (reports compare members at these).
     #[serde(default)]
     pub member_thresholds: std::collections::BTreeMap<String, f64>,
+    /// A federation's sites by name, each with the threshold set from its own
+    /// validation rows alone ([`Ensemble::use_site_threshold`]); empty for a
+    /// central model and for a private federation.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub site_thresholds: std::collections::BTreeMap<String, crate::federated::calibrate::SiteThreshold>,
 }
 
-/// The law of a threshold's false-positive rate, from its calibration rows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FprInterval {
-    /// Normal calibration rows, and how many of them score at or above the threshold.
-    pub normals: usize,
-    pub above: usize,
-    pub expected: f64,
-    pub low: f64,
-    pub high: f64,
-    /// Central probability of [low, high].
-    pub level: f64,
-}
-
-impl FprInterval {
-    pub fn of(normal_scores: &[f64], threshold: f64, level: f64) -> FprInterval {
-        let above = normal_scores.iter().filter(|&&s| s >= threshold).count();
-        let (expected, low, high) = crate::metrics::fpr_interval(above, normal_scores.len(), level);
-        FprInterval { normals: normal_scores.len(), above, expected, low, high, level }
-    }
-}
 
 /// Everything needed to score a standardised feature row.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -421,6 +407,32 @@ impl Ensemble {
         let a: Vec<f64> = self.validation_attack.iter().map(|&x| f64::from(x)).collect();
         self.threshold = crate::metrics::calibrate_threshold(&n, &a, target_fpr);
         Ok(())
+    }
+
+    /// Score at federation site `site`'s own threshold instead of the
+    /// federation's; returns what was chosen, for the log. A site too small to
+    /// set its own keeps the federation's (and the note says so); a name the
+    /// federation does not know, or a model without per-site thresholds, is an
+    /// error naming what there is.
+    pub fn use_site_threshold(&mut self, site: &str) -> Result<String, ModelError> {
+        let sites = self.combination.as_ref().map(|c| &c.site_thresholds).filter(|s| !s.is_empty());
+        let Some(sites) = sites else {
+            return Err(ModelError::Artifact(format!(
+                "the model carries no per-site thresholds (trained centrally, privately or before they existed): there is no threshold of site `{site}` to use"
+            )));
+        };
+        let Some(own) = sites.get(site) else {
+            let names: Vec<&str> = sites.keys().map(String::as_str).collect();
+            return Err(ModelError::Param { name: "site", why: format!("`{site}` is not a site of this federation (its sites: {})", names.join(", ")) });
+        };
+        let f = &own.fpr;
+        Ok(match own.threshold {
+            Some(t) => {
+                self.threshold = t;
+                format!("site `{site}`'s own threshold {t:.4} ({} of its {} normal validation rows above)", f.above, f.normals)
+            }
+            None => format!("site `{site}` has {} normal validation rows, too few to set its own threshold: the federation's {:.4}", f.normals, self.threshold),
+        })
     }
 
     /// Twin member score from a raw (unstandardised) feature row.

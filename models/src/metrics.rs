@@ -320,6 +320,27 @@ pub fn multiclass(truth: &[usize], pred: &[usize], classes: &[String]) -> MultiC
     }
 }
 
+/// The law of a threshold's false-positive rate, from its calibration rows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FprInterval {
+    /// Normal calibration rows, and how many of them score at or above the threshold.
+    pub normals: usize,
+    pub above: usize,
+    pub expected: f64,
+    pub low: f64,
+    pub high: f64,
+    /// Central probability of [low, high].
+    pub level: f64,
+}
+
+impl FprInterval {
+    pub fn of(normal_scores: &[f64], threshold: f64, level: f64) -> FprInterval {
+        let above = normal_scores.iter().filter(|&&s| s >= threshold).count();
+        let (expected, low, high) = fpr_interval(above, normal_scores.len(), level);
+        FprInterval { normals: normal_scores.len(), above, expected, low, high, level }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

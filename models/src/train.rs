@@ -315,6 +315,6 @@ fn stack(ens: &mut Ensemble, prep: &Dataset<'_>, x: &Matrix, split: &Split, opts
         .iter()
         .map(|m| (m.to_string(), metrics::calibrate_labelled(vm.iter().zip(&vy).map(|(s, &y)| (s.get(m), y)), opts.target_fpr)))
         .collect();
-    ens.combination = Some(Combination { chosen: c.chosen, folds: FOLDS, candidates: c.candidates, threshold_fpr: law, member_thresholds });
+    ens.combination = Some(Combination { chosen: c.chosen, folds: FOLDS, candidates: c.candidates, threshold_fpr: law, member_thresholds, site_thresholds: Default::default() });
     Ok(())
 }

@@ -168,6 +168,11 @@ pub(crate) enum Command {
         /// the verdict and the class.
         #[arg(long, value_name = "FILE")]
         scores: Option<PathBuf>,
+        /// A federation's model: score at this site's own threshold (set from its
+        /// own validation rows; `model.site` in a pipeline) instead of the
+        /// federation's, e.g. a hospital evaluating its own capture.
+        #[arg(long, value_name = "NAME")]
+        site: Option<String>,
     },
     /// Constrained evasion: attackers who shape their own traffic (a constraint
     /// file per attack family) search, through the real detector, for versions of

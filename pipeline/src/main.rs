@@ -145,9 +145,12 @@ fn real_main(cli: Cli) -> Result<()> {
             println!("model {} in {}", artifact.version, job.out.display());
             Ok(())
         }
-        Command::Eval { model, dataset, out, all, scores } => {
+        Command::Eval { model, dataset, out, all, scores, site } => {
             init_logs("warn");
-            let artifact = twinguard_models::Artifact::load(&model)?;
+            let mut artifact = twinguard_models::Artifact::load(&model)?;
+            if let Some(site) = &site {
+                println!("{}", artifact.ensemble.use_site_threshold(site)?);
+            }
             let twin = twinguard_train::twin_config_of(&artifact)?;
             let out = out.unwrap_or_else(|| if model.is_dir() { model.clone() } else { model.parent().map(PathBuf::from).unwrap_or_default() });
             let opts = twinguard_train::EvalOptions { dataset, all, scores: scores.clone() };

@@ -131,6 +131,10 @@ fn an_aggregator_and_three_sites_federate_over_kafka_as_the_simulation_does() {
     for (x, y) in a.stacker.weights.iter().zip(&b.stacker.weights) {
         assert!((x - y).abs() < 1e-9, "stacker {:?} vs {:?}", a.stacker, b.stacker);
     }
+    // Each site's own threshold, under its name in the federation file.
+    let own = |e: &twinguard_models::Ensemble| e.combination.as_ref().unwrap().site_thresholds.clone();
+    assert_eq!(own(a), own(b));
+    assert_eq!(own(a).keys().cloned().collect::<Vec<_>>(), (0..SITES).map(|i| format!("site-{i}")).collect::<Vec<_>>());
 
     // The forged task went to the dead-letter topic with its reason; the pointer names the model.
     let mut cfg = broker.config("federate");

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use twinguard_models::federated::local::{local_only, LocalResult};
-use twinguard_models::federated::simulate::{fit_federated, FederationPlan, FederationReport};
+use twinguard_models::federated::simulate::{fit_federated, test_sites, FederationPlan, FederationReport, SiteTest};
 use twinguard_models::train::Progress;
 use twinguard_models::Artifact;
 
@@ -23,15 +23,55 @@ pub fn run_federate(job: &TrainJob, plan: &FederationPlan, log: &mut dyn FnMut(P
     log(Progress::Step(&format!("{}: {} rows as `{}` events", job.dataset.file.display(), records.len(), job.schema.id())));
     let sha = sha256_file(&job.dataset.file)?;
     let mut fed: Option<FederationReport> = None;
+    let mut shares = None;
     let mut fitter = |ds: &twinguard_models::train::Dataset<'_>, split: &twinguard_models::train::Split, log: &mut dyn FnMut(Progress<'_>)| {
         let (ens, rep) = fit_federated(ds, split, job.twin.anomaly_threshold, &job.opts, plan, log)?;
         fed = Some(rep);
+        shares = test_sites(split, ds.classes, plan)?;
         Ok((ens, None))
     };
     let (mut artifact, report) = train_records_with(job, &records, &sha, started, &mut fitter, "fed-", log)?;
-    let fed = fed.expect("the fitter ran");
+    let mut fed = fed.expect("the fitter ran");
+    if let Some(shares) = shares {
+        fed.site_tests = site_tests(&artifact, &report, &shares, &fed);
+    }
     write_federation(job, &mut artifact, &fed)?;
     Ok((artifact, report, fed))
+}
+
+/// Each site's share of the test rows (positions in the report's test order) at
+/// the federation's threshold and at the one the site scores at
+/// ([`twinguard_models::Ensemble::use_site_threshold`]).
+fn site_tests(artifact: &Artifact, report: &Report, shares: &[Vec<usize>], fed: &FederationReport) -> Vec<SiteTest> {
+    let scores = &report.models["ensemble"].scores;
+    let truth = &report.test_truth;
+    let at = |rows: &[usize], t: f64| {
+        let (mut hit, mut att, mut fp, mut nor) = (0usize, 0usize, 0usize, 0usize);
+        for &k in rows {
+            let flagged = scores[k] >= t;
+            if truth[k] {
+                att += 1;
+                hit += usize::from(flagged);
+            } else {
+                nor += 1;
+                fp += usize::from(flagged);
+            }
+        }
+        ((hit as f64 / att.max(1) as f64, fp as f64 / nor.max(1) as f64), nor, att)
+    };
+    let federation = artifact.ensemble.threshold;
+    let sites = artifact.ensemble.combination.as_ref().map(|c| &c.site_thresholds);
+    shares
+        .iter()
+        .enumerate()
+        .map(|(i, rows)| {
+            let name = format!("site-{i}");
+            let own = sites.and_then(|s| s.get(&name)).and_then(|s| s.threshold);
+            let (fed_at, normals, attacks) = at(rows, federation);
+            let poisoned = fed.sites.get(i).is_some_and(|s| s.poisoned);
+            SiteTest { site: name, poisoned, normals, attacks, own: own.is_some(), federation: fed_at, site_threshold: at(rows, own.unwrap_or(federation)).0 }
+        })
+        .collect()
 }
 
 /// The plan and the decisions travel with the model (its provenance): into the
@@ -140,8 +180,32 @@ pub fn render_federation(f: &FederationReport) -> String {
         }
         out.push_str(&format!("published without DP: {}\n", p.not_private.keys().cloned().collect::<Vec<_>>().join(", ")));
     }
+    if !f.site_tests.is_empty() {
+        out.push_str(&render_site_tests(&f.site_tests));
+    }
     let (honest_out, poisoned_in) = f.exclusions();
     out.push_str(&format!("honest sites excluded by some member: {honest_out}; poisoned sites accepted by some member: {poisoned_in}\n"));
+    out
+}
+
+/// Each site's test rows at the federation's threshold and at its own, and the
+/// honest sites taken together (each of its rows at its own site's threshold).
+fn render_site_tests(tests: &[SiteTest]) -> String {
+    let mut out = String::from("site test rows  normal  attack  threshold  federation DR (FPR)   site's DR (FPR)\n");
+    let pct = |(dr, fpr): (f64, f64)| format!("{dr:.4} ({:.2} %)", 100.0 * fpr);
+    for t in tests {
+        let which = if t.own { "own" } else { "federation" };
+        let mark = if t.poisoned { " poisoned" } else { "" };
+        out.push_str(&format!("{:>7}{mark:<9} {:>7} {:>7}  {which:<10} {:>18}  {:>16}\n", t.site, t.normals, t.attacks, pct(t.federation), pct(t.site_threshold)));
+    }
+    let honest: Vec<&SiteTest> = tests.iter().filter(|t| !t.poisoned).collect();
+    let pooled = |get: &dyn Fn(&SiteTest) -> (f64, f64)| {
+        let (n, a) = (honest.iter().map(|t| t.normals).sum::<usize>().max(1) as f64, honest.iter().map(|t| t.attacks).sum::<usize>().max(1) as f64);
+        let dr = honest.iter().map(|t| get(t).0 * t.attacks as f64).sum::<f64>() / a;
+        let fpr = honest.iter().map(|t| get(t).1 * t.normals as f64).sum::<f64>() / n;
+        (dr, fpr)
+    };
+    out.push_str(&format!("honest sites' test rows: federation's threshold {}, each site's {}\n", pct(pooled(&|t| t.federation)), pct(pooled(&|t| t.site_threshold))));
     out
 }
 
@@ -172,6 +236,13 @@ mod tests {
         }
         let on_disk: FederationReport = serde_json::from_slice(&std::fs::read(dir.join("model/federation.json")).unwrap()).unwrap();
         assert_eq!(on_disk.sites.len(), 5);
+        // Each site's share of the test rows at the federation's threshold and at its own.
+        assert_eq!(on_disk.site_tests.len(), 5);
+        assert_eq!(on_disk.site_tests.iter().map(|t| t.normals + t.attacks).sum::<usize>(), report.rows["test"]);
+        let own = &artifact.ensemble.combination.as_ref().unwrap().site_thresholds;
+        assert_eq!(own.keys().cloned().collect::<Vec<_>>(), (0..5).map(|i| format!("site-{i}")).collect::<Vec<_>>());
+        assert!(on_disk.site_tests.iter().all(|t| t.own == own[&t.site].threshold.is_some()));
+        assert!(render_federation(&fed).contains("honest sites' test rows"), "{}", render_federation(&fed));
         // The model directory alone: eval rebuilds the split and gets the same figures.
         let loaded = Artifact::load(&dir.join("model")).unwrap();
         let twin = crate::twin_config_of(&loaded).unwrap();

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use super::calibrate::{every_site_threshold, sigmoid, EverySite, ScoreHistogram};
+use super::calibrate::{every_site_threshold, sigmoid, site_thresholds, EverySite, ScoreHistogram};
 use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary, ThresholdRule};
 use super::private_trees::Cuts;
 use super::privacy::{clip, dp_threshold_caution, fixed_stacker, gaussian_aggregate, private_classes, private_standardizer, private_threshold, MemberPrivacy, PrivacyReport};
@@ -55,7 +55,7 @@ pub fn federate(link: &mut dyn Link, plan: &FederationPlan, opts: &TrainOptions,
         dp.validate()?;
     }
     let privacy = plan.dp.as_ref().map(|_| PrivacyReport::new());
-    let report = FederationReport { plan: plan.clone(), tolerated: f, targeted_class: None, sites: Vec::new(), features: Vec::new(), decisions: BTreeMap::new(), privacy, seconds: 0.0 };
+    let report = FederationReport { plan: plan.clone(), tolerated: f, targeted_class: None, sites: Vec::new(), features: Vec::new(), decisions: BTreeMap::new(), privacy, seconds: 0.0, site_tests: Vec::new() };
     let mut agg = Aggregator { link, plan, opts, active: (0..n).collect(), expelled: BTreeMap::new(), classes: Vec::new(), f, robust: plan.rule != Rule::Mean, report, cuts: None };
     let (standardizer, names, classes) = agg.round_zero(log)?;
     // With DP the trees are drawn without rows and filled with noisy sums.
@@ -534,18 +534,18 @@ impl Aggregator<'_> {
                 None => log(Progress::Step(&format!("{m}: no threshold holds FPR <= {target} on the merged histograms; the model stores none for it"))),
             }
         }
+        // Each site's own threshold, from its own histogram alone (none with DP).
+        let own: Vec<Option<&ScoreHistogram>> = hists.iter().map(|h| h.as_ref().map(|h| &h.0)).collect();
+        let site_thresholds = if self.plan.dp.is_none() { site_thresholds(&self.link.names(), &own, z, target) } else { BTreeMap::new() };
+        let (ks, own_set) = (kept.len(), site_thresholds.values().filter(|s| s.threshold.is_some()).count());
         log(Progress::Step(&format!(
-            "threshold {:.4} for FPR <= {target} from {} sites' merged histograms: {} of {} validation normals above (expected FPR {:.2} %)",
-            ens.threshold,
-            kept.len(),
-            law.above,
-            law.normals,
-            100.0 * law.expected
+            "threshold {:.4} for FPR <= {target} from {ks} sites' merged histograms: {} of {} validation normals above (expected FPR {:.2} %); {own_set} of {} sites can set their own",
+            ens.threshold, law.above, law.normals, 100.0 * law.expected, own.len()
         )));
         ens.calibration = self.plan.dp.is_none().then_some(merged);
         let chosen = if ens.stacker.any.is_empty() { "stack" } else { "any" };
         let folds = if candidates.is_empty() { 0 } else { OOF_FOLDS };
-        ens.combination = Some(Combination { chosen: chosen.into(), folds, candidates, threshold_fpr: law, member_thresholds });
+        ens.combination = Some(Combination { chosen: chosen.into(), folds, candidates, threshold_fpr: law, member_thresholds, site_thresholds });
         self.report.decisions.insert("threshold".into(), decisions);
         Ok(())
     }

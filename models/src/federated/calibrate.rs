@@ -5,8 +5,11 @@
 //! [`metrics::threshold_for_fpr`](crate::metrics::threshold_for_fpr) does on raw
 //! scores. No site's scores are kept in the artifact, only the summed counts.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::FprInterval;
 use crate::ModelError;
 
 /// Bins over the log-odds range [−`LOGIT_RANGE`, `LOGIT_RANGE`].
@@ -228,6 +231,40 @@ fn lift_within_budget(sites: &[&ScoreHistogram], s: usize, pooled: f64, z: f64) 
     if lo == bin_of(pooled) { pooled } else { lower_edge(lo) }
 }
 
+/// One federation site's own threshold for the model's target FPR, from its own
+/// normal validation rows (its score histogram): what the other sites report
+/// cannot move it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteThreshold {
+    /// None where the site has too few normal validation rows to set one alone
+    /// ([`judging_normals`]): it scores at the
+    /// federation's threshold.
+    pub threshold: Option<f64>,
+    /// The site's own normal validation rows against the threshold it scores at.
+    pub fpr: FprInterval,
+}
+
+/// Each site's own threshold for `target` (a probability) from its own
+/// histogram, where it has the normal rows to set one alone ([`judging_normals`]);
+/// the others, and sites with no histogram (expelled, or unanswered), score at
+/// the federation's `z`, their law taken there. Keyed by the sites' `names`.
+pub fn site_thresholds(names: &[String], hists: &[Option<&ScoreHistogram>], z: f64, target: f64) -> BTreeMap<String, SiteThreshold> {
+    let law = |h: Option<&ScoreHistogram>, t: f64| {
+        let (n, above) = h.map_or((0, 0), |h| (h.normals() as usize, h.normals_above(t) as usize));
+        let (expected, low, high) = crate::metrics::fpr_interval(above, n, 0.9);
+        FprInterval { normals: n, above, expected, low, high, level: 0.9 }
+    };
+    names
+        .iter()
+        .zip(hists)
+        .map(|(name, &h)| {
+            let own = h.filter(|h| h.normals() >= judging_normals(target)).and_then(|h| h.threshold_for_fpr(target).ok()).filter(|t| t.is_finite());
+            let st = SiteThreshold { threshold: own.map(sigmoid), fpr: law(h, own.unwrap_or(z)) };
+            (name.clone(), st)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,5 +357,28 @@ mod tests {
         let refs = [&a, &b, &hs[3]];
         let zp = pooled(&refs);
         assert_eq!(every_site_threshold(zp, &refs, 0.01).z, zp);
+    }
+
+    #[test]
+    fn a_site_sets_its_own_threshold_from_its_own_rows_and_a_small_site_scores_at_the_federations() {
+        // Site 0: 500 normals spread over (0, 0.5); site 1: 40 normals; site 2:
+        // claims its normals all score at the top (it binds only itself).
+        let spread = |n: usize, top: f64| -> Vec<f64> { (0..n).map(|i| top * (i as f64 + 0.5) / n as f64).collect() };
+        let h0 = ScoreHistogram::of(&spread(500, 0.5).iter().map(|&p| logit(p)).collect::<Vec<_>>(), &[false; 500]);
+        let h1 = ScoreHistogram::of(&spread(40, 0.5).iter().map(|&p| logit(p)).collect::<Vec<_>>(), &[false; 40]);
+        let h2 = ScoreHistogram::of(&[logit(0.999); 300], &[false; 300]);
+        let names: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let z = logit(0.9);
+        let t = site_thresholds(&names, &[Some(&h0), Some(&h1), Some(&h2), None], z, 0.01);
+        let own = t["a"].threshold.expect("500 normal rows set their own");
+        assert!(own > 0.48 && own < 0.5, "{own}: its 1 % tail is just under 0.5");
+        assert!(t["a"].fpr.above <= 5 && t["a"].fpr.normals == 500);
+        assert_eq!(t["b"].threshold, None, "40 normal rows are too few at 1 %");
+        assert_eq!((t["b"].fpr.normals, t["b"].fpr.above), (40, 0), "its law at the federation's threshold");
+        assert!(t["c"].threshold.unwrap() > 0.99);
+        assert_eq!((t["d"].threshold, t["d"].fpr.normals), (None, 0));
+        // Site a's own threshold is the same whatever site c claims.
+        let h2b = ScoreHistogram::of(&[logit(0.2); 300], &[false; 300]);
+        assert_eq!(site_thresholds(&names, &[Some(&h0), Some(&h1), Some(&h2b), None], z, 0.01)["a"], t["a"]);
     }
 }

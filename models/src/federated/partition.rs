@@ -51,6 +51,36 @@ pub fn dirichlet(rows: &[usize], class_of: &dyn Fn(usize) -> usize, sites: usize
     )))
 }
 
+/// Split `rows` over the sites in the class mix each part of `reference` has:
+/// each class's rows (shuffled, seeded) cut by the sites' shares of that class in
+/// `reference` (evenly where `reference` has none of it). A site's held-out rows
+/// then look like its validation rows.
+pub fn like(rows: &[usize], class_of: &dyn Fn(usize) -> usize, reference: &[Vec<usize>], reference_class: &dyn Fn(usize) -> usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut by_class: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for &r in rows {
+        by_class.entry(class_of(r)).or_default().push(r);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut parts = vec![Vec::new(); reference.len()];
+    for (c, members) in &mut by_class {
+        members.shuffle(&mut rng);
+        let counts: Vec<usize> = reference.iter().map(|p| p.iter().filter(|&&r| reference_class(r) == *c).count()).collect();
+        let total = counts.iter().sum::<usize>();
+        let share = |s: usize| if total == 0 { 1.0 / reference.len() as f64 } else { counts[s] as f64 / total as f64 };
+        let (mut start, mut acc) = (0usize, 0.0);
+        for (s, part) in parts.iter_mut().enumerate() {
+            acc += share(s);
+            let end = if s + 1 == reference.len() { members.len() } else { ((acc * members.len() as f64).round() as usize).min(members.len()) };
+            part.extend_from_slice(&members[start..end.max(start)]);
+            start = end.max(start);
+        }
+    }
+    for p in &mut parts {
+        p.sort_unstable();
+    }
+    parts
+}
+
 /// Split `rows` (in time order) into `sites` contiguous periods of equal length.
 pub fn periods(rows: &[usize], sites: usize) -> Vec<Vec<usize>> {
     let n = rows.len();
@@ -84,6 +114,18 @@ mod tests {
             }
         }
         assert!(dirichlet(&rows, &class, 5, 0.0, 1, 1).is_err());
+        // Held-out rows (as many per class) in each site's class mix: a site with
+        // none of a class gets none.
+        let parts = dirichlet(&rows, &class, 5, 0.1, 20, 7).unwrap();
+        let held: Vec<usize> = (3000..6000).collect();
+        let like_parts = like(&held, &class, &parts, &class, 3);
+        assert_eq!(like_parts.iter().map(Vec::len).sum::<usize>(), held.len());
+        for (p, q) in parts.iter().zip(&like_parts) {
+            for c in 0..6 {
+                let (a, b) = (p.iter().filter(|&&r| class(r) == c).count(), q.iter().filter(|&&r| class(r) == c).count());
+                assert!(a.abs_diff(b) <= 1, "class {c}: {a} in the reference, {b} alike");
+            }
+        }
         let p = periods(&rows[..10], 3);
         assert_eq!(p, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6, 7, 8, 9]]);
     }

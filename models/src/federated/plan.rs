@@ -183,6 +183,26 @@ pub struct FederationReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<super::privacy::PrivacyReport>,
     pub seconds: f64,
+    /// A simulation's test rows shared out as its validation rows were, each
+    /// site's share at the federation's threshold and at the site's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub site_tests: Vec<SiteTest>,
+}
+
+/// One site's share of the held-out test rows at the federation's threshold and
+/// at the threshold the site scores at (its own, where it could set one).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteTest {
+    pub site: String,
+    pub poisoned: bool,
+    pub normals: usize,
+    pub attacks: usize,
+    /// Whether the site set its own threshold (else it scores at the federation's).
+    pub own: bool,
+    /// (detection rate, false-positive rate) at the federation's threshold.
+    pub federation: (f64, f64),
+    /// The same at the threshold the site scores at.
+    pub site_threshold: (f64, f64),
 }
 
 impl FederationReport {

@@ -167,6 +167,10 @@ pub trait Link {
     fn ask(&mut self, to: &[usize], task: &Task) -> Result<Vec<Reply>, ModelError>;
     /// Bytes each site sent so far, per task kind (encoded as on the wire).
     fn bytes(&self) -> Vec<std::collections::BTreeMap<String, usize>>;
+    /// The sites' names, in plan order (a simulation's: `site-0`, `site-1`, ...).
+    fn names(&self) -> Vec<String> {
+        (0..self.sites()).map(|i| format!("site-{i}")).collect()
+    }
 }
 
 /// The binary encoding of every message (MessagePack, self-describing: a

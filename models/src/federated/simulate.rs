@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 pub use super::aggregate::federate;
 use super::partition;
-pub use super::plan::{FederationPlan, FederationReport, GbdtMode, PoisonKind, SiteSummary, Sites};
+pub use super::plan::{FederationPlan, FederationReport, GbdtMode, PoisonKind, SiteSummary, SiteTest, Sites};
 use super::protocol::{encode, Answer, Link, Reply, Task};
 use super::robust::{aggregate, tolerated, Rule};
 pub use super::stacker::federated_stacker;
@@ -233,6 +233,21 @@ pub fn site_rows(split: &Split, classes: &[String], plan: &FederationPlan, k: us
     }
     let s = sites.swap_remove(k);
     Ok((s.train, s.validation))
+}
+
+/// Each site's share of `split`'s test rows (positions in `split.test`) in the
+/// class mix of its validation rows (so a site's test traffic looks like the
+/// traffic it calibrated on), for evaluating each site at the threshold it
+/// scores at; None for periods (the test rows come after every site's period:
+/// no site's own).
+pub fn test_sites(split: &Split, classes: &[String], plan: &FederationPlan) -> Result<Option<Vec<Vec<usize>>>, ModelError> {
+    if !matches!(plan.split, Sites::Dirichlet { .. }) {
+        return Ok(None);
+    }
+    let (_, y) = class_index(classes);
+    let validation: Vec<Vec<usize>> = make_sites(split, &y, plan)?.into_iter().map(|s| s.validation).collect();
+    let positions: Vec<usize> = (0..split.test.len()).collect();
+    Ok(Some(partition::like(&positions, &|k| y[split.test[k]], &validation, &|r| y[r], plan.seed ^ 0x7E57)))
 }
 
 /// Split the training and validation rows over the sites.

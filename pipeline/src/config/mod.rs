@@ -247,6 +247,12 @@ pub struct ModelConfig {
     /// boundary, recording the switch durably first. Relative to the config file.
     /// Before the first version is published: `path`, or the twin alone.
     pub follow: Option<PathBuf>,
+    /// This instance's site in the federation whose models it scores with
+    /// (`path` or `follow`): score at the threshold the site set from its own
+    /// validation rows (every federated model carries one per site that has the
+    /// normal rows for it), which what other sites report cannot move. Unset:
+    /// the federation's threshold. A model that does not know the site is refused.
+    pub site: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -205,3 +205,15 @@ fn engine_workers_default_to_the_cores_and_refuse_zero() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert_eq!(Config::default().engine.workers(), cores.min(MAX_WORKERS));
 }
+
+#[test]
+fn a_site_needs_a_federations_model_and_no_target_of_its_own() {
+    let p = write("[model]\nsite = \"hospital-a\"\n");
+    let e = Config::load(Some(&p.0), Vec::new()).unwrap_err().to_string();
+    assert!(e.contains("model.site") && e.contains("model.follow"), "{e}");
+    let p = write("[model]\nsite = \"hospital-a\"\npath = \"m\"\ntarget_fpr = 0.02\n");
+    let e = Config::load(Some(&p.0), Vec::new()).unwrap_err().to_string();
+    assert!(e.contains("model.site") && e.contains("target_fpr"), "{e}");
+    let p = write("[model]\nsite = \"hospital-a\"\npath = \"m\"\n");
+    assert_eq!(Config::load(Some(&p.0), Vec::new()).unwrap().model.site.as_deref(), Some("hospital-a"));
+}

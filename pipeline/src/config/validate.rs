@@ -38,6 +38,12 @@ impl Config {
                 "applies to `model.path` only: a followed federation's threshold comes from its merged score histograms (no validation scores cross a site's boundary)",
             ));
         }
+        if self.model.site.is_some() && self.model.target_fpr.is_some() {
+            return Err(PipelineError::config("model.site", "and `model.target_fpr` cannot both be set: a site's own threshold is set for the model's target (its validation scores stay at the site)"));
+        }
+        if self.model.site.is_some() && self.model.path.is_none() && self.model.follow.is_none() {
+            return Err(PipelineError::config("model.site", "needs a federation's model: set `model.path` or `model.follow`"));
+        }
         if self.batch.max_records == 0 {
             return Err(PipelineError::config("batch.max_records", "must be at least 1"));
         }

@@ -10,7 +10,7 @@ use twinguard_operators::{Detector, Gate, Registry, Responder};
 use twinguard_schemas::EventSchema;
 
 use crate::config::{secret_from_env, Config, RegistryFile};
-use crate::obs::events::ThresholdRecalibrated;
+use crate::obs::events::{SiteThresholdChosen, ThresholdRecalibrated};
 use crate::PipelineError;
 
 /// The detector this configuration asks for: the twin alone, or twin + model.
@@ -22,6 +22,10 @@ pub fn detector(cfg: &Config, schema: &EventSchema) -> Result<Detector, Pipeline
             if let Some(t) = cfg.model.target_fpr {
                 a.ensemble.recalibrate(t).map_err(|e| PipelineError::config("model.target_fpr", e))?;
                 ThresholdRecalibrated { model: &a.version, target_fpr: t, threshold: a.ensemble.threshold }.emit();
+            }
+            if let Some(site) = &cfg.model.site {
+                let chosen = a.ensemble.use_site_threshold(site).map_err(|e| PipelineError::config("model.site", format!("{}: {e}", p.display())))?;
+                SiteThresholdChosen { model: &a.version, site, chosen: &chosen }.emit();
             }
             Detector::with_model(schema, cfg.state.clone(), a)
                 .map_err(|e| PipelineError::config("model.path", e))

@@ -34,6 +34,10 @@ impl Link for KafkaLink<'_> {
         self.names.len()
     }
 
+    fn names(&self) -> Vec<String> {
+        self.names.clone()
+    }
+
     fn ask(&mut self, to: &[usize], task: &Task) -> Result<Vec<Reply>, ModelError> {
         self.seq += 1;
         let (run, seq) = (self.run.clone(), self.seq);

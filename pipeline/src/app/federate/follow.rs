@@ -22,7 +22,7 @@ use super::transport::{headers_of, reader, screen};
 use super::{FederationFile, Topics, AGGREGATOR};
 use crate::config::Config;
 use crate::engine::{ModelFeed, Published};
-use crate::obs::events::ModelRefused;
+use crate::obs::events::{ModelRefused, SiteThresholdChosen};
 use crate::PipelineError;
 
 /// The global-model pointer (`<prefix>.model`): which version runs now.
@@ -67,6 +67,9 @@ pub struct ModelTopics {
     pub versions: HashMap<String, Arc<Published>>,
     /// Why messages were refused, in order.
     pub refused: Vec<String>,
+    /// This pipeline's site (`model.site`): each version scores at its threshold;
+    /// a version that cannot is refused.
+    pub site: Option<String>,
 }
 
 impl ModelTopics {
@@ -93,6 +96,7 @@ impl ModelTopics {
             history: Vec::new(),
             versions: HashMap::new(),
             refused: Vec::new(),
+            site: None,
         })
     }
 
@@ -161,15 +165,24 @@ impl ModelTopics {
         while let Some((p, id, _)) = self.pending.front().cloned() {
             let Some(a) = self.artifacts.get(&p.sha256).cloned() else { break };
             self.pending.pop_front();
-            match self.check(&p, &id, &a) {
+            match self.check(&p, &id, &a).and_then(|()| self.for_site(&a)) {
                 Err(reason) => self.refuse(&p.version, reason),
-                Ok(()) => {
+                Ok(a) => {
                     self.seen.insert(id);
                     self.versions.insert(p.version.clone(), a);
                     self.history.push(p);
                 }
             }
         }
+    }
+
+    /// `a` as this pipeline's site scores with it (`model.site`).
+    fn for_site(&self, a: &Arc<Published>) -> Result<Arc<Published>, String> {
+        let Some(site) = &self.site else { return Ok(a.clone()) };
+        let mut own = Published { version: a.version.clone(), sha256: a.sha256.clone(), artifact: a.artifact.clone() };
+        let chosen = own.artifact.ensemble.use_site_threshold(site).map_err(|e| format!("`model.site`: {e}"))?;
+        SiteThresholdChosen { model: &a.version, site, chosen: &chosen }.emit();
+        Ok(Arc::new(own))
     }
 
     /// A pointer is fresh: its artifact is the version it names, its envelope was
@@ -264,7 +277,9 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<Option<Arc<dyn Model
     let Some(path) = &cfg.model.follow else { return Ok(None) };
     let err = |e: anyhow::Error| PipelineError::config("model.follow", format!("{}: {e:#}", path.display()));
     let fed = FederationFile::load(path).map_err(err)?;
-    let mut topics = ModelTopics::read(&fed, Duration::from_secs(cfg.batch.restore_timeout_secs)).map_err(err)?;
+    let mut topics = ModelTopics::open(&fed).map_err(err)?;
+    topics.site = cfg.model.site.clone();
+    topics.catch_up(Duration::from_secs(cfg.batch.restore_timeout_secs)).map_err(err)?;
     let state = Arc::new(Mutex::new(FeedState::default()));
     let publish = |t: &ModelTopics, s: &Mutex<FeedState>| {
         let mut s = s.lock().expect("feed lock");

@@ -162,7 +162,13 @@ fn evaluate_published(
         .versions
         .get(version)
         .with_context(|| format!("the run finished with model {version}, but `{}` holds no verified artifact of it", fed.topics().artifacts))?;
-    let artifact = published.artifact.clone();
+    // At the threshold this site's pipelines score at with `model.site`: its own
+    // where it has the normal rows to set one (none in a private federation).
+    let mut artifact = published.artifact.clone();
+    match artifact.ensemble.use_site_threshold(name) {
+        Ok(chosen) => log(Progress::Step(&format!("scoring at {chosen}"))),
+        Err(e) => log(Progress::Step(&format!("scoring at the federation's threshold: {e}"))),
+    }
     let scores = twinguard_train::score_stream(&job.schema, &job.twin, artifact.clone(), records, &mut |d, n| log(Progress::Status(&format!("  scoring the published model: {d}/{n} events   "))))?;
     log(Progress::StatusEnd);
     let test = job.split.apply(&scores.truth).test;

@@ -69,6 +69,21 @@ impl ThresholdRecalibrated<'_> {
     }
 }
 
+/// A federation's model scores at this site's own threshold (`model.site`), or
+/// at the federation's where the site is too small to set one.
+pub struct SiteThresholdChosen<'a> {
+    pub model: &'a str,
+    pub site: &'a str,
+    pub chosen: &'a str,
+}
+
+impl SiteThresholdChosen<'_> {
+    pub fn emit(&self) {
+        note("SiteThresholdChosen");
+        tracing::info!(model = %self.model, site = %self.site, chosen = %self.chosen, "decision threshold of this site");
+    }
+}
+
 /// The engine or the fleet reader made progress (liveness for `/healthz`: a long
 /// restore or a quiet stream is not a stall).
 pub struct Heartbeat;
