@@ -365,4 +365,29 @@ mod tests {
         assert_eq!(t.original_parent("v1"), None);
         assert_eq!(t.original_parent("v2").as_deref(), Some("v1"));
     }
+
+    /// With `model.site`, each version scores at that site's own threshold, and a
+    /// version without one for the site is refused (the running one kept).
+    #[test]
+    fn a_site_follows_its_own_threshold_and_refuses_a_version_without_it() {
+        let text = std::fs::read_to_string(twinguard_schemas::testing::manifest_dir().join("federation.example.toml")).unwrap();
+        let mut fed: FederationFile = toml::from_str(&text).unwrap();
+        fed.brokers = "127.0.0.1:9".into();
+        let mut t = ModelTopics::open(&fed).unwrap();
+        t.site = Some("hospital-a".into());
+        let central = model();
+        let mut federated = central.clone();
+        let law = twinguard_models::metrics::FprInterval { normals: 400, above: 3, expected: 0.01, low: 0.004, high: 0.02, level: 0.9 };
+        let own = twinguard_models::federated::calibrate::SiteThreshold { threshold: Some(0.4242), fpr: law };
+        federated.ensemble.combination.as_mut().unwrap().site_thresholds.insert("hospital-a".into(), own);
+        t.artifacts.insert("a1".into(), published(&federated, "v1", "a1"));
+        t.artifacts.insert("a2".into(), published(&central, "v2", "a2"));
+        let now = Instant::now();
+        t.pending.push_back((pointer("v1", "a1", None, None), ("r".into(), 1), now));
+        t.pending.push_back((pointer("v2", "a2", Some("v1"), None), ("r".into(), 2), now));
+        t.resolve();
+        let current = t.current().unwrap();
+        assert_eq!((current.version.as_str(), current.artifact.ensemble.threshold), ("v1", 0.4242));
+        assert!(t.refused.last().unwrap().contains("model.site") && t.refused.last().unwrap().contains("hospital-a"), "{:?}", t.refused);
+    }
 }
