@@ -327,6 +327,14 @@ mod tests {
         Arc::new(Published { version: version.into(), sha256: sha.into(), artifact })
     }
 
+    /// The example federation's model topics, never connected.
+    fn topics() -> ModelTopics {
+        let text = std::fs::read_to_string(twinguard_schemas::testing::manifest_dir().join("federation.example.toml")).unwrap();
+        let mut fed: FederationFile = toml::from_str(&text).unwrap();
+        fed.brokers = "127.0.0.1:9".into();
+        ModelTopics::open(&fed).unwrap()
+    }
+
     fn pointer(version: &str, sha: &str, parent: Option<&str>, rollback_of: Option<&str>) -> Pointer {
         Pointer { version: version.into(), sha256: sha.into(), run: "r".into(), parent: parent.map(str::to_string), rollback_of: rollback_of.map(str::to_string) }
     }
@@ -336,10 +344,7 @@ mod tests {
     /// replace the current version: an old pointer replayed is refused.
     #[test]
     fn pointers_are_taken_in_order_once_and_only_fresh() {
-        let text = std::fs::read_to_string(twinguard_schemas::testing::manifest_dir().join("federation.example.toml")).unwrap();
-        let mut fed: FederationFile = toml::from_str(&text).unwrap();
-        fed.brokers = "127.0.0.1:9".into();
-        let mut t = ModelTopics::open(&fed).unwrap();
+        let mut t = topics();
         let m = model();
         t.artifacts.insert("a1".into(), published(&m, "v1", "a1"));
         let now = Instant::now();
@@ -370,10 +375,7 @@ mod tests {
     /// version without one for the site is refused (the running one kept).
     #[test]
     fn a_site_follows_its_own_threshold_and_refuses_a_version_without_it() {
-        let text = std::fs::read_to_string(twinguard_schemas::testing::manifest_dir().join("federation.example.toml")).unwrap();
-        let mut fed: FederationFile = toml::from_str(&text).unwrap();
-        fed.brokers = "127.0.0.1:9".into();
-        let mut t = ModelTopics::open(&fed).unwrap();
+        let mut t = topics();
         t.site = Some("hospital-a".into());
         let central = model();
         let mut federated = central.clone();
