@@ -243,6 +243,8 @@ mod tests {
         assert_eq!(own.keys().cloned().collect::<Vec<_>>(), (0..5).map(|i| format!("site-{i}")).collect::<Vec<_>>());
         assert!(on_disk.site_tests.iter().all(|t| t.own == own[&t.site].threshold.is_some()));
         assert!(render_federation(&fed).contains("honest sites' test rows"), "{}", render_federation(&fed));
+        let card = std::fs::read_to_string(dir.join("model/MODEL_CARD.md")).unwrap();
+        assert!(card.contains("Each site's own threshold") && card.contains("`site-4`"), "{card}");
         // The model directory alone: eval rebuilds the split and gets the same figures.
         let loaded = Artifact::load(&dir.join("model")).unwrap();
         let twin = crate::twin_config_of(&loaded).unwrap();

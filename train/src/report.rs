@@ -92,7 +92,7 @@ pub(crate) fn model_card_md(a: &Artifact, r: &Report) -> String {
          - Members: random forest, gradient-boosted trees, SVM, LSTM (burn; stepped per event on the device's twin state), twin behavioural score; \
          combined on the validation rows: {combined}\n\
          - Decision threshold {thr:.6} for a target false-positive rate of {fpr} (set on validation normal rows{law})\n\
-         - Label screen: {screen}\n\
+         {sites}- Label screen: {screen}\n\
          - Trained {created} in {secs:.1} s\n\n\
          ## Held-out test figures (computed by the detector itself)\n\n```\n{table}```\n\n\
          ## Recipe (hyper-parameters)\n\n```json\n{hyper}\n```\n",
@@ -117,12 +117,26 @@ pub(crate) fn model_card_md(a: &Artifact, r: &Report) -> String {
             format!("; expected FPR on new normal events {:.2} %, {:.0} % interval {:.2}-{:.2} %", 100.0 * t.expected, 100.0 * t.level, 100.0 * t.low, 100.0 * t.high)
         }),
         fpr = c.target_fpr,
+        sites = site_thresholds_md(a),
         screen = c.poisoning_screen.as_ref().map_or("not applied".to_string(), |s| s.to_string()),
         created = c.created_utc,
         secs = c.training_seconds,
         table = render(r),
         hyper = serde_json::to_string_pretty(&c.hyper_parameters).unwrap_or_default(),
     )
+}
+
+/// A federation's per-site thresholds (`model.site` picks one), as a card line.
+fn site_thresholds_md(a: &Artifact) -> String {
+    let Some(sites) = a.ensemble.combination.as_ref().map(|k| &k.site_thresholds).filter(|s| !s.is_empty()) else { return String::new() };
+    let each: Vec<String> = sites
+        .iter()
+        .map(|(name, s)| match s.threshold {
+            Some(t) => format!("`{name}` {t:.6} ({} of {} normal rows above)", s.fpr.above, s.fpr.normals),
+            None => format!("`{name}` the federation's ({} normal rows: too few for its own)", s.fpr.normals),
+        })
+        .collect();
+    format!("- Each site's own threshold (a pipeline's `model.site`), from its own validation rows: {}\n", each.join("; "))
 }
 
 /// How a combination other than the stacker scores: "any" member, or one alone.
