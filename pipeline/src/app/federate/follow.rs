@@ -312,13 +312,19 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<Option<Arc<dyn Model
 mod tests {
     use super::*;
 
-    /// A small model (the lab dataset's), standing in for every version.
+    /// A small model (the lab dataset's), standing in for every version: trained
+    /// once for all the tests here (they run at once and would share its directory).
     fn model() -> twinguard_models::Artifact {
-        let dir = std::env::temp_dir().join(format!("twinguard-follow-{}", std::process::id()));
-        let lab = twinguard_train::testkit::write_lab_dataset(&dir, 600, 1_760_000_000_000).unwrap();
-        let a = twinguard_train::run_train(&twinguard_train::testkit::lab_job(&lab, 3, dir.join("model")), &mut |_| {}).unwrap().0;
-        let _ = std::fs::remove_dir_all(dir);
-        a
+        static MODEL: std::sync::OnceLock<twinguard_models::Artifact> = std::sync::OnceLock::new();
+        MODEL
+            .get_or_init(|| {
+                let dir = std::env::temp_dir().join(format!("twinguard-follow-{}", std::process::id()));
+                let lab = twinguard_train::testkit::write_lab_dataset(&dir, 600, 1_760_000_000_000).unwrap();
+                let a = twinguard_train::run_train(&twinguard_train::testkit::lab_job(&lab, 3, dir.join("model")), &mut |_| {}).unwrap().0;
+                let _ = std::fs::remove_dir_all(dir);
+                a
+            })
+            .clone()
     }
 
     fn published(model: &twinguard_models::Artifact, version: &str, sha: &str) -> Arc<Published> {
