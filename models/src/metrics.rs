@@ -335,9 +335,13 @@ pub struct FprInterval {
 
 impl FprInterval {
     pub fn of(normal_scores: &[f64], threshold: f64, level: f64) -> FprInterval {
-        let above = normal_scores.iter().filter(|&&s| s >= threshold).count();
-        let (expected, low, high) = fpr_interval(above, normal_scores.len(), level);
-        FprInterval { normals: normal_scores.len(), above, expected, low, high, level }
+        FprInterval::from_counts(normal_scores.iter().filter(|&&s| s >= threshold).count(), normal_scores.len(), level)
+    }
+
+    /// The law from `above` of `normals` calibration rows at or above the threshold.
+    pub fn from_counts(above: usize, normals: usize, level: f64) -> FprInterval {
+        let (expected, low, high) = fpr_interval(above, normals, level);
+        FprInterval { normals, above, expected, low, high, level }
     }
 }
 

@@ -43,33 +43,23 @@ pub fn run_federate(job: &TrainJob, plan: &FederationPlan, log: &mut dyn FnMut(P
 /// the federation's threshold and at the one the site scores at
 /// ([`twinguard_models::Ensemble::use_site_threshold`]).
 fn site_tests(artifact: &Artifact, report: &Report, shares: &[Vec<usize>], fed: &FederationReport) -> Vec<SiteTest> {
-    let scores = &report.models["ensemble"].scores;
-    let truth = &report.test_truth;
-    let at = |rows: &[usize], t: f64| {
-        let (mut hit, mut att, mut fp, mut nor) = (0usize, 0usize, 0usize, 0usize);
-        for &k in rows {
-            let flagged = scores[k] >= t;
-            if truth[k] {
-                att += 1;
-                hit += usize::from(flagged);
-            } else {
-                nor += 1;
-                fp += usize::from(flagged);
-            }
-        }
-        ((hit as f64 / att.max(1) as f64, fp as f64 / nor.max(1) as f64), nor, att)
-    };
+    let ensemble = &report.models["ensemble"].scores;
     let federation = artifact.ensemble.threshold;
     let sites = artifact.ensemble.combination.as_ref().map(|c| &c.site_thresholds);
     shares
         .iter()
         .enumerate()
         .map(|(i, rows)| {
+            let (scores, truth): (Vec<f64>, Vec<bool>) = rows.iter().map(|&k| (ensemble[k], report.test_truth[k])).unzip();
+            let at = |t: f64| {
+                let b = twinguard_models::metrics::binary(&scores, &truth, t);
+                (b.detection_rate, b.fpr)
+            };
             let name = format!("site-{i}");
             let own = sites.and_then(|s| s.get(&name)).and_then(|s| s.threshold);
-            let (fed_at, normals, attacks) = at(rows, federation);
+            let attacks = truth.iter().filter(|&&y| y).count();
             let poisoned = fed.sites.get(i).is_some_and(|s| s.poisoned);
-            SiteTest { site: name, poisoned, normals, attacks, own: own.is_some(), federation: fed_at, site_threshold: at(rows, own.unwrap_or(federation)).0 }
+            SiteTest { site: name, poisoned, normals: rows.len() - attacks, attacks, own: own.is_some(), federation: at(federation), site_threshold: at(own.unwrap_or(federation)) }
         })
         .collect()
 }

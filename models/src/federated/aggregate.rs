@@ -19,7 +19,7 @@ use crate::forest::{Forest, ForestParams};
 use crate::lstm::{LstmModel, LstmParams};
 use crate::svm::Svm;
 use crate::train::{Progress, TrainOptions};
-use crate::{labels, metrics, Ensemble, ModelError};
+use crate::{labels, Ensemble, ModelError};
 
 /// The aggregator's working state.
 pub(crate) struct Aggregator<'l> {
@@ -520,10 +520,7 @@ impl Aggregator<'_> {
             }
         };
         ens.threshold = sigmoid(z);
-        let law = {
-            let (expected, low, high) = metrics::fpr_interval(above, n, 0.9);
-            FprInterval { normals: n, above, expected, low, high, level: 0.9 }
-        };
+        let law = FprInterval::from_counts(above, n, 0.9);
         let mut member_thresholds = BTreeMap::new();
         for (k, m) in MEMBERS.iter().enumerate().filter(|_| self.plan.dp.is_none()) {
             let pooled = merge(&|h| &h.1[k])?.threshold_for_fpr(target)?;

@@ -251,8 +251,7 @@ pub struct SiteThreshold {
 pub fn site_thresholds(names: &[String], hists: &[Option<&ScoreHistogram>], z: f64, target: f64) -> BTreeMap<String, SiteThreshold> {
     let law = |h: Option<&ScoreHistogram>, t: f64| {
         let (n, above) = h.map_or((0, 0), |h| (h.normals() as usize, h.normals_above(t) as usize));
-        let (expected, low, high) = crate::metrics::fpr_interval(above, n, 0.9);
-        FprInterval { normals: n, above, expected, low, high, level: 0.9 }
+        FprInterval::from_counts(above, n, 0.9)
     };
     names
         .iter()

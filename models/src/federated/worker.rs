@@ -278,7 +278,6 @@ impl<'a> SiteWorker<'a> {
         Ok(member_scores_of(e, self.prep, self.x()?, &seqs, self.validation.iter().copied()))
     }
 
-    /// Out-of-fold ensemble scores and each member's scores, as histograms.
     /// What an `inflate` poisoner sends instead of its histograms: ten times its
     /// normal rows claimed besides its own, a tenth of them in the top bin.
     fn inflated(&self, a: Answer) -> Answer {
@@ -295,6 +294,7 @@ impl<'a> SiteWorker<'a> {
         }
     }
 
+    /// Out-of-fold ensemble scores and each member's scores, as histograms.
     fn histograms(&self, folds: &[Stacker]) -> Reply {
         let all = self.members()?;
         if folds.is_empty() {
