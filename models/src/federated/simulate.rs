@@ -254,11 +254,16 @@ pub fn test_sites(split: &Split, classes: &[String], plan: &FederationPlan) -> R
 pub(crate) fn make_sites(split: &Split, y: &[usize], plan: &FederationPlan) -> Result<Vec<Site>, ModelError> {
     let (train, validation) = match plan.split {
         Sites::Dirichlet { alpha } => {
+            // A site's validation rows are drawn from the same traffic as its
+            // training rows: each class's validation rows are shared out in
+            // proportion to the sites' training rows of that class (one
+            // hospital's capture, split in two), not by a second, independent
+            // Dirichlet draw that would give a site validation classes it
+            // never trained on.
             let class = |r: usize| y[r];
-            (
-                partition::dirichlet(&split.train, &class, plan.sites, alpha, 20, plan.seed)?,
-                partition::dirichlet(&split.validation, &class, plan.sites, alpha, 5, plan.seed ^ 0xFED)?,
-            )
+            let train = partition::dirichlet(&split.train, &class, plan.sites, alpha, 20, plan.seed)?;
+            let validation = partition::like(&split.validation, &class, &train, &class, plan.seed ^ 0xFED);
+            (train, validation)
         }
         Sites::Periods => (partition::periods(&split.train, plan.sites), partition::periods(&split.validation, plan.sites)),
         Sites::Own => return Err(ModelError::Param { name: "split", why: "a simulation splits one dataset; `own` rows are a real federation's".into() }),
