@@ -102,7 +102,7 @@ impl Aggregator<'_> {
     /// Why site `i` is not asked.
     pub(crate) fn absent(&self, i: usize) -> String {
         match self.expelled.get(&i) {
-            Some(why) => format!("expelled at the forest screen: {why}"),
+            Some(why) => format!("expelled {why}"),
             None => "not taking part in the federation".to_string(),
         }
     }
@@ -259,10 +259,8 @@ impl Aggregator<'_> {
         // leaves the federation (its boosting turns, hyperplane, LSTM updates,
         // stacker sums and score histograms would carry the same labels).
         for (i, why) in wrong.into_iter().enumerate() {
-            if let Some(why) = why.filter(|_| self.active.len() > 2) {
-                log(Progress::Step(&format!("site {i} is expelled from the federation: {why}")));
-                self.active.retain(|&a| a != i);
-                self.expelled.insert(i, why);
+            if let Some(why) = why {
+                self.expel(i, "the forest screen", why, log);
             }
         }
         let kept: Vec<&Forest> = fits.iter().zip(&d).filter(|(_, d)| d.accepted).filter_map(|(f, _)| f.as_ref()).collect();

@@ -39,6 +39,19 @@ fn append_booster(parts: &mut (Vec<u32>, Vec<u32>, Vec<f32>, Vec<u32>, Vec<u32>,
 }
 
 impl Aggregator<'_> {
+    /// Expel site `i` from the rest of the federation at `stage` (robust
+    /// rules, and while more than two sites remain): it is asked nothing more,
+    /// and every later member's decision says where and why.
+    pub(super) fn expel(&mut self, i: usize, stage: &str, why: String, log: &mut dyn FnMut(Progress<'_>)) -> bool {
+        if !self.robust || self.active.len() <= 2 || !self.active.contains(&i) {
+            return false;
+        }
+        log(Progress::Step(&format!("site {i} is expelled from the federation: {why}")));
+        self.active.retain(|&a| a != i);
+        self.expelled.insert(i, format!("at {stage}: {why}"));
+        true
+    }
+
     fn dp_cost(&mut self, member: &str, cost: MemberPrivacy) {
         let p = self.report.privacy.get_or_insert_with(PrivacyReport::new);
         p.members.insert(member.into(), cost);
@@ -80,10 +93,7 @@ impl Aggregator<'_> {
             };
             let (accepted, reason) = match (&dense[i], why) {
                 (None, _) => (false, reasons[i].clone()),
-                (Some(_), Some(why)) if self.robust && self.active.len() > 2 => {
-                    log(Progress::Step(&format!("site {i} is expelled from the federation: {why}")));
-                    self.active.retain(|&a| a != i);
-                    self.expelled.insert(i, why.clone());
+                (Some(_), Some(why)) if self.expel(i, "the forest screen", why.clone(), log) => {
                     dense[i] = None;
                     (false, why)
                 }
@@ -112,7 +122,14 @@ impl Aggregator<'_> {
             let d = match r {
                 _ if !self.active.contains(&i) => Err(self.absent(i)),
                 Err(e) => Err(e.clone()),
-                Ok(a) => dense_counts(a, &shapes.leaves, k, self.report.sites[i].train_rows),
+                // Counts no honest site's rows can give (more rows than it
+                // declared, trees that disagree on its row count, cells out of
+                // range): the site lies about its data, so nothing else it
+                // sends (score histograms included) can be trusted either.
+                Ok(a) => dense_counts(a, &shapes.leaves, k, self.report.sites[i].train_rows).map_err(|e| {
+                    let why = format!("its leaf counts are impossible for its rows: {e}");
+                    if self.expel(i, "the forest screen", why.clone(), log) { why } else { e }
+                }),
             };
             dense.push(d.map_err(|e| reasons[i] = e).ok());
         }
@@ -196,7 +213,14 @@ impl Aggregator<'_> {
                 };
                 match ok {
                     Ok(v) => sum.iter_mut().zip(v).for_each(|(s, x)| *s += x),
-                    Err(e) => refused[i] = Some(e),
+                    Err(e) => {
+                        // Sums beyond its own rows: it lies about its data (as
+                        // the forest's count screen expels).
+                        if matches!(replies[i], Ok(Answer::LeafSums(_))) && e.contains("exceed") {
+                            self.expel(i, "private boosting", format!("its gradient sums are impossible for its rows: {e}"), log);
+                        }
+                        refused[i] = Some(e)
+                    }
                 }
             }
             if to.iter().all(|&i| refused[i].is_some()) {

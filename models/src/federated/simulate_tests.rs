@@ -282,6 +282,10 @@ fn a_private_federation_screens_the_sites_counts() {
         let d = &rep.decisions[m];
         assert!(d[7..].iter().all(|d| !d.accepted && d.reason.contains("declared")) && d[..7].iter().all(|d| d.accepted), "{m}: {d:?}");
     }
+    // Counts beyond its own rows are a lie about its data: the site is
+    // expelled, so its score histograms cannot move the threshold either.
+    let t = &rep.decisions["threshold"];
+    assert!(t[7..].iter().all(|d| !d.accepted && d.reason.contains("expelled at the forest screen")), "{t:?}");
 }
 
 /// Fang et al.'s full-knowledge attack on Krum: 3 of 10 sites send the SVM
