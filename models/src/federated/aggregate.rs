@@ -10,7 +10,7 @@ use super::plan::{FederationPlan, FederationReport, GbdtMode, SiteSummary, Thres
 use super::private_trees::Cuts;
 use super::privacy::{clip, dp_threshold_caution, fixed_stacker, gaussian_aggregate, private_classes, private_standardizer, private_threshold, MemberPrivacy, PrivacyReport};
 use super::protocol::{expect, Answer, Description, Fold, Link, Reply, Scorer, Task};
-use super::robust::{aggregate, spread, screen_by_auc, screen_by_class, tolerated, Decision, Rule, WRONG_LABELS_AUC};
+use super::robust::{aggregate, flagged, flagged_bound, screen_by_auc, screen_by_class, tolerated, Decision, Rule, WRONG_LABELS_AUC};
 use super::stacker::federated_stacker_with;
 use super::stats::{Grid, Moments};
 use super::worker::OOF_FOLDS;
@@ -455,7 +455,8 @@ impl Aggregator<'_> {
     /// The threshold from the sites' merged histograms of out-of-fold validation
     /// scores (of the stacker, or of the "any member" combination with its
     /// members' `candidates`); robust: a site most of whose normal rows score
-    /// above 0.5, and far more of them than the other sites', is left out of the merge.
+    /// above 0.5, far more of them than the other sites' and by more than
+    /// sampling explains (`robust::flagged`), is left out of the merge.
     fn threshold(&mut self, ens: &mut Ensemble, folds: Vec<Stacker>, candidates: Vec<Candidate>, log: &mut dyn FnMut(Progress<'_>)) -> Result<(), ModelError> {
         let target = self.opts.target_fpr;
         let replies = self.ask(&Task::Histograms { folds })?;
@@ -466,14 +467,17 @@ impl Aggregator<'_> {
             });
         // The screen's reference is p = 0.5, where the stacker (balanced class
         // weights) finds both classes equally likely: no site controls it.
-        let local: Vec<Option<f64>> = hists.iter().map(|h| h.as_ref().and_then(|(h, _)| (h.normals() > 0).then(|| h.normals_above(0.0) as f64 / h.normals() as f64))).collect();
+        let counts: Vec<Option<(u64, u64)>> = hists.iter().map(|h| h.as_ref().map(|(h, _)| (h.normals_above(0.0), h.normals())).filter(|c| c.1 > 0)).collect();
+        let local: Vec<Option<f64>> = counts.iter().map(|c| c.map(|(a, n)| a as f64 / n as f64)).collect();
         let bound = flagged_bound(local.iter().flatten().copied());
         let mut decisions = Vec::new();
         for (i, (l, h)) in local.iter().zip(&hists).enumerate() {
+            let p = counts[i].and_then(|(a, n)| flagged(a, n, bound));
             let (accepted, reason) = match (l, h, &replies[i]) {
                 (_, None, Err(e)) => (false, format!("no histograms: {e}")),
                 (_, None, Ok(_)) => (false, "answered something other than histograms".into()),
-                (Some(x), _, _) if self.robust && *x > bound => (false, format!("{x:.4} of its normal rows score above 0.5, more than {bound:.4} (median + 3 MAD, at least one half)")),
+                (Some(x), _, _) if self.robust && p.is_some() => (false, format!("{x:.4} of its normal rows score above 0.5, more than {bound:.4} (median + 3 MAD, at least one half; p = {:.1e} at that rate)", p.unwrap_or(0.0))),
+                (Some(x), _, _) if *x > bound && self.robust => (true, format!("{x:.4} of its normal rows score above 0.5: above {bound:.4}, but too few rows to tell")),
                 (Some(x), _, _) => (true, format!("{x:.4} of its normal rows score above 0.5")),
                 (None, _, _) => (true, "no normal validation rows: attack counts only".into()),
             };
@@ -553,17 +557,6 @@ impl Aggregator<'_> {
             ThresholdRule::Pooled => EverySite { z: pooled, p: vec![None; own.len()], own: vec![None; own.len()], set_by: None },
         }
     }
-}
-
-/// The bound of the histogram screens on the fraction of a site's normal rows
-/// flagged: median + 3 MAD over the sites, and at least one half — a site most of
-/// whose normal rows are called attacks. An honest site whose period or mix
-/// differs can reach a few tens of percent (WUSTL's first validation period:
-/// 0.1+), and excluding it loses exactly the normal traffic the threshold must
-/// hold on.
-pub(crate) fn flagged_bound(fractions: impl IntoIterator<Item = f64>) -> f64 {
-    let (med, mad) = spread(fractions);
-    (med + 3.0 * mad).max(0.5)
 }
 
 /// A member's threshold from `z`, its threshold on the histograms' scale: a

@@ -23,7 +23,8 @@
 //! more than the other sites'); expelled sites are not asked. The counts weigh
 //! a site by its rows, as the threshold's histograms do.
 
-use super::aggregate::{flagged_bound, Aggregator};
+use super::aggregate::Aggregator;
+use super::robust::{flagged, flagged_bound};
 use super::calibrate::{ScoreHistogram, BINS};
 use super::protocol::{expect, Answer, Task};
 use super::robust::Decision;
@@ -140,27 +141,27 @@ fn merge(hists: &[Option<Vec<Vec<ScoreHistogram>>>]) -> Result<Vec<Vec<ScoreHist
 /// max(median + 3 MAD over the sites, one half) — the bound of the threshold's
 /// screen — with the reason.
 fn screen_member_histograms(hists: &[Option<Vec<Vec<ScoreHistogram>>>], any: &Stacker) -> Vec<(usize, String)> {
-    let mut flagged: Vec<(usize, String)> = Vec::new();
+    let mut out: Vec<(usize, String)> = Vec::new();
     for (m, offset) in any.any.iter().enumerate() {
         let Some(o) = offset else { continue };
-        let frac: Vec<Option<f64>> = hists
+        let counts: Vec<Option<(u64, u64)>> = hists
             .iter()
             .map(|h| {
-                let h = h.as_ref()?;
-                let (n, above) = h.iter().fold((0, 0), |(n, a), f| (n + f[m].normals(), a + f[m].normals_above(*o)));
-                (n > 0).then(|| above as f64 / n as f64)
+                let (n, above) = h.as_ref()?.iter().fold((0, 0), |(n, a), f| (n + f[m].normals(), a + f[m].normals_above(*o)));
+                (n > 0).then_some((above, n))
             })
             .collect();
+        let frac: Vec<Option<f64>> = counts.iter().map(|c| c.map(|(a, n)| a as f64 / n as f64)).collect();
         let bound = flagged_bound(frac.iter().flatten().copied());
         for (i, f) in frac.iter().enumerate() {
-            if let Some(f) = f.filter(|f| *f > bound) {
-                if flagged.iter().all(|(j, _)| *j != i) {
-                    flagged.push((i, format!("{f:.4} of its normal rows pass the {} offset, more than {bound:.4} (median + 3 MAD, at least one half)", MEMBERS[m])));
+            if let Some(f) = f.filter(|_| counts[i].is_some_and(|(a, n)| flagged(a, n, bound).is_some())) {
+                if out.iter().all(|(j, _)| *j != i) {
+                    out.push((i, format!("{f:.4} of its normal rows pass the {} offset, more than {bound:.4} (median + 3 MAD, at least one half)", MEMBERS[m])));
                 }
             }
         }
     }
-    flagged
+    out
 }
 
 /// The "any member" combination from merged histograms `merged[fold][member]`

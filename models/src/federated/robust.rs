@@ -92,6 +92,35 @@ fn norm(a: &[f64]) -> f64 {
     a.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
+/// The bound of the histogram screens on the fraction of a site's normal rows
+/// flagged: median + 3 MAD over the sites, and at least one half — a site most of
+/// whose normal rows are called attacks. An honest site whose period or mix
+/// differs can reach a few tens of percent (WUSTL's first validation period:
+/// 0.1+), and excluding it loses exactly the normal traffic the threshold must
+/// hold on.
+pub(crate) fn flagged_bound(fractions: impl IntoIterator<Item = f64>) -> f64 {
+    let (med, mad) = spread(fractions);
+    (med + 3.0 * mad).max(0.5)
+}
+
+/// The chance a site flags `above` of its `normals` normal rows or more if its
+/// rate were `bound` (binomial), when its fraction is above the bound and that
+/// chance under `FLAGGED_P`; None otherwise. The fraction alone is not enough:
+/// a site with 2 normal rows, both flagged, shows nothing (found with private
+/// trees, where every site's normal rows mostly score above 0.5 and an honest
+/// site of 2 normal rows was refused).
+pub(crate) fn flagged(above: u64, normals: u64, bound: f64) -> Option<f64> {
+    if normals == 0 || above as f64 / normals as f64 <= bound {
+        return None;
+    }
+    let p = crate::metrics::binomial_sf(above, normals, bound.min(1.0));
+    (p < FLAGGED_P).then_some(p)
+}
+
+/// How improbable (binomial, at the screen's bound) a site's count of flagged
+/// normal rows must be before the histogram screens refuse it.
+pub(crate) const FLAGGED_P: f64 = 0.01;
+
 /// The median of `v` (sorted in place; the mean of the middle two when even).
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);

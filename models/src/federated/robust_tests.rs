@@ -158,3 +158,17 @@ fn the_class_screen_flags_a_relabelled_class_and_spares_weak_and_unseen_ones() {
     let flat: Vec<Vec<Vec<Option<f64>>>> = (0..6).map(|i| (0..6).map(|j| if i == j { Vec::new() } else { vec![None, Some(0.45 + 0.01 * i as f64)] }).collect()).collect();
     assert!(screen_by_class(&flat, &classes[..2]).iter().all(Option::is_none));
 }
+
+#[test]
+fn the_histogram_screen_wants_more_than_a_few_flagged_rows_beyond_its_bound() {
+    // A site of 2 normal rows, both flagged, against a bound of 0.99: likely at
+    // that rate (p = 0.98), so not refused; 600 of 600 are not.
+    assert_eq!(flagged(2, 2, 0.9935), None);
+    assert!(flagged(600, 600, 0.99).is_some_and(|p| p < 1e-2));
+    // Most normal rows flagged where the sites' bound is one half: 600 of 1,000
+    // is refused, 6 of 10 (p = 0.38) and anything at or under the bound are not.
+    assert!(flagged(600, 1000, 0.5).is_some());
+    assert_eq!(flagged(6, 10, 0.5), None);
+    assert_eq!(flagged(50, 100, 0.5), None);
+    assert_eq!(flagged(0, 0, 0.5), None);
+}
