@@ -206,17 +206,17 @@ impl Aggregator<'_> {
                             let (g, h) = tree.chunks(2).fold((0.0, 0.0), |a, c| (a.0 + c[0].abs(), a.1 + c[1]));
                             tree.chunks(2).any(|c| c[1] < 0.0) || g > rows + 1e-6 || h > rows + 1e-6
                         });
-                        if bad { Err(format!("round {round}: its gradient sums exceed the {rows} rows it declared")) } else { Ok(v) }
+                        // Sums beyond its own rows: it lies about its data (as
+                        // the forest's count screen, it is expelled).
+                        if bad { Err((format!("round {round}: its gradient sums exceed the {rows} rows it declared"), true)) } else { Ok(v) }
                     }
-                    Ok(_) => Err(format!("round {round}: answered something other than {} gradient sums", sum.len())),
-                    Err(e) => Err(format!("round {round}: {e}")),
+                    Ok(_) => Err((format!("round {round}: answered something other than {} gradient sums", sum.len()), false)),
+                    Err(e) => Err((format!("round {round}: {e}"), false)),
                 };
                 match ok {
                     Ok(v) => sum.iter_mut().zip(v).for_each(|(s, x)| *s += x),
-                    Err(e) => {
-                        // Sums beyond its own rows: it lies about its data (as
-                        // the forest's count screen expels).
-                        if matches!(replies[i], Ok(Answer::LeafSums(_))) && e.contains("exceed") {
+                    Err((e, lied)) => {
+                        if lied {
                             self.expel(i, "private boosting", format!("its gradient sums are impossible for its rows: {e}"), log);
                         }
                         refused[i] = Some(e)

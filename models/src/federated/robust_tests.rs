@@ -162,7 +162,7 @@ fn the_class_screen_flags_a_relabelled_class_and_spares_weak_and_unseen_ones() {
 #[test]
 fn the_histogram_screen_wants_more_than_a_few_flagged_rows_beyond_its_bound() {
     // A site of 2 normal rows, both flagged, against a bound of 0.99: likely at
-    // that rate (p = 0.98), so not refused; 600 of 600 are not.
+    // that rate (p = 0.98), so not refused; 600 of 600 is refused.
     assert_eq!(flagged(2, 2, 0.9935), None);
     assert!(flagged(600, 600, 0.99).is_some_and(|p| p < 1e-2));
     // Most normal rows flagged where the sites' bound is one half: 600 of 1,000
